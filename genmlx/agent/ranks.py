@@ -1,0 +1,257 @@
+"""Rank supervision: start dispatcher processes, notice when they exit, stop them for good.
+
+Each rank runs in its own session, so its process group holds it and anything it started; every
+signal goes to the whole group. Exit is detected by polling (no SIGCHLD handler, which would fight
+an embedding event loop): a rank that exited is a zombie until reaped, which keeps its group id
+reserved, so the agent can sweep the group with SIGKILL before reaping and leave no orphans. The
+agent restarts nothing by itself: an exited rank is reported until the master stops or replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from genmlx.errors import AgentRequestError, TemporaryError
+from genmlx.node_state import RankInfo, RankLaunch, rank_key
+
+from .rank_logs import (
+    log_needs_trimming,
+    open_fresh_log,
+    rank_hostfile_path,
+    rank_log_path,
+    trim_log,
+    write_hostfile,
+)
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL_S = 0.5
+EXIT_POLL_S = 0.05
+KILL_WAIT_S = 10.0
+
+# (launch, real model directory, host to bind, the agent's pid, hostfile or None) -> argv
+CommandBuilder = Callable[[RankLaunch, Path, str, int, Path | None], list[str]]
+
+
+class RankNotFound(AgentRequestError):
+    """No rank of that model and number was started by this agent, or it was stopped since (HTTP 404)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=404)
+
+
+class RankAlreadyRunning(AgentRequestError):
+    """A rank with the same model and number is still running: stop it first (HTTP 409)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=409)
+
+
+class AgentStopping(TemporaryError):
+    """The agent is shutting down and starts no more ranks."""
+
+
+class RankWontDie(TemporaryError):
+    """A rank outlived SIGKILL (a process stuck in the kernel): asking again may succeed."""
+
+
+def dispatcher_command(
+    launch: RankLaunch, model_dir: Path, host: str, parent_pid: int, hostfile: Path | None
+) -> list[str]:
+    """The argv of one dispatcher rank. The token is not here: it travels in the environment."""
+    command = [sys.executable, "-m", "genmlx.dispatcher", "--model", str(model_dir), "--name", launch.model]
+    command += ["--port", str(launch.port), "--host", host]
+    command += ["--rank", str(launch.rank), "--world-size", str(launch.world_size)]
+    command += ["--max-batch", str(launch.max_batch), "--max-queue", str(launch.max_queue)]
+    if launch.context_length is not None:
+        command += ["--context-length", str(launch.context_length)]
+    if hostfile is not None:
+        command += ["--hostfile", str(hostfile)]
+    return [*command, "--parent-pid", str(parent_pid)]
+
+
+def rank_environment(token: str, launch: RankLaunch, hostfile: Path | None) -> dict[str, str]:
+    """The agent's environment plus the token and, for a multi-rank group, MLX's ring settings."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MLX_RANK", "MLX_HOSTFILE")}
+    env.update(GENMLX_API_TOKEN=token, PYTHONUNBUFFERED="1")
+    if hostfile is not None:
+        env.update(MLX_RANK=str(launch.rank), MLX_HOSTFILE=str(hostfile))
+    return env
+
+
+def leader_exited(pid: int) -> bool:
+    """Whether a group leader we have not reaped yet has exited (it is then a zombie)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    # Nothing left in the group is fine (macOS answers EPERM for a group holding only a zombie).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@dataclass
+class RankProcess:
+    """The supervisor's mutable record of one rank it started."""
+
+    launch: RankLaunch
+    popen: subprocess.Popen
+    started_at: float
+    exit_code: int | None = None  # set once reaped; negative: killed by that signal
+    stopping: asyncio.Future | None = None
+
+    def info(self) -> RankInfo:
+        state = "running" if self.exit_code is None else "exited"
+        return RankInfo(self.launch, self.popen.pid, state, self.started_at, self.exit_code)
+
+
+class RankSupervisor:
+    """Starts, watches and stops this agent's ranks. Lives on the event loop; never blocks it."""
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        host: str,
+        log_dir: Path,
+        stop_grace_s: float,
+        command: CommandBuilder = dispatcher_command,
+    ):
+        self._token = token
+        self._host = host
+        self._log_dir = log_dir
+        self._stop_grace_s = stop_grace_s
+        self._command = command
+        self._ranks: dict[str, RankProcess] = {}
+        self._closed = False
+        self._watcher = PeriodicCallback(self.check_ranks, CHECK_INTERVAL_S * 1000)
+
+    def watch(self) -> None:
+        """Start noticing exits and trimming logs; call on the running event loop."""
+        self._watcher.start()
+
+    def ranks(self) -> tuple[RankInfo, ...]:
+        return tuple(record.info() for _, record in sorted(self._ranks.items()))
+
+    def log_path(self, model: str, rank: int) -> Path:
+        return rank_log_path(self._log_dir, self._find(model, rank).launch.key)
+
+    def start(self, launch: RankLaunch, model_dir: Path) -> RankInfo:
+        """Spawn ``launch`` on ``model_dir`` (already checked to be a model in a storage path)."""
+        if self._closed:
+            raise AgentStopping(f"not starting {launch.key}: the agent is shutting down")
+        current = self._ranks.get(launch.key)
+        if current is not None and current.exit_code is None:
+            pid = current.popen.pid
+            raise RankAlreadyRunning(f"{launch.key} is already running as pid {pid}: stop it first")
+        hostfile = rank_hostfile_path(self._log_dir, launch.key) if launch.hostfile else None
+        if hostfile is not None:
+            write_hostfile(hostfile, launch.hostfile)
+        record = RankProcess(launch, self._spawn(launch, model_dir, hostfile), time.time())
+        self._ranks[launch.key] = record
+        log.info("started rank %s as pid %d", launch.key, record.popen.pid)
+        return record.info()
+
+    def _spawn(self, launch: RankLaunch, model_dir: Path, hostfile: Path | None) -> subprocess.Popen:
+        log_fd = open_fresh_log(rank_log_path(self._log_dir, launch.key))
+        try:
+            return subprocess.Popen(
+                self._command(launch, model_dir, self._host, os.getpid(), hostfile),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                env=rank_environment(self._token, launch, hostfile),
+                start_new_session=True,  # its own process group, signalled as one
+            )
+        finally:
+            os.close(log_fd)  # the child holds its own copy
+
+    async def stop(self, model: str, rank: int) -> RankInfo:
+        """Stop a rank (TERM, then KILL after the grace period), forget it, and report how it ended."""
+        record = self._find(model, rank)
+        if record.stopping is None:
+            record.stopping = asyncio.ensure_future(self._terminate(record))
+        try:
+            await record.stopping
+        except Exception:
+            record.stopping = None  # let the next request try again
+            raise
+        if self._ranks.get(record.launch.key) is record:
+            del self._ranks[record.launch.key]
+        return record.info()
+
+    async def stop_all(self) -> None:
+        """Start nothing more, stop watching, and stop every rank, all at once so the wait is one
+        grace period."""
+        self._closed = True
+        self._watcher.stop()
+        records = list(self._ranks.values())
+        results = await asyncio.gather(
+            *(self.stop(r.launch.model, r.launch.rank) for r in records), return_exceptions=True
+        )
+        for record, result in zip(records, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("could not stop rank %s: %s", record.launch.key, result)
+
+    async def check_ranks(self) -> None:
+        """Reap ranks that exited by themselves and keep running ranks' logs bounded."""
+        for record in list(self._ranks.values()):
+            if record.exit_code is not None or record.stopping is not None:
+                continue
+            if leader_exited(record.popen.pid):
+                self._reap(record)
+                log.warning("rank %s exited by itself with code %s", record.launch.key, record.exit_code)
+                continue
+            path = rank_log_path(self._log_dir, record.launch.key)
+            if log_needs_trimming(path):
+                await IOLoop.current().run_in_executor(None, trim_log, path)
+
+    async def _terminate(self, record: RankProcess) -> None:
+        if record.exit_code is not None:
+            return
+        pgid, key = record.popen.pid, record.launch.key
+        signal_group(pgid, signal.SIGTERM)
+        if not await wait_for_exit(pgid, self._stop_grace_s):
+            log.warning("rank %s ignored SIGTERM for %.1fs: killing it", key, self._stop_grace_s)
+            signal_group(pgid, signal.SIGKILL)
+            if not await wait_for_exit(pgid, KILL_WAIT_S):
+                raise RankWontDie(f"rank {key} (pid {pgid}) is still alive after SIGKILL")
+        self._reap(record)
+        log.info("stopped rank %s (exit code %s)", key, record.exit_code)
+
+    def _reap(self, record: RankProcess) -> None:
+        # The leader is a zombie here, so its pid, and thus the group id, cannot have been reused.
+        signal_group(record.popen.pid, signal.SIGKILL)
+        record.exit_code = record.popen.wait()
+
+    def _find(self, model: str, rank: int) -> RankProcess:
+        record = self._ranks.get(rank_key(model, rank))
+        if record is None:
+            raise RankNotFound(f"no rank {rank} of model {model!r} on this agent")
+        return record
+
+
+async def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    """Poll until the group leader ``pid`` has exited; False if it is still alive after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not leader_exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(EXIT_POLL_S)
+    return True

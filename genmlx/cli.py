@@ -1,0 +1,213 @@
+"""The ``genmlx`` command: parses arguments and calls into the packages; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from genmlx import __version__
+from genmlx.errors import GenMLXError, ManifestError
+from genmlx.home import ensure_token, read_token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    try:
+        return args.run(args) or 0
+    except ManifestError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except GenMLXError as e:
+        print(f"genmlx: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genmlx", description="Declarative MLX serving for a desk full of Macs."
+    )
+    parser.add_argument("--version", action="version", version=f"genmlx {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a manifest and print every error")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("apply", help="send a manifest to the running master")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("--master", help="master URL (default: from the manifest, or $GENMLX_MASTER)")
+    p.set_defaults(run=cmd_apply)
+
+    p = sub.add_parser("status", help="print the cluster's status from the running master")
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("master", help="run the master (reconcile loop, status API, OpenAI router)")
+    p.add_argument("-f", "--file", type=Path, help="manifest to apply at start (default: the last applied)")
+    p.add_argument("--port", type=int, help="listen port (default: spec.master.port, 6789)")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
+    p.set_defaults(run=cmd_master)
+
+    p = sub.add_parser("agent", help="run this node's agent")
+    p.add_argument("--name", required=True, help="the node's name in cluster.yaml")
+    p.add_argument(
+        "--storage", action="append", required=True, metavar="PATH", help="a storage path (repeatable)"
+    )
+    p.add_argument("--port", type=int, default=6790)
+    p.add_argument("--host", default="0.0.0.0", help="listen address, also used by its dispatchers")
+    p.set_defaults(run=cmd_agent)
+
+    p = sub.add_parser("up", help="run the master and this node's agent for a one-node cluster")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine only)"
+    )
+    p.set_defaults(run=cmd_up)
+
+    p = sub.add_parser("demo", help="write the demo model and serve it on a one-node cluster")
+    p.add_argument("--port", type=int, default=6789, help="the master's port (default 6789)")
+    p.add_argument("--agent-port", type=int, default=6790, help="the agent's port (default 6790)")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("demo-model", help="write a tiny random-weight model (its output is noise)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo_model)
+
+    p = sub.add_parser("token", help="create the cluster token if absent and print where it is")
+    p.add_argument("--show", action="store_true", help="print the token itself (to copy to a node or client)")
+    p.set_defaults(run=cmd_token)
+    return parser
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from genmlx.manifest import load_manifest
+
+    load_manifest(args.file)
+    print("ok")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from genmlx.gitrev import file_revision
+    from genmlx.manifest import load_manifest
+    from genmlx.master_client import MasterError, apply_manifest, master_url
+
+    manifest = load_manifest(args.file)  # every error, and nothing sent, when it is invalid
+    url = master_url(args.master, manifest)
+    revision = file_revision(args.file)
+    try:
+        result = apply_manifest(
+            url,
+            manifest_token(manifest),
+            args.file,
+            args.file.read_text(),
+            revision.to_json() if revision else None,
+        )
+    except MasterError as e:
+        for issue in e.document.get("issues", []):
+            print(issue, file=sys.stderr)
+        raise
+    state = "configured" if result["changed"] else "unchanged"
+    at = f", {revision}" if revision else ""
+    print(f"cluster {manifest.name} {state} (generation {result['generation']}{at})")
+    plan = result.get("plan")
+    for line in plan or []:
+        print(f"  {line}")
+    if plan == []:
+        print("  nothing to do: the cluster matches the manifest")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from genmlx.master_client import call_master, format_status, master_url
+
+    document = call_master(master_url(args.master), read_token(), "GET", "/api/v1/status")
+    if args.output == "json":
+        print(json.dumps(document, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(document, sort_keys=False), end="")
+    else:
+        print(format_status(document))
+    return 0
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    from genmlx.home import genmlx_home
+    from genmlx.manifest import load_manifest
+    from genmlx.reconciler.run import MasterConfig, run_master
+
+    token = manifest_token(load_manifest(args.file)) if args.file else ensured_token()
+    run_master(MasterConfig(token, genmlx_home() / "master", args.file, port=args.port, host=args.host))
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from genmlx.agent.run import AgentConfig, run_agent
+
+    config = AgentConfig(
+        name=args.name, storage=tuple(args.storage), port=args.port, host=args.host, token=ensured_token()
+    )
+    run_agent(config)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from genmlx.local_cluster import run_up
+    from genmlx.manifest import load_manifest
+
+    run_up(args.file, manifest_token(load_manifest(args.file)), args.host)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from genmlx.local_cluster import run_demo
+
+    run_demo(ensured_token(), args.port, args.agent_port)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from genmlx.demo_model import write_demo_model
+
+    path = write_demo_model(args.dir, seed=args.seed)
+    print(f"wrote a tiny random-weight llama to {path}")
+    print("its weights are random: what it writes is noise, but every serving code path is real")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    path, created = ensure_token()
+    print(f"{'created' if created else 'using'} the cluster token at {path}", file=sys.stderr)
+    if args.show:
+        print(read_token(path))
+    return 0
+
+
+def ensured_token() -> str:
+    path, created = ensure_token()
+    if created:
+        logging.getLogger("genmlx").info("created a new cluster token at %s; copy it to every node", path)
+    return read_token(path)
+
+
+def manifest_token(manifest) -> str:
+    """The token the manifest's ``auth.tokenFile`` names, else ``$GENMLX_HOME/token``."""
+    if manifest.auth.token_file is None:
+        return ensured_token()
+    return read_token(Path(manifest.auth.token_file).expanduser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

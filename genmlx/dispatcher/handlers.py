@@ -1,0 +1,349 @@
+"""The OpenAI-compatible HTTP API of rank 0: thin tornado handlers over the engine.
+
+Handlers parse (``request_parsing``), tokenize (``prompts``), submit to the engine and format its
+events (``openai_format``). Errors are raised as ``ApiError`` and rendered once, in OpenAI's shape,
+by ``ApiHandler.write_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from tornado.httputil import responses
+from tornado.iostream import StreamClosedError
+from tornado.web import Application, HTTPError, RequestHandler
+
+from genmlx.dispatcher.api_errors import (
+    ApiError,
+    NotReady,
+    Unauthorized,
+    UnknownModel,
+    UnknownRoute,
+    error_for_status,
+    internal_error,
+)
+from genmlx.dispatcher.engine import Engine, Job, LoadedModel
+from genmlx.dispatcher.events import EngineEvent, Failed, Finished, GenerationRequest, TextDelta, Usage
+from genmlx.dispatcher.openai_format import (
+    ChatCompletionFormat,
+    ResponseFormat,
+    TextCompletionFormat,
+    model_json,
+    models_list,
+)
+from genmlx.dispatcher.prompts import chat_prompt_tokens, completion_budget, completion_prompt_tokens
+from genmlx.dispatcher.request_parsing import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationOptions,
+    parse_chat_request,
+    parse_completion_request,
+)
+from genmlx.home import bearer_matches
+
+access_log = logging.getLogger("genmlx.dispatcher.access")
+CLIENT_CLOSED = 499  # nginx's convention, so the access log tells a vanished client from a served one
+CANCEL_CONFIRM_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class DispatcherDeps:
+    """What the handlers need; ``api_token`` None means the API is open."""
+
+    model_id: str
+    engine: Engine
+    started_at: int
+    api_token: str | None = field(default=None, repr=False)
+
+
+def make_app(deps: DispatcherDeps) -> Application:
+    """The tornado application serving ``/health`` and the OpenAI API."""
+    args = {"deps": deps}
+    routes = [
+        (r"/health", HealthHandler, args),
+        (r"/v1/models", ModelsHandler, args),
+        (r"/v1/models/(.+)", ModelHandler, args),
+        (r"/v1/chat/completions", ChatCompletionsHandler, args),
+        (r"/v1/completions", CompletionsHandler, args),
+    ]
+    return Application(
+        routes, default_handler_class=UnknownRouteHandler, default_handler_args=args, log_function=log_request
+    )
+
+
+def log_request(handler: RequestHandler) -> None:
+    """One access-log line per request: never headers, bodies or prompt text."""
+    request = handler.request
+    usage: Usage | None = getattr(handler, "usage", None)
+    tokens = ""
+    if usage is not None:
+        tokens = f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}"
+    finish = getattr(handler, "finish_reason", None)
+    finish_text = f" finish={finish}" if finish else ""
+    access_log.info(
+        "%s %s %d%s%s %.3fs",
+        request.method,
+        request.path,
+        handler.get_status(),
+        tokens,
+        finish_text,
+        request.request_time(),
+    )
+
+
+class ApiHandler(RequestHandler):
+    """Bearer-token check and OpenAI-shaped errors for every endpoint."""
+
+    requires_auth = True
+
+    def initialize(self, deps: DispatcherDeps) -> None:
+        self.deps = deps
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+
+    def prepare(self) -> None:
+        token = self.deps.api_token
+        authorization = self.request.headers.get("Authorization")
+        if self.requires_auth and token is not None and not bearer_matches(authorization, token):
+            raise Unauthorized("Missing or incorrect API key: send 'Authorization: Bearer <token>'.")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = _as_api_error(status_code, kwargs.get("exc_info"))
+        self.set_status(error.status)
+        self.finish(error.to_json())
+
+    def log_exception(
+        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Client errors are told to the client and appear in the access log; only our failures
+        # deserve a traceback.
+        if isinstance(value, ApiError) and value.status < 500:
+            return
+        super().log_exception(typ, value, tb)
+
+
+def _as_api_error(status_code: int, exc_info: Any) -> ApiError:
+    error = exc_info[1] if exc_info else None
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, HTTPError):
+        status_code = error.status_code
+    if status_code < 500:
+        return error_for_status(status_code, f"{status_code} {responses.get(status_code, 'Client Error')}.")
+    return internal_error()
+
+
+class HealthHandler(ApiHandler):
+    """``GET /health``: 503 while the model loads, 200 when it serves. No token needed."""
+
+    requires_auth = False
+
+    def get(self) -> None:
+        if self.deps.engine.loaded is None:
+            self.set_status(503)
+            self.finish({"status": "loading"})
+        else:
+            self.finish({"status": "ok", "model": self.deps.model_id})
+
+
+class ModelsHandler(ApiHandler):
+    """``GET /v1/models``."""
+
+    def get(self) -> None:
+        self.finish(models_list(self.deps.model_id, self.deps.started_at))
+
+
+class ModelHandler(ApiHandler):
+    """``GET /v1/models/{id}``."""
+
+    def get(self, model_id: str) -> None:
+        if model_id != self.deps.model_id:
+            raise UnknownModel(f"The model '{model_id}' does not exist.", param="model")
+        self.finish(model_json(self.deps.model_id, self.deps.started_at))
+
+
+class UnknownRouteHandler(ApiHandler):
+    """Any other path: a 404 in OpenAI's shape."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise UnknownRoute(f"Invalid URL ({self.request.method} {self.request.path}).")
+
+
+class GenerationHandler(ApiHandler):
+    """Drives one completion: submit, then answer as one JSON body or as server-sent events."""
+
+    prompt_field = "prompt"
+
+    def initialize(self, deps: DispatcherDeps) -> None:
+        super().initialize(deps)
+        self._job: Job | None = None
+        self._client_gone = False
+
+    def parse(self, body: bytes) -> ChatCompletionRequest | CompletionRequest:
+        raise NotImplementedError
+
+    def prompt_tokens(self, loaded: LoadedModel, parsed: Any) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def response_format(self, options: GenerationOptions) -> ResponseFormat:
+        raise NotImplementedError
+
+    async def post(self) -> None:
+        parsed = self.parse(self.request.body)
+        options = parsed.options
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._job = self.deps.engine.submit(self._generation_request(parsed), events.put_nowait)
+        try:
+            if options.stream:
+                await self._stream(events, self.response_format(options), options.include_usage)
+            else:
+                await self._respond(events, self.response_format(options))
+        finally:
+            self._job.cancel()  # a no-op once finished; stops generation if we leave early
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        if self._job is not None:
+            self._job.cancel()
+
+    def _generation_request(self, parsed: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+        options = parsed.options
+        loaded = self._served_model(options.model)
+        prompt = self.prompt_tokens(loaded, parsed)
+        max_tokens = completion_budget(
+            len(prompt), options.max_tokens, loaded.context_length, prompt_field=self.prompt_field
+        )
+        return GenerationRequest(
+            request_id=secrets.token_hex(8),
+            prompt_tokens=prompt,
+            max_tokens=max_tokens,
+            sampling=options.sampling,
+            stop=options.stop,
+        )
+
+    def _served_model(self, requested: str | None) -> LoadedModel:
+        if requested is not None and requested != self.deps.model_id:
+            raise UnknownModel(
+                f"The model '{requested}' does not exist; this server serves '{self.deps.model_id}'.",
+                param="model",
+            )
+        loaded = self.deps.engine.loaded
+        if loaded is None:
+            raise NotReady("The model is still loading; retry shortly.")
+        return loaded
+
+    async def _respond(self, events: asyncio.Queue[EngineEvent], response: ResponseFormat) -> None:
+        parts: list[str] = []
+        while not isinstance(event := await events.get(), Finished):
+            if isinstance(event, Failed):
+                raise internal_error(event.message)
+            parts.append(event.text)
+        self._record(event)
+        if event.reason == "cancelled":
+            return self._end_cancelled()
+        self.finish(response.full("".join(parts), event.reason, event.usage))
+
+    async def _stream(
+        self, events: asyncio.Queue[EngineEvent], response: ResponseFormat, include_usage: bool
+    ) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            if start := response.stream_start():
+                await self._send_event(start)
+            await self._stream_events(events, response, include_usage)
+        except StreamClosedError:
+            self._client_gone = True
+            self.set_status(CLIENT_CLOSED, "Client Closed Request")
+            await self._await_cancellation(events)
+
+    async def _await_cancellation(self, events: asyncio.Queue[EngineEvent]) -> None:
+        """Cancel and wait (briefly) for the engine to confirm, so the access log shows the tokens
+        spent; a job still queued behind another is confirmed only when dequeued, hence the bound."""
+        if self._job is not None:
+            self._job.cancel()
+        try:
+            async with asyncio.timeout(CANCEL_CONFIRM_SECONDS):
+                while not isinstance(event := await events.get(), Finished | Failed):
+                    pass
+        except TimeoutError:
+            return
+        if isinstance(event, Finished):
+            self._record(event)
+
+    async def _stream_events(
+        self, events: asyncio.Queue[EngineEvent], response: ResponseFormat, include_usage: bool
+    ) -> None:
+        while True:
+            match await events.get():
+                case TextDelta(text=text):
+                    await self._send_event(response.stream_text(text))
+                case Failed(message=message):
+                    await self._send_event(internal_error(message).to_json())
+                    return
+                case Finished() as finished:
+                    self._record(finished)
+                    if finished.reason == "cancelled":
+                        return self._end_cancelled()
+                    await self._send_event(response.stream_finish(finished.reason))
+                    if include_usage:
+                        await self._send_event(response.stream_usage(finished.usage))
+                    await self._send_data("[DONE]")
+                    return
+
+    async def _send_event(self, payload: dict) -> None:
+        await self._send_data(json.dumps(payload, ensure_ascii=False))
+
+    async def _send_data(self, data: str) -> None:
+        self.write(f"data: {data}\n\n")
+        await self.flush()
+
+    def _record(self, finished: Finished) -> None:
+        self.usage = finished.usage
+        self.finish_reason = finished.reason
+
+    def _end_cancelled(self) -> None:
+        """A job ends cancelled when its client left (nothing to say) or the server is stopping."""
+        if self._client_gone:
+            self.set_status(CLIENT_CLOSED, "Client Closed Request")
+            return
+        error = NotReady("The server is shutting down.", code="shutting_down")
+        if self._headers_written:
+            self.write(f"data: {json.dumps(error.to_json())}\n\n")
+            return
+        raise error
+
+
+class ChatCompletionsHandler(GenerationHandler):
+    """``POST /v1/chat/completions``."""
+
+    prompt_field = "messages"
+
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        return parse_chat_request(body)
+
+    def prompt_tokens(self, loaded: LoadedModel, parsed: ChatCompletionRequest) -> tuple[int, ...]:
+        return chat_prompt_tokens(loaded.tokenizer, parsed.messages)
+
+    def response_format(self, options: GenerationOptions) -> ResponseFormat:
+        return ChatCompletionFormat(model=self.deps.model_id, include_usage=options.include_usage)
+
+
+class CompletionsHandler(GenerationHandler):
+    """``POST /v1/completions``."""
+
+    def parse(self, body: bytes) -> CompletionRequest:
+        return parse_completion_request(body)
+
+    def prompt_tokens(self, loaded: LoadedModel, parsed: CompletionRequest) -> tuple[int, ...]:
+        return completion_prompt_tokens(loaded.tokenizer, parsed.prompt)
+
+    def response_format(self, options: GenerationOptions) -> ResponseFormat:
+        return TextCompletionFormat(model=self.deps.model_id, include_usage=options.include_usage)

@@ -1,0 +1,142 @@
+"""Runs one dispatcher rank: HTTP first, then the model load, until a signal or the parent's end.
+
+Shutdown (SIGTERM, SIGINT, or the parent watchdog) stops accepting connections, cancels running
+and waiting generation, and exits 0; a model that fails to load exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+from genmlx.dispatcher.engine import Engine, LoadedModel, ModelSource
+from genmlx.dispatcher.handlers import DispatcherDeps, make_app
+from genmlx.dispatcher.settings import DispatcherSettings
+from genmlx.dispatcher.watchdog import start_parent_watchdog
+
+log = logging.getLogger("genmlx.dispatcher")
+
+TOKEN_ENV = "GENMLX_API_TOKEN"
+ENGINE_STOP_SECONDS = 5.0
+CONNECTION_CLOSE_SECONDS = 2.0
+
+
+def run(settings: DispatcherSettings) -> int:
+    """Serve ``settings`` until told to stop; returns the process exit status."""
+    _configure_logging()
+    # Read once and dropped from the environment so no child process or crash dump inherits it.
+    token = os.environ.pop(TOKEN_ENV, None) or None
+    # The agent puts models on disk; a dispatcher never downloads.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    code, engine_stopped = asyncio.run(_serve(settings, token))
+    if not engine_stopped:
+        # The model thread is stuck in native code (e.g. still loading); interpreter teardown
+        # around a running MLX call can crash, so leave without it.
+        log.warning("model thread still busy after %.0fs; exiting without waiting", ENGINE_STOP_SECONDS)
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+async def _serve(settings: DispatcherSettings, token: str | None) -> tuple[int, bool]:
+    """Serve until a stop is requested; the exit status and whether the model thread ended."""
+    stop = _StopRequest()
+    engine = _make_engine(settings, stop)
+    deps = DispatcherDeps(settings.model_id, engine, started_at=int(time.time()), api_token=token)
+    try:
+        server = make_app(deps).listen(settings.port, address=settings.host)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
+        return 1, True
+    _log_listening(settings, auth=token is not None)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.request, 0)
+    if settings.parent_pid is not None:
+        start_parent_watchdog(settings.parent_pid)
+    engine.start()  # only now: /health must answer (503) while the model loads
+    code = await stop.wait()
+    log.info("shutting down")
+    return code, await _shut_down(server, engine)
+
+
+class _StopRequest:
+    """The first exit status asked for, by a signal (0) or a model that failed to load (1)."""
+
+    def __init__(self) -> None:
+        self._outcome: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def request(self, code: int) -> None:
+        if not self._outcome.done():
+            self._outcome.set_result(code)
+
+    async def wait(self) -> int:
+        return await self._outcome
+
+
+def _make_engine(settings: DispatcherSettings, stop: _StopRequest) -> Engine:
+    started = time.monotonic()
+
+    def load_failed(message: str) -> None:
+        log.error("cannot serve %s: %s", settings.model_id, message)
+        stop.request(1)
+
+    return Engine(
+        ModelSource(settings.model_dir, settings.context_length),
+        IOLoop.current(),
+        max_queue=settings.max_queue,
+        on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
+        on_load_failed=load_failed,
+    )
+
+
+async def _shut_down(server: HTTPServer, engine: Engine) -> bool:
+    """Stop accepting, cancel generation, close connections; whether the model thread ended."""
+    server.stop()
+    engine.stop()
+    engine_stopped = await asyncio.to_thread(engine.join, ENGINE_STOP_SECONDS)
+    await asyncio.sleep(0.05)  # lets handlers answer the cancellations the engine just posted
+    try:
+        await asyncio.wait_for(server.close_all_connections(), CONNECTION_CLOSE_SECONDS)
+    except TimeoutError:
+        log.warning("some connections did not close within %.0fs", CONNECTION_CLOSE_SECONDS)
+    return engine_stopped
+
+
+def _log_listening(settings: DispatcherSettings, *, auth: bool) -> None:
+    log.info(
+        "rank %d/%d: HTTP on http://%s:%d; loading %s from %s (auth %s)",
+        settings.rank,
+        settings.world_size,
+        settings.host,
+        settings.port,
+        settings.model_id,
+        settings.model_dir,
+        "on" if auth else "off",
+    )
+
+
+def _log_ready(settings: DispatcherSettings, loaded: LoadedModel, seconds: float) -> None:
+    log.info(
+        "%s ready after %.1fs (context length %s, max batch %d, max queue %d)",
+        settings.model_id,
+        seconds,
+        loaded.context_length or "unbounded",
+        settings.max_batch,
+        settings.max_queue,
+    )
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,97 @@
+"""The manifest as frozen dataclasses: what the loader returns and all later code reads.
+
+Field names follow Python style; the YAML keys they come from are camelCase (``maxGB`` →
+``max_gb``). Defaults here are the documented defaults of ``schemas/cluster.schema.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DEFAULT_MASTER_PORT = 6789
+DEFAULT_AGENT_PORT = 6790
+DEFAULT_DISPATCHER_PORT = 8100
+DEFAULT_RING_PORT = 32323
+
+Topology = Literal["full-mesh", "ring"]
+Backend = Literal["auto", "jaccl", "ring"]
+Parallelism = Literal["auto", "tensor", "pipeline"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: ``hf://org/repo`` or ``file:///abs/path``."""
+
+    scheme: Literal["hf", "file"]
+    location: str  # "org/repo" for hf, an absolute (or ~) path for file
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.location}"
+
+
+@dataclass(frozen=True)
+class StoragePath:
+    path: str  # absolute or starting with "~", expanded on the node that owns it
+    max_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str | None = None  # "host:port" of the agent where discovery cannot reach it
+    storage: tuple[StoragePath, ...] = ()
+    prune: bool = False  # delete files of models no longer placed on this node
+
+
+@dataclass(frozen=True)
+class Master:
+    node: str
+    port: int = DEFAULT_MASTER_PORT
+
+
+@dataclass(frozen=True)
+class Auth:
+    token_file: str | None = None  # None: $GENMLX_HOME/token
+
+
+@dataclass(frozen=True)
+class Mesh:
+    topology: Topology = "full-mesh"
+    backend: Backend = "auto"
+    port: int = DEFAULT_RING_PORT  # first port of MLX's ring backend
+
+
+@dataclass(frozen=True)
+class Serving:
+    max_batch: int = 8
+    max_queue: int = 64
+    context_length: int | None = None
+    port: int | None = None  # rank 0's HTTP port; None: the first free one from 8100
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the id clients send as "model"
+    source: Source
+    nodes: tuple[str, ...]  # "*" is expanded by the loader to every declared node
+    revision: str = "main"
+    parallelism: Parallelism = "auto"
+    serving: Serving = field(default_factory=Serving)
+    prune: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    master: Master
+    nodes: tuple[Node, ...]
+    models: tuple[ModelSpec, ...] = ()
+    auth: Auth = field(default_factory=Auth)
+    mesh: Mesh = field(default_factory=Mesh)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)

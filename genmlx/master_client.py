@@ -1,0 +1,101 @@
+"""The CLI's side of the master's API: apply a manifest, read status, and print it for people.
+
+Plain ``urllib``: these are one-shot calls from a terminal, so blocking is fine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from genmlx.errors import AuthError, GenMLXError
+from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
+
+
+class MasterError(GenMLXError):
+    """The master refused a request or could not be reached."""
+
+    def __init__(self, message: str, document: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.document = document or {}
+
+
+def master_url(explicit: str | None, manifest: Manifest | None = None) -> str:
+    """``--master``, else ``$GENMLX_MASTER``, else the manifest's master node, else this machine."""
+    url = explicit or os.environ.get("GENMLX_MASTER")
+    if url:
+        return url if "://" in url else f"http://{url}"
+    if manifest is None:
+        return f"http://127.0.0.1:{DEFAULT_MASTER_PORT}"
+    address = manifest.node(manifest.master.node).address
+    host = address.rsplit(":", 1)[0] if address else "127.0.0.1"
+    return f"http://{host}:{manifest.master.port}"
+
+
+def call_master(url: str, token: str, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        document = parse_error(e.read())
+        if e.code == 401:
+            raise AuthError(f"the master at {url} refused the token: {document.get('message', '')}") from None
+        raise MasterError(document.get("message") or f"HTTP {e.code}", document) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise MasterError(f"no master answers at {url} ({reason}): is `genmlx master` running?") from None
+
+
+def parse_error(body: bytes) -> dict[str, Any]:
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return {"message": body.decode(errors="replace")[:500]}
+
+
+def apply_manifest(url: str, token: str, path: Path, text: str, revision: dict | None) -> dict[str, Any]:
+    body = {"manifest": text, "filename": str(path), "revision": revision}
+    return call_master(url, token, "POST", "/api/v1/manifest", body)
+
+
+def format_status(document: dict[str, Any]) -> str:
+    """A terminal view of the status document: the cluster line, then nodes, then models."""
+    cluster = document["conditions"][0]
+    revision = document.get("lastAppliedRevision")
+    rev = f"  revision {revision['commit'][:12]}{'-dirty' if revision['dirty'] else ''}" if revision else ""
+    lines = [
+        f"cluster {document.get('name', '-')}: Ready={cluster['status']} ({cluster['reason']})",
+        f"  {cluster['message']}",
+        f"generation {document.get('generation', 0)}, observed {document.get('observedGeneration', 0)}{rev}",
+    ]
+    if document["nodes"]:
+        rows = [(n["name"], *condition_cells(n, n.get("address"))) for n in document["nodes"]]
+        lines += ["", *table(("NODE", "READY", "REASON", "ADDRESS", "MESSAGE"), rows)]
+    if document["models"]:
+        rows = [(m["name"], *condition_cells(m, m.get("endpoint"))) for m in document["models"]]
+        lines += ["", *table(("MODEL", "READY", "REASON", "ENDPOINT", "MESSAGE"), rows)]
+    pending = document.get("pendingActions") or []
+    if pending:
+        lines += ["", "pending:", *(f"  {a}" for a in pending)]
+    return "\n".join(lines)
+
+
+def condition_cells(item: dict[str, Any], where: str | None) -> tuple[str, str, str, str]:
+    ready = item["conditions"][0]
+    return ready["status"], ready["reason"], where or "-", ready["message"]
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]

@@ -1,0 +1,174 @@
+"""The reconcile loop: level-triggered passes of observe → plan → execute → status.
+
+Anything that matters (an apply, a timer) only wakes the loop; the pass re-reads everything
+and the newest manifest always wins. While the cluster has not converged passes come every
+second, afterwards every ``resync_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from tornado.httpclient import AsyncHTTPClient
+
+from genmlx.gitrev import Revision
+from genmlx.manifest import load_manifest_text
+from genmlx.manifest.types import Manifest
+from genmlx.reconciler.actions import Action, StartRankGroup
+from genmlx.reconciler.agent_client import AgentClient
+from genmlx.reconciler.applied import AppliedManifest, AppliedStore
+from genmlx.reconciler.execute import ActionResult, execute
+from genmlx.reconciler.observe import agent_address, observe
+from genmlx.reconciler.observed import Observed, RolloutRecord
+from genmlx.reconciler.plan import ModelAssessment, assess_models, plan
+from genmlx.reconciler.status import (
+    Condition,
+    carry_transition,
+    cluster_ready,
+    model_ready,
+    node_conditions,
+)
+
+log = logging.getLogger("genmlx.master")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one pass saw, concluded and did."""
+
+    generation: int
+    observed: Observed
+    assessments: tuple[ModelAssessment, ...]
+    cluster: Condition
+    nodes: dict[str, Condition]
+    models: dict[str, Condition]
+    planned: tuple[Action, ...]
+    results: tuple[ActionResult, ...] = ()
+    duration_s: float = 0.0
+    errors: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    applied: AppliedManifest
+    changed: bool
+
+
+class Reconciler:
+    def __init__(
+        self,
+        token: str,
+        store: AppliedStore,
+        http: AsyncHTTPClient,
+        resync_s: float = 5.0,
+        busy_resync_s: float = 1.0,
+    ):
+        self._token = token
+        self._store = store
+        self._http = http
+        self._resync_s = resync_s
+        self._busy_resync_s = busy_resync_s
+        self._wake = asyncio.Event()
+        self._clients: dict[str, AgentClient] = {}
+        self._rollouts: dict[str, RolloutRecord] = {}
+        self._stopping = False
+        self.applied: AppliedManifest | None = store.load()
+        self.snapshot: Snapshot | None = None
+
+    def apply(self, text: str, filename: str, revision: Revision | None) -> ApplyOutcome:
+        """Validate and adopt a manifest (raises ``ManifestError``, changing nothing, when invalid)."""
+        manifest = load_manifest_text(text, filename)
+        current = self.applied
+        changed = current is None or current.manifest != manifest
+        generation = (current.generation if current else 0) + (1 if changed else 0)
+        applied = AppliedManifest(manifest, text, filename, revision, generation, time.time())
+        if not changed and current is not None and current.revision == revision:
+            applied = replace(applied, applied_at=current.applied_at)
+        self._store.save(applied)
+        self.applied = applied
+        self.wake()
+        return ApplyOutcome(applied, changed)
+
+    async def preview(self, manifest: Manifest) -> list[Action]:
+        """What a pass would do for ``manifest`` now, without doing it."""
+        return plan(manifest, await self._observe(manifest))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                snapshot = await self.run_pass()
+                busy = bool(snapshot and (snapshot.planned or snapshot.cluster.status != "True"))
+            except Exception:
+                log.exception("a reconcile pass failed; the next one starts over")
+                busy = True
+            delay = self._busy_resync_s if busy else self._resync_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def run_pass(self) -> Snapshot | None:
+        applied = self.applied
+        if applied is None:
+            return None
+        started = time.monotonic()
+        observed = await self._observe(applied.manifest)
+        actions = plan(applied.manifest, observed)
+        snapshot = self._conclude(applied, observed, actions)
+        self.snapshot = snapshot
+        results = await execute(actions, self._clients_for(applied.manifest)) if actions else []
+        self._remember_rollouts(snapshot, results, observed.now)
+        errors = tuple(f"{r.action.describe()}: {r.error}" for r in results if not r.ok)
+        self.snapshot = replace(
+            snapshot, results=tuple(results), errors=errors, duration_s=time.monotonic() - started
+        )
+        return self.snapshot
+
+    async def _observe(self, manifest: Manifest) -> Observed:
+        clients = self._clients_for(manifest)
+        return await observe(manifest, clients, self._http, self._rollouts, time.time())
+
+    def _conclude(self, applied: AppliedManifest, observed: Observed, actions: list[Action]) -> Snapshot:
+        previous = self.snapshot
+        assessments = tuple(assess_models(applied.manifest, observed))
+        nodes = node_conditions(applied.manifest, observed)
+        models = {a.model: model_ready(a, observed.now) for a in assessments}
+        if previous is not None:
+            nodes = {k: carry_transition(c, previous.nodes.get(k)) for k, c in nodes.items()}
+            models = {k: carry_transition(c, previous.models.get(k)) for k, c in models.items()}
+        cluster = cluster_ready(applied.manifest, nodes, models, observed.now)
+        if previous is not None:
+            cluster = carry_transition(cluster, previous.cluster)
+        return Snapshot(applied.generation, observed, assessments, cluster, nodes, models, tuple(actions))
+
+    def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
+        for assessment in snapshot.assessments:
+            record = self._rollouts.get(assessment.model)
+            if assessment.phase == "Ready" and record is not None:
+                self._rollouts[assessment.model] = replace(record, attempts=0)
+        for result in results:
+            if isinstance(result.action, StartRankGroup) and result.ok:
+                record = self._rollouts.get(result.action.model)
+                attempts = (
+                    record.attempts + 1 if record and record.spec_hash == result.action.spec_hash else 1
+                )
+                self._rollouts[result.action.model] = RolloutRecord(result.action.spec_hash, attempts, now)
+
+    def _clients_for(self, manifest: Manifest) -> dict[str, AgentClient]:
+        clients = {}
+        for node in manifest.nodes:
+            address = agent_address(node)
+            if address not in self._clients:
+                self._clients[address] = AgentClient(address, self._token, self._http)
+            clients[node.name] = self._clients[address]
+        return clients

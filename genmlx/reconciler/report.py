@@ -1,0 +1,87 @@
+"""The status document: what ``GET /api/v1/status`` returns and ``genmlx status`` prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from genmlx.reconciler.applied import AppliedManifest
+from genmlx.reconciler.loop import Snapshot
+from genmlx.reconciler.status import iso_time
+
+
+def status_document(applied: AppliedManifest | None, snapshot: Snapshot | None) -> dict[str, Any]:
+    if applied is None:
+        return {
+            "generation": 0,
+            "observedGeneration": 0,
+            "conditions": [no_manifest_condition()],
+            "nodes": [],
+            "models": [],
+        }
+    document: dict[str, Any] = {
+        "name": applied.manifest.name,
+        "generation": applied.generation,
+        "observedGeneration": snapshot.generation if snapshot else 0,
+        "lastAppliedRevision": applied.revision.to_json() if applied.revision else None,
+        "manifestFile": applied.filename,
+        "appliedAt": iso_time(applied.applied_at),
+    }
+    if snapshot is None:
+        pending = {
+            "type": "Ready",
+            "status": "Unknown",
+            "reason": "FirstPass",
+            "message": "observing the cluster",
+        }
+        return {**document, "conditions": [pending], "nodes": [], "models": []}
+    return {
+        **document,
+        "conditions": [snapshot.cluster.to_json()],
+        "nodes": [node_document(applied, snapshot, node.name) for node in applied.manifest.nodes],
+        "models": [model_document(applied, snapshot, spec.name) for spec in applied.manifest.models],
+        "pendingActions": [a.describe() for a in snapshot.planned],
+        "lastPass": {
+            "at": iso_time(snapshot.observed.now),
+            "durationSeconds": round(snapshot.duration_s, 3),
+            "errors": list(snapshot.errors),
+        },
+    }
+
+
+def node_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> dict[str, Any]:
+    observed = snapshot.observed.nodes.get(name)
+    state = observed.state if observed else None
+    return {
+        "name": name,
+        "address": observed.address if observed else None,
+        "conditions": [snapshot.nodes[name].to_json()],
+        "facts": state.facts.to_json() if state else None,
+        "storage": [s.to_json() for s in state.storage] if state else [],
+        "ranks": [r.to_json() for r in state.ranks] if state else [],
+    }
+
+
+def model_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> dict[str, Any]:
+    spec = applied.manifest.model(name)
+    assessment = next(a for a in snapshot.assessments if a.model == name)
+    health = snapshot.observed.endpoints.get(name)
+    return {
+        "name": name,
+        "source": str(spec.source),
+        "revision": spec.revision,
+        "nodes": list(spec.nodes),
+        "parallelism": spec.parallelism,
+        "phase": assessment.phase,
+        "endpoint": health.url if health else None,
+        "conditions": [snapshot.models[name].to_json()],
+        "ranks": [{"node": node, **info.to_json()} for node, info in assessment.ranks],
+    }
+
+
+def no_manifest_condition() -> dict[str, Any]:
+    return {
+        "type": "Ready",
+        "status": "False",
+        "reason": "NoManifest",
+        "message": "no manifest applied yet: run `genmlx apply -f cluster.yaml`",
+    }

@@ -1,0 +1,81 @@
+"""Running the master: start it inside an IOLoop (``start_master``) or as a whole process
+(``run_master``, which stops cleanly on SIGINT and SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+
+from genmlx.gitrev import file_revision
+from genmlx.manifest.types import DEFAULT_MASTER_PORT
+from genmlx.reconciler.applied import AppliedStore
+from genmlx.reconciler.loop import Reconciler
+from genmlx.reconciler.server import make_app
+
+log = logging.getLogger("genmlx.master")
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    token: str
+    state_dir: Path
+    manifest_file: Path | None = None  # applied at start; None: the last applied one
+    port: int | None = None  # None: the manifest's spec.master.port
+    host: str = "0.0.0.0"
+    resync_s: float = 5.0
+
+
+@dataclass
+class RunningMaster:
+    reconciler: Reconciler
+    server: HTTPServer
+    port: int
+    task: asyncio.Task
+
+    async def stop(self) -> None:
+        self.reconciler.stop()
+        self.server.stop()
+        await asyncio.wait_for(self.task, 60)
+
+
+async def start_master(config: MasterConfig) -> RunningMaster:
+    """Apply the manifest file if one is given (raises ``ManifestError`` when it is invalid),
+    then serve and reconcile."""
+    http = AsyncHTTPClient(force_instance=True, max_clients=256)
+    reconciler = Reconciler(config.token, AppliedStore(config.state_dir), http, resync_s=config.resync_s)
+    if config.manifest_file is not None:
+        path = config.manifest_file
+        reconciler.apply(path.read_text(), str(path), file_revision(path))
+    applied = reconciler.applied
+    port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
+    server = HTTPServer(make_app(reconciler, config.token, http), idle_connection_timeout=3600)
+    server.listen(port, config.host)
+    log.info("master listening on %s:%d", config.host, port)
+    task = asyncio.create_task(reconciler.run())
+    return RunningMaster(reconciler, server, port, task)
+
+
+async def serve_until_signalled(*stoppables) -> None:
+    """Wait for SIGINT or SIGTERM, then stop everything given, in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    for stoppable in stoppables:
+        await stoppable.stop()
+
+
+def run_master(config: MasterConfig) -> None:
+    async def main() -> None:
+        master = await start_master(config)
+        await serve_until_signalled(master)
+
+    asyncio.run(main())

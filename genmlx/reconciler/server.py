@@ -1,0 +1,92 @@
+"""The master's HTTP surface: liveness, status, apply, and the OpenAI router under ``/v1``.
+
+Everything but ``/healthz`` needs the cluster's bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient
+from tornado.web import Application
+
+from genmlx.errors import ManifestError
+from genmlx.gitrev import Revision
+from genmlx.httpapi import ApiError, JsonHandler
+from genmlx.reconciler.loop import Reconciler
+from genmlx.reconciler.proxy import ModelsHandler, ProxyHandler
+from genmlx.reconciler.report import status_document
+
+PREVIEW_TIMEOUT_S = 10.0
+
+
+class HealthzHandler(JsonHandler):
+    public = True
+
+    def get(self) -> None:
+        self.write_json(200, {"status": "ok"})
+
+
+class StatusHandler(JsonHandler):
+    reconciler: Reconciler
+
+    def get(self) -> None:
+        self.write_json(200, status_document(self.reconciler.applied, self.reconciler.snapshot))
+
+
+class ManifestHandler(JsonHandler):
+    """``POST`` applies a manifest: ``{"manifest": YAML, "filename", "revision"}``. Answers the
+    new generation, whether anything changed, and the actions the master will now take."""
+
+    reconciler: Reconciler
+
+    def get(self) -> None:
+        applied = self.reconciler.applied
+        if applied is None:
+            raise ApiError(404, "no manifest applied yet")
+        self.write_json(
+            200, {"manifest": applied.text, "filename": applied.filename, "generation": applied.generation}
+        )
+
+    async def post(self) -> None:
+        body = self.json_body()
+        text, filename = body.get("manifest"), body.get("filename") or "cluster.yaml"
+        if not isinstance(text, str):
+            raise ApiError(400, "'manifest' must be the manifest's YAML text", param="manifest")
+        try:
+            outcome = self.reconciler.apply(text, filename, Revision.from_json(body.get("revision")))
+        except ManifestError as e:
+            raise ApiError(
+                422, "the manifest is invalid; nothing was applied", issues=[str(i) for i in e.issues]
+            ) from None
+        self.write_json(
+            200,
+            {
+                "generation": outcome.applied.generation,
+                "changed": outcome.changed,
+                "plan": await self.preview(outcome),
+            },
+        )
+
+    async def preview(self, outcome: Any) -> list[str] | None:
+        try:
+            actions = await asyncio.wait_for(
+                self.reconciler.preview(outcome.applied.manifest), PREVIEW_TIMEOUT_S
+            )
+        except TimeoutError:
+            return None
+        return [a.describe() for a in actions]
+
+
+def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) -> Application:
+    deps = {"token": token, "reconciler": reconciler}
+    return Application(
+        [
+            (r"/healthz", HealthzHandler),
+            (r"/api/v1/status", StatusHandler, deps),
+            (r"/api/v1/manifest", ManifestHandler, deps),
+            (r"/v1/models", ModelsHandler, deps),
+            (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
+        ]
+    )

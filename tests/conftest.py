@@ -1,0 +1,126 @@
+"""Shared fixtures: free ports, a GENMLX_HOME with a token, the demo model, and real
+subprocesses that are always stopped (and their output shown) when a test ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, token: str | None = None, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET, or None when nothing answers."""
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Proc:
+    """A real child process whose combined output goes to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]):
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop(), after the process ends
+        self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+@pytest.fixture
+def genmlx_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated GENMLX_HOME with a token, also exported to child processes."""
+    from genmlx.home import ensure_token
+
+    home = tmp_path / "genmlx-home"
+    monkeypatch.setenv("GENMLX_HOME", str(home))
+    ensure_token()
+    return home
+
+
+@pytest.fixture
+def token(genmlx_home: Path) -> str:
+    from genmlx.home import read_token
+
+    return read_token()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny random-weight llama written once per test session."""
+    from genmlx.demo_model import write_demo_model
+
+    path = tmp_path_factory.mktemp("models") / "demo-llama"
+    write_demo_model(path)
+    return path
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator:
+    """Start ``python -m genmlx ...``-style commands; every one is stopped at teardown and its
+    output printed, so a failing test shows what the processes said."""
+    procs: list[Proc] = []
+
+    def start(args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = Proc([sys.executable, *args], tmp_path / f"{name}.{len(procs)}.log", full_env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()
+        print(f"----- {' '.join(proc.args[1:])} -----\n{proc.output()}")

@@ -1,0 +1,402 @@
+"""The node agent, run for real: ``python -m genmlx.agent`` on loopback, real dispatcher ranks on the
+demo model, real signals. Only the SIGKILL-after-grace test substitutes the rank's program (a tiny
+Python script that ignores SIGTERM), because the real dispatcher stops when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import free_port, http_status, wait_until
+
+import genmlx
+from genmlx.agent.rank_logs import LOG_CAP_BYTES, LOG_KEEP_BYTES, open_fresh_log, trim_log, write_hostfile
+from genmlx.agent.ranks import RankSupervisor, dispatcher_command, rank_environment
+from genmlx.node_state import AgentState, RankInfo, RankLaunch
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: Message
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(method: str, url: str, authorization: str | None = None, body: Any = None) -> Reply:
+    """One real HTTP request; a JSON-able ``body`` is sent as JSON, bytes as they are."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return Reply(response.status, response.headers, response.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, e.headers, e.read())
+
+
+@dataclass(frozen=True)
+class AgentUnderTest:
+    url: str
+    proc: Any  # conftest.Proc
+    token: str
+    storage: Path
+    outside: Path
+    home: Path  # $HOME of the agent, so that ``~`` in a storage path is checkable
+
+    def call(self, method: str, path: str, body: Any = None) -> Reply:
+        return call(method, self.url + path, f"Bearer {self.token}", body)
+
+    def state(self) -> AgentState:
+        reply = self.call("GET", "/api/v1/state")
+        assert reply.status == 200, reply.body
+        return AgentState.from_json(reply.json())
+
+    def rank(self, model: str, rank: int) -> RankInfo | None:
+        found = [r for r in self.state().ranks if (r.launch.model, r.launch.rank) == (model, rank)]
+        return found[0] if found else None
+
+    def start_rank(self, launch: RankLaunch) -> RankInfo:
+        reply = self.call("POST", "/api/v1/ranks", launch.to_json())
+        assert reply.status == 201, reply.body
+        return RankInfo.from_json(reply.json())
+
+
+@pytest.fixture
+def storage(tmp_path: Path, demo_model_dir: Path) -> Path:
+    """A storage path holding a copy of the demo model, a partial model and a symlink leading out."""
+    root = tmp_path / "storage"
+    shutil.copytree(demo_model_dir, root / "demo-llama")
+    (root / "partial-model").mkdir()
+    (root / "partial-model" / "config.json").write_text("{}")
+    outside = tmp_path / "outside"
+    shutil.copytree(demo_model_dir, outside / "stolen")
+    (outside / "big.bin").write_bytes(b"x" * 100_000)
+    (root / "escape").symlink_to(outside / "stolen")
+    # A file link inside a model: its target must not count toward the model's size.
+    (root / "demo-llama" / "notes.bin").symlink_to(outside / "big.bin")
+    return root
+
+
+@pytest.fixture
+def agent(spawn, token: str, storage: Path, tmp_path: Path) -> AgentUnderTest:
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["-m", "genmlx.agent", "--name", "node-a", "--storage", str(storage)]
+    args += ["--storage", "~/not-there", "--port", str(port), "--host", "127.0.0.1"]
+    proc = spawn(args, "agent", env={"HOME": str(home)})
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_status(url + "/healthz") == 200, timeout=30, what="the agent to answer")
+    return AgentUnderTest(url, proc, token, storage, tmp_path / "outside", home)
+
+
+def demo_launch(agent: AgentUnderTest, **changes: Any) -> RankLaunch:
+    launch = RankLaunch(
+        model="demo",
+        model_path=str(agent.storage / "demo-llama"),
+        rank=0,
+        world_size=1,
+        port=free_port(),
+        spec_hash="spec-1",
+        max_batch=2,
+        max_queue=4,
+        context_length=512,
+    )
+    return replace(launch, **changes)
+
+
+def process_gone(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet (an orphan's reaper is outside our control)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_healthz_needs_no_token_and_reveals_nothing(agent: AgentUnderTest):
+    reply = call("GET", agent.url + "/healthz")
+    assert reply.status == 200
+    assert reply.json() == {"status": "ok"}
+    assert "Server" not in reply.headers
+
+
+AUTHENTICATED = [
+    ("GET", "/api/v1/state", None),
+    ("POST", "/api/v1/ranks", {"model": "demo"}),
+    ("DELETE", "/api/v1/ranks/demo/0", None),
+    ("GET", "/api/v1/ranks/demo/0/log", None),
+    ("GET", "/api/v1/no-such-endpoint", None),
+]
+
+
+def test_every_other_endpoint_refuses_a_missing_or_wrong_token(agent: AgentUnderTest):
+    wrong = [None, "Bearer wrong-token", f"Bearer {agent.token}x", f"Basic {agent.token}", agent.token]
+    for method, path, body in AUTHENTICATED:
+        for authorization in wrong:
+            reply = call(method, agent.url + path, authorization, body)
+            assert reply.status == 401, (method, path, authorization is None)
+            assert reply.headers["WWW-Authenticate"] == "Bearer"
+            assert reply.json()["error"]["type"] == "AuthError"
+    assert agent.call("GET", "/api/v1/state").status == 200
+    assert agent.call("GET", "/api/v1/no-such-endpoint").status == 404
+    assert agent.token not in agent.proc.output()
+
+
+def test_state_reports_facts_storage_and_models(agent: AgentUnderTest, storage: Path):
+    state = agent.state()
+    assert (state.name, state.version) == ("node-a", genmlx.__version__)
+    facts = state.facts
+    assert facts.hostname == socket.gethostname()
+    assert facts.os == f"{platform.system()} {platform.release()}"
+    assert facts.arch == platform.machine()
+    assert facts.cpu_count == psutil.cpu_count()
+    assert facts.memory_total == psutil.virtual_memory().total
+    assert 0 < facts.memory_available <= facts.memory_total
+
+    present, missing = state.storage
+    assert (present.path, present.exists) == (str(storage), True)
+    assert 0 < present.free_bytes <= present.total_bytes
+    assert (missing.path, missing.exists, missing.models) == (str(agent.home / "not-there"), False, ())
+    models = {m.name: m for m in present.models}
+    assert set(models) == {"demo-llama", "partial-model"}, "a symlinked directory is not a model"
+    demo = models["demo-llama"]
+    regular_files = [p for p in (storage / "demo-llama").iterdir() if p.is_file() and not p.is_symlink()]
+    assert demo.size_bytes == sum(p.stat().st_size for p in regular_files)
+    assert (demo.path, demo.complete) == (str(storage / "demo-llama"), True)
+    assert models["partial-model"].complete is False
+    assert state.ranks == ()
+
+
+def test_launch_refuses_invalid_bodies_and_paths_outside_storage(agent: AgentUnderTest, storage: Path):
+    good = demo_launch(agent).to_json()
+    refused = [
+        (b"{not json", "body", "InvalidLaunch"),
+        ({k: v for k, v in good.items() if k != "modelPath"}, "modelPath", "InvalidLaunch"),
+        ({**good, "rank": "0"}, "rank", "InvalidLaunch"),
+        ({**good, "rank": 1}, "rank", "InvalidLaunch"),
+        ({**good, "port": 70000}, "port", "InvalidLaunch"),
+        ({**good, "model": "../evil"}, "model", "InvalidLaunch"),
+        ({**good, "hostfile": ["10.0.0.1:1", "10.0.0.2:2"]}, "hostfile", "InvalidLaunch"),
+        ({**good, "surprise": 1}, "surprise", "InvalidLaunch"),
+        ({**good, "modelPath": "demo-llama"}, "modelPath", "ModelPathRefused"),
+        ({**good, "modelPath": f"{storage}/../outside/stolen"}, "modelPath", "ModelPathRefused"),
+        ({**good, "modelPath": str(agent.outside / "stolen")}, "modelPath", "ModelPathRefused"),
+        ({**good, "modelPath": str(storage / "escape")}, "modelPath", "ModelPathRefused"),
+        ({**good, "modelPath": str(storage)}, "modelPath", "ModelPathRefused"),
+        ({**good, "modelPath": str(storage / "partial-model")}, "modelPath", "ModelNotFound"),
+        ({**good, "modelPath": str(storage / "absent")}, "modelPath", "ModelNotFound"),
+    ]
+    for body, field, kind in refused:
+        reply = agent.call("POST", "/api/v1/ranks", body)
+        assert reply.status == 400, (field, reply.body)
+        error = reply.json()["error"]
+        assert error["message"].startswith(field + ":"), error
+        assert error["type"] == kind, error
+    assert agent.state().ranks == (), "a refused launch starts nothing"
+    assert agent.call("GET", "/api/v1/ranks/demo/0/log?tail=x").status == 404
+    assert agent.call("DELETE", "/api/v1/ranks/demo/0").status == 404
+
+
+def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home: Path):
+    launch = demo_launch(agent)
+    started = agent.start_rank(launch)
+    assert (started.launch, started.state, started.exit_code) == (launch, "running", None)
+
+    dispatcher = psutil.Process(started.pid)
+    argv = dispatcher.cmdline()
+    assert agent.token not in " ".join(argv), "the token travels in the environment, never in argv"
+    assert argv[argv.index("--parent-pid") + 1] == str(agent.proc.pid)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--model") + 1] == str((agent.storage / "demo-llama").resolve())
+    assert dispatcher.environ()["GENMLX_API_TOKEN"] == agent.token
+    assert os.getpgid(started.pid) == started.pid, "each rank leads its own process group"
+
+    health = f"http://127.0.0.1:{launch.port}/health"
+    wait_until(lambda: http_status(health) == 200, timeout=60, what="the rank to load the demo model")
+    duplicate = agent.call("POST", "/api/v1/ranks", launch.to_json())
+    assert duplicate.status == 409 and duplicate.json()["error"]["type"] == "RankAlreadyRunning"
+    assert agent.rank("demo", 0) == started
+
+    log = agent.call("GET", "/api/v1/ranks/demo/0/log")
+    assert log.status == 200 and log.headers["Content-Type"].startswith("text/plain")
+    on_disk = (genmlx_home / "agent" / "logs" / "demo.0.log").read_bytes()
+    assert log.body and on_disk.endswith(log.body)
+    assert agent.call("GET", "/api/v1/ranks/demo/0/log?tail=16").body == on_disk[-16:]
+    assert agent.token.encode() not in on_disk
+
+    stopped = agent.call("DELETE", "/api/v1/ranks/demo/0")
+    assert stopped.status == 200, stopped.body
+    info = RankInfo.from_json(stopped.json())
+    assert (info.pid, info.state) == (started.pid, "exited") and info.exit_code is not None
+    assert not psutil.pid_exists(started.pid)
+    assert http_status(health) is None
+    assert agent.state().ranks == (), "a stopped rank is forgotten"
+    assert agent.call("DELETE", "/api/v1/ranks/demo/0").status == 404
+    assert agent.token not in agent.proc.output()
+
+
+def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(agent: AgentUnderTest):
+    launch = demo_launch(agent)
+    first = agent.start_rank(launch)
+    os.kill(first.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    exited = wait_until(
+        lambda: (r := agent.rank("demo", 0)) and r.state == "exited" and r,
+        timeout=10,
+        what="the agent to notice the rank's exit",
+    )
+    assert (exited.pid, exited.exit_code) == (first.pid, -signal.SIGKILL)
+    assert agent.call("GET", "/api/v1/ranks/demo/0/log").status == 200, "its log stays readable"
+
+    second = agent.start_rank(replace(launch, spec_hash="spec-2"))
+    assert second.pid != first.pid and second.state == "running"
+    assert agent.rank("demo", 0) == second
+    stopped = RankInfo.from_json(agent.call("DELETE", "/api/v1/ranks/demo/0").json())
+    assert stopped.state == "exited" and not psutil.pid_exists(second.pid)
+
+
+def test_sigterm_stops_the_agent_and_every_rank(agent: AgentUnderTest):
+    launch = demo_launch(agent)
+    rank = agent.start_rank(launch)
+    health = f"http://127.0.0.1:{launch.port}/health"
+    wait_until(lambda: http_status(health) == 200, timeout=60, what="the rank to load the demo model")
+    family = [rank.pid, *(p.pid for p in psutil.Process(rank.pid).children(recursive=True))]
+
+    agent.proc.signal(signal.SIGTERM)
+    assert agent.proc.popen.wait(timeout=30) == 0
+    wait_until(lambda: all(process_gone(pid) for pid in family), timeout=5, what="the rank's processes to go")
+    assert http_status(health) is None
+
+
+TERM_IGNORING_HELPER = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+FAKE_RANK = f"""
+import signal, subprocess, sys, time
+if sys.argv[1] == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+helper = subprocess.Popen([sys.executable, "-c", {TERM_IGNORING_HELPER!r}])
+print("ready", helper.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def fake_rank_command(
+    launch: RankLaunch, model_dir: Path, host: str, parent_pid: int, hostfile: Path | None
+) -> list[str]:
+    """A rank that starts a TERM-ignoring helper in its group; the "stubborn" one ignores TERM too."""
+    return [sys.executable, "-c", FAKE_RANK, "ignore-term" if launch.model == "stubborn" else "obey-term"]
+
+
+async def helper_pid(supervisor: RankSupervisor, model: str) -> int:
+    log_path = supervisor.log_path(model, 0)
+    for _ in range(200):
+        if log_path.read_text().startswith("ready"):
+            break
+        await asyncio.sleep(0.05)
+    return int(log_path.read_text().split()[1])
+
+
+def test_stopping_a_rank_kills_its_whole_group_and_sigkills_it_after_the_grace_period(tmp_path: Path):
+    grace_s = 2.0
+    supervisor = RankSupervisor(
+        token="not-a-secret",
+        host="127.0.0.1",
+        log_dir=tmp_path,
+        stop_grace_s=grace_s,
+        command=fake_rank_command,
+    )
+
+    async def start_then_stop(model: str) -> tuple[RankInfo, RankInfo, int, float]:
+        started = supervisor.start(RankLaunch(model, str(tmp_path), 0, 1, free_port(), "spec"), tmp_path)
+        helper = await helper_pid(supervisor, model)
+        began = time.monotonic()
+        stopped = await supervisor.stop(model, 0)
+        return started, stopped, helper, time.monotonic() - began
+
+    async def scenario() -> list[tuple[RankInfo, RankInfo, int, float]]:
+        supervisor.watch()
+        outcomes = [await start_then_stop("obedient"), await start_then_stop("stubborn")]
+        await supervisor.stop_all()
+        return outcomes
+
+    (
+        (obedient, obedient_stop, obedient_helper, obedient_s),
+        (stubborn, stubborn_stop, stubborn_helper, stubborn_s),
+    ) = asyncio.run(scenario())
+    assert (obedient_stop.state, obedient_stop.exit_code) == ("exited", -signal.SIGTERM)
+    assert obedient_s < grace_s, "a rank that obeys SIGTERM is not made to wait for the grace period"
+    assert (stubborn_stop.state, stubborn_stop.exit_code) == ("exited", -signal.SIGKILL)
+    assert stubborn_s >= grace_s
+    for pid in (obedient.pid, stubborn.pid):
+        assert not psutil.pid_exists(pid)
+    for pid in (obedient_helper, stubborn_helper):
+        wait_until(lambda pid=pid: process_gone(pid), timeout=5, what=f"the rank's helper {pid} to go")
+    assert supervisor.ranks() == ()
+
+
+def test_a_rank_log_is_trimmed_to_its_tail_while_the_rank_keeps_appending(tmp_path: Path):
+    path = tmp_path / "rank.log"
+    fd = open_fresh_log(path)  # the descriptor a rank writes through
+    try:
+        lines = b"".join(b"line %08d\n" % i for i in range(LOG_CAP_BYTES // 14 + 1000))
+        os.write(fd, lines)
+        trim_log(path)
+        os.write(fd, b"after the trim\n")
+    finally:
+        os.close(fd)
+    kept = path.read_bytes()
+    assert len(kept) < LOG_KEEP_BYTES + 100
+    assert b"\0" not in kept, "appends land at the new end, leaving no hole"
+    assert kept.endswith(lines[-1000:] + b"after the trim\n")
+
+
+def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
+    hosts = ("10.0.0.1:32323", "10.0.0.2:32323")
+    launch = RankLaunch("big", "/models/big", 1, 2, 8100, "spec", hostfile=hosts, context_length=None)
+    hostfile = tmp_path / "big.1.hostfile.json"
+    write_hostfile(hostfile, launch.hostfile)
+    assert json.loads(hostfile.read_text()) == [["10.0.0.1:32323"], ["10.0.0.2:32323"]]
+
+    env = rank_environment("secret-token", launch, hostfile)
+    assert (env["MLX_RANK"], env["MLX_HOSTFILE"], env["GENMLX_API_TOKEN"]) == (
+        "1",
+        str(hostfile),
+        "secret-token",
+    )
+    argv = dispatcher_command(launch, Path("/models/big"), "0.0.0.0", 4242, hostfile)
+    assert argv[:3] == [sys.executable, "-m", "genmlx.dispatcher"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags == {
+        "--model": "/models/big",
+        "--name": "big",
+        "--port": "8100",
+        "--host": "0.0.0.0",
+        "--rank": "1",
+        "--world-size": "2",
+        "--max-batch": "8",
+        "--max-queue": "64",
+        "--hostfile": str(hostfile),
+        "--parent-pid": "4242",
+    }
+    assert "MLX_RANK" not in rank_environment("secret-token", replace(launch, hostfile=()), None)

@@ -1,0 +1,266 @@
+"""One node, end to end, through the real processes: `genmlx agent` and `genmlx master` on
+loopback, the demo model, and the real openai client talking to the master."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import Proc, free_port, http_status, wait_until
+
+from genmlx.home import ensure_token, read_token
+
+MODEL = "demo"
+
+
+class Cluster:
+    """A master and an agent as separate processes, sharing a GENMLX_HOME and a token."""
+
+    def __init__(self, root: Path, model_dir: Path):
+        self.root = root
+        self.home = root / "home"
+        self.storage = root / "storage"
+        shutil.copytree(model_dir, self.storage / MODEL)
+        self.token = read_token(ensure_token(self.home / "token")[0])
+        self.env = {**os.environ, "GENMLX_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        self.master_port, self.agent_port = free_port(), free_port()
+        self.manifest = root / "cluster.yaml"
+        self.manifest.write_text(self.manifest_text())
+        self.procs: list[Proc] = []
+        self.agent = self.start(
+            "agent",
+            "--name",
+            "local",
+            "--storage",
+            str(self.storage),
+            "--port",
+            str(self.agent_port),
+            "--host",
+            "127.0.0.1",
+        )
+        self.master = self.start_master()
+
+    def manifest_text(self, max_batch: int = 8) -> str:
+        return f"""\
+apiVersion: genmlx/v1
+kind: Cluster
+metadata: {{name: e2e}}
+spec:
+  master: {{node: local, port: {self.master_port}}}
+  nodes:
+    - name: local
+      address: 127.0.0.1:{self.agent_port}
+      storage: [{{path: {self.storage}}}]
+  models:
+    - name: {MODEL}
+      source: file://{self.storage / MODEL}
+      nodes: [local]
+      serving: {{maxBatch: {max_batch}}}
+"""
+
+    def start(self, *args: str) -> Proc:
+        proc = Proc(
+            [sys.executable, "-m", "genmlx", *args], self.root / f"{args[0]}.{len(self.procs)}.log", self.env
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_master(self) -> Proc:
+        return self.start("master", "-f", str(self.manifest), "--host", "127.0.0.1")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.master_port}"
+
+    def status(self) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/api/v1/status", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def agent_api(self, path: str) -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.agent_port}{path}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.read().decode()
+
+    def ready_status(self) -> dict | None:
+        try:
+            document = self.status()
+        except OSError:
+            return None
+        return document if document["conditions"][0]["status"] == "True" else None
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        return wait_until(self.ready_status, timeout, what="the cluster to be Ready")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "genmlx", *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+    def client(self, base: str | None = None, api_key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=base or f"{self.url}/v1", api_key=api_key or self.token, timeout=60, max_retries=0
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+            print(f"----- {' '.join(proc.args[3:])} -----\n{proc.output()}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, demo_model_dir):
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), demo_model_dir)
+    try:
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def rank0(document: dict) -> dict:
+    (model,) = document["models"]
+    (rank,) = model["ranks"]
+    return rank
+
+
+def test_the_cluster_reports_ready_nodes_and_models(cluster):
+    document = cluster.wait_ready()
+    assert document["observedGeneration"] == document["generation"] == 1
+    (node,) = document["nodes"]
+    assert node["conditions"][0]["status"] == "True"
+    assert node["facts"]["cpuCount"] >= 1
+    (model,) = document["models"]
+    assert model["conditions"][0]["reason"] == "Serving"
+    assert model["endpoint"].startswith("http://127.0.0.1:")
+    assert rank0(document)["state"] == "running"
+
+
+def test_chat_completion_through_the_master(cluster):
+    response = cluster.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert response.model == MODEL
+    assert response.choices[0].message.role == "assistant"
+    assert isinstance(response.choices[0].message.content, str)
+    assert response.usage.completion_tokens == 8
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_completion_through_the_master_matches_the_unstreamed_one(cluster):
+    client = cluster.client()
+    kwargs = dict(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=12, temperature=0
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2
+    assert text == whole
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_are_listed_by_the_master(cluster):
+    assert [m.id for m in cluster.client().models.list()] == [MODEL]
+
+
+def test_unknown_model_is_a_404_in_openai_shape(cluster):
+    with pytest.raises(openai.NotFoundError) as caught:
+        cluster.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert "nope" in caught.value.body["message"]
+
+
+def test_a_client_that_hangs_up_mid_stream_stops_its_generation(cluster):
+    stream = cluster.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "go on"}], max_tokens=2000, stream=True
+    )
+    for _, _chunk in zip(range(3), stream, strict=False):
+        pass
+    stream.close()
+
+    def cancelled_line() -> str | None:
+        log = cluster.agent_api("/api/v1/ranks/demo/0/log")
+        return next((line for line in log.splitlines() if "finish=cancelled" in line), None)
+
+    line = wait_until(cancelled_line, 30, what="rank 0 to log the cancelled request")
+    generated = int(re.search(r"completion_tokens=(\d+)", line).group(1))
+    assert 1 <= generated < 2000
+    response = cluster.client().completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert response.usage.completion_tokens == 2
+
+
+def test_the_master_and_agent_refuse_a_missing_or_wrong_token(cluster):
+    agent = f"http://127.0.0.1:{cluster.agent_port}"
+    for url in (f"{cluster.url}/api/v1/status", f"{agent}/api/v1/state"):
+        assert http_status(url) == 401
+        assert http_status(url, token="wrong") == 401
+        assert http_status(url, token=cluster.token) == 200
+    assert http_status(f"{cluster.url}/healthz") == 200
+    with pytest.raises(openai.AuthenticationError):
+        cluster.client(api_key="wrong").models.list()
+
+
+def test_status_command_prints_the_cluster(cluster):
+    text = cluster.cli("status", "--master", cluster.url)
+    assert text.returncode == 0, text.stderr
+    assert "Ready=True" in text.stdout and MODEL in text.stdout
+    as_json = cluster.cli("status", "--master", cluster.url, "-o", "json")
+    assert json.loads(as_json.stdout)["models"][0]["name"] == MODEL
+
+
+def test_applying_the_same_manifest_twice_plans_nothing(cluster):
+    pid = rank0(cluster.wait_ready())["pid"]
+    done = cluster.cli("apply", "-f", str(cluster.manifest))
+    assert done.returncode == 0, done.stderr
+    assert "unchanged (generation 1" in done.stdout
+    assert "nothing to do" in done.stdout
+    assert rank0(cluster.wait_ready())["pid"] == pid
+
+
+def test_an_invalid_manifest_is_refused_and_changes_nothing(cluster):
+    broken = cluster.root / "broken.yaml"
+    broken.write_text(cluster.manifest_text().replace("nodes: [local]", "nodes: [elsewhere]"))
+    done = cluster.cli("apply", "-f", str(broken))
+    assert done.returncode == 1
+    assert "'elsewhere' is not a declared node" in done.stderr
+    assert cluster.status()["generation"] == 1
+
+
+def test_a_changed_serving_option_restarts_the_rank_group(cluster):
+    pid = rank0(cluster.wait_ready())["pid"]
+    cluster.manifest.write_text(cluster.manifest_text(max_batch=4))
+    done = cluster.cli("apply", "-f", str(cluster.manifest))
+    assert done.returncode == 0, done.stderr
+    assert "configured (generation 2" in done.stdout
+    assert "- stop demo" in done.stdout and "+ start demo" in done.stdout
+    wait_until(
+        lambda: (d := cluster.ready_status()) and d["observedGeneration"] == 2 and rank0(d)["pid"] != pid,
+        60,
+        what="the restarted group to serve",
+    )
+
+
+def test_a_killed_master_leaves_serving_alone_and_a_new_one_converges_without_restarts(cluster):
+    document = cluster.wait_ready()
+    pid, endpoint = rank0(document)["pid"], document["models"][0]["endpoint"]
+    cluster.master.signal(signal.SIGKILL)
+    cluster.master.popen.wait(10)
+    direct = cluster.client(base=endpoint).completions.create(model=MODEL, prompt="still here", max_tokens=3)
+    assert direct.usage.completion_tokens == 3
+    cluster.master = cluster.start_master()
+    document = cluster.wait_ready()
+    assert rank0(document)["pid"] == pid
+    assert "+ start" not in cluster.master.output()

@@ -1,0 +1,168 @@
+"""plan(desired, observed): desired + observed in, exact actions out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Serving, Source, StoragePath
+from genmlx.node_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel
+from genmlx.reconciler.actions import StartRankGroup, StopRankGroup
+from genmlx.reconciler.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
+from genmlx.reconciler.plan import assess_models, desired_group, plan
+
+NOW = 1_000_000.0
+STORE = "/models"
+FACTS = NodeFacts("mac", "Darwin 24.1.0", "arm64", 10, 64 << 30, 48 << 30)
+
+
+def model(name: str, nodes=("a",), **serving) -> ModelSpec:
+    return ModelSpec(name, Source("file", f"{STORE}/{name}"), tuple(nodes), serving=Serving(**serving))
+
+
+def manifest(*models: ModelSpec, nodes=("a",)) -> Manifest:
+    declared = tuple(Node(n, f"10.0.0.{i}:6790", (StoragePath(STORE),)) for i, n in enumerate(nodes, 1))
+    return Manifest("desk", Master(nodes[0]), declared, models)
+
+
+def group(spec: ModelSpec, port: int = 8100) -> StartRankGroup:
+    return desired_group(spec, [f"{STORE}/{spec.name}"] * len(spec.nodes), port)
+
+
+def running(spec: ModelSpec, port: int = 8100, state="running", exit_code=None, spec_hash=None) -> RankInfo:
+    launch = group(spec, port).launches[0][1]
+    if spec_hash:
+        launch = replace(launch, spec_hash=spec_hash)
+    return RankInfo(launch, pid=4242, state=state, started_at=NOW - 60, exit_code=exit_code)
+
+
+def node(name="a", stored=("m",), ranks=(), reachability="ready", complete=True) -> ObservedNode:
+    models = tuple(StoredModel(m, f"{STORE}/{m}", 1 << 20, complete) for m in stored)
+    state = AgentState(
+        name, "0.1.0", FACTS, (StorageReport(STORE, True, 1 << 40, 1 << 39, models),), tuple(ranks)
+    )
+    return ObservedNode(
+        name, "10.0.0.1:6790", reachability, "" if reachability == "ready" else "refused", state
+    )
+
+
+def observed(*nodes: ObservedNode, ready=(), rollouts=None) -> Observed:
+    endpoints = {m: EndpointHealth("http://10.0.0.1:8100/v1", "ready") for m in ready}
+    return Observed(NOW, {n.name: n for n in nodes}, endpoints, rollouts or {})
+
+
+M = model("m")
+CASES = {
+    "a model on a ready node, not running: start it on the first free port": (
+        manifest(M),
+        observed(node()),
+        [group(M)],
+    ),
+    "converged: running with the same spec and serving": (
+        manifest(M),
+        observed(node(ranks=[running(M)]), ready=["m"]),
+        [],
+    ),
+    "running, still loading: wait": (
+        manifest(M),
+        observed(node(ranks=[running(M)])),
+        [],
+    ),
+    "node unreachable: wait, touch nothing": (
+        manifest(M),
+        observed(node(reachability="unreachable")),
+        [],
+    ),
+    "model files absent on the node: nothing to start": (
+        manifest(M),
+        observed(node(stored=())),
+        [],
+    ),
+    "model directory incomplete: nothing to start": (
+        manifest(M),
+        observed(node(complete=False)),
+        [],
+    ),
+    "spec changed: stop the group, start the new one on the same port": (
+        manifest(model("m", max_batch=4)),
+        observed(node(ranks=[running(M, port=8105)]), ready=["m"]),
+        [
+            StopRankGroup("m", (("a", 0),), "its spec changed"),
+            group(model("m", max_batch=4), port=8105),
+        ],
+    ),
+    "a rank exited: restart the group": (
+        manifest(M),
+        observed(node(ranks=[running(M, state="exited", exit_code=1)])),
+        [StopRankGroup("m", (("a", 0),), "rank 0 on a exited with code 1; restarting the group"), group(M)],
+    ),
+    "a rank exited again within its backoff: wait": (
+        manifest(M),
+        observed(
+            node(ranks=[running(M, state="exited", exit_code=1)]),
+            rollouts={"m": RolloutRecord(group(M).spec_hash, 2, NOW - 1)},
+        ),
+        [],
+    ),
+    "a rank exited after its backoff: restart": (
+        manifest(M),
+        observed(
+            node(ranks=[running(M, state="exited", exit_code=1)]),
+            rollouts={"m": RolloutRecord(group(M).spec_hash, 2, NOW - 10)},
+        ),
+        [StopRankGroup("m", (("a", 0),), "rank 0 on a exited with code 1; restarting the group"), group(M)],
+    ),
+    "a model removed from the manifest: stop its ranks": (
+        manifest(),
+        observed(node(ranks=[running(M)])),
+        [StopRankGroup("m", (("a", 0),), "no longer in the manifest")],
+    ),
+    "a second model takes the next free port; a running one keeps its own": (
+        manifest(model("m"), model("n")),
+        observed(node(stored=("m", "n"), ranks=[running(M, port=8100)]), ready=["m"]),
+        [group(model("n"), port=8101)],
+    ),
+    "an explicit port wins": (
+        manifest(model("m", port=9000)),
+        observed(node()),
+        [group(model("m", port=9000), port=9000)],
+    ),
+    "a model on two nodes is not served by this version": (
+        manifest(model("m", nodes=("a", "b")), nodes=("a", "b")),
+        observed(node("a"), node("b")),
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("desired,seen,expected", CASES.values(), ids=CASES.keys())
+def test_plan(desired, seen, expected):
+    assert plan(desired, seen) == expected
+
+
+def test_no_manifest_plans_nothing_even_with_ranks_running():
+    assert plan(None, observed(node(ranks=[running(M)]))) == []
+
+
+def test_a_second_pass_after_carrying_out_the_plan_plans_nothing():
+    desired = manifest(model("m"), model("n", port=9001))
+    seen = observed(node(stored=("m", "n")))
+    actions = plan(desired, seen)
+    assert [type(a) for a in actions] == [StartRankGroup, StartRankGroup]
+    ranks = [RankInfo(launch, 1, "running", NOW) for a in actions for _, launch in a.launches]
+    after = observed(node(stored=("m", "n"), ranks=ranks), ready=["m", "n"])
+    assert plan(desired, after) == []
+    assert {a.phase for a in assess_models(desired, after)} == {"Ready"}
+
+
+def test_assessment_explains_why_a_model_is_blocked():
+    (assessment,) = assess_models(manifest(M), observed(node(stored=())))
+    assert assessment.phase == "Blocked"
+    assert assessment.reason == "ModelNotFound"
+    assert "file:///models/m is not in a storage path of node a" in assessment.message
+
+
+def test_a_changed_serving_option_changes_the_spec_hash_and_a_same_spec_does_not():
+    assert group(M).spec_hash == group(model("m")).spec_hash
+    assert group(M).spec_hash != group(model("m", max_batch=2)).spec_hash
