@@ -1,69 +1,47 @@
-"""The JSON HTTP conventions the master shares: bearer-token checks and errors rendered once.
-
-Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, on every
-endpoint, so one client-side parser reads them all. Handlers raise ``ApiError``; ``write_error``
-renders it (and anything unexpected, as a 500 that hides internals).
-"""
+"""The JSON HTTP conventions the master and the dispatchers share: bearer-token checks and
+errors raised as ``genmlx.api_errors.ApiError`` and rendered once, in OpenAI's shape."""
 
 from __future__ import annotations
 
 import json
-import logging
+from types import TracebackType
 from typing import Any
 
+from tornado.httputil import responses
 from tornado.web import HTTPError, RequestHandler
 
+from genmlx.api_errors import ApiError, InvalidRequest, Unauthorized, error_for_status, internal_error
 from genmlx.home import bearer_matches
-
-log = logging.getLogger("genmlx.http")
-
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-}
-
-
-class ApiError(HTTPError):
-    """An error to show the client as is: status, message and optional details."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, **details: Any):
-        super().__init__(status, reason=None)
-        self.message = message
-        self.param = param
-        self.details = details
 
 
 class JsonHandler(RequestHandler):
-    """Base for authenticated JSON endpoints: ``initialize(token=...)`` turns auth on."""
+    """Base of token-protected JSON endpoints. Subclasses say where the token comes from
+    (``bearer_token``); a handler with ``requires_token = False`` is open (liveness checks)."""
 
-    token: str | None = None
-    public = False  # liveness checks set this
+    requires_token = True
 
     def initialize(self, token: str | None = None, **deps: Any) -> None:
         self.token = token
         for name, value in deps.items():
             setattr(self, name, value)
 
+    def bearer_token(self) -> str | None:
+        """The token requests must carry; None turns the check off."""
+        return self.token
+
     def prepare(self) -> None:
-        if self.public or self.token is None:
-            return
-        if not bearer_matches(self.request.headers.get("Authorization"), self.token):
-            self.set_header("WWW-Authenticate", 'Bearer realm="genmlx"')
-            raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <cluster token>'")
+        token = self.bearer_token()
+        authorization = self.request.headers.get("Authorization")
+        if self.requires_token and token is not None and not bearer_matches(authorization, token):
+            raise Unauthorized("Missing or incorrect API key: send 'Authorization: Bearer <cluster token>'.")
 
     def json_body(self) -> dict[str, Any]:
         try:
             body = json.loads(self.request.body or b"null")
         except ValueError as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+            raise InvalidRequest(f"The body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            raise InvalidRequest("The body must be a JSON object.")
         return body
 
     def write_json(self, status: int, document: Any) -> None:
@@ -72,21 +50,31 @@ class JsonHandler(RequestHandler):
         self.finish(json.dumps(document))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(error, ApiError):
-            message, param, details = error.message, error.param, error.details
-        elif isinstance(error, HTTPError) and error.log_message:
-            message, param, details = error.log_message, None, {}
-        else:
-            message, param, details = self._reason, None, {}
-        body = {
-            "message": message,
-            "type": ERROR_TYPES.get(status_code, "server_error"),
-            "param": param,
-            "code": details.pop("code", None),
-            **details,
-        }
-        if status_code in (429, 503):
+        error = as_api_error(status_code, kwargs.get("exc_info"))
+        if error.status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="genmlx"')
+        if error.status in (429, 503):
             self.set_header("Retry-After", "5")
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"error": body}))
+        self.set_status(error.status)
+        self.finish(error.to_json())
+
+    def log_exception(
+        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Client errors are told to the client and appear in the access log; only our own
+        # failures deserve a traceback.
+        if isinstance(value, ApiError) and value.status < 500:
+            return
+        super().log_exception(typ, value, tb)
+
+
+def as_api_error(status_code: int, exc_info: Any) -> ApiError:
+    """The ``ApiError`` to render for whatever a handler raised (or tornado itself produced)."""
+    error = exc_info[1] if exc_info else None
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, HTTPError):
+        status_code = error.status_code
+    if status_code < 500:
+        return error_for_status(status_code, f"{status_code} {responses.get(status_code, 'Client Error')}.")
+    return internal_error()

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -175,6 +176,9 @@ def test_streamed_chat_completion_through_the_master_matches_the_unstreamed_one(
 
 def test_models_are_listed_by_the_master(cluster):
     assert [m.id for m in cluster.client().models.list()] == [MODEL]
+    assert cluster.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        cluster.client().models.retrieve("nope")
 
 
 def test_unknown_model_is_a_404_in_openai_shape(cluster):
@@ -236,6 +240,24 @@ def test_an_invalid_manifest_is_refused_and_changes_nothing(cluster):
     done = cluster.cli("apply", "-f", str(broken))
     assert done.returncode == 1
     assert "'elsewhere' is not a declared node" in done.stderr
+    assert cluster.status()["generation"] == 1
+
+
+def test_the_master_itself_refuses_an_invalid_manifest_with_every_issue(cluster):
+    text = cluster.manifest_text().replace("nodes: [local]", "nodes: [elsewhere]").replace("kind:", "knd:")
+    body = json.dumps({"manifest": text, "filename": "sent.yaml"}).encode()
+    request = urllib.request.Request(
+        f"{cluster.url}/api/v1/manifest",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {cluster.token}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 422
+    issues = json.loads(caught.value.read())["error"]["issues"]
+    assert any(issue.startswith("sent.yaml:2:1: knd: unknown key 'knd'") for issue in issues), issues
+    assert any("'elsewhere' is not a declared node" in issue for issue in issues), issues
     assert cluster.status()["generation"] == 1
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tornado.ioloop import IOLoop
 
-from genmlx.dispatcher.api_errors import NotReady, QueueFull
+from genmlx.api_errors import NotReady, QueueFull
 from genmlx.dispatcher.events import EngineEvent, Failed, Finished, GenerationRequest, Usage
 
 if TYPE_CHECKING:

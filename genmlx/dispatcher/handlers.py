@@ -12,20 +12,15 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-from tornado.httputil import responses
 from tornado.iostream import StreamClosedError
-from tornado.web import Application, HTTPError, RequestHandler
+from tornado.web import Application, RequestHandler
 
-from genmlx.dispatcher.api_errors import (
-    ApiError,
+from genmlx.api_errors import (
     NotReady,
-    Unauthorized,
     UnknownModel,
     UnknownRoute,
-    error_for_status,
     internal_error,
 )
 from genmlx.dispatcher.engine import Engine, Job, LoadedModel
@@ -45,7 +40,7 @@ from genmlx.dispatcher.request_parsing import (
     parse_chat_request,
     parse_completion_request,
 )
-from genmlx.home import bearer_matches
+from genmlx.httpapi import JsonHandler
 
 access_log = logging.getLogger("genmlx.dispatcher.access")
 CLIENT_CLOSED = 499  # nginx's convention, so the access log tells a vanished client from a served one
@@ -97,52 +92,22 @@ def log_request(handler: RequestHandler) -> None:
     )
 
 
-class ApiHandler(RequestHandler):
-    """Bearer-token check and OpenAI-shaped errors for every endpoint."""
-
-    requires_auth = True
+class ApiHandler(JsonHandler):
+    """The dispatcher's endpoints: the token it was started with, OpenAI-shaped errors."""
 
     def initialize(self, deps: DispatcherDeps) -> None:
         self.deps = deps
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
 
-    def prepare(self) -> None:
-        token = self.deps.api_token
-        authorization = self.request.headers.get("Authorization")
-        if self.requires_auth and token is not None and not bearer_matches(authorization, token):
-            raise Unauthorized("Missing or incorrect API key: send 'Authorization: Bearer <token>'.")
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = _as_api_error(status_code, kwargs.get("exc_info"))
-        self.set_status(error.status)
-        self.finish(error.to_json())
-
-    def log_exception(
-        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        # Client errors are told to the client and appear in the access log; only our failures
-        # deserve a traceback.
-        if isinstance(value, ApiError) and value.status < 500:
-            return
-        super().log_exception(typ, value, tb)
-
-
-def _as_api_error(status_code: int, exc_info: Any) -> ApiError:
-    error = exc_info[1] if exc_info else None
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, HTTPError):
-        status_code = error.status_code
-    if status_code < 500:
-        return error_for_status(status_code, f"{status_code} {responses.get(status_code, 'Client Error')}.")
-    return internal_error()
+    def bearer_token(self) -> str | None:
+        return self.deps.api_token
 
 
 class HealthHandler(ApiHandler):
     """``GET /health``: 503 while the model loads, 200 when it serves. No token needed."""
 
-    requires_auth = False
+    requires_token = False
 
     def get(self) -> None:
         if self.deps.engine.loaded is None:

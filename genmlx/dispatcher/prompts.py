@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from genmlx.dispatcher.api_errors import ContextLengthExceeded, InvalidRequest
+from genmlx.api_errors import ContextLengthExceeded, InvalidRequest
 from genmlx.dispatcher.request_parsing import ChatMessage
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from genmlx.dispatcher.api_errors import InvalidRequest
+from genmlx.api_errors import InvalidRequest
 from genmlx.dispatcher.events import Sampling
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})

@@ -24,7 +24,7 @@ from genmlx.reconciler.applied import AppliedManifest, AppliedStore
 from genmlx.reconciler.execute import ActionResult, execute
 from genmlx.reconciler.observe import agent_address, observe
 from genmlx.reconciler.observed import Observed, RolloutRecord
-from genmlx.reconciler.plan import ModelAssessment, assess_models, plan
+from genmlx.reconciler.plan import ModelAssessment, actions_for, assess_models, plan
 from genmlx.reconciler.status import (
     Condition,
     carry_transition,
@@ -123,8 +123,9 @@ class Reconciler:
             return None
         started = time.monotonic()
         observed = await self._observe(applied.manifest)
-        actions = plan(applied.manifest, observed)
-        snapshot = self._conclude(applied, observed, actions)
+        assessments = assess_models(applied.manifest, observed)
+        actions = actions_for(applied.manifest, observed, assessments)
+        snapshot = self._conclude(applied, observed, assessments, actions)
         self.snapshot = snapshot
         results = await execute(actions, self._clients_for(applied.manifest)) if actions else []
         self._remember_rollouts(snapshot, results, observed.now)
@@ -138,9 +139,14 @@ class Reconciler:
         clients = self._clients_for(manifest)
         return await observe(manifest, clients, self._http, self._rollouts, time.time())
 
-    def _conclude(self, applied: AppliedManifest, observed: Observed, actions: list[Action]) -> Snapshot:
+    def _conclude(
+        self,
+        applied: AppliedManifest,
+        observed: Observed,
+        assessments: list[ModelAssessment],
+        actions: list[Action],
+    ) -> Snapshot:
         previous = self.snapshot
-        assessments = tuple(assess_models(applied.manifest, observed))
         nodes = node_conditions(applied.manifest, observed)
         models = {a.model: model_ready(a, observed.now) for a in assessments}
         if previous is not None:
@@ -149,7 +155,8 @@ class Reconciler:
         cluster = cluster_ready(applied.manifest, nodes, models, observed.now)
         if previous is not None:
             cluster = carry_transition(cluster, previous.cluster)
-        return Snapshot(applied.generation, observed, assessments, cluster, nodes, models, tuple(actions))
+        assessed = tuple(assessments)
+        return Snapshot(applied.generation, observed, assessed, cluster, nodes, models, tuple(actions))
 
     def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
         for assessment in snapshot.assessments:

@@ -42,8 +42,13 @@ def plan(desired: Manifest | None, observed: Observed) -> list[Action]:
     """Every action that moves the cluster towards ``desired``; empty when it has converged."""
     if desired is None:
         return []  # a master that has no manifest yet leaves a running cluster alone
-    actions = [a for assessment in assess_models(desired, observed) for a in assessment.actions]
-    return actions + stop_unwanted_ranks(desired, observed)
+    return actions_for(desired, observed, assess_models(desired, observed))
+
+
+def actions_for(desired: Manifest, observed: Observed, assessments: list[ModelAssessment]) -> list[Action]:
+    """The plan, from assessments already made (the loop also derives status from them)."""
+    moves = [action for assessment in assessments for action in assessment.actions]
+    return moves + stop_unwanted_ranks(desired, observed)
 
 
 def assess_models(desired: Manifest, observed: Observed) -> list[ModelAssessment]:

@@ -14,7 +14,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
-from genmlx.httpapi import ApiError, JsonHandler
+from genmlx.api_errors import BadGateway, InvalidRequest, NotReady, UnknownModel
+from genmlx.httpapi import JsonHandler
 from genmlx.reconciler.loop import Reconciler
 
 PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
@@ -29,7 +30,7 @@ class ModelsHandler(JsonHandler):
 
     reconciler: Reconciler
 
-    def get(self) -> None:
+    def get(self, model_id: str | None = None) -> None:
         applied = self.reconciler.applied
         specs = applied.manifest.models if applied else ()
         created = int(applied.applied_at) if applied else int(time.time())
@@ -44,7 +45,12 @@ class ModelsHandler(JsonHandler):
             }
             for s in specs
         ]
-        self.write_json(200, {"object": "list", "data": data})
+        if model_id is None:
+            return self.write_json(200, {"object": "list", "data": data})
+        entry = next((d for d in data if d["id"] == model_id), None)
+        if entry is None:
+            raise UnknownModel(f"The model {model_id!r} does not exist.", param="model")
+        self.write_json(200, entry)
 
 
 class ProxyHandler(JsonHandler):
@@ -93,7 +99,7 @@ class ProxyHandler(JsonHandler):
         except (ClientGone, StreamClosedError):
             return
         except (HTTPClientError, OSError) as e:
-            raise ApiError(502, f"the model's rank 0 at {url} did not answer: {e}") from None
+            raise BadGateway(f"The model's rank 0 at {url} did not answer: {e}") from None
         if not self._headers_written:
             self.start_response(status["code"], headers)
         self.finish()
@@ -120,21 +126,18 @@ def serving_endpoints(reconciler: Reconciler) -> dict[str, str]:
 def endpoint_for(reconciler: Reconciler, model: Any) -> str:
     """The base URL of ``model``'s rank 0, or the API error that says why there is none."""
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "the request names no model: set 'model' to one of GET /v1/models", param="model")
+        raise InvalidRequest(
+            "The request names no model: set 'model' to one of GET /v1/models.", param="model"
+        )
     applied = reconciler.applied
     names = [s.name for s in applied.manifest.models] if applied else []
     if model not in names:
         served = ", ".join(names) or "none"
-        raise ApiError(
-            404,
-            f"the model {model!r} does not exist (models: {served})",
-            param="model",
-            code="model_not_found",
-        )
+        raise UnknownModel(f"The model {model!r} does not exist (models: {served}).", param="model")
     endpoint = serving_endpoints(reconciler).get(model)
     if endpoint is None:
         snapshot = reconciler.snapshot
         condition = snapshot.models.get(model) if snapshot else None
         why = condition.message if condition else "the master has not observed the cluster yet"
-        raise ApiError(503, f"the model {model!r} is not ready: {why}", code="model_not_ready")
+        raise NotReady(f"The model {model!r} is not ready: {why}", code="model_not_ready")
     return endpoint

@@ -11,9 +11,10 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient
 from tornado.web import Application
 
+from genmlx.api_errors import InvalidManifest, InvalidRequest, UnknownRoute
 from genmlx.errors import ManifestError
 from genmlx.gitrev import Revision
-from genmlx.httpapi import ApiError, JsonHandler
+from genmlx.httpapi import JsonHandler
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.proxy import ModelsHandler, ProxyHandler
 from genmlx.reconciler.report import status_document
@@ -22,7 +23,7 @@ PREVIEW_TIMEOUT_S = 10.0
 
 
 class HealthzHandler(JsonHandler):
-    public = True
+    requires_token = False
 
     def get(self) -> None:
         self.write_json(200, {"status": "ok"})
@@ -44,7 +45,7 @@ class ManifestHandler(JsonHandler):
     def get(self) -> None:
         applied = self.reconciler.applied
         if applied is None:
-            raise ApiError(404, "no manifest applied yet")
+            raise UnknownRoute("No manifest has been applied yet.", code="no_manifest")
         self.write_json(
             200, {"manifest": applied.text, "filename": applied.filename, "generation": applied.generation}
         )
@@ -53,13 +54,12 @@ class ManifestHandler(JsonHandler):
         body = self.json_body()
         text, filename = body.get("manifest"), body.get("filename") or "cluster.yaml"
         if not isinstance(text, str):
-            raise ApiError(400, "'manifest' must be the manifest's YAML text", param="manifest")
+            raise InvalidRequest("'manifest' must be the manifest's YAML text.", param="manifest")
         try:
             outcome = self.reconciler.apply(text, filename, Revision.from_json(body.get("revision")))
         except ManifestError as e:
-            raise ApiError(
-                422, "the manifest is invalid; nothing was applied", issues=[str(i) for i in e.issues]
-            ) from None
+            issues = [str(i) for i in e.issues]
+            raise InvalidManifest("The manifest is invalid; nothing was applied.", issues=issues) from None
         self.write_json(
             200,
             {
@@ -86,7 +86,7 @@ def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) ->
             (r"/healthz", HealthzHandler),
             (r"/api/v1/status", StatusHandler, deps),
             (r"/api/v1/manifest", ManifestHandler, deps),
-            (r"/v1/models", ModelsHandler, deps),
+            (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
             (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
         ]
     )

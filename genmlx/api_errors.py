@@ -1,16 +1,20 @@
-"""Errors the OpenAI API answers with, as typed exceptions in GenMLX's tree (``genmlx.errors``).
+"""Errors the master's and the dispatchers' HTTP APIs answer with, as typed exceptions in
+GenMLX's tree (``genmlx.errors``).
 
-Handlers raise them; the base handler's ``write_error`` renders each once, in OpenAI's shape::
+Handlers raise them; ``genmlx.httpapi.JsonHandler.write_error`` renders each once, in OpenAI's
+shape, so one client-side parser reads every error::
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
     ApiError                        (mixin: HTTP status, OpenAI type, param, code)
     ├── InvalidRequest   400        PermanentError
-    │   └── ContextLengthExceeded
+    │   ├── ContextLengthExceeded
+    │   └── InvalidManifest 422     (carries every issue)
     ├── Unauthorized     401        AuthError
     ├── UnknownModel     404        ModelNotFound
     ├── UnknownRoute     404        PermanentError
     ├── QueueFull        429        TemporaryError
+    ├── BadGateway       502        TemporaryError
     └── NotReady         503        TemporaryError
 """
 
@@ -26,11 +30,12 @@ class ApiError(GenMLXError):
     error_type = "server_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, **details: object):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.details = details  # extra fields beside OpenAI's four, e.g. a manifest's issues
 
     def to_json(self) -> dict:
         """The response body OpenAI sends for this error."""
@@ -40,6 +45,7 @@ class ApiError(GenMLXError):
                 "type": self.error_type,
                 "param": self.param,
                 "code": self.code,
+                **self.details,
             }
         }
 
@@ -57,8 +63,15 @@ class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
 
+class InvalidManifest(InvalidRequest):
+    """An applied manifest failed validation; ``issues`` lists every problem."""
+
+    status = 422
+    default_code = "invalid_manifest"
+
+
 class Unauthorized(ApiError, AuthError):
-    """The request lacks the bearer token this dispatcher was started with."""
+    """The request lacks the cluster's bearer token."""
 
     status = 401
     error_type = "invalid_request_error"
@@ -66,7 +79,7 @@ class Unauthorized(ApiError, AuthError):
 
 
 class UnknownModel(ApiError, ModelNotFound):
-    """The request names a model this dispatcher does not serve."""
+    """The request names a model that is not served here."""
 
     status = 404
     error_type = "invalid_request_error"
@@ -89,8 +102,16 @@ class QueueFull(ApiError, TemporaryError):
     default_code = "queue_full"
 
 
+class BadGateway(ApiError, TemporaryError):
+    """A model's rank 0 did not answer the master's proxy."""
+
+    status = 502
+    error_type = "server_error"
+    default_code = "upstream_unavailable"
+
+
 class NotReady(ApiError, TemporaryError):
-    """The model is still loading (or the dispatcher is shutting down)."""
+    """The model is not ready: loading, starting, or the server is shutting down."""
 
     status = 503
     error_type = "server_error"
