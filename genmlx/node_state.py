@@ -11,6 +11,26 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RankState = Literal["running", "exited"]
+RankPhase = Literal["starting", "loading", "ready", "exited"]
+TransferKind = Literal["download", "sync"]
+TransferState = Literal["running", "failed", "done"]
+
+
+InterfaceKind = Literal["thunderbolt", "ethernet", "wifi", "loopback", "other"]
+
+
+@dataclass(frozen=True)
+class NetworkInterface:
+    name: str  # "en0", "bridge0", "eth0"
+    kind: InterfaceKind
+    addresses: tuple[str, ...] = ()  # IPv4 and IPv6 addresses, without prefix length
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "addresses": list(self.addresses)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NetworkInterface:
+        return cls(name=d["name"], kind=d["kind"], addresses=tuple(d.get("addresses") or ()))
 
 
 @dataclass(frozen=True)
@@ -21,6 +41,10 @@ class NodeFacts:
     cpu_count: int
     memory_total: int  # bytes
     memory_available: int  # bytes
+    os_version: str = ""  # "macOS 15.1", "Debian GNU/Linux 12 (bookworm)"
+    chip: str = ""  # "Apple M2 Ultra", "AMD EPYC 7B13"
+    gpu: str = ""  # "Metal" where MLX can use the GPU, "" where it runs on the CPU
+    interfaces: tuple[NetworkInterface, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -30,6 +54,10 @@ class NodeFacts:
             "cpuCount": self.cpu_count,
             "memoryTotal": self.memory_total,
             "memoryAvailable": self.memory_available,
+            "osVersion": self.os_version,
+            "chip": self.chip,
+            "gpu": self.gpu,
+            "interfaces": [i.to_json() for i in self.interfaces],
         }
 
     @classmethod
@@ -41,24 +69,52 @@ class NodeFacts:
             cpu_count=d["cpuCount"],
             memory_total=d["memoryTotal"],
             memory_available=d["memoryAvailable"],
+            os_version=d.get("osVersion", ""),
+            chip=d.get("chip", ""),
+            gpu=d.get("gpu", ""),
+            interfaces=tuple(NetworkInterface.from_json(i) for i in d.get("interfaces") or ()),
         )
 
 
 @dataclass(frozen=True)
 class StoredModel:
-    """A model directory found in a storage path."""
+    """A model directory found in a storage path.
+
+    ``complete`` means every file its metadata lists is present with the recorded size (sha256 is
+    checked when the directory is published and when a file is served or synced). A directory
+    without metadata (a model put there by hand) is complete when it has config.json and weights.
+    """
 
     name: str  # the directory's name
     path: str  # absolute path on the node
     size_bytes: int
-    complete: bool  # has config.json and at least one *.safetensors file
+    complete: bool
+    source: str | None = None  # from the metadata: "hf://org/repo", "file:///path"
+    revision: str | None = None  # the revision asked for ("main", a tag, a commit)
+    commit: str | None = None  # the commit it resolved to, where the source has commits
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "sizeBytes": self.size_bytes, "complete": self.complete}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "sizeBytes": self.size_bytes,
+            "complete": self.complete,
+            "source": self.source,
+            "revision": self.revision,
+            "commit": self.commit,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StoredModel:
-        return cls(name=d["name"], path=d["path"], size_bytes=d["sizeBytes"], complete=d["complete"])
+        return cls(
+            name=d["name"],
+            path=d["path"],
+            size_bytes=d["sizeBytes"],
+            complete=d["complete"],
+            source=d.get("source"),
+            revision=d.get("revision"),
+            commit=d.get("commit"),
+        )
 
 
 @dataclass(frozen=True)
@@ -147,6 +203,8 @@ class RankInfo:
     state: RankState
     started_at: float  # unix time
     exit_code: int | None = None
+    phase: RankPhase = "starting"  # finer than state while running: what its /health says
+    restarts: int = 0  # earlier starts of the same model and rank on this agent
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -155,6 +213,8 @@ class RankInfo:
             "state": self.state,
             "startedAt": self.started_at,
             "exitCode": self.exit_code,
+            "phase": self.phase,
+            "restarts": self.restarts,
         }
 
     @classmethod
@@ -165,6 +225,90 @@ class RankInfo:
             state=d["state"],
             started_at=d["startedAt"],
             exit_code=d.get("exitCode"),
+            phase=d.get("phase", "starting"),
+            restarts=d.get("restarts", 0),
+        )
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Ask an agent to make a model present in one of its storage paths (``POST /api/v1/models``).
+
+    Exactly one of ``source`` (download, e.g. ``hf://org/repo``) and ``peer`` (copy from another
+    agent) is set. The transfer runs in the background; its progress shows in ``AgentState``.
+    """
+
+    model: str  # the directory name it gets: the manifest's model name
+    storage_path: str  # one of the agent's storage paths, as the agent reports it
+    source: str | None = None
+    revision: str = "main"
+    peer: str | None = None  # "host:port" of the agent that has it
+    peer_model: str | None = None  # its directory name there (default: ``model``)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "storagePath": self.storage_path,
+            "source": self.source,
+            "revision": self.revision,
+            "peer": self.peer,
+            "peerModel": self.peer_model,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FetchRequest:
+        return cls(
+            model=d["model"],
+            storage_path=d["storagePath"],
+            source=d.get("source"),
+            revision=d.get("revision") or "main",
+            peer=d.get("peer"),
+            peer_model=d.get("peerModel"),
+        )
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A download or sync the agent runs or ran, as reported in ``AgentState``."""
+
+    model: str
+    kind: TransferKind
+    origin: str  # "hf://org/repo@main" or "peer 10.0.0.2:6790/model"
+    storage_path: str
+    state: TransferState
+    bytes_done: int = 0
+    bytes_total: int | None = None  # None until known
+    error: str | None = None
+    permanent: bool = False  # a failure that retrying cannot fix (not found, gated, no room)
+    started_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "kind": self.kind,
+            "origin": self.origin,
+            "storagePath": self.storage_path,
+            "state": self.state,
+            "bytesDone": self.bytes_done,
+            "bytesTotal": self.bytes_total,
+            "error": self.error,
+            "permanent": self.permanent,
+            "startedAt": self.started_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Transfer:
+        return cls(
+            model=d["model"],
+            kind=d["kind"],
+            origin=d["origin"],
+            storage_path=d["storagePath"],
+            state=d["state"],
+            bytes_done=d.get("bytesDone", 0),
+            bytes_total=d.get("bytesTotal"),
+            error=d.get("error"),
+            permanent=d.get("permanent", False),
+            started_at=d.get("startedAt", 0.0),
         )
 
 
@@ -177,14 +321,18 @@ class AgentState:
     facts: NodeFacts
     storage: tuple[StorageReport, ...] = ()
     ranks: tuple[RankInfo, ...] = field(default_factory=tuple)
+    transfers: tuple[Transfer, ...] = ()
+    node_id: str = ""  # stable across restarts, kept in GENMLX_HOME
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
+            "nodeId": self.node_id,
             "facts": self.facts.to_json(),
             "storage": [s.to_json() for s in self.storage],
             "ranks": [r.to_json() for r in self.ranks],
+            "transfers": [t.to_json() for t in self.transfers],
         }
 
     @classmethod
@@ -195,6 +343,8 @@ class AgentState:
             facts=NodeFacts.from_json(d["facts"]),
             storage=tuple(StorageReport.from_json(s) for s in d["storage"]),
             ranks=tuple(RankInfo.from_json(r) for r in d["ranks"]),
+            transfers=tuple(Transfer.from_json(t) for t in d.get("transfers") or ()),
+            node_id=d.get("nodeId", ""),
         )
 
 

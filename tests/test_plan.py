@@ -160,7 +160,13 @@ def test_assessment_explains_why_a_model_is_blocked():
     (assessment,) = assess_models(manifest(M), observed(node(stored=())))
     assert assessment.phase == "Blocked"
     assert assessment.reason == "ModelNotFound"
-    assert "file:///models/m is not in a storage path of node a" in assessment.message
+    assert "file:///models/m is not in a storage path of any node" in assessment.message
+
+
+def test_an_incomplete_local_model_is_named():
+    (assessment,) = assess_models(manifest(M), observed(node(complete=False)))
+    assert (assessment.phase, assessment.reason) == ("Blocked", "ModelIncomplete")
+    assert "/models/m on node a is incomplete" in assessment.message
 
 
 def test_a_changed_serving_option_changes_the_spec_hash_and_a_same_spec_does_not():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from genmlx.node_state import RankLaunch
+from genmlx.node_state import FetchRequest, RankLaunch
 
 
 @dataclass(frozen=True)
@@ -33,4 +33,21 @@ class StopRankGroup:
         return f"- stop {self.model} ({where}): {self.reason}"
 
 
-Action = StartRankGroup | StopRankGroup
+
+
+@dataclass(frozen=True)
+class FetchModel:
+    """Make a model present on a node: download it from its source, or copy it from a peer."""
+
+    node: str
+    request: FetchRequest
+
+    def describe(self) -> str:
+        request = self.request
+        where = f"{self.node}:{request.storage_path}"
+        if request.peer is not None:
+            return f"+ sync {request.model} to {where} from {request.peer}"
+        return f"+ download {request.model} to {where} from {request.source}@{request.revision}"
+
+
+Action = StartRankGroup | StopRankGroup | FetchModel

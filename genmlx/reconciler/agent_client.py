@@ -13,7 +13,7 @@ from urllib.parse import quote
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from genmlx.errors import AgentRequestError, AgentUnreachable, AuthError
-from genmlx.node_state import AgentState, RankInfo, RankLaunch
+from genmlx.node_state import AgentState, FetchRequest, RankInfo, RankLaunch
 from genmlx.reconciler.observed import EndpointHealth
 
 STATE_TIMEOUT_S = 5.0
@@ -41,6 +41,14 @@ class AgentClient:
             await self._call("DELETE", rank_path(model, rank), timeout=self._stop_timeout_s)
         except AgentRequestError as e:
             if e.status != 404:
+                raise
+
+    async def fetch_model(self, request: FetchRequest) -> None:
+        """Ask the agent to download or sync a model; one already under way is fine."""
+        try:
+            await self._call("POST", "/api/v1/models", request.to_json())
+        except AgentRequestError as e:
+            if e.status != 409:
                 raise
 
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:

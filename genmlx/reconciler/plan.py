@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from genmlx.manifest.types import DEFAULT_DISPATCHER_PORT, Manifest, ModelSpec
-from genmlx.node_state import RankInfo, RankLaunch, StoredModel
+from genmlx.node_state import RankInfo, RankLaunch
 from genmlx.reconciler.actions import Action, StartRankGroup, StopRankGroup
 from genmlx.reconciler.observed import Observed, ObservedNode
+from genmlx.reconciler.presence import assess_presence
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 60.0
@@ -53,42 +54,33 @@ def actions_for(desired: Manifest, observed: Observed, assessments: list[ModelAs
 
 def assess_models(desired: Manifest, observed: Observed) -> list[ModelAssessment]:
     ports = assign_ports(desired, observed)
-    return [assess_model(spec, observed, ports[spec.name]) for spec in desired.models]
+    return [assess_model(spec, desired, observed, ports[spec.name]) for spec in desired.models]
 
 
-def assess_model(spec: ModelSpec, observed: Observed, port: int) -> ModelAssessment:
+def assess_model(spec: ModelSpec, manifest: Manifest, observed: Observed, port: int) -> ModelAssessment:
     """Where ``spec`` stands given what was observed, and what to do about it."""
     ranks = observed_ranks(observed, spec.name, spec.nodes)
 
     def verdict(phase: Phase, reason: str, message: str, **rest) -> ModelAssessment:
         return ModelAssessment(spec.name, phase, reason, message, ranks=ranks, **rest)
 
-    if len(spec.nodes) > 1:
-        return verdict(
-            "Blocked",
-            "MultiNodeNotSupported",
-            f"{spec.name} is placed on {len(spec.nodes)} nodes; serving one model across nodes needs "
-            "multi-rank dispatchers, which this version lacks: place it on one node",
-        )
     for name in spec.nodes:
         node = observed.nodes.get(name)
         if node is None or node.reachability != "ready":
             detail = node.detail if node else "no agent observed"
             return verdict("Waiting", "NodeNotReady", f"node {name} is not ready: {detail}")
-    paths: list[str] = []
-    for name in spec.nodes:
-        stored = find_stored_model(observed.nodes[name], spec)
-        if stored is None:
-            return verdict(
-                "Blocked", "ModelNotFound", f"{spec.source} is not in a storage path of node {name}"
-            )
-        if not stored.complete:
-            return verdict(
-                "Blocked",
-                "ModelIncomplete",
-                f"{stored.path} on node {name} lacks config.json or *.safetensors weights",
-            )
-        paths.append(stored.path)
+    presence = assess_presence(spec, manifest, observed)
+    if presence.reason:
+        phase: Phase = "Blocked" if presence.blocked else "Progressing"
+        return verdict(phase, presence.reason, presence.message, actions=presence.fetches)
+    if len(spec.nodes) > 1:
+        return verdict(
+            "Blocked",
+            "MultiNodeNotSupported",
+            f"{spec.name} is on all {len(spec.nodes)} of its nodes, but serving one model across nodes "
+            "needs multi-rank dispatchers, which this version lacks: place it on one node",
+        )
+    paths = [presence.copies[name].path for name in spec.nodes]
     desired = desired_group(spec, paths, port)
     return assess_rollout(spec, desired, ranks, observed, verdict)
 
@@ -250,19 +242,3 @@ def observed_ranks(
 
 def reachable_nodes(observed: Observed) -> list[ObservedNode]:
     return [n for _, n in sorted(observed.nodes.items()) if n.reachability == "ready"]
-
-
-def find_stored_model(node: ObservedNode, spec: ModelSpec) -> StoredModel | None:
-    """The model directory a ``file://`` source names, among the node's storage paths.
-
-    A ``~`` path cannot be expanded here (it is the node's home, not ours), so it matches a
-    stored path that ends with the part after ``~``.
-    """
-    if spec.source.scheme != "file" or node.state is None:
-        return None
-    location = spec.source.location.rstrip("/")
-    for storage in node.state.storage:
-        for model in storage.models:
-            if model.path == location or (location.startswith("~/") and model.path.endswith(location[1:])):
-                return model
-    return None
