@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-deps lint
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,19 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/genmlx demo
 
-test: setup
+test: setup test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The multi-host tests run nodes in network namespaces, with iproute2's `ip`: install it as root
+# where it is missing. Without root they are skipped (and fail where CI is set).
+test-deps:
+	@if ! command -v ip >/dev/null 2>&1 && ! test -x /usr/sbin/ip && ! test -x /sbin/ip; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; \
+		else \
+			echo "note: iproute2 is missing and this is not a root Debian shell: multi-host tests will skip"; \
+		fi; \
+	fi
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", type=Path, help="manifest to apply at start (default: the last applied)")
     p.add_argument("--port", type=int, help="listen port (default: spec.master.port, 6789)")
     p.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
+    p.add_argument("--no-discovery", action="store_true", help="find agents only by nodes[].address")
     p.set_defaults(run=cmd_master)
 
     p = sub.add_parser("agent", help="run this node's agent")
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=6790)
     p.add_argument("--host", default="0.0.0.0", help="listen address, also used by its dispatchers")
+    p.add_argument("--no-discovery", action="store_true", help="do not announce the agent with zeroconf")
     p.set_defaults(run=cmd_agent)
 
     p = sub.add_parser("up", help="run the master and this node's agent for a one-node cluster")
@@ -149,7 +151,9 @@ def cmd_master(args: argparse.Namespace) -> int:
     from genmlx.reconciler.run import MasterConfig, run_master
 
     token = manifest_token(load_manifest(args.file)) if args.file else ensured_token()
-    run_master(MasterConfig(token, genmlx_home() / "master", args.file, port=args.port, host=args.host))
+    state_dir = genmlx_home() / "master"
+    discovery = not args.no_discovery
+    run_master(MasterConfig(token, state_dir, args.file, port=args.port, host=args.host, discovery=discovery))
     return 0
 
 
@@ -157,7 +161,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from genmlx.agent.run import AgentConfig, run_agent
 
     config = AgentConfig(
-        name=args.name, storage=tuple(args.storage), port=args.port, host=args.host, token=ensured_token()
+        name=args.name,
+        storage=tuple(args.storage),
+        port=args.port,
+        host=args.host,
+        token=ensured_token(),
+        discovery=not args.no_discovery,
     )
     run_agent(config)
     return 0

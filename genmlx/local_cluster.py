@@ -37,8 +37,14 @@ def local_agent_config(manifest: Manifest, token: str, host: str) -> AgentConfig
 async def start_local_cluster(manifest_file: Path, token: str, host: str):
     """Start the master node's agent, then the master; returns both, master last."""
     manifest = load_manifest(manifest_file)
-    agent = await start_agent(local_agent_config(manifest, token, host))
-    master = await start_master(MasterConfig(token, genmlx_home() / "master", manifest_file, host=host))
+    config = local_agent_config(manifest, token, host)
+    agent = await start_agent(config)
+    reach = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    local = ((config.name, f"{reach}:{config.port}"),)
+    master_config = MasterConfig(
+        token, genmlx_home() / "master", manifest_file, host=host, local_agents=local
+    )
+    master = await start_master(master_config)
     return agent, master
 
 

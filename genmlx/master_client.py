@@ -82,6 +82,11 @@ def format_status(document: dict[str, Any]) -> str:
     if document["models"]:
         rows = [(m["name"], *condition_cells(m, m.get("endpoint"))) for m in document["models"]]
         lines += ["", *table(("MODEL", "READY", "REASON", "ENDPOINT", "MESSAGE"), rows)]
+    unmanaged = document.get("unmanagedAgents") or []
+    if unmanaged:
+        rows = [(a["name"], a["address"], a.get("version", "")) for a in unmanaged]
+        lines += ["", "unmanaged agents (announced, not in the manifest; never used):"]
+        lines += ["  " + line for line in table(("NAME", "ADDRESS", "VERSION"), rows)]
     pending = document.get("pendingActions") or []
     if pending:
         lines += ["", "pending:", *(f"  {a}" for a in pending)]

@@ -24,13 +24,22 @@ class NetworkInterface:
     name: str  # "en0", "bridge0", "eth0"
     kind: InterfaceKind
     addresses: tuple[str, ...] = ()  # IPv4 and IPv6 addresses, without prefix length
+    # Whether something is at the other end of the cable: for a Thunderbolt port on macOS, another
+    # computer (a drive or a dock does not count); on Linux, the carrier. None where the OS does not tell.
+    linked: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "addresses": list(self.addresses)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "addresses": list(self.addresses),
+            "linked": self.linked,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NetworkInterface:
-        return cls(name=d["name"], kind=d["kind"], addresses=tuple(d.get("addresses") or ()))
+        addresses = tuple(d.get("addresses") or ())
+        return cls(name=d["name"], kind=d["kind"], addresses=addresses, linked=d.get("linked"))
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,7 @@ class StorageReport:
     total_bytes: int
     free_bytes: int
     models: tuple[StoredModel, ...] = ()
+    partials: tuple[StoredModel, ...] = ()  # transfers in progress or interrupted; never complete
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +142,7 @@ class StorageReport:
             "totalBytes": self.total_bytes,
             "freeBytes": self.free_bytes,
             "models": [m.to_json() for m in self.models],
+            "partials": [m.to_json() for m in self.partials],
         }
 
     @classmethod
@@ -142,6 +153,7 @@ class StorageReport:
             total_bytes=d["totalBytes"],
             free_bytes=d["freeBytes"],
             models=tuple(StoredModel.from_json(m) for m in d["models"]),
+            partials=tuple(StoredModel.from_json(m) for m in d.get("partials") or ()),
         )
 
 
@@ -234,8 +246,10 @@ class RankInfo:
 class FetchRequest:
     """Ask an agent to make a model present in one of its storage paths (``POST /api/v1/models``).
 
-    Exactly one of ``source`` (download, e.g. ``hf://org/repo``) and ``peer`` (copy from another
-    agent) is set. The transfer runs in the background; its progress shows in ``AgentState``.
+    With ``peer`` set the agent copies the model from that agent, and ``source``/``revision``, when
+    given, say what the copy must hold; without it, the agent fetches ``source`` itself (downloads
+    an ``hf://`` repo, adopts a ``file://`` directory in place). The transfer runs in the
+    background; its progress shows in ``AgentState``.
     """
 
     model: str  # the directory name it gets: the manifest's model name

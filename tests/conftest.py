@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# No test may multicast onto the machine's real network: zeroconf stays off unless a test turns
+# it back on (the network-namespace bench does, for the processes it starts in its hosts).
+os.environ.setdefault("GENMLX_DISCOVERY", "off")
+
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
@@ -124,3 +128,22 @@ def spawn(tmp_path: Path) -> Iterator:
     for proc in reversed(procs):
         proc.stop()
         print(f"----- {' '.join(proc.args[1:])} -----\n{proc.output()}")
+
+
+@pytest.fixture
+def netns_hosts(tmp_path: Path) -> Iterator:
+    """``netns_hosts(n)`` makes a ``netbench.NetBench`` of ``n`` hosts (network namespaces on a
+    bridge), removed with everything running in it when the test ends. Skips without root or
+    iproute2, except where ``CI`` is set: there it fails."""
+    from netbench import NetBench, skip_unless_netns_possible
+
+    benches: list[NetBench] = []
+
+    def create(n: int) -> NetBench:
+        skip_unless_netns_possible()
+        benches.append(NetBench(n, tmp_path / f"bench{len(benches)}"))
+        return benches[-1]
+
+    yield create
+    for bench in reversed(benches):
+        bench.close()

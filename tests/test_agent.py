@@ -175,6 +175,9 @@ def test_state_reports_facts_storage_and_models(agent: AgentUnderTest, storage: 
     assert facts.cpu_count == psutil.cpu_count()
     assert facts.memory_total == psutil.virtual_memory().total
     assert 0 < facts.memory_available <= facts.memory_total
+    assert facts.os_version, "facts beyond the basics are filled in (tests/test_facts.py checks them)"
+    (loopback,) = [i for i in facts.interfaces if i.kind == "loopback"]
+    assert "127.0.0.1" in loopback.addresses
 
     present, missing = state.storage
     assert (present.path, present.exists) == (str(storage), True)
@@ -236,9 +239,10 @@ def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home:
 
     health = f"http://127.0.0.1:{launch.port}/health"
     wait_until(lambda: http_status(health) == 200, timeout=60, what="the rank to load the demo model")
+    wait_until(lambda: agent.rank("demo", 0).phase == "ready", timeout=5, what="the agent to see it ready")
     duplicate = agent.call("POST", "/api/v1/ranks", launch.to_json())
     assert duplicate.status == 409 and duplicate.json()["error"]["type"] == "RankAlreadyRunning"
-    assert agent.rank("demo", 0) == started
+    assert agent.rank("demo", 0) == replace(started, phase="ready"), "the dispatcher is listed as ready"
 
     log = agent.call("GET", "/api/v1/ranks/demo/0/log")
     assert log.status == 200 and log.headers["Content-Type"].startswith("text/plain")
@@ -267,12 +271,13 @@ def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(agent: 
         timeout=10,
         what="the agent to notice the rank's exit",
     )
-    assert (exited.pid, exited.exit_code) == (first.pid, -signal.SIGKILL)
+    assert (exited.pid, exited.exit_code, exited.phase) == (first.pid, -signal.SIGKILL, "exited")
     assert agent.call("GET", "/api/v1/ranks/demo/0/log").status == 200, "its log stays readable"
 
     second = agent.start_rank(replace(launch, spec_hash="spec-2"))
-    assert second.pid != first.pid and second.state == "running"
-    assert agent.rank("demo", 0) == second
+    assert second.pid != first.pid and (second.state, second.restarts) == ("running", 1)
+    listed = agent.rank("demo", 0)
+    assert (listed.pid, listed.launch, listed.restarts) == (second.pid, second.launch, 1)
     stopped = RankInfo.from_json(agent.call("DELETE", "/api/v1/ranks/demo/0").json())
     assert stopped.state == "exited" and not psutil.pid_exists(second.pid)
 
@@ -288,6 +293,41 @@ def test_sigterm_stops_the_agent_and_every_rank(agent: AgentUnderTest):
     assert agent.proc.popen.wait(timeout=30) == 0
     wait_until(lambda: all(process_gone(pid) for pid in family), timeout=5, what="the rank's processes to go")
     assert http_status(health) is None
+
+
+def test_a_rank_reports_its_phases_until_ready_and_its_restarts(agent: AgentUnderTest):
+    started = agent.start_rank(demo_launch(agent))
+    assert (started.phase, started.restarts) == ("starting", 0)
+    phases = [started.phase]
+
+    def ready() -> bool:
+        phase = agent.rank("demo", 0).phase
+        if phase != phases[-1]:
+            phases.append(phase)
+        return phase == "ready"
+
+    wait_until(ready, timeout=60, interval=0.05, what="the rank to be ready")
+    # "loading" lasts as long as the model takes to load, which may be less than one check.
+    assert phases in (["starting", "loading", "ready"], ["starting", "ready"])
+    assert http_status(f"http://127.0.0.1:{started.launch.port}/health") == 200
+
+    stopped = RankInfo.from_json(agent.call("DELETE", "/api/v1/ranks/demo/0").json())
+    assert (stopped.state, stopped.phase, stopped.restarts) == ("exited", "exited", 0)
+    again = agent.start_rank(demo_launch(agent))
+    assert (again.phase, again.restarts) == ("starting", 1), "the count survives DELETE and POST"
+    assert agent.rank("demo", 0).restarts == 1
+
+
+def test_a_sigkilled_agent_leaves_no_rank_behind(agent: AgentUnderTest):
+    launch = demo_launch(agent)
+    rank = agent.start_rank(launch)
+    wait_until(lambda: agent.rank("demo", 0).phase == "ready", timeout=60, what="the rank to be ready")
+    family = [rank.pid, *(p.pid for p in psutil.Process(rank.pid).children(recursive=True))]
+
+    agent.proc.signal(signal.SIGKILL)  # no chance to stop anything: the ranks must notice themselves
+    assert agent.proc.popen.wait(timeout=10) == -signal.SIGKILL
+    wait_until(lambda: all(process_gone(pid) for pid in family), timeout=15, what="the orphaned rank to go")
+    assert http_status(f"http://127.0.0.1:{launch.port}/health") is None
 
 
 TERM_IGNORING_HELPER = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"

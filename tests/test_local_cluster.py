@@ -46,7 +46,7 @@ def test_demo_serves_answers_and_stops_cleanly_on_ctrl_c(spawn, genmlx_home, tok
 
 
 def test_up_runs_master_and_agent_from_a_manifest(spawn, genmlx_home, token, demo_model_dir, tmp_path):
-    port, agent_port = free_port(), free_port()
+    port = free_port()
     manifest = tmp_path / "cluster.yaml"
     manifest.write_text(f"""\
 apiVersion: genmlx/v1
@@ -55,10 +55,11 @@ metadata: {{name: one}}
 spec:
   master: {{node: solo, port: {port}}}
   nodes:
-    - {{name: solo, address: "127.0.0.1:{agent_port}", storage: [{{path: {demo_model_dir.parent}}}]}}
+    - {{name: solo, storage: [{{path: {demo_model_dir.parent}}}]}}
   models:
     - {{name: tiny, source: "file://{demo_model_dir}", nodes: [solo]}}
 """)
+    # No address and no discovery (tests turn it off): `up` knows its own agent.
     up = spawn(["-m", "genmlx", "up", "-f", str(manifest)], "up")
 
     def ready() -> dict | None:

@@ -72,7 +72,19 @@ CASES = {
     "one node has it: the other copies it from that peer": (
         desk(HF),
         seen(node("a", fast=[copy()]), node("b")),
-        [FetchModel("b", FetchRequest("qwen", "/fast", peer="10.0.0.1:6790", peer_model="qwen"))],
+        [
+            FetchModel(
+                "b",
+                FetchRequest(
+                    "qwen",
+                    "/fast",
+                    source="hf://org/qwen",
+                    revision="main",
+                    peer="10.0.0.1:6790",
+                    peer_model="qwen",
+                ),
+            )
+        ],
     ),
     "a copy of another revision does not count": (
         desk(HF),
@@ -110,7 +122,19 @@ CASES = {
         seen(
             node("a", fast=[copy("notes", "/fast/notes", source=None, revision=None, commit=None)]), node("b")
         ),
-        [FetchModel("b", FetchRequest("notes", "/fast", peer="10.0.0.1:6790", peer_model="notes"))],
+        [
+            FetchModel(
+                "b",
+                FetchRequest(
+                    "notes",
+                    "/fast",
+                    source="file:///fast/notes",
+                    revision="main",
+                    peer="10.0.0.1:6790",
+                    peer_model="notes",
+                ),
+            )
+        ],
     ),
 }
 

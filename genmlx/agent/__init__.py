@@ -6,5 +6,8 @@ bearer token, apart from ``GET /healthz``. It reports ``genmlx.node_state.AgentS
 the model directories in each storage path, the ranks it started) and takes ``RankLaunch`` requests,
 each of which becomes one ``python -m genmlx.dispatcher`` process in its own process group. The agent
 decides nothing by itself: a rank that exits stays reported as exited until the master stops or
-replaces it. Entry points for the CLI are in ``run`` (``run_agent``, ``start_agent``).
+replaces it. It also takes ``FetchRequest``s, each a background download or peer sync into one of its
+storage paths that is published only once every file verifies (``store``, ``transfers``), and serves
+its stored models' files to other agents (``model_api``). Entry points for the CLI are in ``run``
+(``run_agent``, ``start_agent``).
 """

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from genmlx.errors import AuthError
+from genmlx.errors import AuthError, PermanentError
 from genmlx.home import read_token
 
 from .config import DEFAULT_AGENT_PORT, AgentConfig
@@ -19,9 +19,15 @@ def parse_config(argv: list[str]) -> AgentConfig:
     parser.add_argument("--storage", action="append", required=True, help="a model storage path (repeatable)")
     parser.add_argument("--port", type=int, default=DEFAULT_AGENT_PORT)
     parser.add_argument("--host", default="0.0.0.0", help="address the agent and its dispatchers bind")
+    parser.add_argument("--no-discovery", action="store_true", help="do not announce the agent with zeroconf")
     args = parser.parse_args(argv)
     return AgentConfig(
-        name=args.name, storage=tuple(args.storage), port=args.port, host=args.host, token=read_token()
+        name=args.name,
+        storage=tuple(args.storage),
+        port=args.port,
+        host=args.host,
+        token=read_token(),
+        discovery=not args.no_discovery,
     )
 
 
@@ -32,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except AuthError as e:
         print(f"genmlx agent: {e}", file=sys.stderr)
         return 2
-    run_agent(config)
+    try:
+        run_agent(config)
+    except PermanentError as e:  # the node name is already announced by another agent
+        print(f"genmlx agent: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

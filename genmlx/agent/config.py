@@ -27,6 +27,7 @@ class AgentConfig:
     host: str = "0.0.0.0"  # the dispatchers it starts bind the same host
     log_dir: Path = field(default_factory=default_log_dir)
     stop_grace_s: float = 10.0
+    discovery: bool = True  # announce with zeroconf (GENMLX_DISCOVERY=off overrides it)
 
     @property
     def storage_paths(self) -> tuple[Path, ...]:

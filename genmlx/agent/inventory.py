@@ -1,7 +1,10 @@
-"""What a node holds: the model directories in each storage path, and which paths a rank may load.
+"""What a node holds: the model directories in each storage path (complete ones, and partial ones
+that a transfer is writing), and which paths a rank may load.
 
 Every function here touches the disk and may take a while on a large model (sizes walk every
-file), so the server calls them through an executor, never on the event loop.
+file), so the server calls them through an executor, never on the event loop. A state poll must
+stay cheap, so completeness here checks presence and sizes only; sha256 is checked when a model
+is published or adopted and when its files are served or synced (see ``store``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ from pathlib import Path
 
 from genmlx.errors import AgentRequestError, ModelNotFound
 from genmlx.node_state import StorageReport, StoredModel
+
+from .store import (
+    PARTIAL_DIR_NAME,
+    InvalidMetadata,
+    ModelMetadata,
+    is_complete,
+    read_metadata,
+    safe_model_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +53,55 @@ def scan_storage_path(path: Path) -> StorageReport:
         total_bytes=usage.total,
         free_bytes=usage.free,
         models=tuple(describe_model_dir(child) for child in model_dirs_in(path)),
+        partials=tuple(describe_partial_dir(child) for child in model_dirs_in(path / PARTIAL_DIR_NAME)),
     )
 
 
 def model_dirs_in(path: Path) -> list[Path]:
-    """Immediate subdirectories of ``path``, by name. Symlinks are skipped: a model lives whole in
-    one storage path, and a link could lead anywhere."""
-    with os.scandir(path) as entries:
-        found = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    """Immediate subdirectories of ``path``, by name, leaving out hidden ones (the store's own) and
+    symlinks (a model lives whole in one storage path, and a link could lead anywhere)."""
+    try:
+        with os.scandir(path) as entries:
+            found = [
+                Path(e.path)
+                for e in entries
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+            ]
+    except FileNotFoundError:
+        return []
     return sorted(found, key=lambda p: p.name)
 
 
 def describe_model_dir(path: Path) -> StoredModel:
+    metadata = metadata_or_none(path)
     return StoredModel(
         name=path.name,
         path=str(path),
         size_bytes=directory_size(path),
         complete=is_complete_model_dir(path),
+        source=metadata.source if metadata else None,
+        revision=metadata.revision if metadata else None,
+        commit=metadata.commit if metadata else None,
     )
 
 
+def describe_partial_dir(path: Path) -> StoredModel:
+    """A model a transfer is writing (or left when interrupted): never complete."""
+    return StoredModel(name=path.name, path=str(path), size_bytes=directory_size(path), complete=False)
+
+
+def metadata_or_none(path: Path) -> ModelMetadata | None:
+    try:
+        return read_metadata(path)
+    except InvalidMetadata as e:
+        log.warning("%s", e)  # reported as incomplete by is_complete_model_dir
+        return None
+
+
 def is_complete_model_dir(path: Path) -> bool:
-    """Has ``config.json`` and at least one ``*.safetensors`` weights file."""
-    return (path / "config.json").is_file() and any(p.is_file() for p in path.glob("*.safetensors"))
+    """Every file the metadata lists is there with its size; without metadata (a model put there
+    by hand), ``config.json`` and at least one ``*.safetensors`` weights file."""
+    return is_complete(path)
 
 
 def directory_size(path: Path) -> int:
@@ -94,6 +132,16 @@ def regular_file_size(entry: os.DirEntry, pending: list[Path]) -> int:
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
+def find_complete_model(storage_paths: tuple[Path, ...], name: str) -> Path | None:
+    """The first directory ``<storage>/<name>`` (not a symlink) that holds a complete model."""
+    safe_model_name(name)
+    for root in storage_paths:
+        candidate = root / name
+        if candidate.is_dir() and not candidate.is_symlink() and is_complete(candidate):
+            return candidate
+    return None
+
+
 def resolve_model_dir(model_path: str, storage_paths: tuple[Path, ...]) -> Path:
     """The real path of a complete model directory inside one of ``storage_paths``.
 
@@ -110,5 +158,8 @@ def resolve_model_dir(model_path: str, storage_paths: tuple[Path, ...]) -> Path:
     if not real.is_dir():
         raise ModelNotFound(f"modelPath: {model_path} is not a directory")
     if not is_complete_model_dir(real):
-        raise ModelNotFound(f"modelPath: {model_path} lacks config.json or *.safetensors weights")
+        raise ModelNotFound(
+            f"modelPath: {model_path} is not a complete model (files missing, or without metadata "
+            "no config.json and *.safetensors weights)"
+        )
     return real

@@ -5,6 +5,14 @@ signal goes to the whole group. Exit is detected by polling (no SIGCHLD handler,
 an embedding event loop): a rank that exited is a zombie until reaped, which keeps its group id
 reserved, so the agent can sweep the group with SIGKILL before reaping and leave no orphans. The
 agent restarts nothing by itself: an exited rank is reported until the master stops or replaces it.
+
+Each rank reports a phase. Rank 0 serves HTTP, so the same periodic check asks its ``/health``
+(on loopback when the agent binds a wildcard address): "starting" until it first answers, then
+"loading" while it answers 503 and "ready" once it answers 200; a check that gets no answer
+changes nothing, so a busy rank does not flap. Other ranks serve nothing: one is "ready" while rank
+0 of its group runs on this agent and is ready, else "loading"; where rank 0 runs on another node,
+the master reads the group's readiness from rank 0's agent. Every rank that ended is "exited".
+``restarts`` counts the earlier starts of the same model and rank number in this agent's lifetime.
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from genmlx.errors import AgentRequestError, TemporaryError
-from genmlx.node_state import RankInfo, RankLaunch, rank_key
+from genmlx.node_state import RankInfo, RankLaunch, RankPhase, rank_key
 
 from .rank_logs import (
     log_needs_trimming,
@@ -41,6 +51,7 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 0.5
 EXIT_POLL_S = 0.05
 KILL_WAIT_S = 10.0
+HEALTH_TIMEOUT_S = 1.0
 
 # (launch, real model directory, host to bind, the agent's pid, hostfile or None) -> argv
 CommandBuilder = Callable[[RankLaunch, Path, str, int, Path | None], list[str]]
@@ -92,6 +103,15 @@ def rank_environment(token: str, launch: RankLaunch, hostfile: Path | None) -> d
     return env
 
 
+def health_host(bind_host: str) -> str:
+    """The host part of a URL that reaches a rank bound to ``bind_host`` from this machine."""
+    if bind_host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind_host == "::":
+        return "[::1]"
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
+
+
 def leader_exited(pid: int) -> bool:
     """Whether a group leader we have not reaped yet has exited (it is then a zombie)."""
     try:
@@ -113,12 +133,27 @@ class RankProcess:
     launch: RankLaunch
     popen: subprocess.Popen
     started_at: float
+    restarts: int = 0
     exit_code: int | None = None  # set once reaped; negative: killed by that signal
     stopping: asyncio.Future | None = None
+    phase: RankPhase = "starting"  # while running; an exited rank is "exited" whatever this says
 
     def info(self) -> RankInfo:
-        state = "running" if self.exit_code is None else "exited"
-        return RankInfo(self.launch, self.popen.pid, state, self.started_at, self.exit_code)
+        exited = self.exit_code is not None
+        return RankInfo(
+            self.launch,
+            self.popen.pid,
+            "exited" if exited else "running",
+            self.started_at,
+            self.exit_code,
+            phase="exited" if exited else self.phase,
+            restarts=self.restarts,
+        )
+
+    @property
+    def running(self) -> bool:
+        """Neither exited nor being stopped."""
+        return self.exit_code is None and self.stopping is None
 
 
 class RankSupervisor:
@@ -139,6 +174,9 @@ class RankSupervisor:
         self._stop_grace_s = stop_grace_s
         self._command = command
         self._ranks: dict[str, RankProcess] = {}
+        self._starts: Counter[str] = Counter()  # by rank key, for the agent's lifetime
+        self._health_host = health_host(host)
+        self._http: AsyncHTTPClient | None = None  # made on the event loop, by the first check
         self._closed = False
         self._watcher = PeriodicCallback(self.check_ranks, CHECK_INTERVAL_S * 1000)
 
@@ -163,9 +201,11 @@ class RankSupervisor:
         hostfile = rank_hostfile_path(self._log_dir, launch.key) if launch.hostfile else None
         if hostfile is not None:
             write_hostfile(hostfile, launch.hostfile)
-        record = RankProcess(launch, self._spawn(launch, model_dir, hostfile), time.time())
+        popen = self._spawn(launch, model_dir, hostfile)
+        record = RankProcess(launch, popen, time.time(), restarts=self._starts[launch.key])
+        self._starts[launch.key] += 1
         self._ranks[launch.key] = record
-        log.info("started rank %s as pid %d", launch.key, record.popen.pid)
+        log.info("started rank %s as pid %d (%d earlier starts)", launch.key, popen.pid, record.restarts)
         return record.info()
 
     def _spawn(self, launch: RankLaunch, model_dir: Path, hostfile: Path | None) -> subprocess.Popen:
@@ -201,6 +241,8 @@ class RankSupervisor:
         grace period."""
         self._closed = True
         self._watcher.stop()
+        if self._http is not None:
+            self._http.close()
         records = list(self._ranks.values())
         results = await asyncio.gather(
             *(self.stop(r.launch.model, r.launch.rank) for r in records), return_exceptions=True
@@ -210,17 +252,52 @@ class RankSupervisor:
                 log.error("could not stop rank %s: %s", record.launch.key, result)
 
     async def check_ranks(self) -> None:
-        """Reap ranks that exited by themselves and keep running ranks' logs bounded."""
-        for record in list(self._ranks.values()):
-            if record.exit_code is not None or record.stopping is not None:
-                continue
-            if leader_exited(record.popen.pid):
-                self._reap(record)
-                log.warning("rank %s exited by itself with code %s", record.launch.key, record.exit_code)
-                continue
+        """Reap ranks that exited by themselves, follow running ranks' phases and keep their logs
+        bounded."""
+        running = [record for record in list(self._ranks.values()) if self._still_running(record)]
+        await asyncio.gather(*(self._check_health(r) for r in running if r.launch.rank == 0))
+        for record in running:
+            if record.launch.rank != 0:
+                self._set_phase(record, "ready" if self._leader_ready(record) else "loading")
+        for record in running:
             path = rank_log_path(self._log_dir, record.launch.key)
             if log_needs_trimming(path):
                 await IOLoop.current().run_in_executor(None, trim_log, path)
+
+    def _still_running(self, record: RankProcess) -> bool:
+        if not record.running:
+            return False
+        if leader_exited(record.popen.pid):
+            self._reap(record)
+            log.warning("rank %s exited by itself with code %s", record.launch.key, record.exit_code)
+            return False
+        return True
+
+    async def _check_health(self, record: RankProcess) -> None:
+        """Ask rank 0's ``/health``; no answer leaves its phase as it was."""
+        if self._http is None:
+            self._http = AsyncHTTPClient(force_instance=True)  # its own queue, not the master's
+        url = f"http://{self._health_host}:{record.launch.port}/health"
+        try:
+            response = await self._http.fetch(
+                url, raise_error=False, connect_timeout=HEALTH_TIMEOUT_S, request_timeout=HEALTH_TIMEOUT_S
+            )
+        except (OSError, HTTPClientError) as e:
+            log.debug("rank %s: no answer from %s (%s)", record.launch.key, url, e)
+            return
+        self._set_phase(record, "ready" if response.code == 200 else "loading")
+
+    def _leader_ready(self, record: RankProcess) -> bool:
+        leader = self._ranks.get(rank_key(record.launch.model, 0))
+        if leader is None or leader.launch.spec_hash != record.launch.spec_hash:
+            return False
+        return leader.running and leader.phase == "ready"
+
+    def _set_phase(self, record: RankProcess, phase: RankPhase) -> None:
+        # The rank may have exited or been asked to stop while its health was being asked.
+        if record.running and record.phase != phase:
+            record.phase = phase
+            log.info("rank %s is %s", record.launch.key, phase)
 
     async def _terminate(self, record: RankProcess) -> None:
         if record.exit_code is not None:

@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tornado.httpserver import HTTPServer
 
+from genmlx.mdns import discovery_enabled
+
+from .announce import Announcement, announce_agent, load_node_id
 from .config import AgentConfig
+from .file_serving import VerifiedFiles
 from .ranks import RankSupervisor
 from .server import AgentDeps, make_app
+from .transfers import TransferManager
 
 __all__ = ["AgentConfig", "RunningAgent", "run_agent", "start_agent"]
 
@@ -26,29 +31,59 @@ class RunningAgent:
     config: AgentConfig
     server: HTTPServer
     supervisor: RankSupervisor
+    announcement: Announcement | None = None
+    transfers: TransferManager | None = None
 
     async def stop(self) -> None:
-        """Stop taking requests, then stop every rank (TERM, grace, KILL) so none outlives us."""
+        """Say goodbye on the network, stop taking requests, then stop every rank (TERM, grace,
+        KILL) so none outlives us."""
+        if self.announcement is not None:
+            await self.announcement.withdraw()
         self.server.stop()
+        if self.transfers is not None:
+            await self.transfers.stop_all()  # interrupted transfers resume on the next request
         await self.supervisor.stop_all()
         await self.server.close_all_connections()
         log.info("agent %s stopped", self.config.name)
 
 
 async def start_agent(config: AgentConfig) -> RunningAgent:
-    """Serve the agent API on the running event loop and start watching ranks."""
+    """Serve the agent API on the running event loop, start watching ranks, then announce the
+    agent with zeroconf unless discovery is off (raises ``PermanentError`` if the name is taken)."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
+    node_id = load_node_id()
     supervisor = RankSupervisor(
         token=config.token, host=config.host, log_dir=config.log_dir, stop_grace_s=config.stop_grace_s
     )
+    verified = VerifiedFiles()
+    transfers = TransferManager(config.storage_paths, config.token, verified)
     deps = AgentDeps(
-        name=config.name, token=config.token, storage_paths=config.storage_paths, supervisor=supervisor
+        name=config.name,
+        token=config.token,
+        storage_paths=config.storage_paths,
+        supervisor=supervisor,
+        transfers=transfers,
+        verified=verified,
+        node_id=node_id,
     )
     server = make_app(deps).listen(config.port, address=config.host)
     supervisor.watch()
     paths = ", ".join(str(p) for p in config.storage_paths)
     log.info("agent %s listening on %s:%d; storage: %s", config.name, config.host, config.port, paths)
-    return RunningAgent(config, server, supervisor)
+    agent = RunningAgent(config, server, supervisor, transfers=transfers)
+    try:
+        return replace(agent, announcement=await announce_if_enabled(config, node_id))
+    except BaseException:
+        await agent.stop()
+        raise
+
+
+async def announce_if_enabled(config: AgentConfig, node_id: str) -> Announcement | None:
+    """Announce the agent unless its config or ``GENMLX_DISCOVERY=off`` turns discovery off."""
+    if not (config.discovery and discovery_enabled()):
+        log.info("discovery is off: the master finds %s only through nodes[].address", config.name)
+        return None
+    return await announce_agent(config.name, config.host, config.port, node_id)
 
 
 def run_agent(config: AgentConfig) -> None:

@@ -33,8 +33,6 @@ class StopRankGroup:
         return f"- stop {self.model} ({where}): {self.reason}"
 
 
-
-
 @dataclass(frozen=True)
 class FetchModel:
     """Make a model present on a node: download it from its source, or copy it from a peer."""

@@ -1,8 +1,8 @@
 """The reconcile loop: level-triggered passes of observe → plan → execute → status.
 
-Anything that matters (an apply, a timer) only wakes the loop; the pass re-reads everything
-and the newest manifest always wins. While the cluster has not converged passes come every
-second, afterwards every ``resync_s``.
+Anything that matters (an apply, an agent announcing or leaving, a timer) only wakes the loop;
+the pass re-reads everything and the newest manifest always wins. While the cluster has not
+converged passes come every second, afterwards every ``resync_s``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from genmlx.manifest.types import Manifest
 from genmlx.reconciler.actions import Action, StartRankGroup
 from genmlx.reconciler.agent_client import AgentClient
 from genmlx.reconciler.applied import AppliedManifest, AppliedStore
+from genmlx.reconciler.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.reconciler.execute import ActionResult, execute
 from genmlx.reconciler.observe import agent_address, observe
 from genmlx.reconciler.observed import Observed, RolloutRecord
@@ -50,6 +51,7 @@ class Snapshot:
     results: tuple[ActionResult, ...] = ()
     duration_s: float = 0.0
     errors: tuple[str, ...] = field(default=())
+    unmanaged_agents: tuple[DiscoveredAgent, ...] = ()  # announced, but not in the manifest
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,16 @@ class Reconciler:
         http: AsyncHTTPClient,
         resync_s: float = 5.0,
         busy_resync_s: float = 1.0,
+        discovery: AgentDiscovery | None = None,
+        local_agents: dict[str, str] | None = None,
     ):
         self._token = token
         self._store = store
         self._http = http
         self._resync_s = resync_s
         self._busy_resync_s = busy_resync_s
+        self._discovery = discovery
+        self._local_agents = local_agents or {}
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
@@ -156,7 +162,8 @@ class Reconciler:
         if previous is not None:
             cluster = carry_transition(cluster, previous.cluster)
         assessed = tuple(assessments)
-        return Snapshot(applied.generation, observed, assessed, cluster, nodes, models, tuple(actions))
+        snapshot = Snapshot(applied.generation, observed, assessed, cluster, nodes, models, tuple(actions))
+        return replace(snapshot, unmanaged_agents=self._unmanaged_agents(applied.manifest))
 
     def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
         for assessment in snapshot.assessments:
@@ -171,10 +178,25 @@ class Reconciler:
                 )
                 self._rollouts[result.action.model] = RolloutRecord(result.action.spec_hash, attempts, now)
 
+    def _discovered(self) -> dict[str, DiscoveredAgent]:
+        """Announced agents, and this process's own (which need no announcing)."""
+        found = dict(self._discovery.agents) if self._discovery else {}
+        for name, address in self._local_agents.items():
+            found.setdefault(name, DiscoveredAgent(name, address, "", "", last_seen=0.0))
+        return found
+
+    def _unmanaged_agents(self, manifest: Manifest) -> tuple[DiscoveredAgent, ...]:
+        declared = {node.name for node in manifest.nodes}
+        return tuple(a for name, a in sorted(self._discovered().items()) if name not in declared)
+
     def _clients_for(self, manifest: Manifest) -> dict[str, AgentClient]:
+        """A client per node whose agent we can locate (declared address, else discovery)."""
         clients = {}
+        discovered = self._discovered()
         for node in manifest.nodes:
-            address = agent_address(node)
+            address = agent_address(node, discovered)
+            if address is None:
+                continue
             if address not in self._clients:
                 self._clients[address] = AgentClient(address, self._token, self._http)
             clients[node.name] = self._clients[address]

@@ -5,18 +5,31 @@ so one bad node never hides the others."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from tornado.httpclient import AsyncHTTPClient
 
 from genmlx.errors import AuthError, GenMLXError
-from genmlx.manifest.types import DEFAULT_AGENT_PORT, Manifest, Node
+from genmlx.manifest.types import Manifest, Node
 from genmlx.reconciler.agent_client import AgentClient, check_endpoint
+from genmlx.reconciler.discovery import DiscoveredAgent
 from genmlx.reconciler.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
 
 
-def agent_address(node: Node) -> str:
-    """Where the node's agent listens: its declared address, else this machine's default port."""
-    return node.address or f"127.0.0.1:{DEFAULT_AGENT_PORT}"
+def agent_address(node: Node, discovered: Mapping[str, DiscoveredAgent]) -> str | None:
+    """Where the node's agent listens: its declared address, else where an agent of that name
+    announced itself, else unknown (None)."""
+    if node.address:
+        return node.address
+    agent = discovered.get(node.name)
+    return agent.address if agent else None
+
+
+def not_announced(name: str) -> str:
+    return (
+        f"no agent named {name} has announced itself (is `genmlx agent --name {name}` running? "
+        "set nodes[].address where multicast cannot reach)"
+    )
 
 
 async def observe(
@@ -26,13 +39,15 @@ async def observe(
     rollouts: dict[str, RolloutRecord],
     now: float,
 ) -> Observed:
-    nodes = await asyncio.gather(*(observe_node(n.name, clients[n.name]) for n in manifest.nodes))
+    nodes = await asyncio.gather(*(observe_node(n.name, clients.get(n.name)) for n in manifest.nodes))
     by_name = {n.name: n for n in nodes}
     endpoints = await observe_endpoints(manifest, by_name, http)
     return Observed(now=now, nodes=by_name, endpoints=endpoints, rollouts=dict(rollouts))
 
 
-async def observe_node(name: str, client: AgentClient) -> ObservedNode:
+async def observe_node(name: str, client: AgentClient | None) -> ObservedNode:
+    if client is None:
+        return ObservedNode(name, "", "unreachable", not_announced(name))
     try:
         state = await client.state()
     except AuthError as e:

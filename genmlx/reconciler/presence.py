@@ -96,7 +96,15 @@ def missing_local_source(spec: ModelSpec, observed: Observed) -> Wait:
 def fetch_request(spec: ModelSpec, storage: StorageReport, holder: Holder | None) -> FetchRequest:
     if holder is not None:
         peer, copy = holder
-        return FetchRequest(spec.name, storage.path, peer=peer.address, peer_model=copy.name)
+        # The source beside the peer is what the copy must hold, so a stale copy is never taken.
+        return FetchRequest(
+            spec.name,
+            storage.path,
+            source=str(spec.source),
+            revision=spec.revision,
+            peer=peer.address,
+            peer_model=copy.name,
+        )
     return FetchRequest(spec.name, storage.path, source=str(spec.source), revision=spec.revision)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from genmlx.manifest.types import ModelSpec
 from genmlx.reconciler.applied import AppliedManifest
 from genmlx.reconciler.loop import Snapshot
+from genmlx.reconciler.presence import find_copy
 from genmlx.reconciler.status import iso_time
 
 
@@ -17,6 +19,7 @@ def status_document(applied: AppliedManifest | None, snapshot: Snapshot | None) 
             "conditions": [no_manifest_condition()],
             "nodes": [],
             "models": [],
+            "unmanagedAgents": [],
         }
     document: dict[str, Any] = {
         "name": applied.manifest.name,
@@ -33,12 +36,14 @@ def status_document(applied: AppliedManifest | None, snapshot: Snapshot | None) 
             "reason": "FirstPass",
             "message": "observing the cluster",
         }
-        return {**document, "conditions": [pending], "nodes": [], "models": []}
+        return {**document, "conditions": [pending], "nodes": [], "models": [], "unmanagedAgents": []}
     return {
         **document,
         "conditions": [snapshot.cluster.to_json()],
         "nodes": [node_document(applied, snapshot, node.name) for node in applied.manifest.nodes],
         "models": [model_document(applied, snapshot, spec.name) for spec in applied.manifest.models],
+        # Agents that announce themselves but that the manifest does not declare: never used.
+        "unmanagedAgents": [agent.to_json() for agent in snapshot.unmanaged_agents],
         "pendingActions": [a.describe() for a in snapshot.planned],
         "lastPass": {
             "at": iso_time(snapshot.observed.now),
@@ -58,6 +63,7 @@ def node_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> di
         "facts": state.facts.to_json() if state else None,
         "storage": [s.to_json() for s in state.storage] if state else [],
         "ranks": [r.to_json() for r in state.ranks] if state else [],
+        "transfers": [t.to_json() for t in state.transfers] if state else [],
     }
 
 
@@ -75,7 +81,19 @@ def model_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> d
         "endpoint": health.url if health else None,
         "conditions": [snapshot.models[name].to_json()],
         "ranks": [{"node": node, **info.to_json()} for node, info in assessment.ranks],
+        "copies": model_copies(spec, snapshot),
     }
+
+
+def model_copies(spec: ModelSpec, snapshot: Snapshot) -> list[dict[str, Any]]:
+    """Where complete copies of the model lie, with the commit each one holds."""
+    copies = []
+    for name, node in sorted(snapshot.observed.nodes.items()):
+        if node.reachability == "ready" and (copy := find_copy(node, spec)):
+            copies.append(
+                {"node": name, "path": copy.path, "commit": copy.commit, "sizeBytes": copy.size_bytes}
+            )
+    return copies
 
 
 def no_manifest_condition() -> dict[str, Any]:

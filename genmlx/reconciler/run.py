@@ -14,7 +14,9 @@ from tornado.httpserver import HTTPServer
 
 from genmlx.gitrev import file_revision
 from genmlx.manifest.types import DEFAULT_MASTER_PORT
+from genmlx.mdns import discovery_enabled
 from genmlx.reconciler.applied import AppliedStore
+from genmlx.reconciler.discovery import AgentDiscovery
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.server import make_app
 
@@ -28,7 +30,13 @@ class MasterConfig:
     manifest_file: Path | None = None  # applied at start; None: the last applied one
     port: int | None = None  # None: the manifest's spec.master.port
     host: str = "0.0.0.0"
-    resync_s: float = 5.0
+    # Converged, a pass every few seconds is what notices a killed agent (no goodbye is sent):
+    # resync + a refused or timed-out connect (3 s) stays within the 10 s the issue allows.
+    resync_s: float = 4.0
+    discovery: bool = True  # browse for agents with zeroconf (GENMLX_DISCOVERY=off overrides it)
+    # Agents this process knows without asking the network: `genmlx up` runs its node's agent
+    # itself, so it needs neither a declared address nor discovery to find it.
+    local_agents: tuple[tuple[str, str], ...] = ()  # (node name, "host:port")
 
 
 @dataclass
@@ -37,18 +45,30 @@ class RunningMaster:
     server: HTTPServer
     port: int
     task: asyncio.Task
+    discovery: AgentDiscovery | None = None
 
     async def stop(self) -> None:
         self.reconciler.stop()
         self.server.stop()
         await asyncio.wait_for(self.task, 60)
+        if self.discovery is not None:
+            await self.discovery.stop()
 
 
 async def start_master(config: MasterConfig) -> RunningMaster:
     """Apply the manifest file if one is given (raises ``ManifestError`` when it is invalid),
     then serve and reconcile."""
     http = AsyncHTTPClient(force_instance=True, max_clients=256)
-    reconciler = Reconciler(config.token, AppliedStore(config.state_dir), http, resync_s=config.resync_s)
+    discovery = AgentDiscovery(config.host) if config.discovery and discovery_enabled() else None
+    store = AppliedStore(config.state_dir)
+    reconciler = Reconciler(
+        config.token,
+        store,
+        http,
+        resync_s=config.resync_s,
+        discovery=discovery,
+        local_agents=dict(config.local_agents),
+    )
     if config.manifest_file is not None:
         path = config.manifest_file
         reconciler.apply(path.read_text(), str(path), file_revision(path))
@@ -57,8 +77,12 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     server = HTTPServer(make_app(reconciler, config.token, http), idle_connection_timeout=3600)
     server.listen(port, config.host)
     log.info("master listening on %s:%d", config.host, port)
+    if discovery is not None:
+        await discovery.start(on_change=reconciler.wake)
+    else:
+        log.info("discovery is off: agents are found only through nodes[].address")
     task = asyncio.create_task(reconciler.run())
-    return RunningMaster(reconciler, server, port, task)
+    return RunningMaster(reconciler, server, port, task, discovery)
 
 
 async def serve_until_signalled(*stoppables) -> None:
