@@ -440,3 +440,12 @@ def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
         "--parent-pid": "4242",
     }
     assert "MLX_RANK" not in rank_environment("secret-token", replace(launch, hostfile=()), None)
+
+
+def test_hugging_face_credentials_stay_with_the_agent(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret")
+    launch = RankLaunch("small", "/models/small", 0, 1, 8100, "spec")
+    env = rank_environment("secret-token", launch, None)
+    assert "HF_TOKEN" not in env and "HUGGING_FACE_HUB_TOKEN" not in env
+    assert env["GENMLX_API_TOKEN"] == "secret-token"

@@ -95,8 +95,10 @@ def dispatcher_command(
 
 
 def rank_environment(token: str, launch: RankLaunch, hostfile: Path | None) -> dict[str, str]:
-    """The agent's environment plus the token and, for a multi-rank group, MLX's ring settings."""
-    env = {key: value for key, value in os.environ.items() if key not in ("MLX_RANK", "MLX_HOSTFILE")}
+    """The agent's environment plus the token and, for a multi-rank group, MLX's ring settings.
+    Hugging Face credentials stay with the agent: a rank loads local files only."""
+    dropped = ("MLX_RANK", "MLX_HOSTFILE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    env = {key: value for key, value in os.environ.items() if key not in dropped}
     env.update(GENMLX_API_TOKEN=token, PYTHONUNBUFFERED="1")
     if hostfile is not None:
         env.update(MLX_RANK=str(launch.rank), MLX_HOSTFILE=str(hostfile))
