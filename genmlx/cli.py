@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="master URL (default: from the manifest, or $GENMLX_MASTER)")
     p.set_defaults(run=cmd_apply)
 
+    p = sub.add_parser("diff", help="show what the master would do for a manifest (exit 1 if anything)")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("--master", help="master URL (default: from the manifest, or $GENMLX_MASTER)")
+    p.set_defaults(run=cmd_diff)
+
     p = sub.add_parser("status", help="print the cluster's status from the running master")
     p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
     p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
@@ -124,12 +129,37 @@ def cmd_apply(args: argparse.Namespace) -> int:
     state = "configured" if result["changed"] else "unchanged"
     at = f", {revision}" if revision else ""
     print(f"cluster {manifest.name} {state} (generation {result['generation']}{at})")
+    print_plan(result)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """kubectl's convention: 0 when nothing would change, 1 when something would, 2 on error."""
+    from genmlx.manifest import load_manifest
+    from genmlx.master_client import apply_manifest, master_url
+
+    try:
+        manifest = load_manifest(args.file)
+    except ManifestError as e:
+        print(e, file=sys.stderr)
+        return 2
+    url = master_url(args.master, manifest)
+    result = apply_manifest(
+        url, manifest_token(manifest), args.file, args.file.read_text(), None, dry_run=True
+    )
+    if result["changed"] and result.get("plan") == []:
+        print(f"~ manifest {manifest.name}: changes nothing the cluster runs")
+    print_plan(result)
+    return 1 if result["changed"] or result.get("plan") else 0
+
+
+def print_plan(result: dict) -> None:
     plan = result.get("plan")
     for line in plan or []:
         print(f"  {line}")
     if plan == []:
         print("  nothing to do: the cluster matches the manifest")
-    return 0
+    print(result.get("summary", ""))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -61,8 +61,11 @@ def parse_error(body: bytes) -> dict[str, Any]:
         return {"message": body.decode(errors="replace")[:500]}
 
 
-def apply_manifest(url: str, token: str, path: Path, text: str, revision: dict | None) -> dict[str, Any]:
-    body = {"manifest": text, "filename": str(path), "revision": revision}
+def apply_manifest(
+    url: str, token: str, path: Path, text: str, revision: dict | None, dry_run: bool = False
+) -> dict[str, Any]:
+    """Send a manifest to the master; with ``dry_run`` it only answers what it would do."""
+    body = {"manifest": text, "filename": str(path), "revision": revision, "dryRun": dry_run}
     return call_master(url, token, "POST", "/api/v1/manifest", body)
 
 

@@ -261,13 +261,29 @@ def test_the_master_itself_refuses_an_invalid_manifest_with_every_issue(cluster)
     assert cluster.status()["generation"] == 1
 
 
+def test_diff_previews_without_applying_with_kubectl_exit_codes(cluster):
+    same = cluster.cli("diff", "-f", str(cluster.manifest))
+    assert same.returncode == 0, same.stderr
+    assert "nothing to do" in same.stdout and "0 to create, 0 to change, 0 to remove" in same.stdout
+    changed = cluster.root / "changed.yaml"
+    changed.write_text(cluster.manifest_text(max_batch=2))
+    would = cluster.cli("diff", "-f", str(changed))
+    assert would.returncode == 1, would.stderr
+    assert "~ restart demo: its spec changed" in would.stdout
+    assert cluster.status()["generation"] == 1  # a preview applies nothing
+    broken = cluster.root / "broken-diff.yaml"
+    broken.write_text(cluster.manifest_text().replace("kind:", "knd:"))
+    assert cluster.cli("diff", "-f", str(broken)).returncode == 2
+
+
 def test_a_changed_serving_option_restarts_the_rank_group(cluster):
     pid = rank0(cluster.wait_ready())["pid"]
     cluster.manifest.write_text(cluster.manifest_text(max_batch=4))
     done = cluster.cli("apply", "-f", str(cluster.manifest))
     assert done.returncode == 0, done.stderr
     assert "configured (generation 2" in done.stdout
-    assert "- stop demo" in done.stdout and "+ start demo" in done.stdout
+    assert "~ restart demo: its spec changed" in done.stdout
+    assert "0 to create, 1 to change, 0 to remove" in done.stdout
     wait_until(
         lambda: (d := cluster.ready_status()) and d["observedGeneration"] == 2 and rank0(d)["pid"] != pid,
         60,

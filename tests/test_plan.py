@@ -172,3 +172,20 @@ def test_an_incomplete_local_model_is_named():
 def test_a_changed_serving_option_changes_the_spec_hash_and_a_same_spec_does_not():
     assert group(M).spec_hash == group(model("m")).spec_hash
     assert group(M).spec_hash != group(model("m", max_batch=2)).spec_hash
+
+
+def test_the_plan_reads_as_a_diff_with_a_closing_summary():
+    from genmlx.reconciler.actions import describe_plan, plan_summary
+
+    changed = model("m", max_batch=4)
+    actions = plan(
+        manifest(changed, model("n")),
+        observed(node(stored=("m", "n"), ranks=[running(M), running(model("gone"), port=8109)]), ready=["m"]),
+    )
+    lines = describe_plan(actions)
+    assert lines == [
+        "~ restart m: its spec changed",
+        "+ start n (rank 0 on a:8101)",
+        "- stop gone (rank 0 on a): no longer in the manifest",
+    ]
+    assert plan_summary(lines) == "1 to create, 1 to change, 1 to remove"

@@ -49,3 +49,24 @@ class FetchModel:
 
 
 Action = StartRankGroup | StopRankGroup | FetchModel
+
+
+def describe_plan(actions: list[Action]) -> list[str]:
+    """One line per change, as `genmlx apply` and `genmlx diff` print it: ``+`` create, ``~``
+    change (a group stopped and started again), ``-`` remove."""
+    restarted = {a.model for a in actions if isinstance(a, StartRankGroup)} & {
+        a.model for a in actions if isinstance(a, StopRankGroup)
+    }
+    lines = []
+    for action in actions:
+        if isinstance(action, StopRankGroup) and action.model in restarted:
+            lines.append(f"~ restart {action.model}: {action.reason}")
+        elif not (isinstance(action, StartRankGroup) and action.model in restarted):
+            lines.append(action.describe())
+    return lines
+
+
+def plan_summary(lines: list[str]) -> str:
+    """The closing line: how many creations, changes and removals."""
+    counts = {sign: sum(line.startswith(sign) for line in lines) for sign in "+~-"}
+    return f"{counts['+']} to create, {counts['~']} to change, {counts['-']} to remove"

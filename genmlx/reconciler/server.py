@@ -15,6 +15,9 @@ from genmlx.api_errors import InvalidManifest, InvalidRequest, UnknownRoute
 from genmlx.errors import ManifestError
 from genmlx.gitrev import Revision
 from genmlx.httpapi import JsonHandler
+from genmlx.manifest import load_manifest_text
+from genmlx.manifest.types import Manifest
+from genmlx.reconciler.actions import describe_plan, plan_summary
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.proxy import ModelsHandler, ProxyHandler
 from genmlx.reconciler.report import status_document
@@ -37,8 +40,9 @@ class StatusHandler(JsonHandler):
 
 
 class ManifestHandler(JsonHandler):
-    """``POST`` applies a manifest: ``{"manifest": YAML, "filename", "revision"}``. Answers the
-    new generation, whether anything changed, and the actions the master will now take."""
+    """``POST`` applies a manifest: ``{"manifest": YAML, "filename", "revision", "dryRun"}``.
+    Answers the generation, whether the manifest changed, and the plan: what the master will now
+    do, or with ``dryRun`` what it would do (nothing is applied then)."""
 
     reconciler: Reconciler
 
@@ -56,27 +60,30 @@ class ManifestHandler(JsonHandler):
         if not isinstance(text, str):
             raise InvalidRequest("'manifest' must be the manifest's YAML text.", param="manifest")
         try:
+            if body.get("dryRun"):
+                return await self.dry_run(load_manifest_text(text, filename))
             outcome = self.reconciler.apply(text, filename, Revision.from_json(body.get("revision")))
         except ManifestError as e:
             issues = [str(i) for i in e.issues]
             raise InvalidManifest("The manifest is invalid; nothing was applied.", issues=issues) from None
-        self.write_json(
-            200,
-            {
-                "generation": outcome.applied.generation,
-                "changed": outcome.changed,
-                "plan": await self.preview(outcome),
-            },
-        )
+        document = {"generation": outcome.applied.generation, "changed": outcome.changed}
+        self.write_json(200, {**document, **await self.preview(outcome.applied.manifest)})
 
-    async def preview(self, outcome: Any) -> list[str] | None:
+    async def dry_run(self, manifest: Manifest) -> None:
+        applied = self.reconciler.applied
+        document = {
+            "generation": applied.generation if applied else 0,
+            "changed": applied is None or applied.manifest != manifest,
+        }
+        self.write_json(200, {**document, **await self.preview(manifest)})
+
+    async def preview(self, manifest: Manifest) -> dict[str, Any]:
         try:
-            actions = await asyncio.wait_for(
-                self.reconciler.preview(outcome.applied.manifest), PREVIEW_TIMEOUT_S
-            )
+            actions = await asyncio.wait_for(self.reconciler.preview(manifest), PREVIEW_TIMEOUT_S)
         except TimeoutError:
-            return None
-        return [a.describe() for a in actions]
+            return {"plan": None, "summary": "the cluster did not answer in time to preview the plan"}
+        lines = describe_plan(actions)
+        return {"plan": lines, "summary": plan_summary(lines)}
 
 
 def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) -> Application:
