@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class UsageError(GenMLXError):
+    """A command line that asks for something impossible."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genmlx", description="Declarative MLX serving for a desk full of Macs."
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("master", help="run the master (reconcile loop, status API, OpenAI router)")
     p.add_argument("-f", "--file", type=Path, help="manifest to apply at start (default: the last applied)")
+    p.add_argument("--watch", action="store_true", help="re-apply the manifest file whenever it changes")
     p.add_argument("--port", type=int, help="listen port (default: spec.master.port, 6789)")
     p.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
     p.add_argument("--no-discovery", action="store_true", help="find agents only by nodes[].address")
@@ -180,10 +185,19 @@ def cmd_master(args: argparse.Namespace) -> int:
     from genmlx.manifest import load_manifest
     from genmlx.reconciler.run import MasterConfig, run_master
 
+    if args.watch and args.file is None:
+        raise UsageError("--watch needs -f FILE: the manifest file to watch")
     token = manifest_token(load_manifest(args.file)) if args.file else ensured_token()
-    state_dir = genmlx_home() / "master"
-    discovery = not args.no_discovery
-    run_master(MasterConfig(token, state_dir, args.file, port=args.port, host=args.host, discovery=discovery))
+    config = MasterConfig(
+        token,
+        genmlx_home() / "master",
+        args.file,
+        port=args.port,
+        host=args.host,
+        discovery=not args.no_discovery,
+        watch=args.watch,
+    )
+    run_master(config)
     return 0
 
 

@@ -26,7 +26,7 @@ MODEL = "demo"
 class Cluster:
     """A master and an agent as separate processes, sharing a GENMLX_HOME and a token."""
 
-    def __init__(self, root: Path, model_dir: Path):
+    def __init__(self, root: Path, model_dir: Path, master_flags: tuple[str, ...] = ()):
         self.root = root
         self.home = root / "home"
         self.storage = root / "storage"
@@ -36,6 +36,7 @@ class Cluster:
         self.master_port, self.agent_port = free_port(), free_port()
         self.manifest = root / "cluster.yaml"
         self.manifest.write_text(self.manifest_text())
+        self.master_flags = master_flags
         self.procs: list[Proc] = []
         self.agent = self.start(
             "agent",
@@ -76,7 +77,7 @@ spec:
         return proc
 
     def start_master(self) -> Proc:
-        return self.start("master", "-f", str(self.manifest), "--host", "127.0.0.1")
+        return self.start("master", "-f", str(self.manifest), "--host", "127.0.0.1", *self.master_flags)
 
     @property
     def url(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from tornado.httpclient import AsyncHTTPClient
 
+from genmlx.errors import ManifestError
 from genmlx.gitrev import Revision
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
@@ -55,6 +56,16 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class RejectedManifest:
+    """The newest manifest that failed validation; the last good one keeps serving meanwhile."""
+
+    filename: str
+    revision: Revision | None
+    issues: tuple[str, ...]
+    at: float  # unix time
+
+
+@dataclass(frozen=True)
 class ApplyOutcome:
     applied: AppliedManifest
     changed: bool
@@ -84,10 +95,17 @@ class Reconciler:
         self._stopping = False
         self.applied: AppliedManifest | None = store.load()
         self.snapshot: Snapshot | None = None
+        self.rejected: RejectedManifest | None = None
 
     def apply(self, text: str, filename: str, revision: Revision | None) -> ApplyOutcome:
-        """Validate and adopt a manifest (raises ``ManifestError``, changing nothing, when invalid)."""
-        manifest = load_manifest_text(text, filename)
+        """Validate and adopt a manifest. An invalid one raises ``ManifestError`` and changes
+        nothing but the record of the rejection, which status shows until a valid one comes."""
+        try:
+            manifest = load_manifest_text(text, filename)
+        except ManifestError as e:
+            self.rejected = RejectedManifest(filename, revision, tuple(str(i) for i in e.issues), time.time())
+            raise
+        self.rejected = None
         current = self.applied
         changed = current is None or current.manifest != manifest
         generation = (current.generation if current else 0) + (1 if changed else 0)

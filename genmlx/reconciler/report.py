@@ -6,12 +6,38 @@ from typing import Any
 
 from genmlx.manifest.types import ModelSpec
 from genmlx.reconciler.applied import AppliedManifest
-from genmlx.reconciler.loop import Snapshot
+from genmlx.reconciler.loop import RejectedManifest, Snapshot
 from genmlx.reconciler.presence import find_copy
 from genmlx.reconciler.status import iso_time
 
 
-def status_document(applied: AppliedManifest | None, snapshot: Snapshot | None) -> dict[str, Any]:
+def status_document(
+    applied: AppliedManifest | None, snapshot: Snapshot | None, rejected: RejectedManifest | None = None
+) -> dict[str, Any]:
+    document = base_document(applied, snapshot)
+    if rejected is not None:
+        document["lastAttemptedRevision"] = rejected.revision.to_json() if rejected.revision else None
+        document["conditions"].append(rejected_condition(applied, rejected))
+    else:
+        document["lastAttemptedRevision"] = document.get("lastAppliedRevision")
+    return document
+
+
+def rejected_condition(applied: AppliedManifest | None, rejected: RejectedManifest) -> dict[str, Any]:
+    """Stalled: the newest manifest is invalid, and what keeps serving meanwhile."""
+    count = len(rejected.issues)
+    keeps = f"generation {applied.generation} keeps serving" if applied else "nothing was ever applied"
+    return {
+        "type": "Stalled",
+        "status": "True",
+        "reason": "InvalidManifest",
+        "message": f"{rejected.filename}: {count} error(s), first: {rejected.issues[0]}; {keeps}",
+        "lastTransitionTime": iso_time(rejected.at),
+        "issues": list(rejected.issues),
+    }
+
+
+def base_document(applied: AppliedManifest | None, snapshot: Snapshot | None) -> dict[str, Any]:
     if applied is None:
         return {
             "generation": 0,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
@@ -19,6 +19,7 @@ from genmlx.reconciler.applied import AppliedStore
 from genmlx.reconciler.discovery import AgentDiscovery
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.server import make_app
+from genmlx.reconciler.watch import watch_manifest
 
 log = logging.getLogger("genmlx.master")
 
@@ -29,6 +30,7 @@ class MasterConfig:
     state_dir: Path
     manifest_file: Path | None = None  # applied at start; None: the last applied one
     port: int | None = None  # None: the manifest's spec.master.port
+    watch: bool = False  # re-apply manifest_file whenever it changes
     host: str = "0.0.0.0"
     # Converged, a pass every few seconds is what notices a killed agent (no goodbye is sent):
     # resync + a refused or timed-out connect (3 s) stays within the 10 s the issue allows.
@@ -46,11 +48,16 @@ class RunningMaster:
     port: int
     task: asyncio.Task
     discovery: AgentDiscovery | None = None
+    watcher: asyncio.Task | None = None
+    stop_watching: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self) -> None:
+        self.stop_watching.set()
         self.reconciler.stop()
         self.server.stop()
         await asyncio.wait_for(self.task, 60)
+        if self.watcher is not None:
+            await asyncio.wait_for(self.watcher, 10)
         if self.discovery is not None:
             await self.discovery.stop()
 
@@ -81,8 +88,11 @@ async def start_master(config: MasterConfig) -> RunningMaster:
         await discovery.start(on_change=reconciler.wake)
     else:
         log.info("discovery is off: agents are found only through nodes[].address")
-    task = asyncio.create_task(reconciler.run())
-    return RunningMaster(reconciler, server, port, task, discovery)
+    running = RunningMaster(reconciler, server, port, asyncio.create_task(reconciler.run()), discovery)
+    if config.watch and config.manifest_file is not None:
+        watching = watch_manifest(config.manifest_file, reconciler, running.stop_watching)
+        running.watcher = asyncio.create_task(watching)
+    return running
 
 
 async def serve_until_signalled(*stoppables) -> None:

@@ -36,7 +36,8 @@ class StatusHandler(JsonHandler):
     reconciler: Reconciler
 
     def get(self) -> None:
-        self.write_json(200, status_document(self.reconciler.applied, self.reconciler.snapshot))
+        reconciler = self.reconciler
+        self.write_json(200, status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected))
 
 
 class ManifestHandler(JsonHandler):
