@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
     p.set_defaults(run=cmd_status)
 
+    p = sub.add_parser("get", help="list nodes or models with their Ready condition")
+    p.add_argument("what", choices=("nodes", "models"))
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
+    p.set_defaults(run=cmd_get)
+
+    p = sub.add_parser("describe", help="everything about one node or model, with its recent events")
+    p.add_argument("what", choices=("node", "model"))
+    p.add_argument("name")
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
+    p.set_defaults(run=cmd_describe)
+
     p = sub.add_parser("master", help="run the master (reconcile loop, status API, OpenAI router)")
     p.add_argument("-f", "--file", type=Path, help="manifest to apply at start (default: the last applied)")
     p.add_argument("--watch", action="store_true", help="re-apply the manifest file whenever it changes")
@@ -171,13 +184,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     from genmlx.master_client import call_master, format_status, master_url
 
     document = call_master(master_url(args.master), read_token(), "GET", "/api/v1/status")
-    if args.output == "json":
+    print_document(document, args.output, lambda: format_status(document))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from genmlx.master_client import call_master, format_items, master_url
+
+    items = call_master(master_url(args.master), read_token(), "GET", "/api/v1/status")[args.what]
+    print_document(items, args.output, lambda: format_items(args.what, items))
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from genmlx.master_client import MasterError, call_master, format_described, master_url
+
+    url, token = master_url(args.master), read_token()
+    items = call_master(url, token, "GET", "/api/v1/status")[f"{args.what}s"]
+    item = next((i for i in items if i["name"] == args.name), None)
+    if item is None:
+        raise MasterError(f"no {args.what} named {args.name!r} in the applied manifest")
+    query = urlencode({"kind": args.what.capitalize(), "name": args.name, "limit": 20})
+    events = call_master(url, token, "GET", f"/api/v1/events?{query}")["events"]
+    described = {**item, "events": events}
+    print_document(described, args.output, lambda: format_described(args.what, described))
+    return 0
+
+
+def print_document(document, output: str, as_text) -> None:
+    if output == "json":
         print(json.dumps(document, indent=2))
-    elif args.output == "yaml":
+    elif output == "yaml":
         print(yaml.safe_dump(document, sort_keys=False), end="")
     else:
-        print(format_status(document))
-    return 0
+        print(as_text())
 
 
 def cmd_master(args: argparse.Namespace) -> int:

@@ -96,6 +96,36 @@ def format_status(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_items(what: str, items: list[dict[str, Any]]) -> str:
+    """`genmlx get nodes|models`: one row each."""
+    where = "address" if what == "nodes" else "endpoint"
+    rows = [(i["name"], *condition_cells(i, i.get(where))) for i in items]
+    return "\n".join(table((what[:-1].upper(), "READY", "REASON", where.upper(), "MESSAGE"), rows))
+
+
+def format_described(what: str, item: dict[str, Any]) -> str:
+    """`genmlx describe node|model NAME`: its fields, conditions and recent events."""
+    skip = {"name", "conditions", "events", "facts", "storage", "ranks", "copies", "transfers"}
+    lines = [f"{what.capitalize()}: {item['name']}"]
+    lines += [
+        f"  {key}: {value}" for key, value in item.items() if key not in skip and value not in (None, [])
+    ]
+    lines += ["Conditions:"] + [
+        f"  {c['type']}={c['status']} {c['reason']}: {c['message']} (since {c['lastTransitionTime']})"
+        for c in item["conditions"]
+    ]
+    for key in ("ranks", "copies", "transfers"):
+        for entry in item.get(key) or []:
+            lines.append(f"  {key[:-1]}: {json.dumps(entry)}")
+    lines.append("Events:")
+    for e in item["events"] or []:
+        times = f" (x{e['count']}, last {e['lastTimestamp']})" if e["count"] > 1 else ""
+        lines.append(f"  {e['firstTimestamp']} {e['type']} {e['reason']}: {e['message']}{times}")
+    if not item["events"]:
+        lines.append("  none")
+    return "\n".join(lines)
+
+
 def condition_cells(item: dict[str, Any], where: str | None) -> tuple[str, str, str, str]:
     ready = item["conditions"][0]
     return ready["status"], ready["reason"], where or "-", ready["message"]

@@ -226,6 +226,44 @@ def test_status_command_prints_the_cluster(cluster):
     assert json.loads(as_json.stdout)["models"][0]["name"] == MODEL
 
 
+def test_events_and_the_live_stream_tell_what_happened(cluster):
+    cluster.wait_ready()
+    request = urllib.request.Request(
+        f"{cluster.url}/api/v1/events?kind=Model&name={MODEL}",
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        events = json.loads(response.read())["events"]
+    reasons = [e["reason"] for e in events]
+    assert "Serving" in reasons and "StartRankGroup" in reasons
+    assert reasons.index("Serving") < reasons.index("StartRankGroup")  # newest first
+
+    stream = urllib.request.Request(f"{cluster.url}/api/v1/stream", headers=request.headers)
+    with urllib.request.urlopen(stream, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        first = [response.readline().decode() for _ in range(2)]
+        assert first[0] == "event: status\n"
+        assert json.loads(first[1].removeprefix("data: "))["models"][0]["name"] == MODEL
+        following = [response.readline().decode() for _ in range(3)]  # the next pass's status
+        assert following[1] == "event: status\n"
+    assert http_status(f"{cluster.url}/api/v1/stream") == 401
+
+
+def test_get_and_describe(cluster):
+    listed = cluster.cli("get", "models", "--master", cluster.url)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0].split()[:3] == ["MODEL", "READY", "REASON"]
+    assert listed.stdout.splitlines()[1].split()[:3] == [MODEL, "True", "Serving"]
+    nodes = json.loads(cluster.cli("get", "nodes", "--master", cluster.url, "-o", "json").stdout)
+    assert [n["name"] for n in nodes] == ["local"]
+    described = cluster.cli("describe", "model", MODEL, "--master", cluster.url)
+    assert described.returncode == 0, described.stderr
+    assert "Conditions:\n  Ready=True Serving" in described.stdout
+    assert "Events:" in described.stdout and "StartRankGroup" in described.stdout
+    missing = cluster.cli("describe", "model", "nope", "--master", cluster.url)
+    assert missing.returncode == 2 and "no model named 'nope'" in missing.stderr
+
+
 def test_applying_the_same_manifest_twice_plans_nothing(cluster):
     pid = rank0(cluster.wait_ready())["pid"]
     done = cluster.cli("apply", "-f", str(cluster.manifest))

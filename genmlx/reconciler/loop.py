@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from tornado.httpclient import AsyncHTTPClient
@@ -19,10 +20,11 @@ from genmlx.errors import ManifestError
 from genmlx.gitrev import Revision
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
-from genmlx.reconciler.actions import Action, StartRankGroup
+from genmlx.reconciler.actions import Action, FetchModel, StartRankGroup
 from genmlx.reconciler.agent_client import AgentClient
 from genmlx.reconciler.applied import AppliedManifest, AppliedStore
 from genmlx.reconciler.discovery import AgentDiscovery, DiscoveredAgent
+from genmlx.reconciler.events import EventLog
 from genmlx.reconciler.execute import ActionResult, execute
 from genmlx.reconciler.observe import agent_address, observe
 from genmlx.reconciler.observed import Observed, RolloutRecord
@@ -81,6 +83,7 @@ class Reconciler:
         busy_resync_s: float = 1.0,
         discovery: AgentDiscovery | None = None,
         local_agents: dict[str, str] | None = None,
+        events: EventLog | None = None,
     ):
         self._token = token
         self._store = store
@@ -89,6 +92,8 @@ class Reconciler:
         self._busy_resync_s = busy_resync_s
         self._discovery = discovery
         self._local_agents = local_agents or {}
+        self.events = events
+        self._pass_listeners: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
@@ -149,15 +154,56 @@ class Reconciler:
         observed = await self._observe(applied.manifest)
         assessments = assess_models(applied.manifest, observed)
         actions = actions_for(applied.manifest, observed, assessments)
+        previous = self.snapshot
         snapshot = self._conclude(applied, observed, assessments, actions)
         self.snapshot = snapshot
+        self._record_transitions(previous, snapshot, applied.manifest.name)
         results = await execute(actions, self._clients_for(applied.manifest)) if actions else []
         self._remember_rollouts(snapshot, results, observed.now)
+        self._record_results(results)
         errors = tuple(f"{r.action.describe()}: {r.error}" for r in results if not r.ok)
         self.snapshot = replace(
             snapshot, results=tuple(results), errors=errors, duration_s=time.monotonic() - started
         )
+        for listener in list(self._pass_listeners):
+            listener()
         return self.snapshot
+
+    def on_pass(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after every pass (the status stream); returns the unsubscribe."""
+        self._pass_listeners.append(listener)
+        return lambda: self._pass_listeners.remove(listener)
+
+    def _record_transitions(self, previous: Snapshot | None, snapshot: Snapshot, cluster: str) -> None:
+        """An event for every Ready condition whose status or reason changed since the last pass
+        (a message that only moves on, like download progress, is no event)."""
+        if self.events is None:
+            return
+        pairs = [("Cluster", cluster, previous.cluster if previous else None, snapshot.cluster)]
+        pairs += [
+            ("Node", n, previous.nodes.get(n) if previous else None, c) for n, c in snapshot.nodes.items()
+        ]
+        pairs += [
+            ("Model", m, previous.models.get(m) if previous else None, c) for m, c in snapshot.models.items()
+        ]
+        for kind, name, old, new in pairs:
+            if old is None or (old.status, old.reason) != (new.status, new.reason):
+                self.events.record(
+                    kind, name, "Normal" if new.status == "True" else "Warning", new.reason, new.message
+                )
+
+    def _record_results(self, results: list[ActionResult]) -> None:
+        if self.events is None:
+            return
+        for result in results:
+            action = result.action
+            name = action.request.model if isinstance(action, FetchModel) else action.model
+            if result.ok:
+                self.events.record("Model", name, "Normal", type(action).__name__, action.describe())
+            else:
+                self.events.record(
+                    "Model", name, "Warning", "ActionFailed", f"{action.describe()}: {result.error}"
+                )
 
     async def _observe(self, manifest: Manifest) -> Observed:
         clients = self._clients_for(manifest)

@@ -17,6 +17,7 @@ from genmlx.manifest.types import DEFAULT_MASTER_PORT
 from genmlx.mdns import discovery_enabled
 from genmlx.reconciler.applied import AppliedStore
 from genmlx.reconciler.discovery import AgentDiscovery
+from genmlx.reconciler.events import EventLog
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.server import make_app
 from genmlx.reconciler.watch import watch_manifest
@@ -75,6 +76,7 @@ async def start_master(config: MasterConfig) -> RunningMaster:
         resync_s=config.resync_s,
         discovery=discovery,
         local_agents=dict(config.local_agents),
+        events=EventLog(config.state_dir / "events.sqlite"),
     )
     if config.manifest_file is not None:
         path = config.manifest_file

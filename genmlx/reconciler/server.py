@@ -20,7 +20,7 @@ from genmlx.manifest.types import Manifest
 from genmlx.reconciler.actions import describe_plan, plan_summary
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.proxy import ModelsHandler, ProxyHandler
-from genmlx.reconciler.report import status_document
+from genmlx.reconciler.stream import EventsHandler, StreamHandler, current_status
 
 PREVIEW_TIMEOUT_S = 10.0
 
@@ -36,8 +36,7 @@ class StatusHandler(JsonHandler):
     reconciler: Reconciler
 
     def get(self) -> None:
-        reconciler = self.reconciler
-        self.write_json(200, status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected))
+        self.write_json(200, current_status(self.reconciler))
 
 
 class ManifestHandler(JsonHandler):
@@ -94,6 +93,8 @@ def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) ->
             (r"/healthz", HealthzHandler),
             (r"/api/v1/status", StatusHandler, deps),
             (r"/api/v1/manifest", ManifestHandler, deps),
+            (r"/api/v1/events", EventsHandler, deps),
+            (r"/api/v1/stream", StreamHandler, deps),
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
             (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
         ]
