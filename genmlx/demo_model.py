@@ -4,6 +4,9 @@ The architecture, the safetensors layout and the tokenizer are real (a byte-leve
 on a few built-in paragraphs, with llama-3 special tokens and chat template), so every code path that
 loads, tokenizes and generates runs for real. The weights are random: what the model writes is noise.
 
+A second kind, the scripted model (``write_scripted_model``, built in ``genmlx.scripted_model``), has
+weights set so that it writes one given text: tool calls and thinking blocks, end to end.
+
 The directory is written beside its destination and renamed into place, so a half-written demo model
 never exists at the destination; the marker file ``genmlx-demo.json`` (written last) lists every file
 with its sha256, which is how an existing directory is recognised as a complete demo model.
@@ -16,6 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from genmlx.errors import PermanentError
@@ -33,15 +38,34 @@ END_HEADER = "<|end_header_id|>"
 END_OF_TURN = "<|eot_id|>"
 SPECIAL_TOKENS = (BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, END_OF_TURN)
 
-# Llama-3 layout; string content or a list of {"type": "text"} parts.
+# Llama-3 layout; string content or a list of {"type": "text"} parts. Tools are offered Hermes-style
+# (a <tools> list in a system turn, calls written as <tool_call>{json}</tool_call>), which mlx-lm's
+# "json_tools" parser reads.
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
+    "{%- if tools %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'You may call functions. Their signatures:\\n<tools>\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    '{{- \'</tools>\\nCall one as <tool_call>{"name": <name>, "arguments": <arguments object>}</tool_call>'
+    "<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- elif message['content'] is none %}{%- set text = '' %}"
     "{%- else %}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
     " | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- set ns = namespace(calls='') %}"
+    "{%- for tool_call in message.get('tool_calls') or [] %}"
+    "{%- set call = tool_call.function if tool_call.function is defined else tool_call %}"
+    "{%- set arguments = call.arguments if call.arguments is string else call.arguments | tojson %}"
+    '{%- set ns.calls = ns.calls + \'<tool_call>{"name": "\' + call.name + \'", "arguments": \''
+    " + arguments + '}</tool_call>' %}"
+    "{%- endfor %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- set text = '<tool_response>' + text + '</tool_response>' %}{%- endif %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + text | trim"
-    " + '<|eot_id|>' }}"
+    " + ns.calls + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{%- endif %}"
@@ -90,19 +114,35 @@ def write_demo_model(path: Path, *, seed: int = 0) -> Path:
     An existing complete demo model at ``path`` is returned as is; any other non-empty directory or
     file there raises ``PermanentError`` rather than being overwritten.
     """
-    path = Path(path)
+    write_files = partial(_write_model_files, seed=seed)
+    return write_model_atomically(Path(path), write_files, expected={"weights": "random"})
+
+
+def write_scripted_model(path: Path, text: str, *, seed: int = 0) -> Path:
+    """Write a demo model that, at temperature 0, answers any prompt with ``text`` (see
+    ``genmlx.scripted_model`` for how, and for which texts it can write)."""
+    from genmlx.scripted_model import write_scripted_model_files
+
+    write_files = partial(write_scripted_model_files, text=text, seed=seed)
+    return write_model_atomically(Path(path), write_files, expected={"weights": "scripted", "text": text})
+
+
+def write_model_atomically(path: Path, write_files: Callable[[Path], None], expected: dict[str, str]) -> Path:
+    """Write a model with ``write_files`` into a staging directory beside ``path``, then rename it
+    into place. An existing complete demo model there whose marker has the ``expected`` values is
+    kept as is; anything else there raises ``PermanentError``."""
     if _occupied(path):
-        return _existing_demo_model(path)
+        return _existing_demo_model(path, expected)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a model directory is shared like any other
     try:
-        _write_model_files(staging, seed)
+        write_files(staging)
         try:
             os.rename(staging, path)  # replaces an empty directory; fails on a non-empty one
         except OSError:
             # Someone else wrote something there meanwhile; theirs stands if it is a demo model.
-            return _existing_demo_model(path)
+            return _existing_demo_model(path, expected)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -123,42 +163,49 @@ def _occupied(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
-def _existing_demo_model(path: Path) -> Path:
+def _existing_demo_model(path: Path, expected: dict[str, str]) -> Path:
     if is_demo_model(path):
-        return path
+        marker = json.loads((path / MARKER_FILE).read_text())
+        if all(marker.get(key) == value for key, value in expected.items()):
+            return path
+        raise PermanentError(f"{path} holds a different GenMLX demo model: choose a new or empty directory")
     raise PermanentError(
         f"{path} exists and is not a complete GenMLX demo model: choose a new or empty directory"
     )
 
 
 def _write_model_files(directory: Path, seed: int) -> None:
-    tokenizer = _train_tokenizer()
+    tokenizer = train_tokenizer()
     vocab = tokenizer.get_vocab()
     special_ids = {token: vocab[token] for token in SPECIAL_TOKENS}
-    config = _model_config(tokenizer.get_vocab_size(), special_ids)
-    _write_json(directory / "config.json", config)
+    config = model_config(tokenizer.get_vocab_size(), special_ids)
+    write_json(directory / "config.json", config)
     _write_weights(directory / "model.safetensors", config, seed, _quiet_token_ids(tokenizer))
-    (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n")
-    _write_json(directory / "tokenizer_config.json", _tokenizer_config(special_ids))
-    _write_json(directory / "special_tokens_map.json", _special_tokens_map())
+    write_tokenizer_files(directory, tokenizer, tokenizer_config(special_ids))
     (directory / "README.md").write_text(_readme(seed))
-    _write_marker(directory, seed)
+    write_marker(directory, seed)
 
 
-def _train_tokenizer():
-    """A byte-level BPE (GPT-2/llama-3 style) trained on the built-in corpus; deterministic."""
+def write_tokenizer_files(directory: Path, tokenizer, tokenizer_config: dict) -> None:
+    (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n")
+    write_json(directory / "tokenizer_config.json", tokenizer_config)
+    write_json(directory / "special_tokens_map.json", _special_tokens_map())
+
+
+def train_tokenizer(corpus: str = CORPUS, vocab_size: int = VOCAB_SIZE_TARGET):
+    """A byte-level BPE (GPT-2/llama-3 style) trained on ``corpus``; deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE_TARGET,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer)
     bos_id = tokenizer.token_to_id(BEGIN_OF_TEXT)
     # Llama 3 adds BOS through the post-processor, so plain encode() of a prompt starts with it.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -179,7 +226,7 @@ def _quiet_token_ids(tokenizer) -> list[int]:
     return quiet
 
 
-def _model_config(vocab_size: int, special_ids: dict[str, int]) -> dict:
+def model_config(vocab_size: int, special_ids: dict[str, int]) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -218,7 +265,7 @@ def _write_weights(path: Path, config: dict, seed: int, quiet_ids: list[int]) ->
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 
 
-def _tokenizer_config(special_ids: dict[str, int]) -> dict:
+def tokenizer_config(special_ids: dict[str, int]) -> dict:
     added = {
         str(token_id): {
             "content": token,
@@ -236,6 +283,7 @@ def _tokenizer_config(special_ids: dict[str, int]) -> dict:
         "eos_token": END_OF_TURN,
         "added_tokens_decoder": added,
         "chat_template": CHAT_TEMPLATE,
+        "tool_parser_type": "json_tools",
         "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": 2048,
@@ -256,7 +304,7 @@ def _readme(seed: int) -> str:
     )
 
 
-def _write_marker(directory: Path, seed: int) -> None:
+def write_marker(directory: Path, seed: int, **overrides: str) -> None:
     files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
     marker = {
         "kind": "genmlx-demo-model",
@@ -265,11 +313,12 @@ def _write_marker(directory: Path, seed: int) -> None:
         "weights": "random",
         "note": "The weights are random: the output of this model is noise.",
         "files": files,
+        **overrides,
     }
-    _write_json(directory / MARKER_FILE, marker)
+    write_json(directory / MARKER_FILE, marker)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

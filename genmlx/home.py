@@ -50,6 +50,12 @@ def read_token(path: Path | None = None) -> str:
     return token
 
 
+def api_key_matches(header: str | None, token: str) -> bool:
+    """Whether an ``x-api-key`` header (how Anthropic's clients send their key) carries ``token``,
+    compared in constant time."""
+    return header is not None and hmac.compare_digest(header.strip().encode(), token.encode())
+
+
 def bearer_matches(header: str | None, token: str) -> bool:
     """Whether an ``Authorization`` header carries ``token``, compared in constant time."""
     if not header or not header.startswith("Bearer "):

@@ -11,7 +11,7 @@ from tornado.httputil import responses
 from tornado.web import HTTPError, RequestHandler
 
 from genmlx.api_errors import ApiError, InvalidRequest, Unauthorized, error_for_status, internal_error
-from genmlx.home import bearer_matches
+from genmlx.home import api_key_matches, bearer_matches
 
 
 class JsonHandler(RequestHandler):
@@ -31,9 +31,18 @@ class JsonHandler(RequestHandler):
 
     def prepare(self) -> None:
         token = self.bearer_token()
-        authorization = self.request.headers.get("Authorization")
-        if self.requires_token and token is not None and not bearer_matches(authorization, token):
-            raise Unauthorized("Missing or incorrect API key: send 'Authorization: Bearer <cluster token>'.")
+        if self.requires_token and token is not None and not self.carries_token(token):
+            raise Unauthorized(
+                "Missing or incorrect API key: send 'Authorization: Bearer <cluster token>' "
+                "(or 'x-api-key: <cluster token>')."
+            )
+
+    def carries_token(self, token: str) -> bool:
+        """The cluster token as a bearer token (OpenAI clients) or an ``x-api-key`` (Anthropic's)."""
+        headers = self.request.headers
+        return bearer_matches(headers.get("Authorization"), token) or api_key_matches(
+            headers.get("x-api-key"), token
+        )
 
     def json_body(self) -> dict[str, Any]:
         try:

@@ -171,6 +171,8 @@ class RankLaunch:
     max_batch: int = 8
     max_queue: int = 64
     context_length: int | None = None
+    parallelism: str = "tensor"  # how a group of ranks splits the model: "tensor" or "pipeline"
+    layer_split: tuple[int, ...] | None = None  # pipeline only: layers per rank (None: even)
 
     @property
     def key(self) -> str:
@@ -188,6 +190,8 @@ class RankLaunch:
             "maxBatch": self.max_batch,
             "maxQueue": self.max_queue,
             "contextLength": self.context_length,
+            "parallelism": self.parallelism,
+            "layerSplit": list(self.layer_split) if self.layer_split is not None else None,
         }
 
     @classmethod
@@ -203,6 +207,8 @@ class RankLaunch:
             max_batch=d.get("maxBatch", 8),
             max_queue=d.get("maxQueue", 64),
             context_length=d.get("contextLength"),
+            parallelism=d.get("parallelism", "tensor"),
+            layer_split=tuple(d["layerSplit"]) if d.get("layerSplit") is not None else None,
         )
 
 

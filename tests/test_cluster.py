@@ -175,6 +175,18 @@ def test_streamed_chat_completion_through_the_master_matches_the_unstreamed_one(
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_the_anthropic_client_goes_through_the_master_with_its_x_api_key(cluster):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=cluster.url, api_key=cluster.token, max_retries=0, timeout=60)
+    message = client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert message.usage.output_tokens == 4 and message.stop_reason == "max_tokens"
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=cluster.url, api_key="wrong", max_retries=0).messages.create(
+            model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
+
+
 def test_models_are_listed_by_the_master(cluster):
     assert [m.id for m in cluster.client().models.list()] == [MODEL]
     assert cluster.client().models.retrieve(MODEL).id == MODEL

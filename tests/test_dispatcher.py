@@ -158,7 +158,7 @@ def test_multi_rank_and_bad_rank_are_refused_at_start(demo_model_dir: Path) -> N
     base += ["--port", str(free_port())]
     two_ranks = subprocess.run([*base, "--world-size", "2"], capture_output=True, text=True, timeout=60)
     assert two_ranks.returncode == 2
-    assert "multi-rank serving is not implemented yet" in two_ranks.stderr
+    assert "--world-size 2 needs --hostfile" in two_ranks.stderr
     bad_rank = subprocess.run([*base, "--rank", "1"], capture_output=True, text=True, timeout=60)
     assert bad_rank.returncode == 2
     assert "--rank must be in [0, 0]" in bad_rank.stderr

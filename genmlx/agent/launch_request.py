@@ -26,7 +26,10 @@ FIELDS = {
     "maxBatch",
     "maxQueue",
     "contextLength",
+    "parallelism",
+    "layerSplit",
 }
+PARALLELISMS = ("tensor", "pipeline")
 
 
 class InvalidLaunch(AgentRequestError):
@@ -58,6 +61,8 @@ def parse_rank_launch(body: bytes) -> RankLaunch:
         max_batch=int_field(data, "maxBatch", minimum=1, default=8),
         max_queue=int_field(data, "maxQueue", minimum=1, default=64),
         context_length=optional_int_field(data, "contextLength", minimum=1),
+        parallelism=parallelism_field(data),
+        layer_split=layer_split_field(data),
     )
     check_group_shape(launch)
     return launch
@@ -66,6 +71,10 @@ def parse_rank_launch(body: bytes) -> RankLaunch:
 def check_group_shape(launch: RankLaunch) -> None:
     if launch.rank >= launch.world_size:
         raise InvalidLaunch(f"rank: {launch.rank} is not below worldSize {launch.world_size}")
+    if launch.layer_split is not None and len(launch.layer_split) != launch.world_size:
+        raise InvalidLaunch(
+            f"layerSplit: {len(launch.layer_split)} entries for worldSize {launch.world_size}"
+        )
     if launch.hostfile and len(launch.hostfile) != launch.world_size:
         raise InvalidLaunch(
             f"hostfile: {len(launch.hostfile)} entries for worldSize {launch.world_size}; "
@@ -113,4 +122,22 @@ def hostfile_field(data: dict[str, Any]) -> tuple[str, ...]:
     value = data.get("hostfile") or []
     if not isinstance(value, list) or not all(isinstance(v, str) and HOST_PORT.fullmatch(v) for v in value):
         raise InvalidLaunch('hostfile: expected a list of "host:port" strings, one per rank')
+    return tuple(value)
+
+
+def parallelism_field(data: dict[str, Any]) -> str:
+    value = data.get("parallelism", "tensor")
+    if value not in PARALLELISMS:
+        raise InvalidLaunch(f"parallelism: {value!r} must be one of {', '.join(PARALLELISMS)}")
+    return value
+
+
+def layer_split_field(data: dict[str, Any]) -> tuple[int, ...] | None:
+    value = data.get("layerSplit")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value
+    ):
+        raise InvalidLaunch("layerSplit: expected a list of positive layer counts, one per rank")
     return tuple(value)

@@ -90,7 +90,9 @@ def dispatcher_command(
     if launch.context_length is not None:
         command += ["--context-length", str(launch.context_length)]
     if hostfile is not None:
-        command += ["--hostfile", str(hostfile)]
+        command += ["--hostfile", str(hostfile), "--parallelism", launch.parallelism]
+        if launch.layer_split is not None:
+            command += ["--layer-split", ",".join(map(str, launch.layer_split))]
     return [*command, "--parent-pid", str(parent_pid)]
 
 

@@ -6,6 +6,11 @@ waits on them never shares state with this thread beyond the job's cancel flag.
 
 Requests run one after another for now; continuous batching will replace ``_serve`` with a
 scheduler that interleaves ``generate_events``-style steps of several jobs.
+
+In a multi-rank group (``ModelSource.group``) this thread first joins MLX's ring and loads its shard.
+Rank 0 then serves as above, announcing each request and each continue-or-cancel decision to the
+other ranks through ``lockstep``; the other ranks follow rank 0 and discard what they generate. A
+broken group (a peer gone, a failed step) ends the thread and the process with status 1.
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ from tornado.ioloop import IOLoop
 
 from genmlx.api_errors import NotReady, QueueFull
 from genmlx.dispatcher.events import EngineEvent, Failed, Finished, GenerationRequest, Usage
+from genmlx.dispatcher.lockstep import (
+    HEARTBEAT_SECONDS,
+    Heartbeat,
+    LockstepBroken,
+    OutputDigest,
+    RankChannel,
+    Shutdown,
+    follow_leader,
+    join_ring,
+)
+from genmlx.dispatcher.model_loading import Sharding, load_shard, load_whole
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -56,11 +72,23 @@ class Job:
 
 
 @dataclass(frozen=True)
+class RankGroup:
+    """This rank's place in a multi-rank group and how the group splits the model."""
+
+    rank: int
+    world_size: int
+    hostfile: Path
+    sharding: Sharding = Sharding()
+
+
+@dataclass(frozen=True)
 class ModelSource:
-    """Where the engine loads its model from and the context length to serve it with."""
+    """Where the engine loads its model from, the context length to serve it with, and the rank
+    group it shares the model with (None: this rank holds the whole model)."""
 
     model_dir: Path
     context_length: int | None = None
+    group: RankGroup | None = None
 
 
 class Engine:
@@ -74,12 +102,17 @@ class Engine:
         max_queue: int,
         on_loaded: Callable[[LoadedModel], None],
         on_load_failed: Callable[[str], None],
+        on_group_ended: Callable[[int], None] = lambda code: None,
     ):
+        """``on_group_ended(code)`` is called when a multi-rank group ends the model thread by
+        itself: 0 when rank 0 stopped the group, 1 when the group broke."""
         self._source = source
         self._io_loop = io_loop
         self._max_queue = max_queue
         self._on_loaded = on_loaded
         self._on_load_failed = on_load_failed
+        self._on_group_ended = on_group_ended
+        self._channel: RankChannel | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._current: Job | None = None
         self._stopping = False
@@ -124,17 +157,66 @@ class Engine:
             self._io_loop.add_callback(self._on_load_failed, f"{type(e).__name__}: {e}")
             return
         self._io_loop.add_callback(self._publish_loaded, loaded)
-        while (job := self._queue.get()) is not None:
-            self._serve(loaded, job)
+        try:
+            if self._channel is None or self._channel.is_leader:
+                self._lead(loaded)
+            else:
+                follow_leader(
+                    self._channel,
+                    lambda request, cancelled: self._follow(loaded, request, cancelled),
+                    lambda: self._stopping,
+                )
+        except LockstepBroken as e:
+            log.error("%s; this rank stops (ranks cannot rejoin a group)", e)
+            self._cancel_waiting()
+            self._io_loop.add_callback(self._on_group_ended, 1)
+            return
         self._cancel_waiting()
+        if self._channel is not None:
+            self._io_loop.add_callback(self._on_group_ended, 0)
+
+    def _lead(self, loaded: LoadedModel) -> None:
+        """Serve queued jobs until ``stop``; in a group, keep the followers in step meanwhile."""
+        channel = self._channel
+        while True:
+            try:
+                job = self._queue.get(timeout=HEARTBEAT_SECONDS if channel else None)
+            except queue.Empty:
+                channel.send(Heartbeat())
+                continue
+            if job is None:
+                break
+            self._serve(loaded, job)
+        if channel is not None:
+            channel.send(Shutdown())
+
+    def _follow(
+        self, loaded: LoadedModel, request: GenerationRequest, is_cancelled: Callable[[], bool]
+    ) -> None:
+        from genmlx.dispatcher.generation import generate_events
+
+        output = OutputDigest()  # rank 0 answers the client; this rank only checks it kept in step
+        try:
+            for event in generate_events(loaded.model, loaded.tokenizer, request, is_cancelled):
+                output.add(event)
+            self._channel.confirm_same_output(output)
+        except LockstepBroken:
+            raise
+        except Exception as e:  # this rank is now out of step with rank 0
+            log.exception("generation failed for request %s", request.request_id)
+            rank = self._channel.rank if self._channel else 0
+            raise LockstepBroken(f"generation failed on rank {rank} ({type(e).__name__})") from e
 
     def _load(self) -> LoadedModel:
-        from mlx_lm.utils import load, maybe_set_recommended_wired_limit
+        from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-        model_dir = self._source.model_dir
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-        model, tokenizer, config = load(str(model_dir), return_config=True)
+        group = self._source.group
+        if group is None:
+            model, tokenizer, config = load_whole(self._source.model_dir)
+        else:
+            mlx_group = join_ring(group.rank, group.world_size, group.hostfile)
+            self._channel = RankChannel(mlx_group)
+            model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
         context_length = self._source.context_length or config.get("max_position_embeddings")
@@ -150,17 +232,25 @@ class Engine:
         if job.cancelled or self._stopping:  # its client left while it waited: skip the prefill
             return self._skip(job)
         self._current = job
+        request, is_cancelled = job.request, lambda: job.cancelled or self._stopping
+        output = OutputDigest()
         try:
-            events = generate_events(
-                loaded.model, loaded.tokenizer, job.request, lambda: job.cancelled or self._stopping
-            )
-            for event in events:
+            if self._channel is not None:
+                request = self._channel.announce(request)
+                is_cancelled = self._channel.agreeing(is_cancelled)
+            for event in generate_events(loaded.model, loaded.tokenizer, request, is_cancelled):
+                output.add(event)
                 self._io_loop.add_callback(job.deliver, event)
         except Exception as e:  # a failed request must not take the model thread down with it
             log.exception("generation failed for request %s", job.request.request_id)
             self._io_loop.add_callback(job.deliver, Failed(f"generation failed: {type(e).__name__}"))
+            if self._channel is not None:
+                # The other ranks may be anywhere in this request now: the group cannot go on.
+                raise LockstepBroken(f"generation failed on rank 0 ({type(e).__name__})") from e
         finally:
             self._current = None
+        if self._channel is not None:
+            self._channel.confirm_same_output(output)
 
     def _cancel_waiting(self) -> None:
         """Answer the jobs still queued at shutdown so no handler waits forever."""

@@ -19,6 +19,11 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already written
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was written
+    repetition_penalty: float = 1.0  # CTRL's multiplicative penalty, as mlx-lm and vLLM take it
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: Sampling
     stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no log-probabilities; n: the chosen token's and n more
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,21 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives (best first)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """New text for the client; never part of a stop string."""
+    """New text for the client; never part of a stop string. ``logprobs`` covers the tokens generated
+    since the previous delta (only when the request asked for them)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,7 @@ class Finished:
 
     reason: FinishReason
     usage: Usage
+    stop_string: str | None = None  # which of the request's stop strings ended it, if one did
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 
 from genmlx.api_errors import (
+    ApiError,
     NotReady,
     UnknownModel,
     UnknownRoute,
@@ -25,6 +27,7 @@ from genmlx.api_errors import (
 )
 from genmlx.dispatcher.engine import Engine, Job, LoadedModel
 from genmlx.dispatcher.events import EngineEvent, Failed, Finished, GenerationRequest, TextDelta, Usage
+from genmlx.dispatcher.metrics import DispatcherMetrics
 from genmlx.dispatcher.openai_format import (
     ChatCompletionFormat,
     ResponseFormat,
@@ -33,10 +36,10 @@ from genmlx.dispatcher.openai_format import (
     models_list,
 )
 from genmlx.dispatcher.prompts import chat_prompt_tokens, completion_budget, completion_prompt_tokens
+from genmlx.dispatcher.reply_parsing import ReplyParser, prompt_opens_reasoning, reply_markers
 from genmlx.dispatcher.request_parsing import (
     ChatCompletionRequest,
     CompletionRequest,
-    GenerationOptions,
     parse_chat_request,
     parse_completion_request,
 )
@@ -54,18 +57,23 @@ class DispatcherDeps:
     model_id: str
     engine: Engine
     started_at: int
+    metrics: DispatcherMetrics
     api_token: str | None = field(default=None, repr=False)
 
 
 def make_app(deps: DispatcherDeps) -> Application:
     """The tornado application serving ``/health`` and the OpenAI API."""
+    from genmlx.dispatcher import anthropic_api  # it builds on this module's handlers
+
     args = {"deps": deps}
     routes = [
         (r"/health", HealthHandler, args),
+        (r"/metrics", MetricsHandler, args),
         (r"/v1/models", ModelsHandler, args),
         (r"/v1/models/(.+)", ModelHandler, args),
         (r"/v1/chat/completions", ChatCompletionsHandler, args),
         (r"/v1/completions", CompletionsHandler, args),
+        (r"/v1/messages", anthropic_api.MessagesHandler, args),
     ]
     return Application(
         routes, default_handler_class=UnknownRouteHandler, default_handler_args=args, log_function=log_request
@@ -117,6 +125,15 @@ class HealthHandler(ApiHandler):
             self.finish({"status": "ok", "model": self.deps.model_id})
 
 
+class MetricsHandler(ApiHandler):
+    """``GET /metrics``: Prometheus text format; Prometheus scrapes it with the bearer token."""
+
+    def get(self) -> None:
+        body, content_type = self.deps.metrics.exposition()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+
 class ModelsHandler(ApiHandler):
     """``GET /v1/models``."""
 
@@ -145,6 +162,7 @@ class GenerationHandler(ApiHandler):
     """Drives one completion: submit, then answer as one JSON body or as server-sent events."""
 
     prompt_field = "prompt"
+    sse_done: str | None = "[DONE]"  # the data line that ends a stream
 
     def initialize(self, deps: DispatcherDeps) -> None:
         super().initialize(deps)
@@ -154,33 +172,46 @@ class GenerationHandler(ApiHandler):
     def parse(self, body: bytes) -> ChatCompletionRequest | CompletionRequest:
         raise NotImplementedError
 
+    def error_payload(self, error: ApiError) -> dict:
+        """An error as this API writes it into a stream."""
+        return error.to_json()
+
     def prompt_tokens(self, loaded: LoadedModel, parsed: Any) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def response_format(self, options: GenerationOptions) -> ResponseFormat:
+    def response_format(self, loaded: LoadedModel, parsed: Any, prompt: tuple[int, ...]) -> ResponseFormat:
         raise NotImplementedError
 
     async def post(self) -> None:
+        arrived = time.monotonic()
         parsed = self.parse(self.request.body)
         options = parsed.options
+        loaded = self._served_model(options.model)
+        request = self._generation_request(loaded, parsed)
+        response = self.response_format(loaded, parsed, request.prompt_tokens)
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._job = self.deps.engine.submit(self._generation_request(parsed), events.put_nowait)
+        measured = self.deps.metrics.request_arrived(arrived)
+        deliver = measured.observing(events.put_nowait)
+        self._job = self.deps.engine.submit(request, deliver)
+        measured.submitted()
         try:
             if options.stream:
-                await self._stream(events, self.response_format(options), options.include_usage)
+                await self._stream(events, response, options.include_usage)
             else:
-                await self._respond(events, self.response_format(options))
+                await self._respond(events, response)
         finally:
             self._job.cancel()  # a no-op once finished; stops generation if we leave early
+            measured.leave()
 
     def on_connection_close(self) -> None:
         self._client_gone = True
         if self._job is not None:
             self._job.cancel()
 
-    def _generation_request(self, parsed: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    def _generation_request(
+        self, loaded: LoadedModel, parsed: ChatCompletionRequest | CompletionRequest
+    ) -> GenerationRequest:
         options = parsed.options
-        loaded = self._served_model(options.model)
         prompt = self.prompt_tokens(loaded, parsed)
         max_tokens = completion_budget(
             len(prompt), options.max_tokens, loaded.context_length, prompt_field=self.prompt_field
@@ -191,6 +222,7 @@ class GenerationHandler(ApiHandler):
             max_tokens=max_tokens,
             sampling=options.sampling,
             stop=options.stop,
+            top_logprobs=options.top_logprobs,
         )
 
     def _served_model(self, requested: str | None) -> LoadedModel:
@@ -205,15 +237,15 @@ class GenerationHandler(ApiHandler):
         return loaded
 
     async def _respond(self, events: asyncio.Queue[EngineEvent], response: ResponseFormat) -> None:
-        parts: list[str] = []
+        deltas: list[TextDelta] = []
         while not isinstance(event := await events.get(), Finished):
             if isinstance(event, Failed):
                 raise internal_error(event.message)
-            parts.append(event.text)
+            deltas.append(event)
         self._record(event)
         if event.reason == "cancelled":
             return self._end_cancelled()
-        self.finish(response.full("".join(parts), event.reason, event.usage))
+        self.finish(response.full(deltas, event))
 
     async def _stream(
         self, events: asyncio.Queue[EngineEvent], response: ResponseFormat, include_usage: bool
@@ -248,23 +280,31 @@ class GenerationHandler(ApiHandler):
     ) -> None:
         while True:
             match await events.get():
-                case TextDelta(text=text):
-                    await self._send_event(response.stream_text(text))
+                case TextDelta() as delta:
+                    for chunk in response.stream_delta(delta):
+                        await self._send_event(chunk)
                 case Failed(message=message):
-                    await self._send_event(internal_error(message).to_json())
+                    await self._send_event(self.error_payload(internal_error(message)))
                     return
                 case Finished() as finished:
                     self._record(finished)
                     if finished.reason == "cancelled":
                         return self._end_cancelled()
-                    await self._send_event(response.stream_finish(finished.reason))
+                    for chunk in response.stream_finish(finished):
+                        await self._send_event(chunk)
                     if include_usage:
                         await self._send_event(response.stream_usage(finished.usage))
-                    await self._send_data("[DONE]")
+                    if self.sse_done is not None:
+                        await self._send_data(self.sse_done)
                     return
 
     async def _send_event(self, payload: dict) -> None:
-        await self._send_data(json.dumps(payload, ensure_ascii=False))
+        self.write(self.sse_frame(payload))
+        await self.flush()
+
+    def sse_frame(self, payload: dict) -> str:
+        """One server-sent event carrying ``payload`` (Anthropic's API also names the event)."""
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def _send_data(self, data: str) -> None:
         self.write(f"data: {data}\n\n")
@@ -281,7 +321,7 @@ class GenerationHandler(ApiHandler):
             return
         error = NotReady("The server is shutting down.", code="shutting_down")
         if self._headers_written:
-            self.write(f"data: {json.dumps(error.to_json())}\n\n")
+            self.write(self.sse_frame(self.error_payload(error)))
             return
         raise error
 
@@ -295,10 +335,22 @@ class ChatCompletionsHandler(GenerationHandler):
         return parse_chat_request(body)
 
     def prompt_tokens(self, loaded: LoadedModel, parsed: ChatCompletionRequest) -> tuple[int, ...]:
-        return chat_prompt_tokens(loaded.tokenizer, parsed.messages)
+        return chat_prompt_tokens(loaded.tokenizer, parsed.messages, parsed.tools)
 
-    def response_format(self, options: GenerationOptions) -> ResponseFormat:
-        return ChatCompletionFormat(model=self.deps.model_id, include_usage=options.include_usage)
+    def response_format(
+        self, loaded: LoadedModel, parsed: ChatCompletionRequest, prompt: tuple[int, ...]
+    ) -> ResponseFormat:
+        opens_reasoning = prompt_opens_reasoning(loaded.tokenizer, prompt)
+        parser = ReplyParser(
+            reply_markers(loaded.tokenizer, parsed.tools), starts_in_reasoning=opens_reasoning
+        )
+        options = parsed.options
+        return ChatCompletionFormat(
+            self.deps.model_id,
+            parser,
+            include_usage=options.include_usage,
+            logprobs=options.top_logprobs is not None,
+        )
 
 
 class CompletionsHandler(GenerationHandler):
@@ -310,5 +362,10 @@ class CompletionsHandler(GenerationHandler):
     def prompt_tokens(self, loaded: LoadedModel, parsed: CompletionRequest) -> tuple[int, ...]:
         return completion_prompt_tokens(loaded.tokenizer, parsed.prompt)
 
-    def response_format(self, options: GenerationOptions) -> ResponseFormat:
-        return TextCompletionFormat(model=self.deps.model_id, include_usage=options.include_usage)
+    def response_format(
+        self, loaded: LoadedModel, parsed: CompletionRequest, prompt: tuple[int, ...]
+    ) -> ResponseFormat:
+        options = parsed.options
+        return TextCompletionFormat(
+            self.deps.model_id, include_usage=options.include_usage, logprobs=options.top_logprobs is not None
+        )

@@ -1,8 +1,10 @@
 """OpenAI's response bodies and stream chunks for chat and text completions.
 
 Each endpoint has a format with the same five methods, so the handler that drives a request does
-not care which endpoint it serves. Shapes follow OpenAI's API reference field for field; the tests
-parse them with the ``openai`` client's own types.
+not care which endpoint it serves. The chat format splits reasoning and tool calls out of the reply
+(``reply_parsing``); both carry log-probabilities in their endpoint's shape when asked. Shapes
+follow OpenAI's API reference field for field; the tests parse them with the ``openai`` client's
+own types.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from genmlx.dispatcher.events import Usage
+from genmlx.dispatcher.chat import ToolCall
+from genmlx.dispatcher.events import Finished, TextDelta, TokenLogprob, Usage
+from genmlx.dispatcher.reply_parsing import ReplyParser, ReplyPiece, ReplyReasoning, ReplyText, ReplyToolCall
 
 
 def usage_json(usage: Usage) -> dict:
@@ -25,50 +29,163 @@ def usage_json(usage: Usage) -> dict:
 
 
 class ResponseFormat(Protocol):
-    """Bodies and chunks for one response of one endpoint."""
+    """Bodies and chunks for one response of one endpoint; it may keep state across a stream."""
 
     def stream_start(self) -> dict | None: ...
-    def stream_text(self, text: str) -> dict: ...
-    def stream_finish(self, reason: str) -> dict: ...
+    def stream_delta(self, delta: TextDelta) -> list[dict]: ...
+    def stream_finish(self, finished: Finished) -> list[dict]: ...
     def stream_usage(self, usage: Usage) -> dict: ...
-    def full(self, text: str, reason: str, usage: Usage) -> dict: ...
+    def full(self, deltas: list[TextDelta], finished: Finished) -> dict: ...
 
 
-@dataclass(frozen=True)
 class ChatCompletionFormat:
-    """``chat.completion`` bodies and ``chat.completion.chunk`` stream chunks."""
+    """``chat.completion`` bodies and ``chat.completion.chunk`` stream chunks, with reasoning and tool
+    calls split out of the reply by ``parser``."""
 
-    model: str
-    include_usage: bool = False
-    response_id: str = field(default_factory=lambda: "chatcmpl-" + secrets.token_hex(14))
-    created: int = field(default_factory=lambda: int(time.time()))
+    def __init__(
+        self, model: str, parser: ReplyParser, *, include_usage: bool = False, logprobs: bool = False
+    ):
+        self._head = _ResponseHead(model, "chatcmpl-")
+        self._parser = parser
+        self._include_usage = include_usage
+        self._logprobs = logprobs
+        self._pending_logprobs: list[TokenLogprob] = []
+        self._tool_call_index = 0
 
     def stream_start(self) -> dict | None:
         # OpenAI announces the role in a first chunk with empty content.
         return self._chunk({"role": "assistant", "content": "", "refusal": None}, None)
 
-    def stream_text(self, text: str) -> dict:
-        return self._chunk({"content": text}, None)
+    def stream_delta(self, delta: TextDelta) -> list[dict]:
+        self._pending_logprobs += delta.logprobs
+        return [self._chunk(self._piece_delta(piece), None) for piece in self._parser.feed(delta.text)]
 
-    def stream_finish(self, reason: str) -> dict:
-        return self._chunk({}, reason)
+    def stream_finish(self, finished: Finished) -> list[dict]:
+        chunks = [self._chunk(self._piece_delta(piece), None) for piece in self._parser.finish()]
+        return [*chunks, self._chunk({}, self._finish_reason(finished.reason))]
 
     def stream_usage(self, usage: Usage) -> dict:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
+        return {**self._head.json("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
 
-    def full(self, text: str, reason: str, usage: Usage) -> dict:
-        message = {"role": "assistant", "content": text, "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": usage_json(usage)}
+    def full(self, deltas: list[TextDelta], finished: Finished) -> dict:
+        pieces = [p for d in deltas for p in self._parser.feed(d.text)] + self._parser.finish()
+        choice = {
+            "index": 0,
+            "message": _chat_message(pieces),
+            "logprobs": self._logprobs_json([lp for d in deltas for lp in d.logprobs]),
+            "finish_reason": self._finish_reason(finished.reason),
+        }
+        return {
+            **self._head.json("chat.completion"),
+            "choices": [choice],
+            "usage": usage_json(finished.usage),
+        }
+
+    def _finish_reason(self, reason: str) -> str:
+        return "tool_calls" if reason == "stop" and self._parser.tool_calls else reason
+
+    def _piece_delta(self, piece: ReplyPiece) -> dict:
+        match piece:
+            case ReplyText(text=text):
+                return {"content": text}
+            case ReplyReasoning(text=text):
+                return {"reasoning_content": text, "reasoning": text}
+            case ReplyToolCall(call=call):
+                self._tool_call_index += 1
+                return {"tool_calls": [{"index": self._tool_call_index - 1, **_tool_call_json(call)}]}
+        raise TypeError(piece)
 
     def _chunk(self, delta: dict, reason: str | None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        chunk = {**self._head("chat.completion.chunk"), "choices": [choice]}
-        if self.include_usage:
+        logprobs, self._pending_logprobs = self._pending_logprobs, []
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": self._logprobs_json(logprobs),
+            "finish_reason": reason,
+        }
+        chunk = {**self._head.json("chat.completion.chunk"), "choices": [choice]}
+        if self._include_usage:
             chunk["usage"] = None  # OpenAI sends null usage on every chunk but the last
         return chunk
 
-    def _head(self, kind: str) -> dict:
+    def _logprobs_json(self, logprobs: list[TokenLogprob]) -> dict | None:
+        if not self._logprobs:
+            return None
+        return {"content": [_chat_token_logprob(lp) for lp in logprobs], "refusal": None}
+
+
+class TextCompletionFormat:
+    """``text_completion`` bodies and stream chunks (the legacy completions endpoint)."""
+
+    def __init__(self, model: str, *, include_usage: bool = False, logprobs: bool = False):
+        self._head = _ResponseHead(model, "cmpl-")
+        self._include_usage = include_usage
+        self._logprobs = logprobs
+        self._text_offset = 0
+
+    def stream_start(self) -> dict | None:
+        return None
+
+    def stream_delta(self, delta: TextDelta) -> list[dict]:
+        return [self._chunk(delta.text, delta.logprobs, None)]
+
+    def stream_finish(self, finished: Finished) -> list[dict]:
+        return [self._chunk("", (), finished.reason)]
+
+    def stream_usage(self, usage: Usage) -> dict:
+        return {**self._head.json("text_completion"), "choices": [], "usage": usage_json(usage)}
+
+    def full(self, deltas: list[TextDelta], finished: Finished) -> dict:
+        text = "".join(d.text for d in deltas)
+        logprobs = self._logprobs_json(tuple(lp for d in deltas for lp in d.logprobs))
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finished.reason}
+        return {
+            **self._head.json("text_completion"),
+            "choices": [choice],
+            "usage": usage_json(finished.usage),
+        }
+
+    def _chunk(self, text: str, logprobs: tuple[TokenLogprob, ...], reason: str | None) -> dict:
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": self._logprobs_json(logprobs),
+            "finish_reason": reason,
+        }
+        chunk = {**self._head.json("text_completion"), "choices": [choice]}
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _logprobs_json(self, logprobs: tuple[TokenLogprob, ...]) -> dict | None:
+        """The legacy shape: parallel lists, the top alternatives as token-to-logprob maps."""
+        if not self._logprobs:
+            return None
+        offsets = []
+        for lp in logprobs:
+            offsets.append(self._text_offset)
+            self._text_offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [dict(lp.top) for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+
+@dataclass(frozen=True)
+class _ResponseHead:
+    """The fields every body and chunk of one response shares."""
+
+    model: str
+    id_prefix: str
+    response_id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "response_id", self.id_prefix + secrets.token_hex(14))
+
+    def json(self, kind: str) -> dict:
         return {
             "id": self.response_id,
             "object": kind,
@@ -78,46 +195,27 @@ class ChatCompletionFormat:
         }
 
 
-@dataclass(frozen=True)
-class TextCompletionFormat:
-    """``text_completion`` bodies and stream chunks (the legacy completions endpoint)."""
+def _chat_message(pieces: list[ReplyPiece]) -> dict:
+    text = "".join(p.text for p in pieces if isinstance(p, ReplyText))
+    reasoning = "".join(p.text for p in pieces if isinstance(p, ReplyReasoning))
+    calls = [_tool_call_json(p.call) for p in pieces if isinstance(p, ReplyToolCall)]
+    message: dict = {"role": "assistant", "content": text, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = message["reasoning"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+        message["content"] = text.strip() or None  # OpenAI's content is null beside tool calls
+    return message
 
-    model: str
-    include_usage: bool = False
-    response_id: str = field(default_factory=lambda: "cmpl-" + secrets.token_hex(14))
-    created: int = field(default_factory=lambda: int(time.time()))
 
-    def stream_start(self) -> dict | None:
-        return None
+def _tool_call_json(call: ToolCall) -> dict:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
 
-    def stream_text(self, text: str) -> dict:
-        return self._chunk(text, None)
 
-    def stream_finish(self, reason: str) -> dict:
-        return self._chunk("", reason)
-
-    def stream_usage(self, usage: Usage) -> dict:
-        return {**self._head(), "choices": [], "usage": usage_json(usage)}
-
-    def full(self, text: str, reason: str, usage: Usage) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {**self._head(), "choices": [choice], "usage": usage_json(usage)}
-
-    def _chunk(self, text: str, reason: str | None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        chunk = {**self._head(), "choices": [choice]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def _head(self) -> dict:
-        return {
-            "id": self.response_id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-        }
+def _chat_token_logprob(lp: TokenLogprob) -> dict:
+    top = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top]
+    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()), "top_logprobs": top}
 
 
 def models_list(model_id: str, created: int) -> dict:

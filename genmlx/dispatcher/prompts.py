@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from genmlx.api_errors import ContextLengthExceeded, InvalidRequest
-from genmlx.dispatcher.request_parsing import ChatMessage
+from genmlx.dispatcher.chat import ChatMessage, FunctionTool
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -19,15 +19,26 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TOKENS = 4096
 
 
-def chat_prompt_tokens(tokenizer: TokenizerWrapper, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
-    """Render ``messages`` with the model's chat template, ready for the assistant's turn."""
+def chat_prompt_tokens(
+    tokenizer: TokenizerWrapper, messages: tuple[ChatMessage, ...], tools: tuple[FunctionTool, ...] = ()
+) -> tuple[int, ...]:
+    """Render ``messages`` (and the ``tools`` on offer) with the model's chat template, ready for the
+    assistant's turn."""
     if not tokenizer.has_chat_template:
         raise InvalidRequest(
             "This model has no chat template; use /v1/completions with a plain prompt.", param="messages"
         )
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    if tools and not tokenizer.has_tool_calling:
+        raise InvalidRequest(
+            "This model has no tool-call format that mlx-lm parses, so it cannot be offered tools.",
+            param="tools",
+        )
+    conversation = [m.template_json() for m in messages]
+    template_tools = [tool.template_json() for tool in tools] or None
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            conversation, tools=template_tools, tokenize=False, add_generation_prompt=True
+        )
     except Exception as e:  # jinja's TemplateError and whatever a template chooses to raise
         raise InvalidRequest(f"The chat template rejected these messages: {e}", param="messages") from None
     # The template writes the special tokens (BOS included) itself.

@@ -2,6 +2,9 @@
 
 Shutdown (SIGTERM, SIGINT, or the parent watchdog) stops accepting connections, cancels running
 and waiting generation, and exits 0; a model that fails to load exits 1.
+
+In a multi-rank group only rank 0 serves the API; the other ranks serve ``/health`` alone (so their
+agent sees them load) and exit with their group: 0 when rank 0 stops it, 1 when it breaks.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import time
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+from tornado.web import Application
 
-from genmlx.dispatcher.engine import Engine, LoadedModel, ModelSource
-from genmlx.dispatcher.handlers import DispatcherDeps, make_app
+from genmlx.dispatcher.engine import Engine, LoadedModel, ModelSource, RankGroup
+from genmlx.dispatcher.handlers import DispatcherDeps, HealthHandler, UnknownRouteHandler, make_app
+from genmlx.dispatcher.metrics import DispatcherMetrics
+from genmlx.dispatcher.model_loading import Sharding
 from genmlx.dispatcher.settings import DispatcherSettings
 from genmlx.dispatcher.watchdog import start_parent_watchdog
 
@@ -49,9 +55,10 @@ async def _serve(settings: DispatcherSettings, token: str | None) -> tuple[int, 
     """Serve until a stop is requested; the exit status and whether the model thread ended."""
     stop = _StopRequest()
     engine = _make_engine(settings, stop)
-    deps = DispatcherDeps(settings.model_id, engine, started_at=int(time.time()), api_token=token)
+    metrics = DispatcherMetrics(settings.model_id)
+    deps = DispatcherDeps(settings.model_id, engine, int(time.time()), metrics, api_token=token)
     try:
-        server = make_app(deps).listen(settings.port, address=settings.host)
+        server = _make_rank_app(settings, deps).listen(settings.port, address=settings.host)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         return 1, True
@@ -81,6 +88,25 @@ class _StopRequest:
         return await self._outcome
 
 
+def _make_rank_app(settings: DispatcherSettings, deps: DispatcherDeps) -> Application:
+    """The OpenAI API on rank 0; ``/health`` alone on the other ranks of a group."""
+    if settings.rank == 0:
+        return make_app(deps)
+    args = {"deps": deps}
+    return Application(
+        [(r"/health", HealthHandler, args)],
+        default_handler_class=UnknownRouteHandler,
+        default_handler_args=args,
+    )
+
+
+def _rank_group(settings: DispatcherSettings) -> RankGroup | None:
+    if settings.world_size == 1 or settings.hostfile is None:
+        return None
+    sharding = Sharding(settings.parallelism, settings.layer_split)
+    return RankGroup(settings.rank, settings.world_size, settings.hostfile, sharding)
+
+
 def _make_engine(settings: DispatcherSettings, stop: _StopRequest) -> Engine:
     started = time.monotonic()
 
@@ -89,11 +115,12 @@ def _make_engine(settings: DispatcherSettings, stop: _StopRequest) -> Engine:
         stop.request(1)
 
     return Engine(
-        ModelSource(settings.model_dir, settings.context_length),
+        ModelSource(settings.model_dir, settings.context_length, _rank_group(settings)),
         IOLoop.current(),
         max_queue=settings.max_queue,
         on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
         on_load_failed=load_failed,
+        on_group_ended=stop.request,
     )
 
 

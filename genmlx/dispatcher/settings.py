@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from genmlx.dispatcher.model_loading import PARALLELISMS, Parallelism
+
 
 @dataclass(frozen=True)
 class DispatcherSettings:
@@ -22,13 +24,18 @@ class DispatcherSettings:
     context_length: int | None = None
     parent_pid: int | None = None
     hostfile: Path | None = None
+    parallelism: Parallelism = "tensor"
+    layer_split: tuple[int, ...] | None = None  # layers per rank, pipeline parallel only
 
 
 def parse_settings(argv: list[str]) -> DispatcherSettings:
     """Parse ``python -m genmlx.dispatcher`` arguments; exits with a usage message on bad input."""
     parser = _argument_parser()
     args = parser.parse_args(argv)
-    problem = _rank_problem(args.rank, args.world_size)
+    layer_split = _parse_layer_split(args.layer_split)
+    problem = _rank_problem(args.rank, args.world_size, args.hostfile) or _split_problem(
+        layer_split, args.parallelism, args.world_size
+    )
     if problem:
         parser.error(problem)
     for name in ("port", "max_batch", "max_queue", "context_length"):
@@ -47,6 +54,8 @@ def parse_settings(argv: list[str]) -> DispatcherSettings:
         context_length=args.context_length,
         parent_pid=args.parent_pid,
         hostfile=Path(args.hostfile) if args.hostfile else None,
+        parallelism=args.parallelism,
+        layer_split=layer_split,
     )
 
 
@@ -67,19 +76,40 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429")
     parser.add_argument("--context-length", type=int, default=None, help="prompt + completion token limit")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
-    # Accepted so an agent can already pass it; multi-rank serving (which reads it) comes later.
     parser.add_argument("--hostfile", default=None, help="MLX ring hostfile of a multi-rank group")
+    parser.add_argument(
+        "--parallelism", choices=PARALLELISMS, default="tensor", help="how a group of ranks splits the model"
+    )
+    parser.add_argument(
+        "--layer-split", default=None, help="pipeline only: layers per rank, e.g. 20,12 (default: even)"
+    )
     return parser
 
 
-def _rank_problem(rank: int, world_size: int) -> str | None:
+def _rank_problem(rank: int, world_size: int, hostfile: str | None) -> str | None:
     if world_size < 1:
         return f"--world-size must be at least 1, got {world_size}"
-    if world_size > 1:
-        return (
-            f"--world-size {world_size}: multi-rank serving is not implemented yet; "
-            "this dispatcher serves a model on one rank only (--world-size 1)"
-        )
     if not 0 <= rank < world_size:
         return f"--rank must be in [0, {world_size - 1}] for --world-size {world_size}, got {rank}"
+    if world_size > 1 and not hostfile:
+        return f"--world-size {world_size} needs --hostfile (MLX's ring hostfile of the group)"
+    return None
+
+
+def _parse_layer_split(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        return (0,)  # reported by _split_problem as not positive
+
+
+def _split_problem(split: tuple[int, ...] | None, parallelism: str, world_size: int) -> str | None:
+    if split is None:
+        return None
+    if parallelism != "pipeline":
+        return "--layer-split applies to --parallelism pipeline only"
+    if len(split) != world_size or any(n < 1 for n in split):
+        return f"--layer-split needs {world_size} positive layer counts separated by commas"
     return None

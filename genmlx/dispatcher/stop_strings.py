@@ -14,14 +14,16 @@ class StopStringMatcher:
         self._stop = tuple(s for s in stop if s)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Add generated text; return the part that is safe to send. Sets ``stopped`` on a match."""
         if not self._stop:
             return text
         pending = self._held + text
-        cut = self._first_match(pending)
-        if cut is not None:
+        match = self._first_match(pending)
+        if match is not None:
+            cut, self.matched = match
             self.stopped = True
             self._held = ""
             return pending[:cut]
@@ -34,9 +36,9 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_match(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        return min(found) if found else None
+    def _first_match(self, text: str) -> tuple[int, str] | None:
+        found = [(i, s) for s in self._stop if (i := text.find(s)) >= 0]
+        return min(found, key=lambda f: f[0]) if found else None
 
     def _longest_partial_match(self, text: str) -> int:
         """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""

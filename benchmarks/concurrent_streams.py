@@ -1,0 +1,151 @@
+"""Aggregate generated tokens/s at 1, 4 and 16 concurrent streams: our dispatcher over ``mlx_lm.server``.
+
+    python benchmarks/concurrent_streams.py [--model DIR] [--tokens 64] [--levels 1 4 16]
+
+Both servers run as processes on 127.0.0.1 on the same model (the demo model, written to a temporary
+directory, unless ``--model`` names one): ours is ``python -m genmlx.dispatcher``; the baseline is
+``python -m mlx_lm.server`` with its own defaults (which batch concurrent requests). The same client
+code drives both: at each level, that many threads each send one streaming chat completion through
+the ``openai`` client, all with the same prompts, ``max_tokens`` and temperature 0.
+
+Timed: from just before the first request is sent to the end of the last stream, prefill included.
+Tokens: the sum of ``usage.completion_tokens`` the servers report. Both servers run throughout (an
+idle one blocks on its request queue, costing no CPU) and each gets a warm-up request; then, level by
+level, runs alternate between the two, ``--rounds`` times each, so a change in the machine's
+background load reaches both alike. The medians of the aggregate rates are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from decode_throughput import Server, free_port, model_directory, our_dispatcher, running_process
+
+PROMPTS = (
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rivers shape valleys.",
+    "List some uses of copper in everyday life.",
+    "Describe a busy market in the morning.",
+)
+
+
+@dataclass(frozen=True)
+class LevelRun:
+    """One level's run: how many streams, the tokens they generated and the wall-clock seconds."""
+
+    streams: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+@contextmanager
+def mlx_lm_server(model_dir: Path, work: Path) -> Iterator[Server]:
+    """``mlx_lm.server`` on ``model_dir`` with its own defaults; it answers to ``default_model``."""
+    port = free_port()
+    args = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir)]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    base_url = f"http://127.0.0.1:{port}"
+    with running_process(args, base_url + "/health", work / "mlx_lm_server.log"):
+        yield Server(base_url, "default_model", "unused")
+
+
+def stream_tokens(server: Server, prompt: str, max_tokens: int) -> int:
+    """Stream one chat completion to its end; the completion tokens the server reports."""
+    stream = server.client().chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    tokens = 0
+    for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    if tokens == 0:
+        raise RuntimeError(f"{server.base_url} reported no usage")
+    return tokens
+
+
+def run_level(server: Server, streams: int, max_tokens: int) -> LevelRun:
+    """``streams`` concurrent streams, started together; aggregate tokens over wall time."""
+    counts = [0] * streams
+    start = threading.Barrier(streams + 1)
+
+    def one_stream(index: int) -> None:
+        start.wait()
+        counts[index] = stream_tokens(server, PROMPTS[index % len(PROMPTS)], max_tokens)
+
+    threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    began = time.perf_counter()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    return LevelRun(streams, sum(counts), time.perf_counter() - began)
+
+
+def median_rate(runs: list[LevelRun]) -> float:
+    return statistics.median(run.tokens_per_second for run in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a model directory (default: the demo model)")
+    parser.add_argument("--tokens", type=int, default=64, help="max_tokens of every request")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent streams")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per level and server")
+    options = parser.parse_args()
+    with (
+        model_directory(options.model) as model_dir,
+        tempfile.TemporaryDirectory() as work,
+        our_dispatcher(model_dir, Path(work)) as ours,
+        mlx_lm_server(model_dir, Path(work)) as baseline,
+    ):
+        servers = {"ours": ours, "mlx_lm.server": baseline}
+        results = run_alternating(servers, options.levels, options.rounds, options.tokens)
+    report(model_dir, options.tokens, results)
+
+
+def run_alternating(
+    servers: dict[str, Server], levels: list[int], rounds: int, max_tokens: int
+) -> dict[str, dict[int, list[LevelRun]]]:
+    """Every level ``rounds`` times on each server, alternating, after one warm-up request each."""
+    for server in servers.values():
+        stream_tokens(server, PROMPTS[0], 8)
+    results: dict[str, dict[int, list[LevelRun]]] = {name: {} for name in servers}
+    for level in levels:
+        for _ in range(rounds):
+            for name, server in servers.items():
+                results[name].setdefault(level, []).append(run_level(server, level, max_tokens))
+    return results
+
+
+def report(model_dir: Path, max_tokens: int, results: dict[str, dict[int, list[LevelRun]]]) -> None:
+    print(f"model: {model_dir}; max_tokens {max_tokens}; temperature 0; aggregate generated tokens/s")
+    print(f"{'streams':>7} {'tokens':>13} {'ours':>10} {'mlx_lm.server':>14} {'ratio':>7}")
+    for level, ours in results["ours"].items():
+        baseline = results["mlx_lm.server"][level]
+        tokens = f"{ours[0].tokens}/{baseline[0].tokens}"
+        ours_rate, baseline_rate = median_rate(ours), median_rate(baseline)
+        ratio = ours_rate / baseline_rate
+        print(f"{level:>7} {tokens:>13} {ours_rate:>10.1f} {baseline_rate:>14.1f} {ratio:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

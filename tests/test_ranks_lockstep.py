@@ -1,0 +1,190 @@
+"""Two real dispatcher ranks in lockstep over MLX's ring backend on loopback, tensor and pipeline
+parallel, checked against one rank on the same model through the real ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import Proc, free_port, http_status, wait_until
+
+from genmlx.agent.launch_request import InvalidLaunch, parse_rank_launch
+from genmlx.agent.ranks import dispatcher_command
+from genmlx.dispatcher.events import GenerationRequest, Sampling
+from genmlx.dispatcher.lockstep import Shutdown, StartRequest, decode_message, encode_message
+from genmlx.node_state import RankLaunch
+
+MODEL = "demo"
+CHAT = [{"role": "user", "content": "Tell me about rivers and the sea."}]
+# Over a minute of generation on two CPU ranks, and within the demo model's 2048-token context:
+# only a cancellation ends such a request in a test.
+LONG = 1_800
+
+
+@dataclass(frozen=True)
+class Rank:
+    proc: Proc
+    port: int
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health"
+
+
+@pytest.fixture(scope="module")
+def qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo llama rewritten as a qwen2 (llama plus zero q/k/v biases), which mlx-lm can
+    pipeline (its llama has tensor parallel support only), with a third layer (a copy of the
+    second) so that an uneven layer split differs from the even one."""
+    import mlx.core as mx
+
+    from genmlx.demo_model import write_demo_model
+
+    llama = write_demo_model(tmp_path_factory.mktemp("models") / "demo-llama")
+    qwen2 = tmp_path_factory.mktemp("models") / "demo-qwen2"
+    shutil.copytree(llama, qwen2, dirs_exist_ok=True)
+    config = json.loads((qwen2 / "config.json").read_text())
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=3)
+    (qwen2 / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(qwen2 / "model.safetensors"))
+    weights |= {k.replace("layers.1.", "layers.2."): v for k, v in weights.items() if "layers.1." in k}
+    for name, weight in list(weights.items()):
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            weights[name.replace(".weight", ".bias")] = mx.zeros((weight.shape[0],), dtype=weight.dtype)
+    mx.save_safetensors(str(qwen2 / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return qwen2
+
+
+@pytest.fixture
+def start_ranks(spawn, token: str, tmp_path: Path):
+    """``start_ranks(model_dir, world_size, *extra)``: every rank of a group, ready to serve."""
+
+    def start(model_dir: Path, world_size: int, *extra: str) -> list[Rank]:
+        hostfile = tmp_path / f"hostfile-{free_port()}.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(world_size)]))
+        ranks = [
+            _start_rank(spawn, token, model_dir, r, world_size, hostfile, extra) for r in range(world_size)
+        ]
+        for rank in ranks:
+            wait_until(lambda rank=rank: http_status(rank.health_url) == 200, timeout=90, what="ranks ready")
+        return ranks
+
+    return start
+
+
+def _start_rank(
+    spawn, token: str, model_dir: Path, rank: int, world_size: int, hostfile: Path, extra
+) -> Rank:
+    port = free_port()
+    args = ["-m", "genmlx.dispatcher", "--model", str(model_dir), "--name", MODEL, "--port", str(port)]
+    if world_size > 1:
+        args += ["--rank", str(rank), "--world-size", str(world_size), "--hostfile", str(hostfile), *extra]
+    return Rank(spawn(args, f"rank{rank}", env={"GENMLX_API_TOKEN": token}), port)
+
+
+def client_of(rank: Rank, token: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{rank.port}/v1", api_key=token, max_retries=0, timeout=60
+    )
+
+
+def answers(client: openai.OpenAI) -> list[tuple[str, int, int]]:
+    """Text and usage of a greedy chat, a seeded sampled chat and a greedy completion."""
+    greedy = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24)
+    seeded = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=1, seed=7, max_tokens=24)
+    completion = client.completions.create(
+        model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=16
+    )
+    return [
+        (greedy.choices[0].message.content, greedy.usage.prompt_tokens, greedy.usage.completion_tokens),
+        (seeded.choices[0].message.content, seeded.usage.prompt_tokens, seeded.usage.completion_tokens),
+        (completion.choices[0].text, completion.usage.prompt_tokens, completion.usage.completion_tokens),
+    ]
+
+
+def check_group_survives_disconnect_and_bad_request(group: list[Rank], token: str) -> None:
+    client = client_of(group[0], token)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=LONG, stream=True
+    )
+    chunks = iter(stream)
+    next(chunks), next(chunks)  # the role, then generated text: every rank is mid-request
+    stream.close()  # the client leaves; rank 0 cancels, and the other ranks with it
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=CHAT, temperature=5)
+    # An unseeded sampled request: rank 0 picks the seed for every rank.
+    sampled = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12)
+    assert sampled.choices[0].finish_reason in ("stop", "length")
+    after = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=8)
+    assert after.usage.completion_tokens == 8
+    assert all(rank.proc.popen.poll() is None for rank in group)
+
+
+def check_sigterm_to_rank0_stops_the_group(group: list[Rank]) -> None:
+    group[0].proc.signal(signal.SIGTERM)
+    for rank in group:
+        assert rank.proc.popen.wait(timeout=20) == 0
+    assert "rank 0 stopped the group" in group[1].proc.output()
+
+
+@pytest.mark.parametrize("parallelism", ["tensor", "pipeline"])
+def test_two_ranks_write_what_one_rank_writes_and_stay_in_step(
+    parallelism: str, start_ranks, demo_model_dir: Path, qwen2_model_dir: Path, token: str
+) -> None:
+    model_dir = demo_model_dir if parallelism == "tensor" else qwen2_model_dir
+    (single,) = start_ranks(model_dir, 1)
+    expected = answers(client_of(single, token))
+    single.proc.stop()
+    group = start_ranks(model_dir, 2, "--parallelism", parallelism)
+    assert answers(client_of(group[0], token)) == expected
+    assert http_status(f"http://127.0.0.1:{group[1].port}/v1/models", token) == 404  # rank 1: /health only
+    check_group_survives_disconnect_and_bad_request(group, token)
+    check_sigterm_to_rank0_stops_the_group(group)
+
+
+def test_a_pipeline_layer_split_is_honoured(start_ranks, qwen2_model_dir: Path, token: str) -> None:
+    (single,) = start_ranks(qwen2_model_dir, 1)
+    expected = answers(client_of(single, token))
+    single.proc.stop()
+    # The even split of 3 layers is 2,1; ask for the other way round.
+    group = start_ranks(qwen2_model_dir, 2, "--parallelism", "pipeline", "--layer-split", "1,2")
+    assert "rank 0 runs layers 2 to 2" in group[0].proc.output()
+    assert "rank 1 runs layers 0 to 1" in group[1].proc.output()
+    assert answers(client_of(group[0], token)) == expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_rank_0_exits_1_when_another_rank_leaves(sig: int, start_ranks, demo_model_dir: Path) -> None:
+    group = start_ranks(demo_model_dir, 2)
+    group[1].proc.signal(sig)
+    if sig == signal.SIGTERM:  # a stopped follower leaves at the next heartbeat, cleanly
+        assert group[1].proc.popen.wait(timeout=20) == 0
+    # Rank 0 notices at its next idle heartbeat (a second), without any request.
+    assert group[0].proc.popen.wait(timeout=20) == 1
+    assert "lost its group" in group[0].proc.output()
+
+
+def test_the_agent_passes_parallelism_and_layer_split_to_its_ranks(tmp_path: Path) -> None:
+    hosts = ("10.0.0.1:32323", "10.0.0.2:32323")
+    launch = RankLaunch("big", "/models/big", 0, 2, 8100, "spec", hosts)
+    launch = replace(launch, parallelism="pipeline", layer_split=(3, 1))
+    assert parse_rank_launch(json.dumps(launch.to_json()).encode()) == launch
+    argv = dispatcher_command(launch, Path("/models/big"), "0.0.0.0", 4242, tmp_path / "hostfile.json")
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert (flags["--parallelism"], flags["--layer-split"]) == ("pipeline", "3,1")
+    with pytest.raises(InvalidLaunch, match="layerSplit"):
+        parse_rank_launch(json.dumps({**launch.to_json(), "layerSplit": [4]}).encode())
+    with pytest.raises(InvalidLaunch, match="parallelism"):
+        parse_rank_launch(json.dumps({**launch.to_json(), "parallelism": "data"}).encode())
+
+
+def test_a_request_crosses_the_lockstep_encoding_unchanged() -> None:
+    sampling = Sampling(temperature=0.5, top_p=0.9, seed=2**62)
+    request = GenerationRequest("req-1", (1, 2, 300_000), 16, sampling, stop=("\n\n", "é"))
+    assert decode_message(encode_message(StartRequest(request))) == StartRequest(request)
+    assert isinstance(decode_message(encode_message(Shutdown())), Shutdown)

@@ -1,0 +1,88 @@
+"""The scripted demo model: real weights that make a real llama write a given text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlx_lm import generate, load
+from mlx_lm.sample_utils import make_sampler
+
+from genmlx.demo_model import is_demo_model, write_demo_model, write_scripted_model
+from genmlx.dispatcher.reply_parsing import prompt_opens_reasoning
+from genmlx.errors import PermanentError
+
+# Thinking, then a Hermes tool call: each of its tokens is followed by one and the same token.
+TOOL_REPLY = (
+    "<think>The user wants the weather in Paris.</think>"
+    '<tool_call>{"name": "get_weather","arguments":{"city":"Paris"}}</tool_call>'
+)
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory):
+    path = write_scripted_model(tmp_path_factory.mktemp("models") / "scripted", TOOL_REPLY)
+    return path, *load(str(path))
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+@pytest.mark.parametrize("question", ["What is the weather?", "Tell me about rivers.", "x"])
+def test_greedy_decoding_writes_the_text_after_any_chat_prompt(scripted, question: str) -> None:
+    _, model, tokenizer = scripted
+    assert generate(model, tokenizer, chat_prompt(tokenizer, question), max_tokens=80) == TOOL_REPLY
+
+
+def test_sampling_at_temperature_one_writes_it_too(scripted) -> None:
+    _, model, tokenizer = scripted
+    sampler = make_sampler(temp=1.0)
+    assert generate(model, tokenizer, "Once upon a time", max_tokens=80, sampler=sampler) == TOOL_REPLY
+
+
+def test_it_ends_its_turn_after_the_text(scripted) -> None:
+    _, model, tokenizer = scripted
+    # Room for far more tokens than the text has: generation must stop at end-of-turn by itself.
+    reply = generate(model, tokenizer, chat_prompt(tokenizer, "hi"), max_tokens=500)
+    assert reply == TOOL_REPLY
+
+
+def test_the_tokenizer_names_the_hermes_parser_and_thinking_markers(scripted) -> None:
+    path, _, tokenizer = scripted
+    assert tokenizer.has_thinking and tokenizer.think_start == "<think>"
+    assert tokenizer.tool_call_start == "<tool_call>" and tokenizer.tool_call_end == "</tool_call>"
+    body = TOOL_REPLY.split("<tool_call>")[1].removesuffix("</tool_call>")
+    assert tokenizer.tool_parser(body, None) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert is_demo_model(path)
+    assert json.loads((path / "genmlx-demo.json").read_text())["text"] == TOOL_REPLY
+
+
+def test_a_text_a_bigram_chain_cannot_write_is_refused(tmp_path: Path) -> None:
+    # " a" is followed by " dog" once and " cow" once: the previous token alone cannot choose.
+    with pytest.raises(ValueError, match="followed by two different tokens"):
+        write_scripted_model(tmp_path / "ambiguous", "a cat and a dog and a cow")
+    assert not (tmp_path / "ambiguous").exists()
+
+
+def test_an_existing_model_is_kept_only_if_it_writes_the_same_text(scripted, tmp_path: Path) -> None:
+    path = scripted[0]
+    assert write_scripted_model(path, TOOL_REPLY) == path
+    with pytest.raises(PermanentError, match="different GenMLX demo model"):
+        write_scripted_model(path, "Something else entirely.")
+    with pytest.raises(PermanentError, match="different GenMLX demo model"):
+        write_demo_model(path)
+
+
+def test_a_prompt_ending_inside_a_thinking_block_is_seen_as_opening_reasoning(scripted) -> None:
+    _, _, tokenizer = scripted
+    opened = tokenizer.encode(chat_prompt(tokenizer, "hi") + "<think>\n", add_special_tokens=False)
+    closed = tokenizer.encode(
+        chat_prompt(tokenizer, "hi") + "<think>\n</think>\n\n", add_special_tokens=False
+    )
+    assert prompt_opens_reasoning(tokenizer, tuple(opened))
+    assert not prompt_opens_reasoning(tokenizer, tuple(closed))
+    assert not prompt_opens_reasoning(tokenizer, tuple(tokenizer.encode(chat_prompt(tokenizer, "hi"))))
