@@ -147,6 +147,11 @@ def test_the_cluster_reports_ready_nodes_and_models(cluster):
     assert node["facts"]["cpuCount"] >= 1
     (model,) = document["models"]
     assert model["conditions"][0]["reason"] == "Serving"
+    assert [(c["type"], c["status"]) for c in model["conditions"][1:]] == [
+        ("Reconciling", "False"),
+        ("Stalled", "False"),
+        ("Degraded", "False"),
+    ]
     assert model["endpoint"].startswith("http://127.0.0.1:")
     assert rank0(document)["state"] == "running"
 

@@ -189,3 +189,32 @@ def test_the_plan_reads_as_a_diff_with_a_closing_summary():
         "- stop gone (rank 0 on a): no longer in the manifest",
     ]
     assert plan_summary(lines) == "1 to create, 1 to change, 1 to remove"
+
+
+@pytest.mark.parametrize(
+    "seen,expected",
+    [
+        (
+            observed(node(ranks=[running(M)]), ready=["m"]),
+            {"Reconciling": "False", "Stalled": "False", "Degraded": "False"},
+        ),
+        (observed(node()), {"Reconciling": "True", "Stalled": "False", "Degraded": "False"}),
+        (observed(node(stored=())), {"Reconciling": "False", "Stalled": "True", "Degraded": "False"}),
+        (
+            observed(
+                node(ranks=[running(M, state="exited", exit_code=1)]),
+                rollouts={"m": RolloutRecord(group(M).spec_hash, 2, NOW - 1)},
+            ),
+            {"Reconciling": "False", "Stalled": "False", "Degraded": "True"},
+        ),
+    ],
+    ids=["serving", "starting", "model missing", "crash loop backing off"],
+)
+def test_each_model_gets_reconciling_stalled_and_degraded_beside_ready(seen, expected):
+    from genmlx.reconciler.status import model_phase_conditions
+
+    (assessment,) = assess_models(manifest(M), seen)
+    conditions = model_phase_conditions(assessment, NOW)
+    assert {c.type: c.status for c in conditions} == expected
+    for condition in conditions:
+        assert (condition.reason == assessment.reason) == (condition.status == "True")

@@ -31,8 +31,10 @@ from genmlx.reconciler.observed import Observed, RolloutRecord
 from genmlx.reconciler.plan import ModelAssessment, actions_for, assess_models, plan
 from genmlx.reconciler.status import (
     Condition,
+    carry_all,
     carry_transition,
     cluster_ready,
+    model_phase_conditions,
     model_ready,
     node_conditions,
 )
@@ -49,8 +51,9 @@ class Snapshot:
     assessments: tuple[ModelAssessment, ...]
     cluster: Condition
     nodes: dict[str, Condition]
-    models: dict[str, Condition]
+    models: dict[str, Condition]  # Ready, by model
     planned: tuple[Action, ...]
+    model_phases: dict[str, tuple[Condition, ...]] = field(default_factory=dict)  # the other conditions
     results: tuple[ActionResult, ...] = ()
     duration_s: float = 0.0
     errors: tuple[str, ...] = field(default=())
@@ -226,7 +229,12 @@ class Reconciler:
         if previous is not None:
             cluster = carry_transition(cluster, previous.cluster)
         assessed = tuple(assessments)
-        snapshot = Snapshot(applied.generation, observed, assessed, cluster, nodes, models, tuple(actions))
+        phases = {a.model: model_phase_conditions(a, observed.now) for a in assessments}
+        if previous is not None:
+            phases = {m: carry_all(cs, previous.model_phases.get(m, ())) for m, cs in phases.items()}
+        snapshot = Snapshot(
+            applied.generation, observed, assessed, cluster, nodes, models, tuple(actions), phases
+        )
         return replace(snapshot, unmanaged_agents=self._unmanaged_agents(applied.manifest))
 
     def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:

@@ -105,7 +105,7 @@ def model_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> d
         "parallelism": spec.parallelism,
         "phase": assessment.phase,
         "endpoint": health.url if health else None,
-        "conditions": [snapshot.models[name].to_json()],
+        "conditions": [c.to_json() for c in (snapshot.models[name], *snapshot.model_phases.get(name, ()))],
         "ranks": [{"node": node, **info.to_json()} for node, info in assessment.ranks],
         "copies": model_copies(spec, snapshot),
     }

@@ -49,6 +49,12 @@ def carry_transition(new: Condition, previous: Condition | None) -> Condition:
     return new
 
 
+def carry_all(new: tuple[Condition, ...], previous: tuple[Condition, ...]) -> tuple[Condition, ...]:
+    """``carry_transition`` for each condition, matched by type."""
+    by_type = {c.type: c for c in previous}
+    return tuple(carry_transition(c, by_type.get(c.type)) for c in new)
+
+
 def node_ready(node: ObservedNode | None, name: str, now: float) -> Condition:
     if node is None:
         return Condition("Ready", "Unknown", "NotObserved", f"node {name} has not been observed yet", now)
@@ -61,6 +67,25 @@ def node_ready(node: ObservedNode | None, name: str, now: float) -> Condition:
 def model_ready(assessment: ModelAssessment, now: float) -> Condition:
     status: ConditionStatus = "True" if assessment.phase == "Ready" else "False"
     return Condition("Ready", status, assessment.reason, assessment.message, now)
+
+
+# Which phases make each of the other conditions True, and the reason they give when False.
+PHASE_CONDITIONS = (
+    ("Reconciling", ("Progressing", "Waiting"), "Settled"),  # working towards the manifest
+    ("Stalled", ("Blocked",), "NotStalled"),  # cannot progress until the manifest or cluster changes
+    ("Degraded", ("Backoff",), "Healthy"),  # failing and backing off between attempts
+)
+
+
+def model_phase_conditions(assessment: ModelAssessment, now: float) -> tuple[Condition, ...]:
+    """Reconciling, Stalled and Degraded beside Ready, as Kubernetes (kstatus) reads them."""
+    conditions = []
+    for type_, phases, calm in PHASE_CONDITIONS:
+        if assessment.phase in phases:
+            conditions.append(Condition(type_, "True", assessment.reason, assessment.message, now))
+        else:
+            conditions.append(Condition(type_, "False", calm, "", now))
+    return tuple(conditions)
 
 
 def cluster_ready(
