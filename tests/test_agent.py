@@ -229,7 +229,8 @@ def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home:
     assert (started.launch, started.state, started.exit_code) == (launch, "running", None)
 
     dispatcher = psutil.Process(started.pid)
-    argv = dispatcher.cmdline()
+    # Between fork and exec the child still shows the agent's command line.
+    argv = wait_until(lambda: "genmlx.dispatcher" in (cmd := dispatcher.cmdline()) and cmd, 10, what="exec")
     assert agent.token not in " ".join(argv), "the token travels in the environment, never in argv"
     assert argv[argv.index("--parent-pid") + 1] == str(agent.proc.pid)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
