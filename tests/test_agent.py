@@ -13,15 +13,14 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, replace
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from agent_harness import Reply
+from agent_harness import call as harness_call
 from conftest import free_port, http_status, wait_until
 
 import genmlx
@@ -32,29 +31,9 @@ from genmlx.node_state import AgentState, RankInfo, RankLaunch
 pytestmark = pytest.mark.timeout(120)
 
 
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: Message
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 def call(method: str, url: str, authorization: str | None = None, body: Any = None) -> Reply:
-    """One real HTTP request; a JSON-able ``body`` is sent as JSON, bytes as they are."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    if authorization is not None:
-        request.add_header("Authorization", authorization)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return Reply(response.status, response.headers, response.read())
-    except urllib.error.HTTPError as e:
-        return Reply(e.code, e.headers, e.read())
+    """One real HTTP request with exactly the ``Authorization`` header given (or none)."""
+    return harness_call(method, url, None, body, {"Authorization": authorization} if authorization else None)
 
 
 @dataclass(frozen=True)
