@@ -121,7 +121,7 @@ def test_system_blocks_and_tool_results_render_into_the_prompt(scripted: ServedM
     system = [{"type": "text", "text": "You are a weather assistant."}]
     short = create(scripted, max_tokens=1, messages=ASK, tools=[WEATHER_TOOL])
     long = create(scripted, max_tokens=1, messages=history, tools=[WEATHER_TOOL], system=system)
-    assert long.usage.input_tokens > short.usage.input_tokens + 15
+    assert prompt_tokens(long.usage) > prompt_tokens(short.usage) + 15
     assert long.stop_reason == "max_tokens"
 
 
@@ -142,6 +142,24 @@ def test_streamed_text_matches_the_whole_message(demo: ServedModel) -> None:
         final = stream.get_final_message()
     assert streamed == create(demo, **kwargs).content[0].text
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 20
+
+
+def test_prompt_tokens_read_from_the_prefix_cache_are_counted_apart(demo: ServedModel) -> None:
+    kwargs = {
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "Tell me of lakes."}],
+        "extra_body": GREEDY,
+    }
+    first = create(demo, **kwargs)  # at most the chat template's opening is cached before it
+    with client(demo).messages.stream(model=demo.name, **kwargs) as stream:
+        again = stream.get_final_message()
+    assert again.usage.input_tokens == 1  # all but the last prompt token were read from the cache
+    assert again.usage.cache_read_input_tokens > first.usage.cache_read_input_tokens
+    assert prompt_tokens(again.usage) == prompt_tokens(first.usage)
+
+
+def prompt_tokens(usage: anthropic.types.Usage) -> int:
+    return usage.input_tokens + usage.cache_read_input_tokens
 
 
 def test_a_wrong_key_is_an_authentication_error(demo: ServedModel) -> None:

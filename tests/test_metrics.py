@@ -47,6 +47,7 @@ def served(spawn, demo_model_dir: Path, token: str) -> str:
     port = free_port()
     args = ["-m", "genmlx.dispatcher", "--model", str(demo_model_dir), "--name", MODEL, "--port", str(port)]
     args += ["--context-length", str(2 * HUGE)]  # room for the endless request
+    args += ["--max-batch", "1"]  # a second request waits while one runs
     spawn(args, "dispatcher", env={"GENMLX_API_TOKEN": token})
     base_url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_status(base_url + "/health") == 200, timeout=60, what="model load")
@@ -98,21 +99,26 @@ def test_counters_and_histograms_match_what_clients_saw(served: str, token: str)
     seen.extend(chunk.usage for chunk in streamed if chunk.usage is not None)
     text = api.completions.create(model=MODEL, prompt="Rivers", max_tokens=1, temperature=0)
     seen.append(text.usage)
-    assert len(seen) == 3
+    again = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, temperature=0)
+    seen.append(again.usage)
+    assert len(seen) == 4
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
 
     after = scrape(served, token)
     assert after.value("prompt_tokens_total") == sum(u.prompt_tokens for u in seen)
     assert after.value("generation_tokens_total") == sum(u.completion_tokens for u in seen)
-    assert after.value("prefix_cache_queries_total") == 0  # no prefix cache yet
-    assert after.value("time_to_first_token_seconds_count") == 3
-    assert after.value("e2e_request_latency_seconds_count") == 3
+    assert after.value("prefix_cache_queries_total") == after.value("prompt_tokens_total")
+    assert after.value("prefix_cache_hits_total") == sum(u.prompt_tokens_details.cached_tokens for u in seen)
+    assert after.value("prefix_cache_hits_total") >= again.usage.prompt_tokens - 1
+    assert after.value("time_to_first_token_seconds_count") == 4
+    assert after.value("e2e_request_latency_seconds_count") == 4
     # Gaps between text events: at most one per token after the first, and some for 7 and 9 tokens.
     gaps = after.value("inter_token_latency_seconds_count")
     assert 1 <= gaps <= sum(u.completion_tokens - 1 for u in seen)
     e2e = after.value("e2e_request_latency_seconds_sum")
     assert 0 < after.value("time_to_first_token_seconds_sum") < e2e
     assert after.value("inter_token_latency_seconds_sum") < e2e
-    assert after.buckets("e2e_request_latency_seconds")[-1] == ("+Inf", 3)
+    assert after.buckets("e2e_request_latency_seconds")[-1] == ("+Inf", 4)
     assert after.value("num_requests_running") == after.value("num_requests_waiting") == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import Proc, free_port, http_status, wait_until
 from genmlx.agent.launch_request import InvalidLaunch, parse_rank_launch
 from genmlx.agent.ranks import dispatcher_command
 from genmlx.dispatcher.events import GenerationRequest, Sampling
-from genmlx.dispatcher.lockstep import Shutdown, StartRequest, decode_message, encode_message
+from genmlx.dispatcher.lockstep import Join, Shutdown, Step, decode_message, encode_message
 from genmlx.node_state import RankLaunch
 
 MODEL = "demo"
@@ -24,6 +25,8 @@ CHAT = [{"role": "user", "content": "Tell me about rivers and the sea."}]
 # Over a minute of generation on two CPU ranks, and within the demo model's 2048-token context:
 # only a cancellation ends such a request in a test.
 LONG = 1_800
+GREEDY = {"temperature": 0, "max_tokens": 12}
+PROMPTS = ("Rivers", "The sea at night", "Copper is")
 
 
 @dataclass(frozen=True)
@@ -93,18 +96,24 @@ def client_of(rank: Rank, token: str) -> openai.OpenAI:
     )
 
 
-def answers(client: openai.OpenAI) -> list[tuple[str, int, int]]:
-    """Text and usage of a greedy chat, a seeded sampled chat and a greedy completion."""
+def answers(client: openai.OpenAI) -> list[tuple[str, int, int, int]]:
+    """Text and usage of a greedy chat, a seeded sampled chat (its prompt from the prefix cache) and
+    a greedy completion, then of three greedy completions sent at once (decoded as one batch)."""
     greedy = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24)
     seeded = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=1, seed=7, max_tokens=24)
     completion = client.completions.create(
         model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=16
     )
-    return [
-        (greedy.choices[0].message.content, greedy.usage.prompt_tokens, greedy.usage.completion_tokens),
-        (seeded.choices[0].message.content, seeded.usage.prompt_tokens, seeded.usage.completion_tokens),
-        (completion.choices[0].text, completion.usage.prompt_tokens, completion.usage.completion_tokens),
+    with ThreadPoolExecutor(3) as pool:
+        batch = list(pool.map(lambda p: client.completions.create(model=MODEL, prompt=p, **GREEDY), PROMPTS))
+    assert seeded.usage.prompt_tokens_details.cached_tokens == seeded.usage.prompt_tokens - 1
+    return [(reply.choices[0].message.content, *counts(reply.usage)) for reply in (greedy, seeded)] + [
+        (reply.choices[0].text, *counts(reply.usage)) for reply in (completion, *batch)
     ]
+
+
+def counts(usage) -> tuple[int, int, int]:
+    return usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens
 
 
 def check_group_survives_disconnect_and_bad_request(group: list[Rank], token: str) -> None:
@@ -186,5 +195,6 @@ def test_the_agent_passes_parallelism_and_layer_split_to_its_ranks(tmp_path: Pat
 def test_a_request_crosses_the_lockstep_encoding_unchanged() -> None:
     sampling = Sampling(temperature=0.5, top_p=0.9, seed=2**62)
     request = GenerationRequest("req-1", (1, 2, 300_000), 16, sampling, stop=("\n\n", "é"))
-    assert decode_message(encode_message(StartRequest(request))) == StartRequest(request)
+    step = Step(joins=(Join(3, request, cached_tokens=2),), leaves=(1, 2))
+    assert decode_message(encode_message(step)) == step
     assert isinstance(decode_message(encode_message(Shutdown())), Shutdown)

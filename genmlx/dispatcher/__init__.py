@@ -1,14 +1,19 @@
 """The dispatcher: one process per rank of a served model, built on mlx-lm.
 
 Contract: ``python -m genmlx.dispatcher --model DIR --name ID --port P`` serves the model in DIR as
-``ID`` behind an OpenAI-compatible API (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``)
-plus ``GET /health`` (503 while loading, 200 when ready). If ``GENMLX_API_TOKEN`` is set, ``/v1/*``
-requires it as a bearer token. It exits 0 on SIGTERM/SIGINT, 1 if the model cannot be loaded, and
-by itself when ``--parent-pid`` is no longer its parent. One thread owns the model; the tornado
-event loop owns the sockets. Only one rank (``--world-size 1``) is implemented so far.
+``ID`` behind an OpenAI-compatible API (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``),
+Anthropic's ``/v1/messages`` and Prometheus ``/metrics``, plus ``GET /health`` (503 while loading,
+200 when ready). If ``GENMLX_API_TOKEN`` is set, everything but ``/health`` requires it. It exits 0
+on SIGTERM/SIGINT, 1 if the model cannot be loaded or its rank group broke, and by itself when
+``--parent-pid`` is no longer its parent. With ``--world-size N --rank R --hostfile F`` it is one
+rank of a tensor or pipeline parallel group; rank 0 serves HTTP, the others only ``/health``.
+One thread owns the model and decodes admitted requests as one batch; the tornado event loop owns
+the sockets.
 
 It imports nothing from ``genmlx.agent`` or ``genmlx.reconciler``; modules: ``settings`` (command
 line), ``server`` (process lifecycle), ``handlers`` (HTTP), ``request_parsing``, ``prompts``,
-``openai_format``, ``engine`` (model thread), ``generation`` (token loop), ``sampling``,
-``stop_strings``, ``events`` (types shared by HTTP and engine), ``api_errors``, ``watchdog``.
+``chat``, ``openai_format``, ``anthropic_*``, ``reply_parsing`` (tool calls, thinking), ``engine``
+(model thread, scheduling), ``decoding`` (the batch), ``prefix_cache``, ``generation`` (tokens to
+events), ``lockstep`` (ranks in step), ``model_loading`` (shards), ``sampling``, ``stop_strings``,
+``events`` (types shared by HTTP and engine), ``metrics``, ``watchdog``.
 """

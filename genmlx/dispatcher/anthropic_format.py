@@ -58,7 +58,7 @@ class AnthropicMessageFormat:
         events = [event for piece in self._parser.finish() for event in self._piece_events(piece)]
         events += self._close_block()
         stop = {"stop_reason": self._stop_reason(finished), "stop_sequence": finished.stop_string}
-        usage = {"output_tokens": finished.usage.completion_tokens}
+        usage = {"output_tokens": finished.usage.completion_tokens, **_input_usage(finished.usage)}
         return [*events, {"type": "message_delta", "delta": stop, "usage": usage}, {"type": "message_stop"}]
 
     def stream_usage(self, usage: Usage) -> dict:
@@ -87,7 +87,7 @@ class AnthropicMessageFormat:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+            "usage": {**_input_usage(usage), "output_tokens": usage.completion_tokens},
         }
 
     def _block(self, piece: ReplyPiece) -> dict | None:
@@ -170,3 +170,11 @@ def _merged_blocks(blocks: list[dict]) -> list[dict]:
         else:
             merged.append(dict(block))
     return merged
+
+
+def _input_usage(usage: Usage) -> dict:
+    """Anthropic's input counts: ``input_tokens`` excludes the tokens read from the (prefix) cache."""
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+    }

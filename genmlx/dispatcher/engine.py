@@ -1,20 +1,23 @@
-"""The model thread: it loads the model, then generates queued requests one at a time.
+"""The model thread: it loads the model, then decodes every admitted request together, one token
+per step (continuous batching).
 
 Only this thread touches MLX. The event loop submits a ``GenerationRequest`` and gets a ``Job`` back;
-the engine posts the job's events to the loop with ``IOLoop.add_callback``, so the handler that
-waits on them never shares state with this thread beyond the job's cancel flag.
-
-Requests run one after another for now; continuous batching will replace ``_serve`` with a
-scheduler that interleaves ``generate_events``-style steps of several jobs.
+jobs wait in a queue (``max_queue`` long, then 429) until the batch has room (the decoder's
+capacity, ``--max-batch``), and join it between two steps. After each step the engine posts every
+event it produced to the loop in one ``IOLoop.add_callback``, so the handlers that wait on them
+never share state with this thread beyond each job's cancel flag.
 
 In a multi-rank group (``ModelSource.group``) this thread first joins MLX's ring and loads its shard.
-Rank 0 then serves as above, announcing each request and each continue-or-cancel decision to the
-other ranks through ``lockstep``; the other ranks follow rank 0 and discard what they generate. A
-broken group (a peer gone, a failed step) ends the thread and the process with status 1.
+Rank 0 then serves as above and, before each step, tells the other ranks which requests join and
+leave (``lockstep``); the other ranks apply the same changes, decode the same step and discard what
+they sample. A broken group (a peer gone, a failed step) ends the thread and the process with
+status 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -30,17 +33,23 @@ from genmlx.dispatcher.events import EngineEvent, Failed, Finished, GenerationRe
 from genmlx.dispatcher.lockstep import (
     HEARTBEAT_SECONDS,
     Heartbeat,
+    Join,
     LockstepBroken,
-    OutputDigest,
     RankChannel,
     Shutdown,
-    follow_leader,
+    Step,
     join_ring,
+    step_checksum,
+    with_seed,
 )
 from genmlx.dispatcher.model_loading import Sharding, load_shard, load_whole
+from genmlx.dispatcher.settings import DecoderSettings
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from genmlx.dispatcher.decoding import Decoder
+    from genmlx.dispatcher.generation import Reply
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,7 @@ class Engine:
         io_loop: IOLoop,
         *,
         max_queue: int,
+        decoding: DecoderSettings,
         on_loaded: Callable[[LoadedModel], None],
         on_load_failed: Callable[[str], None],
         on_group_ended: Callable[[int], None] = lambda code: None,
@@ -109,12 +119,12 @@ class Engine:
         self._source = source
         self._io_loop = io_loop
         self._max_queue = max_queue
+        self._decoding = decoding
         self._on_loaded = on_loaded
         self._on_load_failed = on_load_failed
         self._on_group_ended = on_group_ended
         self._channel: RankChannel | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._current: Job | None = None
         self._stopping = False
         self.loaded: LoadedModel | None = None
         self._thread = threading.Thread(target=self._run, name="genmlx-model", daemon=True)
@@ -138,8 +148,6 @@ class Engine:
     def stop(self) -> None:
         """Cancel the running and waiting jobs and let the model thread end."""
         self._stopping = True
-        if self._current is not None:
-            self._current.cancel()
         self._queue.put(None)
 
     def join(self, timeout: float) -> bool:
@@ -159,13 +167,9 @@ class Engine:
         self._io_loop.add_callback(self._publish_loaded, loaded)
         try:
             if self._channel is None or self._channel.is_leader:
-                self._lead(loaded)
+                _Leader(self, loaded).run()
             else:
-                follow_leader(
-                    self._channel,
-                    lambda request, cancelled: self._follow(loaded, request, cancelled),
-                    lambda: self._stopping,
-                )
+                self._follow(loaded)
         except LockstepBroken as e:
             log.error("%s; this rank stops (ranks cannot rejoin a group)", e)
             self._cancel_waiting()
@@ -175,37 +179,39 @@ class Engine:
         if self._channel is not None:
             self._io_loop.add_callback(self._on_group_ended, 0)
 
-    def _lead(self, loaded: LoadedModel) -> None:
-        """Serve queued jobs until ``stop``; in a group, keep the followers in step meanwhile."""
-        channel = self._channel
-        while True:
-            try:
-                job = self._queue.get(timeout=HEARTBEAT_SECONDS if channel else None)
-            except queue.Empty:
-                channel.send(Heartbeat())
-                continue
-            if job is None:
-                break
-            self._serve(loaded, job)
-        if channel is not None:
-            channel.send(Shutdown())
+    def _make_decoder(self, loaded: LoadedModel) -> Decoder:
+        from genmlx.dispatcher.decoding import make_decoder
 
-    def _follow(
-        self, loaded: LoadedModel, request: GenerationRequest, is_cancelled: Callable[[], bool]
-    ) -> None:
-        from genmlx.dispatcher.generation import generate_events
+        leads = self._channel is None or self._channel.is_leader
+        settings = dataclasses.replace(self._decoding, leads=leads)
+        return make_decoder(loaded.model, loaded.tokenizer.eos_token_ids, settings)
 
-        output = OutputDigest()  # rank 0 answers the client; this rank only checks it kept in step
-        try:
-            for event in generate_events(loaded.model, loaded.tokenizer, request, is_cancelled):
-                output.add(event)
-            self._channel.confirm_same_output(output)
-        except LockstepBroken:
-            raise
-        except Exception as e:  # this rank is now out of step with rank 0
-            log.exception("generation failed for request %s", request.request_id)
-            rank = self._channel.rank if self._channel else 0
-            raise LockstepBroken(f"generation failed on rank {rank} ({type(e).__name__})") from e
+    def _follow(self, loaded: LoadedModel) -> None:
+        """A follower's whole life after loading: apply what rank 0 sends and decode the same steps,
+        until it says ``Shutdown`` or this rank is told to stop (rank 0 then finds the group broken
+        at its next heartbeat)."""
+        channel, decoder = self._channel, self._make_decoder(loaded)
+        while not self._stopping:
+            received = channel.receive()
+            message = received.message
+            if isinstance(message, Shutdown):
+                log.info("rank 0 stopped the group")
+                return
+            if isinstance(message, Heartbeat):
+                decoder.trim_cache(received.cache_entries)
+            else:
+                try:
+                    for uid in message.leaves:
+                        decoder.leave(uid)
+                    decoder.trim_cache(received.cache_entries)
+                    for join in message.joins:
+                        decoder.join(join.uid, join.request, join.cached_tokens)
+                    sampled = decoder.step()
+                except Exception as e:  # this rank is now out of step with rank 0
+                    log.exception("decoding failed on rank %d", channel.rank)
+                    problem = f"decoding failed on rank {channel.rank} ({type(e).__name__})"
+                    raise LockstepBroken(problem) from e
+                channel.stepped(step_checksum((s.uid, s.token) for s in sampled))
 
     def _load(self) -> LoadedModel:
         from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -226,32 +232,6 @@ class Engine:
         self.loaded = loaded
         self._on_loaded(loaded)
 
-    def _serve(self, loaded: LoadedModel, job: Job) -> None:
-        from genmlx.dispatcher.generation import generate_events
-
-        if job.cancelled or self._stopping:  # its client left while it waited: skip the prefill
-            return self._skip(job)
-        self._current = job
-        request, is_cancelled = job.request, lambda: job.cancelled or self._stopping
-        output = OutputDigest()
-        try:
-            if self._channel is not None:
-                request = self._channel.announce(request)
-                is_cancelled = self._channel.agreeing(is_cancelled)
-            for event in generate_events(loaded.model, loaded.tokenizer, request, is_cancelled):
-                output.add(event)
-                self._io_loop.add_callback(job.deliver, event)
-        except Exception as e:  # a failed request must not take the model thread down with it
-            log.exception("generation failed for request %s", job.request.request_id)
-            self._io_loop.add_callback(job.deliver, Failed(f"generation failed: {type(e).__name__}"))
-            if self._channel is not None:
-                # The other ranks may be anywhere in this request now: the group cannot go on.
-                raise LockstepBroken(f"generation failed on rank 0 ({type(e).__name__})") from e
-        finally:
-            self._current = None
-        if self._channel is not None:
-            self._channel.confirm_same_output(output)
-
     def _cancel_waiting(self) -> None:
         """Answer the jobs still queued at shutdown so no handler waits forever."""
         while True:
@@ -265,3 +245,131 @@ class Engine:
     def _skip(self, job: Job) -> None:
         usage = Usage(prompt_tokens=len(job.request.prompt_tokens), completion_tokens=0)
         self._io_loop.add_callback(job.deliver, Finished("cancelled", usage))
+
+
+@dataclass
+class _Running:
+    job: Job
+    reply: Reply
+
+
+class _Leader:
+    """Rank 0's (or the only rank's) scheduling loop: admit, step, deliver, until ``stop``."""
+
+    def __init__(self, engine: Engine, loaded: LoadedModel):
+        self._engine = engine
+        self._loaded = loaded
+        self._channel = engine._channel
+        self._decoder = engine._make_decoder(loaded)
+        self._running: dict[int, _Running] = {}
+        self._leaving: list[int] = []  # sequences that ended here but not in the decoder
+        self._uids = itertools.count()
+        self._outbox: list[tuple[Job, list[EngineEvent]]] = []
+
+    def run(self) -> None:
+        engine = self._engine
+        while True:
+            first = None
+            if not self._running and not self._leaving:
+                first = self._wait_for_job()
+            if engine._stopping:
+                break
+            self._step(first)
+        for run in self._running.values():
+            self._outbox.append((run.job, run.reply.cancel()))
+        self._running.clear()
+        self._flush()
+        if self._channel is not None:
+            self._channel.send(Shutdown())
+
+    def _step(self, first: Job | None) -> None:
+        """Apply this step's leaves and joins, tell the other ranks, decode one step, deliver."""
+        decoder = self._decoder
+        for uid, run in list(self._running.items()):
+            if run.job.cancelled:
+                self._outbox.append((run.job, run.reply.cancel()))
+                del self._running[uid]
+                self._leaving.append(uid)
+        leaves, self._leaving = tuple(self._leaving), []
+        try:
+            for uid in leaves:
+                decoder.leave(uid)
+            cache_entries = decoder.cache_entries
+            joins = self._admit(first)
+            if self._channel is not None:
+                self._channel.send(Step(joins, leaves), cache_entries)
+            sampled = decoder.step()
+        except LockstepBroken:
+            raise
+        except Exception as e:  # a failed step must not take the model thread down with it
+            self._fail_batch(e)
+            return
+        if self._channel is not None:
+            self._channel.stepped(step_checksum((s.uid, s.token) for s in sampled))
+        for s in sampled:
+            run = self._running[s.uid]
+            self._outbox.append((run.job, run.reply.add(s.token, s.logprobs, s.end)))
+            if run.reply.finished:
+                del self._running[s.uid]
+                if s.end is None:  # a stop string or an end of turn the decoder did not see
+                    self._leaving.append(s.uid)
+        self._flush()
+
+    def _admit(self, first: Job | None) -> tuple[Join, ...]:
+        from genmlx.dispatcher.generation import Reply
+
+        joins = []
+        tokenizer = self._loaded.tokenizer
+        while self._decoder.active < self._decoder.capacity:
+            job, first = (first, None) if first is not None else (self._next_job(), None)
+            if job is None:
+                break
+            if job.cancelled:  # its client left while it waited: skip the prefill
+                self._outbox.append((job, [Finished("cancelled", Usage(len(job.request.prompt_tokens), 0))]))
+                continue
+            request = with_seed(job.request) if self._channel is not None else job.request
+            uid = next(self._uids)
+            cached = self._decoder.join(uid, request)
+            self._running[uid] = _Running(job, Reply(tokenizer, request, cached))
+            joins.append(Join(uid, request, cached))
+        return tuple(joins)
+
+    def _wait_for_job(self) -> Job | None:
+        """Block until a job comes (None: ``stop``); in a group, send a heartbeat every second."""
+        channel, jobs = self._channel, self._engine._queue
+        while True:
+            try:
+                return jobs.get(timeout=HEARTBEAT_SECONDS if channel else None)
+            except queue.Empty:
+                channel.send(Heartbeat(), self._decoder.cache_entries)
+
+    def _next_job(self) -> Job | None:
+        try:
+            return self._engine._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fail_batch(self, error: Exception) -> None:
+        """Every running request fails with ``error``; the decoder starts afresh (its state after a
+        failed step is unknown). In a group the other ranks may be anywhere: the group ends."""
+        log.exception("decoding failed; failing the %d requests in the batch", len(self._running))
+        failed = Failed(f"generation failed: {type(error).__name__}")
+        for run in self._running.values():
+            self._outbox.append((run.job, [failed]))
+        self._running.clear()
+        self._leaving.clear()
+        self._flush()
+        if self._channel is not None:
+            raise LockstepBroken(f"decoding failed on rank 0 ({type(error).__name__})") from error
+        self._decoder = self._engine._make_decoder(self._loaded)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            self._engine._io_loop.add_callback(_deliver_all, self._outbox)
+            self._outbox = []
+
+
+def _deliver_all(outbox: list[tuple[Job, list[EngineEvent]]]) -> None:
+    for job, events in outbox:
+        for event in events:
+            job.deliver(event)

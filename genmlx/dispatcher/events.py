@@ -40,10 +40,12 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts in OpenAI's sense; ``completion_tokens`` counts every token generated."""
+    """Token counts in OpenAI's sense; ``completion_tokens`` counts every token generated and
+    ``cached_tokens`` the prompt tokens whose state came from the prefix cache."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

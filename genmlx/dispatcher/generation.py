@@ -1,19 +1,14 @@
-"""One request's generation as a generator of typed events, built on mlx-lm's ``generate_step``.
+"""One request's sampled tokens turned into the events its client sees.
 
-Layers, each adding one concern: ``generate_step`` yields sampled token ids; ``_TextStream`` turns
-them into text and applies stop strings; ``generate_events`` adds end-of-turn, cancellation,
-usage and, when asked, each token's log-probability. The engine only iterates; a batch scheduler
-can replace it without touching the HTTP layer.
+The decoder (``decoding``) samples token ids for a whole batch; ``Reply`` takes one sequence's
+tokens and adds, layer by layer: text (incremental detokenizing), stop strings matched on that
+text, end of turn, each token's log-probability when asked for, usage. Only rank 0 builds replies;
+the other ranks decode the same tokens and discard them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import closing
-from typing import Any
-
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from genmlx.dispatcher.events import (
@@ -25,58 +20,54 @@ from genmlx.dispatcher.events import (
     TokenLogprob,
     Usage,
 )
-from genmlx.dispatcher.sampling import make_logits_processors, make_token_sampler
 from genmlx.dispatcher.stop_strings import StopStringMatcher
 
 
-def generate_events(
-    model: Any, tokenizer: TokenizerWrapper, request: GenerationRequest, is_cancelled: Callable[[], bool]
-) -> Iterator[EngineEvent]:
-    """Generate ``request`` with ``model`` (an mlx-lm model): ``TextDelta`` events, then one ``Finished``.
+class Reply:
+    """The events of one request, built token by token; ``finished`` once its ``Finished`` is out."""
 
-    ``is_cancelled`` is checked before each token is used, so a cancelled request costs at most one
-    more decoding step.
-    """
-    text = _TextStream(tokenizer, request.stop)
-    logprobs = _LogprobRecorder(tokenizer, request.top_logprobs)
-    eos_ids = tokenizer.eos_token_ids
-    generated = 0
-    reason: FinishReason = "length"
-    with closing(_sampled_tokens(model, request)) as tokens:
-        for token, token_logprobs in tokens:
-            if is_cancelled():
-                reason = "cancelled"
-                break
-            generated += 1
-            if token in eos_ids:
-                reason = "stop"
-                break
-            logprobs.record(token, token_logprobs)
-            if delta := text.add_token(token):
-                yield TextDelta(delta, logprobs.take())
-            if text.stopped:
-                reason = "stop"
-                break
-    if reason != "cancelled" and not text.stopped:
-        delta = text.finish()
-        if delta or logprobs.pending:
-            yield TextDelta(delta, logprobs.take())
-        reason = "stop" if text.stopped else reason
-    usage = Usage(prompt_tokens=len(request.prompt_tokens), completion_tokens=generated)
-    yield Finished(reason, usage, stop_string=text.matched_stop)
+    def __init__(self, tokenizer: TokenizerWrapper, request: GenerationRequest, cached_tokens: int):
+        self._request = request
+        self._cached_tokens = cached_tokens
+        self._text = _TextStream(tokenizer, request.stop)
+        self._logprobs = _LogprobRecorder(tokenizer, request.top_logprobs)
+        self._eos_ids = tokenizer.eos_token_ids
+        self.generated = 0
+        self.finished = False
 
+    def add(self, token: int, logprobs: mx.array, end: FinishReason | None) -> list[EngineEvent]:
+        """Events for the next sampled ``token``; ``end`` is the decoder's reason to end here, if any
+        (``stop`` at an end-of-turn token, ``length`` at the token limit)."""
+        self.generated += 1
+        if token in self._eos_ids:
+            return self._finish("stop", [])
+        self._logprobs.record(token, logprobs)
+        events: list[EngineEvent] = []
+        if delta := self._text.add_token(token):
+            events.append(TextDelta(delta, self._logprobs.take()))
+        if self._text.stopped:
+            return self._finish("stop", events)
+        if end is not None:
+            return self._finish(end, events)
+        return events
 
-def _sampled_tokens(model: Any, request: GenerationRequest) -> Iterator[tuple[int, mx.array]]:
-    steps = generate_step(
-        mx.array(request.prompt_tokens),
-        model,
-        max_tokens=request.max_tokens,
-        sampler=make_token_sampler(request.sampling),
-        logits_processors=make_logits_processors(request.sampling),
-    )
-    with closing(steps):
-        for token, logprobs in steps:
-            yield int(token), logprobs
+    def cancel(self) -> list[EngineEvent]:
+        """The one event that ends a request cancelled before it finished."""
+        self.finished = True
+        return [Finished("cancelled", self._usage())]
+
+    def _finish(self, reason: FinishReason, events: list[EngineEvent]) -> list[EngineEvent]:
+        if not self._text.stopped:
+            delta = self._text.finish()
+            if delta or self._logprobs.pending:
+                events.append(TextDelta(delta, self._logprobs.take()))
+            reason = "stop" if self._text.stopped else reason
+        self.finished = True
+        events.append(Finished(reason, self._usage(), stop_string=self._text.matched_stop))
+        return events
+
+    def _usage(self) -> Usage:
+        return Usage(len(self._request.prompt_tokens), self.generated, self._cached_tokens)
 
 
 class _LogprobRecorder:

@@ -86,7 +86,8 @@ def log_request(handler: RequestHandler) -> None:
     usage: Usage | None = getattr(handler, "usage", None)
     tokens = ""
     if usage is not None:
-        tokens = f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}"
+        tokens = f" prompt_tokens={usage.prompt_tokens} cached_tokens={usage.cached_tokens}"
+        tokens += f" completion_tokens={usage.completion_tokens}"
     finish = getattr(handler, "finish_reason", None)
     finish_text = f" finish={finish}" if finish else ""
     access_log.info(

@@ -1,28 +1,31 @@
 """The protocol that keeps the ranks of one model in step: rank 0 leads, every other rank follows.
 
-Every rank runs the same generation steps, and the model's own collectives (tensor parallel
-all-reduces, pipeline sends) pair up only if every rank runs them in the same order. So rank 0
-decides everything that could differ and tells the others, over the same ``mx.distributed`` group:
+Every rank runs the same decoding steps over the same batch, and the model's own collectives (tensor
+parallel all-reduces, pipeline sends) pair up only if every rank runs them in the same order. So
+rank 0 decides everything that could differ and tells the others, over the same ``mx.distributed``
+group, before each step:
 
-- ``StartRequest``: the already validated, tokenized request, with a concrete sampling seed (rank 0
-  draws one when the client gave none) so every rank samples the same tokens. A bad request is
-  rejected on rank 0 before anything is sent, so followers never see it.
-- before each token, ``agree_cancel``: rank 0 says continue or cancel (client gone, shutdown), and
-  every rank stops at the same token.
+- ``Step``: which requests join the batch (``Join``: the already validated, tokenized request with
+  a concrete sampling seed, since rank 0 draws one when the client gave none, and how many of its
+  prompt tokens come from the prefix cache) and which leave it (client gone, stop string matched,
+  shutdown). Every rank applies them, then runs one decoding step. A bad request is rejected on
+  rank 0 before anything is sent, so followers never see it.
 - ``Heartbeat`` while idle, once a second: a follower whose leader died (or a leader whose follower
   died) learns it within a second instead of at the next request.
 - ``Shutdown`` when rank 0 stops cleanly: followers leave their loop and exit 0.
 
-After each request every rank compares what it generated (token count and a checksum of the text,
-one ``all_gather``): ranks that sampled differently would otherwise serve garbage silently, so a
+Each message travels with a header of integers, one ``all_sum``: the payload's length, the number
+of prefix-cache entries rank 0 keeps (a follower drops its least recently used entries down to it,
+so both hold the same prefixes), and in slot ``2 + r`` rank r's checksum of the tokens it sampled
+in the previous step. Ranks that sampled differently would otherwise serve garbage silently, so a
 difference breaks the group instead.
 
-The ring backend has no broadcast, so a message is an ``all_sum`` of its length, then of its bytes,
-to which followers add zeros. A peer that died closes its sockets and MLX raises ``RuntimeError``
-("connection to a peer was lost") in the next collective; that is our failure detector, turned into
-``LockstepBroken`` and an exit status of 1, since MLX ranks cannot rejoin a group (the master
-restarts the whole group). A peer that hangs without closing its sockets would hang its partners;
-``--parent-pid`` still ends every rank when its agent goes.
+The ring backend has no broadcast, so the header and the payload are each an ``all_sum`` to which
+followers add zeros (their checksum slot aside). A peer that died closes its sockets and MLX raises
+``RuntimeError`` ("connection to a peer was lost") in the next collective; that is our failure
+detector, turned into ``LockstepBroken`` and an exit status of 1, since MLX ranks cannot rejoin a
+group (the master restarts the whole group). A peer that hangs without closing its sockets would
+hang its partners; ``--parent-pid`` still ends every rank when its agent goes.
 """
 
 from __future__ import annotations
@@ -34,23 +37,34 @@ import os
 import secrets
 import typing
 import zlib
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genmlx.dispatcher.events import EngineEvent, Finished, GenerationRequest, TextDelta
+from genmlx.dispatcher.events import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
+HEADER_SLOTS = 2  # payload length, prefix-cache entries; one checksum per rank follows
 
 
 @dataclass(frozen=True)
-class StartRequest:
-    """Generate ``request`` now, on every rank."""
+class Join:
+    """``request`` joins the batch as sequence ``uid``, ``cached_tokens`` of its prompt reused."""
 
+    uid: int
     request: GenerationRequest
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Apply ``leaves`` (sequence uids) and ``joins``, in that order, then decode one step."""
+
+    joins: tuple[Join, ...] = ()
+    leaves: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,11 +77,35 @@ class Shutdown:
     """Rank 0 is stopping; followers stop too."""
 
 
-Message = StartRequest | Heartbeat | Shutdown
+Message = Step | Heartbeat | Shutdown
+
+
+@dataclass(frozen=True)
+class Received:
+    """What a follower received: the message and rank 0's prefix-cache entry count."""
+
+    message: Message
+    cache_entries: int
 
 
 class LockstepBroken(Exception):
     """A peer rank is gone or the ranks fell out of step: this rank cannot serve any more."""
+
+
+def with_seed(request: GenerationRequest) -> GenerationRequest:
+    """``request`` with a concrete sampling seed, drawn here when the client gave none."""
+    if request.sampling.seed is not None:
+        return request
+    seeded = dataclasses.replace(request.sampling, seed=secrets.randbits(63))
+    return dataclasses.replace(request, sampling=seeded)
+
+
+def step_checksum(tokens: Iterable[tuple[int, int]]) -> int:
+    """A checksum of one step's ``(uid, token)`` pairs, in order."""
+    checksum = 0
+    for uid, token in tokens:
+        checksum = zlib.crc32(f"{uid}:{token};".encode(), checksum)
+    return checksum
 
 
 def join_ring(rank: int, world_size: int, hostfile: Path) -> Any:
@@ -91,9 +129,12 @@ class RankChannel:
 
     def __init__(self, group: Any):
         import mlx.core as mx
+        from mlx_lm.generate import generation_stream
 
         self._mx = mx
         self._group = group
+        self._stream = generation_stream
+        self._checksum = 0  # of the tokens this rank sampled in its last step
 
     @property
     def rank(self) -> int:
@@ -103,43 +144,30 @@ class RankChannel:
     def is_leader(self) -> bool:
         return self.rank == 0
 
-    def announce(self, request: GenerationRequest) -> GenerationRequest:
-        """Rank 0: send ``request`` with a seed every rank shares; returns the request to run."""
-        if request.sampling.seed is None:
-            seeded = dataclasses.replace(request.sampling, seed=secrets.randbits(63))
-            request = dataclasses.replace(request, sampling=seeded)
-        self.send(StartRequest(request))
-        return request
+    def stepped(self, checksum: int) -> None:
+        """Every rank, after each step: the checksum the next header compares across ranks."""
+        self._checksum = checksum
 
-    def send(self, message: Message) -> None:
-        """Rank 0: deliver ``message`` to every other rank."""
+    def send(self, message: Message, cache_entries: int = 0) -> None:
+        """Rank 0: deliver ``message`` (and its prefix-cache entry count) to every other rank."""
         payload = encode_message(message)
-        self._sum_bytes(self._sum_ints([len(payload)])[0], payload)
+        self._exchange_header(len(payload), cache_entries)
+        self._sum_bytes(len(payload), payload)
 
-    def receive(self) -> Message:
+    def receive(self) -> Received:
         """A follower: block until rank 0 sends the next message."""
-        length = self._sum_ints([0])[0]
-        return decode_message(self._sum_bytes(length, None))
+        length, cache_entries = self._exchange_header(0, 0)
+        return Received(decode_message(self._sum_bytes(length, None)), cache_entries)
 
-    def agree_cancel(self, cancel: bool) -> bool:
-        """Every rank, before each token: whether to stop now. Only rank 0's ``cancel`` counts."""
-        vote = 1 if cancel and self.is_leader else 0
-        return self._sum_ints([vote])[0] > 0
-
-    def agreeing(self, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
-        """``is_cancelled`` made group-wide: what rank 0's says, every rank answers."""
-        return lambda: self.agree_cancel(is_cancelled())
-
-    def confirm_same_output(self, output: OutputDigest) -> None:
-        """Every rank, after each request: raise ``LockstepBroken`` unless all generated the same."""
-        mx = self._mx
-        try:
-            gathered = mx.distributed.all_gather(mx.array(output.values(), dtype=mx.int64), group=self._group)
-            rows = gathered.reshape(self._group.size(), -1).tolist()
-        except RuntimeError as e:
-            raise LockstepBroken(f"rank {self.rank} lost its group: {e}") from e
-        if any(row != rows[0] for row in rows):
-            raise LockstepBroken(f"the ranks generated different output (tokens, checksum by rank: {rows})")
+    def _exchange_header(self, length: int, cache_entries: int) -> tuple[int, int]:
+        size = self._group.size()
+        header = [length, cache_entries] + [0] * size
+        header[HEADER_SLOTS + self.rank] = self._checksum
+        summed = self._sum_ints(header)
+        checksums = summed[HEADER_SLOTS:]
+        if any(c != checksums[0] for c in checksums):
+            raise LockstepBroken(f"the ranks sampled different tokens (checksums by rank: {checksums})")
+        return summed[0], summed[1]
 
     def _sum_ints(self, values: list[int]) -> list[int]:
         mx = self._mx
@@ -157,57 +185,23 @@ class RankChannel:
     def _all_sum(self, data: Any) -> Any:
         mx = self._mx
         try:
-            # The default stream, as the model's own collectives use: one stream keeps every
-            # collective in submission order, so they pair up across ranks even while a step runs.
-            summed = mx.distributed.all_sum(data, group=self._group)
+            # mlx-lm's generation stream, where decoding runs the model's own collectives: one
+            # stream keeps every collective in submission order, so they pair up across ranks
+            # even while the previous step still runs asynchronously.
+            with mx.stream(self._stream):
+                summed = mx.distributed.all_sum(data, group=self._group)
             mx.eval(summed)
         except RuntimeError as e:  # MLX's word for a peer that closed its connection
             raise LockstepBroken(f"rank {self.rank} lost its group: {e}") from e
         return summed
 
 
-class OutputDigest:
-    """What one rank generated for a request, reduced to what the ranks compare."""
-
-    def __init__(self) -> None:
-        self._checksum = 0
-        self._tokens = -1  # until Finished says
-
-    def add(self, event: EngineEvent) -> None:
-        if isinstance(event, TextDelta):
-            self._checksum = zlib.crc32(event.text.encode(), self._checksum)
-        elif isinstance(event, Finished):
-            self._tokens = event.usage.completion_tokens
-
-    def values(self) -> list[int]:
-        return [self._tokens, self._checksum]
-
-
-def follow_leader(
-    channel: RankChannel,
-    run_request: Callable[[GenerationRequest, Callable[[], bool]], None],
-    stopping: Callable[[], bool],
-) -> None:
-    """A follower's whole life after loading: run what rank 0 announces until it says ``Shutdown``
-    or this rank is told to stop (then rank 0 finds the group broken at its next heartbeat).
-
-    ``run_request(request, is_cancelled)`` generates and discards the output; ``LockstepBroken``
-    propagates, as does any failure of ``run_request`` (this rank is out of step after it).
-    """
-    while not stopping():
-        message = channel.receive()
-        if isinstance(message, Shutdown):
-            log.info("rank 0 stopped the group")
-            return
-        if isinstance(message, StartRequest):
-            run_request(message.request, channel.agreeing(lambda: False))
-
-
 def encode_message(message: Message) -> bytes:
     """``message`` as the bytes rank 0 sends (compact JSON)."""
     body: dict[str, Any] = {"kind": type(message).__name__}
-    if isinstance(message, StartRequest):
-        body["request"] = dataclasses.asdict(message.request)
+    if isinstance(message, Step):
+        body["joins"] = [dataclasses.asdict(join) for join in message.joins]
+        body["leaves"] = list(message.leaves)
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -215,17 +209,14 @@ def decode_message(payload: bytes) -> Message:
     """The message ``encode_message`` turned into ``payload``."""
     body = json.loads(payload)
     kind = body["kind"]
-    if kind == "StartRequest":
-        return StartRequest(_request_from_dict(body["request"]))
+    if kind == "Step":
+        joins = tuple(_dataclass_from_json(Join, join) for join in body["joins"])
+        return Step(joins, tuple(body["leaves"]))
     if kind == "Heartbeat":
         return Heartbeat()
     if kind == "Shutdown":
         return Shutdown()
     raise LockstepBroken(f"unknown lockstep message {kind!r}: are all ranks the same version?")
-
-
-def _request_from_dict(fields: dict[str, Any]) -> GenerationRequest:
-    return _dataclass_from_json(GenerationRequest, fields)
 
 
 def _dataclass_from_json(cls: type, fields: dict[str, Any]) -> Any:

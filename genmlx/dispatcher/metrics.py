@@ -7,8 +7,8 @@ a multi-byte character, a possible stop-string start) is timed together with the
 Token counters come from each request's final ``Usage``, cancelled requests included.
 
 A request counts as waiting from submission until its first event (so a prefill in progress counts
-as waiting) and as running from then until it ends. The prefix-cache counters stay at 0 until a
-prefix cache exists; it reports through ``DispatcherMetrics.record_prefix_cache``.
+as waiting) and as running from then until it ends. The prefix-cache counters count prompt tokens
+looked up and reused, from each request's final ``Usage`` (``cached_tokens``).
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ class RequestMetrics:
                     self._record_output(now)  # tokens that made no text (end of turn at once)
                 self._metrics.prompt_tokens.inc(usage.prompt_tokens)
                 self._metrics.generation_tokens.inc(usage.completion_tokens)
+                self._metrics.record_prefix_cache(usage.prompt_tokens, usage.cached_tokens)
                 self._metrics.e2e_request_latency.observe(now - self._arrived)
             case Failed():
                 self._metrics.e2e_request_latency.observe(now - self._arrived)

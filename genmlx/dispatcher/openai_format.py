@@ -20,11 +20,12 @@ from genmlx.dispatcher.reply_parsing import ReplyParser, ReplyPiece, ReplyReason
 
 
 def usage_json(usage: Usage) -> dict:
-    """OpenAI's ``usage`` object."""
+    """OpenAI's ``usage`` object; ``cached_tokens`` counts prompt tokens the prefix cache supplied."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

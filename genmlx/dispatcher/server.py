@@ -118,6 +118,7 @@ def _make_engine(settings: DispatcherSettings, stop: _StopRequest) -> Engine:
         ModelSource(settings.model_dir, settings.context_length, _rank_group(settings)),
         IOLoop.current(),
         max_queue=settings.max_queue,
+        decoding=settings.decoding,
         on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
         on_load_failed=load_failed,
         on_group_ended=stop.request,
@@ -152,11 +153,12 @@ def _log_listening(settings: DispatcherSettings, *, auth: bool) -> None:
 
 def _log_ready(settings: DispatcherSettings, loaded: LoadedModel, seconds: float) -> None:
     log.info(
-        "%s ready after %.1fs (context length %s, max batch %d, max queue %d)",
+        "%s ready after %.1fs (context length %s, max batch %d, prefill chunk %d, max queue %d)",
         settings.model_id,
         seconds,
         loaded.context_length or "unbounded",
-        settings.max_batch,
+        settings.decoding.max_batch,
+        settings.decoding.prefill_chunk,
         settings.max_queue,
     )
 

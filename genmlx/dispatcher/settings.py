@@ -10,6 +10,18 @@ from genmlx.dispatcher.model_loading import PARALLELISMS, Parallelism
 
 
 @dataclass(frozen=True)
+class DecoderSettings:
+    """How many sequences decode together, how many prompt tokens one step reads, and the prefix
+    cache's bounds (``cache_entries`` 0 turns it off), which only rank 0 (``leads``) enforces."""
+
+    max_batch: int = 8
+    prefill_chunk: int = 512
+    cache_entries: int = 16
+    cache_bytes: int = 4 << 30
+    leads: bool = True
+
+
+@dataclass(frozen=True)
 class DispatcherSettings:
     """How one dispatcher rank was asked to run."""
 
@@ -19,7 +31,7 @@ class DispatcherSettings:
     host: str = "127.0.0.1"
     rank: int = 0
     world_size: int = 1
-    max_batch: int = 8
+    decoding: DecoderSettings = DecoderSettings()
     max_queue: int = 64
     context_length: int | None = None
     parent_pid: int | None = None
@@ -38,10 +50,19 @@ def parse_settings(argv: list[str]) -> DispatcherSettings:
     )
     if problem:
         parser.error(problem)
-    for name in ("port", "max_batch", "max_queue", "context_length"):
+    for name in ("port", "max_batch", "max_queue", "context_length", "prefill_chunk"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("prefix_cache_entries", "prefix_cache_gb"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    decoding = DecoderSettings(
+        max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
+        cache_entries=args.prefix_cache_entries,
+        cache_bytes=int(args.prefix_cache_gb * 2**30),
+    )
     return DispatcherSettings(
         model_dir=Path(args.model).expanduser(),
         model_id=args.name,
@@ -49,7 +70,7 @@ def parse_settings(argv: list[str]) -> DispatcherSettings:
         host=args.host,
         rank=args.rank,
         world_size=args.world_size,
-        max_batch=args.max_batch,
+        decoding=decoding,
         max_queue=args.max_queue,
         context_length=args.context_length,
         parent_pid=args.parent_pid,
@@ -74,6 +95,21 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, default=1, help="number of ranks in the group")
     parser.add_argument("--max-batch", type=int, default=8, help="most requests generated together")
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens read per step; a long prompt delays the others by one chunk (default 512)",
+    )
+    parser.add_argument(
+        "--prefix-cache-entries",
+        type=int,
+        default=16,
+        help="finished sequences whose KV state later prompts may reuse; 0 turns it off (default 16)",
+    )
+    parser.add_argument(
+        "--prefix-cache-gb", type=float, default=4.0, help="memory the prefix cache may hold (default 4)"
+    )
     parser.add_argument("--context-length", type=int, default=None, help="prompt + completion token limit")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--hostfile", default=None, help="MLX ring hostfile of a multi-rank group")

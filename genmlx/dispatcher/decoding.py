@@ -1,0 +1,186 @@
+"""Decoders: the sequences being generated, advanced one token each per ``step``.
+
+``BatchDecoder`` is continuous batching on mlx-lm's ``BatchGenerator``: sequences join and leave
+between steps, and each step decodes one token for every sequence already past its prompt and then
+processes one chunk (``prefill_chunk`` tokens) of the prompts still being read, so a long prompt
+holds the others back by at most one chunk per token. A sequence that ends leaves its KV state in
+the ``PrefixCache`` for later prompts that start the same way.
+
+``SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``) one
+sequence at a time with ``generate_step``.
+
+Both are deterministic given the same calls in the same order, which is what keeps the ranks of a
+group in step: rank 0 decides every join and leave, and every rank makes the same calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import mlx.core as mx
+
+from genmlx.dispatcher.events import GenerationRequest
+from genmlx.dispatcher.prefix_cache import PrefixCache
+from genmlx.dispatcher.sampling import make_logits_processors, make_token_sampler
+from genmlx.dispatcher.settings import DecoderSettings
+
+End = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One token of sequence ``uid``; ``end`` when the decoder ended the sequence with it."""
+
+    uid: int
+    token: int
+    logprobs: mx.array
+    end: End | None
+
+
+class Decoder(Protocol):
+    capacity: int
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def cache_entries(self) -> int: ...
+
+    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int: ...
+
+    def leave(self, uid: int) -> None: ...
+
+    def step(self) -> list[Sampled]: ...
+
+    def trim_cache(self, entries: int) -> None: ...
+
+
+def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings) -> Decoder:
+    """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
+        return BatchDecoder(model, eos_ids, settings)
+    return SequentialDecoder(model)
+
+
+class BatchDecoder:
+    """Continuous batching over mlx-lm's ``BatchGenerator``, with a prefix cache."""
+
+    def __init__(self, model: Any, eos_ids: set[int], settings: DecoderSettings):
+        from mlx_lm.generate import BatchGenerator
+
+        self.capacity = settings.max_batch
+        self._generator = BatchGenerator(
+            model,
+            stop_tokens=[[eos] for eos in sorted(eos_ids)],
+            completion_batch_size=settings.max_batch,
+            prefill_batch_size=settings.max_batch,
+            prefill_step_size=settings.prefill_chunk,
+        )
+        self._prefixes = PrefixCache(settings.cache_entries, settings.cache_bytes, evicts=settings.leads)
+        self._uids: dict[int, int] = {}  # ours -> the generator's
+
+    @property
+    def active(self) -> int:
+        return len(self._uids)
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._prefixes)
+
+    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int:
+        """Add ``request`` as sequence ``uid``; how many prompt tokens the prefix cache supplied.
+
+        ``cached_tokens`` is rank 0's answer on the other ranks: exactly that many are reused.
+        """
+        prompt = list(request.prompt_tokens)
+        reused = self._prefixes.take(prompt, cached_tokens)
+        cached = reused.tokens if reused else 0
+        (self._uids[uid],) = self._generator.insert(
+            [prompt[cached:]],
+            max_tokens=[request.max_tokens],
+            caches=[reused.cache if reused else None],
+            all_tokens=[prompt[:cached]],
+            samplers=[make_token_sampler(request.sampling)],
+            logits_processors=[make_logits_processors(request.sampling)],
+        )
+        return cached
+
+    def leave(self, uid: int) -> None:
+        """Drop sequence ``uid`` before it ended by itself; what it had read stays in the cache."""
+        inner = self._uids.pop(uid)
+        for cache, tokens in self._generator.remove([inner], return_prompt_caches=True).values():
+            self._prefixes.put(tokens, cache)
+
+    def step(self) -> list[Sampled]:
+        """One token for each sequence past its prompt, and one chunk of the prompts being read."""
+        ours = {inner: uid for uid, inner in self._uids.items()}
+        _, responses = self._generator.next()
+        sampled = []
+        for response in responses:
+            uid = ours[response.uid]
+            sampled.append(Sampled(uid, response.token, response.logprobs, response.finish_reason))
+            if response.finish_reason is not None:
+                del self._uids[uid]
+                self._prefixes.put(response.all_tokens, response.prompt_cache)
+        return sampled
+
+    def trim_cache(self, entries: int) -> None:
+        self._prefixes.trim(entries)
+
+
+class SequentialDecoder:
+    """One sequence at a time through ``generate_step``, for models whose caches cannot batch."""
+
+    capacity = 1
+    cache_entries = 0
+
+    def __init__(self, model: Any):
+        self._model = model
+        self._uid: int | None = None
+        self._steps: Generator[tuple[Any, mx.array]] | None = None
+        self._left = 0
+
+    @property
+    def active(self) -> int:
+        return 0 if self._uid is None else 1
+
+    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int:
+        from mlx_lm.generate import generate_step
+
+        if self._uid is not None:
+            raise RuntimeError("this decoder generates one sequence at a time")
+        self._uid, self._left = uid, request.max_tokens
+        self._steps = generate_step(
+            mx.array(request.prompt_tokens),
+            self._model,
+            max_tokens=request.max_tokens,
+            sampler=make_token_sampler(request.sampling),
+            logits_processors=make_logits_processors(request.sampling),
+        )
+        return 0
+
+    def leave(self, uid: int) -> None:
+        if uid == self._uid:
+            self._end()
+
+    def step(self) -> list[Sampled]:
+        if self._uid is None:
+            return []
+        uid = self._uid
+        token, logprobs = next(self._steps)
+        self._left -= 1
+        end: End | None = "length" if self._left == 0 else None
+        if end:
+            self._end()
+        return [Sampled(uid, int(token), logprobs, end)]
+
+    def trim_cache(self, entries: int) -> None:
+        pass
+
+    def _end(self) -> None:
+        steps, self._uid, self._steps = self._steps, None, None
+        steps.close()
