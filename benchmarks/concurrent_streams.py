@@ -1,14 +1,22 @@
 """Aggregate generated tokens/s at 1, 4 and 16 concurrent streams: our dispatcher over ``mlx_lm.server``.
 
-    python benchmarks/concurrent_streams.py [--model DIR] [--tokens 64] [--levels 1 4 16]
+    python benchmarks/concurrent_streams.py [--model DIR] [--tokens 64] [--levels 1 4 16] [--temperature 0]
 
 Both servers run as processes on 127.0.0.1 on the same model (the demo model, written to a temporary
 directory, unless ``--model`` names one): ours is ``python -m genmlx.dispatcher``; the baseline is
-``python -m mlx_lm.server`` with its own defaults (which batch concurrent requests). The same client
-code drives both: at each level, that many threads each send one streaming chat completion through
-the ``openai`` client, all with the same prompts, ``max_tokens`` and temperature 0.
+``python -m mlx_lm.server``. Both are given the same batch size, ``--batch`` (default 32, which is
+mlx_lm.server's default ``--decode-concurrency``), so neither server's batch limit holds back any
+stream of any level here: ours gets ``--max-batch N`` (its decode and prefill batch), the baseline
+``--decode-concurrency N --prompt-concurrency N`` (its prompt default, 8, would read 16 prompts in
+two rounds). Everything else is each server's default; the prompts are far shorter than
+either's prefill chunk, and both keep a prompt cache (ours 16 entries, mlx_lm.server 10), which the
+repeated prompts hit alike. The same client code drives both: at each level, that many threads each
+send one streaming chat completion through the ``openai`` client, all with the same prompts,
+``max_tokens`` and temperature (0 unless ``--temperature`` says otherwise: at 0 both servers sample
+the whole batch in one call, above it each request has a sampler of its own, on both).
 
-Timed: from just before the first request is sent to the end of the last stream, prefill included.
+Timed: from just before the first request is sent to the end of the last stream, prefill included
+(each thread builds its ``openai`` client before the clock starts: building one takes ~30 ms of CPU).
 Tokens: the sum of ``usage.completion_tokens`` the servers report. Both servers run throughout (an
 idle one blocks on its request queue, costing no CPU) and each gets a warm-up request; then, level by
 level, runs alternate between the two, ``--rounds`` times each, so a change in the machine's
@@ -28,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 from decode_throughput import Server, free_port, model_directory, our_dispatcher, running_process
 
 PROMPTS = (
@@ -36,6 +45,14 @@ PROMPTS = (
     "List some uses of copper in everyday life.",
     "Describe a busy market in the morning.",
 )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every request asks for."""
+
+    max_tokens: int
+    temperature: float
 
 
 @dataclass(frozen=True)
@@ -52,23 +69,25 @@ class LevelRun:
 
 
 @contextmanager
-def mlx_lm_server(model_dir: Path, work: Path) -> Iterator[Server]:
-    """``mlx_lm.server`` on ``model_dir`` with its own defaults; it answers to ``default_model``."""
+def mlx_lm_server(model_dir: Path, work: Path, batch: int) -> Iterator[Server]:
+    """``mlx_lm.server`` on ``model_dir`` reading and decoding up to ``batch`` requests together; it
+    answers to ``default_model``."""
     port = free_port()
     args = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir)]
     args += ["--host", "127.0.0.1", "--port", str(port)]
+    args += ["--decode-concurrency", str(batch), "--prompt-concurrency", str(batch)]
     base_url = f"http://127.0.0.1:{port}"
     with running_process(args, base_url + "/health", work / "mlx_lm_server.log"):
         yield Server(base_url, "default_model", "unused")
 
 
-def stream_tokens(server: Server, prompt: str, max_tokens: int) -> int:
+def stream_tokens(client: openai.OpenAI, model: str, prompt: str, workload: Workload) -> int:
     """Stream one chat completion to its end; the completion tokens the server reports."""
-    stream = server.client().chat.completions.create(
-        model=server.model,
+    stream = client.chat.completions.create(
+        model=model,
         messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        temperature=0,
+        max_tokens=workload.max_tokens,
+        temperature=workload.temperature,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -77,18 +96,19 @@ def stream_tokens(server: Server, prompt: str, max_tokens: int) -> int:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     if tokens == 0:
-        raise RuntimeError(f"{server.base_url} reported no usage")
+        raise RuntimeError(f"{client.base_url} reported no usage")
     return tokens
 
 
-def run_level(server: Server, streams: int, max_tokens: int) -> LevelRun:
+def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
     """``streams`` concurrent streams, started together; aggregate tokens over wall time."""
     counts = [0] * streams
     start = threading.Barrier(streams + 1)
 
     def one_stream(index: int) -> None:
+        client = server.client()  # built before the clock starts: an openai.OpenAI() costs ~30 ms of CPU
         start.wait()
-        counts[index] = stream_tokens(server, PROMPTS[index % len(PROMPTS)], max_tokens)
+        counts[index] = stream_tokens(client, server.model, PROMPTS[index % len(PROMPTS)], workload)
 
     threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(streams)]
     for thread in threads:
@@ -110,34 +130,41 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of every request")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent streams")
     parser.add_argument("--rounds", type=int, default=3, help="runs per level and server")
+    parser.add_argument("--batch", type=int, default=32, help="requests each server batches together")
+    parser.add_argument("--temperature", type=float, default=0.0, help="temperature of every request")
     options = parser.parse_args()
+    workload = Workload(options.tokens, options.temperature)
     with (
         model_directory(options.model) as model_dir,
         tempfile.TemporaryDirectory() as work,
-        our_dispatcher(model_dir, Path(work)) as ours,
-        mlx_lm_server(model_dir, Path(work)) as baseline,
+        our_dispatcher(model_dir, Path(work), ["--max-batch", str(options.batch)]) as ours,
+        mlx_lm_server(model_dir, Path(work), options.batch) as baseline,
     ):
         servers = {"ours": ours, "mlx_lm.server": baseline}
-        results = run_alternating(servers, options.levels, options.rounds, options.tokens)
-    report(model_dir, options.tokens, results)
+        results = run_alternating(servers, options.levels, options.rounds, workload)
+    report(model_dir, workload, options.batch, results)
 
 
 def run_alternating(
-    servers: dict[str, Server], levels: list[int], rounds: int, max_tokens: int
+    servers: dict[str, Server], levels: list[int], rounds: int, workload: Workload
 ) -> dict[str, dict[int, list[LevelRun]]]:
     """Every level ``rounds`` times on each server, alternating, after one warm-up request each."""
     for server in servers.values():
-        stream_tokens(server, PROMPTS[0], 8)
+        stream_tokens(server.client(), server.model, PROMPTS[0], Workload(8, workload.temperature))
     results: dict[str, dict[int, list[LevelRun]]] = {name: {} for name in servers}
     for level in levels:
         for _ in range(rounds):
             for name, server in servers.items():
-                results[name].setdefault(level, []).append(run_level(server, level, max_tokens))
+                results[name].setdefault(level, []).append(run_level(server, level, workload))
     return results
 
 
-def report(model_dir: Path, max_tokens: int, results: dict[str, dict[int, list[LevelRun]]]) -> None:
-    print(f"model: {model_dir}; max_tokens {max_tokens}; temperature 0; aggregate generated tokens/s")
+def report(
+    model_dir: Path, workload: Workload, batch: int, results: dict[str, dict[int, list[LevelRun]]]
+) -> None:
+    print(f"model: {model_dir}; max_tokens {workload.max_tokens}; temperature {workload.temperature}")
+    print(f"batch {batch} on both servers")
+    print("aggregate generated tokens/s (median)")
     print(f"{'streams':>7} {'tokens':>13} {'ours':>10} {'mlx_lm.server':>14} {'ratio':>7}")
     for level, ours in results["ours"].items():
         baseline = results["mlx_lm.server"][level]

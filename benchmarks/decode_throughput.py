@@ -1,6 +1,6 @@
 """Single-stream decode speed: our dispatcher over HTTP against mlx-lm's ``stream_generate`` in-process.
 
-    python benchmarks/decode_throughput.py [--model DIR] [--tokens 256] [--rounds 3]
+    python benchmarks/decode_throughput.py [--model DIR] [--tokens 256] [--rounds 5]
 
 Both generate the same prompt tokens at temperature 0 for ``--tokens`` tokens on the same model
 (the demo model, written to a temporary directory, unless ``--model`` names one). What is timed is
@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +116,14 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: f
 
 
 @contextmanager
-def our_dispatcher(model_dir: Path, work: Path) -> Iterator[Server]:
-    """A real dispatcher process serving ``model_dir``."""
+def our_dispatcher(model_dir: Path, work: Path, flags: Sequence[str] = ()) -> Iterator[Server]:
+    """A real dispatcher process serving ``model_dir``, started with ``flags`` besides its address."""
     port = free_port()
     args = [sys.executable, "-m", "genmlx.dispatcher", "--model", str(model_dir), "--name", SERVED_NAME]
-    args += ["--port", str(port), "--max-queue", "256"]
+    args += ["--port", str(port), "--max-queue", "256", *flags]
     base_url = f"http://127.0.0.1:{port}"
-    with running_process(args, base_url + "/health", work / "dispatcher.log"):
+    log_path = work / f"dispatcher-{port}.log"  # one per server: a run may start several
+    with running_process(args, base_url + "/health", log_path):
         yield Server(base_url, SERVED_NAME, TOKEN)
 
 
@@ -166,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model directory (default: the demo model)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per generation")
-    parser.add_argument("--rounds", type=int, default=3, help="timed generations per side")
+    parser.add_argument("--rounds", type=int, default=5, help="timed generations per side")
     options = parser.parse_args()
     from mlx_lm import load
 
