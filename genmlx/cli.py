@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="send a manifest to the running master")
     p.add_argument("-f", "--file", type=Path, required=True)
     p.add_argument("--master", help="master URL (default: from the manifest, or $GENMLX_MASTER)")
+    p.add_argument("--wait", action="store_true", help="follow progress until every model is Ready")
+    p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds")
     p.set_defaults(run=cmd_apply)
 
     p = sub.add_parser("diff", help="show what the master would do for a manifest (exit 1 if anything)")
@@ -74,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
     p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
     p.set_defaults(run=cmd_describe)
+
+    p = sub.add_parser("mesh", help="plan how the nodes and ranks are wired (Thunderbolt, ring, jaccl)")
+    mesh = p.add_subparsers(required=True, metavar="ACTION")
+    p = mesh.add_parser("plan", help="print the Thunderbolt address plan, backends and hostfiles")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    p.add_argument(
+        "--master", help="master URL for node facts (default: from the manifest, or $GENMLX_MASTER)"
+    )
+    p.set_defaults(run=cmd_mesh_plan)
 
     p = sub.add_parser("master", help="run the master (reconcile loop, status API, OpenAI router)")
     p.add_argument("-f", "--file", type=Path, help="manifest to apply at start (default: the last applied)")
@@ -129,13 +141,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from genmlx.manifest import load_manifest
     from genmlx.master_client import MasterError, apply_manifest, master_url
 
+    if args.timeout is not None and not args.wait:
+        raise UsageError("--timeout goes with --wait: how long to follow the rollout")
     manifest = load_manifest(args.file)  # every error, and nothing sent, when it is invalid
-    url = master_url(args.master, manifest)
+    url, token = master_url(args.master, manifest), manifest_token(manifest)
     revision = file_revision(args.file)
     try:
         result = apply_manifest(
             url,
-            manifest_token(manifest),
+            token,
             args.file,
             args.file.read_text(),
             revision.to_json() if revision else None,
@@ -148,6 +162,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     at = f", {revision}" if revision else ""
     print(f"cluster {manifest.name} {state} (generation {result['generation']}{at})")
     print_plan(result)
+    if args.wait:
+        from genmlx.apply_wait import wait_for_apply
+
+        sys.stdout.flush()
+        return wait_for_apply(url, token, result["generation"], args.timeout)
     return 0
 
 
@@ -211,6 +230,19 @@ def cmd_describe(args: argparse.Namespace) -> int:
     described = {**item, "events": events}
     print_document(described, args.output, lambda: format_described(args.what, described))
     return 0
+
+
+def cmd_mesh_plan(args: argparse.Namespace) -> int:
+    """Exit 1 when the manifest is invalid or the mesh cannot be planned as it asks."""
+    from genmlx.manifest import load_manifest
+    from genmlx.master_client import master_url
+    from genmlx.mesh_report import format_mesh_plan, has_errors, master_status, mesh_document, mesh_nodes
+
+    manifest = load_manifest(args.file)
+    status, source = master_status(master_url(args.master, manifest), manifest)
+    document = mesh_document(manifest, mesh_nodes(manifest, status), source, status)
+    print_document(document, args.output, lambda: format_mesh_plan(document))
+    return 1 if has_errors(document) else 0
 
 
 def print_document(document, output: str, as_text) -> None:

@@ -27,6 +27,12 @@ class NetworkInterface:
     # Whether something is at the other end of the cable: for a Thunderbolt port on macOS, another
     # computer (a drive or a dock does not count); on Linux, the carrier. None where the OS does not tell.
     linked: bool | None = None
+    # Thunderbolt ports on macOS only. A cable joins the port whose ``peer_domain`` is the other's
+    # ``domain`` (system_profiler's Thunderbolt domain UUIDs); ``rdma_device`` is the device jaccl
+    # reaches that peer through ("rdma_en2"), set where RDMA is enabled and the port is active.
+    domain: str | None = None
+    peer_domain: str | None = None
+    rdma_device: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -34,12 +40,22 @@ class NetworkInterface:
             "kind": self.kind,
             "addresses": list(self.addresses),
             "linked": self.linked,
+            "domain": self.domain,
+            "peerDomain": self.peer_domain,
+            "rdmaDevice": self.rdma_device,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NetworkInterface:
-        addresses = tuple(d.get("addresses") or ())
-        return cls(name=d["name"], kind=d["kind"], addresses=addresses, linked=d.get("linked"))
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            addresses=tuple(d.get("addresses") or ()),
+            linked=d.get("linked"),
+            domain=d.get("domain"),
+            peer_domain=d.get("peerDomain"),
+            rdma_device=d.get("rdmaDevice"),
+        )
 
 
 @dataclass(frozen=True)
@@ -86,12 +102,54 @@ class NodeFacts:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What placement needs to know about a stored model, read from its config.json and weights.
+
+    ``weight_bytes`` is the safetensors index's ``metadata.total_size`` where there is an index, else
+    the size of the ``*.safetensors`` files. The KV cache holds ``kv_dtype_bytes`` per value: the
+    model's float dtype, 2 for quantized models (they keep a float16 cache).
+    """
+
+    weight_bytes: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    kv_dtype_bytes: int = 2
+    max_position_embeddings: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "weightBytes": self.weight_bytes,
+            "numLayers": self.num_layers,
+            "numAttentionHeads": self.num_attention_heads,
+            "numKeyValueHeads": self.num_key_value_heads,
+            "headDim": self.head_dim,
+            "kvDtypeBytes": self.kv_dtype_bytes,
+            "maxPositionEmbeddings": self.max_position_embeddings,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModelShape:
+        return cls(
+            weight_bytes=d["weightBytes"],
+            num_layers=d["numLayers"],
+            num_attention_heads=d["numAttentionHeads"],
+            num_key_value_heads=d["numKeyValueHeads"],
+            head_dim=d["headDim"],
+            kv_dtype_bytes=d.get("kvDtypeBytes", 2),
+            max_position_embeddings=d.get("maxPositionEmbeddings"),
+        )
+
+
+@dataclass(frozen=True)
 class StoredModel:
     """A model directory found in a storage path.
 
     ``complete`` means every file its metadata lists is present with the recorded size (sha256 is
-    checked when the directory is published and when a file is served or synced). A directory
-    without metadata (a model put there by hand) is complete when it has config.json and weights.
+    checked when the directory is published and when a file is served or synced, and re-checked
+    by the agent's scrub). A directory without metadata (a model put there by hand) is complete
+    when it has config.json and weights. ``problem`` says why an incomplete one is not complete.
     """
 
     name: str  # the directory's name
@@ -101,6 +159,8 @@ class StoredModel:
     source: str | None = None  # from the metadata: "hf://org/repo", "file:///path"
     revision: str | None = None  # the revision asked for ("main", a tag, a commit)
     commit: str | None = None  # the commit it resolved to, where the source has commits
+    shape: ModelShape | None = None  # complete models whose config.json could be read
+    problem: str | None = None  # "model.safetensors: sha256 does not match", "...: missing"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,6 +171,8 @@ class StoredModel:
             "source": self.source,
             "revision": self.revision,
             "commit": self.commit,
+            "shape": self.shape.to_json() if self.shape is not None else None,
+            "problem": self.problem,
         }
 
     @classmethod
@@ -123,6 +185,8 @@ class StoredModel:
             source=d.get("source"),
             revision=d.get("revision"),
             commit=d.get("commit"),
+            shape=ModelShape.from_json(d["shape"]) if d.get("shape") is not None else None,
+            problem=d.get("problem"),
         )
 
 

@@ -6,6 +6,7 @@ another Mac on ports 1 and 2, a Thunderbolt drive on port 5 (tests/data/macos)."
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import astuple
 from pathlib import Path
 
 import psutil
@@ -41,6 +43,7 @@ RECORDED = {
     macos.CHIP_SYSCTL: "sysctl-machdep.cpu.brand_string.txt",
     macos.HARDWARE_PORTS: "networksetup-listallhardwareports.txt",
     macos.THUNDERBOLT_PROFILE: "system_profiler-SPThunderboltDataType.json",
+    macos.RDMA_DEVICES: "ibv_devinfo.txt",
 }
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads this machine's Linux facts")
 
@@ -63,17 +66,20 @@ def recorded_mac(*missing: tuple[str, ...], gpu: str = "Metal\n"):
 # macOS, from recordings
 
 
+PEER_ON_1 = "2D6F8B41-C03E-4957-A1B8-E7940D5C263F"  # the Mac Studio on port 1
+PEER_ON_2 = "73B0F9C2-5D16-4A8E-B3F7-2C94E60D1A5B"  # the Mac mini on port 2
 STUDIO_PORTS = {
     "lo0": InterfacePort("loopback"),
     "en0": InterfacePort("ethernet"),
     "en1": InterfacePort("wifi"),
     "bridge0": InterfacePort("thunderbolt", linked=True),
-    "en2": InterfacePort("thunderbolt", linked=True),
-    "en3": InterfacePort("thunderbolt", linked=True),
-    "en4": InterfacePort("thunderbolt", linked=False),
-    "en5": InterfacePort("thunderbolt", linked=False),
-    "en6": InterfacePort("thunderbolt", linked=False),  # a drive is not a peer
-    "en7": InterfacePort("thunderbolt", linked=False),
+    # Each port's own Thunderbolt domain, the peer Mac's, and the RDMA device of an active port.
+    "en2": InterfacePort("thunderbolt", True, "A9C3E7F2-4B18-4D6A-9F05-83E2D1B6C47A", PEER_ON_1, "rdma_en2"),
+    "en3": InterfacePort("thunderbolt", True, "E5A18D3C-72F0-4B96-8D1E-4F3B20C6A978", PEER_ON_2, "rdma_en3"),
+    "en4": InterfacePort("thunderbolt", linked=False, domain="D27C5B08-8E3A-4F61-B94D-0A6E1C3F7B82"),
+    "en5": InterfacePort("thunderbolt", linked=False, domain="6A93E2D4-1F58-47C0-9B26-C3D47E8A5F10"),
+    "en6": InterfacePort("thunderbolt", False, "0F8D2A51-93C4-4B7E-A6D0-5E2C8B19F3A7"),  # a drive: no peer
+    "en7": InterfacePort("thunderbolt", linked=False, domain="B41E6C0F-2D7A-4E95-8C3B-71F05A9D2E64"),
     "en8": InterfacePort("ethernet"),
 }
 
@@ -132,12 +138,15 @@ def test_thunderbolt_peers_are_computers_on_a_connected_receptacle():
     assert macos.parse_thunderbolt_peers('{"SPThunderboltDataType" : []}') == {}
     for garbage in ("", "not json", '{"SPUSBDataType": []}', '{"SPThunderboltDataType": [{"_items": 3}]}'):
         assert macos.parse_thunderbolt_peers(garbage) is None, garbage
+        assert macos.parse_thunderbolt_domains(garbage) == {}, garbage
 
 
 def test_macos_facts_degrade_to_unknown_when_commands_fail():
     without_profiler = macos.MacOSProbe(recorded_mac(macos.THUNDERBOLT_PROFILE))
-    unlinked = {name: InterfacePort(port.kind) for name, port in STUDIO_PORTS.items()}
-    assert without_profiler.interface_ports() == unlinked, "kinds stay known, links become unknown"
+    unlinked = {
+        name: InterfacePort(port.kind, rdma_device=port.rdma_device) for name, port in STUDIO_PORTS.items()
+    }
+    assert without_profiler.interface_ports() == unlinked, "kinds and RDMA stay known, links become unknown"
 
     nothing = macos.MacOSProbe(recorded_mac(*RECORDED))
     assert (nothing.os_version(), nothing.chip()) == ("", "")
@@ -177,9 +186,10 @@ def test_macos_node_facts_put_the_recorded_parts_together():
             "en0", "ethernet", ("192.168.1.20", "fe80::1c8e:5a2b:93f0:6d11", "fd3a:9c1e:44b0::20")
         ),
         NetworkInterface("en1", "wifi"),
-        NetworkInterface("en2", "thunderbolt", (), True),
-        NetworkInterface("en3", "thunderbolt", (), True),
-        *(NetworkInterface(f"en{n}", "thunderbolt", (), False) for n in range(4, 8)),
+        *(
+            NetworkInterface(f"en{n}", "thunderbolt", (), *astuple(STUDIO_PORTS[f"en{n}"])[1:])
+            for n in range(2, 8)
+        ),
         NetworkInterface("en8", "ethernet"),
         NetworkInterface("lo0", "loopback", ("127.0.0.1", "::1", "fe80::1")),
         NetworkInterface("utun4", "other", ("100.101.12.7",)),
@@ -418,3 +428,11 @@ def test_linux_chip_is_the_first_model_name(tmp_path: Path):
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 48.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n")
     assert LinuxProbe(cpuinfo=cpuinfo).chip() == "", "ARM boards name no model"
     assert LinuxProbe(cpuinfo=tmp_path / "absent").chip() == ""
+
+
+def test_active_rdma_devices_are_the_ports_ibv_devinfo_says_are_up():
+    devinfo = (RECORDINGS / RECORDED[macos.RDMA_DEVICES]).read_text()
+    assert macos.parse_active_rdma_devices(devinfo) == {"rdma_en2", "rdma_en3"}
+    assert macos.parse_active_rdma_devices("") == frozenset()
+    without_rdma = macos.MacOSProbe(recorded_mac(macos.RDMA_DEVICES)).interface_ports()
+    assert without_rdma["en2"] == dataclasses.replace(STUDIO_PORTS["en2"], rdma_device=None)

@@ -5,8 +5,10 @@ master; a killed agent comes back without the model being copied again."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -99,3 +101,97 @@ spec:
     assert node["transfers"] == []
     assert (copied / ".genmlx-model.json").stat().st_mtime_ns == published
     assert client.completions.create(model="demo", prompt="again", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_three_hosts_serve_a_tensor_parallel_pair_and_a_single_and_follow_the_manifest(
+    netns_hosts, tmp_path, demo_model_dir
+):
+    bench: NetBench = netns_hosts(3)
+    token = read_token(ensure_token(tmp_path / "token")[0])
+    names = ("n1", "n2", "n3")
+    homes = {name: write_home(tmp_path, name, token) for name in names}
+    shutil.copytree(demo_model_dir, homes["n1"] / "models" / "demo")
+    manifest = tmp_path / "cluster.yaml"
+    source = f"file://{homes['n1'] / 'models' / 'demo'}"
+
+    def write_manifest(models: str) -> None:
+        nodes = "".join(f"    - {{name: {n}, storage: [{{path: {homes[n] / 'models'}}}]}}\n" for n in names)
+        manifest.write_text(
+            "apiVersion: genmlx/v1\nkind: Cluster\nmetadata: {name: bench}\nspec:\n"
+            f"  master: {{node: n1}}\n  nodes:\n{nodes}  models:\n{models}"
+        )
+
+    pair = f'    - {{name: pair, source: "{source}", nodes: [n1, n2], parallelism: tensor}}\n'
+    write_manifest(pair + f'    - {{name: solo, source: "{source}", nodes: [n3]}}\n')
+    agents = {
+        name: bench.run(
+            i,
+            genmlx("agent", "--name", name, "--storage", str(homes[name] / "models")),
+            name,
+            {"GENMLX_HOME": str(homes[name])},
+        )
+        for i, name in enumerate(names)
+    }
+    master_env = {"GENMLX_HOME": str(homes["n1"]), "GENMLX_CANARY_INTERVAL_S": "2"}
+    master = bench.run(0, genmlx("master", "-f", str(manifest)), "master", master_env)
+    url = f"http://{bench.host(0).address}:{MASTER_PORT}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=60)
+
+    def models_serving(**wanted: str) -> dict | None:
+        """The status once every model named is Serving on the nodes given ("n1,n2")."""
+        document = status(url, token)
+        models = {m["name"]: m for m in document["models"]} if document else {}
+        for name, nodes in wanted.items():
+            model = models.get(name)
+            if not model or model["conditions"][0]["reason"] != "Serving":
+                return None
+            if [r["node"] for r in model["ranks"]] != nodes.split(","):
+                return None
+        return document
+
+    def ask(model: str) -> int:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+        )
+        return reply.usage.completion_tokens
+
+    document = wait_until(lambda: models_serving(pair="n1,n2", solo="n3"), 240, what="both models")
+    assert ask("pair") == ask("solo") == 3
+    pair_ranks = next(m for m in document["models"] if m["name"] == "pair")["ranks"]
+    assert {r["launch"]["parallelism"] for r in pair_ranks} == {"tensor"}
+    hostfile = pair_ranks[0]["launch"]["hostfile"]
+    assert hostfile == [f"{bench.host(0).address}:32323", f"{bench.host(1).address}:32323"]
+
+    # A killed rank (on n2): its whole group is started again and serves.
+    killed = next(r["pid"] for r in pair_ranks if r["node"] == "n2")
+    os.kill(killed, signal.SIGKILL)
+
+    def pair_restarted() -> dict | None:
+        document = models_serving(pair="n1,n2")
+        ranks = next(m for m in document["models"] if m["name"] == "pair")["ranks"] if document else []
+        return document if ranks and killed not in {r["pid"] for r in ranks} else None
+
+    wait_until(pair_restarted, 180, what="the pair to serve again")
+    assert ask("pair") == 3
+
+    # Moved in the manifest, solo follows to n2 (synced there from n1); removed, pair stops.
+    write_manifest(f'    - {{name: solo, source: "{source}", nodes: [n2]}}\n')
+    applied = subprocess.run(
+        genmlx("apply", "-f", str(manifest), "--master", url),
+        env={**os.environ, "GENMLX_HOME": str(homes["n1"])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "pair" in applied.stdout and "solo" in applied.stdout
+
+    # The master is killed mid-rollout and started again: it converges from what agents report.
+    master.signal(signal.SIGKILL)
+    master = bench.run(0, genmlx("master"), "master-again", master_env)
+    document = wait_until(lambda: models_serving(solo="n2"), 240, what="solo on n2")
+    assert [m["name"] for m in document["models"]] == ["solo"]
+    running = {(n["name"], r["launch"]["model"]) for n in document["nodes"] for r in n["ranks"]}
+    assert running == {("n2", "solo")}
+    assert ask("solo") == 3
+    assert agents["n3"].popen.poll() is None

@@ -9,8 +9,10 @@ import pytest
 from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Serving, Source, StoragePath
 from genmlx.node_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel
 from genmlx.reconciler.actions import StartRankGroup, StopRankGroup
+from genmlx.reconciler.groups import GroupPlan, desired_group
 from genmlx.reconciler.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
-from genmlx.reconciler.plan import assess_models, desired_group, plan
+from genmlx.reconciler.placement import Placement
+from genmlx.reconciler.plan import assess_models, plan
 
 NOW = 1_000_000.0
 STORE = "/models"
@@ -27,7 +29,8 @@ def manifest(*models: ModelSpec, nodes=("a",)) -> Manifest:
 
 
 def group(spec: ModelSpec, port: int = 8100) -> StartRankGroup:
-    return desired_group(spec, [f"{STORE}/{spec.name}"] * len(spec.nodes), port)
+    one_node = GroupPlan((f"{STORE}/{spec.name}",), (port,), Placement("single", None, "one node"))
+    return desired_group(spec, manifest(spec), observed(), one_node)
 
 
 def running(spec: ModelSpec, port: int = 8100, state="running", exit_code=None, spec_hash=None) -> RankInfo:

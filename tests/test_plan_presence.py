@@ -102,6 +102,11 @@ CASES = {
         seen(node("a", transfers=[transfer("failed", permanent=True)]), node("b")),
         [],
     ),
+    "a permanent failure of another revision no longer blocks: the new one is downloaded": (
+        desk(ModelSpec("qwen", Source("hf", "org/qwen"), ("a", "b"), revision="v2")),
+        seen(node("a", transfers=[transfer("failed", permanent=True)]), node("b")),
+        [FetchModel("a", FetchRequest("qwen", "/fast", source="hf://org/qwen", revision="v2"))],
+    ),
     "a temporary failure a moment ago: wait": (
         desk(HF),
         seen(node("a", transfers=[transfer("failed")]), node("b")),
@@ -171,9 +176,9 @@ def test_a_node_without_room_blocks_with_the_numbers():
     assert "no storage path of b has room for 4.0 GB" in assessment.message
 
 
-def test_once_every_node_has_it_a_two_node_model_waits_only_for_multi_rank_serving():
+def test_once_every_node_has_it_a_two_node_model_needs_its_shape_to_be_split():
     (assessment,) = assess_models(
         desk(HF), seen(node("a", fast=[copy()]), node("b", big=[copy(path="/big/qwen")]))
     )
     assert assessment.actions == ()
-    assert assessment.reason == "MultiNodeNotSupported"
+    assert (assessment.phase, assessment.reason) == ("Blocked", "UnknownShape")

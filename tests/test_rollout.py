@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -26,6 +27,8 @@ class TwoNodes:
         self.home = root / "home"
         self.token = read_token(ensure_token(self.home / "token")[0])
         self.env = {**os.environ, "GENMLX_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        # A canary every second, hung after 5 s without an answer: self-healing within a test's time.
+        self.env.update(GENMLX_CANARY_INTERVAL_S="1", GENMLX_CANARY_TIMEOUT_S="5")
         self.ports = {"master": free_port(), "a": free_port(), "b": free_port()}
         self.storage = {n: root / f"storage-{n}" for n in "ab"}
         for path in self.storage.values():
@@ -165,13 +168,22 @@ def test_a_hub_model_is_downloaded_once_then_copied_between_nodes(two_nodes, hub
         models = {m["name"]: m for m in document["models"]} if document else {}
         return document if name in models and models[name]["conditions"][0]["reason"] == reason else None
 
-    # Serving across nodes comes with multi-rank dispatchers; the files get everywhere already.
-    document = wait_until(lambda: model_reason("hubbed", "MultiNodeNotSupported"), 120, what="both copies")
+    # Downloaded once, copied to the other node, then served by a two-rank group across both.
+    document = wait_until(lambda: model_reason("hubbed", "Serving"), 120, what="a group across a and b")
     copies = {(n["name"], m["name"]): m for n in document["nodes"] for s in n["storage"] for m in s["models"]}
     assert set(copies) == {("a", "hubbed"), ("b", "hubbed")}
     assert all(m["complete"] and m["commit"] == commit for m in copies.values())
     weights = [name for name in files if name.endswith(".safetensors")]
     assert weights and all(hub.bytes_served[name] == len(files[name]) for name in weights)
+    (model,) = [m for m in document["models"] if m["name"] == "hubbed"]
+    assert [(r["node"], r["launch"]["rank"], r["launch"]["worldSize"]) for r in model["ranks"]] == [
+        ("a", 0, 2),
+        ("b", 1, 2),
+    ]
+    reply = cluster.client().chat.completions.create(
+        model="hubbed", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+    )
+    assert reply.usage.completion_tokens == 3
 
     # A second model of the same repo and revision uses the copy already on its node.
     solo = "    - {{name: solo, source: 'hf://genmlx/demo-llama', nodes: [b]}}\n"
@@ -211,3 +223,40 @@ def test_a_new_revision_replaces_the_copy_and_restarts_the_group(two_nodes, hub,
     after = wait_until(lambda: serving(second), 120, what="v2 to serve")
     assert after["ranks"][0]["pid"] != before["ranks"][0]["pid"]
     assert after["copies"][0]["path"] == before["copies"][0]["path"]  # replaced in place, once verified
+
+
+def test_a_group_across_two_nodes_heals_a_killed_rank_and_a_hung_one(two_nodes, demo_model_dir):
+    shared = "    - {{name: shared, source: 'file://{storage_a}/demo', nodes: [a, b]}}\n"
+    cluster = two_nodes(shared, preload={"a": (demo_model_dir, "demo")})
+
+    def serving_group(other_than: set[int]) -> dict | None:
+        document = cluster.status()
+        models = {m["name"]: m for m in document["models"]} if document else {}
+        model = models.get("shared")
+        if not model or model["conditions"][0]["reason"] != "Serving":
+            return None
+        pids = {r["pid"] for r in model["ranks"]}
+        return model if len(pids) == 2 and not pids & other_than else None
+
+    def chat() -> int:
+        reply = cluster.client().chat.completions.create(
+            model="shared", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+        )
+        return reply.usage.completion_tokens
+
+    first = wait_until(lambda: serving_group(set()), 120, what="the group to serve")
+    assert chat() == 2
+    pids = {r["pid"] for r in first["ranks"]}
+
+    # A killed rank takes its group down; the master starts the whole group again.
+    os.kill(next(r["pid"] for r in first["ranks"] if r["launch"]["rank"] == 1), signal.SIGKILL)
+    second = wait_until(lambda: serving_group(pids), 120, what="the group to serve again")
+    assert chat() == 2
+    pids = {r["pid"] for r in second["ranks"]}
+
+    # A stopped rank leaves rank 0 answering /health but generating nothing: the canary notices.
+    os.kill(next(r["pid"] for r in second["ranks"] if r["launch"]["rank"] == 1), signal.SIGSTOP)
+    wait_until(lambda: serving_group(pids), 120, what="the hung group to be replaced")
+    assert chat() == 2
+    master = next(proc for proc in cluster.procs if "master" in proc.args)
+    assert "shared: canary failed" in master.output()

@@ -148,7 +148,11 @@ def network_interfaces(
     for name, addrs in sorted(addresses.items()):
         port = ports.get(name, InterfacePort("other"))
         if port.kind != "other" or any(beyond_link_local(a) for a in addrs):
-            found.append(NetworkInterface(name, port.kind, addrs, port.linked))
+            found.append(
+                NetworkInterface(
+                    name, port.kind, addrs, port.linked, port.domain, port.peer_domain, port.rdma_device
+                )
+            )
     return tuple(found)
 
 

@@ -3,8 +3,9 @@ that a transfer is writing), and which paths a rank may load.
 
 Every function here touches the disk and may take a while on a large model (sizes walk every
 file), so the server calls them through an executor, never on the event loop. A state poll must
-stay cheap, so completeness here checks presence and sizes only; sha256 is checked when a model
-is published or adopted and when its files are served or synced (see ``store``).
+stay cheap, so completeness here checks presence, sizes and the scrub's damage mark only; sha256
+is checked when a model is published or adopted, when its files are served or synced (see
+``store``), and by the scrub in the background (see ``scrub``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 from genmlx.errors import AgentRequestError, ModelNotFound
 from genmlx.node_state import StorageReport, StoredModel
 
+from .model_shape import model_shape_or_none
 from .store import (
     PARTIAL_DIR_NAME,
     InvalidMetadata,
     ModelMetadata,
+    completeness_problem,
     is_complete,
     read_metadata,
     safe_model_name,
@@ -74,14 +77,18 @@ def model_dirs_in(path: Path) -> list[Path]:
 
 def describe_model_dir(path: Path) -> StoredModel:
     metadata = metadata_or_none(path)
+    problem = completeness_problem(path)
+    complete = problem is None
     return StoredModel(
         name=path.name,
         path=str(path),
         size_bytes=directory_size(path),
-        complete=is_complete_model_dir(path),
+        complete=complete,
         source=metadata.source if metadata else None,
         revision=metadata.revision if metadata else None,
         commit=metadata.commit if metadata else None,
+        shape=model_shape_or_none(path) if complete else None,  # a half-written config says nothing
+        problem=problem,
     )
 
 
@@ -99,8 +106,8 @@ def metadata_or_none(path: Path) -> ModelMetadata | None:
 
 
 def is_complete_model_dir(path: Path) -> bool:
-    """Every file the metadata lists is there with its size; without metadata (a model put there
-    by hand), ``config.json`` and at least one ``*.safetensors`` weights file."""
+    """Every file the metadata lists is there with its size and the scrub found no damage; without
+    metadata (a model put there by hand), ``config.json`` and at least one ``*.safetensors`` file."""
     return is_complete(path)
 
 

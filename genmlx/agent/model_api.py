@@ -3,7 +3,9 @@
 POST   /api/v1/models                      FetchRequest JSON -> 202 {"transfer": Transfer}
                                            or 200 {"model": StoredModel} when already complete
 DELETE /api/v1/models/{name}               200 {"removed": [paths]}; 409 while a rank or a
-                                           transfer uses it; 404 when there is nothing to remove
+                                           transfer uses it; 404 when there is nothing to remove.
+       ?storagePath=P                      only from that storage path (400 if not one of ours)
+       &managedOnly=true                   409 unless GenMLX put it there (the master's prune)
 GET    /api/v1/models/{name}/files         {"name", "source", "revision", "commit", "files"}
 GET    /api/v1/models/{name}/files/{path}  the file (Range: one range; ETag: its sha256); HEAD too
 """
@@ -20,7 +22,7 @@ from genmlx.errors import AgentRequestError
 from genmlx.node_state import RankInfo
 
 from .api_base import AgentHandler
-from .fetch_request import parse_fetch_request
+from .fetch_request import file_source_path, parse_fetch_request
 from .file_serving import (
     CorruptFile,
     ServedFile,
@@ -29,7 +31,7 @@ from .file_serving import (
     parse_byte_range,
     send_file_range,
 )
-from .store import remove_model, safe_model_name
+from .store import InvalidMetadata, read_metadata, remove_model, safe_model_name
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,14 @@ class NothingToRemove(AgentRequestError):
         super().__init__(message, status=404)
 
 
+class ModelNotManaged(AgentRequestError):
+    """A prune named a directory GenMLX did not put there: a user's own, or a ``file://`` source
+    used in place (HTTP 409). Those are never deleted by the master."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=409)
+
+
 class ModelsHandler(AgentHandler):
     async def post(self) -> None:
         outcome = await self.deps.transfers.fetch(parse_fetch_request(self.request.body))
@@ -61,20 +71,26 @@ class ModelsHandler(AgentHandler):
 class ModelHandler(AgentHandler):
     async def delete(self, name: str) -> None:
         safe_model_name(name)
+        roots = self.storage_roots()
         if self.deps.transfers.is_running(name):
             raise ModelInUse(f"a transfer of {name} is under way")
-        dirs = [root / name for root in self.deps.storage_paths]
-        users = ranks_using(self.deps.supervisor.ranks(), dirs)
+        users = ranks_using(self.deps.supervisor.ranks(), [root / name for root in roots])
         if users:
             raise ModelInUse(f"{name} is in use by running rank(s) {', '.join(users)}: stop them first")
-        removed = await IOLoop.current().run_in_executor(
-            None, remove_everywhere, self.deps.storage_paths, name
-        )
+        managed_only = self.get_query_argument("managedOnly", "") in ("1", "true")
+        removed = await IOLoop.current().run_in_executor(None, remove_from, roots, name, managed_only)
         self.deps.transfers.forget(name)
         if not removed:
-            raise NothingToRemove(f"no model {name!r} on this agent")
+            raise NothingToRemove(f"no model {name!r} in {', '.join(str(r) for r in roots)}")
         log.info("removed model %s: %s", name, ", ".join(str(p) for p in removed))
         self.write({"removed": [str(p) for p in removed]})
+
+    def storage_roots(self) -> tuple[Path, ...]:
+        """Every storage path, or only the one ``?storagePath=`` names (which must be ours)."""
+        storage_path = self.get_query_argument("storagePath", None)
+        if storage_path is None:
+            return self.deps.storage_paths
+        return (self.deps.transfers.storage_root(storage_path),)
 
 
 class ModelFilesHandler(AgentHandler):
@@ -134,5 +150,28 @@ def ranks_using(ranks: tuple[RankInfo, ...], model_dirs: list[Path]) -> list[str
     ]
 
 
-def remove_everywhere(storage_paths: tuple[Path, ...], name: str) -> list[Path]:
+def remove_from(storage_paths: tuple[Path, ...], name: str, managed_only: bool) -> list[Path]:
+    """Remove model ``name`` (and its partial directory) from each storage path. With
+    ``managed_only`` a directory GenMLX did not put there is refused before anything is removed."""
+    if managed_only:
+        for root in storage_paths:
+            refuse_unmanaged(root / name)
     return [path for root in storage_paths for path in remove_model(root, name)]
+
+
+def refuse_unmanaged(model_dir: Path) -> None:
+    """Raise ``ModelNotManaged`` for a directory without our metadata, or for a ``file://`` source
+    adopted where it lies (its metadata names the directory itself)."""
+    if not model_dir.is_dir() or model_dir.is_symlink():
+        return  # remove_model leaves it alone anyway
+    try:
+        metadata = read_metadata(model_dir)
+    except InvalidMetadata:
+        metadata = None
+    if metadata is None or metadata.source is None:
+        raise ModelNotManaged(f"{model_dir} has no GenMLX metadata: a directory of yours is never pruned")
+    source = metadata.source
+    if source.startswith("file://") and os.path.realpath(file_source_path(source)) == os.path.realpath(
+        model_dir
+    ):
+        raise ModelNotManaged(f"{model_dir} is the file:// source {source} itself: it is never pruned")

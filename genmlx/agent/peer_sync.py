@@ -1,11 +1,12 @@
 """Copying a model from another agent (a peer) into a partial directory, then publishing it.
 
 The peer lists the model's files with size and sha256 (``GET /api/v1/models/{name}/files``). Files
-the partial directory already holds whole and intact are kept; a file cut short by an interruption
-is resumed with a Range request from its current size; the rest are fetched whole. Every byte is
-hashed as it is written, so checking a file costs no second read; a file whose sha256 does not match
-is deleted and fetched once more, then the sync fails. The whole directory is published atomically
-with the peer's source, revision and commit.
+the partial directory already holds whole and intact are kept, and so are the intact files of a
+copy being replaced (hard-linked in: a copy with one damaged file costs one file's transfer); a
+file cut short by an interruption is resumed with a Range request from its current size; the rest
+are fetched whole. Every byte is hashed as it is written, so checking a file costs no second read;
+a file whose sha256 does not match is deleted and fetched once more, then the sync fails. The
+whole directory is published atomically with the peer's source, revision and commit.
 
 Everything here blocks (plain ``http.client`` over one connection per file, large reads straight into
 one reused buffer): the transfer manager runs it in a worker thread, off the event loop.
@@ -107,6 +108,7 @@ def sync_model(
     partial.mkdir(parents=True, exist_ok=True)
     progress.total = listed.total_bytes
     remove_unlisted(partial, listed.files)
+    link_existing_copy(storage_root / request.model, partial, listed.files)
     wanted = files_to_fetch(partial, listed.files)
     committed = listed.total_bytes - sum(f.size for f in wanted)
     progress.done = committed
@@ -154,6 +156,24 @@ def files_to_fetch(partial: Path, files: tuple[ModelFile, ...]) -> list[ModelFil
             target.unlink()
         wanted.append(file)
     return wanted
+
+
+def link_existing_copy(existing: Path, partial: Path, files: tuple[ModelFile, ...]) -> None:
+    """Hard-link into ``partial`` the files of the copy being replaced (one the scrub found damaged,
+    or another revision) that have the listed size, so only what differs crosses the network:
+    ``files_to_fetch`` hashes each and drops the ones that do not match. A link is only ever kept
+    whole or unlinked, never written into, so the copy still in place is not touched."""
+    if not existing.is_dir() or existing.is_symlink():
+        return
+    for file in files:
+        source, target = existing / file.path, partial / file.path
+        if target.exists() or source.is_symlink() or existing_size(source, file) != file.size:
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target)
+        except OSError as e:  # another file system, or links refused: fetched whole instead
+            log.debug("not reusing %s: %s", source, e)
 
 
 def existing_size(target: Path, file: ModelFile) -> int:

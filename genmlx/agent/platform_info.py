@@ -45,6 +45,9 @@ class InterfacePort:
 
     kind: InterfaceKind
     linked: bool | None = None  # see ``NetworkInterface.linked``
+    domain: str | None = None  # the Thunderbolt fields of ``NetworkInterface``: macOS only
+    peer_domain: str | None = None
+    rdma_device: str | None = None
 
 
 class PlatformProbe(Protocol):

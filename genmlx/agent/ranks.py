@@ -55,6 +55,8 @@ HEALTH_TIMEOUT_S = 1.0
 
 # (launch, real model directory, host to bind, the agent's pid, hostfile or None) -> argv
 CommandBuilder = Callable[[RankLaunch, Path, str, int, Path | None], list[str]]
+# Told the model directory of a rank that exited by itself with a non-zero code (the scrub checks it).
+FailedExitHook = Callable[[Path], None]
 
 
 class RankNotFound(AgentRequestError):
@@ -137,6 +139,7 @@ class RankProcess:
     launch: RankLaunch
     popen: subprocess.Popen
     started_at: float
+    model_dir: Path
     restarts: int = 0
     exit_code: int | None = None  # set once reaped; negative: killed by that signal
     stopping: asyncio.Future | None = None
@@ -171,12 +174,14 @@ class RankSupervisor:
         log_dir: Path,
         stop_grace_s: float,
         command: CommandBuilder = dispatcher_command,
+        on_failed_exit: FailedExitHook | None = None,
     ):
         self._token = token
         self._host = host
         self._log_dir = log_dir
         self._stop_grace_s = stop_grace_s
         self._command = command
+        self._on_failed_exit = on_failed_exit
         self._ranks: dict[str, RankProcess] = {}
         self._starts: Counter[str] = Counter()  # by rank key, for the agent's lifetime
         self._health_host = health_host(host)
@@ -206,7 +211,7 @@ class RankSupervisor:
         if hostfile is not None:
             write_hostfile(hostfile, launch.hostfile)
         popen = self._spawn(launch, model_dir, hostfile)
-        record = RankProcess(launch, popen, time.time(), restarts=self._starts[launch.key])
+        record = RankProcess(launch, popen, time.time(), model_dir, restarts=self._starts[launch.key])
         self._starts[launch.key] += 1
         self._ranks[launch.key] = record
         log.info("started rank %s as pid %d (%d earlier starts)", launch.key, popen.pid, record.restarts)
@@ -274,6 +279,8 @@ class RankSupervisor:
         if leader_exited(record.popen.pid):
             self._reap(record)
             log.warning("rank %s exited by itself with code %s", record.launch.key, record.exit_code)
+            if record.exit_code != 0 and self._on_failed_exit is not None:
+                self._on_failed_exit(record.model_dir)  # bad weights on disk are one possible cause
             return False
         return True
 

@@ -16,6 +16,7 @@ from .announce import Announcement, announce_agent, load_node_id
 from .config import AgentConfig
 from .file_serving import VerifiedFiles
 from .ranks import RankSupervisor
+from .scrub import Scrubber, ScrubSettings
 from .server import AgentDeps, make_app
 from .transfers import TransferManager
 
@@ -33,6 +34,7 @@ class RunningAgent:
     supervisor: RankSupervisor
     announcement: Announcement | None = None
     transfers: TransferManager | None = None
+    scrubber: Scrubber | None = None
 
     async def stop(self) -> None:
         """Say goodbye on the network, stop taking requests, then stop every rank (TERM, grace,
@@ -40,6 +42,8 @@ class RunningAgent:
         if self.announcement is not None:
             await self.announcement.withdraw()
         self.server.stop()
+        if self.scrubber is not None:
+            await self.scrubber.stop()
         if self.transfers is not None:
             await self.transfers.stop_all()  # interrupted transfers resume on the next request
         await self.supervisor.stop_all()
@@ -52,11 +56,21 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     agent with zeroconf unless discovery is off (raises ``PermanentError`` if the name is taken)."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
     node_id = load_node_id()
-    supervisor = RankSupervisor(
-        token=config.token, host=config.host, log_dir=config.log_dir, stop_grace_s=config.stop_grace_s
-    )
     verified = VerifiedFiles()
     transfers = TransferManager(config.storage_paths, config.token, verified)
+    scrubber = Scrubber(
+        config.storage_paths,
+        ScrubSettings(interval_s=config.scrub_interval_s, bytes_per_s=config.scrub_bytes_per_s),
+        busy=transfers.is_running,
+        verified=verified,
+    )
+    supervisor = RankSupervisor(
+        token=config.token,
+        host=config.host,
+        log_dir=config.log_dir,
+        stop_grace_s=config.stop_grace_s,
+        on_failed_exit=scrubber.scrub_soon,
+    )
     deps = AgentDeps(
         name=config.name,
         token=config.token,
@@ -68,9 +82,10 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     )
     server = make_app(deps).listen(config.port, address=config.host)
     supervisor.watch()
+    scrubber.start()
     paths = ", ".join(str(p) for p in config.storage_paths)
     log.info("agent %s listening on %s:%d; storage: %s", config.name, config.host, config.port, paths)
-    agent = RunningAgent(config, server, supervisor, transfers=transfers)
+    agent = RunningAgent(config, server, supervisor, transfers=transfers, scrubber=scrubber)
     try:
         return replace(agent, announcement=await announce_if_enabled(config, node_id))
     except BaseException:

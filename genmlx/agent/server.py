@@ -7,7 +7,7 @@ store and the transfer manager (the model endpoints are in ``model_api``).
     DELETE /api/v1/ranks/{model}/{rank}      200 RankInfo JSON once the process is gone
     GET    /api/v1/ranks/{model}/{rank}/log  text/plain tail of the rank's log (?tail=BYTES)
     POST   /api/v1/models                    FetchRequest JSON -> 202 {"transfer"} | 200 {"model"}
-    DELETE /api/v1/models/{name}             200 {"removed": [paths]}
+    DELETE /api/v1/models/{name}             200 {"removed": [paths]} (?storagePath=P&managedOnly=true)
     GET    /api/v1/models/{name}/files       the model's source, revision, commit and files
     GET    /api/v1/models/{name}/files/{path}  a file's bytes, with Range support
 

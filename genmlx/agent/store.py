@@ -2,6 +2,8 @@
 
     <storage>/<model>/.genmlx-model.json       source, revision, commit, every file's size and sha256
     <storage>/<model>/<files...>               the model's files (relative paths, maybe in subdirectories)
+    <storage>/<model>/.genmlx-damaged          what the scrub found wrong (one line); the copy counts as
+                                               incomplete until it is replaced or scrubbed clean again
     <storage>/.genmlx-partial/<model>/         a download or sync in progress (a stable path, so an
                                                interrupted transfer resumes where it stopped)
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 METADATA_NAME = ".genmlx-model.json"
 PARTIAL_DIR_NAME = ".genmlx-partial"
+DAMAGE_NAME = ".genmlx-damaged"
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
 
 
@@ -283,15 +286,54 @@ def holds_revision(metadata: ModelMetadata, source: str, revision: str) -> bool:
 
 def is_complete(model_dir: Path) -> bool:
     """Whether ``model_dir`` holds every file its metadata lists with the recorded size (sha256 is
-    not re-read here); without metadata, whether it has config.json and safetensors weights."""
+    not re-read here) and the scrub found nothing wrong with it; without metadata, whether it has
+    config.json and safetensors weights."""
+    return completeness_problem(model_dir) is None
+
+
+def completeness_problem(model_dir: Path) -> str | None:
+    """Why ``model_dir`` is not a complete model, in one line naming the file; None when it is."""
     try:
         metadata = read_metadata(model_dir)
     except InvalidMetadata as e:
-        log.warning("%s", e)
-        return False
+        return str(e)
     if metadata is None:
-        return is_bare_model_dir(model_dir)
-    return not verify_files(model_dir, metadata.files, check_hashes=False)
+        return None if is_bare_model_dir(model_dir) else "no metadata, config.json or *.safetensors weights"
+    damage = read_damage(model_dir)
+    if damage is not None:
+        return damage
+    problems = verify_files(model_dir, metadata.files, check_hashes=False)
+    if len(problems) > 1:
+        return f"{problems[0]} (and {len(problems) - 1} more)"
+    return problems[0] if problems else None
+
+
+def read_damage(model_dir: Path) -> str | None:
+    """What the scrub recorded as wrong with ``model_dir``, or None when it recorded nothing."""
+    try:
+        text = (model_dir / DAMAGE_NAME).read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{DAMAGE_NAME}: {e.strerror}"
+    return text or "the scrub found it damaged"
+
+
+def record_damage(model_dir_fd: int, problem: str) -> None:
+    """Mark the directory open as ``model_dir_fd`` damaged. Through the descriptor, so a directory
+    replaced meanwhile (a sync publishing a fresh copy) is never marked in its stead."""
+    fd = os.open(DAMAGE_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=model_dir_fd)
+    with os.fdopen(fd, "w") as f:
+        f.write(problem + "\n")
+
+
+def clear_damage(model_dir_fd: int) -> bool:
+    """Remove the damage mark of the directory open as ``model_dir_fd``; whether there was one."""
+    try:
+        os.unlink(DAMAGE_NAME, dir_fd=model_dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def is_bare_model_dir(model_dir: Path) -> bool:

@@ -17,7 +17,15 @@ class StartRankGroup:
 
     def describe(self) -> str:
         where = ", ".join(f"rank {launch.rank} on {node}:{launch.port}" for node, launch in self.launches)
-        return f"+ start {self.model} ({where})"
+        return f"+ start {self.model}{self.split()} ({where})"
+
+    def split(self) -> str:
+        """How the ranks share the model, for a group of more than one: ", pipeline parallel 24/8"."""
+        first = self.launches[0][1]
+        if first.world_size == 1:
+            return ""
+        layers = "/".join(map(str, first.layer_split)) if first.layer_split else ""
+        return f", {first.parallelism} parallel{' ' + layers if layers else ''}"
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,20 @@ class FetchModel:
         return f"+ download {request.model} to {where} from {request.source}@{request.revision}"
 
 
-Action = StartRankGroup | StopRankGroup | FetchModel
+@dataclass(frozen=True)
+class DeleteModel:
+    """Prune a copy GenMLX made of a model from a node that no longer needs it."""
+
+    node: str
+    storage_path: str
+    model: str  # the directory's name: the (former) manifest model name
+    reason: str
+
+    def describe(self) -> str:
+        return f"- prune {self.model} from {self.node}:{self.storage_path}: {self.reason}"
+
+
+Action = StartRankGroup | StopRankGroup | FetchModel | DeleteModel
 
 
 def describe_plan(actions: list[Action]) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -49,6 +49,16 @@ class AgentClient:
             await self._call("POST", "/api/v1/models", request.to_json())
         except AgentRequestError as e:
             if e.status != 409:
+                raise
+
+    async def delete_model(self, storage_path: str, model: str) -> None:
+        """Prune a model directory GenMLX put in ``storage_path`` (the agent refuses a user's own
+        directory with 409); one that is already gone is fine."""
+        query = urlencode({"storagePath": storage_path, "managedOnly": "true"})
+        try:
+            await self._call("DELETE", f"/api/v1/models/{quote(model, safe='')}?{query}")
+        except AgentRequestError as e:
+            if e.status != 404:
                 raise
 
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:

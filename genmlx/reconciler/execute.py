@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from genmlx.errors import GenMLXError, TemporaryError
-from genmlx.reconciler.actions import Action, FetchModel, StartRankGroup, StopRankGroup
+from genmlx.reconciler.actions import Action, DeleteModel, FetchModel, StartRankGroup, StopRankGroup
 from genmlx.reconciler.agent_client import AgentClient
 
 log = logging.getLogger("genmlx.master")
@@ -62,6 +62,10 @@ async def execute_one(action: Action, clients: dict[str, AgentClient]) -> None:
         async for attempt in retrying():
             with attempt:
                 await clients[action.node].fetch_model(action.request)
+    elif isinstance(action, DeleteModel):
+        async for attempt in retrying():
+            with attempt:
+                await clients[action.node].delete_model(action.storage_path, action.model)
 
 
 async def start_group(action: StartRankGroup, clients: dict[str, AgentClient]) -> None:

@@ -23,6 +23,7 @@ from genmlx.manifest.types import Manifest
 from genmlx.reconciler.actions import Action, FetchModel, StartRankGroup
 from genmlx.reconciler.agent_client import AgentClient
 from genmlx.reconciler.applied import AppliedManifest, AppliedStore
+from genmlx.reconciler.canary import Canaries
 from genmlx.reconciler.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.reconciler.events import EventLog
 from genmlx.reconciler.execute import ActionResult, execute
@@ -33,10 +34,12 @@ from genmlx.reconciler.status import (
     Condition,
     carry_all,
     carry_transition,
+    cluster_phase_conditions,
     cluster_ready,
     model_phase_conditions,
     model_ready,
     node_conditions,
+    node_phase_conditions,
 )
 
 log = logging.getLogger("genmlx.master")
@@ -54,6 +57,8 @@ class Snapshot:
     models: dict[str, Condition]  # Ready, by model
     planned: tuple[Action, ...]
     model_phases: dict[str, tuple[Condition, ...]] = field(default_factory=dict)  # the other conditions
+    node_phases: dict[str, tuple[Condition, ...]] = field(default_factory=dict)  # the other conditions
+    cluster_phases: tuple[Condition, ...] = ()  # Reconciling, Stalled, Degraded of the whole cluster
     results: tuple[ActionResult, ...] = ()
     duration_s: float = 0.0
     errors: tuple[str, ...] = field(default=())
@@ -100,6 +105,8 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
+        self._canaries = Canaries.from_environment(http, token)
+        self._canaries.on_result = self.wake
         self._stopping = False
         self.applied: AppliedManifest | None = store.load()
         self.snapshot: Snapshot | None = None
@@ -210,7 +217,7 @@ class Reconciler:
 
     async def _observe(self, manifest: Manifest) -> Observed:
         clients = self._clients_for(manifest)
-        return await observe(manifest, clients, self._http, self._rollouts, time.time())
+        return await observe(manifest, clients, self._http, self._rollouts, time.time(), self._canaries)
 
     def _conclude(
         self,
@@ -232,10 +239,20 @@ class Reconciler:
         phases = {a.model: model_phase_conditions(a, observed.now) for a in assessments}
         if previous is not None:
             phases = {m: carry_all(cs, previous.model_phases.get(m, ())) for m, cs in phases.items()}
+        node_phases = node_phase_conditions(applied.manifest, observed, assessments)
+        if previous is not None:
+            node_phases = {n: carry_all(cs, previous.node_phases.get(n, ())) for n, cs in node_phases.items()}
+        cluster_phases = carry_all(
+            cluster_phase_conditions(node_phases, phases, observed.now),
+            previous.cluster_phases if previous else (),
+        )
         snapshot = Snapshot(
             applied.generation, observed, assessed, cluster, nodes, models, tuple(actions), phases
         )
-        return replace(snapshot, unmanaged_agents=self._unmanaged_agents(applied.manifest))
+        unmanaged = self._unmanaged_agents(applied.manifest)
+        return replace(
+            snapshot, node_phases=node_phases, cluster_phases=cluster_phases, unmanaged_agents=unmanaged
+        )
 
     def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
         for assessment in snapshot.assessments:

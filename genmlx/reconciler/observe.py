@@ -12,6 +12,7 @@ from tornado.httpclient import AsyncHTTPClient
 from genmlx.errors import AuthError, GenMLXError
 from genmlx.manifest.types import Manifest, Node
 from genmlx.reconciler.agent_client import AgentClient, check_endpoint
+from genmlx.reconciler.canary import Canaries
 from genmlx.reconciler.discovery import DiscoveredAgent
 from genmlx.reconciler.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
 
@@ -38,10 +39,11 @@ async def observe(
     http: AsyncHTTPClient,
     rollouts: dict[str, RolloutRecord],
     now: float,
+    canaries: Canaries | None = None,
 ) -> Observed:
     nodes = await asyncio.gather(*(observe_node(n.name, clients.get(n.name)) for n in manifest.nodes))
     by_name = {n.name: n for n in nodes}
-    endpoints = await observe_endpoints(manifest, by_name, http)
+    endpoints = await observe_endpoints(manifest, by_name, http, canaries)
     return Observed(now=now, nodes=by_name, endpoints=endpoints, rollouts=dict(rollouts))
 
 
@@ -61,13 +63,29 @@ async def observe_node(name: str, client: AgentClient | None) -> ObservedNode:
 
 
 async def observe_endpoints(
-    manifest: Manifest, nodes: dict[str, ObservedNode], http: AsyncHTTPClient
+    manifest: Manifest, nodes: dict[str, ObservedNode], http: AsyncHTTPClient, canaries: Canaries | None
 ) -> dict[str, EndpointHealth]:
-    """Health of rank 0 for each model whose rank 0 is running on the node it is placed on."""
+    """Health of rank 0 for each model whose rank 0 is running on the node it is placed on, and
+    (with ``canaries``) whether its group answered a completion."""
     checks: dict[str, asyncio.Future] = {}
+    groups: dict[str, str] = {}  # model -> its running group: spec hash and rank 0's pid
     for spec in manifest.models:
         node = nodes[spec.nodes[0]]
         for info in node.ranks:
             if info.launch.model == spec.name and info.launch.rank == 0 and info.state == "running":
                 checks[spec.name] = asyncio.ensure_future(check_endpoint(http, node.host, info.launch.port))
-    return {model: await check for model, check in checks.items()}
+                groups[spec.name] = f"{info.launch.spec_hash}:{info.pid}"
+    endpoints = {model: await check for model, check in checks.items()}
+    if canaries is None:
+        return endpoints
+    canaries.forget(set(groups))
+    return {model: with_canary(health, canaries, model, groups[model]) for model, health in endpoints.items()}
+
+
+def with_canary(health: EndpointHealth, canaries: Canaries, model: str, group: str) -> EndpointHealth:
+    if health.state != "ready":
+        return health
+    verdict, detail = canaries.verdict(model, group, health.url)
+    if verdict == "passed":
+        return health
+    return EndpointHealth(health.url, "loading" if verdict == "pending" else "hung", detail)

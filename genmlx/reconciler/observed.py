@@ -13,7 +13,7 @@ from typing import Literal
 from genmlx.node_state import AgentState, RankInfo
 
 NodeReachability = Literal["ready", "unreachable", "unauthorized"]
-EndpointState = Literal["ready", "loading", "down"]
+EndpointState = Literal["ready", "loading", "down", "hung"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class ObservedNode:
 
 @dataclass(frozen=True)
 class EndpointHealth:
-    """What rank 0's ``GET /health`` said."""
+    """What rank 0's ``GET /health`` and the canary completion said: ``ready`` only when both
+    passed, ``hung`` when /health answers but a completion does not."""
 
     url: str
     state: EndpointState

@@ -8,20 +8,25 @@ same assessments, so what the page says and what the master does never disagree.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from genmlx.manifest.types import DEFAULT_DISPATCHER_PORT, Manifest, ModelSpec
-from genmlx.node_state import RankInfo, RankLaunch
+from genmlx.manifest.types import Manifest, ModelSpec
+from genmlx.node_state import RankInfo
 from genmlx.reconciler.actions import Action, StartRankGroup, StopRankGroup
+from genmlx.reconciler.groups import GroupPlan, assign_ports, desired_group
+from genmlx.reconciler.mesh import MeshPlanError, unstartable_backend
 from genmlx.reconciler.observed import Observed, ObservedNode
-from genmlx.reconciler.presence import assess_presence
+from genmlx.reconciler.placement import NodeCapacity, Placement, PlacementRefused, place
+from genmlx.reconciler.presence import Presence, assess_presence
+from genmlx.reconciler.prune import prune_actions
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 60.0
+# A group that has not served (health and canary) this long after its start is restarted: loading
+# reads the weights from local disk, which takes minutes for the largest models, not a quarter hour.
+LOAD_DEADLINE_S = 900.0
 
 Phase = Literal["Ready", "Progressing", "Waiting", "Blocked", "Backoff"]
 
@@ -49,7 +54,7 @@ def plan(desired: Manifest | None, observed: Observed) -> list[Action]:
 def actions_for(desired: Manifest, observed: Observed, assessments: list[ModelAssessment]) -> list[Action]:
     """The plan, from assessments already made (the loop also derives status from them)."""
     moves = [action for assessment in assessments for action in assessment.actions]
-    return moves + stop_unwanted_ranks(desired, observed)
+    return moves + stop_unwanted_ranks(desired, observed) + prune_actions(desired, observed)
 
 
 def assess_models(desired: Manifest, observed: Observed) -> list[ModelAssessment]:
@@ -57,7 +62,9 @@ def assess_models(desired: Manifest, observed: Observed) -> list[ModelAssessment
     return [assess_model(spec, desired, observed, ports[spec.name]) for spec in desired.models]
 
 
-def assess_model(spec: ModelSpec, manifest: Manifest, observed: Observed, port: int) -> ModelAssessment:
+def assess_model(
+    spec: ModelSpec, manifest: Manifest, observed: Observed, ports: tuple[int, ...]
+) -> ModelAssessment:
     """Where ``spec`` stands given what was observed, and what to do about it."""
     ranks = observed_ranks(observed, spec.name, spec.nodes)
 
@@ -73,16 +80,33 @@ def assess_model(spec: ModelSpec, manifest: Manifest, observed: Observed, port: 
     if presence.reason:
         phase: Phase = "Blocked" if presence.blocked else "Progressing"
         return verdict(phase, presence.reason, presence.message, actions=presence.fetches)
-    if len(spec.nodes) > 1:
-        return verdict(
-            "Blocked",
-            "MultiNodeNotSupported",
-            f"{spec.name} is on all {len(spec.nodes)} of its nodes, but serving one model across nodes "
-            "needs multi-rank dispatchers, which this version lacks: place it on one node",
-        )
-    paths = [presence.copies[name].path for name in spec.nodes]
-    desired = desired_group(spec, paths, port)
+    if len(spec.nodes) > 1 and (why := unstartable_backend(manifest.mesh.backend)) is not None:
+        return verdict("Blocked", "BackendUnsupported", why)
+    try:
+        placement = placement_of(spec, observed, presence)
+    except PlacementRefused as e:
+        return verdict("Blocked", e.reason, e.message)
+    paths = tuple(presence.copies[name].path for name in spec.nodes)
+    try:
+        desired = desired_group(spec, manifest, observed, GroupPlan(paths, ports, placement))
+    except MeshPlanError as e:
+        return verdict("Blocked", "MeshUnplannable", str(e))
     return assess_rollout(spec, desired, ranks, observed, verdict)
+
+
+def placement_of(spec: ModelSpec, observed: Observed, presence: Presence) -> Placement:
+    """How the model's nodes split it, checked against their memory; ``PlacementRefused`` when it
+    cannot be placed as asked (a permanent problem until the manifest or the nodes change)."""
+    shapes = [copy.shape for name in spec.nodes if (copy := presence.copies[name]).shape is not None]
+    if not shapes:
+        if len(spec.nodes) == 1:
+            return Placement("single", None, "one node (its config.json could not be read to check memory)")
+        raise PlacementRefused(
+            "UnknownShape",
+            f"cannot split {spec.name} across {len(spec.nodes)} nodes: no node could read its config.json",
+        )
+    nodes = [NodeCapacity(name, observed.nodes[name].state.facts.memory_total) for name in spec.nodes]
+    return place(spec, nodes, shapes[0], spec.serving.context_length)
 
 
 def assess_rollout(spec, desired: StartRankGroup, ranks, observed: Observed, verdict) -> ModelAssessment:
@@ -96,11 +120,7 @@ def assess_rollout(spec, desired: StartRankGroup, ranks, observed: Observed, ver
     if exited:
         node, info = exited[0]
         what = f"rank {info.launch.rank} on {node} exited with code {info.exit_code}"
-        wait = backoff_remaining(spec.name, observed)
-        if wait > 0:
-            return verdict("Backoff", "RankExited", f"{what}; restarting in {wait:.0f}s", desired=desired)
-        restart = (replace_reason(stop, f"{what}; restarting the group"), desired)
-        return verdict("Progressing", "RankExited", f"{what}; restarting", actions=restart, desired=desired)
+        return restart_failed_group(spec, desired, stop, observed, verdict, "RankExited", what)
     if group_signature(ranks) != group_signature_of(desired):
         restart = (replace_reason(stop, "its spec changed"), desired)
         return verdict(
@@ -111,10 +131,26 @@ def assess_rollout(spec, desired: StartRankGroup, ranks, observed: Observed, ver
             desired=desired,
         )
     health = observed.endpoints.get(spec.name)
+    if health is not None and health.state == "hung":
+        return restart_failed_group(spec, desired, stop, observed, verdict, "RankHung", health.detail)
     if health is not None and health.state == "ready":
         return verdict("Ready", "Serving", f"serving at {health.url}", desired=desired)
     detail = health.detail if health else "rank 0 not checked yet"
+    started = max(info.started_at for _, info in ranks)  # the agents' record: survives a master restart
+    if observed.now - started > LOAD_DEADLINE_S:
+        what = f"not serving {LOAD_DEADLINE_S / 60:.0f} minutes after its start ({detail})"
+        return restart_failed_group(spec, desired, stop, observed, verdict, "LoadDeadlineExceeded", what)
     return verdict("Progressing", "Loading", f"{spec.name} is starting: {detail}", desired=desired)
+
+
+def restart_failed_group(spec, desired, stop, observed: Observed, verdict, reason: str, what: str):
+    """Restart a group that failed (a rank exited, or hung), after a capped backoff when it keeps
+    failing: the model is in ``Backoff`` meanwhile, which status shows as Degraded."""
+    wait = backoff_remaining(spec.name, observed)
+    if wait > 0:
+        return verdict("Backoff", reason, f"{what}; restarting in {wait:.0f}s", desired=desired)
+    restart = (replace_reason(stop, f"{what}; restarting the group"), desired)
+    return verdict("Progressing", reason, f"{what}; restarting", actions=restart, desired=desired)
 
 
 def replace_reason(stop: StopRankGroup, reason: str) -> StopRankGroup:
@@ -139,39 +175,6 @@ def stop_unwanted_ranks(desired: Manifest, observed: Observed) -> list[Action]:
     ]
 
 
-def desired_group(spec: ModelSpec, paths: list[str], port: int) -> StartRankGroup:
-    """The rank group ``spec`` should run, fingerprinted by everything that requires a restart."""
-    world = len(spec.nodes)
-    fields = {
-        "model": spec.name,
-        "source": str(spec.source),
-        "revision": spec.revision,
-        "nodes": list(spec.nodes),
-        "paths": paths,
-        "port": port,
-        "serving": [spec.serving.max_batch, spec.serving.max_queue, spec.serving.context_length],
-    }
-    spec_hash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    launches = tuple(
-        (
-            node,
-            RankLaunch(
-                model=spec.name,
-                model_path=path,
-                rank=rank,
-                world_size=world,
-                port=port,
-                spec_hash=spec_hash,
-                max_batch=spec.serving.max_batch,
-                max_queue=spec.serving.max_queue,
-                context_length=spec.serving.context_length,
-            ),
-        )
-        for rank, (node, path) in enumerate(zip(spec.nodes, paths, strict=True))
-    )
-    return StartRankGroup(spec.name, spec_hash, launches)
-
-
 def group_signature(ranks: Iterable[tuple[str, RankInfo]]) -> frozenset[tuple[str, int, str]]:
     return frozenset((node, info.launch.rank, info.launch.spec_hash) for node, info in ranks)
 
@@ -187,44 +190,6 @@ def backoff_remaining(model: str, observed: Observed) -> float:
         return 0.0
     delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (record.attempts - 1))
     return max(0.0, record.last_start + delay - observed.now)
-
-
-def assign_ports(desired: Manifest, observed: Observed) -> dict[str, int]:
-    """Rank 0's HTTP port for each model: its explicit port, else the one its running group
-    already uses, else the first free port from 8100 on its node. Deterministic, so a restarted
-    master picks the same ports and restarts nothing."""
-    ports: dict[str, int] = {}
-    taken: set[tuple[str, int]] = set()
-    for spec in desired.models:
-        if spec.serving.port is not None:
-            ports[spec.name] = spec.serving.port
-            taken.add((spec.nodes[0], spec.serving.port))
-    for spec in desired.models:
-        current = current_rank0_port(observed, spec)
-        if spec.name not in ports and current is not None and (spec.nodes[0], current) not in taken:
-            ports[spec.name] = current
-            taken.add((spec.nodes[0], current))
-    for spec in desired.models:
-        if spec.name not in ports:
-            node = spec.nodes[0]
-            used = taken | {(node, p) for p in ports_used_by_others(observed, node, spec.name)}
-            port = next(p for p in range(DEFAULT_DISPATCHER_PORT, 65536) if (node, p) not in used)
-            ports[spec.name] = port
-            taken.add((node, port))
-    return ports
-
-
-def current_rank0_port(observed: Observed, spec: ModelSpec) -> int | None:
-    node = observed.nodes.get(spec.nodes[0])
-    for info in node.ranks if node else ():
-        if info.launch.model == spec.name and info.launch.rank == 0:
-            return info.launch.port
-    return None
-
-
-def ports_used_by_others(observed: Observed, node_name: str, model: str) -> set[int]:
-    node = observed.nodes.get(node_name)
-    return {info.launch.port for info in (node.ranks if node else ()) if info.launch.model != model}
 
 
 def observed_ranks(

@@ -141,8 +141,13 @@ def first_holder(spec: ModelSpec, observed: Observed) -> Holder | None:
 
 
 def current_transfer(node: ObservedNode, spec: ModelSpec) -> Transfer | None:
+    """The node's transfer of ``spec``; a download from another source or revision (the manifest
+    has changed since it ran) is not, so its failure no longer blocks the model."""
+    wanted = f"{spec.source}@{spec.revision}" if spec.source.scheme == "hf" else str(spec.source)
     transfers = node.state.transfers if node.state else ()
-    return next((t for t in transfers if t.model == spec.name), None)
+    return next(
+        (t for t in transfers if t.model == spec.name and (t.kind != "download" or t.origin == wanted)), None
+    )
 
 
 def transfer_reason(transfer: Transfer) -> str:

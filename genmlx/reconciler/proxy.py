@@ -99,6 +99,7 @@ class ProxyHandler(JsonHandler):
         except (ClientGone, StreamClosedError):
             return
         except (HTTPClientError, OSError) as e:
+            self.reconciler.wake()  # evidence that the cluster changed: look now, not at the next resync
             raise BadGateway(f"The model's rank 0 at {url} did not answer: {e}") from None
         if not self._headers_written:
             self.start_response(status["code"], headers)

@@ -17,7 +17,9 @@ def status_document(
     document = base_document(applied, snapshot)
     if rejected is not None:
         document["lastAttemptedRevision"] = rejected.revision.to_json() if rejected.revision else None
-        document["conditions"].append(rejected_condition(applied, rejected))
+        # The invalid manifest is the cluster's Stalled condition while it stands.
+        others = [c for c in document["conditions"] if c["type"] != "Stalled"]
+        document["conditions"] = [*others, rejected_condition(applied, rejected)]
     else:
         document["lastAttemptedRevision"] = document.get("lastAppliedRevision")
     return document
@@ -65,7 +67,7 @@ def base_document(applied: AppliedManifest | None, snapshot: Snapshot | None) ->
         return {**document, "conditions": [pending], "nodes": [], "models": [], "unmanagedAgents": []}
     return {
         **document,
-        "conditions": [snapshot.cluster.to_json()],
+        "conditions": [c.to_json() for c in (snapshot.cluster, *snapshot.cluster_phases)],
         "nodes": [node_document(applied, snapshot, node.name) for node in applied.manifest.nodes],
         "models": [model_document(applied, snapshot, spec.name) for spec in applied.manifest.models],
         # Agents that announce themselves but that the manifest does not declare: never used.
@@ -85,7 +87,7 @@ def node_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> di
     return {
         "name": name,
         "address": observed.address if observed else None,
-        "conditions": [snapshot.nodes[name].to_json()],
+        "conditions": [c.to_json() for c in (snapshot.nodes[name], *snapshot.node_phases.get(name, ()))],
         "facts": state.facts.to_json() if state else None,
         "storage": [s.to_json() for s in state.storage] if state else [],
         "ranks": [r.to_json() for r in state.ranks] if state else [],
