@@ -161,6 +161,9 @@ class StoredModel:
     commit: str | None = None  # the commit it resolved to, where the source has commits
     shape: ModelShape | None = None  # complete models whose config.json could be read
     problem: str | None = None  # "model.safetensors: sha256 does not match", "...: missing"
+    # When this copy was put in place (its metadata written): a copy replaced under the same path
+    # (re-synced after damage) has a new one, so ranks loaded from the old copy are restarted.
+    published_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -173,6 +176,7 @@ class StoredModel:
             "commit": self.commit,
             "shape": self.shape.to_json() if self.shape is not None else None,
             "problem": self.problem,
+            "publishedAt": self.published_at,
         }
 
     @classmethod
@@ -187,6 +191,7 @@ class StoredModel:
             commit=d.get("commit"),
             shape=ModelShape.from_json(d["shape"]) if d.get("shape") is not None else None,
             problem=d.get("problem"),
+            published_at=d.get("publishedAt"),
         )
 
 

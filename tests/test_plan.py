@@ -29,7 +29,7 @@ def manifest(*models: ModelSpec, nodes=("a",)) -> Manifest:
 
 
 def group(spec: ModelSpec, port: int = 8100) -> StartRankGroup:
-    one_node = GroupPlan((f"{STORE}/{spec.name}",), (port,), Placement("single", None, "one node"))
+    one_node = GroupPlan((f"{STORE}/{spec.name}",), (port,), Placement("single", None, "one node"), (None,))
     return desired_group(spec, manifest(spec), observed(), one_node)
 
 

@@ -26,10 +26,16 @@ def desk(*models: ModelSpec, mesh_port: int = 32323) -> Manifest:
 
 
 def node(
-    name: str, host: str, memory_gib: int = 64, shape: ModelShape | None = SHAPE, ranks=()
+    name: str,
+    host: str,
+    memory_gib: int = 64,
+    shape: ModelShape | None = SHAPE,
+    ranks=(),
+    published=NOW - 3600,
 ) -> ObservedNode:
     facts = NodeFacts(name, "Darwin 25.2.0", "arm64", 12, memory_gib * GIB, memory_gib * GIB // 2)
-    stored = (StoredModel("qwen", "/models/qwen", SHAPE.weight_bytes, True, shape=shape),)
+    copy = StoredModel("qwen", "/models/qwen", SHAPE.weight_bytes, True, shape=shape, published_at=published)
+    stored = (copy,)
     state = AgentState(
         name, "0.1.0", facts, (StorageReport("/models", True, 1 << 42, 1 << 41, stored),), ranks
     )
@@ -124,3 +130,12 @@ def test_ring_ports_beyond_the_last_port_block_the_model_with_the_numbers():
     (assessment,) = assess_models(desk(high), seen(node("a", "10.0.0.1"), node("b", "10.0.0.2")))
     assert (assessment.phase, assessment.reason) == ("Blocked", "MeshUnplannable")
     assert "74223" in assessment.message
+
+
+def test_a_copy_replaced_in_place_restarts_the_group_that_loaded_the_old_one():
+    ranks, nodes = running_group()
+    ready = EndpointHealth("http://10.0.0.1:8100/v1", "ready")
+    resynced = (nodes[0], node("b", "10.0.0.2", ranks=(ranks["b"],), published=NOW - 5))
+    (assessment,) = assess_models(desk(QWEN), seen(*resynced, health=ready))
+    assert assessment.reason == "SpecChanged"
+    assert [type(a) for a in assessment.actions] == [StopRankGroup, StartRankGroup]

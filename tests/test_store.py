@@ -179,6 +179,7 @@ def test_the_inventory_reports_complete_incomplete_and_partial_models(tmp_path: 
         "hf://o/r",
         "v1",
         "abc",
+        published_at=(root / "published" / METADATA_NAME).stat().st_mtime,
     )
     assert not models["truncated"].complete, "a file shorter than recorded makes the model incomplete"
     assert not models["damaged"].complete

@@ -21,6 +21,7 @@ from genmlx.node_state import StorageReport, StoredModel
 
 from .model_shape import model_shape_or_none
 from .store import (
+    METADATA_NAME,
     PARTIAL_DIR_NAME,
     InvalidMetadata,
     ModelMetadata,
@@ -89,7 +90,16 @@ def describe_model_dir(path: Path) -> StoredModel:
         commit=metadata.commit if metadata else None,
         shape=model_shape_or_none(path) if complete else None,  # a half-written config says nothing
         problem=problem,
+        published_at=published_at(path) if metadata else None,
     )
+
+
+def published_at(model_dir: Path) -> float | None:
+    """When the copy's metadata was written, which publishing a copy does last (unix time)."""
+    try:
+        return (model_dir / METADATA_NAME).stat().st_mtime
+    except OSError:
+        return None
 
 
 def describe_partial_dir(path: Path) -> StoredModel:

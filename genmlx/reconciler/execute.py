@@ -1,11 +1,14 @@
 """The executor: carries planned actions out through the agent clients, one after another.
 
-Retries happen here and only here (tenacity, temporary errors only). A failed action is
-reported, never raised: the next pass re-observes and plans again.
+Retries happen here and only here (tenacity, temporary errors only). Each action has a deadline,
+so an agent that accepts a connection and never answers cannot hold the loop: past it the action
+fails like any other. A failed action is reported, never raised: the next pass re-observes and
+plans again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +19,15 @@ from genmlx.reconciler.actions import Action, DeleteModel, FetchModel, StartRank
 from genmlx.reconciler.agent_client import AgentClient
 
 log = logging.getLogger("genmlx.master")
+
+# Seconds for each kind of action, retries included. Agent calls return once the work is under way
+# (a transfer runs on the agent afterwards); stopping waits for SIGTERM's grace, then SIGKILL.
+DEADLINES_S: dict[type, float] = {
+    StopRankGroup: 60.0,
+    StartRankGroup: 60.0,
+    FetchModel: 30.0,
+    DeleteModel: 60.0,
+}
 
 
 @dataclass(frozen=True)
@@ -41,12 +53,17 @@ async def execute(actions: list[Action], clients: dict[str, AgentClient]) -> lis
     results = []
     for action in actions:
         log.info("%s", action.describe())
+        deadline = DEADLINES_S[type(action)]
         try:
-            await execute_one(action, clients)
+            async with asyncio.timeout(deadline):
+                await execute_one(action, clients)
             results.append(ActionResult(action))
         except GenMLXError as e:
             log.warning("failed: %s: %s", action.describe(), e)
             results.append(ActionResult(action, str(e)))
+        except TimeoutError:
+            log.warning("failed: %s: not done within %gs", action.describe(), deadline)
+            results.append(ActionResult(action, f"not done within its {deadline:g}s deadline"))
     return results
 
 

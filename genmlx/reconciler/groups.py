@@ -29,6 +29,7 @@ class GroupPlan:
     paths: tuple[str, ...]  # the model's directory on each node, rank order
     ports: tuple[int, ...]  # each rank's HTTP port; rank 0's serves the API
     placement: Placement
+    published: tuple[float | None, ...] = ()  # when each rank's copy was put in place
 
 
 def desired_group(spec: ModelSpec, manifest: Manifest, observed: Observed, plan: GroupPlan) -> StartRankGroup:
@@ -44,6 +45,7 @@ def desired_group(spec: ModelSpec, manifest: Manifest, observed: Observed, plan:
         "revision": spec.revision,
         "nodes": list(spec.nodes),
         "paths": list(plan.paths),
+        "published": list(plan.published),  # a copy replaced in place (re-synced) restarts the group
         "ports": list(plan.ports),
         "hostfile": list(hostfile),
         "placement": [parallelism, plan.placement.layer_split],

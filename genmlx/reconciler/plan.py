@@ -86,9 +86,10 @@ def assess_model(
         placement = placement_of(spec, observed, presence)
     except PlacementRefused as e:
         return verdict("Blocked", e.reason, e.message)
-    paths = tuple(presence.copies[name].path for name in spec.nodes)
+    copies = [presence.copies[name] for name in spec.nodes]
+    group = GroupPlan(tuple(c.path for c in copies), ports, placement, tuple(c.published_at for c in copies))
     try:
-        desired = desired_group(spec, manifest, observed, GroupPlan(paths, ports, placement))
+        desired = desired_group(spec, manifest, observed, group)
     except MeshPlanError as e:
         return verdict("Blocked", "MeshUnplannable", str(e))
     return assess_rollout(spec, desired, ranks, observed, verdict)
