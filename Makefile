@@ -26,13 +26,21 @@ test: setup test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The multi-host tests run nodes in network namespaces, with iproute2's `ip`: install it as root
-# where it is missing. Without root they are skipped (and fail where CI is set).
+# where it is missing. The status page tests drive Debian's chromium: installed the same way.
+# Without root they are skipped (and fail where CI is set).
 test-deps:
 	@if ! command -v ip >/dev/null 2>&1 && ! test -x /usr/sbin/ip && ! test -x /sbin/ip; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; \
 		else \
 			echo "note: iproute2 is missing and this is not a root Debian shell: multi-host tests will skip"; \
+		fi; \
+	fi
+	@if ! test -x /usr/bin/chromium; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "note: chromium is missing and this is not a root Debian shell: status page tests will skip"; \
 		fi; \
 	fi
 

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
     p.set_defaults(run=cmd_status)
 
+    p = sub.add_parser("ui", help="open the read-only status page in a browser (signs it in)")
+    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
+    p.add_argument("--no-open", action="store_true", help="print the sign-in link instead of opening it")
+    p.set_defaults(run=cmd_ui)
+
     p = sub.add_parser("get", help="list nodes or models with their Ready condition")
     p.add_argument("what", choices=("nodes", "models"))
     p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
@@ -204,6 +209,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     document = call_master(master_url(args.master), read_token(), "GET", "/api/v1/status")
     print_document(document, args.output, lambda: format_status(document))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from genmlx.master_client import master_url, ui_login_url
+
+    url = master_url(args.master)
+    link, expires_in = ui_login_url(url, read_token())
+    if not args.no_open and webbrowser.open(link):
+        print(f"opened the status page of {url} in a browser", file=sys.stderr)
+        return 0
+    print(f"open this link in a browser within {expires_in} s (it works once):", file=sys.stderr)
+    print(link)
     return 0
 
 

@@ -19,6 +19,10 @@ class JsonHandler(RequestHandler):
     (``bearer_token``); a handler with ``requires_token = False`` is open (liveness checks)."""
 
     requires_token = True
+    # A read-only endpoint the status page reads may also accept the page's session cookie
+    # (``genmlx.reconciler.ui_auth``) on GET, when the app injects a ``sessions`` verifier.
+    accepts_session = False
+    sessions: Any = None
 
     def initialize(self, token: str | None = None, **deps: Any) -> None:
         self.token = token
@@ -32,6 +36,8 @@ class JsonHandler(RequestHandler):
     def prepare(self) -> None:
         token = self.bearer_token()
         if self.requires_token and token is not None and not self.carries_token(token):
+            if self.carries_session():
+                return
             raise Unauthorized(
                 "Missing or incorrect API key: send 'Authorization: Bearer <cluster token>' "
                 "(or 'x-api-key: <cluster token>')."
@@ -43,6 +49,12 @@ class JsonHandler(RequestHandler):
         return bearer_matches(headers.get("Authorization"), token) or api_key_matches(
             headers.get("x-api-key"), token
         )
+
+    def carries_session(self) -> bool:
+        """A valid session cookie, on a GET this handler opens to it, from our own origin."""
+        if not self.accepts_session or self.sessions is None or self.request.method != "GET":
+            return False
+        return self.sessions.accepts(self.request)
 
     def json_body(self) -> dict[str, Any]:
         try:

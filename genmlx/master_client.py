@@ -54,6 +54,13 @@ def call_master(url: str, token: str, method: str, path: str, body: Any = None, 
         raise MasterError(f"no master answers at {url} ({reason}): is `genmlx master` running?") from None
 
 
+def ui_login_url(url: str, token: str) -> tuple[str, int]:
+    """A one-time sign-in link to the status page (the browser never gets the token) and how
+    many seconds it is good for."""
+    reply = call_master(url, token, "POST", "/api/v1/ui/login", {})
+    return f"{url.rstrip('/')}{reply['url']}", int(reply.get("expiresIn", 60))
+
+
 def parse_error(body: bytes) -> dict[str, Any]:
     try:
         return json.loads(body)["error"]

@@ -147,3 +147,13 @@ def netns_hosts(tmp_path: Path) -> Iterator:
     yield create
     for bench in reversed(benches):
         bench.close()
+
+
+def skip_or_fail(problem: str | None, what: str) -> None:
+    """Skip a test that cannot run on this machine because of ``problem``, or fail it where ``CI``
+    is set: CI must run everything. ``what`` names the tests, for the message."""
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"the {what} cannot run here: {problem}")
+    pytest.skip(f"{what}: {problem}")

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import pytest
-from conftest import Proc
+from conftest import Proc, skip_or_fail
 
 # gx + pid (5 base-36 digits) + bench number (2) + what: br (bridge), h<i> (host), v<i> (its veth)
 BENCH_NAME = re.compile(r"^gx([0-9a-z]{5})([0-9a-z]{2})(br|h\d+|v\d+)$")
@@ -163,11 +162,7 @@ def skip_unless_netns_possible() -> None:
         problem = "network namespaces need root: run the tests as root (CI does)"
     elif ip_command() is None:
         problem = "network namespaces need iproute2's `ip`: `make test` installs it (apt-get) as root"
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"the multi-host bench cannot run here: {problem}")
-    pytest.skip(f"multi-host bench: {problem}")
+    skip_or_fail(problem, "multi-host bench")
 
 
 def ip_command() -> str | None:

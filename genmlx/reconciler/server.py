@@ -1,6 +1,7 @@
 """The master's HTTP surface: liveness, status, apply, and the OpenAI router under ``/v1``.
 
-Everything but ``/healthz`` needs the cluster's bearer token.
+Everything but ``/healthz`` and the status page's files needs the cluster's bearer token; the
+page's session cookie (``ui_auth``) reads status, events and the stream, nothing else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from genmlx.reconciler.actions import describe_plan, plan_summary
 from genmlx.reconciler.loop import Reconciler
 from genmlx.reconciler.proxy import ModelsHandler, ProxyHandler
 from genmlx.reconciler.stream import EventsHandler, StreamHandler, current_status
+from genmlx.reconciler.ui_handlers import ui_routes
 
 PREVIEW_TIMEOUT_S = 10.0
 
@@ -33,6 +35,7 @@ class HealthzHandler(JsonHandler):
 
 
 class StatusHandler(JsonHandler):
+    accepts_session = True  # the status page reads it
     reconciler: Reconciler
 
     def get(self) -> None:
@@ -88,13 +91,17 @@ class ManifestHandler(JsonHandler):
 
 def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) -> Application:
     deps = {"token": token, "reconciler": reconciler}
+    page, sessions = ui_routes(token, deps)
+    # Only the handlers with ``accepts_session`` (status, events, stream) let a session in.
+    readable = {**deps, "sessions": sessions}
     return Application(
         [
             (r"/healthz", HealthzHandler),
-            (r"/api/v1/status", StatusHandler, deps),
+            (r"/api/v1/status", StatusHandler, readable),
             (r"/api/v1/manifest", ManifestHandler, deps),
-            (r"/api/v1/events", EventsHandler, deps),
-            (r"/api/v1/stream", StreamHandler, deps),
+            (r"/api/v1/events", EventsHandler, readable),
+            (r"/api/v1/stream", StreamHandler, readable),
+            *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
             (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
         ]

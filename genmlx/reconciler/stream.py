@@ -24,6 +24,7 @@ def current_status(reconciler: Reconciler) -> dict[str, Any]:
 class EventsHandler(JsonHandler):
     """``GET /api/v1/events[?limit=N&kind=Model&name=qwen]``: recent events, newest first."""
 
+    accepts_session = True  # the status page reads it
     reconciler: Reconciler
 
     def get(self) -> None:
@@ -41,6 +42,7 @@ class StreamHandler(JsonHandler):
     """``GET /api/v1/stream``: ``event: status`` with the whole status document at once and after
     every pass, ``event: event`` for each event recorded. Ends when the client leaves."""
 
+    accepts_session = True  # the status page reads it
     reconciler: Reconciler
 
     async def get(self) -> None:
