@@ -157,3 +157,26 @@ def skip_or_fail(problem: str | None, what: str) -> None:
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(f"the {what} cannot run here: {problem}")
     pytest.skip(f"{what}: {problem}")
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory):
+    """A dispatcher on the scripted model that writes ``TOOL_REPLY`` (thinking, then a tool call)."""
+    from dispatcher_process import served_model
+    from test_scripted_model import TOOL_REPLY
+
+    from genmlx.demo_model import write_scripted_model
+
+    models = tmp_path_factory.mktemp("models")
+    path = write_scripted_model(models / "scripted", TOOL_REPLY)
+    with served_model(path, "scripted", models) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def demo(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A dispatcher on the demo model, shared by one test module."""
+    from dispatcher_process import served_model
+
+    with served_model(demo_model_dir, "demo-llama", tmp_path_factory.mktemp("logs")) as served:
+        yield served

@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import anthropic
 import pytest
-from dispatcher_process import ServedModel, served_model
+from dispatcher_process import ServedModel
 from test_scripted_model import TOOL_REPLY
-
-from genmlx.demo_model import write_scripted_model
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -25,20 +22,6 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 REASONING = "The user wants the weather in Paris."
 THINKING = {"type": "enabled", "budget_tokens": 1024}
 GREEDY = {"temperature": 0}  # this anthropic client no longer takes temperature as an argument
-
-
-@pytest.fixture(scope="module")
-def scripted(tmp_path_factory: pytest.TempPathFactory):
-    models = tmp_path_factory.mktemp("models")
-    path = write_scripted_model(models / "scripted", TOOL_REPLY)
-    with served_model(path, "scripted", models) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def demo(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with served_model(demo_model_dir, "demo-llama", tmp_path_factory.mktemp("logs")) as served:
-        yield served
 
 
 def client(served: ServedModel, api_key: str | None = None) -> anthropic.Anthropic:

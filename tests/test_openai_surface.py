@@ -5,14 +5,11 @@ tool calls and thinking (on the scripted model), log-probabilities, sampling fie
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import openai
 import pytest
-from dispatcher_process import ServedModel, served_model
+from dispatcher_process import ServedModel
 from test_scripted_model import TOOL_REPLY
-
-from genmlx.demo_model import write_scripted_model
 
 WEATHER_TOOL = {
     "type": "function",
@@ -24,20 +21,6 @@ WEATHER_TOOL = {
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 REASONING = "The user wants the weather in Paris."
-
-
-@pytest.fixture(scope="module")
-def scripted(tmp_path_factory: pytest.TempPathFactory):
-    models = tmp_path_factory.mktemp("models")
-    path = write_scripted_model(models / "scripted", TOOL_REPLY)
-    with served_model(path, "scripted", models) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def demo(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with served_model(demo_model_dir, "demo-llama", tmp_path_factory.mktemp("logs")) as served:
-        yield served
 
 
 def client(served: ServedModel) -> openai.OpenAI:
