@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from genmlx.dispatcher.events import GenerationRequest
 from genmlx.dispatcher.prefix_cache import PrefixCache
-from genmlx.dispatcher.sampling import make_logits_processors, make_token_sampler
+from genmlx.dispatcher.sampling import BatchSampler, RowSampler, make_logits_processors
 from genmlx.dispatcher.settings import DecoderSettings
 
 End = Literal["stop", "length"]
@@ -82,6 +82,9 @@ class BatchDecoder:
         )
         self._prefixes = PrefixCache(settings.cache_entries, settings.cache_bytes, evicts=settings.leads)
         self._uids: dict[int, int] = {}  # ours -> the generator's
+        self._rows: dict[int, RowSampler] = {}  # the generator's uid -> its request's sampler
+        self._batch_sampler = BatchSampler()
+        self._sample_batch = self._sample_generation_batch  # one object: mlx-lm compares by identity
 
     @property
     def active(self) -> int:
@@ -99,19 +102,22 @@ class BatchDecoder:
         prompt = list(request.prompt_tokens)
         reused = self._prefixes.take(prompt, cached_tokens)
         cached = reused.tokens if reused else 0
-        (self._uids[uid],) = self._generator.insert(
+        row = RowSampler(request.sampling)
+        (inner,) = self._generator.insert(
             [prompt[cached:]],
             max_tokens=[request.max_tokens],
             caches=[reused.cache if reused else None],
             all_tokens=[prompt[:cached]],
-            samplers=[make_token_sampler(request.sampling)],
+            samplers=[row],
             logits_processors=[make_logits_processors(request.sampling)],
         )
+        self._uids[uid], self._rows[inner] = inner, row
         return cached
 
     def leave(self, uid: int) -> None:
         """Drop sequence ``uid`` before it ended by itself; what it had read stays in the cache."""
         inner = self._uids.pop(uid)
+        del self._rows[inner]
         for cache, tokens in self._generator.remove([inner], return_prompt_caches=True).values():
             self._prefixes.put(tokens, cache)
 
@@ -124,9 +130,29 @@ class BatchDecoder:
             uid = ours[response.uid]
             sampled.append(Sampled(uid, response.token, response.logprobs, response.finish_reason))
             if response.finish_reason is not None:
-                del self._uids[uid]
+                del self._uids[uid], self._rows[response.uid]
                 self._prefixes.put(response.all_tokens, response.prompt_cache)
+        self._sample_batches_together()
         return sampled
+
+    def _sample_batches_together(self) -> None:
+        """Give every sequence being decoded the one shared sampler, so the next step samples them
+        all in one call.
+
+        mlx-lm's ``GenerationBatch`` makes one sampler call for the whole batch only when every row
+        has the same sampler object, and otherwise one per row. A sequence enters the batch with its
+        own ``RowSampler`` (its first token is sampled alone); from then on it gets
+        ``_sample_batch``, which maps the batch's rows (in the order of its ``uids``) to their
+        requests' ``RowSampler``. Both are private to mlx-lm (pinned to 0.32): without them every row
+        samples by itself, as correct and slower."""
+        batch = getattr(self._generator, "_generation_batch", None)
+        samplers = getattr(batch, "samplers", None)
+        if samplers is not None and hasattr(batch, "uids"):
+            samplers[:] = [self._sample_batch] * len(samplers)
+
+    def _sample_generation_batch(self, logprobs: mx.array) -> mx.array:
+        rows = [self._rows[inner] for inner in self._generator._generation_batch.uids]
+        return self._batch_sampler.sample(logprobs, rows)
 
     def trim_cache(self, entries: int) -> None:
         self._prefixes.trim(entries)
@@ -158,7 +184,7 @@ class SequentialDecoder:
             mx.array(request.prompt_tokens),
             self._model,
             max_tokens=request.max_tokens,
-            sampler=make_token_sampler(request.sampling),
+            sampler=RowSampler(request.sampling),
             logits_processors=make_logits_processors(request.sampling),
         )
         return 0
