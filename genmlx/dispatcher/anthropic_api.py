@@ -8,14 +8,13 @@ error shape, and ``x-api-key`` accepted beside ``Authorization: Bearer``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from genmlx.api_errors import ApiError
 from genmlx.dispatcher.anthropic_format import AnthropicMessageFormat, anthropic_error_json
 from genmlx.dispatcher.anthropic_request import MessagesRequest, parse_messages_request
 from genmlx.dispatcher.engine import LoadedModel
-from genmlx.dispatcher.handlers import GenerationHandler
+from genmlx.dispatcher.handlers import SSE_JSON, GenerationHandler
 from genmlx.dispatcher.openai_format import ResponseFormat
 from genmlx.dispatcher.prompts import chat_prompt_tokens
 from genmlx.dispatcher.reply_parsing import ReplyParser, prompt_opens_reasoning, reply_markers
@@ -49,7 +48,7 @@ class MessagesHandler(GenerationHandler):
         return anthropic_error_json(error)
 
     def sse_frame(self, payload: dict) -> str:
-        return f"event: {payload['type']}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return f"event: {payload['type']}\ndata: {SSE_JSON.encode(payload)}\n\n"
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = as_api_error(status_code, kwargs.get("exc_info"))

@@ -4,7 +4,9 @@
 between steps, and each step decodes one token for every sequence already past its prompt and then
 processes one chunk (``prefill_chunk`` tokens) of the prompts still being read, so a long prompt
 holds the others back by at most one chunk per token. A sequence that ends leaves its KV state in
-the ``PrefixCache`` for later prompts that start the same way.
+the ``PrefixCache`` for later prompts that start the same way. A sequence that joins an empty
+decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
+is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
 
 ``SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``) one
 sequence at a time with ``generate_step``.
@@ -16,10 +18,11 @@ group in step: rank 0 decides every join and leave, and every rank makes the sam
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 
 from genmlx.dispatcher.events import GenerationRequest
 from genmlx.dispatcher.prefix_cache import PrefixCache
@@ -59,8 +62,6 @@ class Decoder(Protocol):
 
 def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings) -> Decoder:
     """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
         return BatchDecoder(model, eos_ids, settings)
     return SequentialDecoder(model)
@@ -73,6 +74,11 @@ class BatchDecoder:
         from mlx_lm.generate import BatchGenerator
 
         self.capacity = settings.max_batch
+        self._model = model
+        self._eos_ids = eos_ids
+        self._prefill_chunk = settings.prefill_chunk
+        self._solo: _Solo | None = None
+        self._carried: list[Sampled] = []  # the token a sequence sampled alone before it moved
         self._generator = BatchGenerator(
             model,
             stop_tokens=[[eos] for eos in sorted(eos_ids)],
@@ -88,7 +94,7 @@ class BatchDecoder:
 
     @property
     def active(self) -> int:
-        return len(self._uids)
+        return len(self._uids) + (self._solo is not None)
 
     @property
     def cache_entries(self) -> int:
@@ -102,20 +108,64 @@ class BatchDecoder:
         prompt = list(request.prompt_tokens)
         reused = self._prefixes.take(prompt, cached_tokens)
         cached = reused.tokens if reused else 0
+        cache = reused.cache if reused else None
+        processors = make_logits_processors(request.sampling)
         row = RowSampler(request.sampling)
+        if self.active == 0 and not processors:
+            if cache is None:
+                cache = make_prompt_cache(self._model)
+            self._solo = _Solo(
+                uid, self._model, cache, prompt[:cached], prompt[cached:], row, request.max_tokens
+            )
+            return cached
+        if self._solo is not None:
+            self._move_solo_into_batch()
+        self._insert(uid, prompt[cached:], prompt[:cached], cache, row, processors, request.max_tokens)
+        return cached
+
+    def _insert(
+        self,
+        uid: int,
+        unread: list[int],
+        read: list[int],
+        cache: list[Any] | None,
+        row: RowSampler,
+        processors: list,
+        max_tokens: int,
+    ) -> None:
         (inner,) = self._generator.insert(
-            [prompt[cached:]],
-            max_tokens=[request.max_tokens],
-            caches=[reused.cache if reused else None],
-            all_tokens=[prompt[:cached]],
+            [unread],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[read],
             samplers=[row],
-            logits_processors=[make_logits_processors(request.sampling)],
+            logits_processors=[processors],
         )
         self._uids[uid], self._rows[inner] = inner, row
-        return cached
+
+    def _move_solo_into_batch(self) -> None:
+        """The sequence running alone joins the batch where it stands, its cache with it. A token it
+        already sampled is still delivered by the next ``step``; if that token ended it, it ends."""
+        solo, self._solo = self._solo, None
+        carried = solo.settle(self._eos_ids)
+        if carried is not None:
+            self._carried.append(carried)
+            if carried.end is not None:
+                self._prefixes.put(solo.read, solo.cache)
+                return
+        left = solo.max_tokens - solo.generated
+        self._insert(solo.uid, solo.unread, solo.read, solo.cache, solo.row, [], left)
 
     def leave(self, uid: int) -> None:
         """Drop sequence ``uid`` before it ended by itself; what it had read stays in the cache."""
+        self._carried = [c for c in self._carried if c.uid != uid]
+        if self._solo is not None and self._solo.uid == uid:
+            solo, self._solo = self._solo, None
+            solo.settle(self._eos_ids)
+            self._prefixes.put(solo.read, solo.cache)
+            return
+        if uid not in self._uids:  # it ended with a token carried out of its solo run
+            return
         inner = self._uids.pop(uid)
         del self._rows[inner]
         for cache, tokens in self._generator.remove([inner], return_prompt_caches=True).values():
@@ -123,9 +173,11 @@ class BatchDecoder:
 
     def step(self) -> list[Sampled]:
         """One token for each sequence past its prompt, and one chunk of the prompts being read."""
+        sampled, self._carried = self._carried, []
+        if self._solo is not None:
+            return sampled + self._step_solo()
         ours = {inner: uid for uid, inner in self._uids.items()}
         _, responses = self._generator.next()
-        sampled = []
         for response in responses:
             uid = ours[response.uid]
             sampled.append(Sampled(uid, response.token, response.logprobs, response.finish_reason))
@@ -134,6 +186,18 @@ class BatchDecoder:
                 self._prefixes.put(response.all_tokens, response.prompt_cache)
         self._sample_batches_together()
         return sampled
+
+    def _step_solo(self) -> list[Sampled]:
+        solo = self._solo
+        with mx.stream(self._generator.stream):
+            sampled = solo.step(self._eos_ids, self._prefill_chunk)
+        if sampled is None:
+            return []
+        if sampled.end is not None:
+            self._solo = None
+            solo.settle(self._eos_ids)
+            self._prefixes.put(solo.read, solo.cache)
+        return [sampled]
 
     def _sample_batches_together(self) -> None:
         """Give every sequence being decoded the one shared sampler, so the next step samples them
@@ -156,6 +220,78 @@ class BatchDecoder:
 
     def trim_cache(self, entries: int) -> None:
         self._prefixes.trim(entries)
+
+
+@dataclass
+class _Ahead:
+    """A decoding step already under way: ``fed`` went into the model, ``token`` is being sampled."""
+
+    fed: mx.array
+    token: mx.array
+    logprobs: mx.array
+
+
+@dataclass
+class _Solo:
+    """One sequence decoded by itself on plain caches, one step ahead as ``generate_step`` runs: the
+    next step is sent to the device before the current token is read back, so building one step's
+    graph overlaps computing the other's.
+
+    ``read`` are the tokens whose KV state ``cache`` holds, ``unread`` the ones still to feed (the
+    prompt's rest, then the last token sampled). ``settle`` ends any step under way so that the
+    sequence can move into a batch (or its cache into the prefix cache) exactly where it stands."""
+
+    uid: int
+    model: Any
+    cache: list[Any]
+    read: list[int]
+    unread: list[int]
+    row: RowSampler
+    max_tokens: int
+    generated: int = 0
+    ahead: _Ahead | None = field(default=None, repr=False)
+
+    def step(self, eos_ids: set[int], prefill_chunk: int) -> Sampled | None:
+        """Read one chunk of the prompt (None) or decode the next token."""
+        if len(self.unread) > 1:
+            chunk = self.unread[: min(prefill_chunk, len(self.unread) - 1)]
+            self.model(mx.array(chunk)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.read += chunk
+            self.unread = self.unread[len(chunk) :]
+            return None
+        current = self.ahead or self._launch(mx.array(self.unread[-1:]))
+        self.unread = []
+        self.ahead = None
+        if self.generated + 1 < self.max_tokens:
+            self.ahead = self._launch(current.token)
+        return self._sampled(current, eos_ids)
+
+    def settle(self, eos_ids: set[int]) -> Sampled | None:
+        """Finish the step under way, if one is; the token it sampled (now in ``unread``)."""
+        if self.ahead is None:
+            return None
+        current, self.ahead = self.ahead, None
+        sampled = self._sampled(current, eos_ids)
+        self.unread = [sampled.token]
+        return sampled
+
+    def _launch(self, fed: mx.array) -> _Ahead:
+        logits = self.model(fed[None], cache=self.cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = self.row(logprobs)
+        mx.async_eval(token, logprobs)
+        return _Ahead(fed, token, logprobs)
+
+    def _sampled(self, current: _Ahead, eos_ids: set[int]) -> Sampled:
+        """``current``'s token, once computed; what it fed is now in the cache."""
+        token = current.token.item()
+        self.read.append(current.fed.item())
+        self.generated += 1
+        end: End | None = (
+            "stop" if token in eos_ids else "length" if self.generated >= self.max_tokens else None
+        )
+        return Sampled(self.uid, token, current.logprobs[0], end)
 
 
 class SequentialDecoder:

@@ -46,6 +46,8 @@ from genmlx.dispatcher.request_parsing import (
 from genmlx.httpapi import JsonHandler
 
 access_log = logging.getLogger("genmlx.dispatcher.access")
+# One encoder for every streamed chunk: json.dumps with options builds a new one per call.
+SSE_JSON = json.JSONEncoder(ensure_ascii=False)
 CLIENT_CLOSED = 499  # nginx's convention, so the access log tells a vanished client from a served one
 CANCEL_CONFIRM_SECONDS = 2.0
 
@@ -305,7 +307,7 @@ class GenerationHandler(ApiHandler):
 
     def sse_frame(self, payload: dict) -> str:
         """One server-sent event carrying ``payload`` (Anthropic's API also names the event)."""
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return f"data: {SSE_JSON.encode(payload)}\n\n"
 
     async def _send_data(self, data: str) -> None:
         self.write(f"data: {data}\n\n")

@@ -133,6 +133,10 @@ class ReplyParser:
     def _partial_marker_length(self) -> int:
         """Length of the longest end of the held text that could begin a marker."""
         markers = [m for m, _ in self._markers_out_of(self._mode)]
+        longest = max(map(len, markers), default=1)
+        tail = self._held[-(longest - 1) :] if longest > 1 else ""
+        if not any(m[0] in tail for m in markers):  # most tokens: no marker can start in them
+            return 0
         for length in range(min(len(self._held), max(map(len, markers), default=1) - 1), 0, -1):
             if any(m.startswith(self._held[-length:]) for m in markers):
                 return length

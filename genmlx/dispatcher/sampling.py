@@ -39,9 +39,12 @@ class RowSampler:
         self.greedy = sampling.temperature == 0
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(64)
         self.key = _UNUSED_KEY if self.greedy else mx.random.key(seed % 2**64)
+        self._alone: _RowParameters | None = None
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        tokens, keys = _sample(logprobs, _RowParameters.of([self], logprobs.shape[-1]), self.key[None])
+        if self._alone is None:
+            self._alone = _RowParameters.of([self], logprobs.shape[-1])
+        tokens, keys = _sample(logprobs, self._alone, self.key[None])
         self.key = keys[0]
         return tokens
 

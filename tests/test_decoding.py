@@ -1,0 +1,105 @@
+"""The decoder on the demo model, in process: a sequence that starts alone runs on plain caches and
+moves into the batch when a second one joins, at any point (reading its prompt, decoding, on its
+last token), with the tokens it would have had alone; a sequence dropped while alone leaves its
+state in the prefix cache."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from genmlx.dispatcher.decoding import BatchDecoder
+from genmlx.dispatcher.events import GenerationRequest, Sampling
+from genmlx.dispatcher.settings import DecoderSettings
+
+FIRST = GenerationRequest("first", (), max_tokens=20, sampling=Sampling(temperature=0.8, seed=11))
+SECOND = GenerationRequest("second", (), max_tokens=12, sampling=Sampling(temperature=0.6, seed=12))
+
+
+@pytest.fixture(scope="module")
+def demo_model(demo_model_dir: Path):
+    from mlx_lm import load
+
+    return load(str(demo_model_dir))
+
+
+def with_prompt(request: GenerationRequest, tokenizer, text: str) -> GenerationRequest:
+    return GenerationRequest(
+        request.request_id, tuple(tokenizer.encode(text)), request.max_tokens, request.sampling
+    )
+
+
+def new_decoder(model, tokenizer, **settings) -> BatchDecoder:
+    return BatchDecoder(model, set(tokenizer.eos_token_ids), DecoderSettings(**settings))
+
+
+def run(decoder: BatchDecoder, joins: dict[int, tuple[int, GenerationRequest]]) -> dict[int, list[int]]:
+    """Step until every sequence ended, joining ``joins[step] = (uid, request)`` before that step."""
+    tokens: dict[int, list[int]] = {uid: [] for uid, _ in joins.values()}
+    step = 0
+    while decoder.active or step <= max(joins):
+        if step in joins:
+            uid, request = joins[step]
+            decoder.join(uid, request)
+        for sampled in decoder.step():
+            tokens[sampled.uid].append(sampled.token)
+        step += 1
+    return tokens
+
+
+@pytest.mark.parametrize("phase", ["reading", "decoding", "last token sampled", "ended"])
+def test_a_sequence_moves_from_alone_into_the_batch_with_the_tokens_it_had_alone(
+    demo_model, phase: str
+) -> None:
+    """The first prompt is read in 4-token chunks, a step each, then one token per step: the second
+    request joins while it is read, while it decodes, when its last token is already sampled (that
+    token is delivered and ends it) or after it ended."""
+    model, tokenizer = demo_model
+    first = with_prompt(FIRST, tokenizer, "The river ran past the old mill and into the valley where")
+    second = with_prompt(SECOND, tokenizer, "Lakes are deep")
+    reading_steps = math.ceil((len(first.prompt_tokens) - 1) / 4)
+    assert reading_steps >= 3
+    last_token_step = reading_steps + FIRST.max_tokens - 1
+    second_joins_at = {
+        "reading": 2,
+        "decoding": reading_steps + 3,
+        "last token sampled": last_token_step,
+        "ended": last_token_step + 1,
+    }[phase]
+    alone = {
+        0: run(new_decoder(model, tokenizer, prefill_chunk=4), {0: (0, first)})[0],
+        1: run(new_decoder(model, tokenizer, prefill_chunk=4), {0: (1, second)})[1],
+    }
+    assert len(alone[0]) == FIRST.max_tokens  # ended by length, not by end of turn
+    decoder = new_decoder(model, tokenizer, prefill_chunk=4)
+    together = run(decoder, {0: (0, first), second_joins_at: (1, second)})
+    assert together == alone
+
+
+def test_greedy_tokens_are_the_same_alone_and_in_a_batch(demo_model) -> None:
+    model, tokenizer = demo_model
+    greedy = Sampling(temperature=0)
+    requests = [
+        GenerationRequest(f"r{i}", tuple(tokenizer.encode(text)), 24, greedy)
+        for i, text in enumerate(("Rivers start in the hills", "The sea is salty because", "Deltas form"))
+    ]
+    alone = {}
+    for uid, request in enumerate(requests):
+        alone |= run(new_decoder(model, tokenizer), {0: (uid, request)})
+    batched = run(new_decoder(model, tokenizer), {i: (i, r) for i, r in enumerate(requests)})
+    assert batched == alone
+
+
+def test_a_sequence_dropped_while_alone_leaves_its_state_in_the_prefix_cache(demo_model) -> None:
+    model, tokenizer = demo_model
+    request = with_prompt(FIRST, tokenizer, "The river ran past the old mill and into the valley where")
+    decoder = new_decoder(model, tokenizer)
+    assert decoder.join(0, request) == 0
+    for _ in range(5):
+        decoder.step()
+    decoder.leave(0)
+    assert decoder.active == 0 and decoder.cache_entries == 1
+    # The same prompt again: all of it but its last token comes from the cache.
+    assert decoder.join(1, request) == len(request.prompt_tokens) - 1
