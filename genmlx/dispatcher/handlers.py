@@ -30,6 +30,7 @@ from genmlx.dispatcher.events import EngineEvent, Failed, Finished, GenerationRe
 from genmlx.dispatcher.metrics import DispatcherMetrics
 from genmlx.dispatcher.openai_format import (
     ChatCompletionFormat,
+    RawJson,
     ResponseFormat,
     TextCompletionFormat,
     model_json,
@@ -171,6 +172,9 @@ class GenerationHandler(ApiHandler):
         super().initialize(deps)
         self._job: Job | None = None
         self._client_gone = False
+        self._ended: asyncio.Future[Finished | Failed] | None = None
+        self._deltas: list[TextDelta] = []  # a whole response's text, until it ends
+        self._streaming: ResponseFormat | None = None  # set while deltas are written as they come
 
     def parse(self, body: bytes) -> ChatCompletionRequest | CompletionRequest:
         raise NotImplementedError
@@ -192,24 +196,45 @@ class GenerationHandler(ApiHandler):
         loaded = self._served_model(options.model)
         request = self._generation_request(loaded, parsed)
         response = self.response_format(loaded, parsed, request.prompt_tokens)
-        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._ended = asyncio.get_running_loop().create_future()
         measured = self.deps.metrics.request_arrived(arrived)
-        deliver = measured.observing(events.put_nowait)
-        self._job = self.deps.engine.submit(request, deliver)
+        self._job = self.deps.engine.submit(request, measured.observing(self._on_event))
         measured.submitted()
         try:
             if options.stream:
-                await self._stream(events, response, options.include_usage)
+                await self._stream(response, options.include_usage)
             else:
-                await self._respond(events, response)
+                await self._respond(response)
         finally:
             self._job.cancel()  # a no-op once finished; stops generation if we leave early
+            self._ended.cancel()  # a no-op once ended; later events find nobody to write to
             measured.leave()
 
     def on_connection_close(self) -> None:
         self._client_gone = True
         if self._job is not None:
             self._job.cancel()
+
+    def _on_event(self, event: EngineEvent) -> None:
+        """Each event of the job, called on the event loop as the engine delivers a step's events.
+
+        A streamed delta is written and flushed right here, without a round trip through this
+        handler's coroutine; the end of the reply resolves ``_ended`` for the coroutine to finish.
+        The flush is not awaited: the engine does not wait for slow clients either, and a write to a
+        closed connection fails quietly (``on_connection_close`` cancels the job)."""
+        if self._ended.done():
+            return
+        if isinstance(event, Finished | Failed):
+            self._ended.set_result(event)
+        elif self._streaming is None:
+            self._deltas.append(event)
+        elif not self._client_gone:
+            try:
+                for chunk in self._streaming.stream_delta(event):
+                    self.write(self.sse_frame(chunk))
+                self.flush()
+            except Exception as e:  # raised in the handler, never into the engine's delivery
+                self._ended.set_exception(e)
 
     def _generation_request(
         self, loaded: LoadedModel, parsed: ChatCompletionRequest | CompletionRequest
@@ -239,75 +264,67 @@ class GenerationHandler(ApiHandler):
             raise NotReady("The model is still loading; retry shortly.")
         return loaded
 
-    async def _respond(self, events: asyncio.Queue[EngineEvent], response: ResponseFormat) -> None:
-        deltas: list[TextDelta] = []
-        while not isinstance(event := await events.get(), Finished):
-            if isinstance(event, Failed):
-                raise internal_error(event.message)
-            deltas.append(event)
-        self._record(event)
-        if event.reason == "cancelled":
+    async def _respond(self, response: ResponseFormat) -> None:
+        ended = await self._ended
+        if isinstance(ended, Failed):
+            raise internal_error(ended.message)
+        self._record(ended)
+        if ended.reason == "cancelled":
             return self._end_cancelled()
-        self.finish(response.full(deltas, event))
+        self.finish(response.full(self._deltas, ended))
 
-    async def _stream(
-        self, events: asyncio.Queue[EngineEvent], response: ResponseFormat, include_usage: bool
-    ) -> None:
+    async def _stream(self, response: ResponseFormat, include_usage: bool) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         try:
             if start := response.stream_start():
-                await self._send_event(start)
-            await self._stream_events(events, response, include_usage)
+                self.write(self.sse_frame(start))
+            self._streaming = response  # from here on, _on_event writes each delta as it comes
+            await self.flush()
+            await self._stream_end(await self._ended, response, include_usage)
         except StreamClosedError:
             self._client_gone = True
             self.set_status(CLIENT_CLOSED, "Client Closed Request")
-            await self._await_cancellation(events)
+            await self._await_cancellation()
 
-    async def _await_cancellation(self, events: asyncio.Queue[EngineEvent]) -> None:
+    async def _await_cancellation(self) -> None:
         """Cancel and wait (briefly) for the engine to confirm, so the access log shows the tokens
         spent; a job still queued behind another is confirmed only when dequeued, hence the bound."""
         if self._job is not None:
             self._job.cancel()
         try:
             async with asyncio.timeout(CANCEL_CONFIRM_SECONDS):
-                while not isinstance(event := await events.get(), Finished | Failed):
-                    pass
+                ended = await self._ended
         except TimeoutError:
             return
-        if isinstance(event, Finished):
-            self._record(event)
+        if isinstance(ended, Finished):
+            self._record(ended)
 
-    async def _stream_events(
-        self, events: asyncio.Queue[EngineEvent], response: ResponseFormat, include_usage: bool
+    async def _stream_end(
+        self, ended: Finished | Failed, response: ResponseFormat, include_usage: bool
     ) -> None:
-        while True:
-            match await events.get():
-                case TextDelta() as delta:
-                    for chunk in response.stream_delta(delta):
-                        await self._send_event(chunk)
-                case Failed(message=message):
-                    await self._send_event(self.error_payload(internal_error(message)))
-                    return
-                case Finished() as finished:
-                    self._record(finished)
-                    if finished.reason == "cancelled":
-                        return self._end_cancelled()
-                    for chunk in response.stream_finish(finished):
-                        await self._send_event(chunk)
-                    if include_usage:
-                        await self._send_event(response.stream_usage(finished.usage))
-                    if self.sse_done is not None:
-                        await self._send_data(self.sse_done)
-                    return
+        """The end of a stream whose deltas ``_on_event`` wrote."""
+        if isinstance(ended, Failed):
+            await self._send_event(self.error_payload(internal_error(ended.message)))
+            return
+        self._record(ended)
+        if ended.reason == "cancelled":
+            return self._end_cancelled()
+        for chunk in response.stream_finish(ended):
+            await self._send_event(chunk)
+        if include_usage:
+            await self._send_event(response.stream_usage(ended.usage))
+        if self.sse_done is not None:
+            await self._send_data(self.sse_done)
 
     async def _send_event(self, payload: dict) -> None:
         self.write(self.sse_frame(payload))
         await self.flush()
 
-    def sse_frame(self, payload: dict) -> str:
+    def sse_frame(self, payload: dict | RawJson) -> str:
         """One server-sent event carrying ``payload`` (Anthropic's API also names the event)."""
-        return f"data: {SSE_JSON.encode(payload)}\n\n"
+        body = payload if isinstance(payload, RawJson) else SSE_JSON.encode(payload)
+        return f"data: {body}\n\n"
 
     async def _send_data(self, data: str) -> None:
         self.write(f"data: {data}\n\n")

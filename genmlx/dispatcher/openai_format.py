@@ -9,6 +9,7 @@ own types.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,11 +30,33 @@ def usage_json(usage: Usage) -> dict:
     }
 
 
+class RawJson(str):
+    """A chunk already encoded as JSON text (the handler writes it as is)."""
+
+
+class TextChunks:
+    """Stream chunks that differ only in their text, encoded once: ``fill`` slots a text into the
+    JSON of ``template`` (whose text is ``SLOT``) instead of encoding the whole chunk per token."""
+
+    SLOT = "\ue000text\ue000"  # private-use characters: never in a chunk's own fields
+
+    def __init__(self, template: dict):
+        self._before, self._after = json.dumps(template, ensure_ascii=False).split(
+            json.dumps(self.SLOT, ensure_ascii=False)
+        )
+
+    def fill(self, text: str) -> RawJson:
+        return RawJson(self._before + _encode_string(text) + self._after)
+
+
+_encode_string = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept as is
+
+
 class ResponseFormat(Protocol):
     """Bodies and chunks for one response of one endpoint; it may keep state across a stream."""
 
     def stream_start(self) -> dict | None: ...
-    def stream_delta(self, delta: TextDelta) -> list[dict]: ...
+    def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]: ...
     def stream_finish(self, finished: Finished) -> list[dict]: ...
     def stream_usage(self, usage: Usage) -> dict: ...
     def full(self, deltas: list[TextDelta], finished: Finished) -> dict: ...
@@ -52,14 +75,15 @@ class ChatCompletionFormat:
         self._logprobs = logprobs
         self._pending_logprobs: list[TokenLogprob] = []
         self._tool_call_index = 0
+        self._text_chunks = TextChunks(self._chunk({"content": TextChunks.SLOT}, None))
 
     def stream_start(self) -> dict | None:
         # OpenAI announces the role in a first chunk with empty content.
         return self._chunk({"role": "assistant", "content": "", "refusal": None}, None)
 
-    def stream_delta(self, delta: TextDelta) -> list[dict]:
+    def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]:
         self._pending_logprobs += delta.logprobs
-        return [self._chunk(self._piece_delta(piece), None) for piece in self._parser.feed(delta.text)]
+        return [self._delta_chunk(piece) for piece in self._parser.feed(delta.text)]
 
     def stream_finish(self, finished: Finished) -> list[dict]:
         chunks = [self._chunk(self._piece_delta(piece), None) for piece in self._parser.finish()]
@@ -96,6 +120,11 @@ class ChatCompletionFormat:
                 return {"tool_calls": [{"index": self._tool_call_index - 1, **_tool_call_json(call)}]}
         raise TypeError(piece)
 
+    def _delta_chunk(self, piece: ReplyPiece) -> dict | RawJson:
+        if isinstance(piece, ReplyText) and not self._logprobs:  # most chunks: text alone
+            return self._text_chunks.fill(piece.text)
+        return self._chunk(self._piece_delta(piece), None)
+
     def _chunk(self, delta: dict, reason: str | None) -> dict:
         logprobs, self._pending_logprobs = self._pending_logprobs, []
         choice = {
@@ -123,11 +152,14 @@ class TextCompletionFormat:
         self._include_usage = include_usage
         self._logprobs = logprobs
         self._text_offset = 0
+        self._text_chunks = TextChunks(self._chunk(TextChunks.SLOT, (), None))
 
     def stream_start(self) -> dict | None:
         return None
 
-    def stream_delta(self, delta: TextDelta) -> list[dict]:
+    def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]:
+        if not self._logprobs:
+            return [self._text_chunks.fill(delta.text)]
         return [self._chunk(delta.text, delta.logprobs, None)]
 
     def stream_finish(self, finished: Finished) -> list[dict]:

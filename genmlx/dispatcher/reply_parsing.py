@@ -87,6 +87,7 @@ class ReplyParser:
 
     def __init__(self, markers: ReplyMarkers, *, starts_in_reasoning: bool = False):
         self._markers = markers
+        self._exits = {mode: self._markers_out_of(mode) for mode in ("text", "reasoning", "tool_call")}
         self._mode: Mode = "reasoning" if starts_in_reasoning and markers.think else "text"
         self._held = ""
         self._strip_leading = False  # whitespace right after a closing marker is layout, not text
@@ -117,7 +118,7 @@ class ReplyParser:
         """Where the first marker that ends the current mode starts and ends, and the mode it opens."""
         found = [
             (at, at + len(marker), mode)
-            for marker, mode in self._markers_out_of(self._mode)
+            for marker, mode in self._exits[self._mode]
             if (at := self._held.find(marker)) >= 0
         ]
         return min(found, default=None)
@@ -132,7 +133,7 @@ class ReplyParser:
 
     def _partial_marker_length(self) -> int:
         """Length of the longest end of the held text that could begin a marker."""
-        markers = [m for m, _ in self._markers_out_of(self._mode)]
+        markers = [m for m, _ in self._exits[self._mode]]
         longest = max(map(len, markers), default=1)
         tail = self._held[-(longest - 1) :] if longest > 1 else ""
         if not any(m[0] in tail for m in markers):  # most tokens: no marker can start in them
