@@ -1,9 +1,11 @@
 """Aggregate generated tokens/s at 1, 4 and 16 concurrent streams: our dispatcher over ``mlx_lm.server``.
 
-    python benchmarks/concurrent_streams.py [--model DIR] [--tokens 64] [--levels 1 4 16] [--temperature 0]
+    python benchmarks/concurrent_streams.py [--model DIR | --shape demo|benchmark] [--tokens 64]
+        [--levels 1 4 16] [--temperature 0]
 
 Both servers run as processes on 127.0.0.1 on the same model (the demo model, written to a temporary
-directory, unless ``--model`` names one): ours is ``python -m genmlx.dispatcher``; the baseline is
+directory, unless ``--model`` names one or ``--shape benchmark`` asks for a larger random one):
+ours is ``python -m genmlx.dispatcher``; the baseline is
 ``python -m mlx_lm.server``. Both are given the same batch size, ``--batch`` (default 32, which is
 mlx_lm.server's default ``--decode-concurrency``), so neither server's batch limit holds back any
 stream of any level here: ours gets ``--max-batch N`` (its decode and prefill batch), the baseline
@@ -20,7 +22,9 @@ Timed: from just before the first request is sent to the end of the last stream,
 Tokens: the sum of ``usage.completion_tokens`` the servers report. Both servers run throughout (an
 idle one blocks on its request queue, costing no CPU) and each gets a warm-up request; then, level by
 level, runs alternate between the two, ``--rounds`` times each, so a change in the machine's
-background load reaches both alike. The medians of the aggregate rates are compared.
+background load reaches both alike. Printed per level: each server's median aggregate rate, and
+the ratio as the median of the rounds' own ratios (ours over the baseline run right after it), with
+their range.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openai
-from decode_throughput import Server, free_port, model_directory, our_dispatcher, running_process
+from decode_throughput import (
+    Server,
+    add_model_options,
+    free_port,
+    model_directory,
+    our_dispatcher,
+    paired_ratios,
+    running_process,
+)
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
@@ -113,8 +125,8 @@ def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
     threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(streams)]
     for thread in threads:
         thread.start()
+    start.wait()  # every client is built: the barrier lets the threads and this clock go together
     began = time.perf_counter()
-    start.wait()
     for thread in threads:
         thread.join()
     return LevelRun(streams, sum(counts), time.perf_counter() - began)
@@ -126,7 +138,7 @@ def median_rate(runs: list[LevelRun]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a model directory (default: the demo model)")
+    add_model_options(parser)
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of every request")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent streams")
     parser.add_argument("--rounds", type=int, default=3, help="runs per level and server")
@@ -135,7 +147,7 @@ def main() -> None:
     options = parser.parse_args()
     workload = Workload(options.tokens, options.temperature)
     with (
-        model_directory(options.model) as model_dir,
+        model_directory(options.model, options.shape) as model_dir,
         tempfile.TemporaryDirectory() as work,
         our_dispatcher(model_dir, Path(work), ["--max-batch", str(options.batch)]) as ours,
         mlx_lm_server(model_dir, Path(work), options.batch) as baseline,
@@ -165,13 +177,12 @@ def report(
     print(f"model: {model_dir}; max_tokens {workload.max_tokens}; temperature {workload.temperature}")
     print(f"batch {batch} on both servers")
     print("aggregate generated tokens/s (median)")
-    print(f"{'streams':>7} {'tokens':>13} {'ours':>10} {'mlx_lm.server':>14} {'ratio':>7}")
+    print(f"{'streams':>7} {'tokens':>13} {'ours':>10} {'mlx_lm.server':>14}  ratio (paired rounds)")
     for level, ours in results["ours"].items():
         baseline = results["mlx_lm.server"][level]
         tokens = f"{ours[0].tokens}/{baseline[0].tokens}"
-        ours_rate, baseline_rate = median_rate(ours), median_rate(baseline)
-        ratio = ours_rate / baseline_rate
-        print(f"{level:>7} {tokens:>13} {ours_rate:>10.1f} {baseline_rate:>14.1f} {ratio:>7.3f}")
+        ratio = paired_ratios([r.tokens_per_second for r in ours], [r.tokens_per_second for r in baseline])
+        print(f"{level:>7} {tokens:>13} {median_rate(ours):>10.1f} {median_rate(baseline):>14.1f}  {ratio}")
 
 
 if __name__ == "__main__":

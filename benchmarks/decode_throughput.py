@@ -1,9 +1,11 @@
 """Single-stream decode speed: our dispatcher over HTTP against mlx-lm's ``stream_generate`` in-process.
 
-    python benchmarks/decode_throughput.py [--model DIR] [--tokens 256] [--rounds 5]
+    python benchmarks/decode_throughput.py [--model DIR | --shape demo|benchmark] [--tokens 256] [--rounds 5]
 
 Both generate the same prompt tokens at temperature 0 for ``--tokens`` tokens on the same model
-(the demo model, written to a temporary directory, unless ``--model`` names one). What is timed is
+(the demo model, written to a temporary directory, unless ``--model`` names one; ``--shape
+benchmark`` writes a larger random-weight one, where computing a token outweighs serving it as it
+does for any real model). What is timed is
 decode only, from the first generated token to the last, so prefill is left out of both:
 
 - ours: a real dispatcher process (``python -m genmlx.dispatcher``), a streaming ``/v1/completions``
@@ -13,8 +15,10 @@ decode only, from the first generated token to the last, so prefill is left out 
   (one per token), same formula.
 
 End-of-turn stops both at the same token at temperature 0, so on a real model a shorter answer is
-possible; the token counts are printed. Each side is warmed up first; rounds alternate between them
-and the medians are compared.
+possible; the token counts are printed. Each side is warmed up first; rounds alternate between them.
+Printed: each side's median rate, and the ratio as the median of the rounds' own ratios (ours over
+the baseline run right after it) with their range: on a machine whose speed drifts, a round's two
+runs see the same machine, so paired ratios scatter less than two medians taken apart.
 """
 
 from __future__ import annotations
@@ -66,16 +70,31 @@ class Server:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=0, timeout=600)
 
 
+SHAPES = ("demo", "benchmark")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a model directory (default: a random-weight model, see --shape)")
+    parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="demo",
+        help="without --model: the demo model (2 layers, hidden size 64: serving costs more than "
+        "computing a token) or a larger random-weight one (12 layers, hidden size 512)",
+    )
+
+
 @contextmanager
-def model_directory(requested: str | None) -> Iterator[Path]:
-    """``--model`` as given, or the demo model written to a temporary directory."""
+def model_directory(requested: str | None, shape: str = "demo") -> Iterator[Path]:
+    """``--model`` as given, or a random-weight model of ``shape`` written to a temporary directory."""
     if requested:
         yield Path(requested).expanduser()
         return
-    from genmlx.demo_model import write_demo_model
+    from genmlx.demo_model import BENCHMARK_SHAPE, DEMO_SHAPE, write_demo_model
 
     with tempfile.TemporaryDirectory(prefix="genmlx-bench-") as work:
-        yield write_demo_model(Path(work) / "demo-llama")
+        model_shape = BENCHMARK_SHAPE if shape == "benchmark" else DEMO_SHAPE
+        yield write_demo_model(Path(work) / f"{shape}-llama", shape=model_shape)
 
 
 def free_port() -> int:
@@ -163,15 +182,21 @@ def median_rate(runs: list[DecodeRun]) -> float:
     return statistics.median(run.tokens_per_second for run in runs)
 
 
+def paired_ratios(ours: list[float], baseline: list[float]) -> str:
+    """The median and range of the rounds' ratios, ours over the baseline of the same round."""
+    ratios = sorted(o / b for o, b in zip(ours, baseline, strict=True))
+    return f"{statistics.median(ratios):.3f} (rounds {ratios[0]:.3f}-{ratios[-1]:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a model directory (default: the demo model)")
+    add_model_options(parser)
     parser.add_argument("--tokens", type=int, default=256, help="tokens per generation")
     parser.add_argument("--rounds", type=int, default=5, help="timed generations per side")
     options = parser.parse_args()
     from mlx_lm import load
 
-    with model_directory(options.model) as model_dir, tempfile.TemporaryDirectory() as work:
+    with model_directory(options.model, options.shape) as model_dir, tempfile.TemporaryDirectory() as work:
         model, tokenizer = load(str(model_dir))
         with our_dispatcher(model_dir, Path(work)) as server:
             time_ours(server, 16)  # warm-up: compiled kernels, caches, connections
@@ -189,7 +214,8 @@ def report(model_dir: Path, ours: list[DecodeRun], baseline: list[DecodeRun]) ->
     print(f"tokens per run: ours {[r.tokens for r in ours]}, mlx-lm {[r.tokens for r in baseline]}")
     print(f"ours (HTTP, streamed)        : {median_rate(ours):8.1f} decode tokens/s (median)")
     print(f"mlx-lm stream_generate       : {median_rate(baseline):8.1f} decode tokens/s (median)")
-    print(f"ratio ours / mlx-lm          : {median_rate(ours) / median_rate(baseline):8.3f}")
+    rates = ([r.tokens_per_second for r in ours], [r.tokens_per_second for r in baseline])
+    print(f"ratio ours / mlx-lm          : {paired_ratios(*rates)}")
 
 
 if __name__ == "__main__":

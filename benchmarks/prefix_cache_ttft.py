@@ -1,12 +1,13 @@
 """Time to first token with a cached 2,000-token prefix, over the same request cold.
 
-    python benchmarks/prefix_cache_ttft.py [--model DIR] [--prefix-tokens 2000] [--rounds 8]
+    python benchmarks/prefix_cache_ttft.py [--model DIR | --shape demo|benchmark] [--prefix-tokens 2000]
+        [--rounds 8]
 
 A real dispatcher process (``python -m genmlx.dispatcher``, default flags: a 16-entry prefix cache,
 512-token prefill chunks) serves the model (the demo model, written to a temporary directory,
-unless ``--model`` names one). Every request is a streaming
-``/v1/completions`` request through the ``openai`` client whose prompt is token ids: a prefix of
-exactly ``--prefix-tokens`` tokens (long text, tokenized with the model's own tokenizer) followed
+unless ``--model`` names one or ``--shape benchmark`` asks for a larger random one). Every request
+is a streaming ``/v1/completions`` request through the ``openai`` client whose prompt is token ids:
+a prefix of exactly ``--prefix-tokens`` tokens (long text, tokenized with the model's own tokenizer) followed
 by a short question. Token ids rather than text so that the prefix is exactly that long and, with
 no BOS in front, a new prefix shares not even its first token with any earlier prompt.
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
-from decode_throughput import Server, model_directory, our_dispatcher
+from decode_throughput import Server, add_model_options, model_directory, our_dispatcher
 
 QUESTIONS = (
     " Summarise the text above in one line.",
@@ -198,14 +199,14 @@ def context_length(model_dir: Path) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a model directory (default: the demo model)")
+    add_model_options(parser)
     parser.add_argument("--prefix-tokens", type=int, default=2000, help="tokens of the shared prefix")
     parser.add_argument("--rounds", type=int, default=8, help="timed cold-and-warm pairs per server")
     parser.add_argument("--max-tokens", type=int, default=4, help="max_tokens of every request")
     parser.add_argument("--no-control", action="store_true", help="leave out the server without a cache")
     options = parser.parse_args()
     with (
-        model_directory(options.model) as model_dir,
+        model_directory(options.model, options.shape) as model_dir,
         tempfile.TemporaryDirectory() as work,
         ExitStack() as running,
     ):

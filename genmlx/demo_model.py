@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -108,14 +109,38 @@ Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday. January, Marc
 """
 
 
-def write_demo_model(path: Path, *, seed: int = 0) -> Path:
-    """Write the demo model at ``path`` (atomically) and return ``path``.
+@dataclass(frozen=True)
+class ModelShape:
+    """How wide and deep a random-weight llama is."""
 
-    An existing complete demo model at ``path`` is returned as is; any other non-empty directory or
-    file there raises ``PermanentError`` rather than being overwritten.
+    hidden_size: int
+    layers: int
+    attention_heads: int
+    kv_heads: int
+    intermediate_size: int
+
+    def describe(self) -> str:
+        return f"{self.layers} layers, hidden size {self.hidden_size}"
+
+
+DEMO_SHAPE = ModelShape(hidden_size=64, layers=2, attention_heads=4, kv_heads=2, intermediate_size=128)
+# About 40 M parameters: large enough that computing a token, not serving it, is most of its cost.
+BENCHMARK_SHAPE = ModelShape(
+    hidden_size=512, layers=12, attention_heads=8, kv_heads=4, intermediate_size=1536
+)
+
+
+def write_demo_model(path: Path, *, seed: int = 0, shape: ModelShape = DEMO_SHAPE) -> Path:
+    """Write the demo model at ``path`` (atomically) and return ``path``; ``shape`` makes it larger
+    (for benchmarks), with the same tokenizer and the same kind of random weights.
+
+    An existing complete demo model of that shape at ``path`` is returned as is; any other
+    non-empty directory or file there raises ``PermanentError`` rather than being overwritten.
     """
-    write_files = partial(_write_model_files, seed=seed)
-    return write_model_atomically(Path(path), write_files, expected={"weights": "random"})
+    write_files = partial(_write_model_files, seed=seed, shape=shape)
+    # The default shape's marker has no "shape" (as every demo model written before shapes existed).
+    expected = {"weights": "random", "shape": None if shape == DEMO_SHAPE else shape.describe()}
+    return write_model_atomically(Path(path), write_files, expected=expected)
 
 
 def write_scripted_model(path: Path, text: str, *, seed: int = 0) -> Path:
@@ -127,7 +152,9 @@ def write_scripted_model(path: Path, text: str, *, seed: int = 0) -> Path:
     return write_model_atomically(Path(path), write_files, expected={"weights": "scripted", "text": text})
 
 
-def write_model_atomically(path: Path, write_files: Callable[[Path], None], expected: dict[str, str]) -> Path:
+def write_model_atomically(
+    path: Path, write_files: Callable[[Path], None], expected: dict[str, str | None]
+) -> Path:
     """Write a model with ``write_files`` into a staging directory beside ``path``, then rename it
     into place. An existing complete demo model there whose marker has the ``expected`` values is
     kept as is; anything else there raises ``PermanentError``."""
@@ -163,7 +190,7 @@ def _occupied(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
-def _existing_demo_model(path: Path, expected: dict[str, str]) -> Path:
+def _existing_demo_model(path: Path, expected: dict[str, str | None]) -> Path:
     if is_demo_model(path):
         marker = json.loads((path / MARKER_FILE).read_text())
         if all(marker.get(key) == value for key, value in expected.items()):
@@ -174,16 +201,16 @@ def _existing_demo_model(path: Path, expected: dict[str, str]) -> Path:
     )
 
 
-def _write_model_files(directory: Path, seed: int) -> None:
+def _write_model_files(directory: Path, seed: int, shape: ModelShape = DEMO_SHAPE) -> None:
     tokenizer = train_tokenizer()
     vocab = tokenizer.get_vocab()
     special_ids = {token: vocab[token] for token in SPECIAL_TOKENS}
-    config = model_config(tokenizer.get_vocab_size(), special_ids)
+    config = model_config(tokenizer.get_vocab_size(), special_ids, shape)
     write_json(directory / "config.json", config)
     _write_weights(directory / "model.safetensors", config, seed, _quiet_token_ids(tokenizer))
     write_tokenizer_files(directory, tokenizer, tokenizer_config(special_ids))
-    (directory / "README.md").write_text(_readme(seed))
-    write_marker(directory, seed)
+    (directory / "README.md").write_text(_readme(seed, shape))
+    write_marker(directory, seed, **({} if shape == DEMO_SHAPE else {"shape": shape.describe()}))
 
 
 def write_tokenizer_files(directory: Path, tokenizer, tokenizer_config: dict) -> None:
@@ -226,15 +253,15 @@ def _quiet_token_ids(tokenizer) -> list[int]:
     return quiet
 
 
-def model_config(vocab_size: int, special_ids: dict[str, int]) -> dict:
+def model_config(vocab_size: int, special_ids: dict[str, int], shape: ModelShape = DEMO_SHAPE) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 128,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.attention_heads,
+        "num_key_value_heads": shape.kv_heads,
+        "intermediate_size": shape.intermediate_size,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": 2048,
@@ -294,10 +321,11 @@ def _special_tokens_map() -> dict:
     return {"bos_token": BEGIN_OF_TEXT, "eos_token": END_OF_TURN}
 
 
-def _readme(seed: int) -> str:
+def _readme(seed: int, shape: ModelShape = DEMO_SHAPE) -> str:
     return (
         "# GenMLX demo model (random weights)\n\n"
-        "A tiny llama (2 layers, hidden size 64) written by `genmlx` for tests and offline demos.\n"
+        f"A {'tiny' if shape == DEMO_SHAPE else 'small'} llama ({shape.describe()}) written by `genmlx`"
+        " for tests and offline demos.\n"
         f"Its weights are RANDOM (seed {seed}): the model knows nothing and everything it writes is noise.\n"
         "The architecture, file layout and tokenizer are real, so loading, tokenizing, chat templating\n"
         "and generation exercise the same code paths as a real model.\n"

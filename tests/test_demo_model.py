@@ -125,3 +125,23 @@ def test_a_failed_write_leaves_nothing_at_the_destination(
     with pytest.raises(OSError, match="No space left"):
         write_demo_model(tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_larger_shape_is_written_with_the_same_tokenizer_and_told_apart(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    from mlx_lm import load
+
+    shape = demo_model.ModelShape(
+        hidden_size=96, layers=3, attention_heads=4, kv_heads=2, intermediate_size=192
+    )
+    path = write_demo_model(tmp_path / "larger", shape=shape)
+    config = json.loads((path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (96, 3, 192)
+    assert (path / "tokenizer.json").read_bytes() == (demo_model_dir / "tokenizer.json").read_bytes()
+    assert json.loads((path / MARKER_FILE).read_text())["shape"] == "3 layers, hidden size 96"
+    model, tokenizer = load(str(path))
+    assert len(model.layers) == 3
+    assert write_demo_model(path, shape=shape) == path  # the same shape again: kept
+    with pytest.raises(PermanentError, match="different GenMLX demo model"):
+        write_demo_model(path)  # the default shape is another model
