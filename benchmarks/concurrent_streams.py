@@ -89,8 +89,8 @@ def mlx_lm_server(model_dir: Path, work: Path, batch: int) -> Iterator[Server]:
     args += ["--host", "127.0.0.1", "--port", str(port)]
     args += ["--decode-concurrency", str(batch), "--prompt-concurrency", str(batch)]
     base_url = f"http://127.0.0.1:{port}"
-    with running_process(args, base_url + "/health", work / "mlx_lm_server.log"):
-        yield Server(base_url, "default_model", "unused")
+    with running_process(args, base_url + "/health", work / "mlx_lm_server.log") as process:
+        yield Server(base_url, "default_model", "unused", process.pid)
 
 
 def stream_tokens(client: openai.OpenAI, model: str, prompt: str, workload: Workload) -> int:
