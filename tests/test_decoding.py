@@ -103,3 +103,39 @@ def test_a_sequence_dropped_while_alone_leaves_its_state_in_the_prefix_cache(dem
     assert decoder.active == 0 and decoder.cache_entries == 1
     # The same prompt again: all of it but its last token comes from the cache.
     assert decoder.join(1, request) == len(request.prompt_tokens) - 1
+
+
+class _ChunkedCaches:
+    """The demo model with caches mlx-lm cannot batch (``ChunkedKVCache`` has no ``merge``), as
+    models with chunked attention have."""
+
+    def __init__(self, model):
+        self._model = model
+        self.layers = model.layers
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def make_cache(self):
+        from mlx_lm.models.cache import ChunkedKVCache
+
+        return [ChunkedKVCache(4096) for _ in self.layers]
+
+
+def test_a_model_whose_caches_cannot_batch_decodes_one_sequence_at_a_time(demo_model) -> None:
+    from genmlx.dispatcher.decoding import SequentialDecoder, make_decoder
+
+    model, tokenizer = demo_model
+    request = GenerationRequest(
+        "r", tuple(tokenizer.encode("Rivers start in the hills")), 16, Sampling(temperature=0)
+    )
+    decoder = make_decoder(_ChunkedCaches(model), set(tokenizer.eos_token_ids), DecoderSettings(max_batch=8))
+    assert isinstance(decoder, SequentialDecoder) and decoder.capacity == 1
+    expected = run(new_decoder(model, tokenizer), {0: (0, request)})
+    assert run(decoder, {0: (0, request)}) == expected
+    # Dropped part-way, the decoder is free for the next sequence, which decodes as if alone.
+    decoder.join(1, request)
+    decoder.step(), decoder.step()
+    decoder.leave(1)
+    assert decoder.active == 0
+    assert run(decoder, {0: (2, request)}) == {2: expected[0]}
