@@ -30,6 +30,7 @@ from genmlx.dispatcher.sampling import BatchSampler, RowSampler, make_logits_pro
 from genmlx.dispatcher.settings import DecoderSettings
 
 End = Literal["stop", "length"]
+CLEAR_CACHE_EVERY = 256  # tokens a sequence alone decodes between releases of MLX's buffer cache
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,8 @@ class _Solo:
         token = current.token.item()
         self.read.append(current.fed.item())
         self.generated += 1
+        if self.generated % CLEAR_CACHE_EVERY == 0:  # as generate_step does: return freed buffers
+            mx.clear_cache()
         end: End | None = (
             "stop" if token in eos_ids else "length" if self.generated >= self.max_tokens else None
         )
