@@ -48,6 +48,7 @@ from typing import Any
 import openai
 import psutil
 
+from genmlx.demo_model import BENCHMARK_SHAPE, DEMO_SHAPE, write_demo_model
 from genmlx.dispatcher.prompts import completion_prompt_tokens
 
 SERVED_NAME = "bench-model"
@@ -87,7 +88,7 @@ class Server:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=0, timeout=600)
 
 
-SHAPES = ("demo", "benchmark")
+SHAPES = {"demo": DEMO_SHAPE, "benchmark": BENCHMARK_SHAPE}
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +97,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--shape",
         choices=SHAPES,
         default="demo",
-        help="without --model: the demo model (2 layers, hidden size 64: serving costs more than "
-        "computing a token) or a larger random-weight one (12 layers, hidden size 512)",
+        help=f"without --model: the demo model ({DEMO_SHAPE.describe()}: serving costs more than "
+        f"computing a token) or a larger random-weight one ({BENCHMARK_SHAPE.describe()})",
     )
 
 
@@ -107,11 +108,8 @@ def model_directory(requested: str | None, shape: str = "demo") -> Iterator[Path
     if requested:
         yield Path(requested).expanduser()
         return
-    from genmlx.demo_model import BENCHMARK_SHAPE, DEMO_SHAPE, write_demo_model
-
     with tempfile.TemporaryDirectory(prefix="genmlx-bench-") as work:
-        model_shape = BENCHMARK_SHAPE if shape == "benchmark" else DEMO_SHAPE
-        yield write_demo_model(Path(work) / f"{shape}-llama", shape=model_shape)
+        yield write_demo_model(Path(work) / f"{shape}-llama", shape=SHAPES[shape])
 
 
 def free_port() -> int:
@@ -192,7 +190,7 @@ def time_ours(server: Server, tokens: int) -> DecodeRun:
                 yield json.loads(line[len(b"data: ") :])
 
     try:
-        return timed_stream(server, chunks(), _has_text, _usage_tokens)
+        return timed_stream(_server_and_client(server), chunks(), _has_text, _usage_tokens)
     finally:
         connection.close()
 
@@ -216,21 +214,24 @@ def time_ours_openai(server: Server, tokens: int) -> DecodeRun:
         stream_options={"include_usage": True},
     )
     return timed_stream(
-        server,
+        _server_and_client(server),
         stream,
         lambda chunk: chunk.choices and chunk.choices[0].text,
         lambda chunk: chunk.usage.completion_tokens if chunk.usage is not None else None,
     )
 
 
+def _server_and_client(server: Server) -> list[psutil.Process]:
+    return [psutil.Process(server.pid), psutil.Process()]
+
+
 def timed_stream(
-    server: Server,
+    processes: list[psutil.Process],
     chunks: Iterable[Any],
     has_text: Callable[[Any], Any],
     usage_tokens: Callable[[Any], int | None],
 ) -> DecodeRun:
-    """Clock each chunk with text as it arrives; CPU of the server and this client meanwhile."""
-    processes = [psutil.Process(server.pid), psutil.Process()]
+    """Clock each chunk with text as it arrives; the CPU ``processes`` use meanwhile."""
     arrivals: list[float] = []
     generated = 0
     for chunk in chunks:
@@ -249,15 +250,8 @@ def time_baseline(model, tokenizer, tokens: int) -> DecodeRun:
     from mlx_lm.sample_utils import make_sampler
 
     prompt = list(completion_prompt_tokens(tokenizer, PROMPT))  # the very tokens our API generates from
-    arrivals: list[float] = []
-    generated = 0
-    this_process = psutil.Process()
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=tokens, sampler=make_sampler(0.0)):
-        if not arrivals:
-            cpu_at_first = cpu_seconds(this_process)
-        arrivals.append(time.perf_counter())
-        generated = response.generation_tokens
-    return DecodeRun(generated, arrivals[-1] - arrivals[0], cpu_seconds(this_process) - cpu_at_first)
+    responses = stream_generate(model, tokenizer, prompt, max_tokens=tokens, sampler=make_sampler(0.0))
+    return timed_stream([psutil.Process()], responses, lambda _: True, lambda r: r.generation_tokens)
 
 
 def median_rate(runs: list[DecodeRun]) -> float:

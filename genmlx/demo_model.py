@@ -138,8 +138,7 @@ def write_demo_model(path: Path, *, seed: int = 0, shape: ModelShape = DEMO_SHAP
     non-empty directory or file there raises ``PermanentError`` rather than being overwritten.
     """
     write_files = partial(_write_model_files, seed=seed, shape=shape)
-    # The default shape's marker has no "shape" (as every demo model written before shapes existed).
-    expected = {"weights": "random", "shape": None if shape == DEMO_SHAPE else shape.describe()}
+    expected = {"weights": "random", "shape": _marker_shape(shape)}
     return write_model_atomically(Path(path), write_files, expected=expected)
 
 
@@ -210,7 +209,14 @@ def _write_model_files(directory: Path, seed: int, shape: ModelShape = DEMO_SHAP
     _write_weights(directory / "model.safetensors", config, seed, _quiet_token_ids(tokenizer))
     write_tokenizer_files(directory, tokenizer, tokenizer_config(special_ids))
     (directory / "README.md").write_text(_readme(seed, shape))
-    write_marker(directory, seed, **({} if shape == DEMO_SHAPE else {"shape": shape.describe()}))
+    marker_shape = _marker_shape(shape)
+    write_marker(directory, seed, **({"shape": marker_shape} if marker_shape else {}))
+
+
+def _marker_shape(shape: ModelShape) -> str | None:
+    """What the marker says of ``shape``: nothing for the demo's own (as every demo model written
+    before shapes existed)."""
+    return None if shape == DEMO_SHAPE else shape.describe()
 
 
 def write_tokenizer_files(directory: Path, tokenizer, tokenizer_config: dict) -> None:

@@ -147,13 +147,13 @@ class BatchDecoder:
     def _move_solo_into_batch(self) -> None:
         """The sequence running alone joins the batch where it stands, its cache with it. A token it
         already sampled is still delivered by the next ``step``; if that token ended it, it ends."""
-        solo, self._solo = self._solo, None
+        solo = self._solo
         carried = solo.settle(self._eos_ids)
         if carried is not None:
             self._carried.append(carried)
             if carried.end is not None:
-                self._prefixes.put(solo.read, solo.cache)
-                return
+                return self._end_solo()
+        self._solo = None
         left = solo.max_tokens - solo.generated
         self._insert(solo.uid, solo.unread, solo.read, solo.cache, solo.row, [], left)
 
@@ -161,10 +161,7 @@ class BatchDecoder:
         """Drop sequence ``uid`` before it ended by itself; what it had read stays in the cache."""
         self._carried = [c for c in self._carried if c.uid != uid]
         if self._solo is not None and self._solo.uid == uid:
-            solo, self._solo = self._solo, None
-            solo.settle(self._eos_ids)
-            self._prefixes.put(solo.read, solo.cache)
-            return
+            return self._end_solo()
         if uid not in self._uids:  # it ended with a token carried out of its solo run
             return
         inner = self._uids.pop(uid)
@@ -195,10 +192,15 @@ class BatchDecoder:
         if sampled is None:
             return []
         if sampled.end is not None:
-            self._solo = None
-            solo.settle(self._eos_ids)
-            self._prefixes.put(solo.read, solo.cache)
+            self._end_solo()
         return [sampled]
+
+    def _end_solo(self) -> None:
+        """The sequence running alone ends here (any step under way is finished and its token
+        dropped); what it read stays in the prefix cache."""
+        solo, self._solo = self._solo, None
+        solo.settle(self._eos_ids)
+        self._prefixes.put(solo.read, solo.cache)
 
     def _sample_batches_together(self) -> None:
         """Give every sequence being decoded the one shared sampler, so the next step samples them
