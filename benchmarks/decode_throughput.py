@@ -48,8 +48,8 @@ from typing import Any
 import openai
 import psutil
 
-from genmlx.demo_model import BENCHMARK_SHAPE, DEMO_SHAPE, write_demo_model
-from genmlx.dispatcher.prompts import completion_prompt_tokens
+from genmlx.demo.random_model import BENCHMARK_SHAPE, DEMO_SHAPE, write_demo_model
+from genmlx.dispatcher.api.prompts import completion_prompt_tokens
 
 SERVED_NAME = "bench-model"
 PROMPT = "The river ran past the old mill and into the valley, where"

@@ -107,7 +107,7 @@ def build_prompts(model_dir: Path, prefix_tokens: int, prefixes: int) -> Prompts
     """``prefixes`` distinct prefixes of ``prefix_tokens`` tokens each, from the demo corpus repeated."""
     from mlx_lm.utils import load_tokenizer
 
-    from genmlx.demo_model import CORPUS
+    from genmlx.demo.random_model import CORPUS
 
     tokenizer = load_tokenizer(model_dir)
     body: list[int] = []

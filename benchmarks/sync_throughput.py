@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO / "tests"))  # netbench and conftest live with the t
 
 from netbench import NetBench, ip_command  # noqa: E402
 
-from genmlx.agent.store import METADATA_NAME  # noqa: E402
-from genmlx.home import ensure_token, read_token  # noqa: E402
-from genmlx.node_state import FetchRequest  # noqa: E402
+from genmlx.agent.store.model_store import METADATA_NAME  # noqa: E402
+from genmlx.core.home import ensure_token, read_token  # noqa: E402
+from genmlx.wire.agent_state import FetchRequest  # noqa: E402
 
 MODEL = "bench-model"
 AGENT_PORT = 6790
@@ -119,7 +119,7 @@ def agent_call(setup: Setup, address: str, method: str, path: str, body: object 
 def start_agents(setup: Setup) -> None:
     env = {"GENMLX_HOME": str(setup.work / "home"), "GENMLX_DISCOVERY": "off"}
     for host, name, storage in ((0, "bench-a", setup.storage_a), (1, "bench-b", setup.storage_b)):
-        argv = [sys.executable, "-m", "genmlx.agent", "--name", name, "--storage", str(storage)]
+        argv = [sys.executable, "-m", "genmlx", "agent", "--name", name, "--storage", str(storage)]
         setup.bench.run(host, [*argv, "--port", str(AGENT_PORT), "--host", "0.0.0.0"], name, env)
     for address in (setup.address_a, setup.address_b):
         wait_for_port(address, AGENT_PORT)

@@ -1,8 +1,12 @@
 """GenMLX: a declarative, GitOps-style cluster reconciler for serving LLMs with MLX.
 
-Subpackages: ``manifest`` (cluster.yaml → frozen dataclasses), ``reconciler`` (the master),
-``agent`` (one daemon per node) and ``dispatcher`` (one process per model rank). The three
-process packages share only the modules at this level, never each other's internals.
+Layers, each importing only those below it (``pyproject.toml``'s import-linter contracts hold this):
+
+    cli                               the ``genmlx`` command and what only a terminal needs
+    master | agent | dispatcher | demo   the three processes, independent of each other; demo models
+    manifest                          cluster.yaml → frozen dataclasses
+    wire                              typed documents that cross processes
+    core                              errors, HTTP base, token and paths, mdns, git revisions
 """
 
 from __future__ import annotations

@@ -2,6 +2,6 @@
 
 import sys
 
-from genmlx.cli import main
+from genmlx.cli.main import main
 
 sys.exit(main())

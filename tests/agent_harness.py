@@ -1,4 +1,4 @@
-"""Real agents for the store and sync tests: ``python -m genmlx.agent`` on loopback, driven over
+"""Real agents for the store and sync tests: ``python -m genmlx agent`` on loopback, driven over
 real HTTP."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from conftest import free_port, http_status, wait_until
 
-from genmlx.node_state import AgentState, FetchRequest, Transfer
+from genmlx.wire.agent_state import AgentState, FetchRequest, Transfer
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Agent:
 def start_agent(spawn, token: str, name: str, storage: tuple[Path, ...], port: int | None = None) -> Agent:
     """An agent on loopback with these storage paths (discovery off: these tests need no network)."""
     port = port or free_port()
-    args = ["-m", "genmlx.agent", "--name", name, "--port", str(port), "--host", "127.0.0.1"]
+    args = ["-m", "genmlx", "agent", "--name", name, "--port", str(port), "--host", "127.0.0.1"]
     for path in storage:
         args += ["--storage", str(path)]
     proc = spawn(args, name, env={"GENMLX_DISCOVERY": "off"})

@@ -87,7 +87,7 @@ class Proc:
 @pytest.fixture
 def genmlx_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An isolated GENMLX_HOME with a token, also exported to child processes."""
-    from genmlx.home import ensure_token
+    from genmlx.core.home import ensure_token
 
     home = tmp_path / "genmlx-home"
     monkeypatch.setenv("GENMLX_HOME", str(home))
@@ -97,7 +97,7 @@ def genmlx_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def token(genmlx_home: Path) -> str:
-    from genmlx.home import read_token
+    from genmlx.core.home import read_token
 
     return read_token()
 
@@ -105,7 +105,7 @@ def token(genmlx_home: Path) -> str:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny random-weight llama written once per test session."""
-    from genmlx.demo_model import write_demo_model
+    from genmlx.demo.random_model import write_demo_model
 
     path = tmp_path_factory.mktemp("models") / "demo-llama"
     write_demo_model(path)
@@ -165,7 +165,7 @@ def scripted(tmp_path_factory: pytest.TempPathFactory):
     from dispatcher_process import served_model
     from test_scripted_model import TOOL_REPLY
 
-    from genmlx.demo_model import write_scripted_model
+    from genmlx.demo.scripted_model import write_scripted_model
 
     models = tmp_path_factory.mktemp("models")
     path = write_scripted_model(models / "scripted", TOOL_REPLY)

@@ -1,4 +1,4 @@
-"""The node agent, run for real: ``python -m genmlx.agent`` on loopback, real dispatcher ranks on the
+"""The node agent, run for real: ``python -m genmlx agent`` on loopback, real dispatcher ranks on the
 demo model, real signals. Only the SIGKILL-after-grace test substitutes the rank's program (a tiny
 Python script that ignores SIGTERM), because the real dispatcher stops when asked."""
 
@@ -24,9 +24,9 @@ from agent_harness import call as harness_call
 from conftest import free_port, http_status, wait_until
 
 import genmlx
-from genmlx.agent.rank_logs import LOG_CAP_BYTES, LOG_KEEP_BYTES, open_fresh_log, trim_log, write_hostfile
-from genmlx.agent.ranks import RankSupervisor, dispatcher_command, rank_environment
-from genmlx.node_state import AgentState, RankInfo, RankLaunch
+from genmlx.agent.ranks.logs import LOG_CAP_BYTES, LOG_KEEP_BYTES, open_fresh_log, trim_log, write_hostfile
+from genmlx.agent.ranks.supervisor import RankSupervisor, dispatcher_command, rank_environment
+from genmlx.wire.agent_state import AgentState, RankInfo, RankLaunch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,7 +84,7 @@ def agent(spawn, token: str, storage: Path, tmp_path: Path) -> AgentUnderTest:
     port = free_port()
     home = tmp_path / "home"
     home.mkdir()
-    args = ["-m", "genmlx.agent", "--name", "node-a", "--storage", str(storage)]
+    args = ["-m", "genmlx", "agent", "--name", "node-a", "--storage", str(storage)]
     args += ["--storage", "~/not-there", "--port", str(port), "--host", "127.0.0.1"]
     proc = spawn(args, "agent", env={"HOME": str(home)})
     url = f"http://127.0.0.1:{port}"

@@ -12,7 +12,7 @@ import pytest
 from agent_harness import call
 from conftest import free_port, http_status, wait_until
 
-from genmlx.apply_wait import Outcome, PlainDisplay, follow, judge, read_view, timed_out
+from genmlx.cli.apply_wait import Outcome, PlainDisplay, follow, judge, read_view, timed_out
 
 
 def condition(type_: str, status: str, reason: str = "", message: str = "") -> dict:
@@ -156,7 +156,7 @@ class MasterAndAgent:
             wait_until(lambda u=url: http_status(u) is not None, 30, 0.1, what=f"port {port} to answer")
 
     def status(self) -> dict:
-        from genmlx.home import read_token
+        from genmlx.core.home import read_token
 
         reply = call("GET", f"http://127.0.0.1:{self.master_port}/api/v1/status", read_token())
         assert reply.status == 200, reply.body
@@ -231,7 +231,7 @@ def test_a_terminal_gets_a_live_table_and_progress_bars():
 
     from rich.console import Console
 
-    from genmlx.apply_wait import RichDisplay, make_display
+    from genmlx.cli.apply_wait import RichDisplay, make_display
 
     out = StringIO()
     console = Console(file=out, force_terminal=True, width=120)

@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import Proc, free_port, http_status, wait_until
 
-from genmlx.home import ensure_token, read_token
+from genmlx.core.home import ensure_token, read_token
 
 MODEL = "demo"
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from genmlx.dispatcher.decoding import BatchDecoder
-from genmlx.dispatcher.events import GenerationRequest, Sampling
-from genmlx.dispatcher.settings import DecoderSettings
+from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
+from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
 
 FIRST = GenerationRequest("first", (), max_tokens=20, sampling=Sampling(temperature=0.8, seed=11))
 SECOND = GenerationRequest("second", (), max_tokens=12, sampling=Sampling(temperature=0.6, seed=12))
@@ -123,7 +122,7 @@ class _ChunkedCaches:
 
 
 def test_a_model_whose_caches_cannot_batch_decodes_one_sequence_at_a_time(demo_model) -> None:
-    from genmlx.dispatcher.decoding import SequentialDecoder, make_decoder
+    from genmlx.dispatcher.engine.decoding import SequentialDecoder, make_decoder
 
     model, tokenizer = demo_model
     request = GenerationRequest(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from genmlx import demo_model
-from genmlx.demo_model import MARKER_FILE, SPECIAL_TOKENS, is_demo_model, write_demo_model
-from genmlx.errors import PermanentError
+import genmlx.demo.random_model as demo_model
+from genmlx.core.errors import PermanentError
+from genmlx.demo.random_model import MARKER_FILE, SPECIAL_TOKENS, is_demo_model, write_demo_model
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from conftest import Proc, wait_until
 from netbench import Host, NetBench
 
 import genmlx
-from genmlx.home import ensure_token, read_token
+from genmlx.core.home import ensure_token, read_token
 
 AGENT_PORT = 6790  # every host has ports of its own: the defaults never clash
 MASTER_PORT = 6789

@@ -20,7 +20,7 @@ from conftest import Proc, free_port, http_status, wait_until
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from genmlx.dispatcher.stop_strings import StopStringMatcher
+from genmlx.dispatcher.engine.stop_strings import StopStringMatcher
 
 MODEL = "demo-llama"
 # Tokens: minutes of generation, so only cancellation can free the model thread. Requests for this

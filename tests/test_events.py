@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genmlx.reconciler.events import EventLog
+from genmlx.master.runtime.events import EventLog
 
 
 def test_repeats_are_counted_and_history_survives_reopening(tmp_path):

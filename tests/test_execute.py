@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from genmlx.reconciler import execute as executor
-from genmlx.reconciler.actions import StopRankGroup
+import genmlx.master.runtime.execute as executor
+from genmlx.master.planning.actions import StopRankGroup
 
 
 class HangingThenWorkingAgent:

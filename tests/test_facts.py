@@ -24,16 +24,16 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from genmlx.agent import platform_macos as macos
-from genmlx.agent.facts import BackgroundRefreshed, NodeFactsCollector, collect_node_facts
-from genmlx.agent.platform_info import (
+import genmlx.agent.facts.macos as macos
+from genmlx.agent.facts.collect import BackgroundRefreshed, NodeFactsCollector, collect_node_facts
+from genmlx.agent.facts.linux import LinuxProbe
+from genmlx.agent.facts.platform import (
     InterfacePort,
     PlatformCommandFailed,
     probe_gpu,
     run_command,
 )
-from genmlx.agent.platform_linux import LinuxProbe
-from genmlx.node_state import NetworkInterface, NodeFacts
+from genmlx.wire.agent_state import NetworkInterface, NodeFacts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -347,7 +347,7 @@ ip link set v1 up
 """
 PRINT_INTERFACES = """
 import json
-from genmlx.agent.facts import collect_node_facts
+from genmlx.agent.facts.collect import collect_node_facts
 print(json.dumps([i.to_json() for i in collect_node_facts().interfaces]))
 """
 

@@ -25,10 +25,10 @@ import pytest
 from conftest import free_port, http_status, wait_until
 from fakehub import FakeHub, files_from_dir
 
-from genmlx.agent.hf_download import SCRATCH_DIR, HubRetry, download_model
-from genmlx.agent.transfer_progress import TransferCancelled
-from genmlx.errors import PermanentError, TemporaryError
-from genmlx.node_state import AgentState, FetchRequest, RankLaunch, Transfer
+from genmlx.agent.transfers.hf_download import SCRATCH_DIR, HubRetry, download_model
+from genmlx.agent.transfers.progress import TransferCancelled
+from genmlx.core.errors import PermanentError, TemporaryError
+from genmlx.wire.agent_state import AgentState, FetchRequest, RankLaunch, Transfer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -341,7 +341,7 @@ def test_a_repo_without_mlx_weights_is_refused_before_downloading(hub: FakeHub, 
 RESUMABLE_DOWNLOAD = """
 import sys
 from pathlib import Path
-from genmlx.agent.hf_download import download_model
+from genmlx.agent.transfers.hf_download import download_model
 result = download_model("genmlx/big", "main", Path(sys.argv[1]), lambda done, total: None, None)
 print("commit", result.commit, flush=True)
 """
@@ -408,7 +408,7 @@ def test_an_agent_downloads_a_gated_model_with_its_hf_token_and_serves_it(
     storage, port = tmp_path / "storage", free_port()
     storage.mkdir()
     url = f"http://127.0.0.1:{port}"
-    args = ["-m", "genmlx.agent", "--name", "node-a", "--storage", str(storage), "--port", str(port)]
+    args = ["-m", "genmlx", "agent", "--name", "node-a", "--storage", str(storage), "--port", str(port)]
     agent = spawn(
         [*args, "--host", "127.0.0.1", "--no-discovery"], "agent", env={"HF_TOKEN": "hf_agent_secret"}
     )

@@ -11,7 +11,7 @@ from textwrap import dedent
 
 import pytest
 
-from genmlx.errors import ManifestError
+from genmlx.core.errors import ManifestError
 from genmlx.manifest import format_issues, load_manifest, load_manifest_text, schema_path
 from genmlx.manifest.types import (
     Auth,

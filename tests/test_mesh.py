@@ -22,15 +22,14 @@ import pytest
 from agent_harness import start_agent
 from conftest import free_port, wait_until
 
-from genmlx.agent import platform_macos as macos
-from genmlx.agent.facts import NodeFactsCollector
-from genmlx.errors import GenMLXError
+import genmlx.agent.facts.macos as macos
+import genmlx.master.planning.groups as groups
+from genmlx.agent.facts.collect import NodeFactsCollector
+from genmlx.cli.master_client import call_master
+from genmlx.cli.mesh_report import FactsSource, format_mesh_plan, mesh_document, mesh_nodes, running_hostfile
+from genmlx.core.errors import GenMLXError
 from genmlx.manifest.types import Manifest, Master, Mesh, ModelSpec, Node, Source
-from genmlx.master_client import call_master
-from genmlx.mesh_report import FactsSource, format_mesh_plan, mesh_document, mesh_nodes, running_hostfile
-from genmlx.node_state import AgentState, NetworkInterface, NodeFacts, RankInfo, RankLaunch
-from genmlx.reconciler import groups
-from genmlx.reconciler.mesh import (
+from genmlx.master.planning.mesh import (
     MESH_BLOCK,
     BackendChoice,
     JacclConfig,
@@ -55,7 +54,8 @@ from genmlx.reconciler.mesh import (
     ring_port,
     unstartable_backend,
 )
-from genmlx.reconciler.observed import Observed, ObservedNode
+from genmlx.master.planning.observed import Observed, ObservedNode
+from genmlx.wire.agent_state import AgentState, NetworkInterface, NodeFacts, RankInfo, RankLaunch
 
 RECORDINGS = Path(__file__).parent / "data" / "macos"
 

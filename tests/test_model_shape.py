@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from agent_harness import start_agent
 
-from genmlx.agent.inventory import describe_model_dir
-from genmlx.agent.model_shape import UnreadableShape, model_shape_or_none, read_model_shape
-from genmlx.node_state import ModelShape, StoredModel
-from genmlx.reconciler.placement import KvBudget, NodeCapacity, Placement, node_loads
+from genmlx.agent.store.inventory import describe_model_dir
+from genmlx.agent.store.model_shape import UnreadableShape, model_shape_or_none, read_model_shape
+from genmlx.master.planning.placement import KvBudget, NodeCapacity, Placement, node_loads
+from genmlx.wire.agent_state import ModelShape, StoredModel
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ import openai
 from conftest import wait_until
 from netbench import NetBench
 
-from genmlx.home import ensure_token, read_token
+from genmlx.core.home import ensure_token, read_token
 
 MASTER_PORT, AGENT_PORT = 6789, 6790
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, StoragePath
-from genmlx.node_state import (
+from genmlx.master.planning.observed import Observed, ObservedNode
+from genmlx.master.planning.plan import ModelAssessment
+from genmlx.master.planning.status import Condition, cluster_phase_conditions, node_phase_conditions
+from genmlx.wire.agent_state import (
     AgentState,
     NodeFacts,
     RankInfo,
@@ -15,9 +18,6 @@ from genmlx.node_state import (
     StoredModel,
     Transfer,
 )
-from genmlx.reconciler.observed import Observed, ObservedNode
-from genmlx.reconciler.plan import ModelAssessment
-from genmlx.reconciler.status import Condition, cluster_phase_conditions, node_phase_conditions
 
 NOW = 1_000_000.0
 STORE = "/models"

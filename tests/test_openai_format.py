@@ -7,9 +7,14 @@ import json
 
 import pytest
 
-from genmlx.dispatcher.events import TextDelta, TokenLogprob
-from genmlx.dispatcher.openai_format import ChatCompletionFormat, RawJson, TextChunks, TextCompletionFormat
-from genmlx.dispatcher.reply_parsing import ReplyMarkers, ReplyParser
+from genmlx.dispatcher.api.openai_format import (
+    ChatCompletionFormat,
+    RawJson,
+    TextChunks,
+    TextCompletionFormat,
+)
+from genmlx.dispatcher.api.reply_parsing import ReplyMarkers, ReplyParser
+from genmlx.dispatcher.engine.events import TextDelta, TokenLogprob
 
 TEXTS = (
     "plain",

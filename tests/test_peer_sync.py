@@ -17,8 +17,8 @@ import pytest
 from agent_harness import Agent, start_agent
 from conftest import free_port, http_status, wait_until
 
-from genmlx.agent.store import METADATA_NAME, partial_dir, read_metadata
-from genmlx.node_state import FetchRequest, RankLaunch, StoredModel, Transfer
+from genmlx.agent.store.model_store import METADATA_NAME, partial_dir, read_metadata
+from genmlx.wire.agent_state import FetchRequest, RankLaunch, StoredModel, Transfer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -259,7 +259,7 @@ def test_a_peer_that_refuses_our_token_or_does_not_answer_fails_the_sync(
     home.mkdir()
     (home / "token").write_text("another-clusters-token\n")
     port = free_port()
-    args = ["-m", "genmlx.agent", "--name", "node-x", "--port", str(port), "--host", "127.0.0.1"]
+    args = ["-m", "genmlx", "agent", "--name", "node-x", "--port", str(port), "--host", "127.0.0.1"]
     proc = spawn(
         [*args, "--storage", str(storage_b)],
         "node-x",

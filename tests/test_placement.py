@@ -7,10 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from genmlx.errors import PermanentError
+from genmlx.core.errors import PermanentError
 from genmlx.manifest.types import ModelSpec, Serving, Source
-from genmlx.node_state import ModelShape
-from genmlx.reconciler.placement import (
+from genmlx.master.planning.placement import (
     NodeCapacity,
     Placement,
     PlacementRefused,
@@ -18,6 +17,7 @@ from genmlx.reconciler.placement import (
     place,
     split_layers,
 )
+from genmlx.wire.agent_state import ModelShape
 
 GB = 1_000_000_000
 # Qwen3-30B-A3B in 4 bits: 48 layers, 32 attention and 4 KV heads of 128.

@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 
 from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Serving, Source, StoragePath
-from genmlx.node_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel
-from genmlx.reconciler.actions import StartRankGroup, StopRankGroup
-from genmlx.reconciler.groups import GroupPlan, desired_group
-from genmlx.reconciler.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
-from genmlx.reconciler.placement import Placement
-from genmlx.reconciler.plan import assess_models, plan
+from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
+from genmlx.master.planning.groups import GroupPlan, desired_group
+from genmlx.master.planning.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
+from genmlx.master.planning.placement import Placement
+from genmlx.master.planning.plan import assess_models, plan
+from genmlx.wire.agent_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel
 
 NOW = 1_000_000.0
 STORE = "/models"
@@ -178,7 +178,7 @@ def test_a_changed_serving_option_changes_the_spec_hash_and_a_same_spec_does_not
 
 
 def test_the_plan_reads_as_a_diff_with_a_closing_summary():
-    from genmlx.reconciler.actions import describe_plan, plan_summary
+    from genmlx.master.planning.actions import describe_plan, plan_summary
 
     changed = model("m", max_batch=4)
     actions = plan(
@@ -214,7 +214,7 @@ def test_the_plan_reads_as_a_diff_with_a_closing_summary():
     ids=["serving", "starting", "model missing", "crash loop backing off"],
 )
 def test_each_model_gets_reconciling_stalled_and_degraded_beside_ready(seen, expected):
-    from genmlx.reconciler.status import model_phase_conditions
+    from genmlx.master.planning.status import model_phase_conditions
 
     (assessment,) = assess_models(manifest(M), seen)
     conditions = model_phase_conditions(assessment, NOW)

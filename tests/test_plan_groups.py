@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from genmlx.manifest.types import Manifest, Master, Mesh, ModelSpec, Node, Serving, Source, StoragePath
-from genmlx.node_state import AgentState, ModelShape, NodeFacts, RankInfo, StorageReport, StoredModel
-from genmlx.reconciler.actions import StartRankGroup, StopRankGroup
-from genmlx.reconciler.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
-from genmlx.reconciler.plan import LOAD_DEADLINE_S, assess_models, plan
+from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
+from genmlx.master.planning.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
+from genmlx.master.planning.plan import LOAD_DEADLINE_S, assess_models, plan
+from genmlx.wire.agent_state import AgentState, ModelShape, NodeFacts, RankInfo, StorageReport, StoredModel
 
 NOW = 1_000_000.0
 GIB = 1 << 30

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, StoragePath
-from genmlx.node_state import AgentState, FetchRequest, NodeFacts, StorageReport, StoredModel, Transfer
-from genmlx.reconciler.actions import FetchModel
-from genmlx.reconciler.observed import Observed, ObservedNode
-from genmlx.reconciler.plan import assess_models, plan
+from genmlx.master.planning.actions import FetchModel
+from genmlx.master.planning.observed import Observed, ObservedNode
+from genmlx.master.planning.plan import assess_models, plan
+from genmlx.wire.agent_state import AgentState, FetchRequest, NodeFacts, StorageReport, StoredModel, Transfer
 
 NOW = 1_000_000.0
 GB = 1_000_000_000

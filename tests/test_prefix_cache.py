@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from genmlx.dispatcher.prefix_cache import PrefixCache, PrefixCacheMismatch
+from genmlx.dispatcher.engine.prefix_cache import PrefixCache, PrefixCacheMismatch
 
 LAYERS = 2
 

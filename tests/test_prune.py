@@ -11,9 +11,12 @@ import pytest
 from agent_harness import Agent, start_agent
 from conftest import free_port, wait_until
 
-from genmlx.agent.store import METADATA_NAME, adopt, partial_dir, write_metadata
+from genmlx.agent.store.model_store import METADATA_NAME, adopt, partial_dir, write_metadata
 from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, StoragePath
-from genmlx.node_state import (
+from genmlx.master.planning.actions import DeleteModel
+from genmlx.master.planning.observed import Observed, ObservedNode
+from genmlx.master.planning.prune import prune_actions
+from genmlx.wire.agent_state import (
     AgentState,
     NodeFacts,
     RankInfo,
@@ -22,9 +25,6 @@ from genmlx.node_state import (
     StoredModel,
     Transfer,
 )
-from genmlx.reconciler.actions import DeleteModel
-from genmlx.reconciler.observed import Observed, ObservedNode
-from genmlx.reconciler.prune import prune_actions
 
 NOW = 1_000_000.0
 STORE = "/models"

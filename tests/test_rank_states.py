@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from genmlx.agent.ranks import CHECK_INTERVAL_S, RankSupervisor, health_host
-from genmlx.node_state import RankInfo, RankLaunch, RankPhase
+from genmlx.agent.ranks.supervisor import CHECK_INTERVAL_S, RankSupervisor, health_host
+from genmlx.wire.agent_state import RankInfo, RankLaunch, RankPhase
 
 pytestmark = pytest.mark.timeout(60)
 

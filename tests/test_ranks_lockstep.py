@@ -14,11 +14,11 @@ import openai
 import pytest
 from conftest import Proc, free_port, http_status, wait_until
 
-from genmlx.agent.launch_request import InvalidLaunch, parse_rank_launch
-from genmlx.agent.ranks import dispatcher_command
-from genmlx.dispatcher.events import GenerationRequest, Sampling
-from genmlx.dispatcher.lockstep import Join, Shutdown, Step, decode_message, encode_message
-from genmlx.node_state import RankLaunch
+from genmlx.agent.ranks.launch_request import InvalidLaunch, parse_rank_launch
+from genmlx.agent.ranks.supervisor import dispatcher_command
+from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
+from genmlx.dispatcher.engine.lockstep import Join, Shutdown, Step, decode_message, encode_message
+from genmlx.wire.agent_state import RankLaunch
 
 MODEL = "demo"
 CHAT = [{"role": "user", "content": "Tell me about rivers and the sea."}]
@@ -46,7 +46,7 @@ def qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     second) so that an uneven layer split differs from the even one."""
     import mlx.core as mx
 
-    from genmlx.demo_model import write_demo_model
+    from genmlx.demo.random_model import write_demo_model
 
     llama = write_demo_model(tmp_path_factory.mktemp("models") / "demo-llama")
     qwen2 = tmp_path_factory.mktemp("models") / "demo-qwen2"

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlx_lm.tool_parsers import json_tools
 
-from genmlx.dispatcher.reply_parsing import (
+from genmlx.dispatcher.api.reply_parsing import (
     ReplyMarkers,
     ReplyParser,
     ReplyReasoning,

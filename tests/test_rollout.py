@@ -16,7 +16,7 @@ import openai
 import pytest
 from conftest import Proc, free_port, wait_until
 
-from genmlx.home import ensure_token, read_token
+from genmlx.core.home import ensure_token, read_token
 
 
 class TwoNodes:
@@ -199,7 +199,7 @@ def test_a_hub_model_is_downloaded_once_then_copied_between_nodes(two_nodes, hub
 def test_a_new_revision_replaces_the_copy_and_restarts_the_group(two_nodes, hub, demo_model_dir, tmp_path):
     from fakehub import files_from_dir
 
-    from genmlx.demo_model import write_demo_model
+    from genmlx.demo.random_model import write_demo_model
 
     first = hub.add_commit("genmlx/demo-llama", files_from_dir(demo_model_dir))
     second = hub.add_commit(

@@ -10,8 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from genmlx.dispatcher.events import GenerationRequest, Sampling
-from genmlx.dispatcher.sampling import BatchSampler, RowSampler
+from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
+from genmlx.dispatcher.engine.sampling import BatchSampler, RowSampler
 
 VOCABULARY = 300
 MIXED = (
@@ -101,8 +101,7 @@ def demo_model(demo_model_dir: Path):
 
 
 def decode(model, tokenizer, requests: list[GenerationRequest], max_batch: int) -> dict[str, list[int]]:
-    from genmlx.dispatcher.decoding import BatchDecoder
-    from genmlx.dispatcher.settings import DecoderSettings
+    from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 
     decoder = BatchDecoder(model, set(tokenizer.eos_token_ids), DecoderSettings(max_batch=max_batch))
     tokens: dict[int, list[int]] = {}

@@ -9,9 +9,10 @@ import pytest
 from mlx_lm import generate, load
 from mlx_lm.sample_utils import make_sampler
 
-from genmlx.demo_model import is_demo_model, write_demo_model, write_scripted_model
-from genmlx.dispatcher.reply_parsing import prompt_opens_reasoning
-from genmlx.errors import PermanentError
+from genmlx.core.errors import PermanentError
+from genmlx.demo.random_model import is_demo_model, write_demo_model
+from genmlx.demo.scripted_model import write_scripted_model
+from genmlx.dispatcher.api.reply_parsing import prompt_opens_reasoning
 
 # Thinking, then a Hermes tool call: each of its tokens is followed by one and the same token.
 TOOL_REPLY = (

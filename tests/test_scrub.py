@@ -16,13 +16,13 @@ from conftest import free_port, wait_until
 from test_rollout import TwoNodes
 
 from genmlx.agent.config import SCRUB_INTERVAL_ENV
-from genmlx.agent.file_serving import ServedFile, VerifiedFiles, stat_identity
-from genmlx.agent.inventory import describe_model_dir, find_complete_model
-from genmlx.agent.peer_sync import files_to_fetch, link_existing_copy
-from genmlx.agent.ranks import RankSupervisor
-from genmlx.agent.scrub import Pacer, Scrubber, ScrubSettings, ScrubStopped, scrub_model_dir
-from genmlx.agent.store import DAMAGE_NAME, adopt, read_metadata
-from genmlx.node_state import RankLaunch, StoredModel
+from genmlx.agent.ranks.supervisor import RankSupervisor
+from genmlx.agent.store.file_serving import ServedFile, VerifiedFiles, stat_identity
+from genmlx.agent.store.inventory import describe_model_dir, find_complete_model
+from genmlx.agent.store.model_store import DAMAGE_NAME, adopt, read_metadata
+from genmlx.agent.store.scrub import Pacer, Scrubber, ScrubSettings, ScrubStopped, scrub_model_dir
+from genmlx.agent.transfers.peer_sync import files_to_fetch, link_existing_copy
+from genmlx.wire.agent_state import RankLaunch, StoredModel
 
 WEIGHTS = "model.safetensors"
 CHUNK = 64 * 1024
@@ -128,7 +128,7 @@ def test_reading_is_paced_to_the_rate_in_chunks_of_the_configured_size(tmp_path,
 
     monkeypatch.setattr(os, "readv", recording_readv)
     simulated = SimulatedTime()
-    monkeypatch.setattr("genmlx.agent.scrub.monotonic", simulated.clock)
+    monkeypatch.setattr("genmlx.agent.store.scrub.monotonic", simulated.clock)
     settings = ScrubSettings(bytes_per_s=CHUNK * 4.0, chunk_bytes=CHUNK)
 
     assert scrub_model_dir(model_dir, settings, simulated.wait) is None

@@ -17,9 +17,9 @@ from agent_harness import Agent, call, start_agent
 from conftest import free_port, http_status, wait_until
 from fakehub import FakeHub, files_from_dir
 
-from genmlx.agent.file_serving import RangeNotSatisfiable, parse_byte_range
-from genmlx.agent.inventory import scan_storage_path
-from genmlx.agent.store import (
+from genmlx.agent.store.file_serving import RangeNotSatisfiable, parse_byte_range
+from genmlx.agent.store.inventory import scan_storage_path
+from genmlx.agent.store.model_store import (
     METADATA_NAME,
     ModelAlreadyPresent,
     ModelFile,
@@ -36,9 +36,9 @@ from genmlx.agent.store import (
     sha256_file,
     verify_files,
 )
-from genmlx.agent.transfer_progress import TransferProgress
-from genmlx.agent.transfers import room_checked
-from genmlx.node_state import FetchRequest, RankLaunch, StoredModel
+from genmlx.agent.transfers.manager import room_checked
+from genmlx.agent.transfers.progress import TransferProgress
+from genmlx.wire.agent_state import FetchRequest, RankLaunch, StoredModel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -483,7 +483,7 @@ def test_an_hf_source_is_downloaded_verified_and_published(spawn, token: str, hu
     storage = tmp_path / "storage"
     proc_env = {"HF_ENDPOINT": hub.url, "GENMLX_DISCOVERY": "off", "HF_HUB_DISABLE_TELEMETRY": "1"}
     port = free_port()
-    args = ["-m", "genmlx.agent", "--name", "dl", "--port", str(port), "--host", "127.0.0.1"]
+    args = ["-m", "genmlx", "agent", "--name", "dl", "--port", str(port), "--host", "127.0.0.1"]
     proc = spawn([*args, "--storage", str(storage)], "agent-dl", env=proc_env)
     wait_until(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, timeout=30, interval=0.05)
     agent = Agent("dl", port, (storage,), token, proc)

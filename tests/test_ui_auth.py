@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import free_port, http_status, wait_until
 
-from genmlx.reconciler import ui_auth
-from genmlx.reconciler.ui_auth import LoginCodes, Sessions, same_origin, session_key
+import genmlx.master.api.ui_auth as ui_auth
+from genmlx.master.api.ui_auth import LoginCodes, Sessions, same_origin, session_key
 
 
 class Clock:
@@ -279,7 +279,7 @@ def test_the_token_never_reaches_the_browser(master):
 
 
 def master_ui_root():
-    from genmlx.reconciler.ui_handlers import ui_root
+    from genmlx.master.api.ui_handlers import ui_root
 
     return ui_root()
 

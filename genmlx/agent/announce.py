@@ -20,9 +20,9 @@ from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 import genmlx
-from genmlx.errors import PermanentError
-from genmlx.home import genmlx_home
-from genmlx.mdns import API_VERSION, SERVICE_TYPE, service_name, zeroconf_addresses
+from genmlx.core.errors import PermanentError
+from genmlx.core.home import genmlx_home
+from genmlx.core.mdns import API_VERSION, SERVICE_TYPE, service_name, zeroconf_addresses
 
 log = logging.getLogger(__name__)
 

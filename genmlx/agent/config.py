@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genmlx.home import genmlx_home
+from genmlx.core.home import genmlx_home
 
 DEFAULT_AGENT_PORT = 6790
 # The scrub re-hashes every stored model once after the agent starts, then this often (a day: a

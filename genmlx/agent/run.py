@@ -10,15 +10,15 @@ from dataclasses import dataclass, replace
 
 from tornado.httpserver import HTTPServer
 
-from genmlx.mdns import discovery_enabled
-
-from .announce import Announcement, announce_agent, load_node_id
-from .config import AgentConfig
-from .file_serving import VerifiedFiles
-from .ranks import RankSupervisor
-from .scrub import Scrubber, ScrubSettings
-from .server import AgentDeps, make_app
-from .transfers import TransferManager
+from genmlx.agent.announce import Announcement, announce_agent, load_node_id
+from genmlx.agent.api.base import AgentDeps
+from genmlx.agent.api.server import make_app
+from genmlx.agent.config import AgentConfig
+from genmlx.agent.ranks.supervisor import RankSupervisor
+from genmlx.agent.store.file_serving import VerifiedFiles
+from genmlx.agent.store.scrub import Scrubber, ScrubSettings
+from genmlx.agent.transfers.manager import TransferManager
+from genmlx.core.mdns import discovery_enabled
 
 __all__ = ["AgentConfig", "RunningAgent", "run_agent", "start_agent"]
 

@@ -10,10 +10,7 @@ rank of a tensor or pipeline parallel group; rank 0 serves HTTP, the others only
 One thread owns the model and decodes admitted requests as one batch; the tornado event loop owns
 the sockets.
 
-It imports nothing from ``genmlx.agent`` or ``genmlx.reconciler``; modules: ``settings`` (command
-line), ``server`` (process lifecycle), ``handlers`` (HTTP), ``request_parsing``, ``prompts``,
-``chat``, ``openai_format``, ``anthropic_*``, ``reply_parsing`` (tool calls, thinking), ``engine``
-(model thread, scheduling), ``decoding`` (the batch), ``prefix_cache``, ``generation`` (tokens to
-events), ``lockstep`` (ranks in step), ``model_loading`` (shards), ``sampling``, ``stop_strings``,
-``events`` (types shared by HTTP and engine), ``metrics``, ``watchdog``.
+It imports nothing from ``genmlx.agent`` or ``genmlx.master``. ``settings`` reads the command line,
+``server`` runs the process, ``api`` is rank 0's HTTP surface and ``engine`` the model thread; the
+API imports the engine, never the reverse.
 """

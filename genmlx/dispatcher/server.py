@@ -20,10 +20,11 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
-from genmlx.dispatcher.engine import Engine, LoadedModel, ModelSource, RankGroup
-from genmlx.dispatcher.handlers import DispatcherDeps, HealthHandler, UnknownRouteHandler, make_app
-from genmlx.dispatcher.metrics import DispatcherMetrics
-from genmlx.dispatcher.model_loading import Sharding
+from genmlx.dispatcher.api.app import make_app
+from genmlx.dispatcher.api.handlers import DispatcherDeps, HealthHandler, UnknownRouteHandler
+from genmlx.dispatcher.api.metrics import DispatcherMetrics
+from genmlx.dispatcher.engine.model_loading import Sharding
+from genmlx.dispatcher.engine.runner import Engine, LoadedModel, ModelSource, RankGroup
 from genmlx.dispatcher.settings import DispatcherSettings
 from genmlx.dispatcher.watchdog import start_parent_watchdog
 

@@ -6,19 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from genmlx.dispatcher.model_loading import PARALLELISMS, Parallelism
-
-
-@dataclass(frozen=True)
-class DecoderSettings:
-    """How many sequences decode together, how many prompt tokens one step reads, and the prefix
-    cache's bounds (``cache_entries`` 0 turns it off), which only rank 0 (``leads``) enforces."""
-
-    max_batch: int = 8
-    prefill_chunk: int = 512
-    cache_entries: int = 16
-    cache_bytes: int = 4 << 30
-    leads: bool = True
+from genmlx.dispatcher.engine.decoding import DecoderSettings
+from genmlx.dispatcher.engine.model_loading import PARALLELISMS, Parallelism
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from genmlx.errors import ManifestIssue
+from genmlx.core.errors import ManifestIssue
 from genmlx.manifest.positions import Positions, YamlPath, format_path
 from genmlx.manifest.types import DEFAULT_AGENT_PORT
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from genmlx.errors import ManifestError, ManifestIssue
+from genmlx.core.errors import ManifestError, ManifestIssue
 from genmlx.manifest.build import build_manifest
 from genmlx.manifest.checks import semantic_issues
 from genmlx.manifest.positions import parse_yaml

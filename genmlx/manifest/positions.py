@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from genmlx.errors import ManifestIssue
+from genmlx.core.errors import ManifestIssue
 
 PathPart = str | int
 YamlPath = tuple[PathPart, ...]

@@ -13,7 +13,7 @@ from typing import Any
 
 from jsonschema.exceptions import ValidationError, best_match
 
-from genmlx.errors import ManifestIssue
+from genmlx.core.errors import ManifestIssue
 from genmlx.manifest.positions import Positions, YamlPath, format_path
 from genmlx.manifest.schema import manifest_validator
 

@@ -1,0 +1,111 @@
+"""The agent's HTTP API: thin tornado handlers over the inventory, the rank supervisor, the model
+store and the transfer manager (the model endpoints are in ``model_api``).
+
+    GET    /healthz                          no token; {"status": "ok"} and nothing else
+    GET    /api/v1/state                     AgentState JSON
+    POST   /api/v1/ranks                     RankLaunch JSON -> 201 RankInfo JSON
+    DELETE /api/v1/ranks/{model}/{rank}      200 RankInfo JSON once the process is gone
+    GET    /api/v1/ranks/{model}/{rank}/log  text/plain tail of the rank's log (?tail=BYTES)
+    POST   /api/v1/models                    FetchRequest JSON -> 202 {"transfer"} | 200 {"model"}
+    DELETE /api/v1/models/{name}             200 {"removed": [paths]} (?storagePath=P&managedOnly=true)
+    GET    /api/v1/models/{name}/files       the model's source, revision, commit and files
+    GET    /api/v1/models/{name}/files/{path}  a file's bytes, with Range support
+
+Everything but ``/healthz`` needs ``Authorization: Bearer <token>``. Errors are raised as typed
+exceptions and rendered once, in ``api_base.AgentHandler.write_error``, as
+``{"error": {"message", "type"}}``.
+"""
+
+from __future__ import annotations
+
+from tornado.ioloop import IOLoop
+from tornado.web import Application, HTTPError
+
+import genmlx
+from genmlx.agent.api.base import AgentDeps, AgentHandler
+from genmlx.agent.api.model_api import ModelFileHandler, ModelFilesHandler, ModelHandler, ModelsHandler
+from genmlx.agent.facts.collect import collect_node_facts
+from genmlx.agent.ranks.launch_request import parse_rank_launch
+from genmlx.agent.ranks.logs import DEFAULT_TAIL_BYTES, read_log_tail
+from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
+from genmlx.core.errors import AgentRequestError
+from genmlx.wire.agent_state import AgentState
+
+
+def make_app(deps: AgentDeps) -> Application:
+    """The agent's tornado application."""
+    handler_args = {"deps": deps}
+    rank = r"/api/v1/ranks/([^/]+)/([0-9]+)"
+    model = r"/api/v1/models/([^/]+)"
+    routes = [
+        (r"/healthz", HealthzHandler, handler_args),
+        (r"/api/v1/state", StateHandler, handler_args),
+        (r"/api/v1/ranks", RanksHandler, handler_args),
+        (rank, RankHandler, handler_args),
+        (rank + "/log", RankLogHandler, handler_args),
+        (r"/api/v1/models", ModelsHandler, handler_args),
+        (model, ModelHandler, handler_args),
+        (model + "/files", ModelFilesHandler, handler_args),
+        (model + "/files/(.+)", ModelFileHandler, handler_args),
+    ]
+    return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=handler_args)
+
+
+class HealthzHandler(AgentHandler):
+    requires_token = False
+
+    def get(self) -> None:
+        self.write({"status": "ok"})
+
+
+class StateHandler(AgentHandler):
+    async def get(self) -> None:
+        loop = IOLoop.current()
+        facts = await loop.run_in_executor(None, collect_node_facts)
+        storage = await loop.run_in_executor(None, scan_storage, self.deps.storage_paths)
+        ranks, transfers = self.deps.supervisor.ranks(), self.deps.transfers.transfers()
+        state = AgentState(
+            self.deps.name, genmlx.__version__, facts, storage, ranks, transfers, node_id=self.deps.node_id
+        )
+        self.write(state.to_json())
+
+
+class RanksHandler(AgentHandler):
+    async def post(self) -> None:
+        launch = parse_rank_launch(self.request.body)
+        model_dir = await IOLoop.current().run_in_executor(
+            None, resolve_model_dir, launch.model_path, self.deps.storage_paths
+        )
+        info = self.deps.supervisor.start(launch, model_dir)
+        self.set_status(201)
+        self.write(info.to_json())
+
+
+class RankHandler(AgentHandler):
+    async def delete(self, model: str, rank: str) -> None:
+        info = await self.deps.supervisor.stop(model, int(rank))
+        self.write(info.to_json())
+
+
+class RankLogHandler(AgentHandler):
+    async def get(self, model: str, rank: str) -> None:
+        path = self.deps.supervisor.log_path(model, int(rank))
+        tail = await IOLoop.current().run_in_executor(None, read_log_tail, path, self.tail_bytes())
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.write(tail)
+
+    def tail_bytes(self) -> int:
+        raw = self.get_query_argument("tail", None)
+        if raw is None:
+            return DEFAULT_TAIL_BYTES
+        if not raw.isdigit():
+            raise AgentRequestError(f"tail: {raw!r} is not a number of bytes", status=400)
+        return int(raw)
+
+
+class NotFoundHandler(AgentHandler):
+    """Unknown paths: 401 without the token (so they reveal nothing), else a JSON 404."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise HTTPError(404, "no such endpoint on this agent")

@@ -1,0 +1,417 @@
+"""The model store on disk: one directory per model in a storage path, described by a metadata file.
+
+    <storage>/<model>/.genmlx-model.json       source, revision, commit, every file's size and sha256
+    <storage>/<model>/<files...>               the model's files (relative paths, maybe in subdirectories)
+    <storage>/<model>/.genmlx-damaged          what the scrub found wrong (one line); the copy counts as
+                                               incomplete until it is replaced or scrubbed clean again
+    <storage>/.genmlx-partial/<model>/         a download or sync in progress (a stable path, so an
+                                               interrupted transfer resumes where it stopped)
+
+A transfer writes into the partial directory; ``publish`` verifies every file, writes the metadata
+and renames the directory into place, so a model is never half there. ``adopt`` gives a directory
+put there by hand its metadata in place. Names starting with "." are the store's own and are never
+models or model files. Everything here blocks on the disk: call it from an executor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from genmlx.core.errors import AgentRequestError, PermanentError
+from genmlx.wire.agent_state import MODEL_NAME
+
+log = logging.getLogger(__name__)
+
+METADATA_NAME = ".genmlx-model.json"
+PARTIAL_DIR_NAME = ".genmlx-partial"
+DAMAGE_NAME = ".genmlx-damaged"
+HASH_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+class UnsafePath(AgentRequestError):
+    """A relative path that would leave its directory: absolute, with "..", or otherwise odd (HTTP 400)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=400)
+
+
+class InvalidMetadata(PermanentError):
+    """A model's metadata file exists but cannot be read as ours."""
+
+
+class VerificationFailed(PermanentError):
+    """Files do not match their recorded size or sha256; ``problems`` says which and how."""
+
+    def __init__(self, where: Path, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{where} failed verification: " + "; ".join(problems))
+
+
+class ModelAlreadyPresent(PermanentError):
+    """Publishing would replace a complete model that is already in place."""
+
+
+class NoRoom(PermanentError):
+    """A storage path has too little free space for a model."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of a model, by its path relative to the model directory ("/" separated)."""
+
+    path: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModelFile:
+        path, size, digest = d.get("path"), d.get("size"), d.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidMetadata(f"file {path!r}: size must be a non-negative integer")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise InvalidMetadata(f"file {path!r}: sha256 must be 64 hex digits")
+        try:
+            path = safe_relative_path(path)
+        except UnsafePath as e:
+            raise InvalidMetadata(str(e)) from None
+        return cls(path=path, size=size, sha256=digest.lower())
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Where a model came from and what it holds, as kept in ``.genmlx-model.json``."""
+
+    source: str | None  # "hf://org/repo", "file:///path", or None when unknown
+    revision: str | None  # the revision asked for
+    commit: str | None  # what it resolved to, where the source has commits
+    files: tuple[ModelFile, ...]
+    published_at: float = 0.0  # unix time
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "commit": self.commit,
+            "files": [f.to_json() for f in self.files],
+            "publishedAt": self.published_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> ModelMetadata:
+        if not isinstance(d, dict) or not isinstance(d.get("files"), list):
+            raise InvalidMetadata("expected an object with a list of files")
+        if not all(isinstance(f, dict) for f in d["files"]):
+            raise InvalidMetadata("files: expected a list of objects")
+        files = tuple(ModelFile.from_json(f) for f in d["files"])
+        return cls(
+            source=optional_string(d, "source"),
+            revision=optional_string(d, "revision"),
+            commit=optional_string(d, "commit"),
+            files=files,
+            published_at=float(d.get("publishedAt") or 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What a download from a source (``hf_download.download_model``) leaves in its partial
+    directory: the commit the revision resolved to and every file, verified as it arrived."""
+
+    commit: str
+    files: tuple[ModelFile, ...]
+
+
+def optional_string(d: dict[str, Any], key: str) -> str | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidMetadata(f"{key}: expected a string or null")
+    return value
+
+
+def safe_relative_path(path: Any) -> str:
+    """``path`` if it names a file inside a directory: relative, "/" separated, no "." or ".."
+    component, no empty component, no backslash or NUL. Raises ``UnsafePath`` otherwise."""
+    if not isinstance(path, str) or not path:
+        raise UnsafePath(f"path: {path!r} must be a non-empty relative path")
+    if "\\" in path or "\0" in path or path.startswith("/"):
+        raise UnsafePath(f"path: {path!r} must be a relative path with '/' separators")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafePath(f"path: {path!r} may not contain '..', '.' or empty components")
+    return path
+
+
+def safe_model_name(name: Any) -> str:
+    """``name`` if it can be a model directory: one path segment of letters, digits, ".", "_" or
+    "-", not starting with "." (those are the store's own). Raises ``UnsafePath`` otherwise."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise UnsafePath(
+            f"model: {name!r} must be 1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def is_hidden(relative_path: str) -> bool:
+    """Whether any component starts with "." (the store's own entries, caches, ``.DS_Store``)."""
+    return any(part.startswith(".") for part in PurePosixPath(relative_path).parts)
+
+
+def read_metadata(model_dir: Path) -> ModelMetadata | None:
+    """The directory's metadata, or None when it has none. Raises ``InvalidMetadata`` when the file
+    is there but unreadable, so a damaged store is reported rather than taken for a bare directory."""
+    try:
+        raw = (model_dir / METADATA_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InvalidMetadata(f"{model_dir / METADATA_NAME}: {e.strerror}") from None
+    try:
+        return ModelMetadata.from_json(json.loads(raw))
+    except ValueError as e:
+        raise InvalidMetadata(f"{model_dir / METADATA_NAME}: not valid JSON ({e})") from None
+    except InvalidMetadata as e:
+        raise InvalidMetadata(f"{model_dir / METADATA_NAME}: {e}") from None
+
+
+def write_metadata(model_dir: Path, metadata: ModelMetadata) -> None:
+    """Write the metadata file atomically (a temporary file renamed over it)."""
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=METADATA_NAME + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(metadata.to_json(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, model_dir / METADATA_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
+    """The hex sha256 of a file, read in large chunks into one reused buffer."""
+    hasher = hashlib.sha256()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            hasher.update(view[:n])
+    return hasher.hexdigest()
+
+
+def verify_files(model_dir: Path, files: tuple[ModelFile, ...], check_hashes: bool = True) -> list[str]:
+    """What is wrong with ``files`` in ``model_dir``, one line per problem; empty when all match.
+    Without ``check_hashes`` only presence and sizes are checked (cheap enough for every state poll)."""
+    problems = []
+    for file in files:
+        problem = file_problem(model_dir / file.path, file, check_hashes)
+        if problem:
+            problems.append(f"{file.path}: {problem}")
+    return problems
+
+
+def file_problem(path: Path, file: ModelFile, check_hash: bool) -> str | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size != file.size:
+        return f"{info.st_size} bytes, expected {file.size}"
+    if check_hash and sha256_file(path) != file.sha256:
+        return "sha256 does not match"
+    return None
+
+
+def partial_dir(storage_root: Path, name: str) -> Path:
+    """Where a transfer of model ``name`` into ``storage_root`` writes until it is published."""
+    return storage_root / PARTIAL_DIR_NAME / name
+
+
+def publish(
+    partial: Path,
+    storage_root: Path,
+    name: str,
+    metadata: ModelMetadata,
+    *,
+    replace: bool = False,
+    hashes_checked: bool = False,
+) -> Path:
+    """Verify ``partial`` against ``metadata``, write the metadata, and rename it to
+    ``<storage_root>/<name>``. ``hashes_checked`` skips re-reading files whose sha256 the caller
+    computed while writing them (sizes are still checked). An existing complete model there is
+    replaced only with ``replace``. Returns the published directory."""
+    problems = verify_files(partial, metadata.files, check_hashes=not hashes_checked)
+    if problems:
+        raise VerificationFailed(partial, problems)
+    final = storage_root / name
+    if final.exists() and not replace and is_complete(final):
+        raise ModelAlreadyPresent(f"{final} already holds a complete model; not replacing it")
+    write_metadata(partial, metadata)
+    if final.exists():
+        discard_directory(final)
+    os.replace(partial, final)
+    log.info("published %s (%d files, %d bytes)", final, len(metadata.files), metadata.total_bytes)
+    return final
+
+
+def holds_revision(metadata: ModelMetadata, source: str, revision: str) -> bool:
+    """Whether a copy is of ``source`` at ``revision`` (a branch or tag by name, a commit by prefix).
+    A file:// source has no revisions: the source alone decides."""
+    if metadata.source != source:
+        return False
+    if source.startswith("file://"):
+        return True
+    return metadata.revision == revision or bool(metadata.commit and metadata.commit.startswith(revision))
+
+
+def is_complete(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds every file its metadata lists with the recorded size (sha256 is
+    not re-read here) and the scrub found nothing wrong with it; without metadata, whether it has
+    config.json and safetensors weights."""
+    return completeness_problem(model_dir) is None
+
+
+def completeness_problem(model_dir: Path) -> str | None:
+    """Why ``model_dir`` is not a complete model, in one line naming the file; None when it is."""
+    try:
+        metadata = read_metadata(model_dir)
+    except InvalidMetadata as e:
+        return str(e)
+    if metadata is None:
+        return None if is_bare_model_dir(model_dir) else "no metadata, config.json or *.safetensors weights"
+    damage = read_damage(model_dir)
+    if damage is not None:
+        return damage
+    problems = verify_files(model_dir, metadata.files, check_hashes=False)
+    if len(problems) > 1:
+        return f"{problems[0]} (and {len(problems) - 1} more)"
+    return problems[0] if problems else None
+
+
+def read_damage(model_dir: Path) -> str | None:
+    """What the scrub recorded as wrong with ``model_dir``, or None when it recorded nothing."""
+    try:
+        text = (model_dir / DAMAGE_NAME).read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{DAMAGE_NAME}: {e.strerror}"
+    return text or "the scrub found it damaged"
+
+
+def record_damage(model_dir_fd: int, problem: str) -> None:
+    """Mark the directory open as ``model_dir_fd`` damaged. Through the descriptor, so a directory
+    replaced meanwhile (a sync publishing a fresh copy) is never marked in its stead."""
+    fd = os.open(DAMAGE_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=model_dir_fd)
+    with os.fdopen(fd, "w") as f:
+        f.write(problem + "\n")
+
+
+def clear_damage(model_dir_fd: int) -> bool:
+    """Remove the damage mark of the directory open as ``model_dir_fd``; whether there was one."""
+    try:
+        os.unlink(DAMAGE_NAME, dir_fd=model_dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def is_bare_model_dir(model_dir: Path) -> bool:
+    """The rule for a directory without metadata: ``config.json`` and ``*.safetensors`` weights."""
+    has_weights = any(p.is_file() for p in model_dir.glob("*.safetensors"))
+    return (model_dir / "config.json").is_file() and has_weights
+
+
+def adopt(model_dir: Path) -> ModelMetadata:
+    """Give a model directory that has no metadata (put there by hand, or a ``file://`` source)
+    its metadata, in place: every visible regular file hashed, source ``file://<dir>``. Returns
+    the metadata (the existing one, untouched, where there is one)."""
+    existing = read_metadata(model_dir)
+    if existing is not None:
+        return existing
+    files = tuple(
+        ModelFile(rel, (model_dir / rel).stat().st_size, sha256_file(model_dir / rel))
+        for rel in list_model_files(model_dir)
+    )
+    metadata = ModelMetadata(model_dir.resolve().as_uri(), None, None, files, time.time())
+    write_metadata(model_dir, metadata)
+    log.info("adopted %s (%d files, %d bytes)", model_dir, len(files), metadata.total_bytes)
+    return metadata
+
+
+def list_model_files(model_dir: Path) -> list[str]:
+    """Relative paths of the visible files under ``model_dir``, sorted. A symlink counts only when
+    it resolves to a regular file inside ``model_dir``: a link leading out is skipped, with a warning."""
+    root = model_dir.resolve()
+    found = []
+    for path in walk_visible(model_dir):
+        if path.is_symlink() and not resolves_inside(path, root):
+            log.warning("not adopting %s: it links outside %s", path, model_dir)
+            continue
+        if path.is_file():
+            found.append(path.relative_to(model_dir).as_posix())
+    return sorted(found)
+
+
+def walk_visible(directory: Path) -> Iterator[Path]:
+    """Every entry under ``directory`` whose name does not start with ".", without entering links."""
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            yield Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                yield from walk_visible(Path(entry.path))
+
+
+def resolves_inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, with every symlink resolved, lies strictly inside the real path ``root``."""
+    real = Path(os.path.realpath(path))
+    return real != root and real.is_relative_to(root)
+
+
+def discard_directory(directory: Path) -> None:
+    """Remove a directory tree so that it disappears at once: renamed to a hidden name beside it
+    first, then deleted (a crash in between leaves only a hidden entry, never half a model)."""
+    doomed = directory.with_name(f".genmlx-deleting-{directory.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_model(storage_root: Path, name: str) -> list[Path]:
+    """Remove model ``name`` and its partial directory from ``storage_root``; the paths removed."""
+    removed = []
+    for directory in (storage_root / safe_model_name(name), partial_dir(storage_root, name)):
+        if directory.is_dir() and not directory.is_symlink():
+            discard_directory(directory)
+            removed.append(directory)
+    return removed
+
+
+def check_room(storage_root: Path, name: str, needed_bytes: int) -> None:
+    """Raise ``NoRoom``, with the numbers, when ``storage_root`` cannot take ``needed_bytes`` more."""
+    free = shutil.disk_usage(storage_root).free
+    if needed_bytes > free:
+        raise NoRoom(
+            f"model {name} needs {needed_bytes} more bytes ({needed_bytes / 1e9:.2f} GB) in {storage_root}, "
+            f"but only {free} bytes ({free / 1e9:.2f} GB) are free: free space or choose another storage path"
+        )

@@ -1,0 +1,81 @@
+"""Parsed requests to prompt token ids and a completion budget, with the model's own tokenizer.
+
+Runs on the event loop (tokenizing is quick), so a prompt that does not fit is refused with a 400
+before anything is queued.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from genmlx.core.api_errors import ContextLengthExceeded, InvalidRequest
+from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+# Without max_tokens a completion may use the rest of the context, but not more than this: a model
+# that never ends its turn should not hold the single model thread for minutes by default.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def chat_prompt_tokens(
+    tokenizer: TokenizerWrapper, messages: tuple[ChatMessage, ...], tools: tuple[FunctionTool, ...] = ()
+) -> tuple[int, ...]:
+    """Render ``messages`` (and the ``tools`` on offer) with the model's chat template, ready for the
+    assistant's turn."""
+    if not tokenizer.has_chat_template:
+        raise InvalidRequest(
+            "This model has no chat template; use /v1/completions with a plain prompt.", param="messages"
+        )
+    if tools and not tokenizer.has_tool_calling:
+        raise InvalidRequest(
+            "This model has no tool-call format that mlx-lm parses, so it cannot be offered tools.",
+            param="tools",
+        )
+    conversation = [m.template_json() for m in messages]
+    template_tools = [tool.template_json() for tool in tools] or None
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tools=template_tools, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # jinja's TemplateError and whatever a template chooses to raise
+        raise InvalidRequest(f"The chat template rejected these messages: {e}", param="messages") from None
+    # The template writes the special tokens (BOS included) itself.
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+def completion_prompt_tokens(tokenizer: TokenizerWrapper, prompt: str | tuple[int, ...]) -> tuple[int, ...]:
+    """Tokenize a text prompt (with BOS where the tokenizer adds one) or check given token ids."""
+    if isinstance(prompt, str):
+        return tuple(tokenizer.encode(prompt))
+    vocab_size = len(tokenizer)
+    if any(token >= vocab_size for token in prompt):
+        raise InvalidRequest(
+            f"'prompt' holds token ids outside the vocabulary (size {vocab_size}).", param="prompt"
+        )
+    return prompt
+
+
+def completion_budget(
+    prompt_length: int, requested: int | None, context_length: int | None, *, prompt_field: str
+) -> int:
+    """How many tokens to generate at most: ``requested`` if it fits, else a 400 that says why.
+
+    ``prompt_field`` names the request field a too-long prompt came from (``messages``/``prompt``).
+    """
+    room = None if context_length is None else context_length - prompt_length
+    if room is not None and room < 1:
+        raise ContextLengthExceeded(
+            f"This model's context length is {context_length} tokens; the prompt alone has {prompt_length}.",
+            param=prompt_field,
+        )
+    if requested is None:
+        return DEFAULT_MAX_TOKENS if room is None else min(DEFAULT_MAX_TOKENS, room)
+    if room is not None and requested > room:
+        raise ContextLengthExceeded(
+            f"This model's context length is {context_length} tokens; the prompt has {prompt_length} and "
+            f"{requested} more were requested. Lower max_tokens or shorten the prompt.",
+            param="max_tokens",
+        )
+    return requested

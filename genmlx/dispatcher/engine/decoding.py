@@ -1,0 +1,365 @@
+"""Decoders: the sequences being generated, advanced one token each per ``step``.
+
+``BatchDecoder`` is continuous batching on mlx-lm's ``BatchGenerator``: sequences join and leave
+between steps, and each step decodes one token for every sequence already past its prompt and then
+processes one chunk (``prefill_chunk`` tokens) of the prompts still being read, so a long prompt
+holds the others back by at most one chunk per token. A sequence that ends leaves its KV state in
+the ``PrefixCache`` for later prompts that start the same way. A sequence that joins an empty
+decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
+is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
+
+``SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``) one
+sequence at a time with ``generate_step``.
+
+Both are deterministic given the same calls in the same order, which is what keeps the ranks of a
+group in step: rank 0 decides every join and leave, and every rank makes the same calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from genmlx.dispatcher.engine.events import GenerationRequest
+from genmlx.dispatcher.engine.prefix_cache import PrefixCache
+from genmlx.dispatcher.engine.sampling import BatchSampler, RowSampler, make_logits_processors
+
+End = Literal["stop", "length"]
+CLEAR_CACHE_EVERY = 256  # tokens a sequence alone decodes between releases of MLX's buffer cache
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """How many sequences decode together, how many prompt tokens one step reads, and the prefix
+    cache's bounds (``cache_entries`` 0 turns it off), which only rank 0 (``leads``) enforces."""
+
+    max_batch: int = 8
+    prefill_chunk: int = 512
+    cache_entries: int = 16
+    cache_bytes: int = 4 << 30
+    leads: bool = True
+
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One token of sequence ``uid``; ``end`` when the decoder ended the sequence with it."""
+
+    uid: int
+    token: int
+    logprobs: mx.array
+    end: End | None
+
+
+class Decoder(Protocol):
+    capacity: int
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def cache_entries(self) -> int: ...
+
+    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int: ...
+
+    def leave(self, uid: int) -> None: ...
+
+    def step(self) -> list[Sampled]: ...
+
+    def trim_cache(self, entries: int) -> None: ...
+
+
+def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings) -> Decoder:
+    """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``."""
+    if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
+        return BatchDecoder(model, eos_ids, settings)
+    return SequentialDecoder(model)
+
+
+class BatchDecoder:
+    """Continuous batching over mlx-lm's ``BatchGenerator``, with a prefix cache."""
+
+    def __init__(self, model: Any, eos_ids: set[int], settings: DecoderSettings):
+        from mlx_lm.generate import BatchGenerator
+
+        self.capacity = settings.max_batch
+        self._model = model
+        self._eos_ids = eos_ids
+        self._prefill_chunk = settings.prefill_chunk
+        self._solo: _Solo | None = None
+        self._carried: list[Sampled] = []  # the token a sequence sampled alone before it moved
+        self._generator = BatchGenerator(
+            model,
+            stop_tokens=[[eos] for eos in sorted(eos_ids)],
+            completion_batch_size=settings.max_batch,
+            prefill_batch_size=settings.max_batch,
+            prefill_step_size=settings.prefill_chunk,
+        )
+        self._prefixes = PrefixCache(settings.cache_entries, settings.cache_bytes, evicts=settings.leads)
+        self._uids: dict[int, int] = {}  # ours -> the generator's
+        self._rows: dict[int, RowSampler] = {}  # the generator's uid -> its request's sampler
+        self._batch_sampler = BatchSampler()
+        self._sample_batch = self._sample_generation_batch  # one object: mlx-lm compares by identity
+
+    @property
+    def active(self) -> int:
+        return len(self._uids) + (self._solo is not None)
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._prefixes)
+
+    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int:
+        """Add ``request`` as sequence ``uid``; how many prompt tokens the prefix cache supplied.
+
+        ``cached_tokens`` is rank 0's answer on the other ranks: exactly that many are reused.
+        """
+        prompt = list(request.prompt_tokens)
+        reused = self._prefixes.take(prompt, cached_tokens)
+        cached = reused.tokens if reused else 0
+        cache = reused.cache if reused else None
+        processors = make_logits_processors(request.sampling)
+        row = RowSampler(request.sampling)
+        if self.active == 0 and not processors:
+            if cache is None:
+                cache = make_prompt_cache(self._model)
+            self._solo = _Solo(
+                uid, self._model, cache, prompt[:cached], prompt[cached:], row, request.max_tokens
+            )
+            return cached
+        if self._solo is not None:
+            self._move_solo_into_batch()
+        self._insert(uid, prompt[cached:], prompt[:cached], cache, row, processors, request.max_tokens)
+        return cached
+
+    def _insert(
+        self,
+        uid: int,
+        unread: list[int],
+        read: list[int],
+        cache: list[Any] | None,
+        row: RowSampler,
+        processors: list,
+        max_tokens: int,
+    ) -> None:
+        (inner,) = self._generator.insert(
+            [unread],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[read],
+            samplers=[row],
+            logits_processors=[processors],
+        )
+        self._uids[uid], self._rows[inner] = inner, row
+
+    def _move_solo_into_batch(self) -> None:
+        """The sequence running alone joins the batch where it stands, its cache with it. A token it
+        already sampled is still delivered by the next ``step``; if that token ended it, it ends."""
+        solo = self._solo
+        carried = solo.settle(self._eos_ids)
+        if carried is not None:
+            self._carried.append(carried)
+            if carried.end is not None:
+                return self._end_solo()
+        self._solo = None
+        left = solo.max_tokens - solo.generated
+        self._insert(solo.uid, solo.unread, solo.read, solo.cache, solo.row, [], left)
+
+    def leave(self, uid: int) -> None:
+        """Drop sequence ``uid`` before it ended by itself; what it had read stays in the cache."""
+        self._carried = [c for c in self._carried if c.uid != uid]
+        if self._solo is not None and self._solo.uid == uid:
+            return self._end_solo()
+        if uid not in self._uids:  # it ended with a token carried out of its solo run
+            return
+        inner = self._uids.pop(uid)
+        del self._rows[inner]
+        for cache, tokens in self._generator.remove([inner], return_prompt_caches=True).values():
+            self._prefixes.put(tokens, cache)
+
+    def step(self) -> list[Sampled]:
+        """One token for each sequence past its prompt, and one chunk of the prompts being read."""
+        sampled, self._carried = self._carried, []
+        if self._solo is not None:
+            return sampled + self._step_solo()
+        ours = {inner: uid for uid, inner in self._uids.items()}
+        _, responses = self._generator.next()
+        for response in responses:
+            uid = ours[response.uid]
+            sampled.append(Sampled(uid, response.token, response.logprobs, response.finish_reason))
+            if response.finish_reason is not None:
+                del self._uids[uid], self._rows[response.uid]
+                self._prefixes.put(response.all_tokens, response.prompt_cache)
+        self._sample_batches_together()
+        return sampled
+
+    def _step_solo(self) -> list[Sampled]:
+        solo = self._solo
+        with mx.stream(self._generator.stream):
+            sampled = solo.step(self._eos_ids, self._prefill_chunk)
+        if sampled is None:
+            return []
+        if sampled.end is not None:
+            self._end_solo()
+        return [sampled]
+
+    def _end_solo(self) -> None:
+        """The sequence running alone ends here (any step under way is finished and its token
+        dropped); what it read stays in the prefix cache."""
+        solo, self._solo = self._solo, None
+        solo.settle(self._eos_ids)
+        self._prefixes.put(solo.read, solo.cache)
+
+    def _sample_batches_together(self) -> None:
+        """Give every sequence being decoded the one shared sampler, so the next step samples them
+        all in one call.
+
+        mlx-lm's ``GenerationBatch`` makes one sampler call for the whole batch only when every row
+        has the same sampler object, and otherwise one per row. A sequence enters the batch with its
+        own ``RowSampler`` (its first token is sampled alone); from then on it gets
+        ``_sample_batch``, which maps the batch's rows (in the order of its ``uids``) to their
+        requests' ``RowSampler``. Both are private to mlx-lm (pinned to 0.32): without them every row
+        samples by itself, as correct and slower."""
+        batch = getattr(self._generator, "_generation_batch", None)
+        samplers = getattr(batch, "samplers", None)
+        if samplers is not None and hasattr(batch, "uids"):
+            samplers[:] = [self._sample_batch] * len(samplers)
+
+    def _sample_generation_batch(self, logprobs: mx.array) -> mx.array:
+        rows = [self._rows[inner] for inner in self._generator._generation_batch.uids]
+        return self._batch_sampler.sample(logprobs, rows)
+
+    def trim_cache(self, entries: int) -> None:
+        self._prefixes.trim(entries)
+
+
+@dataclass
+class _Ahead:
+    """A decoding step already under way: ``fed`` went into the model, ``token`` is being sampled."""
+
+    fed: mx.array
+    token: mx.array
+    logprobs: mx.array
+
+
+@dataclass
+class _Solo:
+    """One sequence decoded by itself on plain caches, one step ahead as ``generate_step`` runs: the
+    next step is sent to the device before the current token is read back, so building one step's
+    graph overlaps computing the other's.
+
+    ``read`` are the tokens whose KV state ``cache`` holds, ``unread`` the ones still to feed (the
+    prompt's rest, then the last token sampled). ``settle`` ends any step under way so that the
+    sequence can move into a batch (or its cache into the prefix cache) exactly where it stands."""
+
+    uid: int
+    model: Any
+    cache: list[Any]
+    read: list[int]
+    unread: list[int]
+    row: RowSampler
+    max_tokens: int
+    generated: int = 0
+    ahead: _Ahead | None = field(default=None, repr=False)
+
+    def step(self, eos_ids: set[int], prefill_chunk: int) -> Sampled | None:
+        """Read one chunk of the prompt (None) or decode the next token."""
+        if len(self.unread) > 1:
+            chunk = self.unread[: min(prefill_chunk, len(self.unread) - 1)]
+            self.model(mx.array(chunk)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.read += chunk
+            self.unread = self.unread[len(chunk) :]
+            return None
+        current = self.ahead or self._launch(mx.array(self.unread[-1:]))
+        self.unread = []
+        self.ahead = None
+        if self.generated + 1 < self.max_tokens:
+            self.ahead = self._launch(current.token)
+        return self._sampled(current, eos_ids)
+
+    def settle(self, eos_ids: set[int]) -> Sampled | None:
+        """Finish the step under way, if one is; the token it sampled (now in ``unread``)."""
+        if self.ahead is None:
+            return None
+        current, self.ahead = self.ahead, None
+        sampled = self._sampled(current, eos_ids)
+        self.unread = [sampled.token]
+        return sampled
+
+    def _launch(self, fed: mx.array) -> _Ahead:
+        logits = self.model(fed[None], cache=self.cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = self.row(logprobs)
+        mx.async_eval(token, logprobs)
+        return _Ahead(fed, token, logprobs)
+
+    def _sampled(self, current: _Ahead, eos_ids: set[int]) -> Sampled:
+        """``current``'s token, once computed; what it fed is now in the cache."""
+        token = current.token.item()
+        self.read.append(current.fed.item())
+        self.generated += 1
+        if self.generated % CLEAR_CACHE_EVERY == 0:  # as generate_step does: return freed buffers
+            mx.clear_cache()
+        end: End | None = (
+            "stop" if token in eos_ids else "length" if self.generated >= self.max_tokens else None
+        )
+        return Sampled(self.uid, token, current.logprobs[0], end)
+
+
+class SequentialDecoder:
+    """One sequence at a time through ``generate_step``, for models whose caches cannot batch."""
+
+    capacity = 1
+    cache_entries = 0
+
+    def __init__(self, model: Any):
+        self._model = model
+        self._uid: int | None = None
+        self._steps: Generator[tuple[Any, mx.array]] | None = None
+        self._left = 0
+
+    @property
+    def active(self) -> int:
+        return 0 if self._uid is None else 1
+
+    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int:
+        from mlx_lm.generate import generate_step
+
+        if self._uid is not None:
+            raise RuntimeError("this decoder generates one sequence at a time")
+        self._uid, self._left = uid, request.max_tokens
+        self._steps = generate_step(
+            mx.array(request.prompt_tokens),
+            self._model,
+            max_tokens=request.max_tokens,
+            sampler=RowSampler(request.sampling),
+            logits_processors=make_logits_processors(request.sampling),
+        )
+        return 0
+
+    def leave(self, uid: int) -> None:
+        if uid == self._uid:
+            self._end()
+
+    def step(self) -> list[Sampled]:
+        if self._uid is None:
+            return []
+        uid = self._uid
+        token, logprobs = next(self._steps)
+        self._left -= 1
+        end: End | None = "length" if self._left == 0 else None
+        if end:
+            self._end()
+        return [Sampled(uid, int(token), logprobs, end)]
+
+    def trim_cache(self, entries: int) -> None:
+        pass
+
+    def _end(self) -> None:
+        steps, self._uid, self._steps = self._steps, None, None
+        steps.close()

@@ -1,0 +1,237 @@
+"""The protocol that keeps the ranks of one model in step: rank 0 leads, every other rank follows.
+
+Every rank runs the same decoding steps over the same batch, and the model's own collectives (tensor
+parallel all-reduces, pipeline sends) pair up only if every rank runs them in the same order. So
+rank 0 decides everything that could differ and tells the others, over the same ``mx.distributed``
+group, before each step:
+
+- ``Step``: which requests join the batch (``Join``: the already validated, tokenized request with
+  a concrete sampling seed, since rank 0 draws one when the client gave none, and how many of its
+  prompt tokens come from the prefix cache) and which leave it (client gone, stop string matched,
+  shutdown). Every rank applies them, then runs one decoding step. A bad request is rejected on
+  rank 0 before anything is sent, so followers never see it.
+- ``Heartbeat`` while idle, once a second: a follower whose leader died (or a leader whose follower
+  died) learns it within a second instead of at the next request.
+- ``Shutdown`` when rank 0 stops cleanly: followers leave their loop and exit 0.
+
+Each message travels with a header of integers, one ``all_sum``: the payload's length, the number
+of prefix-cache entries rank 0 keeps (a follower drops its least recently used entries down to it,
+so both hold the same prefixes), and in slot ``2 + r`` rank r's checksum of the tokens it sampled
+in the previous step. Ranks that sampled differently would otherwise serve garbage silently, so a
+difference breaks the group instead.
+
+The ring backend has no broadcast, so the header and the payload are each an ``all_sum`` to which
+followers add zeros (their checksum slot aside). A peer that died closes its sockets and MLX raises
+``RuntimeError`` ("connection to a peer was lost") in the next collective; that is our failure
+detector, turned into ``LockstepBroken`` and an exit status of 1, since MLX ranks cannot rejoin a
+group (the master restarts the whole group). A peer that hangs without closing its sockets would
+hang its partners; ``--parent-pid`` still ends every rank when its agent goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import typing
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genmlx.dispatcher.engine.events import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+HEADER_SLOTS = 2  # payload length, prefix-cache entries; one checksum per rank follows
+
+
+@dataclass(frozen=True)
+class Join:
+    """``request`` joins the batch as sequence ``uid``, ``cached_tokens`` of its prompt reused."""
+
+    uid: int
+    request: GenerationRequest
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Apply ``leaves`` (sequence uids) and ``joins``, in that order, then decode one step."""
+
+    joins: tuple[Join, ...] = ()
+    leaves: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing to do; proves the group is still whole."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Rank 0 is stopping; followers stop too."""
+
+
+Message = Step | Heartbeat | Shutdown
+
+
+@dataclass(frozen=True)
+class Received:
+    """What a follower received: the message and rank 0's prefix-cache entry count."""
+
+    message: Message
+    cache_entries: int
+
+
+class LockstepBroken(Exception):
+    """A peer rank is gone or the ranks fell out of step: this rank cannot serve any more."""
+
+
+def with_seed(request: GenerationRequest) -> GenerationRequest:
+    """``request`` with a concrete sampling seed, drawn here when the client gave none."""
+    if request.sampling.seed is not None:
+        return request
+    seeded = dataclasses.replace(request.sampling, seed=secrets.randbits(63))
+    return dataclasses.replace(request, sampling=seeded)
+
+
+def step_checksum(tokens: Iterable[tuple[int, int]]) -> int:
+    """A checksum of one step's ``(uid, token)`` pairs, in order."""
+    checksum = 0
+    for uid, token in tokens:
+        checksum = zlib.crc32(f"{uid}:{token};".encode(), checksum)
+    return checksum
+
+
+def join_ring(rank: int, world_size: int, hostfile: Path) -> Any:
+    """Join MLX's ring group described by ``hostfile``; the group (an ``mx.distributed.Group``)."""
+    import mlx.core as mx
+
+    # The agent also sets these; the command line wins so a hand-started rank needs no environment.
+    os.environ["MLX_RANK"] = str(rank)
+    os.environ["MLX_HOSTFILE"] = str(hostfile)
+    group = mx.distributed.init(strict=True, backend="ring")
+    if (group.rank(), group.size()) != (rank, world_size):
+        raise LockstepBroken(
+            f"joined the ring as rank {group.rank()} of {group.size()}, "
+            f"but was started as rank {rank} of {world_size}: check the hostfile {hostfile}"
+        )
+    return group
+
+
+class RankChannel:
+    """One rank's end of the lockstep protocol. Only the model thread may use it."""
+
+    def __init__(self, group: Any):
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        self._mx = mx
+        self._group = group
+        self._stream = generation_stream
+        self._checksum = 0  # of the tokens this rank sampled in its last step
+
+    @property
+    def rank(self) -> int:
+        return self._group.rank()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def stepped(self, checksum: int) -> None:
+        """Every rank, after each step: the checksum the next header compares across ranks."""
+        self._checksum = checksum
+
+    def send(self, message: Message, cache_entries: int = 0) -> None:
+        """Rank 0: deliver ``message`` (and its prefix-cache entry count) to every other rank."""
+        payload = encode_message(message)
+        self._exchange_header(len(payload), cache_entries)
+        self._sum_bytes(len(payload), payload)
+
+    def receive(self) -> Received:
+        """A follower: block until rank 0 sends the next message."""
+        length, cache_entries = self._exchange_header(0, 0)
+        return Received(decode_message(self._sum_bytes(length, None)), cache_entries)
+
+    def _exchange_header(self, length: int, cache_entries: int) -> tuple[int, int]:
+        size = self._group.size()
+        header = [length, cache_entries] + [0] * size
+        header[HEADER_SLOTS + self.rank] = self._checksum
+        summed = self._sum_ints(header)
+        checksums = summed[HEADER_SLOTS:]
+        if any(c != checksums[0] for c in checksums):
+            raise LockstepBroken(f"the ranks sampled different tokens (checksums by rank: {checksums})")
+        return summed[0], summed[1]
+
+    def _sum_ints(self, values: list[int]) -> list[int]:
+        mx = self._mx
+        return self._all_sum(mx.array(values, dtype=mx.int64)).tolist()
+
+    def _sum_bytes(self, length: int, payload: bytes | None) -> bytes:
+        import numpy as np
+
+        mx = self._mx
+        if not length:
+            return b""
+        data = mx.array(np.frombuffer(payload, dtype=np.uint8)) if payload else mx.zeros((length,), mx.uint8)
+        return np.array(self._all_sum(data)).tobytes()
+
+    def _all_sum(self, data: Any) -> Any:
+        mx = self._mx
+        try:
+            # mlx-lm's generation stream, where decoding runs the model's own collectives: one
+            # stream keeps every collective in submission order, so they pair up across ranks
+            # even while the previous step still runs asynchronously.
+            with mx.stream(self._stream):
+                summed = mx.distributed.all_sum(data, group=self._group)
+            mx.eval(summed)
+        except RuntimeError as e:  # MLX's word for a peer that closed its connection
+            raise LockstepBroken(f"rank {self.rank} lost its group: {e}") from e
+        return summed
+
+
+def encode_message(message: Message) -> bytes:
+    """``message`` as the bytes rank 0 sends (compact JSON)."""
+    body: dict[str, Any] = {"kind": type(message).__name__}
+    if isinstance(message, Step):
+        body["joins"] = [dataclasses.asdict(join) for join in message.joins]
+        body["leaves"] = list(message.leaves)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_message(payload: bytes) -> Message:
+    """The message ``encode_message`` turned into ``payload``."""
+    body = json.loads(payload)
+    kind = body["kind"]
+    if kind == "Step":
+        joins = tuple(_dataclass_from_json(Join, join) for join in body["joins"])
+        return Step(joins, tuple(body["leaves"]))
+    if kind == "Heartbeat":
+        return Heartbeat()
+    if kind == "Shutdown":
+        return Shutdown()
+    raise LockstepBroken(f"unknown lockstep message {kind!r}: are all ranks the same version?")
+
+
+def _dataclass_from_json(cls: type, fields: dict[str, Any]) -> Any:
+    """Undo ``dataclasses.asdict`` + JSON for frozen request types: nested dataclasses come back
+    from their hints, and lists (JSON's only sequence) as tuples."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in fields.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            values[name] = _dataclass_from_json(hint, value)
+        else:
+            values[name] = _tuples(value)
+    return cls(**values)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,375 @@
+"""The model thread: it loads the model, then decodes every admitted request together, one token
+per step (continuous batching).
+
+Only this thread touches MLX. The event loop submits a ``GenerationRequest`` and gets a ``Job`` back;
+jobs wait in a queue (``max_queue`` long, then 429) until the batch has room (the decoder's
+capacity, ``--max-batch``), and join it between two steps. After each step the engine posts every
+event it produced to the loop in one ``IOLoop.add_callback``, so the handlers that wait on them
+never share state with this thread beyond each job's cancel flag.
+
+In a multi-rank group (``ModelSource.group``) this thread first joins MLX's ring and loads its shard.
+Rank 0 then serves as above and, before each step, tells the other ranks which requests join and
+leave (``lockstep``); the other ranks apply the same changes, decode the same step and discard what
+they sample. A broken group (a peer gone, a failed step) ends the thread and the process with
+status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tornado.ioloop import IOLoop
+
+from genmlx.core.api_errors import NotReady, QueueFull
+from genmlx.dispatcher.engine.decoding import DecoderSettings
+from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Usage
+from genmlx.dispatcher.engine.lockstep import (
+    HEARTBEAT_SECONDS,
+    Heartbeat,
+    Join,
+    LockstepBroken,
+    RankChannel,
+    Shutdown,
+    Step,
+    join_ring,
+    step_checksum,
+    with_seed,
+)
+from genmlx.dispatcher.engine.model_loading import Sharding, load_shard, load_whole
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from genmlx.dispatcher.engine.decoding import Decoder
+    from genmlx.dispatcher.engine.generation import Reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to generate, with its tokenizer and the context length it is served with."""
+
+    model: Any  # an mlx.nn.Module of one of mlx-lm's architectures
+    tokenizer: TokenizerWrapper
+    context_length: int | None
+
+
+class Job:
+    """A submitted request: the handler may cancel it; the engine delivers its events."""
+
+    def __init__(self, request: GenerationRequest, deliver: Callable[[EngineEvent], None]):
+        self.request = request
+        self.deliver = deliver
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating for this job at the next token (or skip it if it has not started)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """This rank's place in a multi-rank group and how the group splits the model."""
+
+    rank: int
+    world_size: int
+    hostfile: Path
+    sharding: Sharding = Sharding()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the engine loads its model from, the context length to serve it with, and the rank
+    group it shares the model with (None: this rank holds the whole model)."""
+
+    model_dir: Path
+    context_length: int | None = None
+    group: RankGroup | None = None
+
+
+class Engine:
+    """Owns the model thread. Every public method is called from the event loop's thread."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        io_loop: IOLoop,
+        *,
+        max_queue: int,
+        decoding: DecoderSettings,
+        on_loaded: Callable[[LoadedModel], None],
+        on_load_failed: Callable[[str], None],
+        on_group_ended: Callable[[int], None] = lambda code: None,
+    ):
+        """``on_group_ended(code)`` is called when a multi-rank group ends the model thread by
+        itself: 0 when rank 0 stopped the group, 1 when the group broke."""
+        self._source = source
+        self._io_loop = io_loop
+        self._max_queue = max_queue
+        self._decoding = decoding
+        self._on_loaded = on_loaded
+        self._on_load_failed = on_load_failed
+        self._on_group_ended = on_group_ended
+        self._channel: RankChannel | None = None
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._stopping = False
+        self.loaded: LoadedModel | None = None
+        self._thread = threading.Thread(target=self._run, name="genmlx-model", daemon=True)
+
+    def start(self) -> None:
+        """Start the model thread; it loads the model first."""
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, deliver: Callable[[EngineEvent], None]) -> Job:
+        """Queue ``request``; ``deliver`` will be called on the event loop with each of its events."""
+        if self._stopping:
+            raise NotReady("The server is shutting down.", code="shutting_down")
+        if self.loaded is None:
+            raise NotReady("The model is still loading; retry shortly.")
+        if self._queue.qsize() >= self._max_queue:
+            raise QueueFull(f"{self._max_queue} requests are already waiting; retry shortly.")
+        job = Job(request, deliver)
+        self._queue.put(job)
+        return job
+
+    def stop(self) -> None:
+        """Cancel the running and waiting jobs and let the model thread end."""
+        self._stopping = True
+        self._queue.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the model thread to end; whether it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            # MLX and mlx-lm are imported here, not at module import, so /health answers while
+            # the (slow) imports and the load run.
+            loaded = self._load()
+        except Exception as e:  # anything at all: the dispatcher must exit and say why
+            log.exception("loading the model from %s failed", self._source.model_dir)
+            self._io_loop.add_callback(self._on_load_failed, f"{type(e).__name__}: {e}")
+            return
+        self._io_loop.add_callback(self._publish_loaded, loaded)
+        try:
+            if self._channel is None or self._channel.is_leader:
+                _Leader(self, loaded).run()
+            else:
+                self._follow(loaded)
+        except LockstepBroken as e:
+            log.error("%s; this rank stops (ranks cannot rejoin a group)", e)
+            self._cancel_waiting()
+            self._io_loop.add_callback(self._on_group_ended, 1)
+            return
+        self._cancel_waiting()
+        if self._channel is not None:
+            self._io_loop.add_callback(self._on_group_ended, 0)
+
+    def _make_decoder(self, loaded: LoadedModel) -> Decoder:
+        from genmlx.dispatcher.engine.decoding import make_decoder
+
+        leads = self._channel is None or self._channel.is_leader
+        settings = dataclasses.replace(self._decoding, leads=leads)
+        return make_decoder(loaded.model, loaded.tokenizer.eos_token_ids, settings)
+
+    def _follow(self, loaded: LoadedModel) -> None:
+        """A follower's whole life after loading: apply what rank 0 sends and decode the same steps,
+        until it says ``Shutdown`` or this rank is told to stop (rank 0 then finds the group broken
+        at its next heartbeat)."""
+        channel, decoder = self._channel, self._make_decoder(loaded)
+        while not self._stopping:
+            received = channel.receive()
+            message = received.message
+            if isinstance(message, Shutdown):
+                log.info("rank 0 stopped the group")
+                return
+            if isinstance(message, Heartbeat):
+                decoder.trim_cache(received.cache_entries)
+            else:
+                try:
+                    for uid in message.leaves:
+                        decoder.leave(uid)
+                    decoder.trim_cache(received.cache_entries)
+                    for join in message.joins:
+                        decoder.join(join.uid, join.request, join.cached_tokens)
+                    sampled = decoder.step()
+                except Exception as e:  # this rank is now out of step with rank 0
+                    log.exception("decoding failed on rank %d", channel.rank)
+                    problem = f"decoding failed on rank {channel.rank} ({type(e).__name__})"
+                    raise LockstepBroken(problem) from e
+                channel.stepped(step_checksum((s.uid, s.token) for s in sampled))
+
+    def _load(self) -> LoadedModel:
+        from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+        group = self._source.group
+        if group is None:
+            model, tokenizer, config = load_whole(self._source.model_dir)
+        else:
+            mlx_group = join_ring(group.rank, group.world_size, group.hostfile)
+            self._channel = RankChannel(mlx_group)
+            model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
+        # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
+        maybe_set_recommended_wired_limit()
+        context_length = self._source.context_length or config.get("max_position_embeddings")
+        return LoadedModel(model=model, tokenizer=tokenizer, context_length=context_length)
+
+    def _publish_loaded(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._on_loaded(loaded)
+
+    def _cancel_waiting(self) -> None:
+        """Answer the jobs still queued at shutdown so no handler waits forever."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._skip(job)
+
+    def _skip(self, job: Job) -> None:
+        usage = Usage(prompt_tokens=len(job.request.prompt_tokens), completion_tokens=0)
+        self._io_loop.add_callback(job.deliver, Finished("cancelled", usage))
+
+
+@dataclass
+class _Running:
+    job: Job
+    reply: Reply
+
+
+class _Leader:
+    """Rank 0's (or the only rank's) scheduling loop: admit, step, deliver, until ``stop``."""
+
+    def __init__(self, engine: Engine, loaded: LoadedModel):
+        self._engine = engine
+        self._loaded = loaded
+        self._channel = engine._channel
+        self._decoder = engine._make_decoder(loaded)
+        self._running: dict[int, _Running] = {}
+        self._leaving: list[int] = []  # sequences that ended here but not in the decoder
+        self._uids = itertools.count()
+        self._outbox: list[tuple[Job, list[EngineEvent]]] = []
+
+    def run(self) -> None:
+        engine = self._engine
+        while True:
+            first = None
+            if not self._running and not self._leaving:
+                first = self._wait_for_job()
+            if engine._stopping:
+                break
+            self._step(first)
+        for run in self._running.values():
+            self._outbox.append((run.job, run.reply.cancel()))
+        self._running.clear()
+        self._flush()
+        if self._channel is not None:
+            self._channel.send(Shutdown())
+
+    def _step(self, first: Job | None) -> None:
+        """Apply this step's leaves and joins, tell the other ranks, decode one step, deliver."""
+        decoder = self._decoder
+        for uid, run in list(self._running.items()):
+            if run.job.cancelled:
+                self._outbox.append((run.job, run.reply.cancel()))
+                del self._running[uid]
+                self._leaving.append(uid)
+        leaves, self._leaving = tuple(self._leaving), []
+        try:
+            for uid in leaves:
+                decoder.leave(uid)
+            cache_entries = decoder.cache_entries
+            joins = self._admit(first)
+            if self._channel is not None:
+                self._channel.send(Step(joins, leaves), cache_entries)
+            sampled = decoder.step()
+        except LockstepBroken:
+            raise
+        except Exception as e:  # a failed step must not take the model thread down with it
+            self._fail_batch(e)
+            return
+        if self._channel is not None:
+            self._channel.stepped(step_checksum((s.uid, s.token) for s in sampled))
+        for s in sampled:
+            run = self._running[s.uid]
+            self._outbox.append((run.job, run.reply.add(s.token, s.logprobs, s.end)))
+            if run.reply.finished:
+                del self._running[s.uid]
+                if s.end is None:  # a stop string or an end of turn the decoder did not see
+                    self._leaving.append(s.uid)
+        self._flush()
+
+    def _admit(self, first: Job | None) -> tuple[Join, ...]:
+        from genmlx.dispatcher.engine.generation import Reply
+
+        joins = []
+        tokenizer = self._loaded.tokenizer
+        while self._decoder.active < self._decoder.capacity:
+            job, first = (first, None) if first is not None else (self._next_job(), None)
+            if job is None:
+                break
+            if job.cancelled:  # its client left while it waited: skip the prefill
+                self._outbox.append((job, [Finished("cancelled", Usage(len(job.request.prompt_tokens), 0))]))
+                continue
+            request = with_seed(job.request) if self._channel is not None else job.request
+            uid = next(self._uids)
+            cached = self._decoder.join(uid, request)
+            self._running[uid] = _Running(job, Reply(tokenizer, request, cached))
+            joins.append(Join(uid, request, cached))
+        return tuple(joins)
+
+    def _wait_for_job(self) -> Job | None:
+        """Block until a job comes (None: ``stop``); in a group, send a heartbeat every second."""
+        channel, jobs = self._channel, self._engine._queue
+        while True:
+            try:
+                return jobs.get(timeout=HEARTBEAT_SECONDS if channel else None)
+            except queue.Empty:
+                channel.send(Heartbeat(), self._decoder.cache_entries)
+
+    def _next_job(self) -> Job | None:
+        try:
+            return self._engine._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fail_batch(self, error: Exception) -> None:
+        """Every running request fails with ``error``; the decoder starts afresh (its state after a
+        failed step is unknown). In a group the other ranks may be anywhere: the group ends."""
+        log.exception("decoding failed; failing the %d requests in the batch", len(self._running))
+        failed = Failed(f"generation failed: {type(error).__name__}")
+        for run in self._running.values():
+            self._outbox.append((run.job, [failed]))
+        self._running.clear()
+        self._leaving.clear()
+        self._flush()
+        if self._channel is not None:
+            raise LockstepBroken(f"decoding failed on rank 0 ({type(error).__name__})") from error
+        self._decoder = self._engine._make_decoder(self._loaded)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            self._engine._io_loop.add_callback(_deliver_all, self._outbox)
+            self._outbox = []
+
+
+def _deliver_all(outbox: list[tuple[Job, list[EngineEvent]]]) -> None:
+    for job, events in outbox:
+        for event in events:
+            job.deliver(event)

@@ -1,0 +1,144 @@
+"""The OpenAI router: ``/v1/*`` on the master goes to rank 0 of the model the request names.
+
+Bodies pass through untouched and responses stream back chunk by chunk as rank 0 writes them,
+so SSE works end to end. A client that hangs up closes the upstream connection too, which is
+how rank 0 learns to stop generating.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httputil import HTTPHeaders
+from tornado.iostream import StreamClosedError
+
+from genmlx.core.api_errors import BadGateway, InvalidRequest, NotReady, UnknownModel
+from genmlx.core.http import JsonHandler
+from genmlx.master.runtime.loop import Reconciler
+
+PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
+
+
+class ClientGone(Exception):
+    """The downstream client closed its connection; abort the upstream request."""
+
+
+class ModelsHandler(JsonHandler):
+    """``GET /v1/models``: every model of the manifest, whether it is serving or not."""
+
+    reconciler: Reconciler
+
+    def get(self, model_id: str | None = None) -> None:
+        applied = self.reconciler.applied
+        specs = applied.manifest.models if applied else ()
+        created = int(applied.applied_at) if applied else int(time.time())
+        ready = serving_endpoints(self.reconciler)
+        data = [
+            {
+                "id": s.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "genmlx",
+                "ready": s.name in ready,
+            }
+            for s in specs
+        ]
+        if model_id is None:
+            return self.write_json(200, {"object": "list", "data": data})
+        entry = next((d for d in data if d["id"] == model_id), None)
+        if entry is None:
+            raise UnknownModel(f"The model {model_id!r} does not exist.", param="model")
+        self.write_json(200, entry)
+
+
+class ProxyHandler(JsonHandler):
+    reconciler: Reconciler
+    http: AsyncHTTPClient
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+
+    async def post(self, path: str) -> None:
+        self.client_gone = False
+        body = self.json_body()
+        upstream = endpoint_for(self.reconciler, body.get("model"))
+        await self.forward(f"{upstream}/{path}", self.request.body)
+
+    async def forward(self, url: str, body: bytes) -> None:
+        headers = HTTPHeaders()
+        status = {"code": 502}
+
+        def on_header(line: str) -> None:
+            if line.startswith("HTTP/"):
+                status["code"] = int(line.split(" ", 2)[1])
+            elif line.strip():
+                headers.parse_line(line)
+
+        def on_chunk(chunk: bytes) -> None:
+            if self.client_gone:
+                raise ClientGone()
+            if not self._headers_written:
+                self.start_response(status["code"], headers)
+            self.write(chunk)
+            self.flush()
+
+        request = HTTPRequest(
+            url,
+            method="POST",
+            body=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+            header_callback=on_header,
+            streaming_callback=on_chunk,
+            connect_timeout=5.0,
+            request_timeout=3600.0,
+        )
+        try:
+            await self.http.fetch(request, raise_error=False)
+        except (ClientGone, StreamClosedError):
+            return
+        except (HTTPClientError, OSError) as e:
+            self.reconciler.wake()  # evidence that the cluster changed: look now, not at the next resync
+            raise BadGateway(f"The model's rank 0 at {url} did not answer: {e}") from None
+        if not self._headers_written:
+            self.start_response(status["code"], headers)
+        self.finish()
+
+    def start_response(self, code: int, headers: HTTPHeaders) -> None:
+        self.set_status(code)
+        for name in PASSED_HEADERS:
+            if name in headers:
+                self.set_header(name, headers[name])
+
+
+def serving_endpoints(reconciler: Reconciler) -> dict[str, str]:
+    """Rank 0's base URL of every model that is Ready, by model name."""
+    snapshot = reconciler.snapshot
+    if snapshot is None:
+        return {}
+    return {
+        a.model: snapshot.observed.endpoints[a.model].url
+        for a in snapshot.assessments
+        if a.phase == "Ready" and a.model in snapshot.observed.endpoints
+    }
+
+
+def endpoint_for(reconciler: Reconciler, model: Any) -> str:
+    """The base URL of ``model``'s rank 0, or the API error that says why there is none."""
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(
+            "The request names no model: set 'model' to one of GET /v1/models.", param="model"
+        )
+    applied = reconciler.applied
+    names = [s.name for s in applied.manifest.models] if applied else []
+    if model not in names:
+        served = ", ".join(names) or "none"
+        raise UnknownModel(f"The model {model!r} does not exist (models: {served}).", param="model")
+    endpoint = serving_endpoints(reconciler).get(model)
+    if endpoint is None:
+        snapshot = reconciler.snapshot
+        condition = snapshot.models.get(model) if snapshot else None
+        why = condition.message if condition else "the master has not observed the cluster yet"
+        raise NotReady(f"The model {model!r} is not ready: {why}", code="model_not_ready")
+    return endpoint

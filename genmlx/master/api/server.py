@@ -1,0 +1,108 @@
+"""The master's HTTP surface: liveness, status, apply, and the OpenAI router under ``/v1``.
+
+Everything but ``/healthz`` and the status page's files needs the cluster's bearer token; the
+page's session cookie (``ui_auth``) reads status, events and the stream, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient
+from tornado.web import Application
+
+from genmlx.core.api_errors import InvalidManifest, InvalidRequest, UnknownRoute
+from genmlx.core.errors import ManifestError
+from genmlx.core.gitrev import Revision
+from genmlx.core.http import JsonHandler
+from genmlx.manifest import load_manifest_text
+from genmlx.manifest.types import Manifest
+from genmlx.master.api.proxy import ModelsHandler, ProxyHandler
+from genmlx.master.api.stream import EventsHandler, StreamHandler, current_status
+from genmlx.master.api.ui_handlers import ui_routes
+from genmlx.master.planning.actions import describe_plan, plan_summary
+from genmlx.master.runtime.loop import Reconciler
+
+PREVIEW_TIMEOUT_S = 10.0
+
+
+class HealthzHandler(JsonHandler):
+    requires_token = False
+
+    def get(self) -> None:
+        self.write_json(200, {"status": "ok"})
+
+
+class StatusHandler(JsonHandler):
+    accepts_session = True  # the status page reads it
+    reconciler: Reconciler
+
+    def get(self) -> None:
+        self.write_json(200, current_status(self.reconciler))
+
+
+class ManifestHandler(JsonHandler):
+    """``POST`` applies a manifest: ``{"manifest": YAML, "filename", "revision", "dryRun"}``.
+    Answers the generation, whether the manifest changed, and the plan: what the master will now
+    do, or with ``dryRun`` what it would do (nothing is applied then)."""
+
+    reconciler: Reconciler
+
+    def get(self) -> None:
+        applied = self.reconciler.applied
+        if applied is None:
+            raise UnknownRoute("No manifest has been applied yet.", code="no_manifest")
+        self.write_json(
+            200, {"manifest": applied.text, "filename": applied.filename, "generation": applied.generation}
+        )
+
+    async def post(self) -> None:
+        body = self.json_body()
+        text, filename = body.get("manifest"), body.get("filename") or "cluster.yaml"
+        if not isinstance(text, str):
+            raise InvalidRequest("'manifest' must be the manifest's YAML text.", param="manifest")
+        try:
+            if body.get("dryRun"):
+                return await self.dry_run(load_manifest_text(text, filename))
+            outcome = self.reconciler.apply(text, filename, Revision.from_json(body.get("revision")))
+        except ManifestError as e:
+            issues = [str(i) for i in e.issues]
+            raise InvalidManifest("The manifest is invalid; nothing was applied.", issues=issues) from None
+        document = {"generation": outcome.applied.generation, "changed": outcome.changed}
+        self.write_json(200, {**document, **await self.preview(outcome.applied.manifest)})
+
+    async def dry_run(self, manifest: Manifest) -> None:
+        applied = self.reconciler.applied
+        document = {
+            "generation": applied.generation if applied else 0,
+            "changed": applied is None or applied.manifest != manifest,
+        }
+        self.write_json(200, {**document, **await self.preview(manifest)})
+
+    async def preview(self, manifest: Manifest) -> dict[str, Any]:
+        try:
+            actions = await asyncio.wait_for(self.reconciler.preview(manifest), PREVIEW_TIMEOUT_S)
+        except TimeoutError:
+            return {"plan": None, "summary": "the cluster did not answer in time to preview the plan"}
+        lines = describe_plan(actions)
+        return {"plan": lines, "summary": plan_summary(lines)}
+
+
+def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) -> Application:
+    deps = {"token": token, "reconciler": reconciler}
+    page, sessions = ui_routes(token, deps)
+    # Only the handlers with ``accepts_session`` (status, events, stream) let a session in.
+    readable = {**deps, "sessions": sessions}
+    return Application(
+        [
+            (r"/healthz", HealthzHandler),
+            (r"/api/v1/status", StatusHandler, readable),
+            (r"/api/v1/manifest", ManifestHandler, deps),
+            (r"/api/v1/events", EventsHandler, readable),
+            (r"/api/v1/stream", StreamHandler, readable),
+            *page,
+            (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
+            (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
+        ]
+    )

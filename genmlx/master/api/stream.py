@@ -1,0 +1,75 @@
+"""The master's read API for people and pages: the event history, and a live Server-Sent Events
+stream of status documents (after every pass) and events (as they are recorded)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+
+from genmlx.core.api_errors import InvalidRequest
+from genmlx.core.http import JsonHandler
+from genmlx.master.api.report import status_document
+from genmlx.master.runtime.loop import Reconciler
+
+HEARTBEAT_S = 15.0  # a comment line now and then keeps proxies from closing an idle stream
+
+
+def current_status(reconciler: Reconciler) -> dict[str, Any]:
+    return status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected)
+
+
+class EventsHandler(JsonHandler):
+    """``GET /api/v1/events[?limit=N&kind=Model&name=qwen]``: recent events, newest first."""
+
+    accepts_session = True  # the status page reads it
+    reconciler: Reconciler
+
+    def get(self) -> None:
+        try:
+            limit = max(1, min(1000, int(self.get_argument("limit", "100"))))
+        except ValueError:
+            raise InvalidRequest("limit must be a number", param="limit") from None
+        kind, name = self.get_argument("kind", None), self.get_argument("name", None)
+        log = self.reconciler.events
+        events = log.recent(limit, kind, name) if log else []
+        self.write_json(200, {"events": [e.to_json() for e in events]})
+
+
+class StreamHandler(JsonHandler):
+    """``GET /api/v1/stream``: ``event: status`` with the whole status document at once and after
+    every pass, ``event: event`` for each event recorded. Ends when the client leaves."""
+
+    accepts_session = True  # the status page reads it
+    reconciler: Reconciler
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        unsubscribe = [self.reconciler.on_pass(lambda: queue.put_nowait(("status", None)))]
+        if self.reconciler.events is not None:
+            unsubscribe.append(
+                self.reconciler.events.subscribe(lambda e: queue.put_nowait(("event", e.to_json())))
+            )
+        queue.put_nowait(("status", None))
+        try:
+            await self.relay(queue)
+        except StreamClosedError:
+            pass
+        finally:
+            for stop in unsubscribe:
+                stop()
+
+    async def relay(self, queue: asyncio.Queue[tuple[str, Any]]) -> None:
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+            except TimeoutError:
+                self.write(": keep-alive\n\n")
+            else:
+                payload = current_status(self.reconciler) if kind == "status" else data
+                self.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n")
+            await self.flush()

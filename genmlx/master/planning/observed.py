@@ -1,0 +1,60 @@
+"""Observed state: what the agents and dispatchers reported at the start of a pass.
+
+Frozen data, built once per pass by ``observe`` and read by the pure planner and by status.
+Time and the master's own memory of past rollouts come in here as data, so ``plan`` needs no
+clock and no globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from genmlx.wire.agent_state import AgentState, RankInfo
+
+NodeReachability = Literal["ready", "unreachable", "unauthorized"]
+EndpointState = Literal["ready", "loading", "down", "hung"]
+
+
+@dataclass(frozen=True)
+class ObservedNode:
+    name: str
+    address: str  # "host:port" of its agent
+    reachability: NodeReachability
+    detail: str = ""  # why it is not ready
+    state: AgentState | None = None
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def ranks(self) -> tuple[RankInfo, ...]:
+        return self.state.ranks if self.state else ()
+
+
+@dataclass(frozen=True)
+class EndpointHealth:
+    """What rank 0's ``GET /health`` and the canary completion said: ``ready`` only when both
+    passed, ``hung`` when /health answers but a completion does not."""
+
+    url: str
+    state: EndpointState
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """The master's memory of its last start of a model's rank group (lost on restart: fine)."""
+
+    spec_hash: str
+    attempts: int  # starts since the group last served
+    last_start: float  # unix time
+
+
+@dataclass(frozen=True)
+class Observed:
+    now: float
+    nodes: dict[str, ObservedNode] = field(default_factory=dict)
+    endpoints: dict[str, EndpointHealth] = field(default_factory=dict)  # by model name
+    rollouts: dict[str, RolloutRecord] = field(default_factory=dict)  # by model name

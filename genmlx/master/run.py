@@ -1,0 +1,117 @@
+"""Running the master: start it inside an IOLoop (``start_master``) or as a whole process
+(``run_master``, which stops cleanly on SIGINT and SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+
+from genmlx.core.gitrev import file_revision
+from genmlx.core.mdns import discovery_enabled
+from genmlx.manifest.types import DEFAULT_MASTER_PORT
+from genmlx.master.api.server import make_app
+from genmlx.master.runtime.applied import AppliedStore
+from genmlx.master.runtime.discovery import AgentDiscovery
+from genmlx.master.runtime.events import EventLog
+from genmlx.master.runtime.loop import Reconciler
+from genmlx.master.runtime.watch import watch_manifest
+
+log = logging.getLogger("genmlx.master")
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    token: str
+    state_dir: Path
+    manifest_file: Path | None = None  # applied at start; None: the last applied one
+    port: int | None = None  # None: the manifest's spec.master.port
+    watch: bool = False  # re-apply manifest_file whenever it changes
+    host: str = "0.0.0.0"
+    # Converged, a pass every few seconds is what notices a killed agent (no goodbye is sent):
+    # resync + a refused or timed-out connect (3 s) stays within the 10 s the issue allows.
+    resync_s: float = 4.0
+    discovery: bool = True  # browse for agents with zeroconf (GENMLX_DISCOVERY=off overrides it)
+    # Agents this process knows without asking the network: `genmlx up` runs its node's agent
+    # itself, so it needs neither a declared address nor discovery to find it.
+    local_agents: tuple[tuple[str, str], ...] = ()  # (node name, "host:port")
+
+
+@dataclass
+class RunningMaster:
+    reconciler: Reconciler
+    server: HTTPServer
+    port: int
+    task: asyncio.Task
+    discovery: AgentDiscovery | None = None
+    watcher: asyncio.Task | None = None
+    stop_watching: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self) -> None:
+        self.stop_watching.set()
+        self.reconciler.stop()
+        self.server.stop()
+        await asyncio.wait_for(self.task, 60)
+        if self.watcher is not None:
+            await asyncio.wait_for(self.watcher, 10)
+        if self.discovery is not None:
+            await self.discovery.stop()
+
+
+async def start_master(config: MasterConfig) -> RunningMaster:
+    """Apply the manifest file if one is given (raises ``ManifestError`` when it is invalid),
+    then serve and reconcile."""
+    http = AsyncHTTPClient(force_instance=True, max_clients=256)
+    discovery = AgentDiscovery(config.host) if config.discovery and discovery_enabled() else None
+    store = AppliedStore(config.state_dir)
+    reconciler = Reconciler(
+        config.token,
+        store,
+        http,
+        resync_s=config.resync_s,
+        discovery=discovery,
+        local_agents=dict(config.local_agents),
+        events=EventLog(config.state_dir / "events.sqlite"),
+    )
+    if config.manifest_file is not None:
+        path = config.manifest_file
+        reconciler.apply(path.read_text(), str(path), file_revision(path))
+    applied = reconciler.applied
+    port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
+    server = HTTPServer(make_app(reconciler, config.token, http), idle_connection_timeout=3600)
+    server.listen(port, config.host)
+    log.info("master listening on %s:%d", config.host, port)
+    if discovery is not None:
+        await discovery.start(on_change=reconciler.wake)
+    else:
+        log.info("discovery is off: agents are found only through nodes[].address")
+    running = RunningMaster(reconciler, server, port, asyncio.create_task(reconciler.run()), discovery)
+    if config.watch and config.manifest_file is not None:
+        watching = watch_manifest(config.manifest_file, reconciler, running.stop_watching)
+        running.watcher = asyncio.create_task(watching)
+    return running
+
+
+async def serve_until_signalled(*stoppables) -> None:
+    """Wait for SIGINT or SIGTERM, then stop everything given, in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    for stoppable in stoppables:
+        await stoppable.stop()
+
+
+def run_master(config: MasterConfig) -> None:
+    async def main() -> None:
+        master = await start_master(config)
+        await serve_until_signalled(master)
+
+    asyncio.run(main())

@@ -1,0 +1,126 @@
+"""The master's HTTP client for agents and for rank 0's health check.
+
+Maps transport outcomes onto the error tree: no answer or a 5xx is ``AgentUnreachable`` (worth
+retrying), 401/403 is ``AuthError``, any other 4xx is ``AgentRequestError`` (permanent).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from genmlx.core.errors import AgentRequestError, AgentUnreachable, AuthError
+from genmlx.master.planning.observed import EndpointHealth
+from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo, RankLaunch
+
+STATE_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 3.0
+
+
+class AgentClient:
+    """Talks to one agent at ``address`` ("host:port") with the cluster's bearer token."""
+
+    def __init__(self, address: str, token: str, http: AsyncHTTPClient, stop_timeout_s: float = 30.0):
+        self.address = address
+        self._token = token
+        self._http = http
+        self._stop_timeout_s = stop_timeout_s
+
+    async def state(self) -> AgentState:
+        return AgentState.from_json(await self._call("GET", "/api/v1/state", timeout=STATE_TIMEOUT_S))
+
+    async def start_rank(self, launch: RankLaunch) -> RankInfo:
+        return RankInfo.from_json(await self._call("POST", "/api/v1/ranks", launch.to_json()))
+
+    async def stop_rank(self, model: str, rank: int) -> None:
+        """Stop a rank and forget it; a rank the agent does not know is already stopped."""
+        try:
+            await self._call("DELETE", rank_path(model, rank), timeout=self._stop_timeout_s)
+        except AgentRequestError as e:
+            if e.status != 404:
+                raise
+
+    async def fetch_model(self, request: FetchRequest) -> None:
+        """Ask the agent to download or sync a model; one already under way is fine."""
+        try:
+            await self._call("POST", "/api/v1/models", request.to_json())
+        except AgentRequestError as e:
+            if e.status != 409:
+                raise
+
+    async def delete_model(self, storage_path: str, model: str) -> None:
+        """Prune a model directory GenMLX put in ``storage_path`` (the agent refuses a user's own
+        directory with 409); one that is already gone is fine."""
+        query = urlencode({"storagePath": storage_path, "managedOnly": "true"})
+        try:
+            await self._call("DELETE", f"/api/v1/models/{quote(model, safe='')}?{query}")
+        except AgentRequestError as e:
+            if e.status != 404:
+                raise
+
+    async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:
+        return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")
+
+    async def _call(self, method: str, path: str, body: Any = None, timeout: float = 15.0) -> Any:
+        request = HTTPRequest(
+            f"http://{self.address}{path}",
+            method=method,
+            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
+            body=None if body is None else json.dumps(body),
+            allow_nonstandard_methods=True,
+            connect_timeout=3.0,
+            request_timeout=timeout,
+        )
+        try:
+            response = await self._http.fetch(request)
+        except HTTPClientError as e:
+            raise agent_error(self.address, method, path, e) from None
+        except OSError as e:
+            raise AgentUnreachable(f"agent at {self.address} does not answer: {e}") from None
+        if response.headers.get("Content-Type", "").startswith("application/json"):
+            return json.loads(response.body)
+        return response.body.decode(errors="replace")
+
+
+def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exception:
+    if e.code == 599:
+        return AgentUnreachable(f"agent at {address} does not answer: {e.message}")
+    if e.code in (401, 403):
+        return AuthError(f"agent at {address} refused the cluster token (HTTP {e.code})")
+    message = error_message(e)
+    if e.code >= 500:
+        return AgentUnreachable(f"agent at {address} failed {method} {path}: {message}")
+    return AgentRequestError(f"agent at {address} rejected {method} {path}: {message}", e.code)
+
+
+def error_message(e: HTTPClientError) -> str:
+    try:
+        return json.loads(e.response.body)["error"]["message"]
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return e.message or f"HTTP {e.code}"
+
+
+def rank_path(model: str, rank: int) -> str:
+    return f"/api/v1/ranks/{quote(model, safe='')}/{rank}"
+
+
+async def check_endpoint(http: AsyncHTTPClient, host: str, port: int) -> EndpointHealth:
+    """Ask rank 0's ``/health`` whether it serves (200), is loading (503) or is down."""
+    url = f"http://{host}:{port}/v1"
+    try:
+        response = await http.fetch(
+            f"http://{host}:{port}/health",
+            connect_timeout=2.0,
+            request_timeout=HEALTH_TIMEOUT_S,
+            raise_error=False,
+        )
+    except OSError as e:
+        return EndpointHealth(url, "down", f"rank 0 does not answer: {e}")
+    if response.code == 200:
+        return EndpointHealth(url, "ready")
+    if response.code == 503:
+        return EndpointHealth(url, "loading", "loading the model")
+    return EndpointHealth(url, "down", f"rank 0 answers /health with HTTP {response.code}")

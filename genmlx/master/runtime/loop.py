@@ -1,0 +1,292 @@
+"""The reconcile loop: level-triggered passes of observe → plan → execute → status.
+
+Anything that matters (an apply, an agent announcing or leaving, a timer) only wakes the loop;
+the pass re-reads everything and the newest manifest always wins. While the cluster has not
+converged passes come every second, afterwards every ``resync_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from tornado.httpclient import AsyncHTTPClient
+
+from genmlx.core.errors import ManifestError
+from genmlx.core.gitrev import Revision
+from genmlx.manifest import load_manifest_text
+from genmlx.manifest.types import Manifest
+from genmlx.master.planning.actions import Action, FetchModel, StartRankGroup
+from genmlx.master.planning.observed import Observed, RolloutRecord
+from genmlx.master.planning.plan import ModelAssessment, actions_for, assess_models, plan
+from genmlx.master.planning.status import (
+    Condition,
+    carry_all,
+    carry_transition,
+    cluster_phase_conditions,
+    cluster_ready,
+    model_phase_conditions,
+    model_ready,
+    node_conditions,
+    node_phase_conditions,
+)
+from genmlx.master.runtime.agent_client import AgentClient
+from genmlx.master.runtime.applied import AppliedManifest, AppliedStore
+from genmlx.master.runtime.canary import Canaries
+from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
+from genmlx.master.runtime.events import EventLog
+from genmlx.master.runtime.execute import ActionResult, execute
+from genmlx.master.runtime.observe import agent_address, observe
+
+log = logging.getLogger("genmlx.master")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one pass saw, concluded and did."""
+
+    generation: int
+    observed: Observed
+    assessments: tuple[ModelAssessment, ...]
+    cluster: Condition
+    nodes: dict[str, Condition]
+    models: dict[str, Condition]  # Ready, by model
+    planned: tuple[Action, ...]
+    model_phases: dict[str, tuple[Condition, ...]] = field(default_factory=dict)  # the other conditions
+    node_phases: dict[str, tuple[Condition, ...]] = field(default_factory=dict)  # the other conditions
+    cluster_phases: tuple[Condition, ...] = ()  # Reconciling, Stalled, Degraded of the whole cluster
+    results: tuple[ActionResult, ...] = ()
+    duration_s: float = 0.0
+    errors: tuple[str, ...] = field(default=())
+    unmanaged_agents: tuple[DiscoveredAgent, ...] = ()  # announced, but not in the manifest
+
+
+@dataclass(frozen=True)
+class RejectedManifest:
+    """The newest manifest that failed validation; the last good one keeps serving meanwhile."""
+
+    filename: str
+    revision: Revision | None
+    issues: tuple[str, ...]
+    at: float  # unix time
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    applied: AppliedManifest
+    changed: bool
+
+
+class Reconciler:
+    def __init__(
+        self,
+        token: str,
+        store: AppliedStore,
+        http: AsyncHTTPClient,
+        resync_s: float = 5.0,
+        busy_resync_s: float = 1.0,
+        discovery: AgentDiscovery | None = None,
+        local_agents: dict[str, str] | None = None,
+        events: EventLog | None = None,
+    ):
+        self._token = token
+        self._store = store
+        self._http = http
+        self._resync_s = resync_s
+        self._busy_resync_s = busy_resync_s
+        self._discovery = discovery
+        self._local_agents = local_agents or {}
+        self.events = events
+        self._pass_listeners: list[Callable[[], None]] = []
+        self._wake = asyncio.Event()
+        self._clients: dict[str, AgentClient] = {}
+        self._rollouts: dict[str, RolloutRecord] = {}
+        self._canaries = Canaries.from_environment(http, token)
+        self._canaries.on_result = self.wake
+        self._stopping = False
+        self.applied: AppliedManifest | None = store.load()
+        self.snapshot: Snapshot | None = None
+        self.rejected: RejectedManifest | None = None
+
+    def apply(self, text: str, filename: str, revision: Revision | None) -> ApplyOutcome:
+        """Validate and adopt a manifest. An invalid one raises ``ManifestError`` and changes
+        nothing but the record of the rejection, which status shows until a valid one comes."""
+        try:
+            manifest = load_manifest_text(text, filename)
+        except ManifestError as e:
+            self.rejected = RejectedManifest(filename, revision, tuple(str(i) for i in e.issues), time.time())
+            raise
+        self.rejected = None
+        current = self.applied
+        changed = current is None or current.manifest != manifest
+        generation = (current.generation if current else 0) + (1 if changed else 0)
+        applied = AppliedManifest(manifest, text, filename, revision, generation, time.time())
+        if not changed and current is not None and current.revision == revision:
+            applied = replace(applied, applied_at=current.applied_at)
+        self._store.save(applied)
+        self.applied = applied
+        self.wake()
+        return ApplyOutcome(applied, changed)
+
+    async def preview(self, manifest: Manifest) -> list[Action]:
+        """What a pass would do for ``manifest`` now, without doing it."""
+        return plan(manifest, await self._observe(manifest))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                snapshot = await self.run_pass()
+                busy = bool(snapshot and (snapshot.planned or snapshot.cluster.status != "True"))
+            except Exception:
+                log.exception("a reconcile pass failed; the next one starts over")
+                busy = True
+            delay = self._busy_resync_s if busy else self._resync_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def run_pass(self) -> Snapshot | None:
+        applied = self.applied
+        if applied is None:
+            return None
+        started = time.monotonic()
+        observed = await self._observe(applied.manifest)
+        assessments = assess_models(applied.manifest, observed)
+        actions = actions_for(applied.manifest, observed, assessments)
+        previous = self.snapshot
+        snapshot = self._conclude(applied, observed, assessments, actions)
+        self.snapshot = snapshot
+        self._record_transitions(previous, snapshot, applied.manifest.name)
+        results = await execute(actions, self._clients_for(applied.manifest)) if actions else []
+        self._remember_rollouts(snapshot, results, observed.now)
+        self._record_results(results)
+        errors = tuple(f"{r.action.describe()}: {r.error}" for r in results if not r.ok)
+        self.snapshot = replace(
+            snapshot, results=tuple(results), errors=errors, duration_s=time.monotonic() - started
+        )
+        for listener in list(self._pass_listeners):
+            listener()
+        return self.snapshot
+
+    def on_pass(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after every pass (the status stream); returns the unsubscribe."""
+        self._pass_listeners.append(listener)
+        return lambda: self._pass_listeners.remove(listener)
+
+    def _record_transitions(self, previous: Snapshot | None, snapshot: Snapshot, cluster: str) -> None:
+        """An event for every Ready condition whose status or reason changed since the last pass
+        (a message that only moves on, like download progress, is no event)."""
+        if self.events is None:
+            return
+        pairs = [("Cluster", cluster, previous.cluster if previous else None, snapshot.cluster)]
+        pairs += [
+            ("Node", n, previous.nodes.get(n) if previous else None, c) for n, c in snapshot.nodes.items()
+        ]
+        pairs += [
+            ("Model", m, previous.models.get(m) if previous else None, c) for m, c in snapshot.models.items()
+        ]
+        for kind, name, old, new in pairs:
+            if old is None or (old.status, old.reason) != (new.status, new.reason):
+                self.events.record(
+                    kind, name, "Normal" if new.status == "True" else "Warning", new.reason, new.message
+                )
+
+    def _record_results(self, results: list[ActionResult]) -> None:
+        if self.events is None:
+            return
+        for result in results:
+            action = result.action
+            name = action.request.model if isinstance(action, FetchModel) else action.model
+            if result.ok:
+                self.events.record("Model", name, "Normal", type(action).__name__, action.describe())
+            else:
+                self.events.record(
+                    "Model", name, "Warning", "ActionFailed", f"{action.describe()}: {result.error}"
+                )
+
+    async def _observe(self, manifest: Manifest) -> Observed:
+        clients = self._clients_for(manifest)
+        return await observe(manifest, clients, self._http, self._rollouts, time.time(), self._canaries)
+
+    def _conclude(
+        self,
+        applied: AppliedManifest,
+        observed: Observed,
+        assessments: list[ModelAssessment],
+        actions: list[Action],
+    ) -> Snapshot:
+        previous = self.snapshot
+        nodes = node_conditions(applied.manifest, observed)
+        models = {a.model: model_ready(a, observed.now) for a in assessments}
+        if previous is not None:
+            nodes = {k: carry_transition(c, previous.nodes.get(k)) for k, c in nodes.items()}
+            models = {k: carry_transition(c, previous.models.get(k)) for k, c in models.items()}
+        cluster = cluster_ready(applied.manifest, nodes, models, observed.now)
+        if previous is not None:
+            cluster = carry_transition(cluster, previous.cluster)
+        assessed = tuple(assessments)
+        phases = {a.model: model_phase_conditions(a, observed.now) for a in assessments}
+        if previous is not None:
+            phases = {m: carry_all(cs, previous.model_phases.get(m, ())) for m, cs in phases.items()}
+        node_phases = node_phase_conditions(applied.manifest, observed, assessments)
+        if previous is not None:
+            node_phases = {n: carry_all(cs, previous.node_phases.get(n, ())) for n, cs in node_phases.items()}
+        cluster_phases = carry_all(
+            cluster_phase_conditions(node_phases, phases, observed.now),
+            previous.cluster_phases if previous else (),
+        )
+        snapshot = Snapshot(
+            applied.generation, observed, assessed, cluster, nodes, models, tuple(actions), phases
+        )
+        unmanaged = self._unmanaged_agents(applied.manifest)
+        return replace(
+            snapshot, node_phases=node_phases, cluster_phases=cluster_phases, unmanaged_agents=unmanaged
+        )
+
+    def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
+        for assessment in snapshot.assessments:
+            record = self._rollouts.get(assessment.model)
+            if assessment.phase == "Ready" and record is not None:
+                self._rollouts[assessment.model] = replace(record, attempts=0)
+        for result in results:
+            if isinstance(result.action, StartRankGroup) and result.ok:
+                record = self._rollouts.get(result.action.model)
+                attempts = (
+                    record.attempts + 1 if record and record.spec_hash == result.action.spec_hash else 1
+                )
+                self._rollouts[result.action.model] = RolloutRecord(result.action.spec_hash, attempts, now)
+
+    def _discovered(self) -> dict[str, DiscoveredAgent]:
+        """Announced agents, and this process's own (which need no announcing)."""
+        found = dict(self._discovery.agents) if self._discovery else {}
+        for name, address in self._local_agents.items():
+            found.setdefault(name, DiscoveredAgent(name, address, "", "", last_seen=0.0))
+        return found
+
+    def _unmanaged_agents(self, manifest: Manifest) -> tuple[DiscoveredAgent, ...]:
+        declared = {node.name for node in manifest.nodes}
+        return tuple(a for name, a in sorted(self._discovered().items()) if name not in declared)
+
+    def _clients_for(self, manifest: Manifest) -> dict[str, AgentClient]:
+        """A client per node whose agent we can locate (declared address, else discovery)."""
+        clients = {}
+        discovered = self._discovered()
+        for node in manifest.nodes:
+            address = agent_address(node, discovered)
+            if address is None:
+                continue
+            if address not in self._clients:
+                self._clients[address] = AgentClient(address, self._token, self._http)
+            clients[node.name] = self._clients[address]
+        return clients
