@@ -369,8 +369,10 @@ function cellState(model, node) {
   if (rank) {
     const launch = rank.launch || {};
     const label = rankLabel(launch);
-    if (rank.state === "running" && (rank.phase === "serving" || rank.phase === "ready"))
-      return { tone: "good", text: `serving ${label}` };
+    // The master's own check of rank 0 (model Ready) is fresher than the agent's periodic one, and
+    // ranks serve as one group: a running rank of a Ready model serves, whatever its agent last saw.
+    const serving = rank.phase === "serving" || rank.phase === "ready" || model.phase === "Ready";
+    if (rank.state === "running" && serving) return { tone: "good", text: `serving ${label}` };
     if (rank.state === "running") return { tone: "busy", text: `${rank.phase || "starting"} ${label}` };
     if (rank.state === "exited" || rank.state === "failed")
       return { tone: "bad", text: `${label} exited${rank.exitCode !== null && rank.exitCode !== undefined ? ` (code ${rank.exitCode})` : ""}` };
