@@ -26,7 +26,9 @@ from conftest import free_port, http_status, wait_until
 import genmlx
 from genmlx.agent.ranks.logs import LOG_CAP_BYTES, LOG_KEEP_BYTES, open_fresh_log, trim_log, write_hostfile
 from genmlx.agent.ranks.supervisor import RankSupervisor, dispatcher_command, rank_environment
-from genmlx.wire.agent_state import AgentState, RankInfo, RankLaunch
+from genmlx.wire.agent_state import AgentState, RankInfo
+from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.serving import ServingSettings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,9 +102,7 @@ def demo_launch(agent: AgentUnderTest, **changes: Any) -> RankLaunch:
         world_size=1,
         port=free_port(),
         spec_hash="spec-1",
-        max_batch=2,
-        max_queue=4,
-        context_length=512,
+        serving=ServingSettings(max_batch=2, max_queue=4, context_length=512),
     )
     return replace(launch, **changes)
 
@@ -393,7 +393,7 @@ def test_a_rank_log_is_trimmed_to_its_tail_while_the_rank_keeps_appending(tmp_pa
 
 def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
     hosts = ("10.0.0.1:32323", "10.0.0.2:32323")
-    launch = RankLaunch("big", "/models/big", 1, 2, 8100, "spec", hostfile=hosts, context_length=None)
+    launch = RankLaunch("big", "/models/big", 1, 2, 8100, "spec", hostfile=hosts)
     hostfile = tmp_path / "big.1.hostfile.json"
     write_hostfile(hostfile, launch.hostfile)
     assert json.loads(hostfile.read_text()) == [["10.0.0.1:32323"], ["10.0.0.2:32323"]]

@@ -28,7 +28,9 @@ from fakehub import FakeHub, files_from_dir
 from genmlx.agent.transfers.hf_download import SCRATCH_DIR, HubRetry, download_model
 from genmlx.agent.transfers.progress import TransferCancelled
 from genmlx.core.errors import PermanentError, TemporaryError
-from genmlx.wire.agent_state import AgentState, FetchRequest, RankLaunch, Transfer
+from genmlx.wire.agent_state import AgentState, FetchRequest, Transfer
+from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.serving import ServingSettings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -426,7 +428,8 @@ def test_an_agent_downloads_a_gated_model_with_its_hf_token_and_serves_it(
     assert model.commit == hub.repos[REPO].refs["main"]
     assert {p.name for p in (storage / "demo").iterdir() if not p.name.startswith(".")} == DEMO_NEEDS
 
-    launch = RankLaunch("demo", str(storage / "demo"), 0, 1, free_port(), "spec-1", max_batch=2, max_queue=4)
+    serving = ServingSettings(max_batch=2, max_queue=4)
+    launch = RankLaunch("demo", str(storage / "demo"), 0, 1, free_port(), "spec-1", serving=serving)
     assert agent_request(url + "/api/v1/ranks", token, "POST", launch.to_json())[0] == 201
     health = f"http://127.0.0.1:{launch.port}/health"
     wait_until(lambda: http_status(health) == 200, timeout=90, what="the rank to load the downloaded model")

@@ -55,7 +55,8 @@ from genmlx.master.planning.mesh import (
     unstartable_backend,
 )
 from genmlx.master.planning.observed import Observed, ObservedNode
-from genmlx.wire.agent_state import AgentState, NetworkInterface, NodeFacts, RankInfo, RankLaunch
+from genmlx.wire.agent_state import AgentState, NetworkInterface, NodeFacts, RankInfo
+from genmlx.wire.rank_launch import RankLaunch
 
 RECORDINGS = Path(__file__).parent / "data" / "macos"
 

@@ -9,15 +9,8 @@ from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, Sto
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.plan import ModelAssessment
 from genmlx.master.planning.status import Condition, cluster_phase_conditions, node_phase_conditions
-from genmlx.wire.agent_state import (
-    AgentState,
-    NodeFacts,
-    RankInfo,
-    RankLaunch,
-    StorageReport,
-    StoredModel,
-    Transfer,
-)
+from genmlx.wire.agent_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel, Transfer
+from genmlx.wire.rank_launch import RankLaunch
 
 NOW = 1_000_000.0
 STORE = "/models"

@@ -18,7 +18,9 @@ from agent_harness import Agent, start_agent
 from conftest import free_port, http_status, wait_until
 
 from genmlx.agent.store.model_store import METADATA_NAME, partial_dir, read_metadata
-from genmlx.wire.agent_state import FetchRequest, RankLaunch, StoredModel, Transfer
+from genmlx.wire.agent_state import FetchRequest, StoredModel, Transfer
+from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.serving import ServingSettings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -104,7 +106,9 @@ def test_b_copies_a_model_from_a_and_serves_it(
     assert again.status == 200, "a model already complete is not fetched again"
     assert StoredModel.from_json(again.json()["model"]).path == str(storage_b / "demo-llama")
 
-    launch = RankLaunch("demo", str(storage_b / "demo-llama"), 0, 1, free_port(), "spec", context_length=256)
+    serving = ServingSettings(context_length=256)
+
+    launch = RankLaunch("demo", str(storage_b / "demo-llama"), 0, 1, free_port(), "spec", serving=serving)
     assert agent_b.call("POST", "/api/v1/ranks", launch.to_json()).status == 201
     health = f"http://127.0.0.1:{launch.port}/health"
     wait_until(lambda: http_status(health) == 200, timeout=90, what="B's rank to load the synced model")

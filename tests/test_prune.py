@@ -16,15 +16,9 @@ from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, Sto
 from genmlx.master.planning.actions import DeleteModel
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.prune import prune_actions
-from genmlx.wire.agent_state import (
-    AgentState,
-    NodeFacts,
-    RankInfo,
-    RankLaunch,
-    StorageReport,
-    StoredModel,
-    Transfer,
-)
+from genmlx.wire.agent_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel, Transfer
+from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.serving import ServingSettings
 
 NOW = 1_000_000.0
 STORE = "/models"
@@ -287,7 +281,8 @@ def test_prune_refuses_a_users_own_directory_and_a_file_source_in_place(
 
 def test_prune_refuses_a_model_a_running_rank_uses(agent: Agent, storage: Path, demo_model_dir: Path):
     managed_copy(demo_model_dir, storage, "busy")
-    launch = RankLaunch("busy", str(storage / "busy"), 0, 1, free_port(), "spec", context_length=256)
+    serving = ServingSettings(context_length=256)
+    launch = RankLaunch("busy", str(storage / "busy"), 0, 1, free_port(), "spec", serving=serving)
     assert agent.call("POST", "/api/v1/ranks", launch.to_json()).status == 201
     reply = prune(agent, storage, "busy")
     assert (reply.status, reply.error_type()) == (409, "ModelInUse")

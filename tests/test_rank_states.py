@@ -16,7 +16,8 @@ import pytest
 from conftest import free_port
 
 from genmlx.agent.ranks.supervisor import CHECK_INTERVAL_S, RankSupervisor, health_host
-from genmlx.wire.agent_state import RankInfo, RankLaunch, RankPhase
+from genmlx.wire.agent_state import RankInfo, RankPhase
+from genmlx.wire.rank_launch import RankLaunch
 
 pytestmark = pytest.mark.timeout(60)
 

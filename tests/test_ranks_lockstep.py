@@ -18,7 +18,7 @@ from genmlx.agent.ranks.launch_request import InvalidLaunch, parse_rank_launch
 from genmlx.agent.ranks.supervisor import dispatcher_command
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
 from genmlx.dispatcher.engine.lockstep import Join, Shutdown, Step, decode_message, encode_message
-from genmlx.wire.agent_state import RankLaunch
+from genmlx.wire.rank_launch import RankLaunch
 
 MODEL = "demo"
 CHAT = [{"role": "user", "content": "Tell me about rivers and the sea."}]

@@ -22,7 +22,8 @@ from genmlx.agent.store.inventory import describe_model_dir, find_complete_model
 from genmlx.agent.store.model_store import DAMAGE_NAME, adopt, read_metadata
 from genmlx.agent.store.scrub import Pacer, Scrubber, ScrubSettings, ScrubStopped, scrub_model_dir
 from genmlx.agent.transfers.peer_sync import files_to_fetch, link_existing_copy
-from genmlx.wire.agent_state import RankLaunch, StoredModel
+from genmlx.wire.agent_state import StoredModel
+from genmlx.wire.rank_launch import RankLaunch
 
 WEIGHTS = "model.safetensors"
 CHUNK = 64 * 1024

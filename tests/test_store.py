@@ -38,7 +38,9 @@ from genmlx.agent.store.model_store import (
 )
 from genmlx.agent.transfers.manager import room_checked
 from genmlx.agent.transfers.progress import TransferProgress
-from genmlx.wire.agent_state import FetchRequest, RankLaunch, StoredModel
+from genmlx.wire.agent_state import FetchRequest, StoredModel
+from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.serving import ServingSettings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -447,7 +449,8 @@ def test_a_file_source_outside_storage_fails_permanently(agent: Agent, storage: 
 
 def test_delete_removes_the_model_and_its_partial_but_not_while_a_rank_uses_it(agent: Agent, storage: Path):
     (partial_dir(storage, "demo-llama") / "leftover").mkdir(parents=True)
-    launch = RankLaunch("demo", str(storage / "demo-llama"), 0, 1, free_port(), "spec", context_length=256)
+    serving = ServingSettings(context_length=256)
+    launch = RankLaunch("demo", str(storage / "demo-llama"), 0, 1, free_port(), "spec", serving=serving)
     assert agent.call("POST", "/api/v1/ranks", launch.to_json()).status == 201
     in_use = agent.call("DELETE", "/api/v1/models/demo-llama")
     assert (in_use.status, in_use.error_type()) == (409, "ModelInUse")

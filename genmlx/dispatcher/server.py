@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
@@ -25,8 +26,9 @@ from genmlx.dispatcher.api.handlers import DispatcherDeps, HealthHandler, Unknow
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
 from genmlx.dispatcher.engine.model_loading import Sharding
 from genmlx.dispatcher.engine.runner import Engine, LoadedModel, ModelSource, RankGroup
-from genmlx.dispatcher.settings import DispatcherSettings
+from genmlx.dispatcher.settings import decoder_settings
 from genmlx.dispatcher.watchdog import start_parent_watchdog
+from genmlx.wire.rank_launch import RankCommand
 
 log = logging.getLogger("genmlx.dispatcher")
 
@@ -35,7 +37,7 @@ ENGINE_STOP_SECONDS = 5.0
 CONNECTION_CLOSE_SECONDS = 2.0
 
 
-def run(settings: DispatcherSettings) -> int:
+def run(settings: RankCommand) -> int:
     """Serve ``settings`` until told to stop; returns the process exit status."""
     _configure_logging()
     # Read once and dropped from the environment so no child process or crash dump inherits it.
@@ -52,7 +54,7 @@ def run(settings: DispatcherSettings) -> int:
     return code
 
 
-async def _serve(settings: DispatcherSettings, token: str | None) -> tuple[int, bool]:
+async def _serve(settings: RankCommand, token: str | None) -> tuple[int, bool]:
     """Serve until a stop is requested; the exit status and whether the model thread ended."""
     stop = _StopRequest()
     engine = _make_engine(settings, stop)
@@ -89,7 +91,7 @@ class _StopRequest:
         return await self._outcome
 
 
-def _make_rank_app(settings: DispatcherSettings, deps: DispatcherDeps) -> Application:
+def _make_rank_app(settings: RankCommand, deps: DispatcherDeps) -> Application:
     """The OpenAI API on rank 0; ``/health`` alone on the other ranks of a group."""
     if settings.rank == 0:
         return make_app(deps)
@@ -101,25 +103,26 @@ def _make_rank_app(settings: DispatcherSettings, deps: DispatcherDeps) -> Applic
     )
 
 
-def _rank_group(settings: DispatcherSettings) -> RankGroup | None:
+def _rank_group(settings: RankCommand) -> RankGroup | None:
     if settings.world_size == 1 or settings.hostfile is None:
         return None
     sharding = Sharding(settings.parallelism, settings.layer_split)
-    return RankGroup(settings.rank, settings.world_size, settings.hostfile, sharding)
+    return RankGroup(settings.rank, settings.world_size, Path(settings.hostfile), sharding)
 
 
-def _make_engine(settings: DispatcherSettings, stop: _StopRequest) -> Engine:
+def _make_engine(settings: RankCommand, stop: _StopRequest) -> Engine:
     started = time.monotonic()
 
     def load_failed(message: str) -> None:
         log.error("cannot serve %s: %s", settings.model_id, message)
         stop.request(1)
 
+    model_dir = Path(settings.model_dir).expanduser()
     return Engine(
-        ModelSource(settings.model_dir, settings.context_length, _rank_group(settings)),
+        ModelSource(model_dir, settings.serving.context_length, _rank_group(settings)),
         IOLoop.current(),
-        max_queue=settings.max_queue,
-        decoding=settings.decoding,
+        max_queue=settings.serving.max_queue,
+        decoding=decoder_settings(settings),
         on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
         on_load_failed=load_failed,
         on_group_ended=stop.request,
@@ -139,7 +142,7 @@ async def _shut_down(server: HTTPServer, engine: Engine) -> bool:
     return engine_stopped
 
 
-def _log_listening(settings: DispatcherSettings, *, auth: bool) -> None:
+def _log_listening(settings: RankCommand, *, auth: bool) -> None:
     log.info(
         "rank %d/%d: HTTP on http://%s:%d; loading %s from %s (auth %s)",
         settings.rank,
@@ -152,15 +155,16 @@ def _log_listening(settings: DispatcherSettings, *, auth: bool) -> None:
     )
 
 
-def _log_ready(settings: DispatcherSettings, loaded: LoadedModel, seconds: float) -> None:
+def _log_ready(settings: RankCommand, loaded: LoadedModel, seconds: float) -> None:
+    decoding = decoder_settings(settings)
     log.info(
         "%s ready after %.1fs (context length %s, max batch %d, prefill chunk %d, max queue %d)",
         settings.model_id,
         seconds,
         loaded.context_length or "unbounded",
-        settings.decoding.max_batch,
-        settings.decoding.prefill_chunk,
-        settings.max_queue,
+        decoding.max_batch,
+        decoding.prefill_chunk,
+        settings.serving.max_queue,
     )
 
 

@@ -19,6 +19,7 @@ from genmlx.manifest.types import (
     Source,
     StoragePath,
 )
+from genmlx.wire.codec import decode
 
 
 def build_manifest(data: dict[str, Any]) -> Manifest:
@@ -47,20 +48,13 @@ def build_node(node: dict[str, Any]) -> Node:
 
 
 def build_model(model: dict[str, Any], every_node: tuple[str, ...]) -> ModelSpec:
-    serving = model["serving"]
     return ModelSpec(
         name=model["name"],
         source=parse_source(model["source"]),
         nodes=every_node if model["nodes"] == "*" else tuple(model["nodes"]),
         revision=model["revision"],
         parallelism=model["parallelism"],
-        serving=Serving(
-            # The schema's "integer" admits 8.0; the dataclasses promise ints.
-            max_batch=int(serving["maxBatch"]),
-            max_queue=int(serving["maxQueue"]),
-            context_length=_optional_int(serving.get("contextLength")),
-            port=_optional_int(serving.get("port")),
-        ),
+        serving=decode(Serving, model["serving"]),
         prune=model["prune"],
     )
 
@@ -72,6 +66,3 @@ def parse_source(text: str) -> Source:
         raise ValueError(f"unsupported source scheme {scheme!r} in {text!r}")
     return Source(scheme=scheme, location=location)
 
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)

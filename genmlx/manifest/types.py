@@ -6,8 +6,10 @@ Field names follow Python style; the YAML keys they come from are camelCase (``m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
+
+from genmlx.wire.serving import ServingSettings
 
 DEFAULT_MASTER_PORT = 6789
 DEFAULT_AGENT_PORT = 6790
@@ -63,11 +65,14 @@ class Mesh:
 
 
 @dataclass(frozen=True)
-class Serving:
-    max_batch: int = 8
-    max_queue: int = 64
-    context_length: int | None = None
+class Serving(ServingSettings):
+    """``spec.models[].serving``: the settings every rank is started with, and where rank 0 listens."""
+
     port: int | None = None  # rank 0's HTTP port; None: the first free one from 8100
+
+    def settings(self) -> ServingSettings:
+        """The part each rank is launched with."""
+        return ServingSettings(**{f.name: getattr(self, f.name) for f in fields(ServingSettings)})
 
 
 @dataclass(frozen=True)

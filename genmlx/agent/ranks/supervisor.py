@@ -43,7 +43,9 @@ from genmlx.agent.ranks.logs import (
     write_hostfile,
 )
 from genmlx.core.errors import AgentRequestError, TemporaryError
-from genmlx.wire.agent_state import RankInfo, RankLaunch, RankPhase, rank_key
+from genmlx.wire.agent_state import RankInfo, RankPhase
+from genmlx.wire.argv import to_argv
+from genmlx.wire.rank_launch import RankLaunch, rank_command, rank_key
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +86,8 @@ def dispatcher_command(
     launch: RankLaunch, model_dir: Path, host: str, parent_pid: int, hostfile: Path | None
 ) -> list[str]:
     """The argv of one dispatcher rank. The token is not here: it travels in the environment."""
-    command = [sys.executable, "-m", "genmlx.dispatcher", "--model", str(model_dir), "--name", launch.model]
-    command += ["--port", str(launch.port), "--host", host]
-    command += ["--rank", str(launch.rank), "--world-size", str(launch.world_size)]
-    command += ["--max-batch", str(launch.max_batch), "--max-queue", str(launch.max_queue)]
-    if launch.context_length is not None:
-        command += ["--context-length", str(launch.context_length)]
-    if hostfile is not None:
-        command += ["--hostfile", str(hostfile), "--parallelism", launch.parallelism]
-        if launch.layer_split is not None:
-            command += ["--layer-split", ",".join(map(str, launch.layer_split))]
-    return [*command, "--parent-pid", str(parent_pid)]
+    command = rank_command(launch, str(model_dir), host, parent_pid, str(hostfile) if hostfile else None)
+    return [sys.executable, "-m", "genmlx.dispatcher", *to_argv(command)]
 
 
 def rank_environment(token: str, launch: RankLaunch, hostfile: Path | None) -> dict[str, str]:

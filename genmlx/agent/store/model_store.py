@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from genmlx.core.errors import AgentRequestError, PermanentError
-from genmlx.wire.agent_state import MODEL_NAME
+from genmlx.wire.rank_launch import MODEL_NAME
 
 log = logging.getLogger(__name__)
 

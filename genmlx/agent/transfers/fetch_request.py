@@ -1,21 +1,18 @@
 """Reading a ``POST /api/v1/models`` body into a ``FetchRequest``, refusing anything malformed.
 
-Every refusal names the field at fault (HTTP 400), as for rank launches.
+Every refusal names the field at fault (HTTP 400), as for rank launches: the fields by the wire
+type's rules, the source and the peer here.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from genmlx.agent.store.model_store import UnsafePath, safe_model_name
 from genmlx.agent.transfers.peer_sync import Peer, PeerRefused
 from genmlx.core.errors import AgentRequestError
 from genmlx.wire.agent_state import FetchRequest
-
-FIELDS = {"model", "storagePath", "source", "revision", "peer", "peerModel"}
+from genmlx.wire.codec import decode_json
 
 
 class InvalidFetch(AgentRequestError):
@@ -27,30 +24,9 @@ class InvalidFetch(AgentRequestError):
 
 def parse_fetch_request(body: bytes) -> FetchRequest:
     """Validate a JSON body and build the request it describes."""
-    data = json_object(body)
-    unknown = sorted(set(data) - FIELDS)
-    if unknown:
-        raise InvalidFetch(f"{unknown[0]}: unknown field")
-    request = FetchRequest(
-        model=name_field(data, "model"),
-        storage_path=string_field(data, "storagePath"),
-        source=optional_string(data, "source"),
-        revision=optional_string(data, "revision") or "main",
-        peer=optional_string(data, "peer"),
-        peer_model=name_field(data, "peerModel") if data.get("peerModel") is not None else None,
-    )
+    request = decode_json(FetchRequest, body, error=InvalidFetch)
     check_origin(request)
     return request
-
-
-def json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidFetch(f"body: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InvalidFetch("body: expected a JSON object")
-    return data
 
 
 def check_origin(request: FetchRequest) -> None:
@@ -91,23 +67,3 @@ def hub_repo(source: str) -> str | None:
 def file_source_path(source: str) -> str:
     """The local path of a "file:///abs/path" source (percent escapes decoded)."""
     return unquote(urlsplit(source).path)
-
-
-def name_field(data: dict[str, Any], key: str) -> str:
-    try:
-        return safe_model_name(data.get(key))
-    except UnsafePath as e:
-        raise InvalidFetch(str(e).replace("model:", f"{key}:", 1)) from None
-
-
-def string_field(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidFetch(f"{key}: required, a non-empty string")
-    return value
-
-
-def optional_string(data: dict[str, Any], key: str) -> str | None:
-    if data.get(key) is None:
-        return None
-    return string_field(data, key)

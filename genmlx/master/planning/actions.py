@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from genmlx.wire.agent_state import FetchRequest, RankLaunch
+from genmlx.wire.agent_state import FetchRequest
+from genmlx.wire.rank_launch import RankLaunch
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from genmlx.master.planning.actions import StartRankGroup
 from genmlx.master.planning.mesh import MeshPlanError, observed_mesh_nodes, rank_endpoints, ring_port
 from genmlx.master.planning.observed import Observed
 from genmlx.master.planning.placement import Placement
-from genmlx.wire.agent_state import RankLaunch
+from genmlx.wire.rank_launch import RankLaunch
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def desired_group(spec: ModelSpec, manifest: Manifest, observed: Observed, plan:
     world = len(spec.nodes)
     hostfile = ring_hostfile(spec, manifest, observed, plan.ports) if world > 1 else ()
     parallelism = plan.placement.parallelism if world > 1 else "tensor"
-    serving = spec.serving
+    serving = spec.serving.settings()
     fields = {
         "model": spec.name,
         "source": str(spec.source),
@@ -49,7 +49,7 @@ def desired_group(spec: ModelSpec, manifest: Manifest, observed: Observed, plan:
         "ports": list(plan.ports),
         "hostfile": list(hostfile),
         "placement": [parallelism, plan.placement.layer_split],
-        "serving": [serving.max_batch, serving.max_queue, serving.context_length],
+        "serving": serving.to_json(),
     }
     spec_hash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     launches = tuple(
@@ -63,9 +63,7 @@ def desired_group(spec: ModelSpec, manifest: Manifest, observed: Observed, plan:
                 port=port,
                 spec_hash=spec_hash,
                 hostfile=hostfile,
-                max_batch=serving.max_batch,
-                max_queue=serving.max_queue,
-                context_length=serving.context_length,
+                serving=serving,
                 parallelism=parallelism,
                 layer_split=plan.placement.layer_split if parallelism == "pipeline" else None,
             ),

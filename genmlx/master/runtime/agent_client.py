@@ -14,7 +14,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from genmlx.core.errors import AgentRequestError, AgentUnreachable, AuthError
 from genmlx.master.planning.observed import EndpointHealth
-from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo, RankLaunch
+from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo
+from genmlx.wire.rank_launch import RankLaunch
 
 STATE_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 3.0

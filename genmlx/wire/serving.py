@@ -1,0 +1,21 @@
+"""How each rank of a model serves, defined once.
+
+The manifest's ``spec.models[].serving`` (less its ``port``) is a ``ServingSettings``; the master
+puts it unchanged in every ``RankLaunch``, the agent writes it into the rank's command line and the
+dispatcher reads it back (``genmlx.wire.argv``), all from this field list. A new setting is a field
+here, its entry in ``schemas/cluster.schema.json``, and the code that uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from genmlx.wire.argv import arg
+from genmlx.wire.codec import WireType
+
+
+@dataclass(frozen=True)
+class ServingSettings(WireType):
+    max_batch: int = arg(8, minimum=1, help="most requests generated together")
+    max_queue: int = arg(64, minimum=1, help="most requests waiting; more get 429")
+    context_length: int | None = arg(None, minimum=1, help="prompt + completion token limit")
