@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from tornado.httpserver import HTTPServer
 
 from genmlx.agent.announce import Announcement, announce_agent, load_node_id
-from genmlx.agent.api.base import AgentDeps
 from genmlx.agent.api.server import make_app
 from genmlx.agent.config import AgentConfig
 from genmlx.agent.ranks.supervisor import RankSupervisor
@@ -71,7 +70,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         stop_grace_s=config.stop_grace_s,
         on_failed_exit=scrubber.scrub_soon,
     )
-    deps = AgentDeps(
+    app = make_app(
         name=config.name,
         token=config.token,
         storage_paths=config.storage_paths,
@@ -80,7 +79,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         verified=verified,
         node_id=node_id,
     )
-    server = make_app(deps).listen(config.port, address=config.host)
+    server = app.listen(config.port, address=config.host)
     supervisor.watch()
     scrubber.start()
     paths = ", ".join(str(p) for p in config.storage_paths)

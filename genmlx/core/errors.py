@@ -1,15 +1,30 @@
-"""Every exception GenMLX raises on purpose.
+"""Every exception GenMLX raises on purpose, each with the HTTP status it is answered with.
 
-    GenMLXError
-    ├── ManifestError          the manifest is invalid; carries every problem found at once
-    ├── AuthError              a peer refused our bearer token, or we have none
-    ├── TemporaryError         worth retrying as is: a peer is unreachable, busy or restarting
-    │   └── AgentUnreachable
-    └── PermanentError         retrying changes nothing until the input changes
-        ├── ModelNotFound
-        └── AgentRequestError  an agent rejected a request as invalid
+    GenMLXError                 500  ours, not the client's
+    ├── InternalError           500  (API) ours, told in OpenAI's shape
+    ├── ProtocolError           4xx  (API) a status tornado itself answered with (405, 413, ...)
+    ├── ManifestError                the manifest is invalid; carries every problem found at once
+    ├── AuthError               401  a peer refused our bearer token, or we have none
+    │   └── Unauthorized             (API) the request lacks the cluster's token
+    ├── TemporaryError          503  worth retrying as is: a peer is unreachable, busy or restarting
+    │   ├── AgentUnreachable
+    │   ├── QueueFull           429  (API) too many requests wait
+    │   ├── BadGateway          502  (API) a model's rank 0 did not answer the master
+    │   └── NotReady            503  (API) loading, starting, or shutting down
+    └── PermanentError               retrying changes nothing until the input changes
+        ├── ModelNotFound       400
+        │   └── UnknownModel    404  (API) not served here
+        ├── AgentRequestError   400  an agent rejected a request as invalid
+        │   ├── AgentNotFound   404  what it names is not there
+        │   └── AgentConflict   409  it clashes with what the agent is doing or holds
+        ├── InvalidRequest      400  (API) a malformed body or a field out of range
+        │   ├── ContextLengthExceeded
+        │   └── InvalidManifest 422
+        └── UnknownRoute        404  (API) no endpoint at this path
 
 Retry loops catch ``TemporaryError`` only; a ``PermanentError`` is reported with its reason.
+A class says its status once, as ``status``; ``genmlx.core.http`` renders it in each API's shape.
+The errors marked (API) are also ``ApiError``: they carry OpenAI's type, param and code.
 """
 
 from __future__ import annotations
@@ -19,6 +34,8 @@ from dataclasses import dataclass
 
 class GenMLXError(Exception):
     """Base of every GenMLX error."""
+
+    status = 500
 
 
 @dataclass(frozen=True)
@@ -47,9 +64,13 @@ class ManifestError(GenMLXError):
 class AuthError(GenMLXError):
     """A request was refused for its bearer token, or no token is available."""
 
+    status = 401
+
 
 class TemporaryError(GenMLXError):
     """A failure that may pass by itself: retry with backoff."""
+
+    status = 503
 
 
 class AgentUnreachable(TemporaryError):
@@ -63,10 +84,140 @@ class PermanentError(GenMLXError):
 class ModelNotFound(PermanentError):
     """A model or its files are not where the manifest says."""
 
+    status = 400
+
 
 class AgentRequestError(PermanentError):
-    """An agent rejected a request as invalid (4xx other than 401); ``status`` is the HTTP code."""
+    """An agent rejected a request as invalid. Subclasses that answer another 4xx say so in
+    ``status``; the master's client raises the class of the status it was answered with."""
 
-    def __init__(self, message: str, status: int):
+    status = 400
+
+
+class AgentNotFound(AgentRequestError):
+    """The rank, model or file a request names is not on the agent."""
+
+    status = 404
+
+
+class AgentConflict(AgentRequestError):
+    """The request clashes with what the agent is doing or holds (a rank running, a transfer under
+    way, a corrupt copy)."""
+
+    status = 409
+
+
+class ApiError(GenMLXError):
+    """An error with a place in the OpenAI error format::
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+    """
+
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, **details: object):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.details = details  # extra fields beside OpenAI's four, e.g. a manifest's issues
+
+    def to_json(self) -> dict:
+        """The response body OpenAI sends for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+                **self.details,
+            }
+        }
+
+
+class InvalidRequest(ApiError, PermanentError):
+    """The request body is malformed or a field is out of range; ``param`` names the field."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus completion would not fit the served context length."""
+
+    default_code = "context_length_exceeded"
+
+
+class InvalidManifest(InvalidRequest):
+    """An applied manifest failed validation; ``issues`` lists every problem."""
+
+    status = 422
+    default_code = "invalid_manifest"
+
+
+class Unauthorized(ApiError, AuthError):
+    """The request lacks the cluster's bearer token."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class UnknownModel(ApiError, ModelNotFound):
+    """The request names a model that is not served here."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class UnknownRoute(ApiError, PermanentError):
+    """No endpoint at this path."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "unknown_url"
+
+
+class QueueFull(ApiError, TemporaryError):
+    """Too many requests are waiting; the client should retry later."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+
+class BadGateway(ApiError, TemporaryError):
+    """A model's rank 0 did not answer the master's proxy."""
+
+    status = 502
+    error_type = "server_error"
+    default_code = "upstream_unavailable"
+
+
+class NotReady(ApiError, TemporaryError):
+    """The model is not ready: loading, starting, or the server is shutting down."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "model_loading"
+
+
+class InternalError(ApiError):
+    """A failure that is ours and not the client's."""
+
+    status = 500
+
+    def __init__(self, message: str = "The server had an error while processing your request."):
+        super().__init__(message)
+
+
+class ProtocolError(ApiError):
+    """A status tornado itself answered with (405, 413, ...): the one error whose status is data,
+    read from tornado's ``HTTPError``."""
+
+    def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+        self.error_type = "invalid_request_error" if status < 500 else "server_error"

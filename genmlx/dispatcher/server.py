@@ -21,8 +21,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
-from genmlx.dispatcher.api.app import make_app
-from genmlx.dispatcher.api.handlers import DispatcherDeps, HealthHandler, UnknownRouteHandler
+from genmlx.dispatcher.api.app import make_app, make_health_app
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
 from genmlx.dispatcher.engine.model_loading import Sharding
 from genmlx.dispatcher.engine.runner import Engine, LoadedModel, ModelSource, RankGroup
@@ -59,9 +58,8 @@ async def _serve(settings: RankCommand, token: str | None) -> tuple[int, bool]:
     stop = _StopRequest()
     engine = _make_engine(settings, stop)
     metrics = DispatcherMetrics(settings.model_id)
-    deps = DispatcherDeps(settings.model_id, engine, int(time.time()), metrics, api_token=token)
     try:
-        server = _make_rank_app(settings, deps).listen(settings.port, address=settings.host)
+        server = _make_rank_app(settings, engine, metrics, token).listen(settings.port, address=settings.host)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         return 1, True
@@ -91,15 +89,14 @@ class _StopRequest:
         return await self._outcome
 
 
-def _make_rank_app(settings: RankCommand, deps: DispatcherDeps) -> Application:
+def _make_rank_app(
+    settings: RankCommand, engine: Engine, metrics: DispatcherMetrics, token: str | None
+) -> Application:
     """The OpenAI API on rank 0; ``/health`` alone on the other ranks of a group."""
-    if settings.rank == 0:
-        return make_app(deps)
-    args = {"deps": deps}
-    return Application(
-        [(r"/health", HealthHandler, args)],
-        default_handler_class=UnknownRouteHandler,
-        default_handler_args=args,
+    if settings.rank != 0:
+        return make_health_app(model_id=settings.model_id, engine=engine, token=token)
+    return make_app(
+        model_id=settings.model_id, engine=engine, started_at=int(time.time()), metrics=metrics, token=token
     )
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from tornado.ioloop import IOLoop
 
 from genmlx.agent.api.base import AgentHandler
+from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import (
     CorruptFile,
     ServedFile,
+    VerifiedFiles,
     complete_model_metadata,
     locate_model_file,
     parse_byte_range,
@@ -29,37 +31,33 @@ from genmlx.agent.store.file_serving import (
 )
 from genmlx.agent.store.model_store import InvalidMetadata, read_metadata, remove_model, safe_model_name
 from genmlx.agent.transfers.fetch_request import file_source_path, parse_fetch_request
-from genmlx.core.errors import AgentRequestError
+from genmlx.agent.transfers.manager import TransferManager
+from genmlx.core.errors import AgentConflict, AgentNotFound
 from genmlx.wire.agent_state import RankInfo
 
 log = logging.getLogger(__name__)
 
 
-class ModelInUse(AgentRequestError):
-    """A model cannot be deleted while a rank runs on it or a transfer writes it (HTTP 409)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=409)
+class ModelInUse(AgentConflict):
+    """A model cannot be deleted while a rank runs on it or a transfer writes it."""
 
 
-class NothingToRemove(AgentRequestError):
-    """No model or partial directory of that name in any storage path (HTTP 404)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=404)
+class NothingToRemove(AgentNotFound):
+    """No model or partial directory of that name in any storage path."""
 
 
-class ModelNotManaged(AgentRequestError):
+class ModelNotManaged(AgentConflict):
     """A prune named a directory GenMLX did not put there: a user's own, or a ``file://`` source
-    used in place (HTTP 409). Those are never deleted by the master."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=409)
+    used in place. Those are never deleted by the master."""
 
 
 class ModelsHandler(AgentHandler):
+    def initialize(self, token: str, transfers: TransferManager) -> None:
+        super().initialize(token)
+        self.transfers = transfers
+
     async def post(self) -> None:
-        outcome = await self.deps.transfers.fetch(parse_fetch_request(self.request.body))
+        outcome = await self.transfers.fetch(parse_fetch_request(self.request.body))
         if outcome.present is not None:
             self.write({"model": outcome.present.to_json()})
         else:
@@ -68,17 +66,29 @@ class ModelsHandler(AgentHandler):
 
 
 class ModelHandler(AgentHandler):
+    def initialize(
+        self,
+        token: str,
+        storage_paths: tuple[Path, ...],
+        supervisor: RankSupervisor,
+        transfers: TransferManager,
+    ) -> None:
+        super().initialize(token)
+        self.storage_paths = storage_paths
+        self.supervisor = supervisor
+        self.transfers = transfers
+
     async def delete(self, name: str) -> None:
         safe_model_name(name)
         roots = self.storage_roots()
-        if self.deps.transfers.is_running(name):
+        if self.transfers.is_running(name):
             raise ModelInUse(f"a transfer of {name} is under way")
-        users = ranks_using(self.deps.supervisor.ranks(), [root / name for root in roots])
+        users = ranks_using(self.supervisor.ranks(), [root / name for root in roots])
         if users:
             raise ModelInUse(f"{name} is in use by running rank(s) {', '.join(users)}: stop them first")
         managed_only = self.get_query_argument("managedOnly", "") in ("1", "true")
         removed = await IOLoop.current().run_in_executor(None, remove_from, roots, name, managed_only)
-        self.deps.transfers.forget(name)
+        self.transfers.forget(name)
         if not removed:
             raise NothingToRemove(f"no model {name!r} in {', '.join(str(r) for r in roots)}")
         log.info("removed model %s: %s", name, ", ".join(str(p) for p in removed))
@@ -88,19 +98,28 @@ class ModelHandler(AgentHandler):
         """Every storage path, or only the one ``?storagePath=`` names (which must be ours)."""
         storage_path = self.get_query_argument("storagePath", None)
         if storage_path is None:
-            return self.deps.storage_paths
-        return (self.deps.transfers.storage_root(storage_path),)
+            return self.storage_paths
+        return (self.transfers.storage_root(storage_path),)
 
 
-class ModelFilesHandler(AgentHandler):
+class StoredFilesEndpoint(AgentHandler):
+    """An endpoint over the models' files and what the agent knows of their hashes."""
+
+    def initialize(self, token: str, storage_paths: tuple[Path, ...], verified: VerifiedFiles) -> None:
+        super().initialize(token)
+        self.storage_paths = storage_paths
+        self.verified = verified
+
+
+class ModelFilesHandler(StoredFilesEndpoint):
     async def get(self, name: str) -> None:
         _, metadata = await IOLoop.current().run_in_executor(
-            None, complete_model_metadata, self.deps.storage_paths, name, self.deps.verified
+            None, complete_model_metadata, self.storage_paths, name, self.verified
         )
         self.write({"name": name, **metadata.to_json()})
 
 
-class ModelFileHandler(AgentHandler):
+class ModelFileHandler(StoredFilesEndpoint):
     async def get(self, name: str, path: str) -> None:
         await self.serve(name, path, send_body=True)
 
@@ -109,16 +128,16 @@ class ModelFileHandler(AgentHandler):
 
     async def serve(self, name: str, path: str, send_body: bool) -> None:
         served = await IOLoop.current().run_in_executor(
-            None, locate_model_file, self.deps.storage_paths, name, path, self.deps.verified
+            None, locate_model_file, self.storage_paths, name, path, self.verified
         )
-        if self.deps.verified.verdict(served) == "corrupt":
+        if self.verified.verdict(served) == "corrupt":
             raise CorruptFile(f"{path} of model {name} does not match its recorded sha256 on this agent")
         size = served.file.size
         byte_range = parse_byte_range(self.request.headers.get("Range"), size)
         first, last = byte_range or (0, size - 1)
         self.set_response_headers(served, first, last, partial=byte_range is not None)
         if send_body and last >= first:
-            sent = await send_file_range(self, served, first, last, self.deps.verified)
+            sent = await send_file_range(self, served, first, last, self.verified)
             log.info(
                 "served %s/%s bytes %d-%d: %d bytes to %s",
                 name,

@@ -1,5 +1,6 @@
 """The agent's HTTP API: thin tornado handlers over the inventory, the rank supervisor, the model
-store and the transfer manager (the model endpoints are in ``model_api``).
+store and the transfer manager (the model endpoints are in ``model_api``). Each handler takes the
+collaborators it uses as ``initialize`` keywords; ``make_app`` hands them out.
 
     GET    /healthz                          no token; {"status": "ok"} and nothing else
     GET    /api/v1/state                     AgentState JSON
@@ -12,43 +13,66 @@ store and the transfer manager (the model endpoints are in ``model_api``).
     GET    /api/v1/models/{name}/files/{path}  a file's bytes, with Range support
 
 Everything but ``/healthz`` needs ``Authorization: Bearer <token>``. Errors are raised as typed
-exceptions and rendered once, in ``api_base.AgentHandler.write_error``, as
+exceptions and rendered once, by ``genmlx.core.http.ApiHandler.write_error``, as
 ``{"error": {"message", "type"}}``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError
 
 import genmlx
-from genmlx.agent.api.base import AgentDeps, AgentHandler
+from genmlx.agent.api.base import AgentHandler
 from genmlx.agent.api.model_api import ModelFileHandler, ModelFilesHandler, ModelHandler, ModelsHandler
 from genmlx.agent.facts.collect import collect_node_facts
 from genmlx.agent.ranks.launch_request import parse_rank_launch
 from genmlx.agent.ranks.logs import DEFAULT_TAIL_BYTES, read_log_tail
+from genmlx.agent.ranks.supervisor import RankSupervisor
+from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
+from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.errors import AgentRequestError
 from genmlx.wire.agent_state import AgentState
 
 
-def make_app(deps: AgentDeps) -> Application:
-    """The agent's tornado application."""
-    handler_args = {"deps": deps}
+def make_app(
+    *,
+    name: str,
+    token: str,
+    storage_paths: tuple[Path, ...],
+    supervisor: RankSupervisor,
+    transfers: TransferManager,
+    verified: VerifiedFiles,
+    node_id: str = "",
+) -> Application:
+    """The agent's tornado application; ``verified`` is the one the transfer manager fills."""
+    auth = {"token": token}
+    stored = {**auth, "storage_paths": storage_paths, "verified": verified}
+    ranks = {**auth, "supervisor": supervisor}
+    state = {
+        **ranks,
+        "name": name,
+        "node_id": node_id,
+        "storage_paths": storage_paths,
+        "transfers": transfers,
+    }
     rank = r"/api/v1/ranks/([^/]+)/([0-9]+)"
     model = r"/api/v1/models/([^/]+)"
     routes = [
-        (r"/healthz", HealthzHandler, handler_args),
-        (r"/api/v1/state", StateHandler, handler_args),
-        (r"/api/v1/ranks", RanksHandler, handler_args),
-        (rank, RankHandler, handler_args),
-        (rank + "/log", RankLogHandler, handler_args),
-        (r"/api/v1/models", ModelsHandler, handler_args),
-        (model, ModelHandler, handler_args),
-        (model + "/files", ModelFilesHandler, handler_args),
-        (model + "/files/(.+)", ModelFileHandler, handler_args),
+        (r"/healthz", HealthzHandler, auth),
+        (r"/api/v1/state", StateHandler, state),
+        (r"/api/v1/ranks", RanksHandler, {**ranks, "storage_paths": storage_paths}),
+        (rank, RankHandler, ranks),
+        (rank + "/log", RankLogHandler, ranks),
+        (r"/api/v1/models", ModelsHandler, {**auth, "transfers": transfers}),
+        (model, ModelHandler, {**ranks, "storage_paths": storage_paths, "transfers": transfers}),
+        (model + "/files", ModelFilesHandler, stored),
+        (model + "/files/(.+)", ModelFileHandler, stored),
     ]
-    return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=handler_args)
+    return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=auth)
 
 
 class HealthzHandler(AgentHandler):
@@ -59,37 +83,65 @@ class HealthzHandler(AgentHandler):
 
 
 class StateHandler(AgentHandler):
+    def initialize(
+        self,
+        token: str,
+        name: str,
+        node_id: str,
+        storage_paths: tuple[Path, ...],
+        supervisor: RankSupervisor,
+        transfers: TransferManager,
+    ) -> None:
+        super().initialize(token)
+        self.name = name
+        self.node_id = node_id
+        self.storage_paths = storage_paths
+        self.supervisor = supervisor
+        self.transfers = transfers
+
     async def get(self) -> None:
         loop = IOLoop.current()
         facts = await loop.run_in_executor(None, collect_node_facts)
-        storage = await loop.run_in_executor(None, scan_storage, self.deps.storage_paths)
-        ranks, transfers = self.deps.supervisor.ranks(), self.deps.transfers.transfers()
+        storage = await loop.run_in_executor(None, scan_storage, self.storage_paths)
+        ranks, transfers = self.supervisor.ranks(), self.transfers.transfers()
         state = AgentState(
-            self.deps.name, genmlx.__version__, facts, storage, ranks, transfers, node_id=self.deps.node_id
+            self.name, genmlx.__version__, facts, storage, ranks, transfers, node_id=self.node_id
         )
         self.write(state.to_json())
 
 
-class RanksHandler(AgentHandler):
+class RankEndpoint(AgentHandler):
+    """An endpoint over the rank supervisor."""
+
+    def initialize(self, token: str, supervisor: RankSupervisor) -> None:
+        super().initialize(token)
+        self.supervisor = supervisor
+
+
+class RanksHandler(RankEndpoint):
+    def initialize(self, token: str, supervisor: RankSupervisor, storage_paths: tuple[Path, ...]) -> None:
+        super().initialize(token, supervisor)
+        self.storage_paths = storage_paths
+
     async def post(self) -> None:
         launch = parse_rank_launch(self.request.body)
         model_dir = await IOLoop.current().run_in_executor(
-            None, resolve_model_dir, launch.model_path, self.deps.storage_paths
+            None, resolve_model_dir, launch.model_path, self.storage_paths
         )
-        info = self.deps.supervisor.start(launch, model_dir)
+        info = self.supervisor.start(launch, model_dir)
         self.set_status(201)
         self.write(info.to_json())
 
 
-class RankHandler(AgentHandler):
+class RankHandler(RankEndpoint):
     async def delete(self, model: str, rank: str) -> None:
-        info = await self.deps.supervisor.stop(model, int(rank))
+        info = await self.supervisor.stop(model, int(rank))
         self.write(info.to_json())
 
 
-class RankLogHandler(AgentHandler):
+class RankLogHandler(RankEndpoint):
     async def get(self, model: str, rank: str) -> None:
-        path = self.deps.supervisor.log_path(model, int(rank))
+        path = self.supervisor.log_path(model, int(rank))
         tail = await IOLoop.current().run_in_executor(None, read_log_tail, path, self.tail_bytes())
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.write(tail)
@@ -99,7 +151,7 @@ class RankLogHandler(AgentHandler):
         if raw is None:
             return DEFAULT_TAIL_BYTES
         if not raw.isdigit():
-            raise AgentRequestError(f"tail: {raw!r} is not a number of bytes", status=400)
+            raise AgentRequestError(f"tail: {raw!r} is not a number of bytes")
         return int(raw)
 
 

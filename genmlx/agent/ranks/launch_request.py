@@ -14,9 +14,6 @@ from genmlx.wire.rank_launch import RankLaunch
 class InvalidLaunch(AgentRequestError):
     """A rank launch request was malformed; the message names the field (HTTP 400)."""
 
-    def __init__(self, message: str):
-        super().__init__(message, status=400)
-
 
 def parse_rank_launch(body: bytes) -> RankLaunch:
     """Validate a JSON body and build the launch it describes."""

@@ -42,7 +42,7 @@ from genmlx.agent.ranks.logs import (
     trim_log,
     write_hostfile,
 )
-from genmlx.core.errors import AgentRequestError, TemporaryError
+from genmlx.core.errors import AgentConflict, AgentNotFound, TemporaryError
 from genmlx.wire.agent_state import RankInfo, RankPhase
 from genmlx.wire.argv import to_argv
 from genmlx.wire.rank_launch import RankLaunch, rank_command, rank_key
@@ -60,18 +60,12 @@ CommandBuilder = Callable[[RankLaunch, Path, str, int, Path | None], list[str]]
 FailedExitHook = Callable[[Path], None]
 
 
-class RankNotFound(AgentRequestError):
-    """No rank of that model and number was started by this agent, or it was stopped since (HTTP 404)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=404)
+class RankNotFound(AgentNotFound):
+    """No rank of that model and number was started by this agent, or it was stopped since."""
 
 
-class RankAlreadyRunning(AgentRequestError):
-    """A rank with the same model and number is still running: stop it first (HTTP 409)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=409)
+class RankAlreadyRunning(AgentConflict):
+    """A rank with the same model and number is still running: stop it first."""
 
 
 class AgentStopping(TemporaryError):

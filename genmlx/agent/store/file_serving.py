@@ -31,7 +31,7 @@ from genmlx.agent.store.model_store import (
     resolves_inside,
     safe_relative_path,
 )
-from genmlx.core.errors import AgentRequestError
+from genmlx.core.errors import AgentConflict, AgentNotFound, AgentRequestError
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +42,28 @@ Verdict = Literal["verified", "corrupt", "unknown"]
 StatIdentity = tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
 
 
-class FileNotServed(AgentRequestError):
-    """No complete model of that name, or no such file in its metadata (HTTP 404)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=404)
+class FileNotServed(AgentNotFound):
+    """No complete model of that name, or no such file in its metadata."""
 
 
 class PathRefused(AgentRequestError):
-    """A requested file resolves outside its model directory (HTTP 403)."""
+    """A requested file resolves outside its model directory."""
 
-    def __init__(self, message: str):
-        super().__init__(message, status=403)
+    status = 403
 
 
-class CorruptFile(AgentRequestError):
-    """The file on this agent no longer matches its recorded sha256 (HTTP 409): fetch the model
+class CorruptFile(AgentConflict):
+    """The file on this agent no longer matches its recorded sha256: fetch the model
     here again, or from another peer."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=409)
 
 
 class RangeNotSatisfiable(AgentRequestError):
-    """A Range that starts past the end of the file (HTTP 416, with ``Content-Range: bytes */size``)."""
+    """A Range that starts past the end of the file; answered with ``Content-Range: bytes */size``."""
+
+    status = 416
 
     def __init__(self, message: str, size: int):
-        super().__init__(message, status=416)
+        super().__init__(message)
         self.headers = {"Content-Range": f"bytes */{size}"}
 
 

@@ -34,10 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class ModelPathRefused(AgentRequestError):
-    """A launch named a model path outside every storage path of this agent (HTTP 400)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=400)
+    """A launch named a model path outside every storage path of this agent."""
 
 
 def scan_storage(paths: tuple[Path, ...]) -> tuple[StorageReport, ...]:

@@ -40,10 +40,7 @@ HASH_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class UnsafePath(AgentRequestError):
-    """A relative path that would leave its directory: absolute, with "..", or otherwise odd (HTTP 400)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=400)
+    """A relative path that would leave its directory: absolute, with "..", or otherwise odd."""
 
 
 class InvalidMetadata(PermanentError):

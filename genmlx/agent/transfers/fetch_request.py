@@ -18,9 +18,6 @@ from genmlx.wire.codec import decode_json
 class InvalidFetch(AgentRequestError):
     """A fetch request was malformed; the message names the field (HTTP 400)."""
 
-    def __init__(self, message: str):
-        super().__init__(message, status=400)
-
 
 def parse_fetch_request(body: bytes) -> FetchRequest:
     """Validate a JSON body and build the request it describes."""

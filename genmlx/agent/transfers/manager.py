@@ -42,7 +42,7 @@ from genmlx.agent.store.model_store import (
 from genmlx.agent.transfers.fetch_request import file_source_path, hub_repo
 from genmlx.agent.transfers.peer_sync import sync_model
 from genmlx.agent.transfers.progress import TransferCancelled, TransferProgress
-from genmlx.core.errors import AgentRequestError, GenMLXError, PermanentError
+from genmlx.core.errors import AgentConflict, AgentRequestError, GenMLXError, PermanentError
 from genmlx.core.threads import run_in_worker_thread
 from genmlx.wire.agent_state import FetchRequest, StoredModel, Transfer, TransferKind, TransferState
 
@@ -54,17 +54,11 @@ STOP_WAIT_S = 5.0
 
 
 class StoragePathRefused(AgentRequestError):
-    """The request named a storage path this agent does not have (HTTP 400)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=400)
+    """The request named a storage path this agent does not have."""
 
 
-class TransferRunning(AgentRequestError):
-    """A transfer of the same model is already under way (HTTP 409)."""
-
-    def __init__(self, message: str):
-        super().__init__(message, status=409)
+class TransferRunning(AgentConflict):
+    """A transfer of the same model is already under way."""
 
 
 class UnusableFileSource(PermanentError):

@@ -8,11 +8,12 @@ error shape, and ``x-api-key`` accepted beside ``Authorization: Bearer``.
 
 from __future__ import annotations
 
-from typing import Any
-
-from genmlx.core.api_errors import ApiError
-from genmlx.core.http import as_api_error
-from genmlx.dispatcher.api.anthropic_format import AnthropicMessageFormat, anthropic_error_json
+from genmlx.core.errors import ApiError
+from genmlx.dispatcher.api.anthropic_format import (
+    ANTHROPIC_ERRORS,
+    AnthropicMessageFormat,
+    anthropic_error_json,
+)
 from genmlx.dispatcher.api.anthropic_request import MessagesRequest, parse_messages_request
 from genmlx.dispatcher.api.handlers import SSE_JSON, GenerationHandler
 from genmlx.dispatcher.api.openai_format import ResponseFormat
@@ -26,6 +27,7 @@ class MessagesHandler(GenerationHandler):
 
     prompt_field = "messages"
     sse_done = None  # Anthropic ends a stream with its message_stop event
+    error_format = ANTHROPIC_ERRORS
 
     def parse(self, body: bytes) -> MessagesRequest:
         return parse_messages_request(body)
@@ -41,7 +43,7 @@ class MessagesHandler(GenerationHandler):
             reply_markers(loaded.tokenizer, parsed.tools), starts_in_reasoning=opens_reasoning
         )
         return AnthropicMessageFormat(
-            self.deps.model_id, parser, prompt_tokens=len(prompt), thinking=parsed.thinking
+            self.model_id, parser, prompt_tokens=len(prompt), thinking=parsed.thinking
         )
 
     def error_payload(self, error: ApiError) -> dict:
@@ -49,10 +51,3 @@ class MessagesHandler(GenerationHandler):
 
     def sse_frame(self, payload: dict) -> str:
         return f"event: {payload['type']}\ndata: {SSE_JSON.encode(payload)}\n\n"
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = as_api_error(status_code, kwargs.get("exc_info"))
-        if error.status in (429, 503):
-            self.set_header("Retry-After", "5")
-        self.set_status(error.status)
-        self.finish(anthropic_error_json(error))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 
-from genmlx.core.api_errors import ApiError
+from genmlx.core.errors import ApiError
+from genmlx.core.http import ErrorFormat, ErrorReply, as_api_error, retry_after
 from genmlx.dispatcher.api.chat import ToolCall
 from genmlx.dispatcher.api.reply_parsing import (
     ReplyParser,
@@ -39,6 +40,15 @@ def anthropic_error_json(error: ApiError) -> dict:
     """``{"type": "error", "error": {"type", "message"}}`` for one of our errors."""
     error_type = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
     return {"type": "error", "error": {"type": error_type, "message": error.message}}
+
+
+def anthropic_error_reply(raised: BaseException | None, status_code: int) -> ErrorReply:
+    """Whatever a handler raised, as Anthropic's API answers it."""
+    error = as_api_error(raised, status_code)
+    return ErrorReply(error.status, anthropic_error_json(error), retry_after(error.status))
+
+
+ANTHROPIC_ERRORS = ErrorFormat("anthropic", anthropic_error_reply)
 
 
 class AnthropicMessageFormat:

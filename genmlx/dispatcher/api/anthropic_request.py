@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from genmlx.core.api_errors import InvalidRequest
+from genmlx.core.errors import InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall
 from genmlx.dispatcher.api.request_parsing import GenerationOptions, json_object, parse_stop_strings
 from genmlx.dispatcher.engine.events import Sampling

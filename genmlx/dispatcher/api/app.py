@@ -1,4 +1,5 @@
-"""Rank 0's tornado application: every route of the OpenAI and Anthropic APIs, and the access log."""
+"""Rank 0's tornado application: every route of the OpenAI and Anthropic APIs, and the access log;
+the other ranks' ``/health`` alone."""
 
 from __future__ import annotations
 
@@ -10,32 +11,48 @@ from genmlx.dispatcher.api.anthropic_api import MessagesHandler
 from genmlx.dispatcher.api.handlers import (
     ChatCompletionsHandler,
     CompletionsHandler,
-    DispatcherDeps,
     HealthHandler,
     MetricsHandler,
     ModelHandler,
     ModelsHandler,
     UnknownRouteHandler,
 )
+from genmlx.dispatcher.api.metrics import DispatcherMetrics
 from genmlx.dispatcher.engine.events import Usage
+from genmlx.dispatcher.engine.runner import Engine
 
 access_log = logging.getLogger("genmlx.dispatcher.access")
 
 
-def make_app(deps: DispatcherDeps) -> Application:
-    """The tornado application serving ``/health`` and the OpenAI API."""
-    args = {"deps": deps}
+def make_app(
+    *, model_id: str, engine: Engine, started_at: int, metrics: DispatcherMetrics, token: str | None
+) -> Application:
+    """The tornado application serving ``/health``, ``/metrics`` and the OpenAI and Anthropic APIs;
+    a ``token`` of None leaves the API open."""
+    auth = {"token": token}
+    listing = {**auth, "model_id": model_id, "started_at": started_at}
+    generation = {**auth, "model_id": model_id, "engine": engine, "metrics": metrics}
     routes = [
-        (r"/health", HealthHandler, args),
-        (r"/metrics", MetricsHandler, args),
-        (r"/v1/models", ModelsHandler, args),
-        (r"/v1/models/(.+)", ModelHandler, args),
-        (r"/v1/chat/completions", ChatCompletionsHandler, args),
-        (r"/v1/completions", CompletionsHandler, args),
-        (r"/v1/messages", MessagesHandler, args),
+        (r"/health", HealthHandler, {**auth, "model_id": model_id, "engine": engine}),
+        (r"/metrics", MetricsHandler, {**auth, "metrics": metrics}),
+        (r"/v1/models", ModelsHandler, listing),
+        (r"/v1/models/(.+)", ModelHandler, listing),
+        (r"/v1/chat/completions", ChatCompletionsHandler, generation),
+        (r"/v1/completions", CompletionsHandler, generation),
+        (r"/v1/messages", MessagesHandler, generation),
     ]
     return Application(
-        routes, default_handler_class=UnknownRouteHandler, default_handler_args=args, log_function=log_request
+        routes, default_handler_class=UnknownRouteHandler, default_handler_args=auth, log_function=log_request
+    )
+
+
+def make_health_app(*, model_id: str, engine: Engine, token: str | None) -> Application:
+    """``/health`` alone, for the ranks of a group other than rank 0."""
+    auth = {"token": token}
+    return Application(
+        [(r"/health", HealthHandler, {**auth, "model_id": model_id, "engine": engine})],
+        default_handler_class=UnknownRouteHandler,
+        default_handler_args=auth,
     )
 
 

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API of rank 0: thin tornado handlers over the engine.
 
 Handlers parse (``request_parsing``), tokenize (``prompts``), submit to the engine and format its
-events (``openai_format``). Errors are raised as ``ApiError`` and rendered once, in OpenAI's shape,
-by ``ApiHandler.write_error``.
+events (``openai_format``). Each takes the collaborators it uses as ``initialize`` keywords (the
+route table in ``app`` hands them out) and a ``token`` of None when the API is open. Errors are
+raised as ``ApiError`` and rendered once, in OpenAI's shape, by ``genmlx.core.http.ApiHandler``.
 """
 
 from __future__ import annotations
@@ -11,19 +12,12 @@ import asyncio
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from genmlx.core.api_errors import (
-    ApiError,
-    NotReady,
-    UnknownModel,
-    UnknownRoute,
-    internal_error,
-)
-from genmlx.core.http import JsonHandler
+from genmlx.core.errors import ApiError, InternalError, NotReady, UnknownModel, UnknownRoute
+from genmlx.core.http import ApiHandler
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
 from genmlx.dispatcher.api.openai_format import (
     ChatCompletionFormat,
@@ -50,65 +44,60 @@ CLIENT_CLOSED = 499  # nginx's convention, so the access log tells a vanished cl
 CANCEL_CONFIRM_SECONDS = 2.0
 
 
-@dataclass(frozen=True)
-class DispatcherDeps:
-    """What the handlers need; ``api_token`` None means the API is open."""
-
-    model_id: str
-    engine: Engine
-    started_at: int
-    metrics: DispatcherMetrics
-    api_token: str | None = field(default=None, repr=False)
-
-
-class ApiHandler(JsonHandler):
-    """The dispatcher's endpoints: the token it was started with, OpenAI-shaped errors."""
-
-    def initialize(self, deps: DispatcherDeps) -> None:
-        self.deps = deps
-        self.usage: Usage | None = None
-        self.finish_reason: str | None = None
-
-    def bearer_token(self) -> str | None:
-        return self.deps.api_token
-
-
 class HealthHandler(ApiHandler):
     """``GET /health``: 503 while the model loads, 200 when it serves. No token needed."""
 
     requires_token = False
 
+    def initialize(self, token: str | None, model_id: str, engine: Engine) -> None:
+        super().initialize(token)
+        self.model_id = model_id
+        self.engine = engine
+
     def get(self) -> None:
-        if self.deps.engine.loaded is None:
+        if self.engine.loaded is None:
             self.set_status(503)
             self.finish({"status": "loading"})
         else:
-            self.finish({"status": "ok", "model": self.deps.model_id})
+            self.finish({"status": "ok", "model": self.model_id})
 
 
 class MetricsHandler(ApiHandler):
     """``GET /metrics``: Prometheus text format; Prometheus scrapes it with the bearer token."""
 
+    def initialize(self, token: str | None, metrics: DispatcherMetrics) -> None:
+        super().initialize(token)
+        self.metrics = metrics
+
     def get(self) -> None:
-        body, content_type = self.deps.metrics.exposition()
+        body, content_type = self.metrics.exposition()
         self.set_header("Content-Type", content_type)
         self.finish(body)
 
 
-class ModelsHandler(ApiHandler):
+class ModelListing(ApiHandler):
+    """An endpoint that describes the one model served here."""
+
+    def initialize(self, token: str | None, model_id: str, started_at: int) -> None:
+        super().initialize(token)
+        self.model_id = model_id
+        self.started_at = started_at
+
+
+class ModelsHandler(ModelListing):
     """``GET /v1/models``."""
 
     def get(self) -> None:
-        self.finish(models_list(self.deps.model_id, self.deps.started_at))
+        self.finish(models_list(self.model_id, self.started_at))
 
 
-class ModelHandler(ApiHandler):
+class ModelHandler(ModelListing):
     """``GET /v1/models/{id}``."""
 
     def get(self, model_id: str) -> None:
-        if model_id != self.deps.model_id:
+        if model_id != self.model_id:
             raise UnknownModel(f"The model '{model_id}' does not exist.", param="model")
-        self.finish(model_json(self.deps.model_id, self.deps.started_at))
+        self.finish(model_json(self.model_id, self.started_at))
 
 
 class UnknownRouteHandler(ApiHandler):
@@ -125,8 +114,15 @@ class GenerationHandler(ApiHandler):
     prompt_field = "prompt"
     sse_done: str | None = "[DONE]"  # the data line that ends a stream
 
-    def initialize(self, deps: DispatcherDeps) -> None:
-        super().initialize(deps)
+    def initialize(
+        self, token: str | None, model_id: str, engine: Engine, metrics: DispatcherMetrics
+    ) -> None:
+        super().initialize(token)
+        self.model_id = model_id
+        self.engine = engine
+        self.metrics = metrics
+        self.usage: Usage | None = None  # for the access log, once the reply has ended
+        self.finish_reason: str | None = None
         self._job: Job | None = None
         self._client_gone = False
         self._ended: asyncio.Future[Finished | Failed] | None = None
@@ -154,8 +150,8 @@ class GenerationHandler(ApiHandler):
         request = self._generation_request(loaded, parsed)
         response = self.response_format(loaded, parsed, request.prompt_tokens)
         self._ended = asyncio.get_running_loop().create_future()
-        measured = self.deps.metrics.request_arrived(arrived)
-        self._job = self.deps.engine.submit(request, measured.observing(self._on_event))
+        measured = self.metrics.request_arrived(arrived)
+        self._job = self.engine.submit(request, measured.observing(self._on_event))
         measured.submitted()
         try:
             if options.stream:
@@ -211,12 +207,12 @@ class GenerationHandler(ApiHandler):
         )
 
     def _served_model(self, requested: str | None) -> LoadedModel:
-        if requested is not None and requested != self.deps.model_id:
+        if requested is not None and requested != self.model_id:
             raise UnknownModel(
-                f"The model '{requested}' does not exist; this server serves '{self.deps.model_id}'.",
+                f"The model '{requested}' does not exist; this server serves '{self.model_id}'.",
                 param="model",
             )
-        loaded = self.deps.engine.loaded
+        loaded = self.engine.loaded
         if loaded is None:
             raise NotReady("The model is still loading; retry shortly.")
         return loaded
@@ -224,7 +220,7 @@ class GenerationHandler(ApiHandler):
     async def _respond(self, response: ResponseFormat) -> None:
         ended = await self._ended
         if isinstance(ended, Failed):
-            raise internal_error(ended.message)
+            raise InternalError(ended.message)
         self._record(ended)
         if ended.reason == "cancelled":
             return self._end_cancelled()
@@ -262,7 +258,7 @@ class GenerationHandler(ApiHandler):
     ) -> None:
         """The end of a stream whose deltas ``_on_event`` wrote."""
         if isinstance(ended, Failed):
-            await self._send_event(self.error_payload(internal_error(ended.message)))
+            await self._send_event(self.error_payload(InternalError(ended.message)))
             return
         self._record(ended)
         if ended.reason == "cancelled":
@@ -323,7 +319,7 @@ class ChatCompletionsHandler(GenerationHandler):
         )
         options = parsed.options
         return ChatCompletionFormat(
-            self.deps.model_id,
+            self.model_id,
             parser,
             include_usage=options.include_usage,
             logprobs=options.top_logprobs is not None,
@@ -344,5 +340,5 @@ class CompletionsHandler(GenerationHandler):
     ) -> ResponseFormat:
         options = parsed.options
         return TextCompletionFormat(
-            self.deps.model_id, include_usage=options.include_usage, logprobs=options.top_logprobs is not None
+            self.model_id, include_usage=options.include_usage, logprobs=options.top_logprobs is not None
         )

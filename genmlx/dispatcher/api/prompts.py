@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from genmlx.core.api_errors import ContextLengthExceeded, InvalidRequest
+from genmlx.core.errors import ContextLengthExceeded, InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool
 
 if TYPE_CHECKING:

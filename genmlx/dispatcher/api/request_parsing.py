@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from genmlx.core.api_errors import InvalidRequest
+from genmlx.core.errors import InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall, ToolChoice
 from genmlx.dispatcher.engine.events import Sampling
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tornado.ioloop import IOLoop
 
-from genmlx.core.api_errors import NotReady, QueueFull
+from genmlx.core.errors import NotReady, QueueFull
 from genmlx.dispatcher.engine.decoding import DecoderSettings
 from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Usage
 from genmlx.dispatcher.engine.lockstep import (

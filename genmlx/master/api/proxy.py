@@ -14,8 +14,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
-from genmlx.core.api_errors import BadGateway, InvalidRequest, NotReady, UnknownModel
-from genmlx.core.http import JsonHandler
+from genmlx.core.errors import BadGateway, InvalidRequest, NotReady, UnknownModel
+from genmlx.core.http import ApiHandler
 from genmlx.master.runtime.loop import Reconciler
 
 PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
@@ -25,10 +25,12 @@ class ClientGone(Exception):
     """The downstream client closed its connection; abort the upstream request."""
 
 
-class ModelsHandler(JsonHandler):
+class ModelsHandler(ApiHandler):
     """``GET /v1/models``: every model of the manifest, whether it is serving or not."""
 
-    reconciler: Reconciler
+    def initialize(self, token: str, reconciler: Reconciler) -> None:
+        super().initialize(token)
+        self.reconciler = reconciler
 
     def get(self, model_id: str | None = None) -> None:
         applied = self.reconciler.applied
@@ -53,15 +55,19 @@ class ModelsHandler(JsonHandler):
         self.write_json(200, entry)
 
 
-class ProxyHandler(JsonHandler):
-    reconciler: Reconciler
-    http: AsyncHTTPClient
+class ProxyHandler(ApiHandler):
+    """``POST /v1/{path}``: the request, untouched, to rank 0 of the model it names."""
+
+    def initialize(self, token: str, reconciler: Reconciler, http: AsyncHTTPClient) -> None:
+        super().initialize(token)
+        self.reconciler = reconciler
+        self.http = http
+        self.client_gone = False
 
     def on_connection_close(self) -> None:
         self.client_gone = True
 
     async def post(self, path: str) -> None:
-        self.client_gone = False
         body = self.json_body()
         upstream = endpoint_for(self.reconciler, body.get("model"))
         await self.forward(f"{upstream}/{path}", self.request.body)

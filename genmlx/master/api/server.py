@@ -12,14 +12,13 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient
 from tornado.web import Application
 
-from genmlx.core.api_errors import InvalidManifest, InvalidRequest, UnknownRoute
-from genmlx.core.errors import ManifestError
+from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
 from genmlx.core.gitrev import Revision
-from genmlx.core.http import JsonHandler
+from genmlx.core.http import ApiHandler
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.api.proxy import ModelsHandler, ProxyHandler
-from genmlx.master.api.stream import EventsHandler, StreamHandler, current_status
+from genmlx.master.api.stream import EventsHandler, ReadEndpoint, StreamHandler, current_status
 from genmlx.master.api.ui_handlers import ui_routes
 from genmlx.master.planning.actions import describe_plan, plan_summary
 from genmlx.master.runtime.loop import Reconciler
@@ -27,27 +26,28 @@ from genmlx.master.runtime.loop import Reconciler
 PREVIEW_TIMEOUT_S = 10.0
 
 
-class HealthzHandler(JsonHandler):
+class HealthzHandler(ApiHandler):
     requires_token = False
 
     def get(self) -> None:
         self.write_json(200, {"status": "ok"})
 
 
-class StatusHandler(JsonHandler):
-    accepts_session = True  # the status page reads it
-    reconciler: Reconciler
+class StatusHandler(ReadEndpoint):
+    """``GET /api/v1/status``: the status document."""
 
     def get(self) -> None:
         self.write_json(200, current_status(self.reconciler))
 
 
-class ManifestHandler(JsonHandler):
+class ManifestHandler(ApiHandler):
     """``POST`` applies a manifest: ``{"manifest": YAML, "filename", "revision", "dryRun"}``.
     Answers the generation, whether the manifest changed, and the plan: what the master will now
     do, or with ``dryRun`` what it would do (nothing is applied then)."""
 
-    reconciler: Reconciler
+    def initialize(self, token: str, reconciler: Reconciler) -> None:
+        super().initialize(token)
+        self.reconciler = reconciler
 
     def get(self) -> None:
         applied = self.reconciler.applied
@@ -90,13 +90,14 @@ class ManifestHandler(JsonHandler):
 
 
 def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) -> Application:
-    deps = {"token": token, "reconciler": reconciler}
-    page, sessions = ui_routes(token, deps)
-    # Only the handlers with ``accepts_session`` (status, events, stream) let a session in.
+    auth = {"token": token}
+    deps = {**auth, "reconciler": reconciler}
+    page, sessions = ui_routes(token)
+    # Only the endpoints given ``sessions`` (status, events, stream) let the page's session in.
     readable = {**deps, "sessions": sessions}
     return Application(
         [
-            (r"/healthz", HealthzHandler),
+            (r"/healthz", HealthzHandler, auth),
             (r"/api/v1/status", StatusHandler, readable),
             (r"/api/v1/manifest", ManifestHandler, deps),
             (r"/api/v1/events", EventsHandler, readable),

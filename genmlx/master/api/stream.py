@@ -9,8 +9,8 @@ from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from genmlx.core.api_errors import InvalidRequest
-from genmlx.core.http import JsonHandler
+from genmlx.core.errors import InvalidRequest
+from genmlx.core.http import ApiHandler, SessionVerifier
 from genmlx.master.api.report import status_document
 from genmlx.master.runtime.loop import Reconciler
 
@@ -21,11 +21,16 @@ def current_status(reconciler: Reconciler) -> dict[str, Any]:
     return status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected)
 
 
-class EventsHandler(JsonHandler):
-    """``GET /api/v1/events[?limit=N&kind=Model&name=qwen]``: recent events, newest first."""
+class ReadEndpoint(ApiHandler):
+    """A read of the reconciler that the status page makes too, with its session."""
 
-    accepts_session = True  # the status page reads it
-    reconciler: Reconciler
+    def initialize(self, token: str, reconciler: Reconciler, sessions: SessionVerifier) -> None:
+        super().initialize(token, sessions)
+        self.reconciler = reconciler
+
+
+class EventsHandler(ReadEndpoint):
+    """``GET /api/v1/events[?limit=N&kind=Model&name=qwen]``: recent events, newest first."""
 
     def get(self) -> None:
         try:
@@ -38,12 +43,9 @@ class EventsHandler(JsonHandler):
         self.write_json(200, {"events": [e.to_json() for e in events]})
 
 
-class StreamHandler(JsonHandler):
+class StreamHandler(ReadEndpoint):
     """``GET /api/v1/stream``: ``event: status`` with the whole status document at once and after
     every pass, ``event: event`` for each event recorded. Ends when the client leaves."""
-
-    accepts_session = True  # the status page reads it
-    reconciler: Reconciler
 
     async def get(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")

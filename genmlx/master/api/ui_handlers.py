@@ -1,6 +1,6 @@
 """The status page's HTTP side: its files (``ui/``, served without auth: they hold no data), the
 login that trades a one-time code for a session cookie, and the code the CLI asks for with the
-token. Which data endpoints a session may read is decided by their ``accepts_session``."""
+token. A session reads only the data endpoints ``make_app`` gives the ``sessions`` verifier to."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from tornado.web import RequestHandler, StaticFileHandler
 
-from genmlx.core.http import JsonHandler
+from genmlx.core.http import ApiHandler
 from genmlx.master.api.ui_auth import COOKIE_NAME, LoginCodes, Sessions
 
 PAGE_HEADERS = {
@@ -54,10 +54,12 @@ class UiFileHandler(StaticFileHandler):
         self.finish(f"{status_code}\n")
 
 
-class UiLoginCodeHandler(JsonHandler):
+class UiLoginCodeHandler(ApiHandler):
     """``POST /api/v1/ui/login`` (bearer token): a one-time sign-in link for the browser."""
 
-    codes: LoginCodes
+    def initialize(self, token: str, codes: LoginCodes) -> None:
+        super().initialize(token)
+        self.codes = codes
 
     def post(self) -> None:
         code = self.codes.issue()
@@ -92,12 +94,12 @@ class UiLoginHandler(RequestHandler):
         self.redirect("/", status=303)
 
 
-def ui_routes(token: str, deps: dict[str, Any]) -> tuple[list[tuple], Sessions]:
+def ui_routes(token: str) -> tuple[list[tuple], Sessions]:
     """The page's routes and the session verifier the data endpoints take in their deps."""
     sessions, codes = Sessions(token), LoginCodes()
     root = str(ui_root())
     routes: list[tuple] = [
-        (r"/api/v1/ui/login", UiLoginCodeHandler, {**deps, "codes": codes}),
+        (r"/api/v1/ui/login", UiLoginCodeHandler, {"token": token, "codes": codes}),
         (r"/ui/login", UiLoginHandler, {"codes": codes, "sessions": sessions}),
         (r"/()", UiFileHandler, {"path": root, "default_filename": "index.html"}),
         (r"/ui/(.+)", UiFileHandler, {"path": root}),

@@ -1,24 +1,28 @@
 """The master's HTTP client for agents and for rank 0's health check.
 
 Maps transport outcomes onto the error tree: no answer or a 5xx is ``AgentUnreachable`` (worth
-retrying), 401/403 is ``AuthError``, any other 4xx is ``AgentRequestError`` (permanent).
+retrying), 401/403 is ``AuthError``, 404 ``AgentNotFound``, 409 ``AgentConflict``, any other 4xx
+``AgentRequestError`` (all three permanent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from genmlx.core.errors import AgentRequestError, AgentUnreachable, AuthError
+from genmlx.core.errors import AgentConflict, AgentNotFound, AgentRequestError, AgentUnreachable, AuthError
 from genmlx.master.planning.observed import EndpointHealth
 from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo
 from genmlx.wire.rank_launch import RankLaunch
 
 STATE_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 3.0
+# The error each 4xx an agent answers with becomes here; any other is an ``AgentRequestError``.
+REJECTIONS: dict[int, type[AgentRequestError]] = {404: AgentNotFound, 409: AgentConflict}
 
 
 class AgentClient:
@@ -38,29 +42,20 @@ class AgentClient:
 
     async def stop_rank(self, model: str, rank: int) -> None:
         """Stop a rank and forget it; a rank the agent does not know is already stopped."""
-        try:
+        with contextlib.suppress(AgentNotFound):
             await self._call("DELETE", rank_path(model, rank), timeout=self._stop_timeout_s)
-        except AgentRequestError as e:
-            if e.status != 404:
-                raise
 
     async def fetch_model(self, request: FetchRequest) -> None:
         """Ask the agent to download or sync a model; one already under way is fine."""
-        try:
+        with contextlib.suppress(AgentConflict):
             await self._call("POST", "/api/v1/models", request.to_json())
-        except AgentRequestError as e:
-            if e.status != 409:
-                raise
 
     async def delete_model(self, storage_path: str, model: str) -> None:
         """Prune a model directory GenMLX put in ``storage_path`` (the agent refuses a user's own
         directory with 409); one that is already gone is fine."""
         query = urlencode({"storagePath": storage_path, "managedOnly": "true"})
-        try:
+        with contextlib.suppress(AgentNotFound):
             await self._call("DELETE", f"/api/v1/models/{quote(model, safe='')}?{query}")
-        except AgentRequestError as e:
-            if e.status != 404:
-                raise
 
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:
         return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")
@@ -94,7 +89,8 @@ def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exc
     message = error_message(e)
     if e.code >= 500:
         return AgentUnreachable(f"agent at {address} failed {method} {path}: {message}")
-    return AgentRequestError(f"agent at {address} rejected {method} {path}: {message}", e.code)
+    rejection = REJECTIONS.get(e.code, AgentRequestError)
+    return rejection(f"agent at {address} rejected {method} {path}: {message}")
 
 
 def error_message(e: HTTPClientError) -> str:
