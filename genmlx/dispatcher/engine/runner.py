@@ -125,7 +125,7 @@ class Engine:
         self._on_group_ended = on_group_ended
         self._channel: RankChannel | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._stopping = False
+        self._stopping = threading.Event()  # set on the event loop, read by the model thread
         self.loaded: LoadedModel | None = None
         self._thread = threading.Thread(target=self._run, name="genmlx-model", daemon=True)
 
@@ -135,7 +135,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, deliver: Callable[[EngineEvent], None]) -> Job:
         """Queue ``request``; ``deliver`` will be called on the event loop with each of its events."""
-        if self._stopping:
+        if self._stopping.is_set():
             raise NotReady("The server is shutting down.", code="shutting_down")
         if self.loaded is None:
             raise NotReady("The model is still loading; retry shortly.")
@@ -147,7 +147,7 @@ class Engine:
 
     def stop(self) -> None:
         """Cancel the running and waiting jobs and let the model thread end."""
-        self._stopping = True
+        self._stopping.set()
         self._queue.put(None)
 
     def join(self, timeout: float) -> bool:
@@ -167,7 +167,14 @@ class Engine:
         self._io_loop.add_callback(self._publish_loaded, loaded)
         try:
             if self._channel is None or self._channel.is_leader:
-                _Leader(self, loaded).run()
+                _Leader(
+                    loaded,
+                    lambda: self._make_decoder(loaded),
+                    self._queue,
+                    self._stopping,
+                    self._io_loop,
+                    self._channel,
+                ).run()
             else:
                 self._follow(loaded)
         except LockstepBroken as e:
@@ -191,7 +198,7 @@ class Engine:
         until it says ``Shutdown`` or this rank is told to stop (rank 0 then finds the group broken
         at its next heartbeat)."""
         channel, decoder = self._channel, self._make_decoder(loaded)
-        while not self._stopping:
+        while not self._stopping.is_set():
             received = channel.receive()
             message = received.message
             if isinstance(message, Shutdown):
@@ -254,25 +261,39 @@ class _Running:
 
 
 class _Leader:
-    """Rank 0's (or the only rank's) scheduling loop: admit, step, deliver, until ``stop``."""
+    """Rank 0's (or the only rank's) scheduling loop: admit, step, deliver, until ``stopping``.
 
-    def __init__(self, engine: Engine, loaded: LoadedModel):
-        self._engine = engine
+    It takes jobs from ``jobs`` (None: wake up and look at ``stopping``), decodes with what
+    ``make_decoder`` makes (a fresh one after a failed step), posts events through ``io_loop`` and,
+    in a group, tells the other ranks each step through ``channel``."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        make_decoder: Callable[[], Decoder],
+        jobs: queue.Queue[Job | None],
+        stopping: threading.Event,
+        io_loop: IOLoop,
+        channel: RankChannel | None,
+    ):
         self._loaded = loaded
-        self._channel = engine._channel
-        self._decoder = engine._make_decoder(loaded)
+        self._make_decoder = make_decoder
+        self._jobs = jobs
+        self._stopping = stopping
+        self._io_loop = io_loop
+        self._channel = channel
+        self._decoder = make_decoder()
         self._running: dict[int, _Running] = {}
         self._leaving: list[int] = []  # sequences that ended here but not in the decoder
         self._uids = itertools.count()
         self._outbox: list[tuple[Job, list[EngineEvent]]] = []
 
     def run(self) -> None:
-        engine = self._engine
         while True:
             first = None
             if not self._running and not self._leaving:
                 first = self._wait_for_job()
-            if engine._stopping:
+            if self._stopping.is_set():
                 break
             self._step(first)
         for run in self._running.values():
@@ -336,7 +357,7 @@ class _Leader:
 
     def _wait_for_job(self) -> Job | None:
         """Block until a job comes (None: ``stop``); in a group, send a heartbeat every second."""
-        channel, jobs = self._channel, self._engine._queue
+        channel, jobs = self._channel, self._jobs
         while True:
             try:
                 return jobs.get(timeout=HEARTBEAT_SECONDS if channel else None)
@@ -345,7 +366,7 @@ class _Leader:
 
     def _next_job(self) -> Job | None:
         try:
-            return self._engine._queue.get_nowait()
+            return self._jobs.get_nowait()
         except queue.Empty:
             return None
 
@@ -361,11 +382,11 @@ class _Leader:
         self._flush()
         if self._channel is not None:
             raise LockstepBroken(f"decoding failed on rank 0 ({type(error).__name__})") from error
-        self._decoder = self._engine._make_decoder(self._loaded)
+        self._decoder = self._make_decoder()
 
     def _flush(self) -> None:
         if self._outbox:
-            self._engine._io_loop.add_callback(_deliver_all, self._outbox)
+            self._io_loop.add_callback(_deliver_all, self._outbox)
             self._outbox = []
 
 

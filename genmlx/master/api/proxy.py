@@ -36,7 +36,7 @@ class ModelsHandler(ApiHandler):
         applied = self.reconciler.applied
         specs = applied.manifest.models if applied else ()
         created = int(applied.applied_at) if applied else int(time.time())
-        ready = serving_endpoints(self.reconciler)
+        ready = self.reconciler.serving_endpoints()
         data = [
             {
                 "id": s.name,
@@ -118,33 +118,18 @@ class ProxyHandler(ApiHandler):
                 self.set_header(name, headers[name])
 
 
-def serving_endpoints(reconciler: Reconciler) -> dict[str, str]:
-    """Rank 0's base URL of every model that is Ready, by model name."""
-    snapshot = reconciler.snapshot
-    if snapshot is None:
-        return {}
-    return {
-        a.model: snapshot.observed.endpoints[a.model].url
-        for a in snapshot.assessments
-        if a.phase == "Ready" and a.model in snapshot.observed.endpoints
-    }
-
-
 def endpoint_for(reconciler: Reconciler, model: Any) -> str:
     """The base URL of ``model``'s rank 0, or the API error that says why there is none."""
     if not isinstance(model, str) or not model:
         raise InvalidRequest(
             "The request names no model: set 'model' to one of GET /v1/models.", param="model"
         )
-    applied = reconciler.applied
-    names = [s.name for s in applied.manifest.models] if applied else []
+    names = reconciler.model_names()
     if model not in names:
         served = ", ".join(names) or "none"
         raise UnknownModel(f"The model {model!r} does not exist (models: {served}).", param="model")
-    endpoint = serving_endpoints(reconciler).get(model)
+    endpoint = reconciler.serving_endpoints().get(model)
     if endpoint is None:
-        snapshot = reconciler.snapshot
-        condition = snapshot.models.get(model) if snapshot else None
-        why = condition.message if condition else "the master has not observed the cluster yet"
+        why = reconciler.why_not_serving(model)
         raise NotReady(f"The model {model!r} is not ready: {why}", code="model_not_ready")
     return endpoint

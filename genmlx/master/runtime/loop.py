@@ -179,6 +179,24 @@ class Reconciler:
             listener()
         return self.snapshot
 
+    def model_names(self) -> tuple[str, ...]:
+        """The models of the applied manifest, in its order (none before the first apply)."""
+        return tuple(spec.name for spec in self.applied.manifest.models) if self.applied else ()
+
+    def serving_endpoints(self) -> dict[str, str]:
+        """Rank 0's base URL of every model the last pass found Ready, by model name."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return {}
+        endpoints = snapshot.observed.endpoints
+        ready = (a.model for a in snapshot.assessments if a.phase == "Ready")
+        return {model: endpoints[model].url for model in ready if model in endpoints}
+
+    def why_not_serving(self, model: str) -> str:
+        """What the last pass said of ``model``'s readiness, for a client it cannot serve."""
+        condition = self.snapshot.models.get(model) if self.snapshot else None
+        return condition.message if condition else "the master has not observed the cluster yet"
+
     def on_pass(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener`` after every pass (the status stream); returns the unsubscribe."""
         self._pass_listeners.append(listener)
