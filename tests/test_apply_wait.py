@@ -4,6 +4,7 @@ clock, and the real command against a real master and agent on loopback."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,25 @@ def test_a_terminal_gets_a_live_table_and_progress_bars():
     assert "Progressing" in text and "m is starting" in text
     assert "download m to a" in text and "0.2/1.0 kB" in text and "━" in text
     assert isinstance(make_display(Console(file=StringIO())), PlainDisplay), "no terminal: plain lines"
+
+
+def test_the_plan_apply_prints_is_the_plan_the_master_carries_out(
+    spawn, genmlx_home, tmp_path, demo_model_dir
+):
+    cluster = MasterAndAgent(spawn, tmp_path, {})
+    shutil.copytree(demo_model_dir, cluster.storage / "demo")
+    done = cluster.apply_wait(
+        f"    - {{name: demo, source: 'file://{cluster.storage / 'demo'}', nodes: [a]}}\n", "--timeout", "120"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = [line.strip() for line in done.stdout.splitlines() if line.startswith(("  + ", "  ~ ", "  - "))]
+    assert printed and printed[0].startswith("+ start demo (rank 0 on a:"), done.stdout
+    from genmlx.core.home import read_token
+
+    url = f"http://127.0.0.1:{cluster.master_port}/api/v1/events?kind=Model&name=demo"
+    events = call("GET", url, read_token())
+    carried_out = [e["message"] for e in events.json()["events"] if e["reason"] in ACTION_REASONS]
+    assert sorted(carried_out) == sorted(printed), "every printed action was carried out as printed"
+
+
+ACTION_REASONS = ("StartRankGroup", "StopRankGroup", "FetchModel", "DeleteModel")

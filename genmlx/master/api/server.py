@@ -21,7 +21,7 @@ from genmlx.master.api.proxy import ModelsHandler, ProxyHandler
 from genmlx.master.api.stream import EventsHandler, ReadEndpoint, StreamHandler, current_status
 from genmlx.master.api.ui_handlers import ui_routes
 from genmlx.master.planning.actions import describe_plan, plan_summary
-from genmlx.master.runtime.loop import Reconciler
+from genmlx.master.runtime.loop import ApplyOutcome, Reconciler
 
 PREVIEW_TIMEOUT_S = 10.0
 
@@ -70,7 +70,21 @@ class ManifestHandler(ApiHandler):
             issues = [str(i) for i in e.issues]
             raise InvalidManifest("The manifest is invalid; nothing was applied.", issues=issues) from None
         document = {"generation": outcome.applied.generation, "changed": outcome.changed}
-        self.write_json(200, {**document, **await self.preview(outcome.applied.manifest)})
+        self.write_json(200, {**document, **await self.executed_plan(outcome)})
+
+    async def executed_plan(self, outcome: ApplyOutcome) -> dict[str, Any]:
+        """The plan of the loop's first pass over the applied manifest: the one it carries out."""
+        try:
+            planned = self.reconciler.planned(outcome.after_pass)
+            snapshot = await asyncio.wait_for(planned, PREVIEW_TIMEOUT_S)
+        except TimeoutError:
+            late = f"the master has not planned within {PREVIEW_TIMEOUT_S:.0f} s (an agent is slow to answer)"
+            return {"plan": None, "summary": f"{late}: `genmlx status` shows what it does"}
+        lines = describe_plan(list(snapshot.planned))
+        summary = plan_summary(lines)
+        if snapshot.generation != outcome.applied.generation:
+            summary += f" (the plan of generation {snapshot.generation}, applied meanwhile)"
+        return {"plan": lines, "summary": summary}
 
     async def dry_run(self, manifest: Manifest) -> None:
         applied = self.reconciler.applied
@@ -81,6 +95,7 @@ class ManifestHandler(ApiHandler):
         self.write_json(200, {**document, **await self.preview(manifest)})
 
     async def preview(self, manifest: Manifest) -> dict[str, Any]:
+        """What a pass would do for ``manifest`` now (a dry run: nothing carries it out)."""
         try:
             actions = await asyncio.wait_for(self.reconciler.preview(manifest), PREVIEW_TIMEOUT_S)
         except TimeoutError:

@@ -79,6 +79,7 @@ class RejectedManifest:
 class ApplyOutcome:
     applied: AppliedManifest
     changed: bool
+    after_pass: int  # passes started before the apply: the next one plans it (``planned``)
 
 
 class Reconciler:
@@ -108,6 +109,8 @@ class Reconciler:
         self._canaries = Canaries.from_environment(http, token)
         self._canaries.on_result = self.wake
         self._stopping = False
+        self._passes_started = 0
+        self._plan_waiters: list[tuple[int, asyncio.Future[Snapshot]]] = []
         self.applied: AppliedManifest | None = store.load()
         self.snapshot: Snapshot | None = None
         self.rejected: RejectedManifest | None = None
@@ -130,7 +133,15 @@ class Reconciler:
         self._store.save(applied)
         self.applied = applied
         self.wake()
-        return ApplyOutcome(applied, changed)
+        return ApplyOutcome(applied, changed, self._passes_started)
+
+    async def planned(self, after_pass: int) -> Snapshot:
+        """The snapshot of the first pass started after pass number ``after_pass``, as soon as it
+        has planned and before it acts: its ``planned`` actions are exactly what that pass carries
+        out, so an apply can show the plan the loop executes rather than a second guess."""
+        future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        self._plan_waiters.append((after_pass, future))
+        return await future
 
     async def preview(self, manifest: Manifest) -> list[Action]:
         """What a pass would do for ``manifest`` now, without doing it."""
@@ -161,12 +172,15 @@ class Reconciler:
         if applied is None:
             return None
         started = time.monotonic()
+        self._passes_started += 1
+        number = self._passes_started
         observed = await self._observe(applied.manifest)
         assessments = assess_models(applied.manifest, observed)
         actions = actions_for(applied.manifest, observed, assessments)
         previous = self.snapshot
         snapshot = self._conclude(applied, observed, assessments, actions)
         self.snapshot = snapshot
+        self._tell_planned(number, snapshot)
         self._record_transitions(previous, snapshot, applied.manifest.name)
         results = await execute(actions, self._clients_for(applied.manifest)) if actions else []
         self._remember_rollouts(snapshot, results, observed.now)
@@ -196,6 +210,17 @@ class Reconciler:
         """What the last pass said of ``model``'s readiness, for a client it cannot serve."""
         condition = self.snapshot.models.get(model) if self.snapshot else None
         return condition.message if condition else "the master has not observed the cluster yet"
+
+    def _tell_planned(self, number: int, snapshot: Snapshot) -> None:
+        waiting = []
+        for after, future in self._plan_waiters:
+            if future.done():  # its apply stopped waiting
+                continue
+            if number > after:
+                future.set_result(snapshot)
+            else:
+                waiting.append((after, future))
+        self._plan_waiters = waiting
 
     def on_pass(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call ``listener`` after every pass (the status stream); returns the unsubscribe."""
