@@ -74,6 +74,7 @@ BACKOFF = ModelAssessment(
     "rank 0 on a exited with code 1; restarting in 8s",
     ranks=(("a", rank("exited")),),
 )
+SERVING = ModelAssessment("m", "Ready", "Serving", "serving at http://10.0.0.1:8100/v1")
 CASES = {
     "a quiet ready node: all calm": (manifest(), observed(node()), (), calm_but()),
     "a download into it: Reconciling with its progress": (
@@ -89,6 +90,12 @@ CASES = {
         observed(node(ranks=[rank(phase="loading")])),
         (),
         calm_but(Reconciling=("True", "RankStarting", "rank 0 of m is loading")),
+    ),
+    "a rank its agent last saw loading, of a model the master found serving: calm": (
+        manifest(),
+        observed(node(ranks=[rank(phase="loading")])),
+        (SERVING,),
+        calm_but(),
     ),
     "unauthorized: Stalled with the agent's word": (
         manifest(),

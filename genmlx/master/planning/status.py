@@ -133,8 +133,9 @@ def node_phases(
     if node is None:
         message = f"node {spec.name} has not been observed yet"
         return tuple(Condition(t, "Unknown", "NotObserved", message, now) for t in CALM_REASONS)
+    serving = {a.model for a in assessments if a.phase == "Ready"}
     findings = {
-        "Reconciling": node_reconciling(node),
+        "Reconciling": node_reconciling(node, serving),
         "Stalled": node_stalled(spec, node),
         "Degraded": node_degraded(manifest, node, assessments),
     }
@@ -148,8 +149,10 @@ def finding_condition(type_: str, findings: list[Finding], now: float) -> Condit
     return Condition(type_, "True", findings[0][0], "; ".join(message for _, message in findings), now)
 
 
-def node_reconciling(node: ObservedNode) -> list[Finding]:
-    """Transfers into the node, and ranks on it still starting or loading."""
+def node_reconciling(node: ObservedNode, serving: set[str]) -> list[Finding]:
+    """Transfers into the node, and ranks on it still starting or loading. A rank of a model the
+    master found serving is not: its own check of rank 0 is fresher than the agent's poll, and
+    the ranks of a group serve together."""
     state = node.state
     findings = [
         (transfer_reason(t), transfer_progress(node.name, t))
@@ -157,7 +160,8 @@ def node_reconciling(node: ObservedNode) -> list[Finding]:
         if t.state == "running"
     ]
     for info in node.ranks:
-        if info.state == "running" and info.phase in ("starting", "loading"):
+        starting = info.state == "running" and info.phase in ("starting", "loading")
+        if starting and info.launch.model not in serving:
             findings.append(
                 ("RankStarting", f"rank {info.launch.rank} of {info.launch.model} is {info.phase}")
             )
