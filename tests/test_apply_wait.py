@@ -14,6 +14,7 @@ from agent_harness import call
 from conftest import free_port, http_status, wait_until
 
 from genmlx.cli.apply_wait import Outcome, PlainDisplay, follow, judge, read_view, timed_out
+from genmlx.wire.status import ClusterStatus
 
 
 def condition(type_: str, status: str, reason: str = "", message: str = "") -> dict:
@@ -27,12 +28,17 @@ def model(name: str, phase: str, reason: str, message: str = "", stalled: bool =
         if stalled
         else condition("Stalled", "False", "NotStalled")
     )
-    return {"name": name, "phase": phase, "conditions": [ready, condition("Reconciling", "False"), stall]}
+    conditions = [ready, condition("Reconciling", "False"), stall]
+    spec = {"source": f"hf://org/{name}", "revision": "main", "nodes": ["a"], "parallelism": "auto"}
+    return {"name": name, "phase": phase, "conditions": conditions, **spec}
 
 
-def document(*models: dict, observed: int = 2, transfers=()) -> dict:
-    nodes = [{"name": "a", "transfers": list(transfers)}]
-    return {"generation": 2, "observedGeneration": observed, "models": list(models), "nodes": nodes}
+def document(*models: dict, observed: int = 2, transfers=()) -> ClusterStatus:
+    """A status document as the master sends it, read as ``apply --wait`` reads it."""
+    moved = [{"origin": f"hf://org/{t['model']}@main", "storagePath": "/models", **t} for t in transfers]
+    nodes = [{"name": "a", "conditions": [condition("Ready", "True")], "transfers": moved}]
+    cluster = {"generation": 2, "observedGeneration": observed, "conditions": [condition("Ready", "True")]}
+    return ClusterStatus.from_json({**cluster, "models": list(models), "nodes": nodes})
 
 
 READY = model("m", "Ready", "Serving", "serving at http://127.0.0.1:8100/v1")

@@ -25,4 +25,4 @@ def test_repeats_are_counted_and_history_survives_reopening(tmp_path):
     # Only a repeat of the object's latest event is folded: an old one recurring is news again.
     again = reopened.record("Model", "qwen", "Warning", "RankExited", "rank 0 exited with code 1")
     assert again.count == 1
-    assert reopened.recent(limit=1)[0].to_json()["object"] == {"kind": "Model", "name": "qwen"}
+    assert reopened.recent(limit=1)[0].report().to_json()["object"] == {"kind": "Model", "name": "qwen"}

@@ -57,6 +57,7 @@ from genmlx.master.planning.mesh import (
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState, NetworkInterface, NodeFacts, RankInfo
 from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.status import ClusterStatus, ConditionReport, ModelRank, ModelStatus, NodeStatus
 
 RECORDINGS = Path(__file__).parent / "data" / "macos"
 
@@ -682,42 +683,57 @@ def test_observed_nodes_give_the_planner_their_agents_host_and_facts():
 
 
 def test_the_hostfile_a_running_group_was_started_with_comes_from_rank_0_in_the_status():
-    launch = {"rank": 0, "hostfile": ["10.0.0.1:32323", "10.0.0.2:32324"]}
-    status = {
-        "models": [
-            {"name": "other", "ranks": [{"node": "a", "launch": {**launch, "hostfile": ["x:1", "y:2"]}}]},
-            {
-                "name": "pair",
-                "ranks": [{"node": "b", "launch": {**launch, "rank": 1}}, {"node": "a", "launch": launch}],
-            },
-            {"name": "solo", "ranks": [{"node": "c", "launch": {"rank": 0, "hostfile": []}}]},
-        ]
-    }
+    hostfile = ("10.0.0.1:32323", "10.0.0.2:32324")
+    pair = (ranked("b", launched("pair", 1, hostfile)), ranked("a", launched("pair", 0, hostfile)))
+    status = status_with_models(
+        model_status("other", ranked("a", launched("other", 0, ("x:1", "y:2")))),
+        model_status("pair", *pair),
+        model_status("solo", ranked("c", launched("solo", 0))),
+    )
     assert running_hostfile(status, "pair") == [["10.0.0.1:32323"], ["10.0.0.2:32324"]]
     assert running_hostfile(status, "solo") is None, "one rank: no hostfile"
     assert running_hostfile(status, "absent") is None
     assert running_hostfile(None, "pair") is None
 
 
-def status_of(observed: Observed) -> dict:
+READY = ConditionReport("Ready", "True", "Serving", "")
+
+
+def launched(model: str, rank: int, hostfile: tuple[str, ...] = ()) -> RankInfo:
+    world = max(1, len(hostfile))
+    return RankInfo(RankLaunch(model, f"/m/{model}", rank, world, 8100, "h", hostfile), 1, "running", 0.0)
+
+
+def ranked(node: str, info: RankInfo) -> ModelRank:
+    return ModelRank(**vars(info), node=node)
+
+
+def model_status(name: str, *ranks: ModelRank) -> ModelStatus:
+    nodes = tuple(rank.node for rank in ranks)
+    return ModelStatus(name, f"hf://org/{name}", "main", nodes, "auto", "Ready", (READY,), ranks=ranks)
+
+
+def status_with_models(*models: ModelStatus) -> ClusterStatus:
+    return ClusterStatus(1, 1, (READY,), name="test", models=models)
+
+
+def status_of(observed: Observed) -> ClusterStatus:
     """The nodes of the master's status document, as ``report.node_document`` writes them."""
-    return {
-        "nodes": [
-            {
-                "name": node.name,
-                "address": node.address,
-                "conditions": [],
-                "facts": node.state.facts.to_json() if node.state else None,
-                "storage": [s.to_json() for s in node.state.storage] if node.state else [],
-                "ranks": [r.to_json() for r in node.ranks],
-                "transfers": [],
-            }
-            for node in observed.nodes.values()
-        ]
-    }
+    nodes = tuple(
+        NodeStatus(
+            node.name,
+            (READY,),
+            node.address,
+            facts=node.state.facts if node.state else None,
+            storage=node.state.storage if node.state else (),
+            ranks=node.ranks,
+        )
+        for node in observed.nodes.values()
+    )
+    return ClusterStatus.from_json(ClusterStatus(1, 1, (READY,), name="test", nodes=nodes).to_json())
 
 
-def plan_document(manifest: Manifest, status: dict | None) -> dict:
+def plan_document(manifest: Manifest, status: ClusterStatus | None) -> dict:
     source = FactsSource(status is not None, "test")
     return mesh_document(manifest, mesh_nodes(manifest, status), source, status)
 

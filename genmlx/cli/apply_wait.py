@@ -28,9 +28,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from genmlx.wire.status import ClusterStatus, ModelStatus
+
 POLL_S = 1.0
 
-StatusSource = Callable[[], dict[str, Any] | None]  # the status document, or None while unreachable
+StatusSource = Callable[[], ClusterStatus | None]  # the status document, or None while unreachable
 
 
 @dataclass(frozen=True)
@@ -77,31 +79,26 @@ class Outcome:
     message: str
 
 
-def read_view(document: dict[str, Any], generation: int) -> WaitView:
+def read_view(status: ClusterStatus, generation: int) -> WaitView:
     """The wait's view of a status document (pure)."""
-    caught_up = document.get("observedGeneration", 0) >= generation
-    models = tuple(model_line(m) for m in document.get("models") or [])
+    caught_up = status.observed_generation >= generation
+    models = tuple(model_line(m) for m in status.models)
     transfers = tuple(
-        TransferLine(n["name"], t["model"], t["kind"], t["state"], t.get("bytesDone", 0), t.get("bytesTotal"))
-        for n in document.get("nodes") or []
-        for t in n.get("transfers") or []
+        TransferLine(n.name, t.model, t.kind, t.state, t.bytes_done, t.bytes_total)
+        for n in status.nodes
+        for t in n.transfers
     )
     return WaitView(caught_up, models, transfers)
 
 
-def model_line(model: dict[str, Any]) -> ModelLine:
-    conditions = {c["type"]: c for c in model.get("conditions") or []}
-    ready = conditions.get("Ready", {})
-    stalled = conditions.get("Stalled", {})
-    shown = stalled if stalled.get("status") == "True" else ready
-    return ModelLine(
-        model["name"],
-        model.get("phase", "?"),
-        ready.get("status") == "True",
-        stalled.get("status") == "True",
-        shown.get("reason", ""),
-        shown.get("message", ""),
-    )
+def model_line(model: ModelStatus) -> ModelLine:
+    conditions = {c.type: c for c in model.conditions}
+    ready, stalled = conditions.get("Ready"), conditions.get("Stalled")
+    is_ready = ready is not None and ready.status == "True"
+    is_stalled = stalled is not None and stalled.status == "True"
+    shown = stalled if is_stalled else ready
+    reason, message = (shown.reason, shown.message) if shown else ("", "")
+    return ModelLine(model.name, model.phase, is_ready, is_stalled, reason, message)
 
 
 def judge(view: WaitView) -> Outcome | None:
@@ -150,12 +147,12 @@ def follow(
     unreachable_noted = False
     try:
         while True:
-            document = fetch()
-            if document is None and not unreachable_noted:
+            status = fetch()
+            if status is None and not unreachable_noted:
                 display.note("the master does not answer; still waiting")
                 unreachable_noted = True
-            if document is not None:
-                view = read_view(document, generation)
+            if status is not None:
+                view = read_view(status, generation)
                 display.show(view)
                 if (outcome := judge(view)) is not None:
                     return outcome
@@ -279,11 +276,11 @@ def make_display(console: Console | None = None) -> Display:
 def wait_for_apply(url: str, token: str, generation: int, timeout: float | None) -> int:
     """Follow the master at ``url`` after an apply of ``generation``; print the outcome and
     return the exit status."""
-    from genmlx.cli.master_client import MasterError, call_master
+    from genmlx.cli.master_client import MasterError, fetch_status
 
-    def fetch() -> dict[str, Any] | None:
+    def fetch() -> ClusterStatus | None:
         try:
-            return call_master(url, token, "GET", "/api/v1/status", timeout=10)
+            return fetch_status(url, token, timeout=10)
         except MasterError:
             return None  # restarting or busy: the deadline decides how long that may last
 

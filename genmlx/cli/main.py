@@ -143,8 +143,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from genmlx.cli.master_client import MasterError, apply_manifest, master_url
-    from genmlx.core.gitrev import file_revision
     from genmlx.manifest import load_manifest
+    from genmlx.manifest.revision import file_revision
 
     if args.timeout is not None and not args.wait:
         raise UsageError("--timeout goes with --wait: how long to follow the rollout")
@@ -205,10 +205,10 @@ def print_plan(result: dict) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from genmlx.cli.master_client import call_master, format_status, master_url
+    from genmlx.cli.master_client import fetch_status, format_status, master_url
 
-    document = call_master(master_url(args.master), read_token(), "GET", "/api/v1/status")
-    print_document(document, args.output, lambda: format_status(document))
+    status = fetch_status(master_url(args.master), read_token())
+    print_document(status.to_json(), args.output, lambda: format_status(status))
     return 0
 
 
@@ -228,27 +228,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from genmlx.cli.master_client import call_master, format_items, master_url
+    from genmlx.cli.master_client import fetch_status, format_items, master_url
 
-    items = call_master(master_url(args.master), read_token(), "GET", "/api/v1/status")[args.what]
-    print_document(items, args.output, lambda: format_items(args.what, items))
+    items = getattr(fetch_status(master_url(args.master), read_token()), args.what)
+    print_document([i.to_json() for i in items], args.output, lambda: format_items(args.what, items))
     return 0
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from urllib.parse import urlencode
-
-    from genmlx.cli.master_client import MasterError, call_master, format_described, master_url
+    from genmlx.cli.master_client import MasterError, fetch_events, fetch_status, format_described, master_url
 
     url, token = master_url(args.master), read_token()
-    items = call_master(url, token, "GET", "/api/v1/status")[f"{args.what}s"]
-    item = next((i for i in items if i["name"] == args.name), None)
+    status = fetch_status(url, token)
+    item = status.node(args.name) if args.what == "node" else status.model(args.name)
     if item is None:
         raise MasterError(f"no {args.what} named {args.name!r} in the applied manifest")
-    query = urlencode({"kind": args.what.capitalize(), "name": args.name, "limit": 20})
-    events = call_master(url, token, "GET", f"/api/v1/events?{query}")["events"]
-    described = {**item, "events": events}
-    print_document(described, args.output, lambda: format_described(args.what, described))
+    events = fetch_events(url, token, args.what.capitalize(), args.name)
+    described = {**item.to_json(), "events": [e.to_json() for e in events]}
+    print_document(described, args.output, lambda: format_described(item, events))
     return 0
 
 

@@ -11,9 +11,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from genmlx.core.errors import AuthError, GenMLXError
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
+from genmlx.wire.status import ClusterStatus, ConditionReport, EventReport, ModelStatus, NodeStatus
 
 
 class MasterError(GenMLXError):
@@ -76,66 +78,77 @@ def apply_manifest(
     return call_master(url, token, "POST", "/api/v1/manifest", body)
 
 
-def format_status(document: dict[str, Any]) -> str:
+def fetch_status(url: str, token: str, timeout: float = 60) -> ClusterStatus:
+    """The master's status document, typed."""
+    return ClusterStatus.from_json(call_master(url, token, "GET", "/api/v1/status", timeout=timeout))
+
+
+def fetch_events(url: str, token: str, kind: str, name: str, limit: int = 20) -> tuple[EventReport, ...]:
+    """The newest events about one node or model."""
+    query = urlencode({"kind": kind, "name": name, "limit": limit})
+    events = call_master(url, token, "GET", f"/api/v1/events?{query}")["events"]
+    return tuple(EventReport.from_json(e) for e in events)
+
+
+def format_status(status: ClusterStatus) -> str:
     """A terminal view of the status document: the cluster line, then nodes, then models."""
-    cluster = document["conditions"][0]
-    revision = document.get("lastAppliedRevision")
-    rev = f"  revision {revision['commit'][:12]}{'-dirty' if revision['dirty'] else ''}" if revision else ""
+    cluster = status.conditions[0]
+    revision = status.last_applied_revision
+    rev = f"  revision {revision}" if revision else ""
     lines = [
-        f"cluster {document.get('name', '-')}: Ready={cluster['status']} ({cluster['reason']})",
-        f"  {cluster['message']}",
-        f"generation {document.get('generation', 0)}, observed {document.get('observedGeneration', 0)}{rev}",
+        f"cluster {status.name or '-'}: Ready={cluster.status} ({cluster.reason})",
+        f"  {cluster.message}",
+        f"generation {status.generation}, observed {status.observed_generation}{rev}",
     ]
-    if document["nodes"]:
-        rows = [(n["name"], *condition_cells(n, n.get("address"))) for n in document["nodes"]]
+    if status.nodes:
+        rows = [(n.name, *condition_cells(n.conditions, n.address)) for n in status.nodes]
         lines += ["", *table(("NODE", "READY", "REASON", "ADDRESS", "MESSAGE"), rows)]
-    if document["models"]:
-        rows = [(m["name"], *condition_cells(m, m.get("endpoint"))) for m in document["models"]]
+    if status.models:
+        rows = [(m.name, *condition_cells(m.conditions, m.endpoint)) for m in status.models]
         lines += ["", *table(("MODEL", "READY", "REASON", "ENDPOINT", "MESSAGE"), rows)]
-    unmanaged = document.get("unmanagedAgents") or []
-    if unmanaged:
-        rows = [(a["name"], a["address"], a.get("version", "")) for a in unmanaged]
+    if status.unmanaged_agents:
+        rows = [(a.name, a.address, a.version) for a in status.unmanaged_agents]
         lines += ["", "unmanaged agents (announced, not in the manifest; never used):"]
         lines += ["  " + line for line in table(("NAME", "ADDRESS", "VERSION"), rows)]
-    pending = document.get("pendingActions") or []
-    if pending:
-        lines += ["", "pending:", *(f"  {a}" for a in pending)]
+    if status.pending_actions:
+        lines += ["", "pending:", *(f"  {a}" for a in status.pending_actions)]
     return "\n".join(lines)
 
 
-def format_items(what: str, items: list[dict[str, Any]]) -> str:
+def format_items(what: str, items: tuple[NodeStatus, ...] | tuple[ModelStatus, ...]) -> str:
     """`genmlx get nodes|models`: one row each."""
     where = "address" if what == "nodes" else "endpoint"
-    rows = [(i["name"], *condition_cells(i, i.get(where))) for i in items]
+    rows = [(i.name, *condition_cells(i.conditions, getattr(i, where))) for i in items]
     return "\n".join(table((what[:-1].upper(), "READY", "REASON", where.upper(), "MESSAGE"), rows))
 
 
-def format_described(what: str, item: dict[str, Any]) -> str:
+def format_described(item: NodeStatus | ModelStatus, events: tuple[EventReport, ...]) -> str:
     """`genmlx describe node|model NAME`: its fields, conditions and recent events."""
-    skip = {"name", "conditions", "events", "facts", "storage", "ranks", "copies", "transfers"}
-    lines = [f"{what.capitalize()}: {item['name']}"]
-    lines += [
-        f"  {key}: {value}" for key, value in item.items() if key not in skip and value not in (None, [])
-    ]
+    what = "Node" if isinstance(item, NodeStatus) else "Model"
+    fields = item.to_json()
+    skip = {"name", "conditions", "facts", "storage", "ranks", "copies", "transfers"}
+    lines = [f"{what}: {item.name}"]
+    shown = {key: value for key, value in fields.items() if key not in skip and value not in (None, [])}
+    lines += [f"  {key}: {value}" for key, value in shown.items()]
     lines += ["Conditions:"] + [
-        f"  {c['type']}={c['status']} {c['reason']}: {c['message']} (since {c['lastTransitionTime']})"
-        for c in item["conditions"]
+        f"  {c.type}={c.status} {c.reason}: {c.message} (since {c.last_transition_time})"
+        for c in item.conditions
     ]
     for key in ("ranks", "copies", "transfers"):
-        for entry in item.get(key) or []:
+        for entry in fields.get(key) or []:
             lines.append(f"  {key[:-1]}: {json.dumps(entry)}")
     lines.append("Events:")
-    for e in item["events"] or []:
-        times = f" (x{e['count']}, last {e['lastTimestamp']})" if e["count"] > 1 else ""
-        lines.append(f"  {e['firstTimestamp']} {e['type']} {e['reason']}: {e['message']}{times}")
-    if not item["events"]:
+    for e in events:
+        times = f" (x{e.count}, last {e.last_timestamp})" if e.count > 1 else ""
+        lines.append(f"  {e.first_timestamp} {e.type} {e.reason}: {e.message}{times}")
+    if not events:
         lines.append("  none")
     return "\n".join(lines)
 
 
-def condition_cells(item: dict[str, Any], where: str | None) -> tuple[str, str, str, str]:
-    ready = item["conditions"][0]
-    return ready["status"], ready["reason"], where or "-", ready["message"]
+def condition_cells(conditions: tuple[ConditionReport, ...], where: str | None) -> tuple[str, str, str, str]:
+    ready = conditions[0]
+    return ready.status, ready.reason, where or "-", ready.message
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

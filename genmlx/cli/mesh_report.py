@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genmlx.cli.master_client import MasterError, call_master
+from genmlx.cli.master_client import MasterError, fetch_status
 from genmlx.core.errors import AuthError
 from genmlx.core.home import default_token_path, read_token
 from genmlx.manifest.types import Manifest, ModelSpec, Node
@@ -32,7 +32,8 @@ from genmlx.master.planning.mesh import (
     ring_port,
 )
 from genmlx.master.planning.observed import Observed, ObservedNode
-from genmlx.wire.agent_state import AgentState, NodeFacts, RankInfo, StorageReport
+from genmlx.wire.agent_state import AgentState
+from genmlx.wire.status import ClusterStatus, NodeStatus
 
 
 @dataclass(frozen=True)
@@ -43,43 +44,38 @@ class FactsSource:
     detail: str  # "the master at http://...", or why no master could be asked
 
 
-def master_status(url: str, manifest: Manifest) -> tuple[dict[str, Any] | None, FactsSource]:
+def master_status(url: str, manifest: Manifest) -> tuple[ClusterStatus | None, FactsSource]:
     """The status document of the master at ``url``, or None and why: the plan works without it.
     Reads the token the manifest names without creating one."""
     token_file = manifest.auth.token_file
     token_path = Path(token_file).expanduser() if token_file else default_token_path()
     try:
-        status = call_master(url, read_token(token_path), "GET", "/api/v1/status", timeout=10)
+        status = fetch_status(url, read_token(token_path), timeout=10)
     except (MasterError, AuthError) as e:
         return None, FactsSource(False, f"unavailable: {e}")
     return status, FactsSource(True, f"from the master at {url}")
 
 
-def observed_from_status(manifest: Manifest, status: dict[str, Any] | None) -> Observed:
+def observed_from_status(manifest: Manifest, status: ClusterStatus | None) -> Observed:
     """What the master observed of each declared node, rebuilt from its status document (None: no
     master answered, so no agent is known)."""
-    seen = {n["name"]: n for n in (status or {}).get("nodes", [])}
+    seen = {n.name: n for n in status.nodes} if status else {}
     return Observed(now=0.0, nodes={n.name: observed_node(n, seen.get(n.name)) for n in manifest.nodes})
 
 
-def observed_node(node: Node, seen: dict[str, Any] | None) -> ObservedNode:
+def observed_node(node: Node, seen: NodeStatus | None) -> ObservedNode:
     """A node as the master's status shows it (its ``node_document``): ready with the state its
     agent reported, else unreachable, at the address the master used or the declared one."""
-    address = (seen or {}).get("address") or node.address or ""
-    if not seen or not seen.get("facts"):
+    address = (seen.address if seen else None) or node.address or ""
+    if seen is None or seen.facts is None:
         why = "the master did not reach its agent" if seen else "not in the master's status"
         return ObservedNode(node.name, address, "unreachable", why)
-    state = AgentState(
-        name=node.name,
-        version="",  # not in the status document, and nothing here reads it
-        facts=NodeFacts.from_json(seen["facts"]),
-        storage=tuple(StorageReport.from_json(s) for s in seen.get("storage", [])),
-        ranks=tuple(RankInfo.from_json(r) for r in seen.get("ranks", [])),
-    )
+    # The version is not in the status document, and nothing here reads it.
+    state = AgentState(node.name, "", seen.facts, storage=seen.storage, ranks=seen.ranks)
     return ObservedNode(node.name, address, "ready", "", state)
 
 
-def mesh_nodes(manifest: Manifest, status: dict[str, Any] | None) -> dict[str, MeshNode]:
+def mesh_nodes(manifest: Manifest, status: ClusterStatus | None) -> dict[str, MeshNode]:
     """Every declared node as the planner sees it: the address and facts the master observed, else
     the declared address (or the zeroconf name ``<node>.local``) and no facts."""
     return {
@@ -91,7 +87,7 @@ def mesh_nodes(manifest: Manifest, status: dict[str, Any] | None) -> dict[str, M
 
 
 def mesh_document(
-    manifest: Manifest, nodes: dict[str, MeshNode], source: FactsSource, status: dict[str, Any] | None = None
+    manifest: Manifest, nodes: dict[str, MeshNode], source: FactsSource, status: ClusterStatus | None = None
 ) -> dict[str, Any]:
     """The whole plan as plain JSON: the Thunderbolt links, then each multi-node model's mesh (with
     the hostfile its running ranks were started with, where the master's ``status`` shows one)."""
@@ -177,12 +173,12 @@ def mesh_fields(mesh: ModelMesh) -> dict[str, Any]:
     }
 
 
-def running_hostfile(status: dict[str, Any] | None, model: str) -> list[list[str]] | None:
+def running_hostfile(status: ClusterStatus | None, model: str) -> list[list[str]] | None:
     """The ring hostfile rank 0 of ``model`` runs with, as the master's status shows it; None
     where it runs no multi-rank group."""
-    found = next((m for m in (status or {}).get("models", []) if m["name"] == model), None)
-    rank0 = next((r for r in (found or {}).get("ranks", []) if r["launch"]["rank"] == 0), None)
-    hostfile = rank0["launch"].get("hostfile") if rank0 else None
+    found = status.model(model) if status else None
+    rank0 = next((r for r in found.ranks if r.launch.rank == 0), None) if found else None
+    hostfile = rank0.launch.hostfile if rank0 else ()
     return [[entry] for entry in hostfile] if hostfile else None
 
 

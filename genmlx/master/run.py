@@ -12,8 +12,8 @@ from pathlib import Path
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
-from genmlx.core.gitrev import file_revision
 from genmlx.core.mdns import discovery_enabled
+from genmlx.manifest.revision import file_revision
 from genmlx.manifest.types import DEFAULT_MASTER_PORT
 from genmlx.master.api.server import make_app
 from genmlx.master.runtime.applied import AppliedStore

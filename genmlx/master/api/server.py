@@ -13,7 +13,6 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.web import Application
 
 from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
-from genmlx.core.gitrev import Revision
 from genmlx.core.http import ApiHandler
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
@@ -22,6 +21,8 @@ from genmlx.master.api.stream import EventsHandler, ReadEndpoint, StreamHandler,
 from genmlx.master.api.ui_handlers import ui_routes
 from genmlx.master.planning.actions import describe_plan, plan_summary
 from genmlx.master.runtime.loop import ApplyOutcome, Reconciler
+from genmlx.wire.codec import WireError, decode
+from genmlx.wire.status import Revision
 
 PREVIEW_TIMEOUT_S = 10.0
 
@@ -38,6 +39,16 @@ class StatusHandler(ReadEndpoint):
 
     def get(self) -> None:
         self.write_json(200, current_status(self.reconciler))
+
+
+def revision_of(body: dict[str, Any]) -> Revision | None:
+    """The ``revision`` an apply names (the git commit its file was read at), checked."""
+    if body.get("revision") is None:
+        return None
+    try:
+        return decode(Revision, body["revision"], path="revision")
+    except WireError as e:
+        raise InvalidRequest(str(e), param="revision") from None
 
 
 class ManifestHandler(ApiHandler):
@@ -65,7 +76,7 @@ class ManifestHandler(ApiHandler):
         try:
             if body.get("dryRun"):
                 return await self.dry_run(load_manifest_text(text, filename))
-            outcome = self.reconciler.apply(text, filename, Revision.from_json(body.get("revision")))
+            outcome = self.reconciler.apply(text, filename, revision_of(body))
         except ManifestError as e:
             issues = [str(i) for i in e.issues]
             raise InvalidManifest("The manifest is invalid; nothing was applied.", issues=issues) from None

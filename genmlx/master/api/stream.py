@@ -18,7 +18,8 @@ HEARTBEAT_S = 15.0  # a comment line now and then keeps proxies from closing an 
 
 
 def current_status(reconciler: Reconciler) -> dict[str, Any]:
-    return status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected)
+    """The status document as JSON."""
+    return status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected).to_json()
 
 
 class ReadEndpoint(ApiHandler):
@@ -40,7 +41,7 @@ class EventsHandler(ReadEndpoint):
         kind, name = self.get_argument("kind", None), self.get_argument("name", None)
         log = self.reconciler.events
         events = log.recent(limit, kind, name) if log else []
-        self.write_json(200, {"events": [e.to_json() for e in events]})
+        self.write_json(200, {"events": [e.report().to_json() for e in events]})
 
 
 class StreamHandler(ReadEndpoint):
@@ -54,7 +55,7 @@ class StreamHandler(ReadEndpoint):
         unsubscribe = [self.reconciler.on_pass(lambda: queue.put_nowait(("status", None)))]
         if self.reconciler.events is not None:
             unsubscribe.append(
-                self.reconciler.events.subscribe(lambda e: queue.put_nowait(("event", e.to_json())))
+                self.reconciler.events.subscribe(lambda e: queue.put_nowait(("event", e.report().to_json())))
             )
         queue.put_nowait(("status", None))
         try:

@@ -9,13 +9,14 @@ condition's status changes, so it says how long things have been as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 from genmlx.manifest.types import Manifest, Node
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.plan import ModelAssessment
 from genmlx.master.planning.presence import max_bytes, same_path, transfer_progress, transfer_reason
 from genmlx.wire.agent_state import StorageReport
+from genmlx.wire.status import ConditionReport
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -28,14 +29,11 @@ class Condition:
     message: str
     last_transition_time: float
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message,
-            "lastTransitionTime": iso_time(self.last_transition_time),
-        }
+    def report(self) -> ConditionReport:
+        """As the status document carries it."""
+        return ConditionReport(
+            self.type, self.status, self.reason, self.message, iso_time(self.last_transition_time)
+        )
 
 
 def iso_time(t: float) -> str:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genmlx.core.errors import ManifestError
-from genmlx.core.gitrev import Revision
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
+from genmlx.wire.status import Revision
 
 log = logging.getLogger("genmlx.master")
 
@@ -44,7 +44,7 @@ class AppliedStore:
         except ManifestError as e:
             log.error("the stored manifest no longer validates, starting without one:\n%s", e)
             return None
-        revision = Revision.from_json(meta.get("revision"))
+        revision = Revision.from_json(meta["revision"]) if meta.get("revision") else None
         return AppliedManifest(
             manifest, text, meta["filename"], revision, meta["generation"], meta["appliedAt"]
         )

@@ -21,6 +21,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from genmlx.core.mdns import API_VERSION, SERVICE_TYPE, local_networks, zeroconf_addresses
+from genmlx.wire.status import AnnouncedAgent
 
 log = logging.getLogger("genmlx.master")
 
@@ -41,8 +42,8 @@ class DiscoveredAgent:
     version: str
     last_seen: float = field(compare=False)  # unix time of its latest announcement
 
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "address": self.address, "nodeId": self.node_id, "version": self.version}
+    def report(self) -> AnnouncedAgent:
+        return AnnouncedAgent(self.name, self.address, self.node_id, self.version)
 
 
 class AgentDiscovery:

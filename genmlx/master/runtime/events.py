@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from genmlx.master.planning.status import iso_time
+from genmlx.wire.status import EventObject, EventReport
 
 EventType = Literal["Normal", "Warning"]
 KEEP = 5000  # newest events kept; older ones are pruned as new ones come
@@ -42,16 +43,17 @@ class Event:
     first_seen: float = 0.0
     last_seen: float = 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "object": {"kind": self.kind, "name": self.name},
-            "type": self.type,
-            "reason": self.reason,
-            "message": self.message,
-            "count": self.count,
-            "firstTimestamp": iso_time(self.first_seen),
-            "lastTimestamp": iso_time(self.last_seen),
-        }
+    def report(self) -> EventReport:
+        """As ``GET /api/v1/events`` and the status stream carry it."""
+        return EventReport(
+            EventObject(self.kind, self.name),
+            self.type,
+            self.reason,
+            self.message,
+            self.count,
+            iso_time(self.first_seen),
+            iso_time(self.last_seen),
+        )
 
 
 class EventLog:

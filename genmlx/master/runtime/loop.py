@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from tornado.httpclient import AsyncHTTPClient
 
 from genmlx.core.errors import ManifestError
-from genmlx.core.gitrev import Revision
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.planning.actions import Action, FetchModel, StartRankGroup
@@ -41,6 +40,7 @@ from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
 from genmlx.master.runtime.observe import agent_address, observe
+from genmlx.wire.status import Revision
 
 log = logging.getLogger("genmlx.master")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import watchfiles
 
 from genmlx.core.errors import ManifestError
-from genmlx.core.gitrev import file_revision
+from genmlx.manifest.revision import file_revision
 from genmlx.master.runtime.loop import Reconciler
 
 log = logging.getLogger("genmlx.master")

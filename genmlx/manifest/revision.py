@@ -5,25 +5,9 @@ revision, which is fine (a manifest need not live in git)."""
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-
-@dataclass(frozen=True)
-class Revision:
-    commit: str
-    dirty: bool  # the file has uncommitted changes, or is not tracked at all
-
-    def __str__(self) -> str:
-        return self.commit[:12] + ("-dirty" if self.dirty else "")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"commit": self.commit, "dirty": self.dirty}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> Revision | None:
-        return cls(commit=d["commit"], dirty=bool(d["dirty"])) if d else None
+from genmlx.wire.status import Revision
 
 
 def file_revision(path: Path) -> Revision | None:

@@ -1,0 +1,143 @@
+"""The master's status document (``GET /api/v1/status``) and event history, as typed documents.
+
+The master builds a ``ClusterStatus`` and sends ``to_json()``; ``genmlx status``, ``get``,
+``describe``, ``apply --wait`` and ``mesh plan`` read it back with ``ClusterStatus.from_json``.
+Conditions follow Kubernetes (``type``, ``status``, ``reason``, ``message``,
+``lastTransitionTime``); times are ISO 8601 in UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from genmlx.wire.agent_state import NodeFacts, RankInfo, StorageReport, Transfer
+from genmlx.wire.codec import WireType
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class Revision(WireType):
+    """The git commit a manifest file was read at, and whether the file differed from it."""
+
+    commit: str
+    dirty: bool  # the file has uncommitted changes, or is not tracked at all
+
+    def __str__(self) -> str:
+        return self.commit[:12] + ("-dirty" if self.dirty else "")
+
+
+@dataclass(frozen=True)
+class ConditionReport(WireType):
+    type: str  # "Ready", "Reconciling", "Stalled", "Degraded", ...
+    status: ConditionStatus
+    reason: str
+    message: str
+    last_transition_time: str | None = None
+    issues: tuple[str, ...] = ()  # a Stalled cluster's manifest errors, every one
+
+
+@dataclass(frozen=True)
+class NodeStatus(WireType):
+    """A declared node: its conditions and what its agent last reported (nothing while unreachable)."""
+
+    name: str
+    conditions: tuple[ConditionReport, ...]
+    address: str | None = None
+    facts: NodeFacts | None = None
+    storage: tuple[StorageReport, ...] = ()
+    ranks: tuple[RankInfo, ...] = ()
+    transfers: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelRank(RankInfo):
+    """A rank of the model and the node that runs it."""
+
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCopy(WireType):
+    """A complete copy of the model on a node, with the commit it holds."""
+
+    node: str
+    path: str
+    size_bytes: int
+    commit: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelStatus(WireType):
+    name: str
+    source: str
+    revision: str
+    nodes: tuple[str, ...]
+    parallelism: str
+    phase: str  # Ready, Progressing, Waiting, Blocked, Backoff
+    conditions: tuple[ConditionReport, ...]
+    endpoint: str | None = None  # rank 0's base URL once checked
+    ranks: tuple[ModelRank, ...] = ()
+    copies: tuple[ModelCopy, ...] = ()
+
+
+@dataclass(frozen=True)
+class AnnouncedAgent(WireType):
+    """An agent that announces itself on zeroconf."""
+
+    name: str
+    address: str  # "ip:port" of its API
+    node_id: str
+    version: str
+
+
+@dataclass(frozen=True)
+class LastPass(WireType):
+    at: str
+    duration_seconds: float
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterStatus(WireType):
+    """The whole status document. ``conditions[0]`` is the cluster's ``Ready``."""
+
+    generation: int
+    observed_generation: int
+    conditions: tuple[ConditionReport, ...]
+    name: str | None = None  # None until a manifest is applied
+    last_applied_revision: Revision | None = None
+    last_attempted_revision: Revision | None = None
+    manifest_file: str | None = None
+    applied_at: str | None = None
+    nodes: tuple[NodeStatus, ...] = ()
+    models: tuple[ModelStatus, ...] = ()
+    unmanaged_agents: tuple[AnnouncedAgent, ...] = ()  # announced, not in the manifest: never used
+    pending_actions: tuple[str, ...] = ()
+    last_pass: LastPass | None = None
+
+    def node(self, name: str) -> NodeStatus | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def model(self, name: str) -> ModelStatus | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class EventObject(WireType):
+    kind: Literal["Cluster", "Node", "Model"]
+    name: str
+
+
+@dataclass(frozen=True)
+class EventReport(WireType):
+    """One entry of ``GET /api/v1/events``: a condition change or an action, repeats counted."""
+
+    object: EventObject
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+    count: int
+    first_timestamp: str
+    last_timestamp: str
