@@ -37,3 +37,12 @@ def test_every_package_states_its_contract() -> None:
 def test_the_top_level_holds_only_a_handful_of_loose_modules() -> None:
     loose = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(loose) <= 5, f"modules at genmlx/'s top level belong in a layer: {loose}"
+
+
+def test_no_module_is_over_400_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): lines
+        for path in PACKAGE.rglob("*.py")
+        if (lines := len(path.read_text().splitlines())) > 400
+    }
+    assert long == {}, f"split these by what they do: {long}"

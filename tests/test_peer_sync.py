@@ -17,7 +17,8 @@ import pytest
 from agent_harness import Agent, start_agent
 from conftest import free_port, http_status, wait_until
 
-from genmlx.agent.store.model_store import METADATA_NAME, partial_dir, read_metadata
+from genmlx.agent.store.metadata import METADATA_NAME, read_metadata
+from genmlx.agent.store.model_store import partial_dir
 from genmlx.wire.agent_state import FetchRequest, StoredModel, Transfer
 from genmlx.wire.rank_launch import RankLaunch
 from genmlx.wire.serving import ServingSettings

@@ -11,7 +11,8 @@ import pytest
 from agent_harness import Agent, start_agent
 from conftest import free_port, wait_until
 
-from genmlx.agent.store.model_store import METADATA_NAME, adopt, partial_dir, write_metadata
+from genmlx.agent.store.metadata import METADATA_NAME, write_metadata
+from genmlx.agent.store.model_store import adopt, partial_dir
 from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, StoragePath
 from genmlx.master.planning.actions import DeleteModel
 from genmlx.master.planning.observed import Observed, ObservedNode

@@ -19,7 +19,8 @@ from genmlx.agent.config import SCRUB_INTERVAL_ENV
 from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import ServedFile, VerifiedFiles, stat_identity
 from genmlx.agent.store.inventory import describe_model_dir, find_complete_model
-from genmlx.agent.store.model_store import DAMAGE_NAME, adopt, read_metadata
+from genmlx.agent.store.metadata import read_metadata
+from genmlx.agent.store.model_store import DAMAGE_NAME, adopt
 from genmlx.agent.store.scrub import Pacer, Scrubber, ScrubSettings, ScrubStopped, scrub_model_dir
 from genmlx.agent.transfers.peer_sync import files_to_fetch, link_existing_copy
 from genmlx.wire.agent_state import StoredModel

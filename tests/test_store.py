@@ -19,20 +19,22 @@ from fakehub import FakeHub, files_from_dir
 
 from genmlx.agent.store.file_serving import RangeNotSatisfiable, parse_byte_range
 from genmlx.agent.store.inventory import scan_storage_path
-from genmlx.agent.store.model_store import (
+from genmlx.agent.store.metadata import (
     METADATA_NAME,
-    ModelAlreadyPresent,
     ModelFile,
     ModelMetadata,
-    NoRoom,
     UnsafePath,
+    read_metadata,
+    safe_relative_path,
+)
+from genmlx.agent.store.model_store import (
+    ModelAlreadyPresent,
+    NoRoom,
     VerificationFailed,
     adopt,
     check_room,
     partial_dir,
     publish,
-    read_metadata,
-    safe_relative_path,
     sha256_file,
     verify_files,
 )

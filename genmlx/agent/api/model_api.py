@@ -29,7 +29,8 @@ from genmlx.agent.store.file_serving import (
     parse_byte_range,
     send_file_range,
 )
-from genmlx.agent.store.model_store import InvalidMetadata, read_metadata, remove_model, safe_model_name
+from genmlx.agent.store.metadata import InvalidMetadata, read_metadata, safe_model_name
+from genmlx.agent.store.model_store import remove_model
 from genmlx.agent.transfers.fetch_request import file_source_path, parse_fetch_request
 from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.errors import AgentConflict, AgentNotFound

@@ -23,14 +23,8 @@ from tornado.iostream import StreamClosedError
 from tornado.web import RequestHandler
 
 from genmlx.agent.store.inventory import find_complete_model
-from genmlx.agent.store.model_store import (
-    ModelFile,
-    ModelMetadata,
-    adopt,
-    read_metadata,
-    resolves_inside,
-    safe_relative_path,
-)
+from genmlx.agent.store.metadata import ModelFile, ModelMetadata, read_metadata, safe_relative_path
+from genmlx.agent.store.model_store import adopt, resolves_inside
 from genmlx.core.errors import AgentConflict, AgentNotFound, AgentRequestError
 
 log = logging.getLogger(__name__)

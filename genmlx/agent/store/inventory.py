@@ -16,17 +16,15 @@ import shutil
 import stat
 from pathlib import Path
 
-from genmlx.agent.store.model_shape import model_shape_or_none
-from genmlx.agent.store.model_store import (
+from genmlx.agent.store.metadata import (
     METADATA_NAME,
-    PARTIAL_DIR_NAME,
     InvalidMetadata,
     ModelMetadata,
-    completeness_problem,
-    is_complete,
     read_metadata,
     safe_model_name,
 )
+from genmlx.agent.store.model_shape import model_shape_or_none
+from genmlx.agent.store.model_store import PARTIAL_DIR_NAME, completeness_problem, is_complete
 from genmlx.core.errors import AgentRequestError, ModelNotFound
 from genmlx.wire.agent_state import StorageReport, StoredModel
 

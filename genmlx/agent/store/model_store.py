@@ -16,35 +16,30 @@ models or model files. Everything here blocks on the disk: call it from an execu
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
-from genmlx.core.errors import AgentRequestError, PermanentError
-from genmlx.wire.rank_launch import MODEL_NAME
+from genmlx.agent.store.metadata import (
+    InvalidMetadata,
+    ModelFile,
+    ModelMetadata,
+    read_metadata,
+    safe_model_name,
+    write_metadata,
+)
+from genmlx.core.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
-METADATA_NAME = ".genmlx-model.json"
 PARTIAL_DIR_NAME = ".genmlx-partial"
 DAMAGE_NAME = ".genmlx-damaged"
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
-
-
-class UnsafePath(AgentRequestError):
-    """A relative path that would leave its directory: absolute, with "..", or otherwise odd."""
-
-
-class InvalidMetadata(PermanentError):
-    """A model's metadata file exists but cannot be read as ours."""
 
 
 class VerificationFailed(PermanentError):
@@ -64,142 +59,12 @@ class NoRoom(PermanentError):
 
 
 @dataclass(frozen=True)
-class ModelFile:
-    """One file of a model, by its path relative to the model directory ("/" separated)."""
-
-    path: str
-    size: int
-    sha256: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ModelFile:
-        path, size, digest = d.get("path"), d.get("size"), d.get("sha256")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidMetadata(f"file {path!r}: size must be a non-negative integer")
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise InvalidMetadata(f"file {path!r}: sha256 must be 64 hex digits")
-        try:
-            path = safe_relative_path(path)
-        except UnsafePath as e:
-            raise InvalidMetadata(str(e)) from None
-        return cls(path=path, size=size, sha256=digest.lower())
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """Where a model came from and what it holds, as kept in ``.genmlx-model.json``."""
-
-    source: str | None  # "hf://org/repo", "file:///path", or None when unknown
-    revision: str | None  # the revision asked for
-    commit: str | None  # what it resolved to, where the source has commits
-    files: tuple[ModelFile, ...]
-    published_at: float = 0.0  # unix time
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "revision": self.revision,
-            "commit": self.commit,
-            "files": [f.to_json() for f in self.files],
-            "publishedAt": self.published_at,
-        }
-
-    @classmethod
-    def from_json(cls, d: Any) -> ModelMetadata:
-        if not isinstance(d, dict) or not isinstance(d.get("files"), list):
-            raise InvalidMetadata("expected an object with a list of files")
-        if not all(isinstance(f, dict) for f in d["files"]):
-            raise InvalidMetadata("files: expected a list of objects")
-        files = tuple(ModelFile.from_json(f) for f in d["files"])
-        return cls(
-            source=optional_string(d, "source"),
-            revision=optional_string(d, "revision"),
-            commit=optional_string(d, "commit"),
-            files=files,
-            published_at=float(d.get("publishedAt") or 0.0),
-        )
-
-
-@dataclass(frozen=True)
 class DownloadResult:
     """What a download from a source (``hf_download.download_model``) leaves in its partial
     directory: the commit the revision resolved to and every file, verified as it arrived."""
 
     commit: str
     files: tuple[ModelFile, ...]
-
-
-def optional_string(d: dict[str, Any], key: str) -> str | None:
-    value = d.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidMetadata(f"{key}: expected a string or null")
-    return value
-
-
-def safe_relative_path(path: Any) -> str:
-    """``path`` if it names a file inside a directory: relative, "/" separated, no "." or ".."
-    component, no empty component, no backslash or NUL. Raises ``UnsafePath`` otherwise."""
-    if not isinstance(path, str) or not path:
-        raise UnsafePath(f"path: {path!r} must be a non-empty relative path")
-    if "\\" in path or "\0" in path or path.startswith("/"):
-        raise UnsafePath(f"path: {path!r} must be a relative path with '/' separators")
-    parts = path.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise UnsafePath(f"path: {path!r} may not contain '..', '.' or empty components")
-    return path
-
-
-def safe_model_name(name: Any) -> str:
-    """``name`` if it can be a model directory: one path segment of letters, digits, ".", "_" or
-    "-", not starting with "." (those are the store's own). Raises ``UnsafePath`` otherwise."""
-    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
-        raise UnsafePath(
-            f"model: {name!r} must be 1 to 128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def is_hidden(relative_path: str) -> bool:
-    """Whether any component starts with "." (the store's own entries, caches, ``.DS_Store``)."""
-    return any(part.startswith(".") for part in PurePosixPath(relative_path).parts)
-
-
-def read_metadata(model_dir: Path) -> ModelMetadata | None:
-    """The directory's metadata, or None when it has none. Raises ``InvalidMetadata`` when the file
-    is there but unreadable, so a damaged store is reported rather than taken for a bare directory."""
-    try:
-        raw = (model_dir / METADATA_NAME).read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise InvalidMetadata(f"{model_dir / METADATA_NAME}: {e.strerror}") from None
-    try:
-        return ModelMetadata.from_json(json.loads(raw))
-    except ValueError as e:
-        raise InvalidMetadata(f"{model_dir / METADATA_NAME}: not valid JSON ({e})") from None
-    except InvalidMetadata as e:
-        raise InvalidMetadata(f"{model_dir / METADATA_NAME}: {e}") from None
-
-
-def write_metadata(model_dir: Path, metadata: ModelMetadata) -> None:
-    """Write the metadata file atomically (a temporary file renamed over it)."""
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=METADATA_NAME + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(metadata.to_json(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, model_dir / METADATA_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:

@@ -33,14 +33,14 @@ from time import monotonic
 from genmlx.agent.config import DEFAULT_SCRUB_BYTES_PER_S, DEFAULT_SCRUB_INTERVAL_S
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import model_dirs_in
-from genmlx.agent.store.model_store import (
+from genmlx.agent.store.metadata import (
     METADATA_NAME,
     InvalidMetadata,
     ModelFile,
     ModelMetadata,
-    clear_damage,
-    record_damage,
+    parse_metadata,
 )
+from genmlx.agent.store.model_store import clear_damage, record_damage
 from genmlx.core.errors import GenMLXError
 from genmlx.core.threads import run_in_worker_thread
 
@@ -118,7 +118,7 @@ def metadata_at(dir_fd: int, model_dir: Path) -> ModelMetadata | None:
     with os.fdopen(fd, "rb") as f:
         raw = f.read()
     try:
-        return ModelMetadata.from_json(json.loads(raw))
+        return parse_metadata(json.loads(raw))
     except (ValueError, InvalidMetadata) as e:
         log.debug("scrub: skipping %s: its metadata is unusable (%s)", model_dir, e)
         return None

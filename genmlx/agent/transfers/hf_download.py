@@ -49,6 +49,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from genmlx.agent.store.metadata import ModelFile, safe_relative_path
 from genmlx.agent.store.mlx_files import (
     AUTO_MAP_FILES,
     loadable,
@@ -56,7 +57,7 @@ from genmlx.agent.store.mlx_files import (
     needs_remote_code,
     remove_stale_model_files,
 )
-from genmlx.agent.store.model_store import DownloadResult, ModelFile, safe_relative_path
+from genmlx.agent.store.model_store import DownloadResult
 from genmlx.agent.transfers.resumable_file import ContentHashes, PartialFile, hash_file
 from genmlx.core.errors import PermanentError, TemporaryError
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import describe_model_dir, directory_size, find_complete_model
+from genmlx.agent.store.metadata import ModelMetadata, read_metadata
 from genmlx.agent.store.model_store import (
     DownloadResult,
-    ModelMetadata,
     VerificationFailed,
     adopt,
     check_room,
@@ -36,7 +36,6 @@ from genmlx.agent.store.model_store import (
     is_complete,
     partial_dir,
     publish,
-    read_metadata,
     verify_files,
 )
 from genmlx.agent.transfers.fetch_request import file_source_path, hub_repo

@@ -31,17 +31,14 @@ from urllib.parse import quote
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from genmlx.agent.store.model_store import (
+from genmlx.agent.store.metadata import (
     METADATA_NAME,
     InvalidMetadata,
     ModelFile,
     ModelMetadata,
-    check_room,
-    holds_revision,
-    partial_dir,
-    publish,
-    sha256_file,
+    parse_metadata,
 )
+from genmlx.agent.store.model_store import check_room, holds_revision, partial_dir, publish, sha256_file
 from genmlx.agent.transfers.progress import TransferProgress
 from genmlx.core.errors import PermanentError, TemporaryError
 from genmlx.wire.agent_state import FetchRequest
@@ -128,7 +125,7 @@ def list_peer_model(peer: Peer, name: str) -> ModelMetadata:
         response = send(connection, peer, f"/api/v1/models/{quote(name, safe='')}/files", {})
         raise_for_status(response, peer, f"the file list of {name}")
         listing = json.loads(response.read())
-        return checked_listing(ModelMetadata.from_json(listing), peer)
+        return checked_listing(parse_metadata(listing), peer)
     except (InvalidMetadata, ValueError) as e:
         raise PeerRefused(f"peer {peer} sent an unusable file list for {name}: {e}") from None
     finally:
