@@ -20,7 +20,8 @@
         ├── InvalidRequest      400  (API) a malformed body or a field out of range
         │   ├── ContextLengthExceeded
         │   └── InvalidManifest 422
-        └── UnknownRoute        404  (API) no endpoint at this path
+        ├── UnknownRoute        404  (API) no endpoint at this path
+        └── WireError           400  a document does not match its type (``genmlx.wire.codec``)
 
 Retry loops catch ``TemporaryError`` only; a ``PermanentError`` is reported with its reason.
 A class says its status once, as ``status``; ``genmlx.core.http`` renders it in each API's shape.

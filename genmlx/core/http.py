@@ -107,6 +107,9 @@ class ApiHandler(RequestHandler):
     requires_token = True
     accepts_api_key = True
     error_format = OPENAI_ERRORS
+    # A client's mistake is told to the client and shows in the access log. Its message may quote
+    # what the client sent (a prompt API's clients send prompts), so it is logged only on request.
+    refusal_log_level = logging.DEBUG
 
     def initialize(self, token: str | None, sessions: SessionVerifier | None = None) -> None:
         """``sessions``, given to the status page's read endpoints, lets its cookie in on a GET."""
@@ -166,7 +169,7 @@ class ApiHandler(RequestHandler):
     ) -> None:
         # Our own errors are answers, not crashes: one line, no traceback (and never a header).
         if isinstance(value, GenMLXError):
-            level = logging.WARNING if value.status >= 500 else logging.INFO
+            level = logging.WARNING if value.status >= 500 else self.refusal_log_level
             log.log(level, "%s %s refused: %s", self.request.method, self.request.path, value)
         else:
             super().log_exception(typ, value, tb)

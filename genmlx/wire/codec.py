@@ -32,6 +32,8 @@ Unknown = Literal["refuse", "ignore"]
 class WireError(PermanentError):
     """A document does not match its wire type; ``path`` names the field (empty for the whole body)."""
 
+    status = 400
+
     def __init__(self, path: str, problem: str):
         self.path = path
         super().__init__(f"{path}: {problem}" if path else problem)

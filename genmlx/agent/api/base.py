@@ -4,6 +4,8 @@ own shape ``{"error": {"message", "type"}}`` (``genmlx.core.http.GENMLX_ERRORS``
 
 from __future__ import annotations
 
+import logging
+
 from genmlx.core.errors import AuthError, GenMLXError
 from genmlx.core.http import GENMLX_ERRORS, ApiHandler
 
@@ -13,6 +15,7 @@ class AgentHandler(ApiHandler):
 
     accepts_api_key = False
     error_format = GENMLX_ERRORS
+    refusal_log_level = logging.INFO  # only the master talks to agents: its mistakes are worth a line
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # the unauthenticated need not learn what we run
