@@ -46,4 +46,5 @@ test-deps:
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check genmlx tests
+	$(BIN)/ruff check genmlx tests benchmarks
+	$(BIN)/lint-imports

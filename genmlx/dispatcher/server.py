@@ -116,9 +116,9 @@ def _make_engine(settings: RankCommand, stop: _StopRequest) -> Engine:
 
     model_dir = Path(settings.model_dir).expanduser()
     return Engine(
-        ModelSource(model_dir, settings.serving.context_length, _rank_group(settings)),
+        ModelSource(model_dir, _rank_group(settings)),
         IOLoop.current(),
-        max_queue=settings.serving.max_queue,
+        serving=settings.serving,
         decoding=decoder_settings(settings),
         on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
         on_load_failed=load_failed,

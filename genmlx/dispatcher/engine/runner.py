@@ -44,6 +44,7 @@ from genmlx.dispatcher.engine.lockstep import (
     with_seed,
 )
 from genmlx.dispatcher.engine.model_loading import Sharding, load_shard, load_whole
+from genmlx.wire.serving import ServingSettings
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -92,11 +93,10 @@ class RankGroup:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the engine loads its model from, the context length to serve it with, and the rank
-    group it shares the model with (None: this rank holds the whole model)."""
+    """Where the engine loads its model from, and the rank group it shares the model with (None:
+    this rank holds the whole model)."""
 
     model_dir: Path
-    context_length: int | None = None
     group: RankGroup | None = None
 
 
@@ -108,17 +108,18 @@ class Engine:
         source: ModelSource,
         io_loop: IOLoop,
         *,
-        max_queue: int,
+        serving: ServingSettings,
         decoding: DecoderSettings,
         on_loaded: Callable[[LoadedModel], None],
         on_load_failed: Callable[[str], None],
         on_group_ended: Callable[[int], None] = lambda code: None,
     ):
         """``on_group_ended(code)`` is called when a multi-rank group ends the model thread by
-        itself: 0 when rank 0 stopped the group, 1 when the group broke."""
+        itself: 0 when rank 0 stopped the group, 1 when the group broke. ``serving`` is the
+        model's serving settings as the manifest gave them (queue bound, context length)."""
         self._source = source
         self._io_loop = io_loop
-        self._max_queue = max_queue
+        self._serving = serving
         self._decoding = decoding
         self._on_loaded = on_loaded
         self._on_load_failed = on_load_failed
@@ -139,8 +140,8 @@ class Engine:
             raise NotReady("The server is shutting down.", code="shutting_down")
         if self.loaded is None:
             raise NotReady("The model is still loading; retry shortly.")
-        if self._queue.qsize() >= self._max_queue:
-            raise QueueFull(f"{self._max_queue} requests are already waiting; retry shortly.")
+        if self._queue.qsize() >= self._serving.max_queue:
+            raise QueueFull(f"{self._serving.max_queue} requests are already waiting; retry shortly.")
         job = Job(request, deliver)
         self._queue.put(job)
         return job
@@ -232,7 +233,7 @@ class Engine:
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
-        context_length = self._source.context_length or config.get("max_position_embeddings")
+        context_length = self._serving.context_length or config.get("max_position_embeddings")
         return LoadedModel(model=model, tokenizer=tokenizer, context_length=context_length)
 
     def _publish_loaded(self, loaded: LoadedModel) -> None:
