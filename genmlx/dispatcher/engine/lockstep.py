@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import secrets
-import typing
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from genmlx.dispatcher.engine.events import GenerationRequest
+from genmlx.wire.codec import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -197,41 +197,21 @@ class RankChannel:
 
 
 def encode_message(message: Message) -> bytes:
-    """``message`` as the bytes rank 0 sends (compact JSON)."""
+    """``message`` as the bytes rank 0 sends (compact JSON, through the wire codec)."""
     body: dict[str, Any] = {"kind": type(message).__name__}
     if isinstance(message, Step):
-        body["joins"] = [dataclasses.asdict(join) for join in message.joins]
-        body["leaves"] = list(message.leaves)
+        body |= encode(message)
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 def decode_message(payload: bytes) -> Message:
     """The message ``encode_message`` turned into ``payload``."""
     body = json.loads(payload)
-    kind = body["kind"]
+    kind = body.pop("kind")
     if kind == "Step":
-        joins = tuple(_dataclass_from_json(Join, join) for join in body["joins"])
-        return Step(joins, tuple(body["leaves"]))
+        return decode(Step, body)
     if kind == "Heartbeat":
         return Heartbeat()
     if kind == "Shutdown":
         return Shutdown()
     raise LockstepBroken(f"unknown lockstep message {kind!r}: are all ranks the same version?")
-
-
-def _dataclass_from_json(cls: type, fields: dict[str, Any]) -> Any:
-    """Undo ``dataclasses.asdict`` + JSON for frozen request types: nested dataclasses come back
-    from their hints, and lists (JSON's only sequence) as tuples."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in fields.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            values[name] = _dataclass_from_json(hint, value)
-        else:
-            values[name] = _tuples(value)
-    return cls(**values)
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
