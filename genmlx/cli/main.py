@@ -36,71 +36,83 @@ class UsageError(GenMLXError):
     """A command line that asks for something impossible."""
 
 
+MASTER_HELP = "master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)"
+MANIFEST_MASTER_HELP = "master URL (default: from the manifest, or $GENMLX_MASTER)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genmlx", description="Declarative MLX serving for a desk full of Macs."
     )
     parser.add_argument("--version", action="version", version=f"genmlx {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    add_manifest_commands(sub)
+    add_read_commands(sub)
+    add_process_commands(sub)
+    add_local_commands(sub)
+    return parser
 
-    p = sub.add_parser("validate", help="check a manifest and print every error")
-    p.add_argument("-f", "--file", type=Path, required=True)
-    p.set_defaults(run=cmd_validate)
 
-    p = sub.add_parser("apply", help="send a manifest to the running master")
+def command(sub: argparse._SubParsersAction, name: str, run, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``run`` gets the parsed arguments."""
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(run=run)
+    return p
+
+
+def with_output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    return p
+
+
+def add_manifest_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that read a manifest file: validate, apply, diff, mesh plan."""
+    p = command(sub, "validate", cmd_validate, "check a manifest and print every error")
     p.add_argument("-f", "--file", type=Path, required=True)
-    p.add_argument("--master", help="master URL (default: from the manifest, or $GENMLX_MASTER)")
+
+    p = command(sub, "apply", cmd_apply, "send a manifest to the running master")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("--master", help=MANIFEST_MASTER_HELP)
     p.add_argument("--wait", action="store_true", help="follow progress until every model is Ready")
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S seconds")
-    p.set_defaults(run=cmd_apply)
 
-    p = sub.add_parser("diff", help="show what the master would do for a manifest (exit 1 if anything)")
+    p = command(sub, "diff", cmd_diff, "show what the master would do for a manifest (exit 1 if anything)")
     p.add_argument("-f", "--file", type=Path, required=True)
-    p.add_argument("--master", help="master URL (default: from the manifest, or $GENMLX_MASTER)")
-    p.set_defaults(run=cmd_diff)
-
-    p = sub.add_parser("status", help="print the cluster's status from the running master")
-    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
-    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
-    p.set_defaults(run=cmd_status)
-
-    p = sub.add_parser("ui", help="open the read-only status page in a browser (signs it in)")
-    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
-    p.add_argument("--no-open", action="store_true", help="print the sign-in link instead of opening it")
-    p.set_defaults(run=cmd_ui)
-
-    p = sub.add_parser("get", help="list nodes or models with their Ready condition")
-    p.add_argument("what", choices=("nodes", "models"))
-    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
-    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
-    p.set_defaults(run=cmd_get)
-
-    p = sub.add_parser("describe", help="everything about one node or model, with its recent events")
-    p.add_argument("what", choices=("node", "model"))
-    p.add_argument("name")
-    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
-    p.add_argument("--master", help="master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)")
-    p.set_defaults(run=cmd_describe)
+    p.add_argument("--master", help=MANIFEST_MASTER_HELP)
 
     p = sub.add_parser("mesh", help="plan how the nodes and ranks are wired (Thunderbolt, ring, jaccl)")
     mesh = p.add_subparsers(required=True, metavar="ACTION")
-    p = mesh.add_parser("plan", help="print the Thunderbolt address plan, backends and hostfiles")
-    p.add_argument("-f", "--file", type=Path, required=True)
-    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
-    p.add_argument(
-        "--master", help="master URL for node facts (default: from the manifest, or $GENMLX_MASTER)"
-    )
-    p.set_defaults(run=cmd_mesh_plan)
+    p = command(mesh, "plan", cmd_mesh_plan, "print the Thunderbolt address plan, backends and hostfiles")
+    with_output(p).add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("--master", help=f"{MANIFEST_MASTER_HELP}; node facts come from it")
 
-    p = sub.add_parser("master", help="run the master (reconcile loop, status API, OpenAI router)")
+
+def add_read_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that read the running master: status, get, describe, ui."""
+    with_output(command(sub, "status", cmd_status, "print the cluster's status from the running master"))
+    p = command(sub, "get", cmd_get, "list nodes or models with their Ready condition")
+    p.add_argument("what", choices=("nodes", "models"))
+    with_output(p)
+    p = command(sub, "describe", cmd_describe, "everything about one node or model, with its recent events")
+    p.add_argument("what", choices=("node", "model"))
+    p.add_argument("name")
+    with_output(p)
+    p = command(sub, "ui", cmd_ui, "open the read-only status page in a browser (signs it in)")
+    p.add_argument("--no-open", action="store_true", help="print the sign-in link instead of opening it")
+    for name in ("status", "get", "describe", "ui"):
+        sub.choices[name].add_argument("--master", help=MASTER_HELP)
+
+
+def add_process_commands(sub: argparse._SubParsersAction) -> None:
+    """The long-running processes: master and agent."""
+    p = command(sub, "master", cmd_master, "run the master (reconcile loop, status API, OpenAI router)")
     p.add_argument("-f", "--file", type=Path, help="manifest to apply at start (default: the last applied)")
     p.add_argument("--watch", action="store_true", help="re-apply the manifest file whenever it changes")
     p.add_argument("--port", type=int, help="listen port (default: spec.master.port, 6789)")
     p.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
     p.add_argument("--no-discovery", action="store_true", help="find agents only by nodes[].address")
-    p.set_defaults(run=cmd_master)
 
-    p = sub.add_parser("agent", help="run this node's agent")
+    p = command(sub, "agent", cmd_agent, "run this node's agent")
     p.add_argument("--name", required=True, help="the node's name in cluster.yaml")
     p.add_argument(
         "--storage", action="append", required=True, metavar="PATH", help="a storage path (repeatable)"
@@ -108,29 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=6790)
     p.add_argument("--host", default="0.0.0.0", help="listen address, also used by its dispatchers")
     p.add_argument("--no-discovery", action="store_true", help="do not announce the agent with zeroconf")
-    p.set_defaults(run=cmd_agent)
 
-    p = sub.add_parser("up", help="run the master and this node's agent for a one-node cluster")
+
+def add_local_commands(sub: argparse._SubParsersAction) -> None:
+    """One-machine conveniences: up, demo, demo-model, token."""
+    p = command(sub, "up", cmd_up, "run the master and this node's agent for a one-node cluster")
     p.add_argument("-f", "--file", type=Path, required=True)
-    p.add_argument(
-        "--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine only)"
-    )
-    p.set_defaults(run=cmd_up)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine)")
 
-    p = sub.add_parser("demo", help="write the demo model and serve it on a one-node cluster")
+    p = command(sub, "demo", cmd_demo, "write the demo model and serve it on a one-node cluster")
     p.add_argument("--port", type=int, default=6789, help="the master's port (default 6789)")
     p.add_argument("--agent-port", type=int, default=6790, help="the agent's port (default 6790)")
-    p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("demo-model", help="write a tiny random-weight model (its output is noise)")
+    p = command(sub, "demo-model", cmd_demo_model, "write a tiny random-weight model (its output is noise)")
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=cmd_demo_model)
 
-    p = sub.add_parser("token", help="create the cluster token if absent and print where it is")
+    p = command(sub, "token", cmd_token, "create the cluster token if absent and print where it is")
     p.add_argument("--show", action="store_true", help="print the token itself (to copy to a node or client)")
-    p.set_defaults(run=cmd_token)
-    return parser
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
