@@ -28,7 +28,7 @@ from genmlx.agent.facts.collect import NodeFactsCollector
 from genmlx.cli.master_client import call_master
 from genmlx.cli.mesh_report import FactsSource, format_mesh_plan, mesh_document, mesh_nodes, running_hostfile
 from genmlx.core.errors import GenMLXError
-from genmlx.manifest.types import Manifest, Master, Mesh, ModelSpec, Node, Source
+from genmlx.manifest.types import Manifest, Master, Mesh, ModelSpec, Node, Serving, Source
 from genmlx.master.planning.mesh import (
     MESH_BLOCK,
     BackendChoice,
@@ -51,7 +51,6 @@ from genmlx.master.planning.mesh import (
     rank_endpoints,
     rdma_matrix,
     ring_hostfile,
-    ring_port,
     unstartable_backend,
 )
 from genmlx.master.planning.observed import Observed, ObservedNode
@@ -108,9 +107,7 @@ def desk(
 # Ring hostfile and ports
 
 
-def test_a_ranks_ring_port_is_mesh_port_plus_its_http_ports_distance_from_8100():
-    assert [ring_port(32323, port) for port in (8100, 8101, 8107)] == [32323, 32324, 32330]
-    assert ring_port(40000, 8000) == 39900, "an explicit serving.port below 8100"
+def test_the_ring_hostfile_gives_each_rank_its_own_ring_port_in_rank_order():
     ranks = [RankEndpoint(node, "127.0.0.1") for node in ("a", "b", "c")]
     assert ring_hostfile(ranks, [32323, 32325, 32324]) == (
         "127.0.0.1:32323",
@@ -121,8 +118,8 @@ def test_a_ranks_ring_port_is_mesh_port_plus_its_http_ports_distance_from_8100()
         ring_hostfile(ranks, [32323])
 
 
-def spec(name: str, *nodes: str) -> ModelSpec:
-    return ModelSpec(name, Source("hf", f"org/{name}"), tuple(nodes))
+def spec(name: str, *nodes: str, port: int | None = None) -> ModelSpec:
+    return ModelSpec(name, Source("hf", f"org/{name}"), tuple(nodes), serving=Serving(port=port))
 
 
 def cluster(*models: ModelSpec, **mesh) -> Manifest:
@@ -143,28 +140,104 @@ def on_hosts(*hosts: str, ranks: dict[str, tuple[RankInfo, ...]] | None = None) 
     return Observed(0.0, {n.name: n for n in nodes})
 
 
-def running(model: str, rank: int, port: int) -> RankInfo:
-    return RankInfo(RankLaunch(model, f"/m/{model}", rank, 2, port, "h"), 1, "running", 0.0)
+def running(model: str, rank: int, port: int, ring: Sequence[int] = ()) -> RankInfo:
+    """A rank of a two-rank group on loopback; ``ring``: the ring ports of its launch's hostfile."""
+    hostfile = tuple(f"127.0.0.1:{p}" for p in ring)
+    return RankInfo(RankLaunch(model, f"/m/{model}", rank, 2, port, "h", hostfile), 1, "running", 0.0)
 
 
 def ring_ports_of(manifest: Manifest, observed: Observed) -> dict[str, list[int]]:
-    """Each model's ring ports as the master derives them: from the HTTP ports it assigns."""
-    http = groups.assign_ports(manifest, observed)
-    return {name: [ring_port(manifest.mesh.port, port) for port in ports] for name, ports in http.items()}
+    """Each model's ring ports as the master assigns them."""
+    return {name: list(p.ring) for name, p in groups.assign_rank_ports(manifest, observed).items()}
+
+
+LOOPBACK = ("127.0.0.1", "127.0.0.1", "127.0.0.1")
+APART = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+# (manifest, observed) -> each model's (HTTP ports, ring ports), rank order.
+PORT_CASES = {
+    "ranks sharing a host take the next free HTTP and ring ports": (
+        cluster(spec("pair", "a", "b")),
+        on_hosts(*LOOPBACK),
+        {"pair": ((8100, 8101), (32323, 32324))},
+    ),
+    "ranks on hosts of their own may share ports": (
+        cluster(spec("pair", "a", "b")),
+        on_hosts(*APART),
+        {"pair": ((8100, 8100), (32323, 32323))},
+    ),
+    "serving.port is where every rank's HTTP ports start, ring ports stay at mesh.port": (
+        cluster(spec("pair", "a", "b", port=9000), spec("wide", "c", "a", "b", port=9100)),
+        on_hosts("127.0.0.1", "127.0.0.1", "10.0.0.3"),
+        {"pair": ((9000, 9001), (32323, 32324)), "wide": ((9100, 9100, 9101), (32323, 32325, 32326))},
+    ),
+    "two models on one host: the second takes the ports after the first's": (
+        cluster(spec("one", "a", "b"), spec("two", "a", "b"), port=40000),
+        on_hosts(*LOOPBACK),
+        {"one": ((8100, 8101), (40000, 40001)), "two": ((8102, 8103), (40002, 40003))},
+    ),
+    "a one-rank model has no ring port and holds none": (
+        cluster(spec("solo", "a"), spec("pair", "a", "b")),
+        on_hosts(*LOOPBACK),
+        {"solo": ((8100,), ()), "pair": ((8101, 8102), (32323, 32324))},
+    ),
+    "ring ports skip the HTTP ports of ranks on the same host": (
+        cluster(spec("pair", "a", "b"), port=8100),
+        on_hosts(*LOOPBACK),
+        {"pair": ((8100, 8101), (8102, 8103))},
+    ),
+    "a running group keeps its HTTP and ring ports when a model is added before it": (
+        cluster(spec("new", "a", "b"), spec("pair", "a", "b")),
+        on_hosts(
+            *LOOPBACK,
+            ranks={
+                "a": (running("pair", 0, 8100, (32330, 32331)),),
+                "b": (running("pair", 1, 8101, (32330, 32331)),),
+            },
+        ),
+        {"pair": ((8100, 8101), (32330, 32331)), "new": ((8102, 8103), (32323, 32324))},
+    ),
+    "another model's running ranks keep their ports: a newcomer goes around them": (
+        cluster(spec("new", "a", "b")),
+        on_hosts(*LOOPBACK, ranks={"a": (running("old", 0, 8100, (32323, 32324)),)}),
+        {"new": ((8101, 8102), (32324, 32325))},
+    ),
+    "a running group below a raised mesh.port or serving.port moves up to it": (
+        cluster(spec("pair", "a", "b", port=9000), port=40000),
+        on_hosts(
+            *LOOPBACK,
+            ranks={
+                "a": (running("pair", 0, 8100, (32323, 32324)),),
+                "b": (running("pair", 1, 8101, (32323, 32324)),),
+            },
+        ),
+        {"pair": ((9000, 9001), (40000, 40001))},
+    ),
+}
+
+
+@pytest.mark.parametrize(("manifest", "observed", "expected"), PORT_CASES.values(), ids=PORT_CASES.keys())
+def test_rank_ports(manifest, observed, expected):
+    ports = groups.assign_rank_ports(manifest, observed)
+    assert {name: (p.http, p.ring) for name, p in ports.items()} == expected
 
 
 def test_ranks_sharing_a_host_never_share_a_ring_port():
     models = [spec("big", "a", "b"), spec("solo", "c"), spec("wide", "a", "b", "c"), spec("pair", "b", "c")]
-    ports = ring_ports_of(cluster(*models), on_hosts("127.0.0.1", "127.0.0.1", "127.0.0.1"))
-    assert ports["big"] == [32323, 32324] and ports["solo"] == [32325]
-    assert len({p for m in ports.values() for p in m}) == 8
-    apart = ring_ports_of(cluster(*models), on_hosts("10.0.0.1", "10.0.0.2", "10.0.0.3"))
-    assert apart["wide"] == [32324, 32324, 32324], "one host each: counted per host"
+    ports = ring_ports_of(cluster(*models), on_hosts(*LOOPBACK))
+    assert ports["big"] == [32323, 32324] and ports["solo"] == []
+    assert len({p for m in ports.values() for p in m}) == 7
+    apart = ring_ports_of(cluster(*models), on_hosts(*APART))
+    assert apart["wide"] == [32324, 32324, 32323], "one host each: counted per host"
 
 
 def test_a_running_model_keeps_its_ring_ports_when_another_is_added_before_it():
     observed = on_hosts(
-        "127.0.0.1", "127.0.0.1", ranks={"a": (running("pair", 0, 8100),), "b": (running("pair", 1, 8101),)}
+        "127.0.0.1",
+        "127.0.0.1",
+        ranks={
+            "a": (running("pair", 0, 8100, (32323, 32324)),),
+            "b": (running("pair", 1, 8101, (32323, 32324)),),
+        },
     )
     before = ring_ports_of(cluster(spec("pair", "a", "b")), observed)
     after = ring_ports_of(cluster(spec("new", "a", "b"), spec("pair", "a", "b")), observed)
@@ -417,7 +490,7 @@ def test_a_model_mesh_carries_the_choice_hostfile_and_the_planned_jaccl_config()
 
 def test_a_ring_port_past_65535_is_an_error_that_says_what_to_lower():
     with pytest.raises(
-        MeshPlanError, match=r"rank 1's ring port would be 65536, outside 1-65535.*serving.port"
+        MeshPlanError, match=r"rank 1's ring port would be 65536, outside 1-65535.*lower mesh.port"
     ):
         plan_model_mesh("big", "auto", LINUX, [65535, 65536])
 
@@ -740,17 +813,17 @@ def plan_document(manifest: Manifest, status: ClusterStatus | None) -> dict:
 
 def test_the_plan_shows_the_hostfile_the_master_would_start_the_group_with():
     other = (running("other", 0, 8100),)  # another model's rank holds 8100 on a's host
-    kept = running("pair", 1, 8104)  # pair's rank 1 runs: it keeps its port
+    kept = running("pair", 1, 8104, (40000, 40004))  # pair's rank 1 runs: it keeps its ports
     observed = on_hosts("127.0.0.1", "127.0.0.1", "10.0.0.3", ranks={"a": other, "b": (kept,)})
     manifest = cluster(spec("solo", "c"), spec("pair", "a", "b"), spec("tri", "c", "b", "a"), port=40000)
     document = plan_document(manifest, status_of(observed))
-    http = groups.assign_ports(manifest, observed)
+    ports = groups.assign_rank_ports(manifest, observed)
     for model in document["models"]:
         model_spec = manifest.model(model["name"])
-        master = groups.ring_hostfile(model_spec, manifest, observed, http[model_spec.name])
+        master = groups.ring_hostfile(model_spec, observed, ports[model_spec.name].ring)
         assert model["hostfile"] == [[entry] for entry in master]
     pair = document["models"][0]
-    assert (pair["httpPorts"], pair["ringPorts"]) == ([8101, 8104], [40001, 40004])
+    assert (pair["httpPorts"], pair["ringPorts"]) == ([8101, 8104], [40000, 40004])
     assert [m["name"] for m in document["models"]] == ["pair", "tri"]
 
 

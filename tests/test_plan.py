@@ -30,7 +30,7 @@ def manifest(*models: ModelSpec, nodes=("a",)) -> Manifest:
 
 def group(spec: ModelSpec, port: int = 8100) -> StartRankGroup:
     one_node = GroupPlan((f"{STORE}/{spec.name}",), (port,), Placement("single", None, "one node"), (None,))
-    return desired_group(spec, manifest(spec), observed(), one_node)
+    return desired_group(spec, observed(), one_node)
 
 
 def running(spec: ModelSpec, port: int = 8100, state="running", exit_code=None, spec_hash=None) -> RankInfo:

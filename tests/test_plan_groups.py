@@ -126,10 +126,18 @@ def test_jaccl_is_refused_until_ranks_can_be_started_on_it():
 
 
 def test_ring_ports_beyond_the_last_port_block_the_model_with_the_numbers():
-    high = replace(QWEN, serving=Serving(context_length=4096, port=50000))
-    (assessment,) = assess_models(desk(high), seen(node("a", "10.0.0.1"), node("b", "10.0.0.2")))
+    one_host = seen(node("a", "127.0.0.1"), node("b", "127.0.0.1"))
+    (assessment,) = assess_models(desk(QWEN, mesh_port=65535), one_host)
     assert (assessment.phase, assessment.reason) == ("Blocked", "MeshUnplannable")
-    assert "74223" in assessment.message
+    assert "[65535, 65536]" in assessment.message and "lower mesh.port" in assessment.message
+    assert plan(desk(QWEN, mesh_port=65535), one_host) == []
+
+
+def test_http_ports_beyond_the_last_port_block_the_model_with_the_numbers():
+    high = replace(QWEN, serving=Serving(context_length=4096, port=65535))
+    (assessment,) = assess_models(desk(high), seen(node("a", "127.0.0.1"), node("b", "127.0.0.1")))
+    assert (assessment.phase, assessment.reason) == ("Blocked", "MeshUnplannable")
+    assert "HTTP ports [65535, 65536]" in assessment.message and "lower serving.port" in assessment.message
 
 
 def test_a_copy_replaced_in_place_restarts_the_group_that_loaded_the_old_one():

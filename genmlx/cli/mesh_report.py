@@ -2,9 +2,9 @@
 
 Node facts come from the master's status document when a master answers; otherwise the plan is
 made from the manifest alone (agent addresses where declared, ``<node>.local`` where not) and says
-so. Ports are the master's own: ``groups.assign_ports`` over what the status shows (running ranks
-keep theirs), or over no agents at all when no master answers (the ports a fresh cluster would
-get), each ring port derived with ``mesh.ring_port``. Planning itself is
+so. Ports are the master's own: ``groups.assign_rank_ports`` over what the status shows (running
+ranks keep theirs), or over no agents at all when no master answers (the ports a fresh cluster
+would get). Planning itself is
 ``genmlx.master.planning.mesh``; this module only gathers its inputs and prints.
 """
 
@@ -19,7 +19,7 @@ from genmlx.cli.master_client import MasterError, fetch_status
 from genmlx.core.errors import AuthError
 from genmlx.core.home import default_token_path, read_token
 from genmlx.manifest.types import Manifest, ModelSpec, Node
-from genmlx.master.planning.groups import assign_ports
+from genmlx.master.planning.groups import RankPorts, assign_rank_ports
 from genmlx.master.planning.mesh import (
     LINK_PREFIX,
     MESH_BLOCK,
@@ -29,7 +29,6 @@ from genmlx.master.planning.mesh import (
     ModelMesh,
     plan_links,
     plan_model_mesh,
-    ring_port,
 )
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState
@@ -91,7 +90,7 @@ def mesh_document(
 ) -> dict[str, Any]:
     """The whole plan as plain JSON: the Thunderbolt links, then each multi-node model's mesh (with
     the hostfile its running ranks were started with, where the master's ``status`` shows one)."""
-    ports = assign_ports(manifest, observed_from_status(manifest, status))
+    ports = assign_rank_ports(manifest, observed_from_status(manifest, status))
     return {
         "cluster": manifest.name,
         "topology": manifest.mesh.topology,
@@ -137,18 +136,17 @@ def link_document(link: Link) -> dict[str, Any]:
 
 
 def model_document(
-    manifest: Manifest, spec: ModelSpec, nodes: dict[str, MeshNode], http_ports: tuple[int, ...]
+    manifest: Manifest, spec: ModelSpec, nodes: dict[str, MeshNode], ports: RankPorts
 ) -> dict[str, Any]:
-    """One multi-node model's mesh; ``http_ports`` are its ranks' HTTP ports, rank order."""
-    ring_ports = [ring_port(manifest.mesh.port, port) for port in http_ports]
+    """One multi-node model's mesh; ``ports`` are its ranks' HTTP and ring ports."""
     document: dict[str, Any] = {
         "name": spec.name,
         "nodes": list(spec.nodes),
-        "httpPorts": list(http_ports),
-        "ringPorts": ring_ports,
+        "httpPorts": list(ports.http),
+        "ringPorts": list(ports.ring),
     }
     try:
-        mesh = plan_model_mesh(spec.name, manifest.mesh.backend, [nodes[n] for n in spec.nodes], ring_ports)
+        mesh = plan_model_mesh(spec.name, manifest.mesh.backend, [nodes[n] for n in spec.nodes], ports.ring)
     except MeshPlanError as e:
         return {**document, "backend": None, "reason": None, "hostfile": None, "jaccl": None, "error": str(e)}
     return {**document, **mesh_fields(mesh)}

@@ -61,14 +61,14 @@ class Auth:
 class Mesh:
     topology: Topology = "full-mesh"
     backend: Backend = "auto"
-    port: int = DEFAULT_RING_PORT  # first port of MLX's ring backend
+    port: int = DEFAULT_RING_PORT  # where ring ports start: each rank the first free from it on its host
 
 
 @dataclass(frozen=True)
 class Serving(ServingSettings):
     """``spec.models[].serving``: the settings every rank is started with, and where rank 0 listens."""
 
-    port: int | None = None  # rank 0's HTTP port; None: the first free one from 8100
+    port: int | None = None  # rank 0's HTTP port, where its other ranks' start; None: from 8100
 
     def settings(self) -> ServingSettings:
         """The part each rank is launched with."""

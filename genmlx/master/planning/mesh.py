@@ -4,10 +4,11 @@ cables of the desk are addressed. Pure: node facts in, frozen plans out; no I/O,
 - **Ring backend** (TCP, MLX's ``MLX_HOSTFILE``): one ``"ip:port"`` per rank. A rank listens on its
   mesh address, which its previous rank connects to (as ``mlx.distributed_config`` lays out a
   Thunderbolt ring): an IPv4 address on a Thunderbolt interface that shares a subnet with one of the
-  previous rank's, else the address the master reaches the node's agent at. A rank's ring port
-  follows from its HTTP port (``ring_port``), which the master keeps stable and unique per host
-  (``groups.assign_ports``), so ranks sharing a host (tests run several agents on loopback) never
-  collide and a model keeps its ring ports when others are added or reordered.
+  previous rank's, else the address the master reaches the node's agent at. Ring ports are
+  assigned as HTTP ports are (``groups.assign_ring_ports``): per host, the first port from
+  ``mesh.port`` that no other rank there uses, a running group keeping its own, so ranks sharing a
+  host (tests run several agents on loopback) never collide and a model keeps its ring ports when
+  others are added or reordered.
 - **jaccl** (RDMA over Thunderbolt, macOS 26.2+): MLX reads ``MLX_IBV_DEVICES``, a JSON matrix whose
   row i names, for each rank j, the RDMA device on rank i's node whose cable reaches rank j's (null
   on the diagonal), and ``MLX_JACCL_COORDINATOR``, rank 0's ``"ip:port"``. The planner works out
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from genmlx.core.errors import PermanentError
-from genmlx.manifest.types import DEFAULT_DISPATCHER_PORT, Backend, Topology
+from genmlx.manifest.types import Backend, Topology
 from genmlx.master.planning.observed import ObservedNode
 from genmlx.wire.agent_state import NetworkInterface, NodeFacts
 
@@ -272,13 +273,6 @@ def rank_endpoints(nodes: Sequence[MeshNode]) -> tuple[RankEndpoint, ...]:
     return tuple(endpoints)
 
 
-def ring_port(base_port: int, http_port: int) -> int:
-    """The ring port of a rank whose HTTP port is ``http_port``: ``mesh.port`` plus the HTTP port's
-    distance from 8100. HTTP ports are unique per host and stable across restarts, so ring ports
-    are too, whatever other models come and go."""
-    return base_port + http_port - DEFAULT_DISPATCHER_PORT
-
-
 def ring_hostfile(ranks: Sequence[RankEndpoint], ports: Sequence[int]) -> tuple[str, ...]:
     """MLX's ring hostfile as ``RankLaunch.hostfile`` carries it: ``"ip:port"`` per rank, with
     rank r's ring port ``ports[r]`` (the agent writes each entry as a one-address list)."""
@@ -376,8 +370,8 @@ def plan_model_mesh(
     if outside:
         rank, port = outside[0]
         raise MeshPlanError(
-            f"rank {rank}'s ring port would be {port}, outside 1-65535 (mesh.port plus the HTTP port's "
-            "distance from 8100): lower mesh.port or serving.port"
+            f"rank {rank}'s ring port would be {port}, outside 1-65535 (each rank takes the first "
+            "port from mesh.port free on its host): lower mesh.port"
         )
     ranks = rank_endpoints(nodes)
     jaccl = plan_jaccl(nodes, ring_ports[0])

@@ -14,7 +14,7 @@ from typing import Literal
 
 from genmlx.manifest.types import Manifest, ModelSpec
 from genmlx.master.planning.actions import Action, StartRankGroup, StopRankGroup
-from genmlx.master.planning.groups import GroupPlan, assign_ports, desired_group
+from genmlx.master.planning.groups import GroupPlan, RankPorts, assign_rank_ports, desired_group
 from genmlx.master.planning.mesh import MeshPlanError, unstartable_backend
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.placement import NodeCapacity, Placement, PlacementRefused, place
@@ -58,12 +58,12 @@ def actions_for(desired: Manifest, observed: Observed, assessments: list[ModelAs
 
 
 def assess_models(desired: Manifest, observed: Observed) -> list[ModelAssessment]:
-    ports = assign_ports(desired, observed)
+    ports = assign_rank_ports(desired, observed)
     return [assess_model(spec, desired, observed, ports[spec.name]) for spec in desired.models]
 
 
 def assess_model(
-    spec: ModelSpec, manifest: Manifest, observed: Observed, ports: tuple[int, ...]
+    spec: ModelSpec, manifest: Manifest, observed: Observed, ports: RankPorts
 ) -> ModelAssessment:
     """Where ``spec`` stands given what was observed, and what to do about it."""
     ranks = observed_ranks(observed, spec.name, spec.nodes)
@@ -87,9 +87,10 @@ def assess_model(
     except PlacementRefused as e:
         return verdict("Blocked", e.reason, e.message)
     copies = [presence.copies[name] for name in spec.nodes]
-    group = GroupPlan(tuple(c.path for c in copies), ports, placement, tuple(c.published_at for c in copies))
+    published = tuple(c.published_at for c in copies)
+    group = GroupPlan(tuple(c.path for c in copies), ports.http, placement, published, ports.ring)
     try:
-        desired = desired_group(spec, manifest, observed, group)
+        desired = desired_group(spec, observed, group)
     except MeshPlanError as e:
         return verdict("Blocked", "MeshUnplannable", str(e))
     return assess_rollout(spec, desired, ranks, observed, verdict)
