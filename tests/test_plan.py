@@ -5,71 +5,49 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from builders import NOW, STORE, manifest, node, observed, stored
+from builders import model as spec_of
 
-from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Serving, Source, StoragePath
 from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
 from genmlx.master.planning.groups import GroupPlan, desired_group
-from genmlx.master.planning.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
+from genmlx.master.planning.observed import RolloutRecord
 from genmlx.master.planning.placement import Placement
 from genmlx.master.planning.plan import assess_models, plan
-from genmlx.wire.agent_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel
-
-NOW = 1_000_000.0
-STORE = "/models"
-FACTS = NodeFacts("mac", "Darwin 24.1.0", "arm64", 10, 64 << 30, 48 << 30)
+from genmlx.wire.agent_state import RankInfo
 
 
-def model(name: str, nodes=("a",), **serving) -> ModelSpec:
-    return ModelSpec(name, Source("file", f"{STORE}/{name}"), tuple(nodes), serving=Serving(**serving))
+def model(name: str, nodes=("a",), **serving):
+    """A model whose source is a directory of /models on its node."""
+    return spec_of(name, nodes, source="file", **serving)
 
 
-def manifest(*models: ModelSpec, nodes=("a",)) -> Manifest:
-    declared = tuple(Node(n, f"10.0.0.{i}:6790", (StoragePath(STORE),)) for i, n in enumerate(nodes, 1))
-    return Manifest("desk", Master(nodes[0]), declared, models)
-
-
-def group(spec: ModelSpec, port: int = 8100) -> StartRankGroup:
+def group(spec, port: int = 8100) -> StartRankGroup:
     one_node = GroupPlan((f"{STORE}/{spec.name}",), (port,), Placement("single", None, "one node"), (None,))
     return desired_group(spec, observed(), one_node)
 
 
-def running(spec: ModelSpec, port: int = 8100, state="running", exit_code=None, spec_hash=None) -> RankInfo:
+def running(spec, port: int = 8100, state="running", exit_code=None, spec_hash=None) -> RankInfo:
     launch = group(spec, port).launches[0][1]
     if spec_hash:
         launch = replace(launch, spec_hash=spec_hash)
     return RankInfo(launch, pid=4242, state=state, started_at=NOW - 60, exit_code=exit_code)
 
 
-def node(name="a", stored=("m",), ranks=(), reachability="ready", complete=True) -> ObservedNode:
-    models = tuple(StoredModel(m, f"{STORE}/{m}", 1 << 20, complete) for m in stored)
-    state = AgentState(
-        name, "0.1.0", FACTS, (StorageReport(STORE, True, 1 << 40, 1 << 39, models),), tuple(ranks)
-    )
-    return ObservedNode(
-        name, "10.0.0.1:6790", reachability, "" if reachability == "ready" else "refused", state
-    )
-
-
-def observed(*nodes: ObservedNode, ready=(), rollouts=None) -> Observed:
-    endpoints = {m: EndpointHealth("http://10.0.0.1:8100/v1", "ready") for m in ready}
-    return Observed(NOW, {n.name: n for n in nodes}, endpoints, rollouts or {})
-
-
 M = model("m")
 CASES = {
     "a model on a ready node, not running: start it on the first free port": (
         manifest(M),
-        observed(node()),
+        observed(node(stored=["m"])),
         [group(M)],
     ),
     "converged: running with the same spec and serving": (
         manifest(M),
-        observed(node(ranks=[running(M)]), ready=["m"]),
+        observed(node(stored=["m"], ranks=[running(M)]), ready=["m"]),
         [],
     ),
     "running, still loading: wait": (
         manifest(M),
-        observed(node(ranks=[running(M)])),
+        observed(node(stored=["m"], ranks=[running(M)])),
         [],
     ),
     "node unreachable: wait, touch nothing": (
@@ -79,17 +57,17 @@ CASES = {
     ),
     "model files absent on the node: nothing to start": (
         manifest(M),
-        observed(node(stored=())),
+        observed(node()),
         [],
     ),
     "model directory incomplete: nothing to start": (
         manifest(M),
-        observed(node(complete=False)),
+        observed(node(stored=[stored("m", complete=False)])),
         [],
     ),
     "spec changed: stop the group, start the new one on the same port": (
         manifest(model("m", max_batch=4)),
-        observed(node(ranks=[running(M, port=8105)]), ready=["m"]),
+        observed(node(stored=["m"], ranks=[running(M, port=8105)]), ready=["m"]),
         [
             StopRankGroup("m", (("a", 0),), "its spec changed"),
             group(model("m", max_batch=4), port=8105),
@@ -97,13 +75,13 @@ CASES = {
     ),
     "a rank exited: restart the group": (
         manifest(M),
-        observed(node(ranks=[running(M, state="exited", exit_code=1)])),
+        observed(node(stored=["m"], ranks=[running(M, state="exited", exit_code=1)])),
         [StopRankGroup("m", (("a", 0),), "rank 0 on a exited with code 1; restarting the group"), group(M)],
     ),
     "a rank exited again within its backoff: wait": (
         manifest(M),
         observed(
-            node(ranks=[running(M, state="exited", exit_code=1)]),
+            node(stored=["m"], ranks=[running(M, state="exited", exit_code=1)]),
             rollouts={"m": RolloutRecord(group(M).spec_hash, 2, NOW - 1)},
         ),
         [],
@@ -111,29 +89,29 @@ CASES = {
     "a rank exited after its backoff: restart": (
         manifest(M),
         observed(
-            node(ranks=[running(M, state="exited", exit_code=1)]),
+            node(stored=["m"], ranks=[running(M, state="exited", exit_code=1)]),
             rollouts={"m": RolloutRecord(group(M).spec_hash, 2, NOW - 10)},
         ),
         [StopRankGroup("m", (("a", 0),), "rank 0 on a exited with code 1; restarting the group"), group(M)],
     ),
     "a model removed from the manifest: stop its ranks": (
         manifest(),
-        observed(node(ranks=[running(M)])),
+        observed(node(stored=["m"], ranks=[running(M)])),
         [StopRankGroup("m", (("a", 0),), "no longer in the manifest")],
     ),
     "a second model takes the next free port; a running one keeps its own": (
         manifest(model("m"), model("n")),
-        observed(node(stored=("m", "n"), ranks=[running(M, port=8100)]), ready=["m"]),
+        observed(node(stored=["m", "n"], ranks=[running(M, port=8100)]), ready=["m"]),
         [group(model("n"), port=8101)],
     ),
     "an explicit port wins": (
         manifest(model("m", port=9000)),
-        observed(node()),
+        observed(node(stored=["m"])),
         [group(model("m", port=9000), port=9000)],
     ),
     "a model on two nodes is not served by this version": (
         manifest(model("m", nodes=("a", "b")), nodes=("a", "b")),
-        observed(node("a"), node("b")),
+        observed(node("a", stored=["m"]), node("b", stored=["m"])),
         [],
     ),
 }
@@ -145,29 +123,29 @@ def test_plan(desired, seen, expected):
 
 
 def test_no_manifest_plans_nothing_even_with_ranks_running():
-    assert plan(None, observed(node(ranks=[running(M)]))) == []
+    assert plan(None, observed(node(stored=["m"], ranks=[running(M)]))) == []
 
 
 def test_a_second_pass_after_carrying_out_the_plan_plans_nothing():
     desired = manifest(model("m"), model("n", port=9001))
-    seen = observed(node(stored=("m", "n")))
+    seen = observed(node(stored=["m", "n"]))
     actions = plan(desired, seen)
     assert [type(a) for a in actions] == [StartRankGroup, StartRankGroup]
     ranks = [RankInfo(launch, 1, "running", NOW) for a in actions for _, launch in a.launches]
-    after = observed(node(stored=("m", "n"), ranks=ranks), ready=["m", "n"])
+    after = observed(node(stored=["m", "n"], ranks=ranks), ready=["m", "n"])
     assert plan(desired, after) == []
     assert {a.phase for a in assess_models(desired, after)} == {"Ready"}
 
 
 def test_assessment_explains_why_a_model_is_blocked():
-    (assessment,) = assess_models(manifest(M), observed(node(stored=())))
+    (assessment,) = assess_models(manifest(M), observed(node()))
     assert assessment.phase == "Blocked"
     assert assessment.reason == "ModelNotFound"
     assert "file:///models/m is not in a storage path of any node" in assessment.message
 
 
 def test_an_incomplete_local_model_is_named():
-    (assessment,) = assess_models(manifest(M), observed(node(complete=False)))
+    (assessment,) = assess_models(manifest(M), observed(node(stored=[stored("m", complete=False)])))
     assert (assessment.phase, assessment.reason) == ("Blocked", "ModelIncomplete")
     assert "/models/m on node a is incomplete" in assessment.message
 
@@ -183,7 +161,7 @@ def test_the_plan_reads_as_a_diff_with_a_closing_summary():
     changed = model("m", max_batch=4)
     actions = plan(
         manifest(changed, model("n")),
-        observed(node(stored=("m", "n"), ranks=[running(M), running(model("gone"), port=8109)]), ready=["m"]),
+        observed(node(stored=["m", "n"], ranks=[running(M), running(model("gone"), port=8109)]), ready=["m"]),
     )
     lines = describe_plan(actions)
     assert lines == [
@@ -198,14 +176,14 @@ def test_the_plan_reads_as_a_diff_with_a_closing_summary():
     "seen,expected",
     [
         (
-            observed(node(ranks=[running(M)]), ready=["m"]),
+            observed(node(stored=["m"], ranks=[running(M)]), ready=["m"]),
             {"Reconciling": "False", "Stalled": "False", "Degraded": "False"},
         ),
-        (observed(node()), {"Reconciling": "True", "Stalled": "False", "Degraded": "False"}),
-        (observed(node(stored=())), {"Reconciling": "False", "Stalled": "True", "Degraded": "False"}),
+        (observed(node(stored=["m"])), {"Reconciling": "True", "Stalled": "False", "Degraded": "False"}),
+        (observed(node()), {"Reconciling": "False", "Stalled": "True", "Degraded": "False"}),
         (
             observed(
-                node(ranks=[running(M, state="exited", exit_code=1)]),
+                node(stored=["m"], ranks=[running(M, state="exited", exit_code=1)]),
                 rollouts={"m": RolloutRecord(group(M).spec_hash, 2, NOW - 1)},
             ),
             {"Reconciling": "False", "Stalled": "False", "Degraded": "True"},

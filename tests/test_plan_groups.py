@@ -6,45 +6,31 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from genmlx.manifest.types import Manifest, Master, Mesh, ModelSpec, Node, Serving, Source, StoragePath
-from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
-from genmlx.master.planning.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
-from genmlx.master.planning.plan import LOAD_DEADLINE_S, assess_models, plan
-from genmlx.wire.agent_state import AgentState, ModelShape, NodeFacts, RankInfo, StorageReport, StoredModel
+from builders import GIB, NOW, manifest, model, node, observed, stored
 
-NOW = 1_000_000.0
-GIB = 1 << 30
+from genmlx.manifest.types import Mesh, ModelSpec, Serving
+from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
+from genmlx.master.planning.observed import EndpointHealth, ObservedNode, RolloutRecord
+from genmlx.master.planning.plan import LOAD_DEADLINE_S, assess_models, plan
+from genmlx.wire.agent_state import ModelShape, RankInfo
+
 SHAPE = ModelShape(
     weight_bytes=8 * GIB, num_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128
 )
-QWEN = ModelSpec("qwen", Source("file", "/models/qwen"), ("a", "b"), serving=Serving(context_length=4096))
+QWEN = model("qwen", ("a", "b"), source="file", context_length=4096)
+QWEN_COPY = stored("qwen", size=SHAPE.weight_bytes, shape=SHAPE, published_at=NOW - 3600)
 
 
-def desk(*models: ModelSpec, mesh_port: int = 32323) -> Manifest:
-    nodes = tuple(Node(n, None, (StoragePath("/models"),)) for n in "abc")
-    return Manifest("desk", Master("a"), nodes, models, mesh=Mesh(port=mesh_port))
+PAIR = (node("a", stored=[QWEN_COPY]), node("b", stored=[QWEN_COPY]))  # at 10.0.0.1 and 10.0.0.2
+ONE_HOST = (node("a", host="127.0.0.1", stored=[QWEN_COPY]), node("b", host="127.0.0.1", stored=[QWEN_COPY]))
 
 
-def node(
-    name: str,
-    host: str,
-    memory_gib: int = 64,
-    shape: ModelShape | None = SHAPE,
-    ranks=(),
-    published=NOW - 3600,
-) -> ObservedNode:
-    facts = NodeFacts(name, "Darwin 25.2.0", "arm64", 12, memory_gib * GIB, memory_gib * GIB // 2)
-    copy = StoredModel("qwen", "/models/qwen", SHAPE.weight_bytes, True, shape=shape, published_at=published)
-    stored = (copy,)
-    state = AgentState(
-        name, "0.1.0", facts, (StorageReport("/models", True, 1 << 42, 1 << 41, stored),), ranks
-    )
-    return ObservedNode(name, f"{host}:6790", "ready", "", state)
+def desk(*models: ModelSpec, mesh_port: int = 32323):
+    return manifest(*models, nodes=("a", "b", "c"), mesh=Mesh(port=mesh_port))
 
 
-def seen(*nodes: ObservedNode, health: EndpointHealth | None = None, rollouts=None) -> Observed:
-    endpoints = {"qwen": health} if health else {}
-    return Observed(NOW, {n.name: n for n in nodes}, endpoints, rollouts or {})
+def seen(*nodes: ObservedNode, health: EndpointHealth | None = None, rollouts=None):
+    return observed(*nodes, endpoints={"qwen": health} if health else {}, rollouts=rollouts)
 
 
 def start_of(actions) -> StartRankGroup:
@@ -53,7 +39,7 @@ def start_of(actions) -> StartRankGroup:
 
 
 def test_equal_nodes_whose_heads_divide_run_tensor_parallel_joined_by_a_ring_hostfile():
-    start = start_of(plan(desk(QWEN), seen(node("a", "10.0.0.1"), node("b", "10.0.0.2"))))
+    start = start_of(plan(desk(QWEN), seen(*PAIR)))
     launches = [launch for _, launch in start.launches]
     assert [(node, launch.rank) for node, launch in start.launches] == [("a", 0), ("b", 1)]
     assert {launch.parallelism for launch in launches} == {"tensor"}
@@ -63,14 +49,37 @@ def test_equal_nodes_whose_heads_divide_run_tensor_parallel_joined_by_a_ring_hos
 
 
 def test_ranks_sharing_a_host_get_their_own_http_and_ring_ports():
-    start = start_of(plan(desk(QWEN, mesh_port=40000), seen(node("a", "127.0.0.1"), node("b", "127.0.0.1"))))
+    start = start_of(plan(desk(QWEN, mesh_port=40000), seen(*ONE_HOST)))
     launches = [launch for _, launch in start.launches]
     assert [launch.port for launch in launches] == [8100, 8101]
     assert launches[1].hostfile == ("127.0.0.1:40000", "127.0.0.1:40001")
 
 
+def test_two_groups_on_one_host_take_ports_apart_and_a_second_pass_plans_nothing():
+    other = model("other", ("a", "b"), source="file", context_length=4096)
+    copies = [QWEN_COPY, replace(QWEN_COPY, name="other", path="/models/other")]
+    nodes = [node(n, host="127.0.0.1", stored=copies) for n in "ab"]
+    starts = [a for a in plan(desk(QWEN, other), seen(*nodes)) if isinstance(a, StartRankGroup)]
+    ports = {s.model: ([launch.port for _, launch in s.launches], s.launches[0][1].hostfile) for s in starts}
+    assert ports == {
+        "qwen": ([8100, 8101], ("127.0.0.1:32323", "127.0.0.1:32324")),
+        "other": ([8102, 8103], ("127.0.0.1:32325", "127.0.0.1:32326")),
+    }
+    ranks = {
+        n: [RankInfo(launch, 1, "running", NOW) for s in starts for m, launch in s.launches if m == n]
+        for n in "ab"
+    }
+    running = [node(n, host="127.0.0.1", stored=copies, ranks=ranks[n]) for n in "ab"]
+    assert plan(desk(QWEN, other), observed(*running, ready=["qwen", "other"])) == []
+
+
 def test_unequal_memory_runs_pipeline_parallel_split_by_memory():
-    start = start_of(plan(desk(QWEN), seen(node("a", "10.0.0.1", 96), node("b", "10.0.0.2", 32))))
+    start = start_of(
+        plan(
+            desk(QWEN),
+            seen(node("a", memory_gib=96, stored=[QWEN_COPY]), node("b", memory_gib=32, stored=[QWEN_COPY])),
+        )
+    )
     launches = [launch for _, launch in start.launches]
     assert {launch.parallelism for launch in launches} == {"pipeline"}
     assert launches[0].layer_split == (24, 8)
@@ -78,7 +87,7 @@ def test_unequal_memory_runs_pipeline_parallel_split_by_memory():
 
 
 def test_a_model_that_does_not_fit_is_blocked_with_the_numbers_and_nothing_starts():
-    small = seen(node("a", "10.0.0.1", 4), node("b", "10.0.0.2", 4))
+    small = seen(node("a", memory_gib=4, stored=[QWEN_COPY]), node("b", memory_gib=4, stored=[QWEN_COPY]))
     (assessment,) = assess_models(desk(QWEN), small)
     assert (assessment.phase, assessment.reason) == ("Blocked", "DoesNotFit")
     assert "GB" in assessment.message and assessment.actions == ()
@@ -88,11 +97,14 @@ def test_a_model_that_does_not_fit_is_blocked_with_the_numbers_and_nothing_start
 def running_group() -> tuple[dict[str, RankInfo], tuple[ObservedNode, ...]]:
     """QWEN's group as the plan starts it, running for a minute on a and b: its ranks by node, and
     the nodes reporting them."""
-    first = plan(desk(QWEN), seen(node("a", "10.0.0.1"), node("b", "10.0.0.2")))
+    first = plan(desk(QWEN), seen(*PAIR))
     ranks = {
         n: RankInfo(launch, 100 + launch.rank, "running", NOW - 60) for n, launch in start_of(first).launches
     }
-    return ranks, (node("a", "10.0.0.1", ranks=(ranks["a"],)), node("b", "10.0.0.2", ranks=(ranks["b"],)))
+    return ranks, (
+        node("a", stored=[QWEN_COPY], ranks=(ranks["a"],)),
+        node("b", stored=[QWEN_COPY], ranks=(ranks["b"],)),
+    )
 
 
 def test_a_hung_group_is_restarted_and_backs_off_when_it_keeps_hanging():
@@ -121,12 +133,12 @@ def test_a_group_still_loading_after_the_deadline_is_restarted():
 
 def test_jaccl_is_refused_until_ranks_can_be_started_on_it():
     jaccl = replace(desk(QWEN), mesh=Mesh(backend="jaccl"))
-    (assessment,) = assess_models(jaccl, seen(node("a", "10.0.0.1"), node("b", "10.0.0.2")))
+    (assessment,) = assess_models(jaccl, seen(*PAIR))
     assert (assessment.phase, assessment.reason, assessment.actions) == ("Blocked", "BackendUnsupported", ())
 
 
 def test_ring_ports_beyond_the_last_port_block_the_model_with_the_numbers():
-    one_host = seen(node("a", "127.0.0.1"), node("b", "127.0.0.1"))
+    one_host = seen(*ONE_HOST)
     (assessment,) = assess_models(desk(QWEN, mesh_port=65535), one_host)
     assert (assessment.phase, assessment.reason) == ("Blocked", "MeshUnplannable")
     assert "[65535, 65536]" in assessment.message and "lower mesh.port" in assessment.message
@@ -135,7 +147,7 @@ def test_ring_ports_beyond_the_last_port_block_the_model_with_the_numbers():
 
 def test_http_ports_beyond_the_last_port_block_the_model_with_the_numbers():
     high = replace(QWEN, serving=Serving(context_length=4096, port=65535))
-    (assessment,) = assess_models(desk(high), seen(node("a", "127.0.0.1"), node("b", "127.0.0.1")))
+    (assessment,) = assess_models(desk(high), seen(*ONE_HOST))
     assert (assessment.phase, assessment.reason) == ("Blocked", "MeshUnplannable")
     assert "HTTP ports [65535, 65536]" in assessment.message and "lower serving.port" in assessment.message
 
@@ -143,7 +155,7 @@ def test_http_ports_beyond_the_last_port_block_the_model_with_the_numbers():
 def test_a_copy_replaced_in_place_restarts_the_group_that_loaded_the_old_one():
     ranks, nodes = running_group()
     ready = EndpointHealth("http://10.0.0.1:8100/v1", "ready")
-    resynced = (nodes[0], node("b", "10.0.0.2", ranks=(ranks["b"],), published=NOW - 5))
+    resynced = (nodes[0], node("b", stored=[replace(QWEN_COPY, published_at=NOW - 5)], ranks=(ranks["b"],)))
     (assessment,) = assess_models(desk(QWEN), seen(*resynced, health=ready))
     assert assessment.reason == "SpecChanged"
     assert [type(a) for a in assessment.actions] == [StopRankGroup, StartRankGroup]

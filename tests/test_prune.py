@@ -9,57 +9,27 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, start_agent
+from builders import STORE, launch, manifest, model, node, observed, rank, stored
 from conftest import free_port, wait_until
 
 from genmlx.agent.store.metadata import METADATA_NAME, write_metadata
 from genmlx.agent.store.model_store import adopt, partial_dir
-from genmlx.manifest.types import Manifest, Master, ModelSpec, Node, Source, StoragePath
 from genmlx.master.planning.actions import DeleteModel
-from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.prune import prune_actions
-from genmlx.wire.agent_state import AgentState, NodeFacts, RankInfo, StorageReport, StoredModel, Transfer
+from genmlx.wire.agent_state import StoredModel, Transfer
 from genmlx.wire.rank_launch import RankLaunch
 from genmlx.wire.serving import ServingSettings
 
-NOW = 1_000_000.0
-STORE = "/models"
 HF = "hf://org/repo"
-FACTS = NodeFacts("mac", "Darwin 24.1.0", "arm64", 10, 64 << 30, 48 << 30)
-
-
-def spec(name="m", nodes=("b",), prune=False, source=HF) -> ModelSpec:
-    scheme, location = source.split("://", 1)
-    return ModelSpec(name, Source(scheme, location), tuple(nodes), prune=prune)
-
-
-def manifest(*models: ModelSpec, prune=()) -> Manifest:
-    nodes = tuple(
-        Node(n, f"10.0.0.{i}:6790", (StoragePath(STORE),), prune=n in prune) for i, n in enumerate("ab")
-    )
-    return Manifest("desk", Master("a"), nodes, models)
 
 
 def copy(name="m", source: str | None = HF, complete=True, path=None) -> StoredModel:
-    return StoredModel(name, path or f"{STORE}/{name}", 1 << 20, complete, source, "main", "c0ffee")
+    """A copy GenMLX made (its metadata names a source) unless ``source`` is None."""
+    return stored(name, path, complete=complete, source=source, revision="main", commit="c0ffee")
 
 
 def partial(name="m") -> StoredModel:
-    return StoredModel(name, f"{STORE}/.genmlx-partial/{name}", 1 << 10, False)
-
-
-def rank(model="m", path=None, state="running") -> RankInfo:
-    launch = RankLaunch(model, path or f"{STORE}/{model}", 0, 1, 8100, "hash")
-    return RankInfo(launch, 42, state, NOW - 10)
-
-
-def node(name, stored=(), ranks=(), transfers=(), reachability="ready", partials=()) -> ObservedNode:
-    report = StorageReport(STORE, True, 1 << 40, 1 << 39, tuple(stored), tuple(partials))
-    state = AgentState(name, "0.1.0", FACTS, (report,), tuple(ranks), tuple(transfers))
-    return ObservedNode(name, "10.0.0.9:6790", reachability, "", state if reachability == "ready" else None)
-
-
-def observed(*nodes: ObservedNode) -> Observed:
-    return Observed(NOW, {n.name: n for n in nodes})
+    return stored(name, f"{STORE}/.genmlx-partial/{name}", 1 << 10, complete=False)
 
 
 def delete(node="a", model="m", reason="no longer in the manifest (node prune: true)") -> DeleteModel:
@@ -71,12 +41,12 @@ RUNNING = Transfer("m", "download", HF, STORE, "running")
 CASES = {
     "removed from the manifest, node does not prune: files stay": (
         manifest(),
-        observed(node("a", [copy()])),
+        observed(node("a", stored=[copy()])),
         [],
     ),
     "removed from the manifest, node prunes: delete": (
         manifest(prune="a"),
-        observed(node("a", [copy()])),
+        observed(node("a", stored=[copy()])),
         [delete()],
     ),
     "removed, node prunes, only an interrupted partial left: delete it": (
@@ -86,92 +56,92 @@ CASES = {
     ),
     "removed, node prunes, but a rank of it is still on the node: wait for the stop": (
         manifest(prune="a"),
-        observed(node("a", [copy()], ranks=[rank()])),
+        observed(node("a", stored=[copy()], ranks=[rank()])),
         [],
     ),
     "removed, node prunes, but an exited rank is still reported: wait": (
         manifest(prune="a"),
-        observed(node("a", [copy()], ranks=[rank(state="exited")])),
+        observed(node("a", stored=[copy()], ranks=[rank(state="exited")])),
         [],
     ),
     "removed, node prunes, but a transfer of it runs: wait": (
         manifest(prune="a"),
-        observed(node("a", [copy()], transfers=[RUNNING])),
+        observed(node("a", stored=[copy()], transfers=[RUNNING])),
         [],
     ),
     "removed, node prunes, node unreachable: nothing": (
         manifest(prune="a"),
-        observed(node("a", [copy()], reachability="unreachable")),
+        observed(node("a", stored=[copy()], reachability="unreachable")),
         [],
     ),
     "a user's own directory (no metadata) is never pruned": (
         manifest(prune="a"),
-        observed(node("a", [copy(source=None)])),
+        observed(node("a", stored=[copy(source=None)])),
         [],
     ),
     "a user's directory and a partial of the same name: the agent would refuse, so nothing": (
         manifest(prune="a"),
-        observed(node("a", [copy(source=None)], partials=[partial()])),
+        observed(node("a", stored=[copy(source=None)], partials=[partial()])),
         [],
     ),
     "a file:// source adopted in place is never pruned": (
         manifest(prune="a"),
-        observed(node("a", [copy(source=f"file://{STORE}/m")])),
+        observed(node("a", stored=[copy(source=f"file://{STORE}/m")])),
         [],
     ),
     "a copy synced from a file:// source elsewhere is GenMLX's": (
         manifest(prune="a"),
-        observed(node("a", [copy(source="file:///elsewhere/m")])),
+        observed(node("a", stored=[copy(source="file:///elsewhere/m")])),
         [delete()],
     ),
     "the original directory of a file:// model in the manifest is never pruned": (
-        manifest(spec("other", source=f"file://{STORE}/m/"), prune="a"),
-        observed(node("a", [copy(source="file:///elsewhere/m")])),
+        manifest(model("other", ("b",), source=f"file://{STORE}/m/"), prune="a"),
+        observed(node("a", stored=[copy(source="file:///elsewhere/m")])),
         [],
     ),
     "a copy that serves a placed model under another name stays": (
-        manifest(spec("renamed", nodes=("a",)), prune="a"),
-        observed(node("a", [copy("m")])),
+        manifest(model("renamed", ("a",), source=HF), prune="a"),
+        observed(node("a", stored=[copy("m")])),
         [],
     ),
     "a directory a rank runs from stays, whatever its name": (
         manifest(prune="a"),
-        observed(node("a", [copy("old")], ranks=[rank("new", path=f"{STORE}/old")])),
+        observed(node("a", stored=[copy("old")], ranks=[rank(launch("new", f"{STORE}/old"))])),
         [],
     ),
     "moved a → b, nobody prunes: files stay": (
-        manifest(spec()),
-        observed(node("a", [copy()]), node("b", [copy()])),
+        manifest(model("m", ("b",), source=HF)),
+        observed(node("a", stored=[copy()]), node("b", stored=[copy()])),
         [],
     ),
     "moved a → b with model prune: delete from a once b has it": (
-        manifest(spec(prune=True)),
-        observed(node("a", [copy()]), node("b", [copy()])),
+        manifest(model("m", ("b",), source=HF, prune=True)),
+        observed(node("a", stored=[copy()]), node("b", stored=[copy()])),
         [delete(reason=MOVED.format("model"))],
     ),
     "moved a → b with node prune: delete from a once b has it": (
-        manifest(spec(), prune="a"),
-        observed(node("a", [copy()]), node("b", [copy()])),
+        manifest(model("m", ("b",), source=HF), prune="a"),
+        observed(node("a", stored=[copy()]), node("b", stored=[copy()])),
         [delete(reason=MOVED.format("node"))],
     ),
     "moved a → b with model prune, b still syncing from a: keep a's copy": (
-        manifest(spec(prune=True)),
-        observed(node("a", [copy()]), node("b", partials=[partial()])),
+        manifest(model("m", ("b",), source=HF, prune=True)),
+        observed(node("a", stored=[copy()]), node("b", partials=[partial()])),
         [],
     ),
     "moved a → b with model prune, b unreachable: keep a's copy": (
-        manifest(spec(prune=True)),
-        observed(node("a", [copy()]), node("b", [copy()], reachability="unreachable")),
+        manifest(model("m", ("b",), source=HF, prune=True)),
+        observed(node("a", stored=[copy()]), node("b", stored=[copy()], reachability="unreachable")),
         [],
     ),
     "still placed on the node, model prunes: nothing": (
-        manifest(spec(nodes=("a", "b"), prune=True), prune="ab"),
-        observed(node("a", [copy()]), node("b", [copy()])),
+        manifest(model("m", ("a", "b"), source=HF, prune=True), prune="ab"),
+        observed(node("a", stored=[copy()]), node("b", stored=[copy()])),
         [],
     ),
     "an incomplete managed copy of a removed model is pruned too": (
         manifest(prune="a"),
-        observed(node("a", [copy(complete=False)], partials=[partial()])),
+        observed(node("a", stored=[copy(complete=False)], partials=[partial()])),
         [delete()],
     ),
 }
@@ -185,7 +155,7 @@ def test_prune_actions(case):
 
 def test_pruning_again_after_the_delete_plans_nothing():
     desired = manifest(prune="a")
-    assert prune_actions(desired, observed(node("a", [copy()]))) == [delete()]
+    assert prune_actions(desired, observed(node("a", stored=[copy()]))) == [delete()]
     assert prune_actions(desired, observed(node("a"))) == []
 
 
