@@ -61,6 +61,8 @@ class Cluster:
         self.env.update(GENMLX_DISCOVERY="off", GENMLX_CANARY_INTERVAL_S="30")
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
         self.ports = {name: free_port() for name in ["master", *self.names]}
+        # Where the ranks' HTTP and ring ports start: free, so a test run beside the bench never clashes.
+        self.serving_port, self.mesh_port = free_port(), free_port()
         self.storage = {name: work / f"storage-{name}" for name in self.names}
         for path in self.storage.values():
             path.mkdir()
@@ -87,11 +89,15 @@ class Cluster:
             for n in self.names
         )
         source = self.storage[self.names[0]] / MODEL
-        model = f"    - {{name: {MODEL}, source: 'file://{source}', nodes: [{', '.join(self.names)}]}}\n"
+        model = (
+            f"    - {{name: {MODEL}, source: 'file://{source}', nodes: [{', '.join(self.names)}], "
+            f"serving: {{port: {self.serving_port}}}}}\n"
+        )
         models = model if serving else "    []\n"
         self.manifest.write_text(
             "apiVersion: genmlx/v1\nkind: Cluster\nmetadata: {name: bench}\nspec:\n"
-            f"  master: {{node: n1, port: {self.ports['master']}}}\n  nodes:\n{nodes}  models:\n{models}"
+            f"  master: {{node: n1, port: {self.ports['master']}}}\n  nodes:\n{nodes}"
+            f"  mesh: {{port: {self.mesh_port}}}\n  models:\n{models}"
         )
 
     def apply(self, serving: bool) -> None:

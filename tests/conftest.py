@@ -3,6 +3,8 @@ subprocesses that are always stopped (and their output shown) when a test ends."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 # No test may multicast onto the machine's real network: zeroconf stays off unless a test turns
 # it back on (the network-namespace bench does, for the processes it starts in its hosts).
@@ -26,6 +29,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that nothing listens on right now: where
+    a test puts the ports a master counts up from (``serving.port``, ``mesh.port``)."""
+    for _ in range(50):
+        base = free_port()
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return base
+    pytest.fail(f"no {count} consecutive free ports")
+
+
+class ServingPorts:
+    """Free HTTP ports for the models a test's manifests serve, so suites running at once on one
+    machine never meet: each model name gets its ``serving.port`` once (a range as long as its
+    node list, for ranks sharing the host) and keeps it in every manifest after, as a real
+    cluster's file would."""
+
+    def __init__(self) -> None:
+        self._ports: dict[str, int] = {}
+
+    def set_in(self, models: str) -> str:
+        """``models``, the entries of ``spec.models`` as YAML, one per line, with each entry's
+        ``serving.port`` set."""
+        entries = yaml.safe_load(models) or []
+        if not entries:
+            return models  # "    []": nothing to serve
+        return "".join(f"    - {json.dumps(self._with_port(entry))}\n" for entry in entries)
+
+    def _with_port(self, entry: dict) -> dict:
+        nodes = entry.get("nodes")
+        port = self._ports.setdefault(entry["name"], free_ports(len(nodes) if isinstance(nodes, list) else 8))
+        return {**entry, "serving": {**entry.get("serving", {}), "port": port}}
 
 
 def http_status(url: str, token: str | None = None, timeout: float = 2.0) -> int | None:

@@ -115,6 +115,7 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.e2e
 def test_healthz_needs_no_token_and_reveals_nothing(agent: AgentUnderTest):
     reply = call("GET", agent.url + "/healthz")
     assert reply.status == 200
@@ -131,6 +132,7 @@ AUTHENTICATED = [
 ]
 
 
+@pytest.mark.e2e
 def test_every_other_endpoint_refuses_a_missing_or_wrong_token(agent: AgentUnderTest):
     wrong = [None, "Bearer wrong-token", f"Bearer {agent.token}x", f"Basic {agent.token}", agent.token]
     for method, path, body in AUTHENTICATED:
@@ -144,6 +146,7 @@ def test_every_other_endpoint_refuses_a_missing_or_wrong_token(agent: AgentUnder
     assert agent.token not in agent.proc.output()
 
 
+@pytest.mark.e2e
 def test_state_reports_facts_storage_and_models(agent: AgentUnderTest, storage: Path):
     state = agent.state()
     assert (state.name, state.version) == ("node-a", genmlx.__version__)
@@ -172,6 +175,7 @@ def test_state_reports_facts_storage_and_models(agent: AgentUnderTest, storage: 
     assert state.ranks == ()
 
 
+@pytest.mark.e2e
 def test_launch_refuses_invalid_bodies_and_paths_outside_storage(agent: AgentUnderTest, storage: Path):
     good = demo_launch(agent).to_json()
     refused = [
@@ -202,6 +206,7 @@ def test_launch_refuses_invalid_bodies_and_paths_outside_storage(agent: AgentUnd
     assert agent.call("DELETE", "/api/v1/ranks/demo/0").status == 404
 
 
+@pytest.mark.e2e
 def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home: Path):
     launch = demo_launch(agent)
     started = agent.start_rank(launch)
@@ -242,6 +247,7 @@ def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home:
     assert agent.token not in agent.proc.output()
 
 
+@pytest.mark.e2e
 def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(agent: AgentUnderTest):
     launch = demo_launch(agent)
     first = agent.start_rank(launch)
@@ -262,6 +268,7 @@ def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(agent: 
     assert stopped.state == "exited" and not psutil.pid_exists(second.pid)
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_the_agent_and_every_rank(agent: AgentUnderTest):
     launch = demo_launch(agent)
     rank = agent.start_rank(launch)
@@ -275,6 +282,7 @@ def test_sigterm_stops_the_agent_and_every_rank(agent: AgentUnderTest):
     assert http_status(health) is None
 
 
+@pytest.mark.e2e
 def test_a_rank_reports_its_phases_until_ready_and_its_restarts(agent: AgentUnderTest):
     started = agent.start_rank(demo_launch(agent))
     assert (started.phase, started.restarts) == ("starting", 0)
@@ -298,6 +306,7 @@ def test_a_rank_reports_its_phases_until_ready_and_its_restarts(agent: AgentUnde
     assert agent.rank("demo", 0).restarts == 1
 
 
+@pytest.mark.e2e
 def test_a_sigkilled_agent_leaves_no_rank_behind(agent: AgentUnderTest):
     launch = demo_launch(agent)
     rank = agent.start_rank(launch)

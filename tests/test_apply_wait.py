@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import call
-from conftest import free_port, http_status, wait_until
+from conftest import ServingPorts, free_port, http_status, wait_until
 
 from genmlx.cli.apply_wait import Outcome, PlainDisplay, follow, judge, read_view, timed_out
 from genmlx.wire.status import ClusterStatus
@@ -140,6 +140,7 @@ class MasterAndAgent:
         self.storage = root / "storage"
         self.storage.mkdir()
         self.master_port, self.agent_port = free_port(), free_port()
+        self.serving_ports = ServingPorts()
         spawn(
             [
                 "-m",
@@ -178,13 +179,14 @@ class MasterAndAgent:
             f"  master: {{node: a, port: {self.master_port}}}\n"
             f"  nodes:\n    - {{name: a, address: '127.0.0.1:{self.agent_port}', "
             f"storage: [{{path: '{self.storage}'}}], prune: {str(prune).lower()}}}\n"
-            f"{extra_nodes}  models:\n{models}"
+            f"{extra_nodes}  models:\n{self.serving_ports.set_in(models)}"
         )
         command = [sys.executable, "-m", "genmlx", "apply", "-f", str(manifest), "--wait", *flags]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.e2e
 def test_apply_wait_shows_the_download_and_exits_0_once_ready(
     spawn, genmlx_home, tmp_path, hub, demo_model_dir
 ):
@@ -209,6 +211,7 @@ def test_apply_wait_shows_the_download_and_exits_0_once_ready(
     assert lines[-1] == "1 model(s) Ready"
 
 
+@pytest.mark.e2e
 def test_apply_wait_exits_1_with_the_reason_when_a_model_is_stalled(spawn, genmlx_home, tmp_path):
     cluster = MasterAndAgent(spawn, tmp_path, {})
     nowhere = tmp_path / "nowhere" / "model"
@@ -221,6 +224,7 @@ def test_apply_wait_exits_1_with_the_reason_when_a_model_is_stalled(spawn, genml
     )
 
 
+@pytest.mark.e2e
 def test_apply_wait_times_out_naming_what_is_not_ready(spawn, genmlx_home, tmp_path):
     cluster = MasterAndAgent(spawn, tmp_path, {})
     # Node b is declared, but no agent answers at its address: the model waits for it, neither
@@ -252,6 +256,7 @@ def test_a_terminal_gets_a_live_table_and_progress_bars():
     assert isinstance(make_display(Console(file=StringIO())), PlainDisplay), "no terminal: plain lines"
 
 
+@pytest.mark.e2e
 def test_the_plan_apply_prints_is_the_plan_the_master_carries_out(
     spawn, genmlx_home, tmp_path, demo_model_dir
 ):

@@ -14,6 +14,8 @@ import openai
 import pytest
 from conftest import free_port, http_status, wait_until
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 MODEL = "demo-llama"
 HUGE = 900_000  # minutes of tokens: only cancellation ends it (temperature 0 never picks end-of-turn)
 SYSTEM = "You are a careful guide to rivers, lakes and the sea. Answer briefly and plainly."

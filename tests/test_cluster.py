@@ -20,6 +20,8 @@ from conftest import Proc, free_port, http_status, wait_until
 
 from genmlx.core.home import ensure_token, read_token
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 MODEL = "demo"
 
 
@@ -33,7 +35,7 @@ class Cluster:
         shutil.copytree(model_dir, self.storage / MODEL)
         self.token = read_token(ensure_token(self.home / "token")[0])
         self.env = {**os.environ, "GENMLX_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
-        self.master_port, self.agent_port = free_port(), free_port()
+        self.master_port, self.agent_port, self.serving_port = free_port(), free_port(), free_port()
         self.manifest = root / "cluster.yaml"
         self.manifest.write_text(self.manifest_text())
         self.master_flags = master_flags
@@ -66,7 +68,7 @@ spec:
     - name: {MODEL}
       source: file://{self.storage / MODEL}
       nodes: [local]
-      serving: {{maxBatch: {max_batch}}}
+      serving: {{maxBatch: {max_batch}, port: {self.serving_port}}}
 """
 
     def start(self, *args: str) -> Proc:

@@ -16,11 +16,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import Proc, wait_until
 from netbench import Host, NetBench
 
 import genmlx
 from genmlx.core.home import ensure_token, read_token
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 AGENT_PORT = 6790  # every host has ports of its own: the defaults never clash
 MASTER_PORT = 6789

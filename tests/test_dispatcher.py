@@ -116,6 +116,7 @@ def chunk_text(chunks: list) -> str:
 # --- lifecycle ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_health_is_503_while_loading_then_200(start_dispatcher, token: str) -> None:
     dispatcher = start_dispatcher()
     seen: list[tuple[int, dict]] = []
@@ -139,6 +140,7 @@ def test_health_is_503_while_loading_then_200(start_dispatcher, token: str) -> N
     assert {status for status, _ in seen} == {200, 503}
 
 
+@pytest.mark.e2e
 def test_sigterm_mid_generation_exits_zero_promptly(ready_dispatcher, token: str) -> None:
     dispatcher = ready_dispatcher("--context-length", str(2 * HUGE))
     client = client_for(dispatcher, token)
@@ -153,6 +155,7 @@ def test_sigterm_mid_generation_exits_zero_promptly(ready_dispatcher, token: str
     stream.close()
 
 
+@pytest.mark.e2e
 def test_multi_rank_and_bad_rank_are_refused_at_start(demo_model_dir: Path) -> None:
     base = [sys.executable, "-m", "genmlx.dispatcher", "--model", str(demo_model_dir), "--name", MODEL]
     base += ["--port", str(free_port())]
@@ -164,6 +167,7 @@ def test_multi_rank_and_bad_rank_are_refused_at_start(demo_model_dir: Path) -> N
     assert "--rank must be in [0, 0]" in bad_rank.stderr
 
 
+@pytest.mark.e2e
 def test_a_model_that_cannot_load_exits_1_saying_why(tmp_path: Path) -> None:
     missing = tmp_path / "no-model-here"
     args = [sys.executable, "-m", "genmlx.dispatcher", "--model", str(missing), "--name", MODEL]
@@ -172,6 +176,7 @@ def test_a_model_that_cannot_load_exits_1_saying_why(tmp_path: Path) -> None:
     assert f"cannot serve {MODEL}" in done.stdout and "no config.json" in done.stdout
 
 
+@pytest.mark.e2e
 def test_exits_when_its_parent_is_gone(spawn, demo_model_dir: Path) -> None:
     port = free_port()
     # A stand-in agent: starts the dispatcher with --parent-pid set to itself, then sleeps.
@@ -201,6 +206,7 @@ def _running(process: psutil.Process) -> bool:
 # --- auth and models -----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_models_list_and_bearer_token(dispatcher: Dispatcher, client: openai.OpenAI, token: str) -> None:
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).owned_by == "genmlx"
@@ -222,6 +228,7 @@ def test_models_list_and_bearer_token(dispatcher: Dispatcher, client: openai.Ope
 # --- chat and text completions ---------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_chat_completion_shape_and_usage(client: openai.OpenAI, tokenizer) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=CHAT, max_tokens=16, temperature=0
@@ -258,6 +265,7 @@ def test_chat_completion_shape_and_usage(client: openai.OpenAI, tokenizer) -> No
     assert again.usage.prompt_tokens_details.cached_tokens == expected_prompt_tokens - 1
 
 
+@pytest.mark.e2e
 def test_chat_stream_matches_the_whole_answer(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=24, temperature=0)
 
@@ -277,6 +285,7 @@ def test_chat_stream_matches_the_whole_answer(client: openai.OpenAI) -> None:
     assert chunk_text(body) == whole.choices[0].message.content
 
 
+@pytest.mark.e2e
 def test_text_completions_streamed_and_not(client: openai.OpenAI) -> None:
     raw = client.completions.with_raw_response.create(
         model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0
@@ -306,6 +315,7 @@ def test_text_completions_streamed_and_not(client: openai.OpenAI) -> None:
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+@pytest.mark.e2e
 def test_stop_strings_cut_the_text_where_they_begin(client: openai.OpenAI) -> None:
     free = client.completions.create(model=MODEL, prompt="The river", max_tokens=40, temperature=0)
     text = free.choices[0].text
@@ -357,6 +367,7 @@ def test_stop_string_matcher_holds_back_only_possible_starts(
     assert matcher.stopped is stopped
 
 
+@pytest.mark.e2e
 def test_same_seed_same_sample(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         reply = client.chat.completions.create(
@@ -390,6 +401,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.e2e
 def test_bad_requests_are_400_naming_the_field(client: openai.OpenAI) -> None:
     for arguments, param in BAD_REQUESTS:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -400,6 +412,7 @@ def test_bad_requests_are_400_naming_the_field(client: openai.OpenAI) -> None:
         assert error.message, arguments
 
 
+@pytest.mark.e2e
 def test_unknown_model_is_404_and_malformed_json_is_400(
     client: openai.OpenAI, dispatcher: Dispatcher, token: str
 ) -> None:
@@ -427,6 +440,7 @@ def test_unknown_model_is_404_and_malformed_json_is_400(
 # --- cancellation and back-pressure --------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_client_leaving_mid_stream_cancels_its_generation(ready_dispatcher, token: str) -> None:
     dispatcher = ready_dispatcher("--context-length", str(2 * HUGE))
     client = client_for(dispatcher, token)
@@ -445,6 +459,7 @@ def test_a_client_leaving_mid_stream_cancels_its_generation(ready_dispatcher, to
     assert int(log.split("completion_tokens=")[1].split()[0]) < HUGE
 
 
+@pytest.mark.e2e
 def test_a_client_giving_up_on_a_plain_request_cancels_it(ready_dispatcher, token: str) -> None:
     dispatcher = ready_dispatcher("--context-length", str(2 * HUGE))
     impatient = client_for(dispatcher, token, timeout=1.0)
@@ -458,6 +473,7 @@ def test_a_client_giving_up_on_a_plain_request_cancels_it(ready_dispatcher, toke
     wait_until(lambda: _access_line(dispatcher, "finish=cancelled"), timeout=10, what="log line")
 
 
+@pytest.mark.e2e
 def test_a_full_queue_answers_429(ready_dispatcher, token: str) -> None:
     dispatcher = ready_dispatcher("--context-length", str(2 * HUGE), "--max-batch", "1", "--max-queue", "1")
     client = client_for(dispatcher, token, timeout=2.0)

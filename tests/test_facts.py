@@ -352,6 +352,7 @@ print(json.dumps([i.to_json() for i in collect_node_facts().interfaces]))
 """
 
 
+@pytest.mark.e2e
 @linux_only
 @pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")),

@@ -349,6 +349,7 @@ print("commit", result.commit, flush=True)
 """
 
 
+@pytest.mark.e2e
 def test_a_download_killed_mid_file_resumes_where_it_stopped(
     hub: FakeHub, demo_model_dir: Path, tmp_path: Path, spawn
 ):
@@ -399,6 +400,7 @@ def finished_transfer(url: str, token: str, model: str) -> Transfer | None:
     return found[0] if found else None
 
 
+@pytest.mark.e2e
 def test_an_agent_downloads_a_gated_model_with_its_hf_token_and_serves_it(
     hub: FakeHub,
     demo_repo: dict[str, bytes],

@@ -8,7 +8,10 @@ import urllib.request
 
 import openai
 import psutil
+import pytest
 from conftest import free_port, wait_until
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 
 def status(port: int, token: str) -> dict:
@@ -46,7 +49,7 @@ def test_demo_serves_answers_and_stops_cleanly_on_ctrl_c(spawn, genmlx_home, tok
 
 
 def test_up_runs_master_and_agent_from_a_manifest(spawn, genmlx_home, token, demo_model_dir, tmp_path):
-    port = free_port()
+    port, serving_port = free_port(), free_port()
     manifest = tmp_path / "cluster.yaml"
     manifest.write_text(f"""\
 apiVersion: genmlx/v1
@@ -57,7 +60,7 @@ spec:
   nodes:
     - {{name: solo, storage: [{{path: {demo_model_dir.parent}}}]}}
   models:
-    - {{name: tiny, source: "file://{demo_model_dir}", nodes: [solo]}}
+    - {{name: tiny, source: "file://{demo_model_dir}", nodes: [solo], serving: {{port: {serving_port}}}}}
 """)
     # No address and no discovery (tests turn it off): `up` knows its own agent.
     up = spawn(["-m", "genmlx", "up", "-f", str(manifest)], "up")

@@ -7,12 +7,10 @@ output of a real Mac's commands (tests/data/macos)."""
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import start_agent
-from conftest import free_port, wait_until
+from conftest import free_port, free_ports, wait_until
 
 import genmlx.agent.facts.macos as macos
 import genmlx.master.planning.groups as groups
@@ -572,6 +570,7 @@ def mesh_plan(path: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_mesh_plan_without_a_master_plans_from_the_manifest_alone(tmp_path, genmlx_home):
     path = tmp_path / "cluster.yaml"
     models = PAIR_MODEL + "    - {name: solo, source: 'hf://org/solo', nodes: [c]}\n"
@@ -606,6 +605,7 @@ def test_mesh_plan_without_a_master_plans_from_the_manifest_alone(tmp_path, genm
     )
 
 
+@pytest.mark.e2e
 def test_mesh_plan_exits_1_when_jaccl_is_asked_for(tmp_path, genmlx_home):
     path = tmp_path / "cluster.yaml"
     path.write_text(manifest_text(free_port(), {"a": None, "b": None}, PAIR_MODEL, "{backend: jaccl}"))
@@ -615,6 +615,7 @@ def test_mesh_plan_exits_1_when_jaccl_is_asked_for(tmp_path, genmlx_home):
     assert "jaccl would not be possible either: RDMA links unknown: no facts from a, b" in done.stdout
 
 
+@pytest.mark.e2e
 def test_mesh_plan_refuses_an_invalid_manifest_as_validate_does(tmp_path, genmlx_home):
     path = tmp_path / "cluster.yaml"
     path.write_text(manifest_text(free_port(), {"a": None, "b": None}, PAIR_MODEL, "{topology: star}"))
@@ -630,6 +631,7 @@ def test_mesh_plan_refuses_an_invalid_manifest_as_validate_does(tmp_path, genmlx
     assert "spec.mesh.topology" in done.stderr
 
 
+@pytest.mark.e2e
 def test_mesh_plan_exits_1_when_the_address_block_runs_out(tmp_path, genmlx_home):
     path = tmp_path / "cluster.yaml"
     path.write_text(
@@ -640,6 +642,7 @@ def test_mesh_plan_exits_1_when_the_address_block_runs_out(tmp_path, genmlx_home
     assert "error: a full-mesh of 12 nodes has 66 Thunderbolt links" in done.stdout
 
 
+@pytest.mark.e2e
 def test_mesh_plan_takes_addresses_and_facts_from_the_master(tmp_path, genmlx_home, token, spawn):
     agents = [start_agent(spawn, token, name, (tmp_path / name,)) for name in ("a", "b")]
     master_port = free_port()
@@ -704,24 +707,11 @@ print(json.dumps([group.rank(), group.size(), total.item()]))
 """
 
 
-def free_port_range(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports that nothing listens on right now."""
-    for _ in range(50):
-        base = free_port()
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
-            except OSError:
-                continue
-        return base
-    pytest.fail(f"no {count} consecutive free ports")
-
-
+@pytest.mark.e2e
 def test_two_models_ranks_sharing_one_host_form_two_rings_at_once(tmp_path):
     models = [spec("one", "a", "b"), spec("two", "a", "b")]
     # Two agents on one host, as the master would see them: four ranks, four ring ports from base.
-    ports = ring_ports_of(cluster(*models, port=free_port_range(4)), on_hosts("127.0.0.1", "127.0.0.1"))
+    ports = ring_ports_of(cluster(*models, port=free_ports(4)), on_hosts("127.0.0.1", "127.0.0.1"))
     loopback = [MeshNode("a", "127.0.0.1"), MeshNode("b", "127.0.0.1")]
     procs = []
     for m in models:

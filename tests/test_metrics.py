@@ -13,6 +13,8 @@ from conftest import free_port, http_status, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 MODEL = "demo-llama"
 HUGE = 900_000  # minutes of tokens: only cancellation ends it (temperature 0 never picks end-of-turn)
 CHAT = [{"role": "user", "content": "Tell me about rivers."}]

@@ -160,6 +160,7 @@ def test_only_complete_models_get_a_shape(tmp_path: Path, demo_model_dir: Path):
     assert describe_model_dir(broken).shape is None
 
 
+@pytest.mark.e2e
 def test_the_agent_reports_each_models_shape(spawn, token: str, tmp_path: Path, demo_model_dir: Path):
     storage = tmp_path / "storage"
     shutil.copytree(demo_model_dir, storage / "demo-llama")

@@ -14,10 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import pytest
 from conftest import wait_until
 from netbench import NetBench
 
 from genmlx.core.home import ensure_token, read_token
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 MASTER_PORT, AGENT_PORT = 6789, 6790
 

@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import free_port, http_status, wait_until
 from netbench import NetBench, base36, existing_names, ip, pid_alive
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 # Joins the mDNS group on the host's own address and prints the first datagram and its sender.
 RECEIVE_MULTICAST = """

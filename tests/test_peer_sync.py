@@ -23,7 +23,7 @@ from genmlx.wire.agent_state import FetchRequest, StoredModel, Transfer
 from genmlx.wire.rank_launch import RankLaunch
 from genmlx.wire.serving import ServingSettings
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 SERVED = re.compile(
     r"served (?P<model>\S+?)/(?P<path>\S+) bytes (?P<first>\d+)-(?P<last>\d+): (?P<sent>\d+) bytes"

@@ -197,6 +197,7 @@ def prune(agent: Agent, storage_path: Path | str, name: str, token: str | None =
     return agent.call("DELETE", f"/api/v1/models/{name}?{query}")
 
 
+@pytest.mark.e2e
 def test_prune_deletes_a_managed_copy_and_its_partial_from_that_storage_path_only(
     agent: Agent, storage: Path, tmp_path: Path, demo_model_dir: Path
 ):
@@ -214,6 +215,7 @@ def test_prune_deletes_a_managed_copy_and_its_partial_from_that_storage_path_onl
     assert prune(agent, storage, "old").status == 404
 
 
+@pytest.mark.e2e
 def test_prune_refuses_a_wrong_token_a_foreign_path_and_an_escape(
     agent: Agent, storage: Path, tmp_path: Path, demo_model_dir: Path
 ):
@@ -234,6 +236,7 @@ def test_prune_refuses_a_wrong_token_a_foreign_path_and_an_escape(
     assert (outside / "old" / "config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_prune_refuses_a_users_own_directory_and_a_file_source_in_place(
     agent: Agent, storage: Path, demo_model_dir: Path
 ):
@@ -250,6 +253,7 @@ def test_prune_refuses_a_users_own_directory_and_a_file_source_in_place(
     assert agent.call("DELETE", f"/api/v1/models/mine?storagePath={storage}").status == 200
 
 
+@pytest.mark.e2e
 def test_prune_refuses_a_model_a_running_rank_uses(agent: Agent, storage: Path, demo_model_dir: Path):
     managed_copy(demo_model_dir, storage, "busy")
     serving = ServingSettings(context_length=256)
@@ -265,6 +269,7 @@ def test_prune_refuses_a_model_a_running_rank_uses(agent: Agent, storage: Path, 
 # ----- end to end: the master prunes through a real agent -----
 
 
+@pytest.mark.e2e
 def test_a_removed_model_keeps_its_files_unless_the_node_prunes(spawn, genmlx_home, tmp_path, demo_model_dir):
 
     from fakehub import FakeHub, files_from_dir

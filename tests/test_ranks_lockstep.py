@@ -141,6 +141,7 @@ def check_sigterm_to_rank0_stops_the_group(group: list[Rank]) -> None:
     assert "rank 0 stopped the group" in group[1].proc.output()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("parallelism", ["tensor", "pipeline"])
 def test_two_ranks_write_what_one_rank_writes_and_stay_in_step(
     parallelism: str, start_ranks, demo_model_dir: Path, qwen2_model_dir: Path, token: str
@@ -156,6 +157,7 @@ def test_two_ranks_write_what_one_rank_writes_and_stay_in_step(
     check_sigterm_to_rank0_stops_the_group(group)
 
 
+@pytest.mark.e2e
 def test_a_pipeline_layer_split_is_honoured(start_ranks, qwen2_model_dir: Path, token: str) -> None:
     (single,) = start_ranks(qwen2_model_dir, 1)
     expected = answers(client_of(single, token))
@@ -167,6 +169,7 @@ def test_a_pipeline_layer_split_is_honoured(start_ranks, qwen2_model_dir: Path, 
     assert answers(client_of(group[0], token)) == expected
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_rank_0_exits_1_when_another_rank_leaves(sig: int, start_ranks, demo_model_dir: Path) -> None:
     group = start_ranks(demo_model_dir, 2)

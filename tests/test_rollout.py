@@ -14,9 +14,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import Proc, free_port, wait_until
+from conftest import Proc, ServingPorts, free_port, free_ports, wait_until
 
 from genmlx.core.home import ensure_token, read_token
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 
 class TwoNodes:
@@ -30,6 +32,8 @@ class TwoNodes:
         # A canary every second, hung after 5 s without an answer: self-healing within a test's time.
         self.env.update(GENMLX_CANARY_INTERVAL_S="1", GENMLX_CANARY_TIMEOUT_S="5")
         self.ports = {"master": free_port(), "a": free_port(), "b": free_port()}
+        # Ranks start on free ports (both agents share loopback): no clash with another suite.
+        self.serving_ports, self.mesh_port = ServingPorts(), free_ports(4)
         self.storage = {n: root / f"storage-{n}" for n in "ab"}
         for path in self.storage.values():
             path.mkdir(parents=True)
@@ -63,7 +67,8 @@ class TwoNodes:
         )
         return (
             "apiVersion: genmlx/v1\nkind: Cluster\nmetadata: {name: two}\nspec:\n"
-            f"  master: {{node: a, port: {self.ports['master']}}}\n  nodes:\n{nodes}  models:\n{models}"
+            f"  master: {{node: a, port: {self.ports['master']}}}\n  nodes:\n{nodes}"
+            f"  mesh: {{port: {self.mesh_port}}}\n  models:\n{self.serving_ports.set_in(models)}"
         )
 
     def start(self, env: dict[str, str], *args: str) -> Proc:

@@ -340,6 +340,7 @@ def chat(cluster: TwoNodes) -> int:
     return reply.usage.completion_tokens
 
 
+@pytest.mark.e2e
 def test_a_corrupted_and_then_a_deleted_weights_file_on_one_node_is_synced_again_from_the_other(
     scrubbing_nodes,
 ):

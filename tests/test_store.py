@@ -275,6 +275,7 @@ def raw_get(agent: Agent, path: str, token: str | None = None) -> int:
         connection.close()
 
 
+@pytest.mark.e2e
 def test_the_file_list_adopts_a_hand_placed_model(agent: Agent, storage: Path, demo_model_dir: Path):
     assert not (storage / "demo-llama" / METADATA_NAME).exists()
     reply = agent.call("GET", "/api/v1/models/demo-llama/files")
@@ -300,6 +301,7 @@ def test_the_file_list_adopts_a_hand_placed_model(agent: Agent, storage: Path, d
     assert agent.call("GET", "/api/v1/models/absent/files").status == 404
 
 
+@pytest.mark.e2e
 def test_files_are_served_whole_or_by_range(agent: Agent, demo_model_dir: Path):
     data = (demo_model_dir / "model.safetensors").read_bytes()
     size, url = len(data), "/api/v1/models/demo-llama/files/model.safetensors"
@@ -330,6 +332,7 @@ def test_files_are_served_whole_or_by_range(agent: Agent, demo_model_dir: Path):
     assert nested.body == (demo_model_dir / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.e2e
 def test_paths_that_escape_the_storage_root_are_refused(agent: Agent, tmp_path: Path):
     secret = (tmp_path / "outside" / "stolen" / "config.json").read_bytes()
     assert agent.call("GET", "/api/v1/models/demo-llama/files").status == 200  # adopt it first
@@ -363,6 +366,7 @@ MODEL_ENDPOINTS = [
 ]
 
 
+@pytest.mark.e2e
 def test_model_endpoints_refuse_a_missing_or_wrong_token(agent: Agent, storage: Path):
     for method, path, body in MODEL_ENDPOINTS:
         for token in (None, "wrong-token", agent.token + "x"):
@@ -374,6 +378,7 @@ def test_model_endpoints_refuse_a_missing_or_wrong_token(agent: Agent, storage: 
     assert not (storage / "demo-llama" / METADATA_NAME).exists(), "the refused GET adopted nothing"
 
 
+@pytest.mark.e2e
 def test_fetch_requests_are_validated(agent: Agent, storage: Path, tmp_path: Path):
     good = FetchRequest("copy", str(storage), peer="127.0.0.1:9").to_json()
     refused = [
@@ -400,6 +405,7 @@ def test_fetch_requests_are_validated(agent: Agent, storage: Path, tmp_path: Pat
     assert agent.state().transfers == (), "a refused request starts nothing"
 
 
+@pytest.mark.e2e
 def test_a_model_already_complete_anywhere_is_not_fetched_again(agent: Agent, storage: Path, tmp_path: Path):
     second = tmp_path / "second"
     for storage_path in (storage, second):
@@ -411,6 +417,7 @@ def test_a_model_already_complete_anywhere_is_not_fetched_again(agent: Agent, st
     assert not second.exists()
 
 
+@pytest.mark.e2e
 def test_a_file_source_inside_storage_is_adopted_in_place(agent: Agent, storage: Path, demo_model_dir: Path):
     shutil.copytree(demo_model_dir, storage / "by-hand")
     source = (storage / "by-hand").as_uri()
@@ -438,6 +445,7 @@ def test_a_file_source_inside_storage_is_adopted_in_place(agent: Agent, storage:
     assert "tokenizer.json: 100 bytes, expected" in damaged.error
 
 
+@pytest.mark.e2e
 def test_a_file_source_outside_storage_fails_permanently(agent: Agent, storage: Path, tmp_path: Path):
     source = (tmp_path / "outside" / "stolen").as_uri()
     assert agent.fetch(FetchRequest("stolen", str(storage), source=source)).status == 202
@@ -449,6 +457,7 @@ def test_a_file_source_outside_storage_fails_permanently(agent: Agent, storage: 
     assert retry.status == 202, "a finished transfer does not block the next request"
 
 
+@pytest.mark.e2e
 def test_delete_removes_the_model_and_its_partial_but_not_while_a_rank_uses_it(agent: Agent, storage: Path):
     (partial_dir(storage, "demo-llama") / "leftover").mkdir(parents=True)
     serving = ServingSettings(context_length=256)
@@ -484,6 +493,7 @@ def hub(demo_model_dir: Path):
     fake.stop()
 
 
+@pytest.mark.e2e
 def test_an_hf_source_is_downloaded_verified_and_published(spawn, token: str, hub: FakeHub, tmp_path: Path):
     storage = tmp_path / "storage"
     proc_env = {"HF_ENDPOINT": hub.url, "GENMLX_DISCOVERY": "off", "HF_HUB_DISABLE_TELEMETRY": "1"}

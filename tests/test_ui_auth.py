@@ -124,6 +124,7 @@ def test_unknown_codes_are_refused_and_codes_differ():
 # ----- same origin -----
 
 
+@pytest.mark.e2e
 def test_same_origin():
     host = "127.0.0.1:6789"
     assert same_origin({}, host)  # not a browser
@@ -215,6 +216,7 @@ def master(spawn, token):
 PAGE = {"Sec-Fetch-Site": "same-origin"}
 
 
+@pytest.mark.e2e
 def test_without_auth_the_data_is_refused_and_the_page_is_served_with_its_headers(master):
     for path in ("/api/v1/status", "/api/v1/events", "/api/v1/stream", "/v1/models", "/api/v1/manifest"):
         assert master.request("GET", path).status == 401, path
@@ -227,6 +229,7 @@ def test_without_auth_the_data_is_refused_and_the_page_is_served_with_its_header
     assert master.request("POST", "/api/v1/ui/login", body=b"{}").status == 401
 
 
+@pytest.mark.e2e
 def test_a_session_reads_status_events_and_the_stream_and_nothing_else(master):
     cookie = {"Cookie": master.sign_in(), **PAGE}
     status = master.request("GET", "/api/v1/status", cookie)
@@ -249,6 +252,7 @@ def test_a_session_reads_status_events_and_the_stream_and_nothing_else(master):
     assert master.request("GET", "/api/v1/status", forged).status == 401
 
 
+@pytest.mark.e2e
 def test_a_used_or_unknown_code_shows_how_to_sign_in(master):
     link = master.request("POST", "/api/v1/ui/login", master.bearer(), b"{}").json()["url"]
     assert master.request("GET", link).status == 303
@@ -258,12 +262,14 @@ def test_a_used_or_unknown_code_shows_how_to_sign_in(master):
         assert b"genmlx ui" in again.body
 
 
+@pytest.mark.e2e
 def test_a_session_outlives_a_master_restart(master):
     cookie = {"Cookie": master.sign_in(), **PAGE}
     master.restart()
     assert master.request("GET", "/api/v1/status", cookie).status == 200
 
 
+@pytest.mark.e2e
 def test_the_token_never_reaches_the_browser(master):
     cookie = {"Cookie": master.sign_in(), **PAGE}
     for path in ("/", "/ui/index.html", "/api/v1/status", "/api/v1/events", "/ui/login?code=used"):
@@ -284,6 +290,7 @@ def master_ui_root():
     return ui_root()
 
 
+@pytest.mark.e2e
 def test_paths_outside_the_page_are_refused(master):
     for path in ("/ui/../pyproject.toml", "/ui/%2e%2e/pyproject.toml", "/ui/..%2fpyproject.toml", "/ui/"):
         reply = master.request("GET", path)
@@ -291,6 +298,7 @@ def test_paths_outside_the_page_are_refused(master):
         assert b"[project]" not in reply.body
 
 
+@pytest.mark.e2e
 def test_genmlx_ui_no_open_prints_a_working_link(master):
     env = {**os.environ, "GENMLX_MASTER": f"http://127.0.0.1:{master.port}"}
     command = [sys.executable, "-m", "genmlx", "ui", "--no-open"]

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from agent_harness import call
-from conftest import free_port, http_status, skip_or_fail, wait_until
+from conftest import ServingPorts, free_port, http_status, skip_or_fail, wait_until
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -54,6 +56,7 @@ class Cluster:
         for name in ("demo", "late"):
             shutil.copytree(demo_model_dir, self.storage / name)
         self.master_port, self.agent_port = free_port(), free_port()
+        self.serving_ports = ServingPorts()
         self.url = f"http://127.0.0.1:{self.master_port}"
         spawn(
             ["-m", "genmlx", "agent", "--name", "a", "--storage", str(self.storage)]
@@ -84,7 +87,7 @@ class Cluster:
             f"  master: {{node: a, port: {self.master_port}}}\n"
             f"  nodes:\n    - {{name: a, address: '127.0.0.1:{self.agent_port}', "
             f"storage: [{{path: '{self.storage}'}}]}}\n"
-            f"  models:\n{lines}"
+            f"  models:\n{self.serving_ports.set_in(lines)}"
         )
         command = [sys.executable, "-m", "genmlx", "apply", "-f", str(manifest)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)

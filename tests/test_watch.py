@@ -9,6 +9,8 @@ import pytest
 from conftest import wait_until
 from test_cluster import MODEL, Cluster
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 
 def git(folder, *args: str) -> str:
     done = subprocess.run(
