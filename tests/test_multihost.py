@@ -192,7 +192,14 @@ def test_three_hosts_serve_a_tensor_parallel_pair_and_a_single_and_follow_the_ma
     # The master is killed mid-rollout and started again: it converges from what agents report.
     master.signal(signal.SIGKILL)
     master = bench.run(0, genmlx("master"), "master-again", master_env)
-    document = wait_until(lambda: models_serving(solo="n2"), 240, what="solo on n2")
+    def converged() -> dict | None:
+        # Serving on n2 comes first (make before break); the rank left on n3 is stopped after.
+        document = models_serving(solo="n2")
+        nodes = document["nodes"] if document else []
+        running = {(n["name"], r["launch"]["model"]) for n in nodes for r in n["ranks"]}
+        return document if running == {("n2", "solo")} else None
+
+    document = wait_until(converged, 240, what="solo on n2 and nothing else running")
     assert [m["name"] for m in document["models"]] == ["solo"]
     running = {(n["name"], r["launch"]["model"]) for n in document["nodes"] for r in n["ranks"]}
     assert running == {("n2", "solo")}
