@@ -20,6 +20,7 @@
         ├── InvalidRequest      400  (API) a malformed body or a field out of range
         │   ├── ContextLengthExceeded
         │   └── InvalidManifest 422
+        ├── ResponseNotFound    404  (API) no stored response with that id
         ├── UnknownRoute        404  (API) no endpoint at this path
         └── WireError           400  a document does not match its type (``genmlx.wire.codec``)
 
@@ -171,6 +172,14 @@ class UnknownModel(ApiError, ModelNotFound):
     status = 404
     error_type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class ResponseNotFound(ApiError, PermanentError):
+    """No stored response with that id: never stored, deleted, or pruned as the oldest."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "response_not_found"
 
 
 class UnknownRoute(ApiError, PermanentError):

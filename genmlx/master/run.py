@@ -20,6 +20,7 @@ from genmlx.master.runtime.applied import AppliedStore
 from genmlx.master.runtime.discovery import AgentDiscovery
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.loop import Reconciler
+from genmlx.master.runtime.responses import ResponseStore
 from genmlx.master.runtime.watch import watch_manifest
 
 log = logging.getLogger("genmlx.master")
@@ -83,7 +84,8 @@ async def start_master(config: MasterConfig) -> RunningMaster:
         reconciler.apply(path.read_text(), str(path), file_revision(path))
     applied = reconciler.applied
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
-    server = HTTPServer(make_app(reconciler, config.token, http), idle_connection_timeout=3600)
+    responses = ResponseStore(config.state_dir / "responses.sqlite")
+    server = HTTPServer(make_app(reconciler, config.token, http, responses), idle_connection_timeout=3600)
     server.listen(port, config.host)
     log.info("master listening on %s:%d", config.host, port)
     if discovery is not None:

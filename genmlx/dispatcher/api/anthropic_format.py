@@ -63,9 +63,9 @@ class AnthropicMessageFormat:
         self._open_block: str | None = None  # the type of the block being streamed
         self._index = -1
 
-    def stream_start(self) -> dict | None:
+    def stream_start(self) -> list[dict]:
         message = self._message([], None, None, Usage(self._prompt_tokens, 0))
-        return {"type": "message_start", "message": message}
+        return [{"type": "message_start", "message": message}]
 
     def stream_delta(self, delta: TextDelta) -> list[dict]:
         return [event for piece in self._parser.feed(delta.text) for event in self._piece_events(piece)]

@@ -18,6 +18,7 @@ from genmlx.dispatcher.api.handlers import (
     UnknownRouteHandler,
 )
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
+from genmlx.dispatcher.api.responses_api import ResponsesHandler
 from genmlx.dispatcher.engine.events import Usage
 from genmlx.dispatcher.engine.runner import Engine
 
@@ -27,8 +28,8 @@ access_log = logging.getLogger("genmlx.dispatcher.access")
 def make_app(
     *, model_id: str, engine: Engine, started_at: int, metrics: DispatcherMetrics, token: str | None
 ) -> Application:
-    """The tornado application serving ``/health``, ``/metrics`` and the OpenAI and Anthropic APIs;
-    a ``token`` of None leaves the API open."""
+    """The tornado application serving ``/health``, ``/metrics``, the OpenAI APIs (chat, completions,
+    responses) and Anthropic's; a ``token`` of None leaves the API open."""
     auth = {"token": token}
     listing = {**auth, "model_id": model_id, "started_at": started_at}
     generation = {**auth, "model_id": model_id, "engine": engine, "metrics": metrics}
@@ -40,6 +41,7 @@ def make_app(
         (r"/v1/chat/completions", ChatCompletionsHandler, generation),
         (r"/v1/completions", CompletionsHandler, generation),
         (r"/v1/messages", MessagesHandler, generation),
+        (r"/v1/responses", ResponsesHandler, generation),
     ]
     return Application(
         routes, default_handler_class=UnknownRouteHandler, default_handler_args=auth, log_function=log_request

@@ -230,7 +230,7 @@ class GenerationHandler(ApiHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         try:
-            if start := response.stream_start():
+            for start in response.stream_start():
                 self.write(self.sse_frame(start))
             self._streaming = response  # from here on, _on_event writes each delta as it comes
             await self.flush()

@@ -61,7 +61,7 @@ _encode_string = json.encoder.encode_basestring  # a JSON string literal, non-AS
 class ResponseFormat(Protocol):
     """Bodies and chunks for one response of one endpoint; it may keep state across a stream."""
 
-    def stream_start(self) -> dict | None: ...
+    def stream_start(self) -> list[dict]: ...
     def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]: ...
     def stream_finish(self, finished: Finished) -> list[dict]: ...
     def stream_usage(self, usage: Usage) -> dict: ...
@@ -83,9 +83,9 @@ class ChatCompletionFormat:
         self._tool_call_index = 0
         self._text_chunks = TextChunks(self._chunk({"content": TextChunks.SLOT}, None))
 
-    def stream_start(self) -> dict | None:
+    def stream_start(self) -> list[dict]:
         # OpenAI announces the role in a first chunk with empty content.
-        return self._chunk({"role": "assistant", "content": "", "refusal": None}, None)
+        return [self._chunk({"role": "assistant", "content": "", "refusal": None}, None)]
 
     def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]:
         self._pending_logprobs += delta.logprobs
@@ -160,8 +160,8 @@ class TextCompletionFormat:
         self._text_offset = 0
         self._text_chunks = TextChunks(self._chunk(TextChunks.SLOT, (), None))
 
-    def stream_start(self) -> dict | None:
-        return None
+    def stream_start(self) -> list[dict]:
+        return []
 
     def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]:
         if not self._logprobs:

@@ -72,7 +72,7 @@ class ProxyHandler(ApiHandler):
         upstream = endpoint_for(self.reconciler, body.get("model"))
         await self.forward(f"{upstream}/{path}", self.request.body)
 
-    async def forward(self, url: str, body: bytes) -> None:
+    async def forward(self, url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
         headers = HTTPHeaders()
         status = {"code": 502}
 
@@ -87,6 +87,7 @@ class ProxyHandler(ApiHandler):
                 raise ClientGone()
             if not self._headers_written:
                 self.start_response(status["code"], headers)
+            self.received(status["code"], chunk)
             self.write(chunk)
             self.flush()
 
@@ -94,7 +95,11 @@ class ProxyHandler(ApiHandler):
             url,
             method="POST",
             body=body,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self.token}",
+                **(extra_headers or {}),
+            },
             header_callback=on_header,
             streaming_callback=on_chunk,
             connect_timeout=5.0,
@@ -110,6 +115,9 @@ class ProxyHandler(ApiHandler):
         if not self._headers_written:
             self.start_response(status["code"], headers)
         self.finish()
+
+    def received(self, status: int, chunk: bytes) -> None:
+        """Each chunk of the upstream reply as it passes (a subclass may keep what it needs)."""
 
     def start_response(self, code: int, headers: HTTPHeaders) -> None:
         self.set_status(code)

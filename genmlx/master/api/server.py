@@ -17,10 +17,12 @@ from genmlx.core.http import ApiHandler
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.api.proxy import ModelsHandler, ProxyHandler
+from genmlx.master.api.responses import ResponsesProxyHandler, StoredResponseHandler
 from genmlx.master.api.stream import EventsHandler, ReadEndpoint, StreamHandler, current_status
 from genmlx.master.api.ui_handlers import ui_routes
 from genmlx.master.planning.actions import describe_plan, plan_summary
 from genmlx.master.runtime.loop import ApplyOutcome, Reconciler
+from genmlx.master.runtime.responses import ResponseStore
 from genmlx.wire.codec import WireError, decode
 from genmlx.wire.status import Revision
 
@@ -115,7 +117,9 @@ class ManifestHandler(ApiHandler):
         return {"plan": lines, "summary": plan_summary(lines)}
 
 
-def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) -> Application:
+def make_app(
+    reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient, responses: ResponseStore
+) -> Application:
     auth = {"token": token}
     deps = {**auth, "reconciler": reconciler}
     page, sessions = ui_routes(token)
@@ -130,6 +134,8 @@ def make_app(reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient) ->
             (r"/api/v1/stream", StreamHandler, readable),
             *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
+            (r"/v1/responses", ResponsesProxyHandler, {**deps, "http": proxy_http, "responses": responses}),
+            (r"/v1/responses/([^/]+)", StoredResponseHandler, {**auth, "responses": responses}),
             (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
         ]
     )

@@ -1,0 +1,259 @@
+"""OpenAI Responses API request bodies (``POST /v1/responses``) in, the conversation and options every
+endpoint shares out.
+
+``input`` is a string (one user turn) or a list of items: messages (``user``, ``assistant``,
+``system``, ``developer``; text content or ``input_text``/``output_text`` parts), ``function_call``
+items (the calls an earlier turn made) and ``function_call_output`` items (their results);
+``reasoning`` items from earlier turns are not replayed, as chat templates drop earlier thinking.
+``instructions`` becomes the system turn. Fields the spec defines that this server cannot honour
+(non-function tools, images, forced tool choices, JSON output formats, background mode) are a 400
+that says so; fields that change nothing a client can see here are accepted.
+
+``previous_response_id`` continues a stored response, which only the master keeps: the master
+expands ``input`` with the stored conversation and says so in ``EXPANDED_INPUT_HEADER``. A dispatcher
+asked directly to continue a response it cannot see refuses, rather than answer without the
+earlier turns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from genmlx.core.errors import InvalidRequest
+from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall
+from genmlx.dispatcher.api.request_parsing import GenerationOptions, _Fields, json_object
+from genmlx.dispatcher.engine.events import Sampling
+
+MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "refusal")
+# Accepted and ignored: they change nothing a client can see from this server.
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "service_tier",
+        "include",
+        "truncation",
+        "store",
+        "metadata",
+        "stream_options",
+        "top_logprobs",
+        "max_tool_calls",
+    }
+)
+KNOWN_FIELDS = IGNORED_FIELDS | {
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "previous_response_id",
+    "reasoning",
+    "text",
+    "background",
+    "conversation",
+    "prompt",
+}
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """A parsed ``POST /v1/responses`` body."""
+
+    messages: tuple[ChatMessage, ...]
+    options: GenerationOptions
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    reasoning: dict[str, Any] | None = None
+
+
+def parse_responses_request(body: bytes, *, expanded: bool = False) -> ResponsesRequest:
+    """Parse and validate a Responses request; ``expanded`` when the master already prepended the
+    conversation that ``previous_response_id`` names."""
+    data = json_object(body)
+    fields = _Fields(data)
+    _refuse_unknown_and_unsupported(data)
+    previous = fields.optional_str("previous_response_id")
+    if previous is not None and not expanded:
+        raise InvalidRequest(
+            "previous_response_id: responses are stored by the master; send this request through the "
+            "master's /v1/responses, or send the whole conversation as input.",
+            param="previous_response_id",
+        )
+    instructions = fields.optional_str("instructions")
+    turns = [ChatMessage("system", instructions)] if instructions else []
+    turns += input_turns(fields.require("input"))
+    tool_choice = _tool_choice(data.get("tool_choice"))
+    return ResponsesRequest(
+        messages=tuple(turns),
+        options=_options(fields),
+        tools=_tools(data.get("tools")) if tool_choice != "none" else (),
+        tool_choice=tool_choice,
+        parallel_tool_calls=fields.optional_bool("parallel_tool_calls") is not False,
+        instructions=instructions,
+        previous_response_id=previous,
+        store=fields.optional_bool("store") is not False,
+        metadata=data.get("metadata") if isinstance(data.get("metadata"), dict) else None,
+        reasoning=data.get("reasoning") if isinstance(data.get("reasoning"), dict) else None,
+    )
+
+
+def input_turns(items: Any) -> list[ChatMessage]:
+    """``input`` as chat turns: consecutive function calls join the assistant turn before them."""
+    if isinstance(items, str):
+        return [ChatMessage("user", items)]
+    if not isinstance(items, list):
+        raise InvalidRequest("input: must be a string or an array of input items.", param="input")
+    turns: list[ChatMessage] = []
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            turns.append(_message(item, where))
+        elif kind == "function_call":
+            _add_call(turns, _function_call(item, where))
+        elif kind == "function_call_output":
+            turns.append(_call_output(item, where))
+        elif kind != "reasoning":  # earlier thinking is not replayed
+            raise InvalidRequest(
+                f"{where}: input items of type {kind!r} are not supported here.", param=where
+            )
+    return turns
+
+
+def _message(item: dict[str, Any], where: str) -> ChatMessage:
+    role = MESSAGE_ROLES.get(item.get("role"))
+    if role is None:
+        raise InvalidRequest(
+            f"{where}.role: must be one of user, assistant, system, developer; got {item.get('role')!r}.",
+            param=f"{where}.role",
+        )
+    return ChatMessage(role, _content_text(item.get("content"), f"{where}.content"))
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}: must be a string or an array of content parts.", param=where)
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text", part.get("refusal")), str):
+            raise InvalidRequest(
+                f"{where}[{i}]: content parts of type {kind!r} are not supported here; send text.",
+                param=f"{where}[{i}]",
+            )
+        texts.append(part.get("text", part.get("refusal")))
+    return "".join(texts)
+
+
+def _function_call(item: dict[str, Any], where: str) -> ToolCall:
+    call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
+    if not all(isinstance(v, str) for v in (call_id, name, arguments)):
+        raise InvalidRequest(
+            f"{where}: a function_call needs string call_id, name and arguments.", param=where
+        )
+    return ToolCall(call_id, name, arguments)
+
+
+def _add_call(turns: list[ChatMessage], call: ToolCall) -> None:
+    """A call joins the assistant turn just before it, or opens one."""
+    if turns and turns[-1].role == "assistant":
+        last = turns[-1]
+        turns[-1] = ChatMessage("assistant", last.content, tool_calls=(*last.tool_calls, call))
+    else:
+        turns.append(ChatMessage("assistant", "", tool_calls=(call,)))
+
+
+def _call_output(item: dict[str, Any], where: str) -> ChatMessage:
+    call_id = item.get("call_id")
+    if not isinstance(call_id, str):
+        raise InvalidRequest(f"{where}.call_id: a string is required.", param=f"{where}.call_id")
+    return ChatMessage("tool", _content_text(item.get("output"), f"{where}.output"), tool_call_id=call_id)
+
+
+def _options(fields: _Fields) -> GenerationOptions:
+    return GenerationOptions(
+        model=fields.optional_str("model"),
+        max_tokens=fields.optional_int("max_output_tokens", minimum=1),
+        sampling=Sampling(
+            temperature=fields.optional_number("temperature", low=0.0, high=2.0, default=1.0),
+            top_p=fields.optional_number("top_p", low=0.0, high=1.0, default=1.0, low_open=True),
+        ),
+        stop=(),
+        stream=fields.optional_bool("stream") or False,
+        include_usage=False,  # the Responses stream always carries usage, in response.completed
+    )
+
+
+def _refuse_unknown_and_unsupported(data: dict[str, Any]) -> None:
+    unknown = sorted(set(data) - KNOWN_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown parameter: '{unknown[0]}'.", param=unknown[0], code="unknown_parameter"
+        )
+    if data.get("background"):
+        raise InvalidRequest("background: background responses are not supported here.", param="background")
+    for name in ("conversation", "prompt"):
+        if data.get(name) is not None:
+            raise InvalidRequest(
+                f"{name}: stored conversations and prompts are not supported here.", param=name
+            )
+    text_format = (data.get("text") or {}).get("format") if isinstance(data.get("text"), dict) else None
+    if text_format is not None and (not isinstance(text_format, dict) or text_format.get("type") != "text"):
+        raise InvalidRequest(
+            "text.format: only {'type': 'text'} is supported by this server for now.", param="text.format"
+        )
+
+
+def _tool_choice(choice: Any) -> str:
+    if choice is None or choice in ("auto", "none"):
+        return choice or "auto"
+    if choice == "required" or isinstance(choice, dict):
+        raise InvalidRequest(
+            "tool_choice: forcing a tool call is not supported by this server yet; use 'auto' or 'none'.",
+            param="tool_choice",
+        )
+    raise InvalidRequest("tool_choice: must be 'auto', 'none', 'required' or a tool.", param="tool_choice")
+
+
+def _tools(tools: Any) -> tuple[FunctionTool, ...]:
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools: must be an array.", param="tools")
+    parsed = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(tool.get("name"), str)
+        ):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise InvalidRequest(
+                f"{where}: only function tools ({{'type': 'function', 'name': ...}}) are supported here; "
+                f"got type {kind!r}.",
+                param=where,
+            )
+        parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+        description = tool.get("description")
+        if not isinstance(parameters, dict) or not isinstance(description, str | None):
+            raise InvalidRequest(f"{where}: malformed description or parameters.", param=where)
+        parsed.append(FunctionTool(tool["name"], description, json.dumps(parameters)))
+    return tuple(parsed)
