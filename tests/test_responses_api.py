@@ -146,10 +146,11 @@ def test_input_items_replay_a_tool_turn(scripted: ServedModel) -> None:
     ("change", "param"),
     [
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0]"),
         ({"text": {"format": {"type": "json_object"}}}, "text.format"),
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
-        ({"frobnicate": True}, "frobnicate"),
+        ({"background": True}, "background"),
+        ({"top_logprobs": 3}, "top_logprobs"),
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input[0]"),
     ],
 )
@@ -157,3 +158,27 @@ def test_what_this_server_cannot_honour_is_a_400_naming_the_field(demo: ServedMo
     reply = raw(demo.base_url, demo.token, {"model": demo.name, "input": "Hi", **change})
     assert reply.status == 400, reply.body
     assert reply.json()["error"]["param"] == param
+
+
+def test_fields_outside_the_spec_are_left_alone_as_openai_does(demo: ServedModel) -> None:
+    body = {"model": demo.name, "input": "Hi", "max_output_tokens": 2, "client_metadata": {"x": "y"}}
+    assert raw(demo.base_url, demo.token, body).status == 200
+
+
+def test_codex_style_tools_hosted_ones_are_not_offered_and_namespaced_calls_say_their_namespace(
+    scripted: ServedModel,
+) -> None:
+    tools = [
+        {"type": "namespace", "name": "forecast", "description": "Weather.", "tools": [WEATHER]},
+        {"type": "web_search", "external_web_access": False},
+    ]
+    reply = raw(
+        scripted.base_url,
+        scripted.token,
+        {"model": scripted.name, "input": "Weather?", "tools": tools, "temperature": 0},
+    )
+    assert reply.status == 200, reply.body
+    response = Response.model_validate(reply.json())
+    call = response.output[-1]
+    assert (call.type, call.name, call.namespace) == ("function_call", "get_weather", "forecast")
+    assert reply.json()["tools"] == tools, "the tools are echoed as sent"

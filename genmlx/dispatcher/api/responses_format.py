@@ -10,12 +10,11 @@ per item ``response.output_item.added``, its part's ``added`` / deltas / ``done`
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from typing import Any
 
-from genmlx.dispatcher.api.chat import FunctionTool, ToolCall
+from genmlx.dispatcher.api.chat import ToolCall
 from genmlx.dispatcher.api.reply_parsing import (
     ReplyParser,
     ReplyPiece,
@@ -64,7 +63,7 @@ class ResponsesFormat:
         pieces = [p for d in deltas for p in self._parser.feed(d.text)] + self._parser.finish()
         items: list[dict] = []
         for piece in pieces:
-            _merge_piece(items, piece)
+            _merge_piece(items, piece, self._request.namespaces)
         return self.response(finished, [_completed(item) for item in items])
 
     def response(self, finished: Finished | None, output: list[dict]) -> dict:
@@ -91,7 +90,7 @@ class ResponsesFormat:
             "top_p": request.options.sampling.top_p,
             "text": {"format": {"type": "text"}},
             "tool_choice": request.tool_choice,
-            "tools": [_tool_json(tool) for tool in request.tools],
+            "tools": list(request.tools_given),
             "truncation": "disabled",
             "metadata": request.metadata or {},
             "usage": usage_json(finished.usage) if finished is not None else None,
@@ -169,7 +168,7 @@ class ResponsesFormat:
         ]
 
     def _call_events(self, call: ToolCall) -> list[dict]:
-        item = _call_item(call)
+        item = _call_item(call, self._request.namespaces)
         index = len(self._items)
         where = {"item_id": item["id"], "output_index": index}
         events = [
@@ -233,10 +232,10 @@ def _completed(item: dict) -> dict:
     return item
 
 
-def _merge_piece(items: list[dict], piece: ReplyPiece) -> None:
+def _merge_piece(items: list[dict], piece: ReplyPiece, namespaces: dict[str, str]) -> None:
     """A whole body's pieces as items: consecutive text (or reasoning) joins one item."""
     if isinstance(piece, ReplyToolCall):
-        items.append(_call_item(piece.call))
+        items.append(_call_item(piece.call, namespaces))
         return
     kind = "message" if isinstance(piece, ReplyText) else "reasoning"
     if not piece.text:
@@ -246,8 +245,9 @@ def _merge_piece(items: list[dict], piece: ReplyPiece) -> None:
     _part_of(items[-1])["text"] += piece.text
 
 
-def _call_item(call: ToolCall) -> dict:
-    return {
+def _call_item(call: ToolCall, namespaces: dict[str, str]) -> dict:
+    """A ``function_call`` item; a function offered inside a namespace tool is called in it."""
+    item = {
         "id": new_id("fc"),
         "type": "function_call",
         "status": "completed",
@@ -255,13 +255,6 @@ def _call_item(call: ToolCall) -> dict:
         "name": call.name,
         "arguments": call.arguments,
     }
-
-
-def _tool_json(tool: FunctionTool) -> dict:
-    return {
-        "type": "function",
-        "name": tool.name,
-        "description": tool.description,
-        "parameters": json.loads(tool.parameters),
-        "strict": False,
-    }
+    if call.name in namespaces:
+        item["namespace"] = namespaces[call.name]
+    return item

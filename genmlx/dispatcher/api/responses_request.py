@@ -18,7 +18,7 @@ earlier turns.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from genmlx.core.errors import InvalidRequest
@@ -28,40 +28,51 @@ from genmlx.dispatcher.engine.events import Sampling
 
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "refusal")
-# Accepted and ignored: they change nothing a client can see from this server.
+# Fields of the spec accepted and ignored: they change nothing a client can see from this server
+# (prompt caching is automatic here; no reasoning is encrypted, so none is included).
 IGNORED_FIELDS = frozenset(
     {
         "user",
         "safety_identifier",
         "prompt_cache_key",
         "prompt_cache_retention",
+        "prompt_cache_options",
         "service_tier",
         "include",
         "truncation",
-        "store",
-        "metadata",
         "stream_options",
-        "top_logprobs",
         "max_tool_calls",
+        "access_programs",
     }
 )
-KNOWN_FIELDS = IGNORED_FIELDS | {
-    "model",
-    "input",
-    "instructions",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "max_output_tokens",
-    "temperature",
-    "top_p",
-    "stream",
-    "previous_response_id",
-    "reasoning",
-    "text",
-    "background",
-    "conversation",
-    "prompt",
+# Tools that run on OpenAI's servers: accepted, never offered to the model (nothing here runs them).
+HOSTED_TOOLS = frozenset(
+    {
+        "web_search",
+        "web_search_preview",
+        "web_search_2025_08_26",
+        "web_search_preview_2025_03_11",
+        "file_search",
+        "code_interpreter",
+        "image_generation",
+        "computer_use_preview",
+        "computer",
+        "mcp",
+        "local_shell",
+        "shell",
+        "apply_patch",
+        "tool_search",
+    }
+)
+# Fields of the spec this server cannot honour: a 400 whenever one is set.
+REFUSED_FIELDS = {
+    "background": "background responses are not supported here",
+    "background_options": "background responses are not supported here",
+    "conversation": "stored conversations are not supported here; use previous_response_id",
+    "prompt": "stored prompts are not supported here",
+    "moderation": "moderation is not supported here",
+    "context_management": "server-side context compaction is not supported here",
+    "image": "image generation is not supported here",
 }
 
 
@@ -71,7 +82,9 @@ class ResponsesRequest:
 
     messages: tuple[ChatMessage, ...]
     options: GenerationOptions
-    tools: tuple[FunctionTool, ...] = ()
+    tools: tuple[FunctionTool, ...] = ()  # offered to the model
+    namespaces: dict[str, str] = field(default_factory=dict)  # function name -> its namespace tool
+    tools_given: tuple[dict[str, Any], ...] = ()  # as the request sent them, for the response
     tool_choice: str = "auto"
     parallel_tool_calls: bool = True
     instructions: str | None = None
@@ -86,7 +99,7 @@ def parse_responses_request(body: bytes, *, expanded: bool = False) -> Responses
     conversation that ``previous_response_id`` names."""
     data = json_object(body)
     fields = _Fields(data)
-    _refuse_unknown_and_unsupported(data)
+    _refuse_unsupported(data)
     previous = fields.optional_str("previous_response_id")
     if previous is not None and not expanded:
         raise InvalidRequest(
@@ -98,10 +111,13 @@ def parse_responses_request(body: bytes, *, expanded: bool = False) -> Responses
     turns = [ChatMessage("system", instructions)] if instructions else []
     turns += input_turns(fields.require("input"))
     tool_choice = _tool_choice(data.get("tool_choice"))
+    tools, namespaces = _tools(data.get("tools"))
     return ResponsesRequest(
         messages=tuple(turns),
         options=_options(fields),
-        tools=_tools(data.get("tools")) if tool_choice != "none" else (),
+        tools=tools if tool_choice != "none" else (),
+        namespaces=namespaces,
+        tools_given=tuple(data.get("tools") or ()),
         tool_choice=tool_choice,
         parallel_tool_calls=fields.optional_bool("parallel_tool_calls") is not False,
         instructions=instructions,
@@ -201,20 +217,18 @@ def _options(fields: _Fields) -> GenerationOptions:
     )
 
 
-def _refuse_unknown_and_unsupported(data: dict[str, Any]) -> None:
-    unknown = sorted(set(data) - KNOWN_FIELDS)
-    if unknown:
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    """A 400 for a field of the spec set to something this server cannot do. Fields outside the
+    spec (a client's own, such as Codex's ``client_metadata``) are left alone, as OpenAI does."""
+    for name, why in REFUSED_FIELDS.items():
+        if data.get(name) not in (None, False, [], {}):
+            raise InvalidRequest(f"{name}: {why}.", param=name)
+    if data.get("top_logprobs") not in (None, 0):
         raise InvalidRequest(
-            f"Unknown parameter: '{unknown[0]}'.", param=unknown[0], code="unknown_parameter"
+            "top_logprobs: log-probabilities are not supported on /v1/responses here.", param="top_logprobs"
         )
-    if data.get("background"):
-        raise InvalidRequest("background: background responses are not supported here.", param="background")
-    for name in ("conversation", "prompt"):
-        if data.get(name) is not None:
-            raise InvalidRequest(
-                f"{name}: stored conversations and prompts are not supported here.", param=name
-            )
-    text_format = (data.get("text") or {}).get("format") if isinstance(data.get("text"), dict) else None
+    text = data.get("text")
+    text_format = text.get("format") if isinstance(text, dict) else None
     if text_format is not None and (not isinstance(text_format, dict) or text_format.get("type") != "text"):
         raise InvalidRequest(
             "text.format: only {'type': 'text'} is supported by this server for now.", param="text.format"
@@ -232,28 +246,41 @@ def _tool_choice(choice: Any) -> str:
     raise InvalidRequest("tool_choice: must be 'auto', 'none', 'required' or a tool.", param="tool_choice")
 
 
-def _tools(tools: Any) -> tuple[FunctionTool, ...]:
+def _tools(tools: Any) -> tuple[tuple[FunctionTool, ...], dict[str, str]]:
+    """The functions the model is offered, and the namespace of each that came in one. Hosted tools
+    (web search, file search, code interpreter, ...) run on OpenAI's servers, not here: they are not
+    offered to the model, so it never calls what nothing would run."""
     if tools is None:
-        return ()
+        return (), {}
     if not isinstance(tools, list):
         raise InvalidRequest("tools: must be an array.", param="tools")
-    parsed = []
+    functions: list[FunctionTool] = []
+    namespaces: dict[str, str] = {}
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if (
-            not isinstance(tool, dict)
-            or tool.get("type") != "function"
-            or not isinstance(tool.get("name"), str)
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "function":
+            functions.append(_function_tool(tool, where))
+        elif (
+            kind == "namespace" and isinstance(tool.get("tools"), list) and isinstance(tool.get("name"), str)
         ):
-            kind = tool.get("type") if isinstance(tool, dict) else None
+            for j, inner in enumerate(tool["tools"]):
+                functions.append(_function_tool(inner, f"{where}.tools[{j}]"))
+                namespaces[functions[-1].name] = tool["name"]
+        elif kind not in HOSTED_TOOLS:
             raise InvalidRequest(
-                f"{where}: only function tools ({{'type': 'function', 'name': ...}}) are supported here; "
-                f"got type {kind!r}.",
-                param=where,
+                f"{where}: tools of type {kind!r} are not supported here; send function tools.", param=where
             )
-        parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-        description = tool.get("description")
-        if not isinstance(parameters, dict) or not isinstance(description, str | None):
-            raise InvalidRequest(f"{where}: malformed description or parameters.", param=where)
-        parsed.append(FunctionTool(tool["name"], description, json.dumps(parameters)))
-    return tuple(parsed)
+    return tuple(functions), namespaces
+
+
+def _function_tool(tool: Any, where: str) -> FunctionTool:
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+        raise InvalidRequest(
+            f"{where}: must be {{'type': 'function', 'name': ..., 'parameters': ...}}.", param=where
+        )
+    parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+    description = tool.get("description")
+    if not isinstance(parameters, dict) or not isinstance(description, str | None):
+        raise InvalidRequest(f"{where}: malformed description or parameters.", param=where)
+    return FunctionTool(tool["name"], description, json.dumps(parameters))
