@@ -13,6 +13,8 @@ import pytest
 from dispatcher_process import ServedModel
 from test_scripted_model import TOOL_REPLY
 
+pytestmark = pytest.mark.e2e  # every test here talks to a real dispatcher process
+
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "The weather in a city.",

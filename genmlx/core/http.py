@@ -1,7 +1,8 @@
 """The one tornado handler base of the master, the agents and the dispatchers.
 
 ``ApiHandler`` checks the cluster token before anything else, renders every error once in the shape
-its API promises (``error_format``), and logs our own errors as answers, not crashes. Handlers take
+its API promises (``error_format``: OpenAI's, Anthropic's or the agents'), and logs our own errors as
+answers, not crashes. Handlers take
 their collaborators through tornado's ``initialize(**kwargs)``, each declaring the ones it needs;
 the route tables (``make_app``) pass them. Errors are the typed ones of ``genmlx.core.errors``.
 """
@@ -24,11 +25,14 @@ from genmlx.core.errors import (
     InternalError,
     InvalidRequest,
     ProtocolError,
+    QueueFull,
     Unauthorized,
 )
 from genmlx.core.home import api_key_matches, bearer_matches
 
 log = logging.getLogger(__name__)
+
+ANTHROPIC_OVERLOADED = 529  # Anthropic's own status for "overloaded, retry later"
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,8 @@ def as_api_error(raised: BaseException | None, status_code: int) -> ApiError:
 
 
 def retry_after(status: int) -> dict[str, str]:
-    """The header that tells a client when to come back from a 429 or a 503."""
-    return {"Retry-After": "5"} if status in (429, 503) else {}
+    """The header that tells a client when to come back from a 429, a 503 or Anthropic's 529."""
+    return {"Retry-After": "5"} if status in (429, 503, ANTHROPIC_OVERLOADED) else {}
 
 
 def openai_error_reply(raised: BaseException | None, status_code: int) -> ErrorReply:
@@ -89,8 +93,45 @@ def genmlx_error_reply(raised: BaseException | None, status_code: int) -> ErrorR
     return ErrorReply(status, {"error": {"message": message, "type": kind}}, headers)
 
 
+# Anthropic's published error types (https://docs.anthropic.com/en/api/errors) by the status they
+# come with; any other status of ours is an invalid_request_error below 500, an api_error above.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_status(error: ApiError) -> int:
+    """The status Anthropic's API would answer ``error`` with: a full queue is our server being
+    overloaded (Anthropic's 529, which its clients back off from), not a client's rate limit."""
+    return ANTHROPIC_OVERLOADED if isinstance(error, QueueFull) else error.status
+
+
+def anthropic_error_json(error: ApiError) -> dict:
+    """``{"type": "error", "error": {"type", "message"}}`` for one of our errors."""
+    status = anthropic_status(error)
+    error_type = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": error_type, "message": error.message}}
+
+
+def anthropic_error_reply(raised: BaseException | None, status_code: int) -> ErrorReply:
+    """Whatever a handler raised, as Anthropic's API answers it."""
+    error = as_api_error(raised, status_code)
+    status = anthropic_status(error)
+    return ErrorReply(status, anthropic_error_json(error), retry_after(status))
+
+
 OPENAI_ERRORS = ErrorFormat("openai", openai_error_reply)
 GENMLX_ERRORS = ErrorFormat("genmlx", genmlx_error_reply)
+ANTHROPIC_ERRORS = ErrorFormat("anthropic", anthropic_error_reply)
 
 
 class SessionVerifier(Protocol):

@@ -1,4 +1,4 @@
-"""Anthropic Messages API response bodies, stream events and errors.
+"""Anthropic Messages API response bodies and stream events (errors: ``genmlx.core.http``).
 
 The reply is split by ``reply_parsing`` into text, thinking and tool calls, which become ``text``,
 ``thinking`` and ``tool_use`` content blocks; streamed, each block is opened, filled with deltas and
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import secrets
 
-from genmlx.core.errors import ApiError
-from genmlx.core.http import ErrorFormat, ErrorReply, as_api_error, retry_after
 from genmlx.dispatcher.api.chat import ToolCall
 from genmlx.dispatcher.api.reply_parsing import (
     ReplyParser,
@@ -22,33 +20,6 @@ from genmlx.dispatcher.api.reply_parsing import (
     ReplyToolCall,
 )
 from genmlx.dispatcher.engine.events import Finished, TextDelta, Usage
-
-# Anthropic's error types by HTTP status; anything else of ours is an ``api_error``.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
-
-
-def anthropic_error_json(error: ApiError) -> dict:
-    """``{"type": "error", "error": {"type", "message"}}`` for one of our errors."""
-    error_type = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
-    return {"type": "error", "error": {"type": error_type, "message": error.message}}
-
-
-def anthropic_error_reply(raised: BaseException | None, status_code: int) -> ErrorReply:
-    """Whatever a handler raised, as Anthropic's API answers it."""
-    error = as_api_error(raised, status_code)
-    return ErrorReply(error.status, anthropic_error_json(error), retry_after(error.status))
-
-
-ANTHROPIC_ERRORS = ErrorFormat("anthropic", anthropic_error_reply)
 
 
 class AnthropicMessageFormat:
@@ -74,7 +45,11 @@ class AnthropicMessageFormat:
         events = [event for piece in self._parser.finish() for event in self._piece_events(piece)]
         events += self._close_block()
         stop = {"stop_reason": self._stop_reason(finished), "stop_sequence": finished.stop_string}
-        usage = {"output_tokens": finished.usage.completion_tokens, **_input_usage(finished.usage)}
+        usage = {
+            **_input_usage(finished.usage),
+            "output_tokens": finished.usage.completion_tokens,
+            "server_tool_use": None,
+        }
         return [*events, {"type": "message_delta", "delta": stop, "usage": usage}, {"type": "message_stop"}]
 
     def stream_usage(self, usage: Usage) -> dict:
@@ -103,7 +78,7 @@ class AnthropicMessageFormat:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": {**_input_usage(usage), "output_tokens": usage.completion_tokens},
+            "usage": _message_usage(usage),
         }
 
     def _block(self, piece: ReplyPiece) -> dict | None:
@@ -189,8 +164,22 @@ def _merged_blocks(blocks: list[dict]) -> list[dict]:
 
 
 def _input_usage(usage: Usage) -> dict:
-    """Anthropic's input counts: ``input_tokens`` excludes the tokens read from the (prefix) cache."""
+    """Anthropic's input counts: ``input_tokens`` excludes the tokens read from the (prefix) cache.
+    Nothing is written to a cache on request (there is no ``cache_control`` here), so no input is
+    counted as a cache creation: the prefix cache's fills are plain ``input_tokens``."""
     return {
         "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": usage.cached_tokens,
+    }
+
+
+def _message_usage(usage: Usage) -> dict:
+    """A message's ``usage`` in the shape Anthropic's API writes it today."""
+    return {
+        **_input_usage(usage),
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "server_tool_use": None,
+        "service_tier": "standard",
     }

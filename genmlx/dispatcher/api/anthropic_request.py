@@ -1,8 +1,10 @@
 """Anthropic Messages API request bodies in, the conversation and options every endpoint shares out.
 
 A system prompt (text or text blocks), turns of text, ``tool_use`` and ``tool_result`` blocks become
-``ChatMessage`` turns the chat template renders; ``max_tokens`` is required, as in Anthropic's API.
-Anything this server cannot honour (images, documents, forced tool choices) is a 400 that says so.
+``ChatMessage`` turns the chat template renders; ``system`` turns inside ``messages`` stay where they
+were sent (``chat.fold_system_turns`` places them for the template). ``max_tokens`` is required, as in
+Anthropic's API, except when counting tokens. Anything this server cannot honour (images, documents,
+forced tool choices) is a 400 that says so.
 """
 
 from __future__ import annotations
@@ -27,12 +29,37 @@ class MessagesRequest:
     thinking: bool = False  # whether the client asked for thinking blocks
 
 
+@dataclass(frozen=True)
+class TokenCountRequest:
+    """A parsed ``POST /v1/messages/count_tokens`` body: the prompt of a messages request."""
+
+    model: str | None
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[FunctionTool, ...] = ()
+
+
 def parse_messages_request(body: bytes) -> MessagesRequest:
     """Parse and validate an Anthropic Messages request body."""
     data = json_object(body)
     max_tokens = data.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InvalidRequest("max_tokens: a positive integer is required.", param="max_tokens")
+    turns, tools = _conversation(data)
+    return MessagesRequest(
+        messages=turns, options=_options(data, max_tokens), tools=tools, thinking=_thinking(data)
+    )
+
+
+def parse_count_tokens_request(body: bytes) -> TokenCountRequest:
+    """Parse and validate a token count body: a messages request's fields less ``max_tokens``."""
+    data = json_object(body)
+    turns, tools = _conversation(data)
+    _thinking(data)  # refused as a real request would refuse it
+    return TokenCountRequest(model=_model(data), messages=turns, tools=tools)
+
+
+def _conversation(data: dict[str, Any]) -> tuple[tuple[ChatMessage, ...], tuple[FunctionTool, ...]]:
+    """The turns (system prompt first) and the tools on offer."""
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages: a non-empty array is required.", param="messages")
@@ -41,17 +68,19 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
         turns += _turns(message, f"messages.{i}")
     tool_choice = _tool_choice(data.get("tool_choice"))
     tools = _tools(data.get("tools")) if tool_choice != "none" else ()
-    return MessagesRequest(
-        messages=tuple(turns), options=_options(data, max_tokens), tools=tools, thinking=_thinking(data)
-    )
+    return tuple(turns), tools
 
 
-def _options(data: dict[str, Any], max_tokens: int) -> GenerationOptions:
+def _model(data: dict[str, Any]) -> str | None:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("model: must be a string.", param="model")
+    return model
+
+
+def _options(data: dict[str, Any], max_tokens: int) -> GenerationOptions:
     return GenerationOptions(
-        model=model,
+        model=_model(data),
         max_tokens=max_tokens,
         sampling=Sampling(
             temperature=_number(data, "temperature", 0.0, 1.0, 1.0),
@@ -89,8 +118,13 @@ def _system_turns(system: Any) -> list[ChatMessage]:
 
 
 def _turns(message: Any, where: str) -> list[ChatMessage]:
-    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-        raise InvalidRequest(f"{where}: must be an object with role 'user' or 'assistant'.", param=where)
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+        raise InvalidRequest(
+            f"{where}: must be an object with role 'user', 'assistant' or 'system'.", param=where
+        )
+    if message["role"] == "system":  # Anthropic takes them anywhere in the conversation
+        text = _text_of(message.get("content"), f"{where}.content")
+        return [ChatMessage("system", text)] if text else []
     content = message.get("content")
     blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(blocks, list):

@@ -7,7 +7,11 @@ import logging
 
 from tornado.web import Application, RequestHandler
 
-from genmlx.dispatcher.api.anthropic_api import MessagesHandler
+from genmlx.dispatcher.api.anthropic_api import (
+    CountTokensHandler,
+    MessagesHandler,
+    UnknownMessagesRouteHandler,
+)
 from genmlx.dispatcher.api.handlers import (
     ChatCompletionsHandler,
     CompletionsHandler,
@@ -32,15 +36,18 @@ def make_app(
     responses) and Anthropic's; a ``token`` of None leaves the API open."""
     auth = {"token": token}
     listing = {**auth, "model_id": model_id, "started_at": started_at}
-    generation = {**auth, "model_id": model_id, "engine": engine, "metrics": metrics}
+    serving = {**auth, "model_id": model_id, "engine": engine}
+    generation = {**serving, "metrics": metrics}
     routes = [
-        (r"/health", HealthHandler, {**auth, "model_id": model_id, "engine": engine}),
+        (r"/health", HealthHandler, serving),
         (r"/metrics", MetricsHandler, {**auth, "metrics": metrics}),
         (r"/v1/models", ModelsHandler, listing),
         (r"/v1/models/(.+)", ModelHandler, listing),
         (r"/v1/chat/completions", ChatCompletionsHandler, generation),
         (r"/v1/completions", CompletionsHandler, generation),
         (r"/v1/messages", MessagesHandler, generation),
+        (r"/v1/messages/count_tokens", CountTokensHandler, serving),
+        (r"/v1/messages/.*", UnknownMessagesRouteHandler, auth),
         (r"/v1/responses", ResponsesHandler, generation),
     ]
     return Application(

@@ -4,7 +4,7 @@ chat template renders: turns with text, the tool calls an assistant made, and th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 ToolChoice = Literal["auto", "none"]
@@ -64,3 +64,34 @@ class ChatMessage:
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def fold_system_turns(messages: tuple[ChatMessage, ...], *, anywhere: bool) -> tuple[ChatMessage, ...]:
+    """System turns placed where a chat template can render them.
+
+    The system turns that open the conversation become one. A later one stays in place where the
+    template takes system turns ``anywhere``; otherwise its text opens the next user turn, or, with
+    no user turn after it, joins the opening system turn."""
+    opening = [m.content for m in _leading_system(messages)]
+    rest: list[ChatMessage] = []
+    pending: list[str] = []  # system texts waiting for the next user turn
+    for message in messages[len(opening) :]:
+        if message.role == "system" and not anywhere:
+            pending.append(message.content)
+            continue
+        if message.role == "user" and pending:
+            message = replace(message, content="\n\n".join([*pending, message.content]))
+            pending = []
+        rest.append(message)
+    opening += pending
+    system = [ChatMessage("system", "\n\n".join(opening))] if opening else []
+    return (*system, *rest)
+
+
+def _leading_system(messages: tuple[ChatMessage, ...]) -> list[ChatMessage]:
+    leading = []
+    for message in messages:
+        if message.role != "system":
+            break
+        leading.append(message)
+    return leading

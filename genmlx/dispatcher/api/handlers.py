@@ -108,6 +108,18 @@ class UnknownRouteHandler(ApiHandler):
         raise UnknownRoute(f"Invalid URL ({self.request.method} {self.request.path}).")
 
 
+def served_model(engine: Engine, model_id: str, requested: str | None) -> LoadedModel:
+    """The loaded model a request for ``requested`` (None: whichever is served) is answered with."""
+    if requested is not None and requested != model_id:
+        raise UnknownModel(
+            f"The model '{requested}' does not exist; this server serves '{model_id}'.", param="model"
+        )
+    loaded = engine.loaded
+    if loaded is None:
+        raise NotReady("The model is still loading; retry shortly.")
+    return loaded
+
+
 class GenerationHandler(ApiHandler):
     """Drives one completion: submit, then answer as one JSON body or as server-sent events."""
 
@@ -194,9 +206,7 @@ class GenerationHandler(ApiHandler):
     ) -> GenerationRequest:
         options = parsed.options
         prompt = self.prompt_tokens(loaded, parsed)
-        max_tokens = completion_budget(
-            len(prompt), options.max_tokens, loaded.context_length, prompt_field=self.prompt_field
-        )
+        max_tokens = self.max_tokens(len(prompt), options.max_tokens, loaded.context_length)
         return GenerationRequest(
             request_id=secrets.token_hex(8),
             prompt_tokens=prompt,
@@ -206,16 +216,12 @@ class GenerationHandler(ApiHandler):
             top_logprobs=options.top_logprobs,
         )
 
+    def max_tokens(self, prompt_length: int, requested: int | None, context_length: int | None) -> int:
+        """How many tokens to generate at most, or the error this API refuses a request with."""
+        return completion_budget(prompt_length, requested, context_length, prompt_field=self.prompt_field)
+
     def _served_model(self, requested: str | None) -> LoadedModel:
-        if requested is not None and requested != self.model_id:
-            raise UnknownModel(
-                f"The model '{requested}' does not exist; this server serves '{self.model_id}'.",
-                param="model",
-            )
-        loaded = self.engine.loaded
-        if loaded is None:
-            raise NotReady("The model is still loading; retry shortly.")
-        return loaded
+        return served_model(self.engine, self.model_id, requested)
 
     async def _respond(self, response: ResponseFormat) -> None:
         ended = await self._ended

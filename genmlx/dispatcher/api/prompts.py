@@ -6,6 +6,7 @@ before anything is queued.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from genmlx.core.errors import ContextLengthExceeded, InvalidRequest
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
 # Without max_tokens a completion may use the rest of the context, but not more than this: a model
 # that never ends its turn should not hold the single model thread for minutes by default.
 DEFAULT_MAX_TOKENS = 4096
+
+# A conversation with a system turn after the first exchange, each turn's text a marker to find.
+_MID_SYSTEM_PROBE = (
+    {"role": "user", "content": "genmlx-probe-user"},
+    {"role": "assistant", "content": "genmlx-probe-assistant"},
+    {"role": "system", "content": "genmlx-probe-system"},
+    {"role": "user", "content": "genmlx-probe-again"},
+)
 
 
 def chat_prompt_tokens(
@@ -43,6 +52,20 @@ def chat_prompt_tokens(
         raise InvalidRequest(f"The chat template rejected these messages: {e}", param="messages") from None
     # The template writes the special tokens (BOS included) itself.
     return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+@lru_cache(maxsize=4)
+def template_takes_system_anywhere(tokenizer: TokenizerWrapper) -> bool:
+    """Whether the chat template renders a system turn after the first position, in its place: some
+    raise (roles must alternate, or a system turn only first), some drop or move it."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(turn) for turn in _MID_SYSTEM_PROBE], tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # jinja's TemplateError and whatever a template chooses to raise
+        return False
+    places = [text.find(turn["content"]) for turn in _MID_SYSTEM_PROBE]
+    return -1 not in places and places == sorted(places)
 
 
 def completion_prompt_tokens(tokenizer: TokenizerWrapper, prompt: str | tuple[int, ...]) -> tuple[int, ...]:
