@@ -194,6 +194,31 @@ def test_the_anthropic_client_goes_through_the_master_with_its_x_api_key(cluster
         )
 
 
+def test_count_tokens_goes_through_the_master_and_its_own_refusals_are_anthropic_errors(cluster):
+    import anthropic
+    from anthropic_types import validated
+
+    client = anthropic.Anthropic(base_url=cluster.url, api_key=cluster.token, max_retries=0, timeout=60)
+    hi = {"messages": [{"role": "user", "content": "hi"}], "system": "Be brief."}
+    counted = client.messages.count_tokens(model=MODEL, **hi)
+    usage = client.messages.create(model=MODEL, max_tokens=2, **hi).usage
+    assert counted.input_tokens == usage.input_tokens + usage.cache_read_input_tokens
+    refusals = [
+        (lambda: client.messages.count_tokens(model="nope", **hi), anthropic.NotFoundError),
+        (lambda: client.messages.create(model="", max_tokens=2, **hi), anthropic.BadRequestError),
+        (
+            lambda: client.messages.batches.create(
+                requests=[{"custom_id": "a", "params": {"model": MODEL, "max_tokens": 2, **hi}}]
+            ),
+            anthropic.NotFoundError,
+        ),
+    ]
+    for call, refused in refusals:
+        with pytest.raises(refused) as caught:
+            call()
+        validated(anthropic.types.ErrorResponse, caught.value.body)
+
+
 def test_models_are_listed_by_the_master(cluster):
     assert [m.id for m in cluster.client().models.list()] == [MODEL]
     assert cluster.client().models.retrieve(MODEL).id == MODEL

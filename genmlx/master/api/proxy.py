@@ -1,4 +1,7 @@
 """The OpenAI router: ``/v1/*`` on the master goes to rank 0 of the model the request names.
+Anthropic's ``/v1/messages`` and ``/v1/messages/count_tokens`` are routed the same way; what the
+master itself refuses there, and any other path under ``/v1/messages``, it answers in Anthropic's
+error shape.
 
 Bodies pass through untouched and responses stream back chunk by chunk as rank 0 writes them,
 so SSE works end to end. A client that hangs up closes the upstream connection too, which is
@@ -14,8 +17,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
-from genmlx.core.errors import BadGateway, InvalidRequest, NotReady, UnknownModel
-from genmlx.core.http import ApiHandler
+from genmlx.core.errors import BadGateway, InvalidRequest, NotReady, UnknownModel, UnknownRoute
+from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler
 from genmlx.master.runtime.loop import Reconciler
 
 PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
@@ -124,6 +127,24 @@ class ProxyHandler(ApiHandler):
         for name in PASSED_HEADERS:
             if name in headers:
                 self.set_header(name, headers[name])
+
+
+class AnthropicProxyHandler(ProxyHandler):
+    """``POST /v1/messages`` and ``/v1/messages/count_tokens``: routed by the body's model like any
+    other, with the master's own errors (no model, not ready, no answer) in Anthropic's shape."""
+
+    error_format = ANTHROPIC_ERRORS
+
+
+class UnknownMessagesRouteHandler(ApiHandler):
+    """Any other path under ``/v1/messages`` (batches, say): no rank serves it, so the master answers
+    the 404 itself, in Anthropic's shape, whatever model the body names (batches name none)."""
+
+    error_format = ANTHROPIC_ERRORS
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise UnknownRoute(f"Invalid URL ({self.request.method} {self.request.path}).")
 
 
 def endpoint_for(reconciler: Reconciler, model: Any) -> str:

@@ -1,4 +1,5 @@
-"""The master's HTTP surface: liveness, status, apply, and the OpenAI router under ``/v1``.
+"""The master's HTTP surface: liveness, status, apply, and the OpenAI and Anthropic router under
+``/v1``.
 
 Everything but ``/healthz`` and the status page's files needs the cluster's bearer token; the
 page's session cookie (``ui_auth``) reads status, events and the stream, nothing else.
@@ -16,7 +17,12 @@ from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, U
 from genmlx.core.http import ApiHandler
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
-from genmlx.master.api.proxy import ModelsHandler, ProxyHandler
+from genmlx.master.api.proxy import (
+    AnthropicProxyHandler,
+    ModelsHandler,
+    ProxyHandler,
+    UnknownMessagesRouteHandler,
+)
 from genmlx.master.api.responses import ResponsesProxyHandler, StoredResponseHandler
 from genmlx.master.api.stream import EventsHandler, ReadEndpoint, StreamHandler, current_status
 from genmlx.master.api.ui_handlers import ui_routes
@@ -136,6 +142,8 @@ def make_app(
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
             (r"/v1/responses", ResponsesProxyHandler, {**deps, "http": proxy_http, "responses": responses}),
             (r"/v1/responses/([^/]+)", StoredResponseHandler, {**auth, "responses": responses}),
+            (r"/v1/(messages(?:/count_tokens)?)", AnthropicProxyHandler, {**deps, "http": proxy_http}),
+            (r"/v1/messages/.*", UnknownMessagesRouteHandler, auth),
             (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
         ]
     )
