@@ -85,7 +85,7 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     applied = reconciler.applied
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
     responses = ResponseStore(config.state_dir / "responses.sqlite")
-    server = HTTPServer(make_app(reconciler, config.token, http, responses), idle_connection_timeout=3600)
+    server = HTTPServer(make_app(reconciler, config.token, responses), idle_connection_timeout=3600)
     server.listen(port, config.host)
     log.info("master listening on %s:%d", config.host, port)
     if discovery is not None:

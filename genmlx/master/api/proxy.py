@@ -4,8 +4,8 @@ master itself refuses there, and any other path under ``/v1/messages``, it answe
 error shape.
 
 Bodies pass through untouched and responses stream back chunk by chunk as rank 0 writes them,
-so SSE works end to end. A client that hangs up closes the upstream connection too, which is
-how rank 0 learns to stop generating.
+so SSE works end to end. A client that hangs up closes the upstream connection at once
+(``upstream``), which is how rank 0 learns to stop, even in the middle of reading a long prompt.
 """
 
 from __future__ import annotations
@@ -13,19 +13,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from genmlx.core.errors import BadGateway, InvalidRequest, NotReady, UnknownModel, UnknownRoute
 from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler
+from genmlx.master.api.upstream import Upstream
 from genmlx.master.runtime.loop import Reconciler
 
 PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
-
-
-class ClientGone(Exception):
-    """The downstream client closed its connection; abort the upstream request."""
 
 
 class ModelsHandler(ApiHandler):
@@ -61,14 +57,15 @@ class ModelsHandler(ApiHandler):
 class ProxyHandler(ApiHandler):
     """``POST /v1/{path}``: the request, untouched, to rank 0 of the model it names."""
 
-    def initialize(self, token: str, reconciler: Reconciler, http: AsyncHTTPClient) -> None:
+    def initialize(self, token: str, reconciler: Reconciler) -> None:
         super().initialize(token)
         self.reconciler = reconciler
-        self.http = http
-        self.client_gone = False
+        self.upstream = Upstream()
+        self.status = 502
 
     def on_connection_close(self) -> None:
-        self.client_gone = True
+        # At once, not at rank 0's next write: that may be a long prompt away.
+        self.upstream.close()
 
     async def post(self, path: str) -> None:
         body = self.json_body()
@@ -76,53 +73,33 @@ class ProxyHandler(ApiHandler):
         await self.forward(f"{upstream}/{path}", self.request.body)
 
     async def forward(self, url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
-        headers = HTTPHeaders()
-        status = {"code": 502}
-
-        def on_header(line: str) -> None:
-            if line.startswith("HTTP/"):
-                status["code"] = int(line.split(" ", 2)[1])
-            elif line.strip():
-                headers.parse_line(line)
-
-        def on_chunk(chunk: bytes) -> None:
-            if self.client_gone:
-                raise ClientGone()
-            if not self._headers_written:
-                self.start_response(status["code"], headers)
-            self.received(status["code"], chunk)
-            self.write(chunk)
-            self.flush()
-
-        request = HTTPRequest(
-            url,
-            method="POST",
-            body=body,
-            headers={
-                "Content-Type": "application/json",
-                "Authorization": f"Bearer {self.token}",
-                **(extra_headers or {}),
-            },
-            header_callback=on_header,
-            streaming_callback=on_chunk,
-            connect_timeout=5.0,
-            request_timeout=3600.0,
-        )
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.token}",
+            **(extra_headers or {}),
+        }
         try:
-            await self.http.fetch(request, raise_error=False)
-        except (ClientGone, StreamClosedError):
-            return
-        except (HTTPClientError, OSError) as e:
+            await self.upstream.post(url, body, headers, self.start_response, self.relay)
+        except StreamClosedError:
+            if self.request.connection.stream.closed():  # our client left: nothing to answer
+                return
+            self.reconciler.wake()
+            raise BadGateway(f"The model's rank 0 at {url} closed the connection mid-reply.") from None
+        except (OSError, TimeoutError) as e:
             self.reconciler.wake()  # evidence that the cluster changed: look now, not at the next resync
             raise BadGateway(f"The model's rank 0 at {url} did not answer: {e}") from None
-        if not self._headers_written:
-            self.start_response(status["code"], headers)
         self.finish()
+
+    def relay(self, chunk: bytes) -> None:
+        self.received(self.status, chunk)
+        self.write(chunk)
+        self.flush()
 
     def received(self, status: int, chunk: bytes) -> None:
         """Each chunk of the upstream reply as it passes (a subclass may keep what it needs)."""
 
     def start_response(self, code: int, headers: HTTPHeaders) -> None:
+        self.status = code
         self.set_status(code)
         for name in PASSED_HEADERS:
             if name in headers:

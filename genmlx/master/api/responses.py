@@ -13,8 +13,6 @@ import json
 import logging
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient
-
 from genmlx.core.errors import ResponseNotFound
 from genmlx.core.http import ApiHandler
 from genmlx.master.api.proxy import ProxyHandler, endpoint_for
@@ -41,10 +39,8 @@ def stored_or_404(responses: ResponseStore, response_id: str, param: str | None 
 class ResponsesProxyHandler(ProxyHandler):
     """``POST /v1/responses``."""
 
-    def initialize(
-        self, token: str, reconciler: Reconciler, http: AsyncHTTPClient, responses: ResponseStore
-    ) -> None:
-        super().initialize(token, reconciler, http)
+    def initialize(self, token: str, reconciler: Reconciler, responses: ResponseStore) -> None:
+        super().initialize(token, reconciler)
         self.responses = responses
         self._reply = bytearray()
         self._keeping = False

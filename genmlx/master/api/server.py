@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient
 from tornado.web import Application
 
 from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
@@ -123,9 +122,7 @@ class ManifestHandler(ApiHandler):
         return {"plan": lines, "summary": plan_summary(lines)}
 
 
-def make_app(
-    reconciler: Reconciler, token: str, proxy_http: AsyncHTTPClient, responses: ResponseStore
-) -> Application:
+def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Application:
     auth = {"token": token}
     deps = {**auth, "reconciler": reconciler}
     page, sessions = ui_routes(token)
@@ -140,10 +137,10 @@ def make_app(
             (r"/api/v1/stream", StreamHandler, readable),
             *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
-            (r"/v1/responses", ResponsesProxyHandler, {**deps, "http": proxy_http, "responses": responses}),
+            (r"/v1/responses", ResponsesProxyHandler, {**deps, "responses": responses}),
             (r"/v1/responses/([^/]+)", StoredResponseHandler, {**auth, "responses": responses}),
-            (r"/v1/(messages(?:/count_tokens)?)", AnthropicProxyHandler, {**deps, "http": proxy_http}),
+            (r"/v1/(messages(?:/count_tokens)?)", AnthropicProxyHandler, deps),
             (r"/v1/messages/.*", UnknownMessagesRouteHandler, auth),
-            (r"/v1/(.+)", ProxyHandler, {**deps, "http": proxy_http}),
+            (r"/v1/(.+)", ProxyHandler, deps),
         ]
     )
