@@ -24,7 +24,14 @@ from agent_harness import call as harness_call
 from conftest import free_port, http_status, wait_until
 
 import genmlx
-from genmlx.agent.ranks.logs import LOG_CAP_BYTES, LOG_KEEP_BYTES, open_fresh_log, trim_log, write_hostfile
+from genmlx.agent.ranks.logs import (
+    KEPT_RUNS,
+    LOG_CAP_BYTES,
+    LOG_KEEP_BYTES,
+    open_new_run_log,
+    trim_log,
+    write_hostfile,
+)
 from genmlx.agent.ranks.supervisor import RankSupervisor, dispatcher_command, rank_environment
 from genmlx.wire.agent_state import AgentState, RankInfo
 from genmlx.wire.rank_launch import RankLaunch
@@ -235,6 +242,7 @@ def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home:
     assert log.body and on_disk.endswith(log.body)
     assert agent.call("GET", "/api/v1/ranks/demo/0/log?tail=16").body == on_disk[-16:]
     assert agent.token.encode() not in on_disk
+    assert b"GET /health 200" not in on_disk, "the agent's health polls are not logged"
 
     stopped = agent.call("DELETE", "/api/v1/ranks/demo/0")
     assert stopped.status == 200, stopped.body
@@ -248,9 +256,13 @@ def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home:
 
 
 @pytest.mark.e2e
-def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(agent: AgentUnderTest):
+def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(
+    agent: AgentUnderTest, genmlx_home: Path
+):
     launch = demo_launch(agent)
     first = agent.start_rank(launch)
+    logs = genmlx_home / "agent" / "logs"
+    wait_until(lambda: (logs / "demo.0.log").read_bytes(), timeout=30, what="the first run to log")
     os.kill(first.pid, signal.SIGKILL)  # as the kernel's OOM killer would
     exited = wait_until(
         lambda: (r := agent.rank("demo", 0)) and r.state == "exited" and r,
@@ -260,8 +272,13 @@ def test_a_rank_that_dies_shows_exited_with_its_code_and_can_be_replaced(agent: 
     assert (exited.pid, exited.exit_code, exited.phase) == (first.pid, -signal.SIGKILL, "exited")
     assert agent.call("GET", "/api/v1/ranks/demo/0/log").status == 200, "its log stays readable"
 
+    first_run = (logs / "demo.0.log").read_bytes()
+
     second = agent.start_rank(replace(launch, spec_hash="spec-2"))
     assert second.pid != first.pid and (second.state, second.restarts) == ("running", 1)
+    assert (logs / "demo.0.log.1").read_bytes() == first_run, "the dead run's log is kept, whole"
+    current = wait_until(lambda: agent.call("GET", "/api/v1/ranks/demo/0/log").body, 30, what="run 2's log")
+    assert first_run.splitlines()[0] not in current, "the log endpoint shows the current run"
     listed = agent.rank("demo", 0)
     assert (listed.pid, listed.launch, listed.restarts) == (second.pid, second.launch, 1)
     stopped = RankInfo.from_json(agent.call("DELETE", "/api/v1/ranks/demo/0").json())
@@ -386,7 +403,7 @@ def test_stopping_a_rank_kills_its_whole_group_and_sigkills_it_after_the_grace_p
 
 def test_a_rank_log_is_trimmed_to_its_tail_while_the_rank_keeps_appending(tmp_path: Path):
     path = tmp_path / "rank.log"
-    fd = open_fresh_log(path)  # the descriptor a rank writes through
+    fd = open_new_run_log(path)  # the descriptor a rank writes through
     try:
         lines = b"".join(b"line %08d\n" % i for i in range(LOG_CAP_BYTES // 14 + 1000))
         os.write(fd, lines)
@@ -398,6 +415,20 @@ def test_a_rank_log_is_trimmed_to_its_tail_while_the_rank_keeps_appending(tmp_pa
     assert len(kept) < LOG_KEEP_BYTES + 100
     assert b"\0" not in kept, "appends land at the new end, leaving no hole"
     assert kept.endswith(lines[-1000:] + b"after the trim\n")
+
+
+def test_each_start_keeps_the_earlier_runs_logs_up_to_a_bound(tmp_path: Path):
+    path = tmp_path / "rank.log"
+    for run in range(KEPT_RUNS + 2):
+        fd = open_new_run_log(path)
+        os.write(fd, b"run %d\n" % run)
+        os.close(fd)
+    newest = KEPT_RUNS + 1
+    assert path.read_bytes() == b"run %d\n" % newest
+    for runs_ago in range(1, KEPT_RUNS + 1):
+        assert (tmp_path / f"rank.log.{runs_ago}").read_bytes() == b"run %d\n" % (newest - runs_ago)
+    earlier = [f"rank.log.{runs_ago}" for runs_ago in range(1, KEPT_RUNS + 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.log", *earlier], "the oldest is dropped"
 
 
 def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):

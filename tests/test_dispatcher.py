@@ -131,13 +131,18 @@ def test_health_is_503_while_loading_then_200(start_dispatcher, token: str) -> N
     wait_until(lambda: healthy() or seen, timeout=60, interval=0.02, what="HTTP up")
     if seen[-1][0] == 503:
         # Generation is refused, in OpenAI's shape, until the model is there (unless it just got there).
-        body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+        body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
         status, answer = dispatcher.request("POST", "/v1/completions", body, token)
         assert status == 503 and answer["error"]["code"] == "model_loading" or status == 200, answer
     wait_until(healthy, timeout=60, interval=0.02, what="health 200")
     assert seen[0] == (503, {"status": "loading"}), "HTTP must be up before the model is"
     assert seen[-1] == (200, {"status": "ok", "model": MODEL})
     assert {status for status, _ in seen} == {200, 503}
+    # A health poll is logged only when it is not a 200: a loading model, not every poll.
+    dispatcher.get("/v1/models", token)
+    wait_until(lambda: _access_line(dispatcher, "GET /v1/models 200"), timeout=10, what="log line")
+    assert _access_line(dispatcher, "GET /health 503")
+    assert _access_line(dispatcher, "GET /health 200") is None
 
 
 @pytest.mark.e2e
@@ -426,15 +431,43 @@ def test_unknown_model_is_404_and_malformed_json_is_400(
     assert body["error"]["type"] == "invalid_request_error"
     assert "JSON" in body["error"]["message"]
 
-    status, body = dispatcher.request("POST", "/v1/completions", b'{"max_tokens": 3}', token)
+    no_prompt = json.dumps({"model": MODEL, "max_tokens": 3}).encode()
+    status, body = dispatcher.request("POST", "/v1/completions", no_prompt, token)
     assert (status, body["error"]["param"]) == (400, "prompt")
 
-    # Without a "model" field the served model answers.
-    status, body = dispatcher.request("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 3}', token)
-    assert status == 200 and body["model"] == MODEL
+    # A request must name the model, as OpenAI's API and the master's router require.
+    for path, fields in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": CHAT})):
+        for model in ({}, {"model": None}, {"model": 7}, {"model": ""}):
+            status, body = dispatcher.request("POST", path, json.dumps({**fields, **model}).encode(), token)
+            assert status == 400, (path, model)
+            assert (body["error"]["type"], body["error"]["param"]) == ("invalid_request_error", "model")
+            assert "names no model" in body["error"]["message"]
 
     status, body = dispatcher.get("/v1/nowhere", token)
     assert status == 404 and body["error"]["code"] == "unknown_url"
+
+
+@pytest.mark.e2e
+def test_a_context_error_says_where_the_limit_comes_from(
+    client: openai.OpenAI, ready_dispatcher, token: str
+) -> None:
+    # The demo model's own max_position_embeddings (2048), no --context-length given.
+    with pytest.raises(openai.BadRequestError) as own:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5000)
+    assert (own.value.code, own.value.param) == ("context_length_exceeded", "max_tokens")
+    assert "context length is 2048 tokens, the model's own limit" in own.value.message
+    assert "serving.contextLength" in own.value.message
+
+    # serving.contextLength in the manifest reaches the rank as --context-length.
+    limited = client_for(ready_dispatcher("--context-length", "64"), token)
+    with pytest.raises(openai.BadRequestError) as set_one:
+        limited.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=60)
+    assert set_one.value.code == "context_length_exceeded"
+    assert "context length of 64 tokens, set by serving.contextLength" in set_one.value.message
+    with pytest.raises(openai.BadRequestError) as prompt_alone:
+        limited.completions.create(model=MODEL, prompt="river " * 100, max_tokens=1)
+    assert prompt_alone.value.param == "prompt"
+    assert "set by serving.contextLength" in prompt_alone.value.message
 
 
 # --- cancellation and back-pressure --------------------------------------------------------------

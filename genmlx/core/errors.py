@@ -19,6 +19,7 @@
         │   └── AgentConflict   409  it clashes with what the agent is doing or holds
         ├── InvalidRequest      400  (API) a malformed body or a field out of range
         │   ├── ContextLengthExceeded
+        │   ├── ModelNotNamed        (API) a completion request that names no model
         │   └── InvalidManifest 422
         ├── ResponseNotFound    404  (API) no stored response with that id
         ├── UnknownRoute        404  (API) no endpoint at this path
@@ -149,6 +150,14 @@ class ContextLengthExceeded(InvalidRequest):
     """Prompt plus completion would not fit the served context length."""
 
     default_code = "context_length_exceeded"
+
+
+class ModelNotNamed(InvalidRequest):
+    """A completion request without a string ``model``: the master routes by it and OpenAI requires
+    it, so a rank refuses it the same way."""
+
+    def __init__(self) -> None:
+        super().__init__("The request names no model: set 'model' to one of GET /v1/models.", param="model")
 
 
 class InvalidManifest(InvalidRequest):

@@ -2,7 +2,9 @@
 
 The rank writes to the file itself (opened with ``O_APPEND``), so its output survives the agent.
 When the file grows past ``LOG_CAP_BYTES`` the agent keeps only its last ``LOG_KEEP_BYTES``; thanks
-to ``O_APPEND`` the rank's next write lands at the new end instead of leaving a hole.
+to ``O_APPEND`` the rank's next write lands at the new end instead of leaving a hole. Each start
+moves the earlier runs' logs along (``.log`` to ``.log.1``, ``.log.1`` to ``.log.2``, ...), keeping
+``KEPT_RUNS`` of them: the output of the run that crashed is still there after its restart.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 LOG_CAP_BYTES = 4 * 1024 * 1024
 LOG_KEEP_BYTES = 1024 * 1024
 DEFAULT_TAIL_BYTES = 64 * 1024
+KEPT_RUNS = 3  # earlier runs' logs kept beside the current one
 
 
 def rank_log_path(log_dir: Path, key: str) -> Path:
@@ -24,9 +27,19 @@ def rank_hostfile_path(log_dir: Path, key: str) -> Path:
     return log_dir / f"{key}.hostfile.json"
 
 
-def open_fresh_log(path: Path) -> int:
-    """Truncate or create the log and return a write-only, append-mode descriptor for the rank."""
+def earlier_run_log_path(path: Path, runs_ago: int) -> Path:
+    """The log of the run ``runs_ago`` starts before the current one (1: the one just before)."""
+    return path.with_name(f"{path.name}.{runs_ago}")
+
+
+def open_new_run_log(path: Path, kept_runs: int = KEPT_RUNS) -> int:
+    """Move the earlier runs' logs along (dropping the oldest), start an empty log for this run and
+    return a write-only, append-mode descriptor for the rank."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for runs_ago in range(kept_runs, 0, -1):  # oldest first, each over the one a run older
+        newer = path if runs_ago == 1 else earlier_run_log_path(path, runs_ago - 1)
+        if newer.exists():
+            newer.replace(earlier_run_log_path(path, runs_ago))
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
 
 

@@ -36,7 +36,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from genmlx.agent.ranks.logs import (
     log_needs_trimming,
-    open_fresh_log,
+    open_new_run_log,
     rank_hostfile_path,
     rank_log_path,
     trim_log,
@@ -204,7 +204,7 @@ class RankSupervisor:
         return record.info()
 
     def _spawn(self, launch: RankLaunch, model_dir: Path, hostfile: Path | None) -> subprocess.Popen:
-        log_fd = open_fresh_log(rank_log_path(self._log_dir, launch.key))
+        log_fd = open_new_run_log(rank_log_path(self._log_dir, launch.key))
         try:
             return subprocess.Popen(
                 self._command(launch, model_dir, self._host, os.getpid(), hostfile),

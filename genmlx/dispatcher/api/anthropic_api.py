@@ -70,9 +70,9 @@ class MessagesHandler(GenerationHandler):
     def prompt_tokens(self, loaded: LoadedModel, parsed: MessagesRequest) -> tuple[int, ...]:
         return messages_prompt_tokens(loaded.tokenizer, parsed.messages, parsed.tools)
 
-    def max_tokens(self, prompt_length: int, requested: int | None, context_length: int | None) -> int:
+    def max_tokens(self, prompt_length: int, requested: int | None, loaded: LoadedModel) -> int:
         assert requested is not None  # required by Anthropic's API, so by the parser
-        return anthropic_budget(prompt_length, requested, context_length)
+        return anthropic_budget(prompt_length, requested, loaded.context_length)
 
     def response_format(
         self, loaded: LoadedModel, parsed: MessagesRequest, prompt: tuple[int, ...]

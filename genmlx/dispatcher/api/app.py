@@ -1,5 +1,5 @@
 """Rank 0's tornado application: every route of the OpenAI and Anthropic APIs, and the access log;
-the other ranks' ``/health`` alone."""
+the other ranks' ``/health`` alone, with the same log."""
 
 from __future__ import annotations
 
@@ -62,12 +62,16 @@ def make_health_app(*, model_id: str, engine: Engine, token: str | None) -> Appl
         [(r"/health", HealthHandler, {**auth, "model_id": model_id, "engine": engine})],
         default_handler_class=UnknownRouteHandler,
         default_handler_args=auth,
+        log_function=log_request,
     )
 
 
 def log_request(handler: RequestHandler) -> None:
-    """One access-log line per request: never headers, bodies or prompt text."""
+    """One access-log line per request, but for a ``/health`` that answered 200 (the agent and the
+    master poll it every few seconds): never headers, bodies or prompt text."""
     request = handler.request
+    if request.path == "/health" and handler.get_status() == 200:
+        return
     usage: Usage | None = getattr(handler, "usage", None)
     tokens = ""
     if usage is not None:

@@ -206,7 +206,7 @@ class GenerationHandler(ApiHandler):
     ) -> GenerationRequest:
         options = parsed.options
         prompt = self.prompt_tokens(loaded, parsed)
-        max_tokens = self.max_tokens(len(prompt), options.max_tokens, loaded.context_length)
+        max_tokens = self.max_tokens(len(prompt), options.max_tokens, loaded)
         return GenerationRequest(
             request_id=secrets.token_hex(8),
             prompt_tokens=prompt,
@@ -216,9 +216,15 @@ class GenerationHandler(ApiHandler):
             top_logprobs=options.top_logprobs,
         )
 
-    def max_tokens(self, prompt_length: int, requested: int | None, context_length: int | None) -> int:
+    def max_tokens(self, prompt_length: int, requested: int | None, loaded: LoadedModel) -> int:
         """How many tokens to generate at most, or the error this API refuses a request with."""
-        return completion_budget(prompt_length, requested, context_length, prompt_field=self.prompt_field)
+        return completion_budget(
+            prompt_length,
+            requested,
+            loaded.context_length,
+            prompt_field=self.prompt_field,
+            context_length_set=loaded.context_length_set,
+        )
 
     def _served_model(self, requested: str | None) -> LoadedModel:
         return served_model(self.engine, self.model_id, requested)

@@ -81,24 +81,44 @@ def completion_prompt_tokens(tokenizer: TokenizerWrapper, prompt: str | tuple[in
 
 
 def completion_budget(
-    prompt_length: int, requested: int | None, context_length: int | None, *, prompt_field: str
+    prompt_length: int,
+    requested: int | None,
+    context_length: int | None,
+    *,
+    prompt_field: str,
+    context_length_set: bool = False,
 ) -> int:
     """How many tokens to generate at most: ``requested`` if it fits, else a 400 that says why.
 
-    ``prompt_field`` names the request field a too-long prompt came from (``messages``/``prompt``).
+    ``prompt_field`` names the request field a too-long prompt came from (``messages``/``prompt``);
+    ``context_length_set`` says the limit is the manifest's ``serving.contextLength``, not the model's.
     """
     room = None if context_length is None else context_length - prompt_length
     if room is not None and room < 1:
+        limit = context_limit(context_length, context_length_set)
         raise ContextLengthExceeded(
-            f"This model's context length is {context_length} tokens; the prompt alone has {prompt_length}.",
-            param=prompt_field,
+            f"{limit}; the prompt alone has {prompt_length}. Shorten the prompt.", param=prompt_field
         )
     if requested is None:
         return DEFAULT_MAX_TOKENS if room is None else min(DEFAULT_MAX_TOKENS, room)
     if room is not None and requested > room:
+        limit = context_limit(context_length, context_length_set)
         raise ContextLengthExceeded(
-            f"This model's context length is {context_length} tokens; the prompt has {prompt_length} and "
-            f"{requested} more were requested. Lower max_tokens or shorten the prompt.",
+            f"{limit}; the prompt has {prompt_length} and {requested} more were requested. "
+            "Lower max_tokens or shorten the prompt.",
             param="max_tokens",
         )
     return requested
+
+
+def context_limit(context_length: int, set_in_manifest: bool) -> str:
+    """The served context length and where it comes from, so the error says which knob moves it."""
+    if set_in_manifest:
+        return (
+            f"This model is served with a context length of {context_length} tokens, "
+            "set by serving.contextLength in the cluster manifest"
+        )
+    return (
+        f"This model's context length is {context_length} tokens, the model's own limit "
+        "(max_position_embeddings); serving.contextLength in the cluster manifest sets another"
+    )

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from genmlx.core.errors import InvalidRequest
+from genmlx.core.errors import InvalidRequest, ModelNotNamed
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall, ToolChoice
 from genmlx.dispatcher.engine.events import Sampling
 
@@ -39,7 +39,7 @@ UNSUPPORTED_FIELDS = {
 class GenerationOptions:
     """What both endpoints accept besides the prompt."""
 
-    model: str | None
+    model: str | None  # None: whichever model this server serves
     max_tokens: int | None
     sampling: Sampling
     stop: tuple[str, ...]
@@ -69,6 +69,7 @@ class CompletionRequest:
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     """Parse and validate a chat completion request body."""
     fields = _Fields(json_object(body))
+    model = _parse_model(fields)
     messages = fields.require("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages")
@@ -76,7 +77,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     max_tokens = fields.optional_int("max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = fields.optional_int("max_tokens", minimum=1)
-    options = _parse_options(fields, max_tokens, _parse_chat_logprobs(fields))
+    options = _parse_options(fields, model, max_tokens, _parse_chat_logprobs(fields))
     tool_choice = _parse_tool_choice(fields.get("tool_choice"))
     tools = _parse_tools(fields.get("tools")) if tool_choice != "none" else ()
     return ChatCompletionRequest(messages=parsed, options=options, tools=tools, tool_choice=tool_choice)
@@ -85,6 +86,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """Parse and validate a (legacy) text completion request body."""
     fields = _Fields(json_object(body))
+    model = _parse_model(fields)
     prompt = _parse_prompt(fields.require("prompt"))
     max_tokens = fields.optional_int("max_tokens", minimum=1)
     if fields.optional_bool("echo"):
@@ -94,7 +96,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     top_logprobs = fields.optional_int("logprobs", minimum=0)
     if top_logprobs is not None and top_logprobs > MAX_COMPLETION_LOGPROBS:
         raise InvalidRequest(f"'logprobs' must be at most {MAX_COMPLETION_LOGPROBS}.", param="logprobs")
-    return CompletionRequest(prompt=prompt, options=_parse_options(fields, max_tokens, top_logprobs))
+    return CompletionRequest(prompt=prompt, options=_parse_options(fields, model, max_tokens, top_logprobs))
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -108,14 +110,24 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _parse_options(fields: _Fields, max_tokens: int | None, top_logprobs: int | None) -> GenerationOptions:
+def _parse_model(fields: _Fields) -> str:
+    """The model the request names: OpenAI requires one, and so does the master that routes by it."""
+    model = fields.get("model")
+    if not isinstance(model, str) or not model:
+        raise ModelNotNamed()
+    return model
+
+
+def _parse_options(
+    fields: _Fields, model: str, max_tokens: int | None, top_logprobs: int | None
+) -> GenerationOptions:
     _refuse_unsupported(fields)
     n = fields.optional_int("n", minimum=1)
     if n not in (None, 1):
         raise InvalidRequest("Only n=1 is supported.", param="n")
     stream = fields.optional_bool("stream") or False
     return GenerationOptions(
-        model=fields.optional_str("model"),
+        model=model,
         max_tokens=max_tokens,
         sampling=_parse_sampling(fields),
         stop=parse_stop_strings(fields.get("stop")),

@@ -62,6 +62,7 @@ class LoadedModel:
     model: Any  # an mlx.nn.Module of one of mlx-lm's architectures
     tokenizer: TokenizerWrapper
     context_length: int | None
+    context_length_set: bool = False  # by serving.contextLength (--context-length), not the model
 
 
 class Job:
@@ -233,8 +234,9 @@ class Engine:
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
-        context_length = self._serving.context_length or config.get("max_position_embeddings")
-        return LoadedModel(model=model, tokenizer=tokenizer, context_length=context_length)
+        given = self._serving.context_length
+        context_length = given or config.get("max_position_embeddings")
+        return LoadedModel(model, tokenizer, context_length, context_length_set=given is not None)
 
     def _publish_loaded(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
