@@ -28,7 +28,9 @@ MODEL = "demo"
 class Cluster:
     """A master and an agent as separate processes, sharing a GENMLX_HOME and a token."""
 
-    def __init__(self, root: Path, model_dir: Path, master_flags: tuple[str, ...] = ()):
+    def __init__(
+        self, root: Path, model_dir: Path, master_flags: tuple[str, ...] = (), with_agent: bool = True
+    ):
         self.root = root
         self.home = root / "home"
         self.storage = root / "storage"
@@ -40,6 +42,11 @@ class Cluster:
         self.manifest.write_text(self.manifest_text())
         self.master_flags = master_flags
         self.procs: list[Proc] = []
+        if with_agent:
+            self.start_agent()
+        self.master = self.start_master()
+
+    def start_agent(self) -> None:
         self.agent = self.start(
             "agent",
             "--name",
@@ -51,7 +58,6 @@ class Cluster:
             "--host",
             "127.0.0.1",
         )
-        self.master = self.start_master()
 
     def manifest_text(self, max_batch: int = 8) -> str:
         return f"""\
@@ -109,9 +115,13 @@ spec:
     def wait_ready(self, timeout: float = 120) -> dict:
         return wait_until(self.ready_status, timeout, what="the cluster to be Ready")
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "genmlx", *args], env=self.env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "genmlx", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def client(self, base: str | None = None, api_key: str | None = None) -> openai.OpenAI:
@@ -221,9 +231,40 @@ def test_count_tokens_goes_through_the_master_and_its_own_refusals_are_anthropic
 
 def test_models_are_listed_by_the_master(cluster):
     assert [m.id for m in cluster.client().models.list()] == [MODEL]
-    assert cluster.client().models.retrieve(MODEL).id == MODEL
-    with pytest.raises(openai.NotFoundError):
+    listed = cluster.client().models.retrieve(MODEL)
+    assert set(listed.to_dict()) == {"id", "object", "created", "owned_by"}, "OpenAI's model object"
+    assert (listed.id, listed.object, listed.owned_by) == (MODEL, "model", "genmlx")
+    assert isinstance(listed.created, int)
+    with pytest.raises(openai.NotFoundError) as caught:
         cluster.client().models.retrieve("nope")
+    assert caught.value.code == "model_not_found"
+
+
+def test_a_request_without_a_model_is_a_400_at_the_master(cluster):
+    with pytest.raises(openai.BadRequestError) as caught:
+        cluster.client().chat.completions.create(
+            model=openai.NOT_GIVEN, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert (caught.value.param, caught.value.type) == ("model", "invalid_request_error")
+    assert "names no model" in caught.value.message
+
+
+def test_a_declared_model_that_is_not_ready_is_not_listed_and_says_why(tmp_path, demo_model_dir):
+    lonely = Cluster(tmp_path, demo_model_dir, with_agent=False)  # nothing answers for its one node
+    try:
+        observed = wait_until(
+            lambda: http_status(f"{lonely.url}/healthz") == 200 and lonely.status()["models"],
+            60,
+            what="the master's first pass",
+        )
+        why = observed[0]["conditions"][0]["message"]
+        assert lonely.client().models.list().data == []
+        with pytest.raises(openai.NotFoundError) as caught:
+            lonely.client().models.retrieve(MODEL)
+        assert caught.value.code == "model_not_ready"
+        assert caught.value.body["message"] == f"The model '{MODEL}' is not ready: {why}"
+    finally:
+        lonely.stop()
 
 
 def test_unknown_model_is_a_404_in_openai_shape(cluster):

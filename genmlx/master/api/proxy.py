@@ -16,7 +16,7 @@ from typing import Any
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
-from genmlx.core.errors import BadGateway, InvalidRequest, NotReady, UnknownModel, UnknownRoute
+from genmlx.core.errors import BadGateway, ModelNotNamed, NotReady, UnknownModel, UnknownRoute
 from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler
 from genmlx.master.api.upstream import Upstream
 from genmlx.master.runtime.loop import Reconciler
@@ -25,7 +25,8 @@ PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
 
 
 class ModelsHandler(ApiHandler):
-    """``GET /v1/models``: every model of the manifest, whether it is serving or not."""
+    """``GET /v1/models``: the models that serve now, so a client offers none that would answer 503;
+    ``GET /v1/models/{id}`` of a declared model that does not serve is a 404 that says why."""
 
     def initialize(self, token: str, reconciler: Reconciler) -> None:
         super().initialize(token)
@@ -33,25 +34,24 @@ class ModelsHandler(ApiHandler):
 
     def get(self, model_id: str | None = None) -> None:
         applied = self.reconciler.applied
-        specs = applied.manifest.models if applied else ()
         created = int(applied.applied_at) if applied else int(time.time())
         ready = self.reconciler.serving_endpoints()
-        data = [
-            {
-                "id": s.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "genmlx",
-                "ready": s.name in ready,
-            }
-            for s in specs
-        ]
+        served = [name for name in self.reconciler.model_names() if name in ready]
         if model_id is None:
+            data = [model_object(name, created) for name in served]
             return self.write_json(200, {"object": "list", "data": data})
-        entry = next((d for d in data if d["id"] == model_id), None)
-        if entry is None:
-            raise UnknownModel(f"The model {model_id!r} does not exist.", param="model")
-        self.write_json(200, entry)
+        if model_id in served:
+            return self.write_json(200, model_object(model_id, created))
+        if model_id in self.reconciler.model_names():
+            why = self.reconciler.why_not_serving(model_id)
+            message = f"The model {model_id!r} is not ready: {why}"
+            raise UnknownModel(message, param="model", code="model_not_ready")
+        raise UnknownModel(f"The model {model_id!r} does not exist.", param="model")
+
+
+def model_object(name: str, created: int) -> dict[str, Any]:
+    """OpenAI's model object, exactly its four fields."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "genmlx"}
 
 
 class ProxyHandler(ApiHandler):
@@ -127,9 +127,7 @@ class UnknownMessagesRouteHandler(ApiHandler):
 def endpoint_for(reconciler: Reconciler, model: Any) -> str:
     """The base URL of ``model``'s rank 0, or the API error that says why there is none."""
     if not isinstance(model, str) or not model:
-        raise InvalidRequest(
-            "The request names no model: set 'model' to one of GET /v1/models.", param="model"
-        )
+        raise ModelNotNamed()
     names = reconciler.model_names()
     if model not in names:
         served = ", ".join(names) or "none"
