@@ -349,6 +349,20 @@ def test_get_and_describe(cluster):
     assert missing.returncode == 2 and "no model named 'nope'" in missing.stderr
 
 
+def test_the_read_commands_find_the_master_from_the_manifest_or_genmlx_master(cluster):
+    manifest = ("-f", str(cluster.manifest))  # its master node's address and spec.master.port
+    status = cluster.cli("status", *manifest)
+    assert status.returncode == 0 and "Ready=True" in status.stdout, status.stderr
+    listed = cluster.cli("get", "models", *manifest)
+    assert listed.stdout.splitlines()[1].split()[:2] == [MODEL, "True"], listed.stderr
+    described = cluster.cli("describe", "model", MODEL, *manifest)
+    assert "Ready=True Serving" in described.stdout, described.stderr
+    link = cluster.cli("ui", "--no-open", *manifest)
+    assert link.returncode == 0 and link.stdout.startswith(f"{cluster.url}/ui/login?code="), link.stderr
+    from_env = cluster.cli("get", "nodes", env={"GENMLX_MASTER": cluster.url})
+    assert from_env.returncode == 0 and "local" in from_env.stdout, from_env.stderr
+
+
 def test_applying_the_same_manifest_twice_plans_nothing(cluster):
     pid = rank0(cluster.wait_ready())["pid"]
     done = cluster.cli("apply", "-f", str(cluster.manifest))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,30 @@ def test_a_text_a_bigram_chain_cannot_write_is_refused(tmp_path: Path) -> None:
     # " a" is followed by " dog" once and " cow" once: the previous token alone cannot choose.
     with pytest.raises(ValueError, match="followed by two different tokens"):
         write_scripted_model(tmp_path / "ambiguous", "a cat and a dog and a cow")
+    assert not (tmp_path / "ambiguous").exists()
+
+
+def demo_model_command(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "genmlx", "demo-model", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.e2e
+def test_the_cli_writes_a_scripted_model_and_refuses_a_text_it_cannot_write(tmp_path: Path) -> None:
+    done = demo_model_command(str(tmp_path / "hello"), "--scripted", "Hello from the CLI.")
+    assert done.returncode == 0, done.stderr
+    assert "scripted" in done.stdout
+    path = tmp_path / "hello"
+    assert is_demo_model(path) and json.loads((path / "genmlx-demo.json").read_text())["text"] == (
+        "Hello from the CLI."
+    )
+    model, tokenizer = load(str(path))
+    assert generate(model, tokenizer, chat_prompt(tokenizer, "hi"), max_tokens=20) == "Hello from the CLI."
+
+    refused = demo_model_command(str(tmp_path / "ambiguous"), "--scripted", "a cat and a dog and a cow")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("genmlx: --scripted: cannot write a model for this text: token")
+    assert "followed by two different tokens" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "ambiguous").exists()
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 from genmlx import __version__
+from genmlx.cli.master_client import ensured_token, manifest_token, print_document
+from genmlx.cli.read_commands import add_read_commands, with_output
 from genmlx.core.errors import GenMLXError, ManifestError
 from genmlx.core.home import ensure_token, read_token
 
@@ -36,7 +35,7 @@ class UsageError(GenMLXError):
     """A command line that asks for something impossible."""
 
 
-MASTER_HELP = "master URL (default: $GENMLX_MASTER or http://127.0.0.1:6789)"
+MASTER_HELP = "master URL (default: $GENMLX_MASTER, else the manifest's with -f, else http://127.0.0.1:6789)"
 MANIFEST_MASTER_HELP = "master URL (default: from the manifest, or $GENMLX_MASTER)"
 
 
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"genmlx {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     add_manifest_commands(sub)
-    add_read_commands(sub)
+    add_read_commands(sub, MASTER_HELP)
     add_process_commands(sub)
     add_local_commands(sub)
     return parser
@@ -57,11 +56,6 @@ def command(sub: argparse._SubParsersAction, name: str, run, help: str) -> argpa
     """A subcommand whose ``run`` gets the parsed arguments."""
     p = sub.add_parser(name, help=help)
     p.set_defaults(run=run)
-    return p
-
-
-def with_output(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
     return p
 
 
@@ -85,22 +79,6 @@ def add_manifest_commands(sub: argparse._SubParsersAction) -> None:
     p = command(mesh, "plan", cmd_mesh_plan, "print the Thunderbolt address plan, backends and hostfiles")
     with_output(p).add_argument("-f", "--file", type=Path, required=True)
     p.add_argument("--master", help=f"{MANIFEST_MASTER_HELP}; node facts come from it")
-
-
-def add_read_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands that read the running master: status, get, describe, ui."""
-    with_output(command(sub, "status", cmd_status, "print the cluster's status from the running master"))
-    p = command(sub, "get", cmd_get, "list nodes or models with their Ready condition")
-    p.add_argument("what", choices=("nodes", "models"))
-    with_output(p)
-    p = command(sub, "describe", cmd_describe, "everything about one node or model, with its recent events")
-    p.add_argument("what", choices=("node", "model"))
-    p.add_argument("name")
-    with_output(p)
-    p = command(sub, "ui", cmd_ui, "open the read-only status page in a browser (signs it in)")
-    p.add_argument("--no-open", action="store_true", help="print the sign-in link instead of opening it")
-    for name in ("status", "get", "describe", "ui"):
-        sub.choices[name].add_argument("--master", help=MASTER_HELP)
 
 
 def add_process_commands(sub: argparse._SubParsersAction) -> None:
@@ -135,6 +113,11 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "demo-model", cmd_demo_model, "write a tiny random-weight model (its output is noise)")
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scripted",
+        metavar="TEXT",
+        help="instead, a model that answers any prompt with TEXT at temperature 0 (tool calls, thinking)",
+    )
 
     p = command(sub, "token", cmd_token, "create the cluster token if absent and print where it is")
     p.add_argument("--show", action="store_true", help="print the token itself (to copy to a node or client)")
@@ -211,51 +194,6 @@ def print_plan(result: dict) -> None:
     print(result.get("summary", ""))
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from genmlx.cli.master_client import fetch_status, format_status, master_url
-
-    status = fetch_status(master_url(args.master), read_token())
-    print_document(status.to_json(), args.output, lambda: format_status(status))
-    return 0
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    import webbrowser
-
-    from genmlx.cli.master_client import master_url, ui_login_url
-
-    url = master_url(args.master)
-    link, expires_in = ui_login_url(url, read_token())
-    if not args.no_open and webbrowser.open(link):
-        print(f"opened the status page of {url} in a browser", file=sys.stderr)
-        return 0
-    print(f"open this link in a browser within {expires_in} s (it works once):", file=sys.stderr)
-    print(link)
-    return 0
-
-
-def cmd_get(args: argparse.Namespace) -> int:
-    from genmlx.cli.master_client import fetch_status, format_items, master_url
-
-    items = getattr(fetch_status(master_url(args.master), read_token()), args.what)
-    print_document([i.to_json() for i in items], args.output, lambda: format_items(args.what, items))
-    return 0
-
-
-def cmd_describe(args: argparse.Namespace) -> int:
-    from genmlx.cli.master_client import MasterError, fetch_events, fetch_status, format_described, master_url
-
-    url, token = master_url(args.master), read_token()
-    status = fetch_status(url, token)
-    item = status.node(args.name) if args.what == "node" else status.model(args.name)
-    if item is None:
-        raise MasterError(f"no {args.what} named {args.name!r} in the applied manifest")
-    events = fetch_events(url, token, args.what.capitalize(), args.name)
-    described = {**item.to_json(), "events": [e.to_json() for e in events]}
-    print_document(described, args.output, lambda: format_described(item, events))
-    return 0
-
-
 def cmd_mesh_plan(args: argparse.Namespace) -> int:
     """Exit 1 when the manifest is invalid or the mesh cannot be planned as it asks."""
     from genmlx.cli.master_client import master_url
@@ -267,15 +205,6 @@ def cmd_mesh_plan(args: argparse.Namespace) -> int:
     document = mesh_document(manifest, mesh_nodes(manifest, status), source, status)
     print_document(document, args.output, lambda: format_mesh_plan(document))
     return 1 if has_errors(document) else 0
-
-
-def print_document(document, output: str, as_text) -> None:
-    if output == "json":
-        print(json.dumps(document, indent=2))
-    elif output == "yaml":
-        print(yaml.safe_dump(document, sort_keys=False), end="")
-    else:
-        print(as_text())
 
 
 def cmd_master(args: argparse.Namespace) -> int:
@@ -330,11 +259,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
+    if args.scripted is not None:
+        return write_scripted_demo_model(args.dir, args.scripted, args.seed)
     from genmlx.demo.random_model import write_demo_model
 
     path = write_demo_model(args.dir, seed=args.seed)
     print(f"wrote a tiny random-weight llama to {path}")
     print("its weights are random: what it writes is noise, but every serving code path is real")
+    return 0
+
+
+def write_scripted_demo_model(path: Path, text: str, seed: int) -> int:
+    from genmlx.demo.scripted_model import write_scripted_model
+
+    try:
+        written = write_scripted_model(path, text, seed=seed)
+    except ValueError as e:  # a text the model cannot write: nothing was written
+        raise UsageError(f"--scripted: cannot write a model for this text: {e}") from None
+    print(f"wrote a tiny scripted llama to {written}")
+    print("at temperature 0 it answers any prompt with the text given")
     return 0
 
 
@@ -344,20 +287,6 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.show:
         print(read_token(path))
     return 0
-
-
-def ensured_token() -> str:
-    path, created = ensure_token()
-    if created:
-        logging.getLogger("genmlx").info("created a new cluster token at %s; copy it to every node", path)
-    return read_token(path)
-
-
-def manifest_token(manifest) -> str:
-    """The token the manifest's ``auth.tokenFile`` names, else ``$GENMLX_HOME/token``."""
-    if manifest.auth.token_file is None:
-        return ensured_token()
-    return read_token(Path(manifest.auth.token_file).expanduser())
 
 
 if __name__ == "__main__":

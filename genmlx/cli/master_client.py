@@ -6,14 +6,19 @@ Plain ``urllib``: these are one-shot calls from a terminal, so blocking is fine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import yaml
+
 from genmlx.core.errors import AuthError, GenMLXError
+from genmlx.core.home import ensure_token, read_token
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
 from genmlx.wire.status import ClusterStatus, ConditionReport, EventReport, ModelStatus, NodeStatus
 
@@ -26,13 +31,20 @@ class MasterError(GenMLXError):
         self.document = document or {}
 
 
+class MasterUnreachable(MasterError):
+    """Nothing answered at the master's URL."""
+
+
+DEFAULT_MASTER_URL = f"http://127.0.0.1:{DEFAULT_MASTER_PORT}"
+
+
 def master_url(explicit: str | None, manifest: Manifest | None = None) -> str:
     """``--master``, else ``$GENMLX_MASTER``, else the manifest's master node, else this machine."""
     url = explicit or os.environ.get("GENMLX_MASTER")
     if url:
         return url if "://" in url else f"http://{url}"
     if manifest is None:
-        return f"http://127.0.0.1:{DEFAULT_MASTER_PORT}"
+        return DEFAULT_MASTER_URL
     address = manifest.node(manifest.master.node).address
     host = address.rsplit(":", 1)[0] if address else "127.0.0.1"
     return f"http://{host}:{manifest.master.port}"
@@ -53,7 +65,23 @@ def call_master(url: str, token: str, method: str, path: str, body: Any = None, 
         raise MasterError(document.get("message") or f"HTTP {e.code}", document) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise MasterError(f"no master answers at {url} ({reason}): is `genmlx master` running?") from None
+        problem = f"no master answers at {url} ({reason}): is `genmlx master` running?"
+        raise MasterUnreachable(problem) from None
+
+
+def ensured_token() -> str:
+    """The cluster token in ``$GENMLX_HOME/token``, created if absent."""
+    path, created = ensure_token()
+    if created:
+        logging.getLogger("genmlx").info("created a new cluster token at %s; copy it to every node", path)
+    return read_token(path)
+
+
+def manifest_token(manifest: Manifest) -> str:
+    """The token the manifest's ``auth.tokenFile`` names, else ``$GENMLX_HOME/token``."""
+    if manifest.auth.token_file is None:
+        return ensured_token()
+    return read_token(Path(manifest.auth.token_file).expanduser())
 
 
 def ui_login_url(url: str, token: str) -> tuple[str, int]:
@@ -88,6 +116,16 @@ def fetch_events(url: str, token: str, kind: str, name: str, limit: int = 20) ->
     query = urlencode({"kind": kind, "name": name, "limit": limit})
     events = call_master(url, token, "GET", f"/api/v1/events?{query}")["events"]
     return tuple(EventReport.from_json(e) for e in events)
+
+
+def print_document(document: Any, output: str, as_text: Callable[[], str]) -> None:
+    """``document`` as JSON or YAML, or ``as_text()`` for people (``-o text``)."""
+    if output == "json":
+        print(json.dumps(document, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(document, sort_keys=False), end="")
+    else:
+        print(as_text())
 
 
 def format_status(status: ClusterStatus) -> str:
