@@ -182,3 +182,8 @@ def test_codex_style_tools_hosted_ones_are_not_offered_and_namespaced_calls_say_
     call = response.output[-1]
     assert (call.type, call.name, call.namespace) == ("function_call", "get_weather", "forecast")
     assert reply.json()["tools"] == tools, "the tools are echoed as sent"
+
+
+def test_a_response_must_name_its_model(demo: ServedModel) -> None:
+    reply = raw(demo.base_url, demo.token, {"input": "Hi"})
+    assert reply.status == 400 and reply.json()["error"]["param"] == "model"

@@ -24,7 +24,7 @@ from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, fold_system_tu
 from genmlx.dispatcher.api.handlers import SSE_JSON, GenerationHandler, UnknownRouteHandler, served_model
 from genmlx.dispatcher.api.openai_format import ResponseFormat
 from genmlx.dispatcher.api.prompts import chat_prompt_tokens, template_takes_system_anywhere
-from genmlx.dispatcher.api.reply_parsing import ReplyParser, prompt_opens_reasoning, reply_markers
+from genmlx.dispatcher.api.reply_parsing import reply_parser
 from genmlx.dispatcher.engine.runner import Engine, LoadedModel
 
 if TYPE_CHECKING:
@@ -77,10 +77,7 @@ class MessagesHandler(GenerationHandler):
     def response_format(
         self, loaded: LoadedModel, parsed: MessagesRequest, prompt: tuple[int, ...]
     ) -> ResponseFormat:
-        opens_reasoning = prompt_opens_reasoning(loaded.tokenizer, prompt)
-        parser = ReplyParser(
-            reply_markers(loaded.tokenizer, parsed.tools), starts_in_reasoning=opens_reasoning
-        )
+        parser = reply_parser(loaded, parsed.tools, prompt)
         return AnthropicMessageFormat(
             self.model_id, parser, prompt_tokens=len(prompt), thinking=parsed.thinking
         )

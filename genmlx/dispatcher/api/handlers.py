@@ -28,7 +28,7 @@ from genmlx.dispatcher.api.openai_format import (
     models_list,
 )
 from genmlx.dispatcher.api.prompts import chat_prompt_tokens, completion_budget, completion_prompt_tokens
-from genmlx.dispatcher.api.reply_parsing import ReplyParser, prompt_opens_reasoning, reply_markers
+from genmlx.dispatcher.api.reply_parsing import reply_parser
 from genmlx.dispatcher.api.request_parsing import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -325,10 +325,7 @@ class ChatCompletionsHandler(GenerationHandler):
     def response_format(
         self, loaded: LoadedModel, parsed: ChatCompletionRequest, prompt: tuple[int, ...]
     ) -> ResponseFormat:
-        opens_reasoning = prompt_opens_reasoning(loaded.tokenizer, prompt)
-        parser = ReplyParser(
-            reply_markers(loaded.tokenizer, parsed.tools), starts_in_reasoning=opens_reasoning
-        )
+        parser = reply_parser(loaded, parsed.tools, prompt)
         options = parsed.options
         return ChatCompletionFormat(
             self.model_id,

@@ -21,6 +21,8 @@ from genmlx.dispatcher.api.chat import FunctionTool, ToolCall
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+    from genmlx.dispatcher.engine.runner import LoadedModel
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["text", "reasoning", "tool_call"]
@@ -180,3 +182,12 @@ def _tool_call(parsed: dict) -> ToolCall:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
     return ToolCall(id="call_" + secrets.token_hex(12), name=parsed["name"], arguments=arguments)
+
+
+def reply_parser(
+    loaded: LoadedModel, tools: tuple[FunctionTool, ...], prompt: tuple[int, ...]
+) -> ReplyParser:
+    """The parser that splits a reply to ``prompt`` into text, reasoning and tool calls, for the
+    loaded model (its tokenizer's markers) and the tools on offer."""
+    opens = prompt_opens_reasoning(loaded.tokenizer, prompt)
+    return ReplyParser(reply_markers(loaded.tokenizer, tools), starts_in_reasoning=opens)

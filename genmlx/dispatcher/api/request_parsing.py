@@ -68,8 +68,8 @@ class CompletionRequest:
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     """Parse and validate a chat completion request body."""
-    fields = _Fields(json_object(body))
-    model = _parse_model(fields)
+    fields = Fields(json_object(body))
+    model = required_model(fields)
     messages = fields.require("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages")
@@ -85,8 +85,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """Parse and validate a (legacy) text completion request body."""
-    fields = _Fields(json_object(body))
-    model = _parse_model(fields)
+    fields = Fields(json_object(body))
+    model = required_model(fields)
     prompt = _parse_prompt(fields.require("prompt"))
     max_tokens = fields.optional_int("max_tokens", minimum=1)
     if fields.optional_bool("echo"):
@@ -110,7 +110,7 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _parse_model(fields: _Fields) -> str:
+def required_model(fields: Fields) -> str:
     """The model the request names: OpenAI requires one, and so does the master that routes by it."""
     model = fields.get("model")
     if not isinstance(model, str) or not model:
@@ -119,7 +119,7 @@ def _parse_model(fields: _Fields) -> str:
 
 
 def _parse_options(
-    fields: _Fields, model: str, max_tokens: int | None, top_logprobs: int | None
+    fields: Fields, model: str, max_tokens: int | None, top_logprobs: int | None
 ) -> GenerationOptions:
     _refuse_unsupported(fields)
     n = fields.optional_int("n", minimum=1)
@@ -137,7 +137,7 @@ def _parse_options(
     )
 
 
-def _parse_sampling(fields: _Fields) -> Sampling:
+def _parse_sampling(fields: Fields) -> Sampling:
     top_k = fields.optional_int("top_k", minimum=-1)
     return Sampling(
         temperature=fields.optional_number("temperature", low=0.0, high=2.0, default=1.0),
@@ -153,7 +153,7 @@ def _parse_sampling(fields: _Fields) -> Sampling:
     )
 
 
-def _refuse_unsupported(fields: _Fields) -> None:
+def _refuse_unsupported(fields: Fields) -> None:
     for name, why in UNSUPPORTED_FIELDS.items():
         if fields.get(name) not in (None, {}, []):
             raise InvalidRequest(why, param=name, code="unsupported_parameter")
@@ -183,7 +183,7 @@ def _parse_response_format(response_format: Any) -> None:
     )
 
 
-def _parse_chat_logprobs(fields: _Fields) -> int | None:
+def _parse_chat_logprobs(fields: Fields) -> int | None:
     top = fields.optional_int("top_logprobs", minimum=0)
     if top is not None and top > MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"'top_logprobs' must be at most {MAX_TOP_LOGPROBS}.", param="top_logprobs")
@@ -329,7 +329,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _Fields:
+class Fields:
     """Typed reads of top-level fields; JSON null counts as absent, as in OpenAI's API."""
 
     def __init__(self, data: dict[str, Any]):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from genmlx.core.errors import ApiError
 from genmlx.dispatcher.api.handlers import SSE_JSON, GenerationHandler
 from genmlx.dispatcher.api.prompts import chat_prompt_tokens
-from genmlx.dispatcher.api.reply_parsing import ReplyParser, prompt_opens_reasoning, reply_markers
+from genmlx.dispatcher.api.reply_parsing import reply_parser
 from genmlx.dispatcher.api.responses_format import ResponsesFormat
 from genmlx.dispatcher.api.responses_request import ResponsesRequest, parse_responses_request
 from genmlx.dispatcher.engine.runner import LoadedModel
@@ -36,10 +36,7 @@ class ResponsesHandler(GenerationHandler):
     def response_format(
         self, loaded: LoadedModel, parsed: ResponsesRequest, prompt: tuple[int, ...]
     ) -> ResponsesFormat:
-        opens_reasoning = prompt_opens_reasoning(loaded.tokenizer, prompt)
-        parser = ReplyParser(
-            reply_markers(loaded.tokenizer, parsed.tools), starts_in_reasoning=opens_reasoning
-        )
+        parser = reply_parser(loaded, parsed.tools, prompt)
         self.format = ResponsesFormat(self.model_id, parser, parsed)
         return self.format
 

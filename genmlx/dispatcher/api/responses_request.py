@@ -23,7 +23,7 @@ from typing import Any
 
 from genmlx.core.errors import InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall
-from genmlx.dispatcher.api.request_parsing import GenerationOptions, _Fields, json_object
+from genmlx.dispatcher.api.request_parsing import Fields, GenerationOptions, json_object, required_model
 from genmlx.dispatcher.engine.events import Sampling
 
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -98,7 +98,7 @@ def parse_responses_request(body: bytes, *, expanded: bool = False) -> Responses
     """Parse and validate a Responses request; ``expanded`` when the master already prepended the
     conversation that ``previous_response_id`` names."""
     data = json_object(body)
-    fields = _Fields(data)
+    fields = Fields(data)
     _refuse_unsupported(data)
     previous = fields.optional_str("previous_response_id")
     if previous is not None and not expanded:
@@ -203,9 +203,9 @@ def _call_output(item: dict[str, Any], where: str) -> ChatMessage:
     return ChatMessage("tool", _content_text(item.get("output"), f"{where}.output"), tool_call_id=call_id)
 
 
-def _options(fields: _Fields) -> GenerationOptions:
+def _options(fields: Fields) -> GenerationOptions:
     return GenerationOptions(
-        model=fields.optional_str("model"),
+        model=required_model(fields),
         max_tokens=fields.optional_int("max_output_tokens", minimum=1),
         sampling=Sampling(
             temperature=fields.optional_number("temperature", low=0.0, high=2.0, default=1.0),
