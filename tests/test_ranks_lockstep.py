@@ -107,9 +107,28 @@ def answers(client: openai.OpenAI) -> list[tuple[str, int, int, int]]:
     with ThreadPoolExecutor(3) as pool:
         batch = list(pool.map(lambda p: client.completions.create(model=MODEL, prompt=p, **GREEDY), PROMPTS))
     assert seeded.usage.prompt_tokens_details.cached_tokens == seeded.usage.prompt_tokens - 1
-    return [(reply.choices[0].message.content, *counts(reply.usage)) for reply in (greedy, seeded)] + [
+    # Structured output: every rank masks with the same grammar, so the group samples alike.
+    shaped = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=1, seed=5, max_tokens=60, response_format=SHAPED
+    )
+    chats = (greedy, seeded, shaped)
+    return [(reply.choices[0].message.content, *counts(reply.usage)) for reply in chats] + [
         (reply.choices[0].text, *counts(reply.usage)) for reply in (completion, *batch)
     ]
+
+
+SHAPED = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "flag",
+        "schema": {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["ok", "n"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def counts(usage) -> tuple[int, int, int]:

@@ -3,7 +3,7 @@ naming the field, so handlers never see a raw dict.
 
 Fields that change nothing a client can see (``user``, ``metadata``, ``store``, ``service_tier`` ...)
 are accepted and ignored; those this server cannot honour and a client would notice (``n`` other
-than 1, ``logit_bias``, JSON response formats, forced tool choices, non-text content) are refused
+than 1, ``logit_bias``, forced tool choices, non-text content) are refused
 with a 400 that says so, never silently ignored.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from genmlx.core.errors import InvalidRequest, ModelNotNamed
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall, ToolChoice
+from genmlx.dispatcher.api.structured import OutputConstraint, response_format_constraint
 from genmlx.dispatcher.engine.events import Sampling
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "GenerationOptions"]
@@ -46,6 +47,7 @@ class GenerationOptions:
     stream: bool
     include_usage: bool
     top_logprobs: int | None = None  # None: no log-probabilities
+    constraint: OutputConstraint | None = None  # the grammar the output must follow
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def _parse_options(
         stream=stream,
         include_usage=_parse_include_usage(fields.get("stream_options")),
         top_logprobs=top_logprobs,
+        constraint=response_format_constraint(fields.get("response_format")),
     )
 
 
@@ -161,26 +164,6 @@ def _refuse_unsupported(fields: Fields) -> None:
         raise InvalidRequest(
             "Only text output is supported.", param="modalities", code="unsupported_parameter"
         )
-    _parse_response_format(fields.get("response_format"))
-
-
-def _parse_response_format(response_format: Any) -> None:
-    """Only plain text: structured output needs constrained decoding, which this server lacks."""
-    if response_format is None:
-        return
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise InvalidRequest(
-            f"response_format type '{kind}' is not supported by this server (it cannot constrain output to "
-            "JSON); ask for JSON in the prompt and validate it yourself, or omit response_format.",
-            param="response_format",
-            code="unsupported_parameter",
-        )
-    raise InvalidRequest(
-        "'response_format' must be an object whose 'type' is 'text'.", param="response_format"
-    )
 
 
 def _parse_chat_logprobs(fields: Fields) -> int | None:

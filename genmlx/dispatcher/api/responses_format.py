@@ -88,7 +88,7 @@ class ResponsesFormat:
             "store": request.store,
             "temperature": request.options.sampling.temperature,
             "top_p": request.options.sampling.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": request.text_format},
             "tool_choice": request.tool_choice,
             "tools": list(request.tools_given),
             "truncation": "disabled",

@@ -6,7 +6,7 @@ endpoint shares out.
 items (the calls an earlier turn made) and ``function_call_output`` items (their results);
 ``reasoning`` items from earlier turns are not replayed, as chat templates drop earlier thinking.
 ``instructions`` becomes the system turn. Fields the spec defines that this server cannot honour
-(non-function tools, images, forced tool choices, JSON output formats, background mode) are a 400
+(custom tools, images, forced tool choices, background mode) are a 400
 that says so; fields that change nothing a client can see here are accepted.
 
 ``previous_response_id`` continues a stored response, which only the master keeps: the master
@@ -24,6 +24,7 @@ from typing import Any
 from genmlx.core.errors import InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall
 from genmlx.dispatcher.api.request_parsing import Fields, GenerationOptions, json_object, required_model
+from genmlx.dispatcher.api.structured import text_format_constraint
 from genmlx.dispatcher.engine.events import Sampling
 
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -92,6 +93,7 @@ class ResponsesRequest:
     store: bool = True
     metadata: dict[str, str] | None = None
     reasoning: dict[str, Any] | None = None
+    text_format: dict[str, Any] = field(default_factory=lambda: {"type": "text"})  # as asked, for the reply
 
 
 def parse_responses_request(body: bytes, *, expanded: bool = False) -> ResponsesRequest:
@@ -125,6 +127,7 @@ def parse_responses_request(body: bytes, *, expanded: bool = False) -> Responses
         store=fields.optional_bool("store") is not False,
         metadata=data.get("metadata") if isinstance(data.get("metadata"), dict) else None,
         reasoning=data.get("reasoning") if isinstance(data.get("reasoning"), dict) else None,
+        text_format=_text_format(data.get("text")),
     )
 
 
@@ -203,6 +206,14 @@ def _call_output(item: dict[str, Any], where: str) -> ChatMessage:
     return ChatMessage("tool", _content_text(item.get("output"), f"{where}.output"), tool_call_id=call_id)
 
 
+def _text_format(text: Any) -> dict[str, Any]:
+    """``text.format`` as asked (plain text when not asked)."""
+    if text is not None and not isinstance(text, dict):
+        raise InvalidRequest("text: must be an object.", param="text")
+    text_format = (text or {}).get("format")
+    return text_format if isinstance(text_format, dict) else {"type": "text"}
+
+
 def _options(fields: Fields) -> GenerationOptions:
     return GenerationOptions(
         model=required_model(fields),
@@ -214,6 +225,7 @@ def _options(fields: Fields) -> GenerationOptions:
         stop=(),
         stream=fields.optional_bool("stream") or False,
         include_usage=False,  # the Responses stream always carries usage, in response.completed
+        constraint=text_format_constraint(_text_format(fields.get("text"))),
     )
 
 
@@ -226,12 +238,6 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
     if data.get("top_logprobs") not in (None, 0):
         raise InvalidRequest(
             "top_logprobs: log-probabilities are not supported on /v1/responses here.", param="top_logprobs"
-        )
-    text = data.get("text")
-    text_format = text.get("format") if isinstance(text, dict) else None
-    if text_format is not None and (not isinstance(text_format, dict) or text_format.get("type") != "text"):
-        raise InvalidRequest(
-            "text.format: only {'type': 'text'} is supported by this server for now.", param="text.format"
         )
 
 

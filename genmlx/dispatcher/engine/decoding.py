@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from genmlx.dispatcher.engine.constraints import GrammarConstraints, constraints_for
 from genmlx.dispatcher.engine.events import GenerationRequest
 from genmlx.dispatcher.engine.prefix_cache import PrefixCache
 from genmlx.dispatcher.engine.sampling import BatchSampler, RowSampler, make_logits_processors
@@ -43,6 +44,16 @@ class DecoderSettings:
     cache_bytes: int = 4 << 30
     leads: bool = True
 
+
+
+def request_processors(request: GenerationRequest, constraints: GrammarConstraints | None) -> list:
+    """The logits processors of one request: its penalties, then its grammar."""
+    processors = make_logits_processors(request.sampling)
+    if request.grammar is not None:
+        if constraints is None:
+            raise ValueError("a constrained request reached a decoder without a tokenizer")
+        processors.append(constraints.processor(request.grammar))
+    return processors
 
 
 @dataclass(frozen=True)
@@ -73,19 +84,28 @@ class Decoder(Protocol):
     def trim_cache(self, entries: int) -> None: ...
 
 
-def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings) -> Decoder:
-    """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``."""
+def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings, tokenizer: Any = None) -> Decoder:
+    """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``;
+    with the ``tokenizer``, requests may carry a grammar."""
+    constraints = constraints_for(tokenizer) if tokenizer is not None else None
     if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
-        return BatchDecoder(model, eos_ids, settings)
-    return SequentialDecoder(model)
+        return BatchDecoder(model, eos_ids, settings, constraints)
+    return SequentialDecoder(model, constraints)
 
 
 class BatchDecoder:
     """Continuous batching over mlx-lm's ``BatchGenerator``, with a prefix cache."""
 
-    def __init__(self, model: Any, eos_ids: set[int], settings: DecoderSettings):
+    def __init__(
+        self,
+        model: Any,
+        eos_ids: set[int],
+        settings: DecoderSettings,
+        constraints: GrammarConstraints | None = None,
+    ):
         from mlx_lm.generate import BatchGenerator
 
+        self._constraints = constraints
         self.capacity = settings.max_batch
         self._model = model
         self._eos_ids = eos_ids
@@ -122,7 +142,7 @@ class BatchDecoder:
         reused = self._prefixes.take(prompt, cached_tokens)
         cached = reused.tokens if reused else 0
         cache = reused.cache if reused else None
-        processors = make_logits_processors(request.sampling)
+        processors = request_processors(request, self._constraints)
         row = RowSampler(request.sampling)
         if self.active == 0 and not processors:
             if cache is None:
@@ -317,8 +337,9 @@ class SequentialDecoder:
     capacity = 1
     cache_entries = 0
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, constraints: GrammarConstraints | None = None):
         self._model = model
+        self._constraints = constraints
         self._uid: int | None = None
         self._steps: Generator[tuple[Any, mx.array]] | None = None
         self._left = 0
@@ -338,7 +359,7 @@ class SequentialDecoder:
             self._model,
             max_tokens=request.max_tokens,
             sampler=RowSampler(request.sampling),
-            logits_processors=make_logits_processors(request.sampling),
+            logits_processors=request_processors(request, self._constraints),
         )
         return 0
 

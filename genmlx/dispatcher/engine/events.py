@@ -36,6 +36,7 @@ class GenerationRequest:
     sampling: Sampling
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no log-probabilities; n: the chosen token's and n more
+    grammar: str | None = None  # llguidance grammar the output must follow (``constraints``)
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ class Engine:
 
         leads = self._channel is None or self._channel.is_leader
         settings = dataclasses.replace(self._decoding, leads=leads)
-        return make_decoder(loaded.model, loaded.tokenizer.eos_token_ids, settings)
+        return make_decoder(loaded.model, loaded.tokenizer.eos_token_ids, settings, loaded.tokenizer)
 
     def _follow(self, loaded: LoadedModel) -> None:
         """A follower's whole life after loading: apply what rank 0 sends and decode the same steps,
