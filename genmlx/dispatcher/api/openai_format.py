@@ -27,12 +27,19 @@ from genmlx.dispatcher.engine.events import Finished, TextDelta, TokenLogprob, U
 
 
 def usage_json(usage: Usage) -> dict:
-    """OpenAI's ``usage`` object; ``cached_tokens`` counts prompt tokens the prefix cache supplied."""
+    """OpenAI's ``usage`` object; ``cached_tokens`` counts prompt tokens the prefix cache supplied.
+    There is never audio nor a predicted output here, so those counts are 0; ``reasoning_tokens``
+    is left out rather than guessed, as the engine counts a reply's tokens without splitting them."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": 0,
+            "audio_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
     }
 
 
@@ -75,7 +82,7 @@ class ChatCompletionFormat:
     def __init__(
         self, model: str, parser: ReplyParser, *, include_usage: bool = False, logprobs: bool = False
     ):
-        self._head = _ResponseHead(model, "chatcmpl-")
+        self._head = _ResponseHead(model, "chatcmpl-", service_tier="default")
         self._parser = parser
         self._include_usage = include_usage
         self._logprobs = logprobs
@@ -191,10 +198,9 @@ class TextCompletionFormat:
             "logprobs": self._logprobs_json(logprobs),
             "finish_reason": reason,
         }
-        chunk = {**self._head.json("text_completion"), "choices": [choice]}
-        if self._include_usage:
-            chunk["usage"] = None
-        return chunk
+        # No ``usage: null`` here, unlike chat: the spec gives completion chunks the response's schema,
+        # whose usage is an object when present.
+        return {**self._head.json("text_completion"), "choices": [choice]}
 
     def _logprobs_json(self, logprobs: tuple[TokenLogprob, ...]) -> dict | None:
         """The legacy shape: parallel lists, the top alternatives as token-to-logprob maps."""
@@ -218,6 +224,7 @@ class _ResponseHead:
 
     model: str
     id_prefix: str
+    service_tier: str | None = None  # chat names the tier it served at; there is one tier here
     response_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -225,20 +232,19 @@ class _ResponseHead:
         object.__setattr__(self, "response_id", self.id_prefix + secrets.token_hex(14))
 
     def json(self, kind: str) -> dict:
-        return {
-            "id": self.response_id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-        }
+        # No ``system_fingerprint``: the spec allows a string or nothing, and no fingerprint of the
+        # backend's configuration is kept here.
+        head = {"id": self.response_id, "object": kind, "created": self.created, "model": self.model}
+        if self.service_tier is not None:
+            head["service_tier"] = self.service_tier
+        return head
 
 
 def _chat_message(pieces: list[ReplyPiece]) -> dict:
     text = "".join(p.text for p in pieces if isinstance(p, ReplyText))
     reasoning = "".join(p.text for p in pieces if isinstance(p, ReplyReasoning))
     calls = [_tool_call_json(p.call) for p in pieces if isinstance(p, ReplyToolCall)]
-    message: dict = {"role": "assistant", "content": text, "refusal": None}
+    message: dict = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
     if reasoning:
         message["reasoning_content"] = message["reasoning"] = reasoning
     if calls:
