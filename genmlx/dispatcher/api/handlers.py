@@ -335,6 +335,7 @@ class ChatCompletionsHandler(GenerationHandler):
             parser,
             include_usage=options.include_usage,
             logprobs=options.top_logprobs is not None,
+            parallel_tool_calls=parsed.parallel_tool_calls,
         )
 
 

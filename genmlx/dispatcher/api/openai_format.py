@@ -80,14 +80,22 @@ class ChatCompletionFormat:
     calls split out of the reply by ``parser``."""
 
     def __init__(
-        self, model: str, parser: ReplyParser, *, include_usage: bool = False, logprobs: bool = False
+        self,
+        model: str,
+        parser: ReplyParser,
+        *,
+        include_usage: bool = False,
+        logprobs: bool = False,
+        parallel_tool_calls: bool = True,
     ):
         self._head = _ResponseHead(model, "chatcmpl-", service_tier="default")
         self._parser = parser
+        self._parallel_tool_calls = parallel_tool_calls
         self._include_usage = include_usage
         self._logprobs = logprobs
         self._pending_logprobs: list[TokenLogprob] = []
         self._tool_call_index = 0
+        self._call_kept = False
         self._text_chunks = TextChunks(self._chunk({"content": TextChunks.SLOT}, None))
 
     def stream_start(self) -> list[dict]:
@@ -96,17 +104,17 @@ class ChatCompletionFormat:
 
     def stream_delta(self, delta: TextDelta) -> list[dict | RawJson]:
         self._pending_logprobs += delta.logprobs
-        return [self._delta_chunk(piece) for piece in self._parser.feed(delta.text)]
+        return [self._delta_chunk(piece) for piece in self._kept(self._parser.feed(delta.text))]
 
     def stream_finish(self, finished: Finished) -> list[dict]:
-        chunks = [self._chunk(self._piece_delta(piece), None) for piece in self._parser.finish()]
+        chunks = [self._chunk(self._piece_delta(piece), None) for piece in self._kept(self._parser.finish())]
         return [*chunks, self._chunk({}, self._finish_reason(finished.reason))]
 
     def stream_usage(self, usage: Usage) -> dict:
         return {**self._head.json("chat.completion.chunk"), "choices": [], "usage": usage_json(usage)}
 
     def full(self, deltas: list[TextDelta], finished: Finished) -> dict:
-        pieces = [p for d in deltas for p in self._parser.feed(d.text)] + self._parser.finish()
+        pieces = self._kept([p for d in deltas for p in self._parser.feed(d.text)] + self._parser.finish())
         choice = {
             "index": 0,
             "message": _chat_message(pieces),
@@ -118,6 +126,19 @@ class ChatCompletionFormat:
             "choices": [choice],
             "usage": usage_json(finished.usage),
         }
+
+    def _kept(self, pieces: list[ReplyPiece]) -> list[ReplyPiece]:
+        """``pieces`` less the tool calls after the first when the request asked for one at most."""
+        if self._parallel_tool_calls:
+            return pieces
+        kept = []
+        for piece in pieces:
+            if isinstance(piece, ReplyToolCall):
+                if self._call_kept:
+                    continue
+                self._call_kept = True
+            kept.append(piece)
+        return kept
 
     def _finish_reason(self, reason: str) -> str:
         return "tool_calls" if reason == "stop" and self._parser.tool_calls else reason

@@ -1,10 +1,10 @@
 """OpenAI request bodies in, frozen request dataclasses out; anything invalid raises ``InvalidRequest``
 naming the field, so handlers never see a raw dict.
 
-Fields that change nothing a client can see (``user``, ``metadata``, ``store``, ``service_tier`` ...)
-are accepted and ignored; those this server cannot honour and a client would notice (``n`` other
-than 1, ``logit_bias``, forced tool choices, non-text content) are refused
-with a 400 that says so, never silently ignored.
+Every field OpenAI's spec defines is honoured, ignored because it changes nothing a client can see
+here, or refused with a 400 that names it (``request_fields`` lists which and why): ``n`` other
+than 1, ``logit_bias``, forced tool choices and non-text content are
+refused, never silently ignored.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from genmlx.core.errors import InvalidRequest, ModelNotNamed
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall, ToolChoice
+from genmlx.dispatcher.api.request_fields import EMPTY_IS_ABSENT, REFUSED_FIELDS
 from genmlx.dispatcher.api.structured import OutputConstraint, response_format_constraint
 from genmlx.dispatcher.engine.events import Sampling
 
@@ -24,16 +25,6 @@ __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "Generat
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
-# Fields that would change the output if honoured: refused rather than ignored, with the reason.
-UNSUPPORTED_FIELDS = {
-    "logit_bias": "'logit_bias' is not supported by this server.",
-    "functions": "The legacy 'functions' field is not supported; send 'tools'.",
-    "function_call": "The legacy 'function_call' field is not supported; send 'tool_choice'.",
-    "audio": "Audio output is not supported by this server.",
-    "prediction": "Predicted outputs are not supported by this server.",
-    "web_search_options": "Web search is not supported by this server.",
-    "suffix": "'suffix' (insertion) is not supported by this server.",
-}
 
 
 @dataclass(frozen=True)
@@ -58,6 +49,7 @@ class ChatCompletionRequest:
     options: GenerationOptions
     tools: tuple[FunctionTool, ...] = ()
     tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True  # False: at most one tool call per reply
 
 
 @dataclass(frozen=True)
@@ -82,7 +74,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     options = _parse_options(fields, model, max_tokens, _parse_chat_logprobs(fields))
     tool_choice = _parse_tool_choice(fields.get("tool_choice"))
     tools = _parse_tools(fields.get("tools")) if tool_choice != "none" else ()
-    return ChatCompletionRequest(messages=parsed, options=options, tools=tools, tool_choice=tool_choice)
+    parallel = fields.optional_bool("parallel_tool_calls") is not False
+    return ChatCompletionRequest(parsed, options, tools, tool_choice, parallel_tool_calls=parallel)
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
@@ -157,8 +150,9 @@ def _parse_sampling(fields: Fields) -> Sampling:
 
 
 def _refuse_unsupported(fields: Fields) -> None:
-    for name, why in UNSUPPORTED_FIELDS.items():
-        if fields.get(name) not in (None, {}, []):
+    for name, why in REFUSED_FIELDS.items():
+        value = fields.get(name)
+        if value is not None and not (name in EMPTY_IS_ABSENT and value in ({}, [])):
             raise InvalidRequest(why, param=name, code="unsupported_parameter")
     if fields.get("modalities") not in (None, ["text"]):
         raise InvalidRequest(
