@@ -147,7 +147,7 @@ def test_input_items_replay_a_tool_turn(scripted: ServedModel) -> None:
     [
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0]"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"text": {"format": {"type": "yaml"}}}, "text.format"),
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"background": True}, "background"),
         ({"top_logprobs": 3}, "top_logprobs"),
@@ -181,7 +181,10 @@ def test_codex_style_tools_hosted_ones_are_not_offered_and_namespaced_calls_say_
     response = Response.model_validate(reply.json())
     call = response.output[-1]
     assert (call.type, call.name, call.namespace) == ("function_call", "get_weather", "forecast")
-    assert reply.json()["tools"] == tools, "the tools are echoed as sent"
+    echoed = reply.json()["tools"]
+    assert echoed[1] == tools[1] and echoed[0]["tools"] == [{**WEATHER, "strict": None}], (
+        "the tools are echoed as sent, function tools saying whether they were strict"
+    )
 
 
 def test_a_response_must_name_its_model(demo: ServedModel) -> None:

@@ -64,6 +64,9 @@ class ResponsesFormat:
         items: list[dict] = []
         for piece in pieces:
             _merge_piece(items, piece, self._request.namespaces)
+        if not self._request.parallel_tool_calls:
+            calls = [i for i in items if i["type"] == "function_call"]
+            items = [i for i in items if i["type"] != "function_call" or i is calls[0]]
         return self.response(finished, [_completed(item) for item in items])
 
     def response(self, finished: Finished | None, output: list[dict]) -> dict:
@@ -85,17 +88,16 @@ class ResponsesFormat:
             "parallel_tool_calls": request.parallel_tool_calls,
             "previous_response_id": request.previous_response_id,
             "reasoning": request.reasoning,
-            "store": request.store,
             "temperature": request.options.sampling.temperature,
             "top_p": request.options.sampling.top_p,
             "text": {"format": request.text_format},
             "tool_choice": request.tool_choice,
-            "tools": list(request.tools_given),
+            "tools": [_echoed_tool(tool) for tool in request.tools_given],
             "truncation": "disabled",
             "metadata": request.metadata or {},
-            "usage": usage_json(finished.usage) if finished is not None else None,
         }
-        if finished is not None:
+        if finished is not None:  # the spec has no null usage: none while in progress
+            body["usage"] = usage_json(finished.usage)
             body["completed_at"] = int(time.time())
         return body
 
@@ -122,6 +124,10 @@ class ResponsesFormat:
 
     def _piece_events(self, piece: ReplyPiece) -> list[dict]:
         if isinstance(piece, ReplyToolCall):
+            if not self._request.parallel_tool_calls and any(
+                i["type"] == "function_call" for i in self._items
+            ):
+                return []  # parallel_tool_calls false: the first call only
             return [*self._close_open(), *self._call_events(piece.call)]
         kind = "message" if isinstance(piece, ReplyText) else "reasoning"
         if not piece.text:
@@ -258,3 +264,12 @@ def _call_item(call: ToolCall, namespaces: dict[str, str]) -> dict:
     if call.name in namespaces:
         item["namespace"] = namespaces[call.name]
     return item
+
+
+def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as the response repeats it: function tools always say whether they were ``strict``."""
+    if tool.get("type") == "function":
+        return {**tool, "strict": tool.get("strict")}
+    if tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+        return {**tool, "tools": [_echoed_tool(inner) for inner in tool["tools"]]}
+    return tool
