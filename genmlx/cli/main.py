@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from genmlx import __version__
+from genmlx.cli.integrations import add_integrations_command
 from genmlx.cli.master_client import ensured_token, manifest_token, print_document
 from genmlx.cli.read_commands import add_read_commands, with_output
 from genmlx.core.errors import GenMLXError, ManifestError
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     add_manifest_commands(sub)
     add_read_commands(sub, MASTER_HELP)
+    add_integrations_command(sub, MASTER_HELP)
     add_process_commands(sub)
     add_local_commands(sub)
     return parser

@@ -35,8 +35,7 @@ class ModelsHandler(ApiHandler):
     def get(self, model_id: str | None = None) -> None:
         applied = self.reconciler.applied
         created = int(applied.applied_at) if applied else int(time.time())
-        ready = self.reconciler.serving_endpoints()
-        served = [name for name in self.reconciler.model_names() if name in ready]
+        served = ready_models(self.reconciler)
         if model_id is None:
             data = [model_object(name, created) for name in served]
             return self.write_json(200, {"object": "list", "data": data})
@@ -47,6 +46,12 @@ class ModelsHandler(ApiHandler):
             message = f"The model {model_id!r} is not ready: {why}"
             raise UnknownModel(message, param="model", code="model_not_ready")
         raise UnknownModel(f"The model {model_id!r} does not exist.", param="model")
+
+
+def ready_models(reconciler: Reconciler) -> tuple[str, ...]:
+    """The declared models that serve now, in the manifest's order."""
+    ready = reconciler.serving_endpoints()
+    return tuple(name for name in reconciler.model_names() if name in ready)
 
 
 def model_object(name: str, created: int) -> dict[str, Any]:

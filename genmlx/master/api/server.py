@@ -2,7 +2,8 @@
 ``/v1``.
 
 Everything but ``/healthz`` and the status page's files needs the cluster's bearer token; the
-page's session cookie (``ui_auth``) reads status, events and the stream, nothing else.
+page's session cookie (``ui_auth``) reads status, events, the stream and the client snippets
+(``integrations``), nothing else.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, U
 from genmlx.core.http import ApiHandler
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
+from genmlx.master.api.integrations import IntegrationsHandler
 from genmlx.master.api.proxy import (
     AnthropicProxyHandler,
     ModelsHandler,
@@ -126,7 +128,7 @@ def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Ap
     auth = {"token": token}
     deps = {**auth, "reconciler": reconciler}
     page, sessions = ui_routes(token)
-    # Only the endpoints given ``sessions`` (status, events, stream) let the page's session in.
+    # Only the endpoints given ``sessions`` (status, events, stream, integrations) let the page in.
     readable = {**deps, "sessions": sessions}
     return Application(
         [
@@ -135,6 +137,7 @@ def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Ap
             (r"/api/v1/manifest", ManifestHandler, deps),
             (r"/api/v1/events", EventsHandler, readable),
             (r"/api/v1/stream", StreamHandler, readable),
+            (r"/api/v1/integrations", IntegrationsHandler, readable),
             *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
             (r"/v1/responses", ResponsesProxyHandler, {**deps, "responses": responses}),
