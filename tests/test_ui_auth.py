@@ -218,7 +218,8 @@ PAGE = {"Sec-Fetch-Site": "same-origin"}
 
 @pytest.mark.e2e
 def test_without_auth_the_data_is_refused_and_the_page_is_served_with_its_headers(master):
-    for path in ("/api/v1/status", "/api/v1/events", "/api/v1/stream", "/v1/models", "/api/v1/manifest"):
+    paths = ("/api/v1/status", "/api/v1/events", "/api/v1/stream", "/api/v1/integrations", "/v1/models")
+    for path in (*paths, "/api/v1/manifest"):
         assert master.request("GET", path).status == 401, path
     page = master.request("GET", "/")
     assert page.status == 200 and b"<html" in page.body.lower()
@@ -230,13 +231,17 @@ def test_without_auth_the_data_is_refused_and_the_page_is_served_with_its_header
 
 
 @pytest.mark.e2e
-def test_a_session_reads_status_events_and_the_stream_and_nothing_else(master):
+def test_a_session_reads_status_events_the_stream_and_the_client_blocks_and_nothing_else(master):
     cookie = {"Cookie": master.sign_in(), **PAGE}
     status = master.request("GET", "/api/v1/status", cookie)
     assert status.status == 200 and "nodes" in status.json()
     assert master.request("GET", "/api/v1/events?limit=5", cookie).status == 200
     code, event = master.first_stream_event(cookie)
     assert code == 200 and event.startswith("event: status")
+    blocks = master.request("GET", "/api/v1/integrations", cookie)
+    assert blocks.status == 200 and b"$(genmlx token --show)" in blocks.body
+    cross_site = {**cookie, "Sec-Fetch-Site": "cross-site"}
+    assert master.request("GET", "/api/v1/integrations", cross_site).status == 401
     # Never for changes, the model API, or the manifest's text.
     assert master.request("POST", "/api/v1/manifest", cookie, b'{"manifest": ""}').status == 401
     assert master.request("GET", "/api/v1/manifest", cookie).status == 401

@@ -273,3 +273,63 @@ def test_a_model_that_cannot_be_had_shows_why_in_its_cell(browser, cluster, tmp_
     badges = page.locator("#badges").text_content() or ""
     print("badges:", badges)
     assert "Cluster: Not ready" in badges and "Sync: OutOfSync" in badges
+
+
+def test_the_integrations_section_offers_each_client_as_blocks_to_copy(browser, cluster, tmp_path):
+    import tomllib
+
+    cluster.apply("demo")
+    wait_until(lambda: model_ready(cluster, "demo"), 180, 0.5, what="model demo to be Ready")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=cluster.url)
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(f"{r.url} {r.headers} {r.post_data or ''}"))
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(cluster.login_url())
+    codex = page.locator("#integrations article[data-client='codex']")
+    codex.locator("pre").first.wait_for(timeout=WAIT_MS)
+
+    clients = page.locator("#integrations article").evaluate_all("els => els.map(e => e.dataset.client)")
+    assert clients == ["claude-code", "codex", "opencode", "cline", "openwebui"]
+    blocks = page.locator("#integrations pre")
+    assert blocks.count() == page.locator("#integrations button.copy").count() >= len(clients)
+    claude = page.locator("#integrations article[data-client='claude-code'] pre").inner_text()
+    assert f"export ANTHROPIC_BASE_URL={cluster.url}\n" in claude
+    assert 'export ANTHROPIC_AUTH_TOKEN="$(genmlx token --show)"' in claude
+    assert "export ANTHROPIC_MODEL=demo" in claude
+
+    # The copy button puts the block's exact text on the clipboard: the TOML Codex reads.
+    codex.get_by_role("button", name="Copy ~/.codex/config.toml for Codex CLI").click()
+    page.wait_for_selector("#integrations article[data-client='codex'] button.copy[data-state='copied']")
+    config = tomllib.loads(page.evaluate("navigator.clipboard.readText()"))
+    assert config["model"] == "demo"
+    assert config["model_providers"]["genmlx"]["base_url"] == f"{cluster.url}/v1"
+    keep_screenshot(page, tmp_path, "ui-integrations.png")
+
+    token = cluster.token
+    assert token not in page.content()
+    assert token not in page.evaluate("navigator.clipboard.readText()")
+    assert requests and all(token not in r for r in requests)
+    assert not errors, errors
+    context.close()
+
+
+def test_without_the_clipboard_api_copy_selects_the_block(browser, cluster):
+    # A master on the LAN is plain http, where browsers offer no clipboard API.
+    cluster.apply("demo")
+    wait_until(lambda: model_ready(cluster, "demo"), 180, 0.5, what="model demo to be Ready")
+    context = browser.new_context()
+    context.add_init_script("Object.defineProperty(navigator, 'clipboard', { value: undefined })")
+    page = context.new_page()
+    page.goto(cluster.login_url())
+    opencode = page.locator("#integrations article[data-client='opencode']")
+    opencode.locator("pre").first.wait_for(timeout=WAIT_MS)
+    button = opencode.locator("button.copy").first
+    button.click()
+    assert button.get_attribute("data-state") in ("copied", "selected")
+    selected = page.evaluate("window.getSelection().toString()")
+    assert selected == opencode.locator("pre code").first.text_content()
+    assert '"@ai-sdk/openai-compatible"' in selected
+    context.close()

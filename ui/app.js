@@ -2,6 +2,9 @@
 // /api/v1/stream. It authenticates with the session cookie `genmlx ui` sets; it never sees the
 // token. Everything from the cluster is put in the page as text (agents write some of it).
 
+import { fill, h } from "/ui/dom.js";
+import { followIntegrations, forgetIntegrations } from "/ui/integrations.js";
+
 const $ = (id) => document.getElementById(id);
 const EVENTS_KEPT = 100;
 const RETRY_MS = 3000;
@@ -10,27 +13,6 @@ let stream = null;
 let events = [];
 let retryTimer = null;
 let signedOut = false;
-
-// ----- DOM building: text only, never HTML -----
-
-function h(tag, attrs, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (value === null || value === undefined || value === false) continue;
-    if (key === "class") el.className = value;
-    else if (key === "text") el.textContent = value;
-    else el.setAttribute(key, value === true ? "" : String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
-
-function fill(el, ...children) {
-  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
-}
 
 // A state word with an icon and a tone; the word and icon carry the meaning, the colour repeats it.
 const TONES = {
@@ -120,6 +102,7 @@ function showSignIn() {
   fill($("model-cards"));
   fill($("matrix-wrap"));
   fill($("event-list"));
+  forgetIntegrations();
   $("signin").hidden = false;
   setLive("signed-out", "not signed in");
 }
@@ -214,6 +197,7 @@ function render(doc) {
   renderOverview(doc);
   renderNodes(doc);
   renderModels(doc);
+  followIntegrations(doc);
 }
 
 function syncState(doc) {
