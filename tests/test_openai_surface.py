@@ -177,7 +177,11 @@ def test_penalties_change_greedy_output(demo: ServedModel, penalty: dict) -> Non
         ({"response_format": {"type": "yaml"}}, "response_format"),  # JSON ones: test_structured_outputs
         ({"n": 2}, "n"),
         ({"logit_bias": {"5": 10}}, "logit_bias"),
-        ({"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
+        # A forced call of a tool not on offer (forced calls themselves: test_forced_tools).
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER_TOOL]},
+            "tool_choice",
+        ),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"extra_body": {"min_p": 1.5}}, "min_p"),

@@ -9,6 +9,7 @@ forced tool choices) is a 400 that says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from genmlx.core.errors import InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall
 from genmlx.dispatcher.api.request_parsing import GenerationOptions, json_object, parse_stop_strings
+from genmlx.dispatcher.api.structured import ForcedTools
 from genmlx.dispatcher.engine.events import Sampling
 
 
@@ -45,9 +47,10 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InvalidRequest("max_tokens: a positive integer is required.", param="max_tokens")
     turns, tools = _conversation(data)
-    return MessagesRequest(
-        messages=turns, options=_options(data, max_tokens), tools=tools, thinking=_thinking(data)
+    options = dataclasses.replace(
+        _options(data, max_tokens), forced_tools=_forced_tools(data.get("tool_choice"))
     )
+    return MessagesRequest(messages=turns, options=options, tools=tools, thinking=_thinking(data))
 
 
 def parse_count_tokens_request(body: bytes) -> TokenCountRequest:
@@ -184,20 +187,28 @@ def _text_of(content: Any, where: str) -> str:
 
 
 def _tool_choice(choice: Any) -> str:
+    """``none`` (tools are not offered) or ``auto``; ``any`` and ``tool`` force a call (``_forced_tools``)."""
     kind = choice.get("type") if isinstance(choice, dict) else None
-    if choice is None or kind == "auto":
+    if choice is None or kind in ("auto", "any", "tool"):
         return "auto"
     if kind == "none":
         return "none"
-    if kind in ("any", "tool"):
-        raise InvalidRequest(
-            f"tool_choice: '{kind}' (forcing a tool call) is not supported by this server; "
-            "use 'auto' or 'none'.",
-            param="tool_choice",
-        )
     raise InvalidRequest(
         "tool_choice: must be an object with type 'auto', 'any', 'tool' or 'none'.", param="tool_choice"
     )
+
+
+def _forced_tools(choice: Any) -> ForcedTools | None:
+    """Anthropic's ``any`` (some tool) and ``tool`` (that one), which must be called."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ("any", "tool"):
+        return None
+    parallel = choice.get("disable_parallel_tool_use") is not True
+    if kind == "any":
+        return ForcedTools(None, parallel, "tool_choice")
+    if not isinstance(choice.get("name"), str):
+        raise InvalidRequest("tool_choice.name: the tool to call is required.", param="tool_choice.name")
+    return ForcedTools((choice["name"],), False, "tool_choice")
 
 
 def _tools(tools: Any) -> tuple[FunctionTool, ...]:

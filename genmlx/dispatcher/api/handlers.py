@@ -207,8 +207,11 @@ class GenerationHandler(ApiHandler):
         options = parsed.options
         prompt = self.prompt_tokens(loaded, parsed)
         max_tokens = self.max_tokens(len(prompt), options.max_tokens, loaded)
-        if options.constraint is not None:
-            options.constraint.check(loaded.tokenizer)
+        constraint = options.constraint
+        if options.forced_tools is not None:
+            constraint = options.forced_tools.constraint(loaded.tokenizer, getattr(parsed, "tools", ()))
+        if constraint is not None:
+            constraint.check(loaded.tokenizer)
         return GenerationRequest(
             request_id=secrets.token_hex(8),
             prompt_tokens=prompt,
@@ -216,7 +219,7 @@ class GenerationHandler(ApiHandler):
             sampling=options.sampling,
             stop=options.stop,
             top_logprobs=options.top_logprobs,
-            grammar=options.constraint.grammar if options.constraint is not None else None,
+            grammar=constraint.grammar if constraint is not None else None,
         )
 
     def max_tokens(self, prompt_length: int, requested: int | None, loaded: LoadedModel) -> int:

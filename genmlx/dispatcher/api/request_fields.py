@@ -2,8 +2,8 @@
 into three kinds, so that none is silently dropped (tests check the sets against the spec):
 
 - honoured: read by ``request_parsing`` and acted on. Some are honoured for the values this
-  server can serve and a 400 for the rest (``n`` 1, ``best_of`` 1, ``echo`` false, ``tool_choice``
-  auto or none, ``modalities`` text; ``response_format`` text, json_object and json_schema).
+  server can serve and a 400 for the rest (``n`` 1, ``best_of`` 1, ``echo`` false,
+  ``modalities`` text; ``response_format`` text, json_object and json_schema).
 - ignored: accepted because honouring them would change nothing a client can see here; each says
   why.
 - refused: a 400 naming the field whenever it asks for something (``REFUSED_FIELDS``).

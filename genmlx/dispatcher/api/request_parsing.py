@@ -9,6 +9,7 @@ refused, never silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from genmlx.core.errors import InvalidRequest, ModelNotNamed
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall, ToolChoice
 from genmlx.dispatcher.api.request_fields import EMPTY_IS_ABSENT, REFUSED_FIELDS
-from genmlx.dispatcher.api.structured import OutputConstraint, response_format_constraint
+from genmlx.dispatcher.api.structured import ForcedTools, OutputConstraint, response_format_constraint
 from genmlx.dispatcher.engine.events import Sampling
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "GenerationOptions"]
@@ -39,6 +40,7 @@ class GenerationOptions:
     include_usage: bool
     top_logprobs: int | None = None  # None: no log-probabilities
     constraint: OutputConstraint | None = None  # the grammar the output must follow
+    forced_tools: ForcedTools | None = None  # a tool call the output must be
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,10 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     if max_tokens is None:
         max_tokens = fields.optional_int("max_tokens", minimum=1)
     options = _parse_options(fields, model, max_tokens, _parse_chat_logprobs(fields))
-    tool_choice = _parse_tool_choice(fields.get("tool_choice"))
-    tools = _parse_tools(fields.get("tools")) if tool_choice != "none" else ()
     parallel = fields.optional_bool("parallel_tool_calls") is not False
+    tool_choice, forced = _parse_tool_choice(fields.get("tool_choice"), parallel)
+    tools = _parse_tools(fields.get("tools")) if tool_choice != "none" else ()
+    options = dataclasses.replace(options, forced_tools=forced)
     return ChatCompletionRequest(parsed, options, tools, tool_choice, parallel_tool_calls=parallel)
 
 
@@ -171,20 +174,20 @@ def _parse_chat_logprobs(fields: Fields) -> int | None:
     return top or 0
 
 
-def _parse_tool_choice(choice: Any) -> ToolChoice:
-    if choice in (None, "auto"):
-        return "auto"
-    if choice == "none":
-        return "none"
-    if choice == "required" or isinstance(choice, dict):
-        raise InvalidRequest(
-            "Forcing a tool call (tool_choice 'required' or a named function) is not supported by this "
-            "server; use 'auto' or 'none'.",
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
+def _parse_tool_choice(choice: Any, parallel: bool) -> tuple[ToolChoice, ForcedTools | None]:
+    """``auto`` or ``none``, or a forced call: ``required`` (any tool) or a named function."""
+    if choice in (None, "auto", "none"):
+        return choice or "auto", None
+    if choice == "required":
+        return "auto", ForcedTools(None, parallel, "tool_choice")
+    named = isinstance(choice, dict) and choice.get("type") == "function"
+    function = choice.get("function") if named else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return "auto", ForcedTools((function["name"],), False, "tool_choice")
     raise InvalidRequest(
-        "'tool_choice' must be 'auto', 'none', 'required' or an object.", param="tool_choice"
+        "'tool_choice' must be 'auto', 'none', 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}.",
+        param="tool_choice",
     )
 
 

@@ -6,7 +6,7 @@ endpoint shares out.
 items (the calls an earlier turn made) and ``function_call_output`` items (their results);
 ``reasoning`` items from earlier turns are not replayed, as chat templates drop earlier thinking.
 ``instructions`` becomes the system turn. Fields the spec defines that this server cannot honour
-(custom tools, images, forced tool choices, background mode) are a 400
+(custom tools, images, background mode) are a 400
 that says so; fields that change nothing a client can see here are accepted.
 
 ``previous_response_id`` continues a stored response, which only the master keeps: the master
@@ -17,6 +17,7 @@ earlier turns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from genmlx.core.errors import InvalidRequest
 from genmlx.dispatcher.api.chat import ChatMessage, FunctionTool, ToolCall
 from genmlx.dispatcher.api.request_parsing import Fields, GenerationOptions, json_object, required_model
-from genmlx.dispatcher.api.structured import text_format_constraint
+from genmlx.dispatcher.api.structured import ForcedTools, text_format_constraint
 from genmlx.dispatcher.engine.events import Sampling
 
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -86,7 +87,7 @@ class ResponsesRequest:
     tools: tuple[FunctionTool, ...] = ()  # offered to the model
     namespaces: dict[str, str] = field(default_factory=dict)  # function name -> its namespace tool
     tools_given: tuple[dict[str, Any], ...] = ()  # as the request sent them, for the response
-    tool_choice: str = "auto"
+    tool_choice: Any = "auto"  # as asked: "auto", "none", "required" or a function
     parallel_tool_calls: bool = True
     instructions: str | None = None
     previous_response_id: str | None = None
@@ -112,16 +113,17 @@ def parse_responses_request(body: bytes, *, expanded: bool = False) -> Responses
     instructions = fields.optional_str("instructions")
     turns = [ChatMessage("system", instructions)] if instructions else []
     turns += input_turns(fields.require("input"))
-    tool_choice = _tool_choice(data.get("tool_choice"))
+    parallel = fields.optional_bool("parallel_tool_calls") is not False
+    tool_choice, forced = _tool_choice(data.get("tool_choice"), parallel)
     tools, namespaces = _tools(data.get("tools"))
     return ResponsesRequest(
         messages=tuple(turns),
-        options=_options(fields),
+        options=dataclasses.replace(_options(fields), forced_tools=forced),
         tools=tools if tool_choice != "none" else (),
         namespaces=namespaces,
         tools_given=tuple(data.get("tools") or ()),
         tool_choice=tool_choice,
-        parallel_tool_calls=fields.optional_bool("parallel_tool_calls") is not False,
+        parallel_tool_calls=parallel,
         instructions=instructions,
         previous_response_id=previous,
         store=fields.optional_bool("store") is not False,
@@ -241,15 +243,18 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
         )
 
 
-def _tool_choice(choice: Any) -> str:
+def _tool_choice(choice: Any, parallel: bool) -> tuple[Any, ForcedTools | None]:
+    """The choice as asked (the response repeats it), and the call it forces, if it forces one."""
     if choice is None or choice in ("auto", "none"):
-        return choice or "auto"
-    if choice == "required" or isinstance(choice, dict):
-        raise InvalidRequest(
-            "tool_choice: forcing a tool call is not supported by this server yet; use 'auto' or 'none'.",
-            param="tool_choice",
-        )
-    raise InvalidRequest("tool_choice: must be 'auto', 'none', 'required' or a tool.", param="tool_choice")
+        return choice or "auto", None
+    if choice == "required":
+        return choice, ForcedTools(None, parallel, "tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return choice, ForcedTools((choice["name"],), False, "tool_choice")
+    raise InvalidRequest(
+        "tool_choice: must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}.",
+        param="tool_choice",
+    )
 
 
 def _tools(tools: Any) -> tuple[tuple[FunctionTool, ...], dict[str, str]]:

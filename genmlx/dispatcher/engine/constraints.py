@@ -34,6 +34,13 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return LLMatcher.grammar_from_json_schema(json.dumps({"x-guidance": LAYOUT, **schema}))
 
 
+def lark_grammar(rules: str) -> str:
+    """The llguidance grammar of a Lark grammar (llguidance's dialect, ``%json`` included)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_lark(rules)
+
+
 ANY_JSON_OBJECT = {"type": "object"}
 
 
@@ -80,6 +87,9 @@ class GrammarProcessor:
         import mlx.core as mx  # late, as everywhere the HTTP side may import from
 
         if self._started:  # the last of ``tokens`` is the one sampled after the previous call
+            # Start this step's forward pass before waiting for the previous token, so the model
+            # computes while the mask is worked out.
+            mx.async_eval(logits)
             self._matcher.consume_token(int(tokens.reshape(-1)[-1].item()))
         self._started = True
         return mx.where(mx.array(self._allowed(logits.shape[-1])), logits, NEG_INF)
