@@ -26,12 +26,10 @@ class LongContextCluster(harness.Cluster):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_model_dir):
-    cluster = LongContextCluster(tmp_path_factory.mktemp("disconnect"), demo_model_dir)
-    try:
-        cluster.wait_ready()
+    with harness.ready_cluster(
+        tmp_path_factory.mktemp("disconnect"), demo_model_dir, LongContextCluster
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def long_prompt(seed: int) -> str:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -135,14 +137,21 @@ spec:
             print(f"----- {' '.join(proc.args[3:])} -----\n{proc.output()}")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, demo_model_dir):
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"), demo_model_dir)
+@contextmanager
+def ready_cluster(root: Path, model_dir: Path, kind: type[Cluster] = Cluster) -> Iterator[Cluster]:
+    """A ``kind`` of cluster, Ready, stopped (its processes' output printed) when the block ends."""
+    cluster = kind(root, model_dir)
     try:
         cluster.wait_ready()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, demo_model_dir):
+    with ready_cluster(tmp_path_factory.mktemp("cluster"), demo_model_dir) as cluster:
+        yield cluster
 
 
 def rank0(document: dict) -> dict:

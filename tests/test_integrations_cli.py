@@ -29,12 +29,8 @@ MODEL = harness.MODEL
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_model_dir):
-    cluster = harness.Cluster(tmp_path_factory.mktemp("integrations"), demo_model_dir)
-    try:
-        cluster.wait_ready()
+    with harness.ready_cluster(tmp_path_factory.mktemp("integrations"), demo_model_dir) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def integration(cluster, client: str, *flags: str) -> dict:

@@ -43,30 +43,26 @@ class OutputConstraint:
 
 
 def response_format_constraint(value: Any) -> OutputConstraint | None:
-    """Chat completions' ``response_format``."""
-    param = "response_format"
-    kind = value.get("type") if isinstance(value, dict) else None
-    if value is None or kind == "text":
-        return None
-    if kind == "json_object":
-        return OutputConstraint(json_schema_grammar(ANY_JSON_OBJECT), param)
-    if kind == "json_schema":
-        spec = value.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        return _schema_constraint(schema, f"{param}.json_schema.schema")
-    raise InvalidRequest(f"{param}: 'type' must be 'text', 'json_object' or 'json_schema'.", param=param)
+    """Chat completions' ``response_format``: the schema sits in its ``json_schema`` object."""
+    spec = value.get("json_schema") if isinstance(value, dict) else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return _format_constraint(value, "response_format", schema, "json_schema.schema")
 
 
 def text_format_constraint(value: Any) -> OutputConstraint | None:
-    """The Responses API's ``text.format``."""
-    param = "text.format"
+    """The Responses API's ``text.format``: the schema sits in the format itself."""
+    schema = value.get("schema") if isinstance(value, dict) else None
+    return _format_constraint(value, "text.format", schema, "schema")
+
+
+def _format_constraint(value: Any, param: str, schema: Any, schema_at: str) -> OutputConstraint | None:
     kind = value.get("type") if isinstance(value, dict) else None
     if value is None or kind == "text":
         return None
     if kind == "json_object":
         return OutputConstraint(json_schema_grammar(ANY_JSON_OBJECT), param)
     if kind == "json_schema":
-        return _schema_constraint(value.get("schema"), f"{param}.schema")
+        return _schema_constraint(schema, f"{param}.{schema_at}")
     raise InvalidRequest(f"{param}: 'type' must be 'text', 'json_object' or 'json_schema'.", param=param)
 
 
