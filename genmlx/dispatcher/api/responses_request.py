@@ -5,9 +5,10 @@ endpoint shares out.
 ``system``, ``developer``; text content or ``input_text``/``output_text`` parts), ``function_call``
 items (the calls an earlier turn made) and ``function_call_output`` items (their results);
 ``reasoning`` items from earlier turns are not replayed, as chat templates drop earlier thinking.
-``instructions`` becomes the system turn. Fields the spec defines that this server cannot honour
-(custom tools, images, background mode) are a 400
-that says so; fields that change nothing a client can see here are accepted.
+``instructions`` becomes the system turn. ``text.format`` and forced ``tool_choice`` constrain the
+output (``structured``). Fields the spec defines that this server cannot honour (custom tools,
+images, background mode) are a 400 that says so; fields that change nothing a client can see here
+are accepted, and fields outside the spec (a client's own) are left alone, as OpenAI leaves them.
 
 ``previous_response_id`` continues a stored response, which only the master keeps: the master
 expands ``input`` with the stored conversation and says so in ``EXPANDED_INPUT_HEADER``. A dispatcher
