@@ -113,3 +113,75 @@ def test_a_prompt_ending_inside_a_thinking_block_is_seen_as_opening_reasoning(sc
     assert prompt_opens_reasoning(tokenizer, tuple(opened))
     assert not prompt_opens_reasoning(tokenizer, tuple(closed))
     assert not prompt_opens_reasoning(tokenizer, tuple(tokenizer.encode(chat_prompt(tokenizer, "hi"))))
+
+
+# A shell tool call, then, once its result is in the conversation, a plain answer.
+SHELL_CALL = '<tool_call>{"name": "Bash","arguments":{"command":"touch ran.txt"}}</tool_call>'
+ANSWER_AFTER_TOOL = "Done, the file is there"
+TOOLS = [{"type": "function", "function": {"name": "Bash", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def two_scripts(tmp_path_factory: pytest.TempPathFactory):
+    path = write_scripted_model(
+        tmp_path_factory.mktemp("models") / "two", SHELL_CALL, after_tool=ANSWER_AFTER_TOOL
+    )
+    return path, *load(str(path))
+
+
+def conversation_prompt(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+
+
+def with_tool_result(question: str, result: str) -> list[dict]:
+    call = {"function": {"name": "Bash", "arguments": {"command": "touch ran.txt"}}}
+    return [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": result},
+    ]
+
+
+@pytest.mark.parametrize("question", ["Make the file.", "x " * 2000])
+def test_without_a_tool_result_it_writes_the_first_text(two_scripts, question: str) -> None:
+    _, model, tokenizer = two_scripts
+    prompt = conversation_prompt(tokenizer, [{"role": "user", "content": question}])
+    assert generate(model, tokenizer, prompt, max_tokens=80) == SHELL_CALL
+    assert generate(model, tokenizer, prompt, max_tokens=80, sampler=make_sampler(temp=1.0)) == SHELL_CALL
+
+
+@pytest.mark.parametrize(("question", "result"), [("Make the file.", ""), ("x " * 2000, "ok " * 3000)])
+def test_after_a_tool_result_it_writes_the_second_text_and_ends(two_scripts, question, result) -> None:
+    _, model, tokenizer = two_scripts
+    prompt = conversation_prompt(tokenizer, with_tool_result(question, result))
+    assert tokenizer.encode(prompt).count(tokenizer.convert_tokens_to_ids("<tool_response>")) == 1
+    assert generate(model, tokenizer, prompt, max_tokens=500) == ANSWER_AFTER_TOOL
+    sampler = make_sampler(temp=1.0)
+    assert generate(model, tokenizer, prompt, max_tokens=80, sampler=sampler) == ANSWER_AFTER_TOOL
+
+
+def test_a_later_user_turn_still_follows_the_tool_result(two_scripts) -> None:
+    _, model, tokenizer = two_scripts
+    messages = [
+        *with_tool_result("Make the file.", ""),
+        {"role": "assistant", "content": ANSWER_AFTER_TOOL},
+        {"role": "user", "content": "Thanks."},
+    ]
+    assert generate(model, tokenizer, conversation_prompt(tokenizer, messages), max_tokens=80) == (
+        ANSWER_AFTER_TOOL
+    )
+
+
+def test_the_marker_records_both_texts_and_a_one_text_model_is_not_taken_for_it(two_scripts) -> None:
+    path = two_scripts[0]
+    marker = json.loads((path / "genmlx-demo.json").read_text())
+    assert (marker["text"], marker["after_tool"]) == (SHELL_CALL, ANSWER_AFTER_TOOL)
+    assert write_scripted_model(path, SHELL_CALL, after_tool=ANSWER_AFTER_TOOL) == path
+    with pytest.raises(PermanentError, match="different GenMLX demo model"):
+        write_scripted_model(path, SHELL_CALL)
+
+
+def test_texts_that_disagree_on_a_successor_are_refused(tmp_path: Path) -> None:
+    # "." ends the first text's file name and the second text: two successors.
+    with pytest.raises(ValueError, match="followed by two different tokens"):
+        write_scripted_model(tmp_path / "clash", "touch ran.txt", after_tool="It ran.")
