@@ -1,0 +1,288 @@
+"""The real clients, end to end: Claude Code, Codex CLI, opencode and ``llm``, installed from their
+registries, each run non-interactively against a one-node cluster on loopback.
+
+The cluster serves scripted demo models (``genmlx.demo.scripted_model``): ``plain`` answers with a
+line of text, and one model per client writes a call of that client's own shell or file tool, then,
+once the tool's result is in the conversation, a plain answer. So a tool turn passes only if the
+client parsed the call, ran the tool (its file appears) and sent the result back (only then does the
+model write the answer the client prints).
+
+The clients are installed once into ``$GENMLX_TEST_CLIENTS`` (default ``~/.cache/genmlx-test-clients``),
+at pinned versions, and reused while present; a machine that cannot reach npm or PyPI skips these
+tests (and fails them where ``CI`` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import free_port, skip_or_fail
+from test_cluster import MODEL, Cluster, ready_cluster
+
+from genmlx.demo.scripted_model import write_scripted_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.clients]
+
+NPM_PACKAGES = ("@anthropic-ai/claude-code@2.1.332", "@openai/codex@0.171.0", "opencode-ai@1.18.33")
+LLM_PACKAGE = "llm==0.36"
+CACHE = Path(os.environ.get("GENMLX_TEST_CLIENTS", Path.home() / ".cache" / "genmlx-test-clients"))
+# Codex's system prompt alone is about 22k tokens; Claude Code's is of the same order.
+CONTEXT_LENGTH = 65536
+CLIENT_TIMEOUT = 300
+
+PLAIN_ANSWER = "Hello from the scripted model"
+ANSWER_AFTER_TOOL = "Done, the file is there"
+MADE_FILE = "ran.txt"
+# Each client's tool, called as the scripted model writes it (each token with one successor).
+TOOL_CALLS = {
+    "claude": '{"name": "Bash","arguments":{"command":"touch ran.txt"}}',
+    "codex": '{"name": "exec_command","arguments":{"cmd":"touch ran.txt"}}',
+    "opencode": '{"name": "bash","arguments":{"command":"touch ran.txt"}}',
+    "llm": '{"name": "make_file","arguments":{"path":"ran.txt"}}',
+}
+# llm runs Python functions as tools: this one makes the file it is asked for.
+LLM_FUNCTIONS = "def make_file(path: str) -> str:\n    open(path, 'w').close()\n    return 'made ' + path\n"
+
+
+class ClientsCluster(Cluster):
+    """The one-node cluster, serving ``model_dir``'s ``plain`` model as ``demo`` and each client's
+    model by the client's name, each with a context long enough for a coding agent's system
+    prompt. (A ``file://`` source must be a directory of the node's storage.)"""
+
+    def __init__(self, root: Path, model_dir: Path):
+        storage = root / "storage"
+        self.model_dirs = {MODEL: storage / MODEL}
+        for client in TOOL_CALLS:
+            shutil.copytree(model_dir / client, storage / client)
+            self.model_dirs[client] = storage / client
+        self.model_ports = {name: free_port() for name in self.model_dirs}
+        super().__init__(root, model_dir / "plain")
+
+    def manifest_text(self, max_batch: int = 2) -> str:
+        models = "".join(
+            f"""\
+    - name: {name}
+      source: file://{path}
+      nodes: [local]
+      serving: {{maxBatch: {max_batch}, port: {self.model_ports[name]}, contextLength: {CONTEXT_LENGTH}}}
+"""
+            for name, path in self.model_dirs.items()
+        )
+        return f"""\
+apiVersion: genmlx/v1
+kind: Cluster
+metadata: {{name: clients}}
+spec:
+  master: {{node: local, port: {self.master_port}}}
+  nodes:
+    - name: local
+      address: 127.0.0.1:{self.agent_port}
+      storage: [{{path: {self.storage}}}]
+  models:
+{models}"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    models = tmp_path_factory.mktemp("models")
+    write_scripted_model(models / "plain", PLAIN_ANSWER)
+    for client, call in TOOL_CALLS.items():
+        write_scripted_model(models / client, f"<tool_call>{call}</tool_call>", after_tool=ANSWER_AFTER_TOOL)
+    with ready_cluster(tmp_path_factory.mktemp("cluster"), models, ClientsCluster) as cluster:
+        yield cluster
+
+
+def installed(command: list[str], what: str, binary: Path) -> Path:
+    """``binary``, installing it with ``command`` first where it is missing."""
+    if not binary.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            skip_or_fail(f"installing it failed: {e}", what)
+        if done.returncode != 0 or not binary.exists():
+            skip_or_fail(f"installing it failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}", what)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def npm_bin() -> Path:
+    prefix = CACHE / "npm"
+    command = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix), *NPM_PACKAGES]
+    installed(command, "npm clients", prefix / "node_modules" / ".bin" / "opencode")
+    return prefix / "node_modules" / ".bin"
+
+
+@pytest.fixture(scope="module")
+def llm_bin() -> Path:
+    venv = CACHE / "llm-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LLM_PACKAGE]
+    return installed(pip, "llm", venv / "bin" / "llm")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A client run: its exit status, what it printed, and its working directory."""
+
+    returncode: int
+    output: str
+    workdir: Path
+
+    def made_the_file(self) -> bool:
+        return (self.workdir / MADE_FILE).exists()
+
+
+def run_client(command: list[str], home: Path, env: dict[str, str]) -> Run:
+    """Run a client in a fresh working directory, with ``home`` as its HOME (so no user config is
+    read), and return what happened."""
+    workdir = home / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    # PWD too: opencode takes its project directory from it, not from the working directory.
+    home_env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "PWD": str(workdir)}
+    full_env = {**os.environ, **home_env, **env}
+    done = subprocess.run(
+        command,
+        cwd=workdir,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    output = done.stdout + done.stderr
+    print(f"$ {' '.join(command)}\n{output}")
+    return Run(done.returncode, output, workdir)
+
+
+def assert_plain_turn(run: Run) -> None:
+    assert run.returncode == 0, run.output
+    assert PLAIN_ANSWER in run.output
+
+
+def assert_tool_turn(run: Run) -> None:
+    assert run.returncode == 0, run.output
+    assert run.made_the_file(), f"the tool never ran:\n{run.output}"
+    assert ANSWER_AFTER_TOOL in run.output, f"the tool's result never came back:\n{run.output}"
+
+
+def claude(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
+    aliases = ("MODEL", "DEFAULT_OPUS_MODEL", "DEFAULT_SONNET_MODEL", "DEFAULT_HAIKU_MODEL")
+    env = {f"ANTHROPIC_{alias}": model for alias in aliases}
+    env.update(
+        ANTHROPIC_BASE_URL=cluster.url,
+        ANTHROPIC_AUTH_TOKEN=cluster.token,
+        ANTHROPIC_SMALL_FAST_MODEL=model,
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        DISABLE_AUTOUPDATER="1",
+    )
+    command = [str(npm_bin / "claude"), "-p", prompt, "--allowedTools", "Bash", "--max-turns", "4"]
+    return run_client(command, home, env)
+
+
+@pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
+def test_claude_code(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
+    if tool:
+        assert_tool_turn(claude(npm_bin, cluster, tmp_path, "claude", "Make the file ran.txt"))
+    else:
+        assert_plain_turn(claude(npm_bin, cluster, tmp_path, MODEL, "Say hello"))
+
+
+def codex(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
+    codex_home = home / ".codex"
+    codex_home.mkdir(parents=True)
+    (codex_home / "config.toml").write_text(
+        f"""\
+model = "{model}"
+model_provider = "genmlx"
+
+[model_providers.genmlx]
+name = "GenMLX"
+base_url = "{cluster.url}/v1"
+env_key = "GENMLX_API_KEY"
+wire_api = "responses"
+"""
+    )
+    command = [
+        str(npm_bin / "codex"),
+        "exec",
+        "--skip-git-repo-check",
+        "--dangerously-bypass-approvals-and-sandbox",
+        prompt,
+    ]
+    return run_client(command, home, {"CODEX_HOME": str(codex_home), "GENMLX_API_KEY": cluster.token})
+
+
+@pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
+def test_codex(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
+    if tool:
+        assert_tool_turn(codex(npm_bin, cluster, tmp_path, "codex", "Make the file ran.txt"))
+    else:
+        assert_plain_turn(codex(npm_bin, cluster, tmp_path, MODEL, "Say hello"))
+
+
+def opencode(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
+    config = {
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {
+            "genmlx": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "GenMLX",
+                "options": {"baseURL": f"{cluster.url}/v1", "apiKey": "{env:GENMLX_API_KEY}"},
+                "models": {model: {"name": model}},
+            }
+        },
+        "model": f"genmlx/{model}",
+        "permission": {"bash": "allow", "edit": "allow"},
+        "autoupdate": False,
+        "share": "disabled",
+    }
+    (home / "work").mkdir(parents=True)
+    (home / "work" / "opencode.json").write_text(json.dumps(config))
+    command = [str(npm_bin / "opencode"), "run", "--model", f"genmlx/{model}", prompt]
+    return run_client(command, home, {"GENMLX_API_KEY": cluster.token})
+
+
+@pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
+def test_opencode(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
+    if tool:
+        assert_tool_turn(opencode(npm_bin, cluster, tmp_path, "opencode", "Make the file ran.txt"))
+    else:
+        assert_plain_turn(opencode(npm_bin, cluster, tmp_path, MODEL, "Say hello"))
+
+
+def llm(llm_bin: Path, cluster: ClientsCluster, home: Path, model: str, *args: str) -> Run:
+    user_dir = home / "llm"
+    user_dir.mkdir(parents=True)
+    (user_dir / "extra-openai-models.yaml").write_text(
+        json.dumps(  # JSON is YAML
+            [
+                {
+                    "model_id": f"genmlx-{model}",
+                    "model_name": model,
+                    "api_base": f"{cluster.url}/v1",
+                    "api_key_name": "genmlx",
+                    "supports_tools": True,
+                }
+            ]
+        )
+    )
+    (user_dir / "keys.json").write_text(json.dumps({"genmlx": cluster.token}))
+    command = [str(llm_bin), "-m", f"genmlx-{model}", "--no-log", *args]
+    return run_client(command, home, {"LLM_USER_PATH": str(user_dir)})
+
+
+@pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
+def test_llm(llm_bin, cluster, tmp_path: Path, tool: bool) -> None:
+    if tool:
+        assert_tool_turn(llm(llm_bin, cluster, tmp_path, "llm", "--functions", LLM_FUNCTIONS, "Make ran.txt"))
+    else:
+        assert_plain_turn(llm(llm_bin, cluster, tmp_path, MODEL, "Say hello"))
