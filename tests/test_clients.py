@@ -99,25 +99,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield cluster
 
 
-def installed(command: list[str], what: str, binary: Path) -> Path:
-    """``binary``, installing it with ``command`` first where it is missing."""
-    if not binary.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            skip_or_fail(f"installing it failed: {e}", what)
-        if done.returncode != 0 or not binary.exists():
-            skip_or_fail(f"installing it failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}", what)
-    return binary
+def installed(command: list[str], what: str, binaries: list[Path]) -> None:
+    """Install with ``command`` unless every one of ``binaries`` is there already."""
+    if all(binary.exists() for binary in binaries):
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        skip_or_fail(f"installing it failed: {e}", what)
+    if done.returncode != 0 or not all(binary.exists() for binary in binaries):
+        skip_or_fail(f"installing it failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}", what)
 
 
 @pytest.fixture(scope="module")
 def npm_bin() -> Path:
     prefix = CACHE / "npm"
     command = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix), *NPM_PACKAGES]
-    installed(command, "npm clients", prefix / "node_modules" / ".bin" / "opencode")
-    return prefix / "node_modules" / ".bin"
+    bin_dir = prefix / "node_modules" / ".bin"
+    installed(command, "npm clients", [bin_dir / name for name in ("claude", "codex", "opencode")])
+    return bin_dir
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,8 @@ def llm_bin() -> Path:
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LLM_PACKAGE]
-    return installed(pip, "llm", venv / "bin" / "llm")
+    installed(pip, "llm", [venv / "bin" / "llm"])
+    return venv / "bin" / "llm"
 
 
 @dataclass(frozen=True)
