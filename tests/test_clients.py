@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,10 +171,19 @@ def assert_plain_turn(run: Run) -> None:
     assert PLAIN_ANSWER in run.output
 
 
-def assert_tool_turn(run: Run) -> None:
+def assert_tool_turn(run: Run, cluster: ClientsCluster, model: str) -> None:
+    """The tool ran, and the model's dispatcher saw a second, longer request (the one carrying the
+    result), answered with the text the model writes only after a tool result."""
     assert run.returncode == 0, run.output
     assert run.made_the_file(), f"the tool never ran:\n{run.output}"
     assert ANSWER_AFTER_TOOL in run.output, f"the tool's result never came back:\n{run.output}"
+    log = cluster.agent_api(f"/api/v1/ranks/{model}/0/log")
+    prompts = [
+        int(n)
+        for n in re.findall(r"POST /v1/(?:chat/completions|responses|messages) 200 prompt_tokens=(\d+)", log)
+    ]
+    # The request with the result holds the first prompt, the call and the result: it is longer.
+    assert len(prompts) >= 2 and max(prompts[1:]) > prompts[0], log
 
 
 def claude(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
@@ -193,7 +203,9 @@ def claude(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, promp
 @pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
 def test_claude_code(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
     if tool:
-        assert_tool_turn(claude(npm_bin, cluster, tmp_path, "claude", "Make the file ran.txt"))
+        assert_tool_turn(
+            claude(npm_bin, cluster, tmp_path, "claude", "Make the file ran.txt"), cluster, "claude"
+        )
     else:
         assert_plain_turn(claude(npm_bin, cluster, tmp_path, MODEL, "Say hello"))
 
@@ -226,7 +238,9 @@ wire_api = "responses"
 @pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
 def test_codex(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
     if tool:
-        assert_tool_turn(codex(npm_bin, cluster, tmp_path, "codex", "Make the file ran.txt"))
+        assert_tool_turn(
+            codex(npm_bin, cluster, tmp_path, "codex", "Make the file ran.txt"), cluster, "codex"
+        )
     else:
         assert_plain_turn(codex(npm_bin, cluster, tmp_path, MODEL, "Say hello"))
 
@@ -256,7 +270,9 @@ def opencode(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, pro
 @pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
 def test_opencode(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
     if tool:
-        assert_tool_turn(opencode(npm_bin, cluster, tmp_path, "opencode", "Make the file ran.txt"))
+        assert_tool_turn(
+            opencode(npm_bin, cluster, tmp_path, "opencode", "Make the file ran.txt"), cluster, "opencode"
+        )
     else:
         assert_plain_turn(opencode(npm_bin, cluster, tmp_path, MODEL, "Say hello"))
 
@@ -285,6 +301,7 @@ def llm(llm_bin: Path, cluster: ClientsCluster, home: Path, model: str, *args: s
 @pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
 def test_llm(llm_bin, cluster, tmp_path: Path, tool: bool) -> None:
     if tool:
-        assert_tool_turn(llm(llm_bin, cluster, tmp_path, "llm", "--functions", LLM_FUNCTIONS, "Make ran.txt"))
+        run = llm(llm_bin, cluster, tmp_path, "llm", "--functions", LLM_FUNCTIONS, "Make ran.txt")
+        assert_tool_turn(run, cluster, "llm")
     else:
         assert_plain_turn(llm(llm_bin, cluster, tmp_path, MODEL, "Say hello"))
