@@ -1,7 +1,7 @@
 """The real clients, end to end: Claude Code, Codex CLI, opencode and ``llm``, installed from their
 registries, each run non-interactively against a one-node cluster on loopback.
 
-The cluster serves scripted demo models (``genmlx.demo.scripted_model``): ``plain`` answers with a
+The cluster serves scripted demo models (``genmlx.demo.scripted_model``): ``demo`` answers with a
 line of text, and one model per client writes a call of that client's own shell or file tool, then,
 once the tool's result is in the conversation, a plain answer. So a tool turn passes only if the
 client parsed the call, ran the tool (its file appears) and sent the result back (only then does the

@@ -185,3 +185,15 @@ def test_texts_that_disagree_on_a_successor_are_refused(tmp_path: Path) -> None:
     # "." ends the first text's file name and the second text: two successors.
     with pytest.raises(ValueError, match="followed by two different tokens"):
         write_scripted_model(tmp_path / "clash", "touch ran.txt", after_tool="It ran.")
+
+
+@pytest.mark.e2e
+def test_the_cli_writes_a_model_with_a_text_for_after_a_tool_result(tmp_path: Path) -> None:
+    done = demo_model_command(str(tmp_path / "two"), "--scripted", SHELL_CALL, "--after-tool", "All done")
+    assert done.returncode == 0, done.stderr
+    model, tokenizer = load(str(tmp_path / "two"))
+    prompt = conversation_prompt(tokenizer, with_tool_result("Make the file.", ""))
+    assert generate(model, tokenizer, prompt, max_tokens=20) == "All done"
+
+    alone = demo_model_command(str(tmp_path / "alone"), "--after-tool", "All done")
+    assert alone.returncode == 2 and "--after-tool needs --scripted" in alone.stderr

@@ -120,6 +120,11 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
         metavar="TEXT",
         help="instead, a model that answers any prompt with TEXT at temperature 0 (tool calls, thinking)",
     )
+    p.add_argument(
+        "--after-tool",
+        metavar="TEXT",
+        help="with --scripted: answer with this TEXT instead once the conversation holds a tool result",
+    )
 
     p = command(sub, "token", cmd_token, "create the cluster token if absent and print where it is")
     p.add_argument("--show", action="store_true", help="print the token itself (to copy to a node or client)")
@@ -261,8 +266,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
+    if args.after_tool is not None and args.scripted is None:
+        raise UsageError("--after-tool needs --scripted")
     if args.scripted is not None:
-        return write_scripted_demo_model(args.dir, args.scripted, args.seed)
+        return write_scripted_demo_model(args.dir, args.scripted, args.seed, args.after_tool)
     from genmlx.demo.random_model import write_demo_model
 
     path = write_demo_model(args.dir, seed=args.seed)
@@ -271,15 +278,17 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_scripted_demo_model(path: Path, text: str, seed: int) -> int:
+def write_scripted_demo_model(path: Path, text: str, seed: int, after_tool: str | None = None) -> int:
     from genmlx.demo.scripted_model import write_scripted_model
 
     try:
-        written = write_scripted_model(path, text, seed=seed)
+        written = write_scripted_model(path, text, after_tool=after_tool, seed=seed)
     except ValueError as e:  # a text the model cannot write: nothing was written
         raise UsageError(f"--scripted: cannot write a model for this text: {e}") from None
     print(f"wrote a tiny scripted llama to {written}")
     print("at temperature 0 it answers any prompt with the text given")
+    if after_tool is not None:
+        print("and, once the conversation holds a tool result, with the --after-tool text")
     return 0
 
 
