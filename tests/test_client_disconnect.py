@@ -19,9 +19,9 @@ PROMPT_WORDS = 12_000  # several seconds of prompt reading for the demo model on
 
 
 class LongContextCluster(harness.Cluster):
-    def manifest_text(self, max_batch: int = 8) -> str:
-        text = super().manifest_text(max_batch)
-        return text.replace(f"maxBatch: {max_batch},", f"maxBatch: {max_batch}, contextLength: 65536,")
+    def models_text(self, max_batch: int) -> str:
+        serving = f"maxBatch: {max_batch}, port: {self.serving_port}, contextLength: 65536"
+        return self.model_entry(harness.MODEL, self.storage / harness.MODEL, serving)
 
 
 @pytest.fixture(scope="module")

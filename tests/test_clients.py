@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from conftest import free_port, skip_or_fail
 from test_cluster import MODEL, Cluster, ready_cluster
 
 from genmlx.demo.scripted_model import write_scripted_model
+from genmlx.wire.integrations import Integration, Snippet, Target, render_integration
 
 pytestmark = [pytest.mark.e2e, pytest.mark.clients]
 
@@ -66,28 +68,15 @@ class ClientsCluster(Cluster):
         self.model_ports = {name: free_port() for name in self.model_dirs}
         super().__init__(root, model_dir / "plain")
 
-    def manifest_text(self, max_batch: int = 2) -> str:
-        models = "".join(
-            f"""\
-    - name: {name}
-      source: file://{path}
-      nodes: [local]
-      serving: {{maxBatch: {max_batch}, port: {self.model_ports[name]}, contextLength: {CONTEXT_LENGTH}}}
-"""
+    def models_text(self, max_batch: int = 2) -> str:
+        return "".join(
+            self.model_entry(
+                name,
+                path,
+                f"maxBatch: {max_batch}, port: {self.model_ports[name]}, contextLength: {CONTEXT_LENGTH}",
+            )
             for name, path in self.model_dirs.items()
         )
-        return f"""\
-apiVersion: genmlx/v1
-kind: Cluster
-metadata: {{name: clients}}
-spec:
-  master: {{node: local, port: {self.master_port}}}
-  nodes:
-    - name: local
-      address: 127.0.0.1:{self.agent_port}
-      storage: [{{path: {self.storage}}}]
-  models:
-{models}"""
 
 
 @pytest.fixture(scope="module")
@@ -186,16 +175,21 @@ def assert_tool_turn(run: Run, cluster: ClientsCluster, model: str) -> None:
     assert len(prompts) >= 2 and max(prompts[1:]) > prompts[0], log
 
 
+def integration(cluster: ClientsCluster, client: str, model: str) -> Integration:
+    """What ``genmlx integrations CLIENT --show-key`` prints for this cluster: the clients run on it."""
+    target = Target(cluster.url, tuple(cluster.model_dirs), model=model, token=cluster.token)
+    return render_integration(client, target)
+
+
+def exported(snippet: Snippet) -> dict[str, str]:
+    """The variables a block of ``export NAME=VALUE`` lines sets."""
+    words = [shlex.split(line.removeprefix("export "))[0] for line in snippet.text.splitlines()]
+    return dict(word.split("=", 1) for word in words)
+
+
 def claude(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
-    aliases = ("MODEL", "DEFAULT_OPUS_MODEL", "DEFAULT_SONNET_MODEL", "DEFAULT_HAIKU_MODEL")
-    env = {f"ANTHROPIC_{alias}": model for alias in aliases}
-    env.update(
-        ANTHROPIC_BASE_URL=cluster.url,
-        ANTHROPIC_AUTH_TOKEN=cluster.token,
-        ANTHROPIC_SMALL_FAST_MODEL=model,
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
-        DISABLE_AUTOUPDATER="1",
-    )
+    env = exported(integration(cluster, "claude-code", model).snippets[0])
+    env.update(CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
     command = [str(npm_bin / "claude"), "-p", prompt, "--allowedTools", "Bash", "--max-turns", "4"]
     return run_client(command, home, env)
 
@@ -213,18 +207,8 @@ def test_claude_code(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
 def codex(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
     codex_home = home / ".codex"
     codex_home.mkdir(parents=True)
-    (codex_home / "config.toml").write_text(
-        f"""\
-model = "{model}"
-model_provider = "genmlx"
-
-[model_providers.genmlx]
-name = "GenMLX"
-base_url = "{cluster.url}/v1"
-env_key = "GENMLX_API_KEY"
-wire_api = "responses"
-"""
-    )
+    config, key = integration(cluster, "codex", model).snippets
+    (codex_home / "config.toml").write_text(config.text)
     command = [
         str(npm_bin / "codex"),
         "exec",
@@ -232,7 +216,7 @@ wire_api = "responses"
         "--dangerously-bypass-approvals-and-sandbox",
         prompt,
     ]
-    return run_client(command, home, {"CODEX_HOME": str(codex_home), "GENMLX_API_KEY": cluster.token})
+    return run_client(command, home, {"CODEX_HOME": str(codex_home), **exported(key)})
 
 
 @pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])
@@ -246,25 +230,14 @@ def test_codex(npm_bin, cluster, tmp_path: Path, tool: bool) -> None:
 
 
 def opencode(npm_bin: Path, cluster: ClientsCluster, home: Path, model: str, prompt: str) -> Run:
-    config = {
-        "$schema": "https://opencode.ai/config.json",
-        "provider": {
-            "genmlx": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "GenMLX",
-                "options": {"baseURL": f"{cluster.url}/v1", "apiKey": "{env:GENMLX_API_KEY}"},
-                "models": {model: {"name": model}},
-            }
-        },
-        "model": f"genmlx/{model}",
-        "permission": {"bash": "allow", "edit": "allow"},
-        "autoupdate": False,
-        "share": "disabled",
-    }
+    config_block, key = integration(cluster, "opencode", model).snippets
+    # The printed file, plus what a run without a person needs: tools allowed, no updates or sharing.
+    config = {**json.loads(config_block.text), "permission": {"bash": "allow", "edit": "allow"}}
+    config.update(autoupdate=False, share="disabled")
     (home / "work").mkdir(parents=True)
     (home / "work" / "opencode.json").write_text(json.dumps(config))
     command = [str(npm_bin / "opencode"), "run", "--model", f"genmlx/{model}", prompt]
-    return run_client(command, home, {"GENMLX_API_KEY": cluster.token})
+    return run_client(command, home, exported(key))
 
 
 @pytest.mark.parametrize("tool", [False, True], ids=["plain", "tool"])

@@ -73,11 +73,23 @@ spec:
       address: 127.0.0.1:{self.agent_port}
       storage: [{{path: {self.storage}}}]
   models:
-    - name: {MODEL}
-      source: file://{self.storage / MODEL}
-      nodes: [local]
-      serving: {{maxBatch: {max_batch}, port: {self.serving_port}}}
-"""
+{self.models_text(max_batch)}"""
+
+    def models_text(self, max_batch: int) -> str:
+        """The manifest's ``models`` entries (a subclass serves others)."""
+        return self.model_entry(
+            MODEL, self.storage / MODEL, f"maxBatch: {max_batch}, port: {self.serving_port}"
+        )
+
+    @staticmethod
+    def model_entry(name: str, path: Path, serving: str) -> str:
+        lines = [
+            f"- name: {name}",
+            f"  source: file://{path}",
+            "  nodes: [local]",
+            f"  serving: {{{serving}}}",
+        ]
+        return "".join(f"    {line}\n" for line in lines)
 
     def start(self, *args: str) -> Proc:
         proc = Proc(
