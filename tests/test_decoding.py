@@ -30,8 +30,8 @@ def with_prompt(request: GenerationRequest, tokenizer, text: str) -> GenerationR
     )
 
 
-def new_decoder(model, tokenizer, **settings) -> BatchDecoder:
-    return BatchDecoder(model, set(tokenizer.eos_token_ids), DecoderSettings(**settings))
+def new_decoder(model, tokenizer, constraints=None, **settings) -> BatchDecoder:
+    return BatchDecoder(model, set(tokenizer.eos_token_ids), DecoderSettings(**settings), constraints)
 
 
 def run(decoder: BatchDecoder, joins: dict[int, tuple[int, GenerationRequest]]) -> dict[int, list[int]]:

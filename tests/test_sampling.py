@@ -68,6 +68,21 @@ def test_truncation_keeps_what_each_row_asks_for() -> None:
     assert seen == [{0}, {0}, {0}, {0, 1}]
 
 
+def test_truncation_reads_log_probabilities_that_sum_below_one_as_the_renormalized_ones() -> None:
+    """A grammar's mask leaves a row's log-probabilities summing to less than 1 (here 0.6: the masked
+    tokens had 0.4); top-p keeps the tokens it keeps on the renormalized row, so 0.25 + 0.2 of 0.6
+    (75%) do not reach top_p = 0.8, and the third token is kept too."""
+    masked = mx.log(mx.array([[0.25, 0.2, 0.1, 0.05]] * 2))
+    renormalized = masked - mx.logsumexp(masked, axis=-1, keepdims=True)
+    rows = [RowSampler(Sampling(temperature=5.0, top_p=0.8, seed=seed)) for seed in (1, 1)]
+    batch, both = BatchSampler(), mx.concatenate([masked[:1], renormalized[:1]])
+    seen: list[set[int]] = [set(), set()]
+    for _ in range(200):
+        for i, token in enumerate(batch.sample(both, rows).tolist()):
+            seen[i].add(token)
+    assert seen == [{0, 1, 2}, {0, 1, 2}]
+
+
 def test_temperature_scales_the_distribution() -> None:
     """At temperature 2 a token of probability 0.8 against 0.2 is drawn with probability
     sqrt(0.8) / (sqrt(0.8) + sqrt(0.2)) = 2/3."""

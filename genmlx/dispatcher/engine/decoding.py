@@ -24,10 +24,10 @@ from typing import Any, Literal, Protocol
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from genmlx.dispatcher.engine.constraints import GrammarConstraints, constraints_for
+from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, constraints_for, sample_held
 from genmlx.dispatcher.engine.events import GenerationRequest
 from genmlx.dispatcher.engine.prefix_cache import PrefixCache
-from genmlx.dispatcher.engine.sampling import BatchSampler, RowSampler, make_logits_processors
+from genmlx.dispatcher.engine.sampling import BatchSampler, make_logits_processors
 
 End = Literal["stop", "length"]
 CLEAR_CACHE_EVERY = 256  # tokens a sequence alone decodes between releases of MLX's buffer cache
@@ -43,17 +43,6 @@ class DecoderSettings:
     cache_entries: int = 16
     cache_bytes: int = 4 << 30
     leads: bool = True
-
-
-
-def request_processors(request: GenerationRequest, constraints: GrammarConstraints | None) -> list:
-    """The logits processors of one request: its penalties, then its grammar."""
-    processors = make_logits_processors(request.sampling)
-    if request.grammar is not None:
-        if constraints is None:
-            raise ValueError("a constrained request reached a decoder without a tokenizer")
-        processors.append(constraints.processor(request.grammar))
-    return processors
 
 
 @dataclass(frozen=True)
@@ -121,7 +110,7 @@ class BatchDecoder:
         )
         self._prefixes = PrefixCache(settings.cache_entries, settings.cache_bytes, evicts=settings.leads)
         self._uids: dict[int, int] = {}  # ours -> the generator's
-        self._rows: dict[int, RowSampler] = {}  # the generator's uid -> its request's sampler
+        self._rows: dict[int, RequestRow] = {}  # the generator's uid -> its request's sampler
         self._batch_sampler = BatchSampler()
         self._sample_batch = self._sample_generation_batch  # one object: mlx-lm compares by identity
 
@@ -142,8 +131,8 @@ class BatchDecoder:
         reused = self._prefixes.take(prompt, cached_tokens)
         cached = reused.tokens if reused else 0
         cache = reused.cache if reused else None
-        processors = request_processors(request, self._constraints)
-        row = RowSampler(request.sampling)
+        processors = make_logits_processors(request.sampling)  # penalties; a grammar masks in ``row``
+        row = RequestRow.of(request, self._constraints)
         if self.active == 0 and not processors:
             if cache is None:
                 cache = make_prompt_cache(self._model)
@@ -162,7 +151,7 @@ class BatchDecoder:
         unread: list[int],
         read: list[int],
         cache: list[Any] | None,
-        row: RowSampler,
+        row: RequestRow,
         processors: list,
         max_tokens: int,
     ) -> None:
@@ -251,7 +240,12 @@ class BatchDecoder:
 
     def _sample_generation_batch(self, logprobs: mx.array) -> mx.array:
         rows = [self._rows[inner] for inner in self._generator._generation_batch.uids]
-        return self._batch_sampler.sample(logprobs, rows)
+        samplers = [row.sampler for row in rows]
+
+        def sample(held: mx.array) -> mx.array:
+            return self._batch_sampler.sample(held, samplers)
+
+        return sample_held(logprobs, [row.grammar for row in rows], sample)
 
     def trim_cache(self, entries: int) -> None:
         self._prefixes.trim(entries)
@@ -281,7 +275,7 @@ class _Solo:
     cache: list[Any]
     read: list[int]
     unread: list[int]
-    row: RowSampler
+    row: RequestRow
     max_tokens: int
     generated: int = 0
     ahead: _Ahead | None = field(default=None, repr=False)
@@ -358,8 +352,8 @@ class SequentialDecoder:
             mx.array(request.prompt_tokens),
             self._model,
             max_tokens=request.max_tokens,
-            sampler=RowSampler(request.sampling),
-            logits_processors=request_processors(request, self._constraints),
+            sampler=RequestRow.of(request, self._constraints),
+            logits_processors=make_logits_processors(request.sampling),
         )
         return 0
 

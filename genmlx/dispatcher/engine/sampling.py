@@ -150,8 +150,10 @@ def _truncated(logprobs: mx.array, parameters: _RowParameters) -> mx.array:
         logprobs = mx.where(logprobs < kth, dropped, logprobs)
     if parameters.top_p is not None:
         # Keep the most likely tokens whose probabilities add up to top_p, and the one that crosses it.
+        # Normalized here: a grammar's mask leaves a row's log-probabilities summing to less than 1.
         order = mx.argsort(logprobs, axis=-1)
         ascending = mx.take_along_axis(logprobs, order, axis=-1)
+        ascending = ascending - mx.logsumexp(ascending, axis=-1, keepdims=True)
         mass_above = 1.0 - mx.cumsum(mx.exp(ascending), axis=-1)  # the mass of the tokens after each
         kept = mx.where(mass_above < parameters.top_p, ascending, dropped)
         truncated = mx.put_along_axis(logprobs, order, kept, axis=-1)
