@@ -11,7 +11,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port, http_status, wait_until
+from conftest import free_port, http_status, signed, wait_until
 
 from genmlx.wire.agent_state import AgentState, FetchRequest, Transfer
 
@@ -35,8 +35,8 @@ def call(
     """One real HTTP request; a JSON-able ``body`` is sent as JSON."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
+    for name, value in (signed(token, method, url, data) if token is not None else {}).items():
+        request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return Reply(response.status, response.headers, response.read())

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from genmlx.core.signing import Keys, signed_headers
+
 # No test may multicast onto the machine's real network: zeroconf stays off unless a test turns
 # it back on (the network-namespace bench does, for the processes it starts in its hosts).
 os.environ.setdefault("GENMLX_DISCOVERY", "off")
@@ -69,11 +71,15 @@ class ServingPorts:
         return {**entry, "serving": {**entry.get("serving", {}), "port": port}}
 
 
+def signed(token: str, method: str, url: str, body: bytes | None = None) -> dict[str, str]:
+    """The headers of a request signed with ``token``'s key, as GenMLX's own processes sign (agents
+    take nothing else; masters and dispatchers take these too)."""
+    return signed_headers(Keys.of(token), method, url, body)[0]
+
+
 def http_status(url: str, token: str | None = None, timeout: float = 2.0) -> int | None:
     """The HTTP status of a GET, or None when nothing answers."""
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    request = urllib.request.Request(url, headers=signed(token, "GET", url) if token else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import Proc, free_port, http_status, wait_until
+from conftest import Proc, free_port, http_status, signed, wait_until
 
 from genmlx.core.home import ensure_token, read_token
 
@@ -113,9 +113,8 @@ spec:
             return json.loads(response.read())
 
     def agent_api(self, path: str) -> str:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.agent_port}{path}", headers={"Authorization": f"Bearer {self.token}"}
-        )
+        url = f"http://127.0.0.1:{self.agent_port}{path}"
+        request = urllib.request.Request(url, headers=signed(self.token, "GET", url))
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.read().decode()
 

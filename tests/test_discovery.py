@@ -13,11 +13,12 @@ import re
 import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Proc, wait_until
+from conftest import Proc, signed, wait_until
 from netbench import Host, NetBench
 
 import genmlx
@@ -122,9 +123,8 @@ def node_id_of(cluster: BenchCluster, name: str) -> str:
 
 
 def agent_state(host: Host, token: str) -> dict:
-    request = urllib.request.Request(
-        f"http://{host.address}:{AGENT_PORT}/api/v1/state", headers={"Authorization": f"Bearer {token}"}
-    )
+    url = f"http://{host.address}:{AGENT_PORT}/api/v1/state"
+    request = urllib.request.Request(url, headers=signed(token, "GET", url))
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
 
@@ -183,7 +183,7 @@ def test_undeclared_agents_are_unmanaged_and_a_foreign_token_is_unauthorized(net
         what="the agent with another token to show Unauthorized",
     )
     assert condition["status"] == "False"
-    assert f"agent at {bench.hosts[2].address}:{AGENT_PORT} refused the cluster token" in condition["message"]
+    assert f"agent at {bench.hosts[2].address}:{AGENT_PORT} refused our signature" in condition["message"]
     announced_at(stray)
     announced_at(hidden)
     time.sleep(2.0)  # time enough for the hidden agent to be seen, were it not confined to loopback
@@ -205,6 +205,51 @@ def test_undeclared_agents_are_unmanaged_and_a_foreign_token_is_unauthorized(net
     assert "another agent on this network already announces the node name 'stray'" in refusal
     assert f"at {bench.hosts[1].address}:{AGENT_PORT}" in refusal
     assert cluster.unmanaged() == [expected]
+
+
+def test_a_rogue_announcing_a_declared_name_is_an_impostor_and_gets_nothing_it_can_use(netns_hosts, tmp_path):
+    """A device on another host announces node n1's name and answers like an agent. The master
+    shows it as an impostor, keeps n1 on the real agent, and sends the rogue only signed state
+    requests: none carries the token, and none is any use replayed to the real agent, as it was
+    received or readdressed."""
+    bench: NetBench = netns_hosts(3)
+    cluster = BenchCluster(bench, tmp_path)
+    cluster.start_master(0, {"n1": None})
+    record = tmp_path / "rogue-received.jsonl"
+    rogue_address = f"{bench.hosts[2].address}:{AGENT_PORT}"
+    rogue_argv = [str(Path(__file__).with_name("rogue_agent.py")), "n1", bench.hosts[2].address]
+    bench.run(2, [sys.executable, *rogue_argv, str(AGENT_PORT), str(record)], "rogue")
+    real_agent = cluster.start_agent(1, "n1")
+    announced_at(real_agent)
+
+    def impostors() -> list[dict]:
+        return (cluster.status() or {}).get("impostors", [])
+
+    wait_until(lambda: cluster.ready("n1") and impostors(), timeout=30, what="n1 Ready beside an impostor")
+    (impostor,) = impostors()
+    assert (impostor["name"], impostor["address"]) == ("n1", rogue_address)
+    assert "not a GenMLX agent of this cluster" in impostor["message"]
+    time.sleep(3.0)  # several passes with the rogue still announcing
+    document = cluster.status()
+    node = document["nodes"][0]
+    assert node["address"] == f"{bench.hosts[1].address}:{AGENT_PORT}"
+    assert node["conditions"][0]["status"] == "True"
+
+    received = [json.loads(line) for line in record.read_text().splitlines()]
+    assert received, "the master asked the rogue who it is"
+    assert {(r["method"], r["path"]) for r in received} == {("GET", "/api/v1/state")}
+    for request in received:
+        raw = json.dumps(request)
+        assert cluster.token not in raw
+        assert request["headers"]["Authorization"].startswith("GenMLX-HMAC-SHA256 ")
+        assert request["headers"]["Host"] == rogue_address
+    real = f"http://{bench.hosts[1].address}:{AGENT_PORT}/api/v1/state"
+    for host in (rogue_address, f"{bench.hosts[1].address}:{AGENT_PORT}"):
+        replayed = urllib.request.Request(real, headers={**received[-1]["headers"], "Host": host})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(replayed, timeout=5)
+        assert refused.value.code == 401
+        assert "signature is refused" in json.loads(refused.value.read())["error"]["message"]
 
 
 def test_master_and_agent_bound_to_loopback_find_each_other_there(netns_hosts, tmp_path):

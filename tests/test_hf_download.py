@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, http_status, wait_until
+from conftest import free_port, http_status, signed, wait_until
 from fakehub import FakeHub, files_from_dir
 
 from genmlx.agent.transfers.hf_download import SCRATCH_DIR, HubRetry, download_model
@@ -387,8 +387,7 @@ def asked_beyond_the_model(hub: FakeHub) -> set[str]:
 
 def agent_request(url: str, token: str, method: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Authorization", f"Bearer {token}")
+    request = urllib.request.Request(url, data=data, method=method, headers=signed(token, method, url, data))
     request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.status, json.loads(response.read())

@@ -276,7 +276,7 @@ def test_a_peer_that_refuses_our_token_or_does_not_answer_fails_the_sync(
     assert stranger.fetch(sync_request(storage_b, agent_a)).status == 202
     refused = stranger.wait_transfer("demo-llama")
     assert (refused.state, refused.permanent) == ("failed", True)
-    assert "refused our token" in refused.error
+    assert "refused our signature" in refused.error
     assert "another-clusters-token" not in proc.output() + agent_a.proc.output()
 
     nobody = FetchRequest("demo-llama", str(storage_b), peer=f"127.0.0.1:{free_port()}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, call, start_agent
-from conftest import free_port, http_status, wait_until
+from conftest import free_port, http_status, signed, wait_until
 from fakehub import FakeHub, files_from_dir
 
 from genmlx.agent.store.file_serving import RangeNotSatisfiable, parse_byte_range
@@ -267,7 +267,8 @@ def raw_get(agent: Agent, path: str, token: str | None = None) -> int:
     """A GET with the path sent exactly as given (no client normalising "..")."""
     connection = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
     try:
-        connection.request("GET", path, headers={"Authorization": f"Bearer {token or agent.token}"})
+        url = f"http://127.0.0.1:{agent.port}{path}"
+        connection.request("GET", path, headers=signed(token or agent.token, "GET", url))
         response = connection.getresponse()
         response.read()
         return response.status

@@ -326,14 +326,27 @@ function renderNodes(doc) {
   });
   fill($("node-cards"), cards.length ? cards : h("p", {}, "No nodes in the applied manifest."));
 
-  const unmanaged = doc.unmanagedAgents || [];
+  announcers(
+    "impostors",
+    "Impostors",
+    "These announce a node's name but cannot prove they hold the cluster token; nothing is sent to them.",
+    (doc.impostors || []).map((i) => `${i.name} at ${i.address}: ${i.message}`),
+  );
+  announcers(
+    "unmanaged",
+    "Unmanaged agents",
+    "These agents announce themselves but cluster.yaml does not declare them; they are never used.",
+    (doc.unmanagedAgents || []).map((a) => `${a.name || "?"}${a.address ? ` at ${a.address}` : ""}`),
+  );
+}
+
+// A section listing what announces itself but is not used (its element id is also its class).
+function announcers(id, title, explanation, lines) {
   fill(
-    $("unmanaged"),
-    unmanaged.length
-      ? h("div", { class: "unmanaged" },
-          h("h3", {}, "Unmanaged agents"),
-          h("p", {}, "These agents announce themselves but cluster.yaml does not declare them; they are never used."),
-          h("ul", { class: "plain" }, unmanaged.map((a) => h("li", {}, a.name || "?", a.address ? ` at ${a.address}` : ""))))
+    $(id),
+    lines.length
+      ? h("div", { class: id }, h("h3", {}, title), h("p", {}, explanation),
+          h("ul", { class: "plain" }, lines.map((line) => h("li", {}, line))))
       : null,
   );
 }

@@ -1,8 +1,9 @@
 """The agent: one small daemon per node that reports what the node is and holds, and starts and
 stops the dispatcher ranks the master asks for.
 
-Contract: an HTTP API on port 6790 (``api``) that answers only requests carrying the cluster's
-bearer token, apart from ``GET /healthz``. It reports ``genmlx.wire.agent_state.AgentState`` (node facts,
+Contract: an HTTP API on port 6790 (``api``) that answers only requests signed with the cluster
+token's key (``genmlx.core.signing``), apart from ``GET /healthz``, and signs its answers. It
+reports ``genmlx.wire.agent_state.AgentState`` (node facts,
 the model directories in each storage path, the ranks it started) and takes ``RankLaunch`` requests,
 each of which becomes one ``python -m genmlx.dispatcher`` process in its own process group. The agent
 decides nothing by itself: a rank that exits stays reported as exited until the master stops or

@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from genmlx.agent.run import AgentConfig, start_agent
 from genmlx.core.home import genmlx_home
+from genmlx.core.signing import Keys, signed_headers
 from genmlx.demo.random_model import write_demo_model
 from genmlx.manifest import load_manifest
 from genmlx.manifest.types import DEFAULT_AGENT_PORT, DEFAULT_MASTER_PORT, Manifest
@@ -130,12 +131,14 @@ async def first_chat_completion(base: str, token: str) -> str:
         "messages": [{"role": "user", "content": "Hello! Who are you?"}],
         "max_tokens": 24,
     }
+    url, payload = f"{base}/chat/completions", json.dumps(body).encode()
+    signed, _ = signed_headers(Keys.of(token), "POST", url, payload)
     try:
         response = await AsyncHTTPClient().fetch(
-            f"{base}/chat/completions",
+            url,
             method="POST",
-            body=json.dumps(body),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            body=payload,
+            headers={**signed, "Content-Type": "application/json"},
             request_timeout=120,
         )
     except HTTPClientError as e:

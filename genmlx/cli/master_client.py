@@ -1,6 +1,8 @@
 """The CLI's side of the master's API: apply a manifest, read status, and print it for people.
 
-Plain ``urllib``: these are one-shot calls from a terminal, so blocking is fine.
+Plain ``urllib``: these are one-shot calls from a terminal, so blocking is fine. Every request is
+signed with the cluster token's key and every answer must carry the master's signature, so the
+token never crosses the network and a reply from anything but the master is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import yaml
 
 from genmlx.core.errors import AuthError, GenMLXError
 from genmlx.core.home import ensure_token, read_token
+from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
 from genmlx.wire.status import ClusterStatus, ConditionReport, EventReport, ModelStatus, NodeStatus
 
@@ -52,21 +55,36 @@ def master_url(explicit: str | None, manifest: Manifest | None = None) -> str:
 
 def call_master(url: str, token: str, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url.rstrip('/')}{path}", data=data, method=method)
-    request.add_header("Authorization", f"Bearer {token}")
+    target = f"{url.rstrip('/')}{path}"
+    keys = Keys.of(token)
+    signed, nonce = signed_headers(keys, method, target, data)
+    request = urllib.request.Request(target, data=data, method=method, headers=signed)
     request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            reply = response.read()
+            check_master_reply(keys, nonce, response.status, response.headers, reply, url)
+            return json.loads(reply)
     except urllib.error.HTTPError as e:
-        document = parse_error(e.read())
+        reply = e.read()
+        document = parse_error(reply)
         if e.code == 401:
-            raise AuthError(f"the master at {url} refused the token: {document.get('message', '')}") from None
+            why = document.get("message", "")
+            raise AuthError(f"the master at {url} refused our signature: {why}") from None
+        check_master_reply(keys, nonce, e.code, e.headers, reply, url)
         raise MasterError(document.get("message") or f"HTTP {e.code}", document) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         problem = f"no master answers at {url} ({reason}): is `genmlx master` running?"
         raise MasterUnreachable(problem) from None
+
+
+def check_master_reply(keys: Keys, nonce: str, status: int, headers: Any, body: bytes, url: str) -> None:
+    """An ``AuthError`` unless the reply carries the master's signature."""
+    try:
+        check_reply(keys, nonce, status, headers.get(REPLY_HEADER), body)
+    except SignatureError as e:
+        raise AuthError(f"what answers at {url} is not this cluster's master: {e}") from None
 
 
 def ensured_token() -> str:
@@ -148,6 +166,10 @@ def format_status(status: ClusterStatus) -> str:
         rows = [(a.name, a.address, a.version) for a in status.unmanaged_agents]
         lines += ["", "unmanaged agents (announced, not in the manifest; never used):"]
         lines += ["  " + line for line in table(("NAME", "ADDRESS", "VERSION"), rows)]
+    if status.impostors:
+        rows = [(i.name, i.address, i.message) for i in status.impostors]
+        lines += ["", "impostors (announce a node's name, cannot prove they hold the token; never used):"]
+        lines += ["  " + line for line in table(("NAME", "ADDRESS", "MESSAGE"), rows)]
     if status.pending_actions:
         lines += ["", "pending:", *(f"  {a}" for a in status.pending_actions)]
     return "\n".join(lines)

@@ -4,8 +4,9 @@
     ├── InternalError           500  (API) ours, told in OpenAI's shape
     ├── ProtocolError           4xx  (API) a status tornado itself answered with (405, 413, ...)
     ├── ManifestError                the manifest is invalid; carries every problem found at once
-    ├── AuthError               401  a peer refused our bearer token, or we have none
-    │   └── Unauthorized             (API) the request lacks the cluster's token
+    ├── AuthError               401  a peer refused our signature or token, or we have none
+    │   ├── Unauthorized             (API) the request lacks the cluster's token or a signature
+    │   └── ImpostorError            a peer answered without proving it holds the cluster token
     ├── TemporaryError          503  worth retrying as is: a peer is unreachable, busy or restarting
     │   ├── AgentUnreachable
     │   ├── QueueFull           429  (API) too many requests wait
@@ -65,9 +66,14 @@ class ManifestError(GenMLXError):
 
 
 class AuthError(GenMLXError):
-    """A request was refused for its bearer token, or no token is available."""
+    """A request was refused for its signature or token, or no token is available."""
 
     status = 401
+
+
+class ImpostorError(AuthError):
+    """Whatever answered at a node's address did not sign its reply with the cluster token's key:
+    it is not that node's agent (or rank), whatever it announces."""
 
 
 class TemporaryError(GenMLXError):
@@ -168,7 +174,7 @@ class InvalidManifest(InvalidRequest):
 
 
 class Unauthorized(ApiError, AuthError):
-    """The request lacks the cluster's bearer token."""
+    """The request carries neither a valid signature nor the cluster's token."""
 
     status = 401
     error_type = "invalid_request_error"

@@ -1,4 +1,4 @@
-"""Where GenMLX keeps its state on a machine, and the cluster's bearer token.
+"""Where GenMLX keeps its state on a machine, and the cluster's token.
 
 Everything lives under ``GENMLX_HOME`` (default ``~/.genmlx``). The token is a shared secret
 that every agent and the master hold in a file readable only by their user; it never travels

@@ -1,6 +1,9 @@
 """The one tornado handler base of the master, the agents and the dispatchers.
 
-``ApiHandler`` checks the cluster token before anything else, renders every error once in the shape
+``ApiHandler`` checks who is asking before anything else (``ClusterAuth``: a request signed with
+the cluster token's key, as GenMLX's own processes send them, or where a server allows it the
+token itself as a bearer token, as people and OpenAI clients send it), signs its reply to a
+signed request (``genmlx.core.signing``), renders every error once in the shape
 its API promises (``error_format``: OpenAI's, Anthropic's or the agents'), and logs our own errors as
 answers, not crashes. Handlers take
 their collaborators through tornado's ``initialize(**kwargs)``, each declaring the ones it needs;
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -29,6 +33,18 @@ from genmlx.core.errors import (
     Unauthorized,
 )
 from genmlx.core.home import api_key_matches, bearer_matches
+from genmlx.core.mdns import interface_addresses
+from genmlx.core.signing import (
+    REPLY_HEADER,
+    SCHEME,
+    Keys,
+    ReplayGuard,
+    SignatureError,
+    host_is_ours,
+    parse_signature,
+    sign_reply,
+    verify_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +104,7 @@ def genmlx_error_reply(raised: BaseException | None, status_code: int) -> ErrorR
         status, kind, message = raised.status, type(raised).__name__, str(raised)
     else:
         status, kind, message = status_code, "InternalError", "internal error: see the agent's log"
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    headers = {"WWW-Authenticate": SCHEME} if status == 401 else {}  # agents take signed requests only
     headers.update(getattr(raised, "headers", {}))  # e.g. a 416's Content-Range
     return ErrorReply(status, {"error": {"message": message, "type": kind}}, headers)
 
@@ -134,6 +150,32 @@ GENMLX_ERRORS = ErrorFormat("genmlx", genmlx_error_reply)
 ANTHROPIC_ERRORS = ErrorFormat("anthropic", anthropic_error_reply)
 
 
+class ClusterAuth:
+    """What one server checks requests against: the signing keys of the cluster token (and of an
+    older one while it is being replaced), the nonces it has seen, and whether the token itself is
+    accepted as a bearer token (agents take signed requests only: nothing ever sends them the
+    token)."""
+
+    def __init__(self, token: str, *, accepts_bearer: bool = True, older_tokens: tuple[str, ...] = ()):
+        self.token = token
+        self.keys = Keys.of(token, *older_tokens)
+        self.accepts_bearer = accepts_bearer
+        self.guard = ReplayGuard()
+        self._addresses: tuple[float, set[str]] = (-ADDRESS_REFRESH_S, set())
+
+    def own_addresses(self) -> set[str]:
+        """This machine's IP addresses, looked up again at most every few seconds."""
+        looked_up, addresses = self._addresses
+        now = time.monotonic()
+        if now - looked_up >= ADDRESS_REFRESH_S:
+            addresses = interface_addresses()
+            self._addresses = (now, addresses)
+        return addresses
+
+
+ADDRESS_REFRESH_S = 10.0
+
+
 class SessionVerifier(Protocol):
     """What a read endpoint asks of the status page's sessions (``genmlx.master.api.ui_auth``)."""
 
@@ -141,27 +183,58 @@ class SessionVerifier(Protocol):
 
 
 class ApiHandler(RequestHandler):
-    """Base of every GenMLX endpoint. ``requires_token = False`` opens one (liveness checks); a
-    ``token`` of None opens them all (a dispatcher started without one). ``accepts_api_key`` takes
-    the token from ``x-api-key`` too, as Anthropic's clients send it."""
+    """Base of every GenMLX endpoint. ``requires_token = False`` opens one (liveness checks); an
+    ``auth`` of None opens them all (a dispatcher started without a token). ``accepts_api_key``
+    takes the token from ``x-api-key`` too, as Anthropic's clients send it."""
 
     requires_token = True
     accepts_api_key = True
+    # A reply to a signed request is signed over its body, unless it is a file whose content the
+    # receiver checks against a signed listing (then over its status, as a streamed reply is).
+    signs_reply_body = True
     error_format = OPENAI_ERRORS
     # A client's mistake is told to the client and shows in the access log. Its message may quote
     # what the client sent (a prompt API's clients send prompts), so it is logged only on request.
     refusal_log_level = logging.DEBUG
 
-    def initialize(self, token: str | None, sessions: SessionVerifier | None = None) -> None:
+    def initialize(self, auth: ClusterAuth | None, sessions: SessionVerifier | None = None) -> None:
         """``sessions``, given to the status page's read endpoints, lets its cookie in on a GET."""
-        self.token = token
+        self.auth = auth
         self.sessions = sessions
+        self.signed_by: bytes | None = None  # the key a signed request was verified with
+        self.request_nonce = ""
+        self._reply_signed = False
 
     def prepare(self) -> None:
-        if not self.requires_token or self.token is None:
+        if not self.requires_token or self.auth is None:
             return
-        if not (self.carries_token(self.token) or self.carries_session()):
+        if self.carries_signature(self.auth):
+            return
+        if self.auth.accepts_bearer and self.carries_token(self.auth.token):
+            return
+        if not self.carries_session():
             raise self.token_refused()
+
+    def carries_signature(self, auth: ClusterAuth) -> bool:
+        """Whether the request is signed with a key of ``auth``; one that is signed and fails is
+        refused here, saying why."""
+        request = self.request
+        try:
+            signature = parse_signature(request.headers.get("Authorization"))
+            if signature is None:
+                return False
+            if not host_is_ours(request.host, auth.own_addresses()):
+                raise SignatureError(f"it is addressed to {request.host}, which is not this machine")
+            key = verify_request(
+                auth.keys, signature, request.method, request.host, request.uri, request.body, auth.guard
+            )
+        except SignatureError as e:
+            raise self.signature_refused(str(e)) from None
+        self.signed_by, self.request_nonce = key, signature.nonce
+        return True
+
+    def signature_refused(self, why: str) -> GenMLXError:
+        return Unauthorized(f"The request's signature is refused: {why}.")
 
     def token_refused(self) -> GenMLXError:
         """The error a request without the token gets."""
@@ -182,6 +255,28 @@ class ApiHandler(RequestHandler):
         if self.sessions is None or self.request.method != "GET":
             return False
         return self.sessions.accepts(self.request)
+
+    def compute_etag(self) -> None:
+        return None  # a 304 would drop the body a reply signature covers; nothing here is cached
+
+    def flush(self, include_footers: bool = False) -> Any:
+        if not self._headers_written:  # a reply sent in pieces: its signature covers the status
+            self._sign_reply(None, streamed=True)
+        return super().flush(include_footers)
+
+    def finish(self, chunk: Any = None) -> Any:
+        if chunk is not None and not self._finished:
+            self.write(chunk)
+        if not self._headers_written:
+            self._sign_reply(b"".join(self._write_buffer), streamed=not self.signs_reply_body)
+        return super().finish()
+
+    def _sign_reply(self, body: bytes | None, streamed: bool) -> None:
+        if self.signed_by is None or self._reply_signed:
+            return
+        self._reply_signed = True
+        reply = sign_reply(self.signed_by, self.request_nonce, self.get_status(), body, streamed)
+        self.set_header(REPLY_HEADER, reply)
 
     def json_body(self) -> dict[str, Any]:
         try:

@@ -64,6 +64,16 @@ def non_loopback_ipv4_addresses() -> list[str]:
     return found
 
 
+def interface_addresses() -> set[str]:
+    """Every IP address of this machine's interfaces (IPv6 without its zone)."""
+    return {
+        address.address.split("%", 1)[0]
+        for addresses in psutil.net_if_addrs().values()
+        for address in addresses
+        if address.family in (socket.AF_INET, socket.AF_INET6)
+    }
+
+
 def local_networks() -> list[ipaddress.IPv4Network]:
     """The IPv4 networks this machine's interfaces sit on, to prefer a peer's address on one."""
     networks = []

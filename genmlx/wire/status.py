@@ -93,6 +93,16 @@ class AnnouncedAgent(WireType):
 
 
 @dataclass(frozen=True)
+class ImpostorReport(WireType):
+    """Something that announces a declared node's name but cannot prove it holds the cluster
+    token: never sent anything that reveals state, never acted on."""
+
+    name: str
+    address: str
+    message: str
+
+
+@dataclass(frozen=True)
 class LastPass(WireType):
     at: str
     duration_seconds: float
@@ -114,6 +124,7 @@ class ClusterStatus(WireType):
     nodes: tuple[NodeStatus, ...] = ()
     models: tuple[ModelStatus, ...] = ()
     unmanaged_agents: tuple[AnnouncedAgent, ...] = ()  # announced, not in the manifest: never used
+    impostors: tuple[ImpostorReport, ...] = ()  # announced a declared node's name, proved nothing
     pending_actions: tuple[str, ...] = ()
     last_pass: LastPass | None = None
 

@@ -1,6 +1,7 @@
-"""What every agent endpoint shares: the cluster token as a bearer token only, errors in GenMLX's
-own shape ``{"error": {"message", "type"}}`` (``genmlx.core.http.GENMLX_ERRORS``), and no
-``Server`` header."""
+"""What every agent endpoint shares: requests signed with the cluster token's key only (the master
+and other agents sign theirs; nothing ever sends an agent the token), errors in GenMLX's own shape
+``{"error": {"message", "type"}}`` (``genmlx.core.http.GENMLX_ERRORS``), and no ``Server``
+header."""
 
 from __future__ import annotations
 
@@ -21,4 +22,10 @@ class AgentHandler(ApiHandler):
         self.clear_header("Server")  # the unauthenticated need not learn what we run
 
     def token_refused(self) -> GenMLXError:
-        return AuthError("this agent needs the cluster's bearer token: send Authorization: Bearer <token>")
+        return AuthError(
+            "this agent answers only requests signed with the cluster token's key "
+            "(GenMLX's master and agents sign theirs; the token itself is never accepted)"
+        )
+
+    def signature_refused(self, why: str) -> GenMLXError:
+        return AuthError(f"the request's signature is refused: {why}")

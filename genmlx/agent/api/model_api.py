@@ -34,6 +34,7 @@ from genmlx.agent.store.model_store import remove_model
 from genmlx.agent.transfers.fetch_request import file_source_path, parse_fetch_request
 from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.errors import AgentConflict, AgentNotFound
+from genmlx.core.http import ClusterAuth
 from genmlx.wire.agent_state import RankInfo
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class ModelNotManaged(AgentConflict):
 
 
 class ModelsHandler(AgentHandler):
-    def initialize(self, token: str, transfers: TransferManager) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, transfers: TransferManager) -> None:
+        super().initialize(auth)
         self.transfers = transfers
 
     async def post(self) -> None:
@@ -69,12 +70,12 @@ class ModelsHandler(AgentHandler):
 class ModelHandler(AgentHandler):
     def initialize(
         self,
-        token: str,
+        auth: ClusterAuth,
         storage_paths: tuple[Path, ...],
         supervisor: RankSupervisor,
         transfers: TransferManager,
     ) -> None:
-        super().initialize(token)
+        super().initialize(auth)
         self.storage_paths = storage_paths
         self.supervisor = supervisor
         self.transfers = transfers
@@ -106,8 +107,8 @@ class ModelHandler(AgentHandler):
 class StoredFilesEndpoint(AgentHandler):
     """An endpoint over the models' files and what the agent knows of their hashes."""
 
-    def initialize(self, token: str, storage_paths: tuple[Path, ...], verified: VerifiedFiles) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, storage_paths: tuple[Path, ...], verified: VerifiedFiles) -> None:
+        super().initialize(auth)
         self.storage_paths = storage_paths
         self.verified = verified
 
@@ -121,6 +122,8 @@ class ModelFilesHandler(StoredFilesEndpoint):
 
 
 class ModelFileHandler(StoredFilesEndpoint):
+    signs_reply_body = False  # the receiver checks the bytes against the signed listing's sha256
+
     async def get(self, name: str, path: str) -> None:
         await self.serve(name, path, send_body=True)
 

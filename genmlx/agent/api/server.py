@@ -12,8 +12,9 @@ collaborators it uses as ``initialize`` keywords; ``make_app`` hands them out.
     GET    /api/v1/models/{name}/files       the model's source, revision, commit and files
     GET    /api/v1/models/{name}/files/{path}  a file's bytes, with Range support
 
-Everything but ``/healthz`` needs ``Authorization: Bearer <token>``. Errors are raised as typed
-exceptions and rendered once, by ``genmlx.core.http.ApiHandler.write_error``, as
+Everything but ``/healthz`` needs a request signed with the cluster token's key
+(``Authorization: GenMLX-HMAC-SHA256 ...``, ``genmlx.core.signing``); the token itself is refused.
+Errors are raised as typed exceptions and rendered once, by ``genmlx.core.http.ApiHandler.write_error``, as
 ``{"error": {"message", "type"}}``.
 """
 
@@ -35,6 +36,7 @@ from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
 from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.errors import AgentRequestError
+from genmlx.core.http import ClusterAuth
 from genmlx.wire.agent_state import AgentState
 
 
@@ -49,7 +51,7 @@ def make_app(
     node_id: str = "",
 ) -> Application:
     """The agent's tornado application; ``verified`` is the one the transfer manager fills."""
-    auth = {"token": token}
+    auth = {"auth": ClusterAuth(token, accepts_bearer=False)}
     stored = {**auth, "storage_paths": storage_paths, "verified": verified}
     ranks = {**auth, "supervisor": supervisor}
     state = {
@@ -85,14 +87,14 @@ class HealthzHandler(AgentHandler):
 class StateHandler(AgentHandler):
     def initialize(
         self,
-        token: str,
+        auth: ClusterAuth,
         name: str,
         node_id: str,
         storage_paths: tuple[Path, ...],
         supervisor: RankSupervisor,
         transfers: TransferManager,
     ) -> None:
-        super().initialize(token)
+        super().initialize(auth)
         self.name = name
         self.node_id = node_id
         self.storage_paths = storage_paths
@@ -113,14 +115,16 @@ class StateHandler(AgentHandler):
 class RankEndpoint(AgentHandler):
     """An endpoint over the rank supervisor."""
 
-    def initialize(self, token: str, supervisor: RankSupervisor) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, supervisor: RankSupervisor) -> None:
+        super().initialize(auth)
         self.supervisor = supervisor
 
 
 class RanksHandler(RankEndpoint):
-    def initialize(self, token: str, supervisor: RankSupervisor, storage_paths: tuple[Path, ...]) -> None:
-        super().initialize(token, supervisor)
+    def initialize(
+        self, auth: ClusterAuth, supervisor: RankSupervisor, storage_paths: tuple[Path, ...]
+    ) -> None:
+        super().initialize(auth, supervisor)
         self.storage_paths = storage_paths
 
     async def post(self) -> None:

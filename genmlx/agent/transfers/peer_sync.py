@@ -41,6 +41,7 @@ from genmlx.agent.store.metadata import (
 from genmlx.agent.store.model_store import check_room, holds_revision, partial_dir, publish, sha256_file
 from genmlx.agent.transfers.progress import TransferProgress
 from genmlx.core.errors import PermanentError, TemporaryError
+from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.wire.agent_state import FetchRequest
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,11 @@ def list_peer_model(peer: Peer, name: str) -> ModelMetadata:
     """The peer's metadata of its complete model ``name``."""
     connection = http.client.HTTPConnection(peer.host, peer.port, timeout=PEER_TIMEOUT_S)
     try:
-        response = send(connection, peer, f"/api/v1/models/{quote(name, safe='')}/files", {})
-        raise_for_status(response, peer, f"the file list of {name}")
-        listing = json.loads(response.read())
+        reply = send(connection, peer, f"/api/v1/models/{quote(name, safe='')}/files", {})
+        raise_for_status(reply, peer, f"the file list of {name}")
+        body = reply.response.read()
+        reply.checked(peer, body)
+        listing = json.loads(body)
         return checked_listing(parse_metadata(listing), peer)
     except (InvalidMetadata, ValueError) as e:
         raise PeerRefused(f"peer {peer} sent an unusable file list for {name}: {e}") from None
@@ -261,9 +264,10 @@ def request_file(
     connection: http.client.HTTPConnection, peer: Peer, name: str, file: ModelFile, offset: int
 ) -> http.client.HTTPResponse:
     path = f"/api/v1/models/{quote(name, safe='')}/files/{quote(file.path, safe='/')}"
-    response = send(connection, peer, path, {"Range": f"bytes={offset}-"} if offset else {})
-    raise_for_status(response, peer, f"{name}/{file.path}")
-    return response
+    reply = send(connection, peer, path, {"Range": f"bytes={offset}-"} if offset else {})
+    raise_for_status(reply, peer, f"{name}/{file.path}")
+    reply.checked(peer)
+    return reply.response
 
 
 def response_start(response: http.client.HTTPResponse, peer: Peer, file: ModelFile, offset: int) -> int:
@@ -323,24 +327,48 @@ def write_all(out: Any, chunk: memoryview) -> None:
 
 def send(
     connection: http.client.HTTPConnection, peer: Peer, path: str, headers: dict[str, str]
-) -> http.client.HTTPResponse:
+) -> SignedReply:
+    """GET ``path`` from the peer, signed; the reply and the nonce its signature must name."""
+    keys = Keys.of(peer.token)
+    signed, nonce = signed_headers(keys, "GET", f"http://{peer}{path}", None)
     try:
-        connection.request("GET", path, headers={**headers, "Authorization": f"Bearer {peer.token}"})
-        return connection.getresponse()
+        connection.request("GET", path, headers={**headers, **signed})
+        return SignedReply(connection.getresponse(), keys, nonce)
     except (OSError, http.client.HTTPException) as e:
         raise PeerUnreachable(f"peer {peer} did not answer: {e or type(e).__name__}") from None
 
 
-def raise_for_status(response: http.client.HTTPResponse, peer: Peer, what: str) -> None:
+@dataclass(frozen=True)
+class SignedReply:
+    """A peer's reply to a signed request: ``checked`` it, with its body where the signature covers
+    it (a file's bytes are checked against the listing's sha256 instead)."""
+
+    response: http.client.HTTPResponse
+    keys: Keys
+    nonce: str
+
+    def checked(self, peer: Peer, body: bytes | None = None) -> None:
+        header = self.response.getheader(REPLY_HEADER)
+        try:
+            check_reply(self.keys, self.nonce, self.response.status, header, body)
+        except SignatureError as e:
+            raise PeerRefused(f"what answers at {peer} is not an agent of this cluster: {e}") from None
+
+
+def raise_for_status(reply: SignedReply, peer: Peer, what: str) -> None:
     """Nothing for 200 and 206; ``PeerUnreachable`` for 5xx; ``PeerRefused`` with the peer's own
-    message for anything else."""
+    message for anything else (a refusal of our signature is not signed; any other is checked)."""
+    response = reply.response
     if response.status in (200, 206):
         return
-    message = error_message(response.read())
+    body = response.read()
+    if response.status != 401:
+        reply.checked(peer, body)
+    message = error_message(body)
     if response.status >= 500:
         raise PeerUnreachable(f"peer {peer} failed to send {what} (HTTP {response.status}): {message}")
     if response.status == 401:
-        message = "it refused our token (do both agents hold the same cluster token?)"
+        message = f"it refused our signature (do both agents hold the same cluster token?): {message}"
     raise PeerRefused(f"peer {peer} refused {what} (HTTP {response.status}): {message}")
 
 

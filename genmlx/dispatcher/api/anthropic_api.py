@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from genmlx.core.errors import ApiError, ContextLengthExceeded
-from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, anthropic_error_json
+from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, ClusterAuth, anthropic_error_json
 from genmlx.dispatcher.api.anthropic_format import AnthropicMessageFormat
 from genmlx.dispatcher.api.anthropic_request import (
     MessagesRequest,
@@ -95,8 +95,8 @@ class CountTokensHandler(ApiHandler):
 
     error_format = ANTHROPIC_ERRORS
 
-    def initialize(self, token: str | None, model_id: str, engine: Engine) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth | None, model_id: str, engine: Engine) -> None:
+        super().initialize(auth)
         self.model_id = model_id
         self.engine = engine
 

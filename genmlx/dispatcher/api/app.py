@@ -7,6 +7,7 @@ import logging
 
 from tornado.web import Application, RequestHandler
 
+from genmlx.core.http import ClusterAuth
 from genmlx.dispatcher.api.anthropic_api import (
     CountTokensHandler,
     MessagesHandler,
@@ -34,7 +35,7 @@ def make_app(
 ) -> Application:
     """The tornado application serving ``/health``, ``/metrics``, the OpenAI APIs (chat, completions,
     responses) and Anthropic's; a ``token`` of None leaves the API open."""
-    auth = {"token": token}
+    auth = {"auth": ClusterAuth(token) if token else None}
     listing = {**auth, "model_id": model_id, "started_at": started_at}
     serving = {**auth, "model_id": model_id, "engine": engine}
     generation = {**serving, "metrics": metrics}
@@ -57,7 +58,7 @@ def make_app(
 
 def make_health_app(*, model_id: str, engine: Engine, token: str | None) -> Application:
     """``/health`` alone, for the ranks of a group other than rank 0."""
-    auth = {"token": token}
+    auth = {"auth": ClusterAuth(token) if token else None}
     return Application(
         [(r"/health", HealthHandler, {**auth, "model_id": model_id, "engine": engine})],
         default_handler_class=UnknownRouteHandler,

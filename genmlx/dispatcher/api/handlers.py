@@ -17,7 +17,7 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from genmlx.core.errors import ApiError, InternalError, NotReady, UnknownModel, UnknownRoute
-from genmlx.core.http import ApiHandler
+from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
 from genmlx.dispatcher.api.openai_format import (
     ChatCompletionFormat,
@@ -49,8 +49,8 @@ class HealthHandler(ApiHandler):
 
     requires_token = False
 
-    def initialize(self, token: str | None, model_id: str, engine: Engine) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth | None, model_id: str, engine: Engine) -> None:
+        super().initialize(auth)
         self.model_id = model_id
         self.engine = engine
 
@@ -65,8 +65,8 @@ class HealthHandler(ApiHandler):
 class MetricsHandler(ApiHandler):
     """``GET /metrics``: Prometheus text format; Prometheus scrapes it with the bearer token."""
 
-    def initialize(self, token: str | None, metrics: DispatcherMetrics) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth | None, metrics: DispatcherMetrics) -> None:
+        super().initialize(auth)
         self.metrics = metrics
 
     def get(self) -> None:
@@ -78,8 +78,8 @@ class MetricsHandler(ApiHandler):
 class ModelListing(ApiHandler):
     """An endpoint that describes the one model served here."""
 
-    def initialize(self, token: str | None, model_id: str, started_at: int) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth | None, model_id: str, started_at: int) -> None:
+        super().initialize(auth)
         self.model_id = model_id
         self.started_at = started_at
 
@@ -127,9 +127,9 @@ class GenerationHandler(ApiHandler):
     sse_done: str | None = "[DONE]"  # the data line that ends a stream
 
     def initialize(
-        self, token: str | None, model_id: str, engine: Engine, metrics: DispatcherMetrics
+        self, auth: ClusterAuth | None, model_id: str, engine: Engine, metrics: DispatcherMetrics
     ) -> None:
-        super().initialize(token)
+        super().initialize(auth)
         self.model_id = model_id
         self.engine = engine
         self.metrics = metrics

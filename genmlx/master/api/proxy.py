@@ -4,8 +4,13 @@ master itself refuses there, and any other path under ``/v1/messages``, it answe
 error shape.
 
 Bodies pass through untouched and responses stream back chunk by chunk as rank 0 writes them,
-so SSE works end to end. A client that hangs up closes the upstream connection at once
-(``upstream``), which is how rank 0 learns to stop, even in the middle of reading a long prompt.
+so SSE works end to end. The request to rank 0 is signed with the cluster token's key (the token
+itself never leaves the master), and rank 0's reply must carry its signature: a whole reply is
+held until its signature over the body is checked (rank 0 wrote it in one piece anyway); a
+streamed one is passed on once the signature over its status is.
+
+A client that hangs up closes the upstream connection at once (``upstream``), which is how rank 0
+learns to stop, even in the middle of reading a long prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from genmlx.core.errors import BadGateway, ModelNotNamed, NotReady, UnknownModel, UnknownRoute
-from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler
+from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, ClusterAuth
+from genmlx.core.signing import REPLY_HEADER, SignatureError, check_reply, reply_covers_body, signed_headers
 from genmlx.master.api.upstream import Upstream
 from genmlx.master.runtime.loop import Reconciler
 
@@ -28,8 +34,8 @@ class ModelsHandler(ApiHandler):
     """``GET /v1/models``: the models that serve now, so a client offers none that would answer 503;
     ``GET /v1/models/{id}`` of a declared model that does not serve is a 404 that says why."""
 
-    def initialize(self, token: str, reconciler: Reconciler) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
+        super().initialize(auth)
         self.reconciler = reconciler
 
     def get(self, model_id: str | None = None) -> None:
@@ -62,11 +68,15 @@ def model_object(name: str, created: int) -> dict[str, Any]:
 class ProxyHandler(ApiHandler):
     """``POST /v1/{path}``: the request, untouched, to rank 0 of the model it names."""
 
-    def initialize(self, token: str, reconciler: Reconciler) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
+        super().initialize(auth)
         self.reconciler = reconciler
         self.upstream = Upstream()
         self.status = 502
+        self.nonce = ""
+        self.signature: str | None = None  # rank 0's signature of its reply
+        self.held: bytearray | None = None  # a whole reply, until its signature is checked
+        self.unproven = ""  # why rank 0's reply was not accepted
 
     def on_connection_close(self) -> None:
         # At once, not at rank 0's next write: that may be a long prompt away.
@@ -78,24 +88,39 @@ class ProxyHandler(ApiHandler):
         await self.forward(f"{upstream}/{path}", self.request.body)
 
     async def forward(self, url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
-        headers = {
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {self.token}",
-            **(extra_headers or {}),
-        }
+        signed, self.nonce = signed_headers(self.auth.keys, "POST", url, body)
+        headers = {"Content-Type": "application/json", **signed, **(extra_headers or {})}
         try:
             await self.upstream.post(url, body, headers, self.start_response, self.relay)
         except StreamClosedError:
             if self.request.connection.stream.closed():  # our client left: nothing to answer
                 return
             self.reconciler.wake()
-            raise BadGateway(f"The model's rank 0 at {url} closed the connection mid-reply.") from None
+            if self.unproven:
+                message = f"What answers at {url} is not the model's rank 0: {self.unproven}."
+            else:
+                message = f"The model's rank 0 at {url} closed the connection mid-reply."
+            raise BadGateway(message) from None
         except (OSError, TimeoutError) as e:
             self.reconciler.wake()  # evidence that the cluster changed: look now, not at the next resync
             raise BadGateway(f"The model's rank 0 at {url} did not answer: {e}") from None
+        if self.held is not None:
+            self.pass_on_whole_reply(url)
         self.finish()
 
+    def pass_on_whole_reply(self, url: str) -> None:
+        try:
+            check_reply(self.auth.keys, self.nonce, self.status, self.signature, bytes(self.held))
+        except SignatureError as e:
+            self.reconciler.wake()
+            raise BadGateway(f"What answers at {url} is not the model's rank 0: {e}.") from None
+        self.received(self.status, bytes(self.held))
+        self.write(bytes(self.held))
+
     def relay(self, chunk: bytes) -> None:
+        if self.held is not None:
+            self.held += chunk
+            return
         self.received(self.status, chunk)
         self.write(chunk)
         self.flush()
@@ -104,7 +129,16 @@ class ProxyHandler(ApiHandler):
         """Each chunk of the upstream reply as it passes (a subclass may keep what it needs)."""
 
     def start_response(self, code: int, headers: HTTPHeaders) -> None:
-        self.status = code
+        self.status, self.signature = code, headers.get(REPLY_HEADER)
+        if reply_covers_body(self.signature):
+            self.held = bytearray()
+        else:
+            try:
+                check_reply(self.auth.keys, self.nonce, code, self.signature)
+            except SignatureError as e:
+                self.unproven = str(e)
+                self.upstream.close()
+                return
         self.set_status(code)
         for name in PASSED_HEADERS:
             if name in headers:

@@ -13,6 +13,7 @@ from genmlx.master.runtime.loop import RejectedManifest, Snapshot
 from genmlx.wire.status import (
     ClusterStatus,
     ConditionReport,
+    ImpostorReport,
     LastPass,
     ModelCopy,
     ModelRank,
@@ -70,6 +71,7 @@ def base_document(applied: AppliedManifest | None, snapshot: Snapshot | None) ->
         nodes=tuple(node_document(snapshot, node.name) for node in applied.manifest.nodes),
         models=tuple(model_document(applied, snapshot, spec.name) for spec in applied.manifest.models),
         unmanaged_agents=tuple(agent.report() for agent in snapshot.unmanaged_agents),
+        impostors=tuple(ImpostorReport(i.name, i.address, i.detail) for i in snapshot.observed.impostors),
         pending_actions=tuple(a.describe() for a in snapshot.planned),
         last_pass=LastPass(iso_time(snapshot.observed.now), round(snapshot.duration_s, 3), snapshot.errors),
     )

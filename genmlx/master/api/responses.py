@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from genmlx.core.errors import ResponseNotFound
-from genmlx.core.http import ApiHandler
+from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.master.api.proxy import ProxyHandler, endpoint_for
 from genmlx.master.runtime.loop import Reconciler
 from genmlx.master.runtime.responses import ResponseStore, StoredResponse, final_response, input_items
@@ -39,8 +39,8 @@ def stored_or_404(responses: ResponseStore, response_id: str, param: str | None 
 class ResponsesProxyHandler(ProxyHandler):
     """``POST /v1/responses``."""
 
-    def initialize(self, token: str, reconciler: Reconciler, responses: ResponseStore) -> None:
-        super().initialize(token, reconciler)
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler, responses: ResponseStore) -> None:
+        super().initialize(auth, reconciler)
         self.responses = responses
         self._reply = bytearray()
         self._keeping = False
@@ -78,8 +78,8 @@ class ResponsesProxyHandler(ProxyHandler):
 class StoredResponseHandler(ApiHandler):
     """``GET`` / ``DELETE /v1/responses/{id}``."""
 
-    def initialize(self, token: str, responses: ResponseStore) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, responses: ResponseStore) -> None:
+        super().initialize(auth)
         self.responses = responses
 
     def get(self, response_id: str) -> None:

@@ -1,7 +1,8 @@
 """The master's HTTP surface: liveness, status, apply, and the OpenAI and Anthropic router under
 ``/v1``.
 
-Everything but ``/healthz`` and the status page's files needs the cluster's bearer token; the
+Everything but ``/healthz`` and the status page's files needs a request signed with the cluster
+token's key (as the CLI sends) or the token as a bearer token (as API clients send); the
 page's session cookie (``ui_auth``) reads status, events, the stream and the client snippets
 (``integrations``), nothing else.
 """
@@ -14,7 +15,7 @@ from typing import Any
 from tornado.web import Application
 
 from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
-from genmlx.core.http import ApiHandler
+from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.api.integrations import IntegrationsHandler
@@ -65,8 +66,8 @@ class ManifestHandler(ApiHandler):
     Answers the generation, whether the manifest changed, and the plan: what the master will now
     do, or with ``dryRun`` what it would do (nothing is applied then)."""
 
-    def initialize(self, token: str, reconciler: Reconciler) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
+        super().initialize(auth)
         self.reconciler = reconciler
 
     def get(self) -> None:
@@ -125,9 +126,10 @@ class ManifestHandler(ApiHandler):
 
 
 def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Application:
-    auth = {"token": token}
+    cluster_auth = ClusterAuth(token)
+    auth = {"auth": cluster_auth}
     deps = {**auth, "reconciler": reconciler}
-    page, sessions = ui_routes(token)
+    page, sessions = ui_routes(cluster_auth)
     # Only the endpoints given ``sessions`` (status, events, stream, integrations) let the page in.
     readable = {**deps, "sessions": sessions}
     return Application(

@@ -10,7 +10,7 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from genmlx.core.errors import InvalidRequest
-from genmlx.core.http import ApiHandler, SessionVerifier
+from genmlx.core.http import ApiHandler, ClusterAuth, SessionVerifier
 from genmlx.master.api.report import status_document
 from genmlx.master.runtime.loop import Reconciler
 
@@ -25,8 +25,8 @@ def current_status(reconciler: Reconciler) -> dict[str, Any]:
 class ReadEndpoint(ApiHandler):
     """A read of the reconciler that the status page makes too, with its session."""
 
-    def initialize(self, token: str, reconciler: Reconciler, sessions: SessionVerifier) -> None:
-        super().initialize(token, sessions)
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler, sessions: SessionVerifier) -> None:
+        super().initialize(auth, sessions)
         self.reconciler = reconciler
 
 

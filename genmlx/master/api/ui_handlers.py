@@ -9,7 +9,7 @@ from typing import Any
 
 from tornado.web import RequestHandler, StaticFileHandler
 
-from genmlx.core.http import ApiHandler
+from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.master.api.ui_auth import COOKIE_NAME, LoginCodes, Sessions
 
 PAGE_HEADERS = {
@@ -57,8 +57,8 @@ class UiFileHandler(StaticFileHandler):
 class UiLoginCodeHandler(ApiHandler):
     """``POST /api/v1/ui/login`` (bearer token): a one-time sign-in link for the browser."""
 
-    def initialize(self, token: str, codes: LoginCodes) -> None:
-        super().initialize(token)
+    def initialize(self, auth: ClusterAuth, codes: LoginCodes) -> None:
+        super().initialize(auth)
         self.codes = codes
 
     def post(self) -> None:
@@ -94,12 +94,12 @@ class UiLoginHandler(RequestHandler):
         self.redirect("/", status=303)
 
 
-def ui_routes(token: str) -> tuple[list[tuple], Sessions]:
+def ui_routes(auth: ClusterAuth) -> tuple[list[tuple], Sessions]:
     """The page's routes and the session verifier the data endpoints take in their deps."""
-    sessions, codes = Sessions(token), LoginCodes()
+    sessions, codes = Sessions(auth.token), LoginCodes()
     root = str(ui_root())
     routes: list[tuple] = [
-        (r"/api/v1/ui/login", UiLoginCodeHandler, {"token": token, "codes": codes}),
+        (r"/api/v1/ui/login", UiLoginCodeHandler, {"auth": auth, "codes": codes}),
         (r"/ui/login", UiLoginHandler, {"codes": codes, "sessions": sessions}),
         (r"/()", UiFileHandler, {"path": root, "default_filename": "index.html"}),
         (r"/ui/(.+)", UiFileHandler, {"path": root}),

@@ -53,8 +53,19 @@ class RolloutRecord:
 
 
 @dataclass(frozen=True)
+class Impostor:
+    """Something at ``address`` that announces itself as node ``name`` but could not prove that it
+    holds the cluster token: nothing that reveals state and no action is ever sent to it."""
+
+    name: str
+    address: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class Observed:
     now: float
     nodes: dict[str, ObservedNode] = field(default_factory=dict)
     endpoints: dict[str, EndpointHealth] = field(default_factory=dict)  # by model name
     rollouts: dict[str, RolloutRecord] = field(default_factory=dict)  # by model name
+    impostors: tuple[Impostor, ...] = ()

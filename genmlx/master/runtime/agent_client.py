@@ -1,5 +1,9 @@
 """The master's HTTP client for agents and for rank 0's health check.
 
+Every request to an agent is signed with the cluster token's key (``genmlx.core.signing``), and
+every answer but a refusal must carry the agent's signature over the request's nonce and the
+answer's body: one that does not comes from an impostor (``ImpostorError``), whatever it says.
+
 Maps transport outcomes onto the error tree: no answer or a 5xx is ``AgentUnreachable`` (worth
 retrying), 401/403 is ``AuthError``, 404 ``AgentNotFound``, 409 ``AgentConflict``, any other 4xx
 ``AgentRequestError`` (all three permanent).
@@ -12,9 +16,17 @@ import json
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from genmlx.core.errors import AgentConflict, AgentNotFound, AgentRequestError, AgentUnreachable, AuthError
+from genmlx.core.errors import (
+    AgentConflict,
+    AgentNotFound,
+    AgentRequestError,
+    AgentUnreachable,
+    AuthError,
+    ImpostorError,
+)
+from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.master.planning.observed import EndpointHealth
 from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo
 from genmlx.wire.rank_launch import RankLaunch
@@ -26,11 +38,11 @@ REJECTIONS: dict[int, type[AgentRequestError]] = {404: AgentNotFound, 409: Agent
 
 
 class AgentClient:
-    """Talks to one agent at ``address`` ("host:port") with the cluster's bearer token."""
+    """Talks to one agent at ``address`` ("host:port"), signing with the cluster's ``keys``."""
 
-    def __init__(self, address: str, token: str, http: AsyncHTTPClient, stop_timeout_s: float = 30.0):
+    def __init__(self, address: str, keys: Keys, http: AsyncHTTPClient, stop_timeout_s: float = 30.0):
         self.address = address
-        self._token = token
+        self._keys = keys
         self._http = http
         self._stop_timeout_s = stop_timeout_s
 
@@ -61,11 +73,14 @@ class AgentClient:
         return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")
 
     async def _call(self, method: str, path: str, body: Any = None, timeout: float = 15.0) -> Any:
+        url = f"http://{self.address}{path}"
+        payload = None if body is None else json.dumps(body).encode()
+        signed, nonce = signed_headers(self._keys, method, url, payload)
         request = HTTPRequest(
-            f"http://{self.address}{path}",
+            url,
             method=method,
-            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
-            body=None if body is None else json.dumps(body),
+            headers={**signed, "Content-Type": "application/json"},
+            body=payload,
             allow_nonstandard_methods=True,
             connect_timeout=3.0,
             request_timeout=timeout,
@@ -73,19 +88,31 @@ class AgentClient:
         try:
             response = await self._http.fetch(request)
         except HTTPClientError as e:
+            if e.response is not None and e.code not in (401, 403):
+                self._check_signed(nonce, e.response)
             raise agent_error(self.address, method, path, e) from None
         except OSError as e:
             raise AgentUnreachable(f"agent at {self.address} does not answer: {e}") from None
+        self._check_signed(nonce, response)
         if response.headers.get("Content-Type", "").startswith("application/json"):
             return json.loads(response.body)
         return response.body.decode(errors="replace")
+
+    def _check_signed(self, nonce: str, response: HTTPResponse) -> None:
+        try:
+            check_reply(self._keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
+        except SignatureError as e:
+            raise ImpostorError(
+                f"whatever answers at {self.address} is not a GenMLX agent of this cluster: {e}"
+            ) from None
 
 
 def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exception:
     if e.code == 599:
         return AgentUnreachable(f"agent at {address} does not answer: {e.message}")
     if e.code in (401, 403):
-        return AuthError(f"agent at {address} refused the cluster token (HTTP {e.code})")
+        why = error_message(e)
+        return AuthError(f"agent at {address} refused our signature (HTTP {e.code}): {why}")
     message = error_message(e)
     if e.code >= 500:
         return AgentUnreachable(f"agent at {address} failed {method} {path}: {message}")

@@ -24,6 +24,8 @@ from typing import Literal
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+
 log = logging.getLogger("genmlx.master")
 
 Verdict = Literal["passed", "pending", "hung"]
@@ -43,21 +45,21 @@ class CanaryResult:
 class Canaries:
     """Runs each group's canary when it is due and remembers the last verdict."""
 
-    def __init__(self, http: AsyncHTTPClient, token: str, interval_s: float, timeout_s: float):
+    def __init__(self, http: AsyncHTTPClient, keys: Keys, interval_s: float, timeout_s: float):
         self.on_result: Callable[[], None] = lambda: None  # the loop wakes: a verdict may change status
         self._http = http
-        self._token = token
+        self._keys = keys
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._results: dict[str, CanaryResult] = {}
         self._running: dict[str, asyncio.Task] = {}
 
     @classmethod
-    def from_environment(cls, http: AsyncHTTPClient, token: str) -> Canaries:
+    def from_environment(cls, http: AsyncHTTPClient, keys: Keys) -> Canaries:
         """Interval and timeout from ``GENMLX_CANARY_INTERVAL_S`` / ``GENMLX_CANARY_TIMEOUT_S``."""
         interval = float(os.environ.get("GENMLX_CANARY_INTERVAL_S", DEFAULT_INTERVAL_S))
         timeout = float(os.environ.get("GENMLX_CANARY_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-        return cls(http, token, interval, timeout)
+        return cls(http, keys, interval, timeout)
 
     def verdict(self, model: str, group: str, base_url: str) -> tuple[Verdict, str]:
         """Where ``model``'s group (``group``), serving at ``base_url``, stands; starts a canary
@@ -93,13 +95,15 @@ class Canaries:
 
     async def _complete_one_token(self, model: str, base_url: str) -> tuple[Verdict | None, str]:
         """``passed``, ``hung`` with why, or None when the answer proves nothing (busy, restarting)."""
-        body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        url = f"{base_url}/completions"
+        body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode()
+        signed, nonce = signed_headers(self._keys, "POST", url, body)
         try:
             response = await self._http.fetch(
-                f"{base_url}/completions",
+                url,
                 method="POST",
-                body=json.dumps(body),
-                headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
+                body=body,
+                headers={**signed, "Content-Type": "application/json"},
                 connect_timeout=5.0,
                 request_timeout=self._timeout_s,
                 raise_error=False,
@@ -110,6 +114,10 @@ class Canaries:
             return None, f"rank 0 does not answer: {e}"
         if response.code == 599:
             return "hung", f"the canary completion got no answer in {self._timeout_s:.0f}s"
+        try:
+            check_reply(self._keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
+        except SignatureError as e:
+            return "hung", f"what answers at {base_url} is not this cluster's rank 0: {e}"
         if response.code == 200:
             return "passed", ""
         if response.code in (429, 503):

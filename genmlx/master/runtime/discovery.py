@@ -1,8 +1,10 @@
 """Discovery: the agents that announce ``_genmlx._tcp.local.`` on the master's networks.
 
 ``AgentDiscovery`` browses with zeroconf, resolves each service as it appears or changes, and
-keeps ``{node name: DiscoveredAgent}``; every add, change or removal calls ``on_change`` (the
-reconciler's ``wake``), so a new agent is observed by the very next pass. An agent that stops
+keeps every ``DiscoveredAgent`` by service; every add, change or removal calls ``on_change`` (the
+reconciler's ``wake``), so a new agent is observed by the very next pass. Announcing is not
+proof: anything on the network can announce a node's name, and the master believes only what
+answers with the cluster token's signature (``genmlx.master.runtime.observe``). An agent that stops
 sends goodbye packets and is forgotten at once; one that is killed, once it stops answering. Which of them the
 master uses is the manifest's business: agents it does not declare are reported as unmanaged.
 """
@@ -59,9 +61,13 @@ class AgentDiscovery:
         self._rechecks: asyncio.Task | None = None
 
     @property
-    def agents(self) -> dict[str, DiscoveredAgent]:
-        """The agents announced now, by node name."""
-        return {agent.name: agent for agent in self._by_service.values()}
+    def announcers(self) -> dict[str, tuple[DiscoveredAgent, ...]]:
+        """What announces each node name now: one agent, or more where something else claims the
+        same name (the master asks each which of them holds the cluster token)."""
+        found: dict[str, list[DiscoveredAgent]] = {}
+        for agent in self._by_service.values():
+            found.setdefault(agent.name, []).append(agent)
+        return {name: tuple(sorted(agents, key=lambda a: a.address)) for name, agents in found.items()}
 
     async def start(self, on_change: Callable[[], None]) -> None:
         """Start browsing; ``on_change()`` is called on the event loop after every change."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from genmlx.core.errors import GenMLXError, TemporaryError
+from genmlx.core.errors import GenMLXError, PermanentError, TemporaryError
 from genmlx.master.planning.actions import Action, DeleteModel, FetchModel, StartRankGroup, StopRankGroup
 from genmlx.master.runtime.agent_client import AgentClient
 
@@ -72,17 +72,25 @@ async def execute_one(action: Action, clients: dict[str, AgentClient]) -> None:
         for node, rank in action.ranks:
             async for attempt in retrying():
                 with attempt:
-                    await clients[node].stop_rank(action.model, rank)
+                    await agent(clients, node).stop_rank(action.model, rank)
     elif isinstance(action, StartRankGroup):
         await start_group(action, clients)
     elif isinstance(action, FetchModel):
         async for attempt in retrying():
             with attempt:
-                await clients[action.node].fetch_model(action.request)
+                await agent(clients, action.node).fetch_model(action.request)
     elif isinstance(action, DeleteModel):
         async for attempt in retrying():
             with attempt:
-                await clients[action.node].delete_model(action.storage_path, action.model)
+                await agent(clients, action.node).delete_model(action.storage_path, action.model)
+
+
+def agent(clients: dict[str, AgentClient], node: str) -> AgentClient:
+    """The client of ``node``'s proven agent; a node without one cannot be acted on (this pass)."""
+    client = clients.get(node)
+    if client is None:
+        raise PermanentError(f"no agent of node {node} has proven itself in this pass")
+    return client
 
 
 async def start_group(action: StartRankGroup, clients: dict[str, AgentClient]) -> None:
@@ -92,12 +100,12 @@ async def start_group(action: StartRankGroup, clients: dict[str, AgentClient]) -
         for node, launch in action.launches:
             async for attempt in retrying():
                 with attempt:
-                    await clients[node].start_rank(launch)
+                    await agent(clients, node).start_rank(launch)
             started.append((node, launch.rank))
     except GenMLXError:
         for node, rank in started:
             try:
-                await clients[node].stop_rank(action.model, rank)
+                await agent(clients, node).stop_rank(action.model, rank)
             except GenMLXError as e:
                 log.warning(
                     "could not stop rank %d of %s on %s after a failed start: %s", rank, action.model, node, e

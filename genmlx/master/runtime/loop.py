@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from tornado.httpclient import AsyncHTTPClient
 
 from genmlx.core.errors import ManifestError
+from genmlx.core.signing import Keys
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.planning.actions import Action, FetchModel, StartRankGroup
@@ -39,7 +40,7 @@ from genmlx.master.runtime.canary import Canaries
 from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
-from genmlx.master.runtime.observe import agent_address, observe
+from genmlx.master.runtime.observe import agent_addresses, observe
 from genmlx.wire.status import Revision
 
 log = logging.getLogger("genmlx.master")
@@ -94,7 +95,7 @@ class Reconciler:
         local_agents: dict[str, str] | None = None,
         events: EventLog | None = None,
     ):
-        self._token = token
+        self._keys = Keys.of(token)
         self._store = store
         self._http = http
         self._resync_s = resync_s
@@ -106,7 +107,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
-        self._canaries = Canaries.from_environment(http, token)
+        self._canaries = Canaries.from_environment(http, self._keys)
         self._canaries.on_result = self.wake
         self._stopping = False
         self._passes_started = 0
@@ -182,7 +183,7 @@ class Reconciler:
         self.snapshot = snapshot
         self._tell_planned(number, snapshot)
         self._record_transitions(previous, snapshot, applied.manifest.name)
-        results = await execute(actions, self._clients_for(applied.manifest)) if actions else []
+        results = await execute(actions, self._proven_clients(observed)) if actions else []
         self._remember_rollouts(snapshot, results, observed.now)
         self._record_results(results)
         errors = tuple(f"{r.action.describe()}: {r.error}" for r in results if not r.ok)
@@ -259,8 +260,8 @@ class Reconciler:
                 )
 
     async def _observe(self, manifest: Manifest) -> Observed:
-        clients = self._clients_for(manifest)
-        return await observe(manifest, clients, self._http, self._rollouts, time.time(), self._canaries)
+        candidates = self._candidates_for(manifest)
+        return await observe(manifest, candidates, self._http, self._rollouts, time.time(), self._canaries)
 
     def _conclude(
         self,
@@ -310,26 +311,38 @@ class Reconciler:
                 )
                 self._rollouts[result.action.model] = RolloutRecord(result.action.spec_hash, attempts, now)
 
-    def _discovered(self) -> dict[str, DiscoveredAgent]:
-        """Announced agents, and this process's own (which need no announcing)."""
-        found = dict(self._discovery.agents) if self._discovery else {}
+    def _announced(self) -> dict[str, tuple[DiscoveredAgent, ...]]:
+        """Whatever announces each node name, and this process's own agent (which needs no
+        announcing)."""
+        found = dict(self._discovery.announcers) if self._discovery else {}
         for name, address in self._local_agents.items():
-            found.setdefault(name, DiscoveredAgent(name, address, "", "", last_seen=0.0))
+            found.setdefault(name, (DiscoveredAgent(name, address, "", "", last_seen=0.0),))
         return found
 
     def _unmanaged_agents(self, manifest: Manifest) -> tuple[DiscoveredAgent, ...]:
         declared = {node.name for node in manifest.nodes}
-        return tuple(a for name, a in sorted(self._discovered().items()) if name not in declared)
+        announced = sorted(self._announced().items())
+        return tuple(agent for name, agents in announced if name not in declared for agent in agents)
 
-    def _clients_for(self, manifest: Manifest) -> dict[str, AgentClient]:
-        """A client per node whose agent we can locate (declared address, else discovery)."""
-        clients = {}
-        discovered = self._discovered()
-        for node in manifest.nodes:
-            address = agent_address(node, discovered)
-            if address is None:
-                continue
-            if address not in self._clients:
-                self._clients[address] = AgentClient(address, self._token, self._http)
-            clients[node.name] = self._clients[address]
-        return clients
+    def _candidates_for(self, manifest: Manifest) -> dict[str, list[AgentClient]]:
+        """For each node, a client for every place its agent may be (declared address, else
+        whatever announces its name): the pass finds out which of them proves itself."""
+        announced = self._announced()
+        return {
+            node.name: [self._client(address) for address in agent_addresses(node, announced)]
+            for node in manifest.nodes
+        }
+
+    def _client(self, address: str) -> AgentClient:
+        if address not in self._clients:
+            self._clients[address] = AgentClient(address, self._keys, self._http)
+        return self._clients[address]
+
+    def _proven_clients(self, observed: Observed) -> dict[str, AgentClient]:
+        """The client of each node whose agent answered this pass with the cluster's signature:
+        the only ones actions go to."""
+        return {
+            name: self._client(node.address)
+            for name, node in observed.nodes.items()
+            if node.reachability == "ready"
+        }

@@ -1,6 +1,10 @@
 """Observe: ask every declared node's agent for its state, and each served model's rank 0 for
 its health, concurrently. Failures become data (a node that is unreachable), never exceptions,
-so one bad node never hides the others."""
+so one bad node never hides the others.
+
+A node may have several candidates: everything that announces its name. Each is asked, with a
+signed request that is of no use anywhere else; the one whose answer is signed with the cluster
+token's key is the node, and whatever answers unsigned is an impostor (``Impostor``)."""
 
 from __future__ import annotations
 
@@ -9,21 +13,20 @@ from collections.abc import Mapping
 
 from tornado.httpclient import AsyncHTTPClient
 
-from genmlx.core.errors import AuthError, GenMLXError
+from genmlx.core.errors import AuthError, GenMLXError, ImpostorError
 from genmlx.manifest.types import Manifest, Node
-from genmlx.master.planning.observed import EndpointHealth, Observed, ObservedNode, RolloutRecord
+from genmlx.master.planning.observed import EndpointHealth, Impostor, Observed, ObservedNode, RolloutRecord
 from genmlx.master.runtime.agent_client import AgentClient, check_endpoint
 from genmlx.master.runtime.canary import Canaries
 from genmlx.master.runtime.discovery import DiscoveredAgent
 
 
-def agent_address(node: Node, discovered: Mapping[str, DiscoveredAgent]) -> str | None:
-    """Where the node's agent listens: its declared address, else where an agent of that name
-    announced itself, else unknown (None)."""
+def agent_addresses(node: Node, announced: Mapping[str, tuple[DiscoveredAgent, ...]]) -> list[str]:
+    """Where the node's agent may listen: its declared address, else wherever something of that
+    name announced itself (perhaps more than one place: all are asked)."""
     if node.address:
-        return node.address
-    agent = discovered.get(node.name)
-    return agent.address if agent else None
+        return [node.address]
+    return sorted({agent.address for agent in announced.get(node.name, ())})
 
 
 def not_announced(name: str) -> str:
@@ -35,31 +38,51 @@ def not_announced(name: str) -> str:
 
 async def observe(
     manifest: Manifest,
-    clients: dict[str, AgentClient],
+    candidates: dict[str, list[AgentClient]],
     http: AsyncHTTPClient,
     rollouts: dict[str, RolloutRecord],
     now: float,
     canaries: Canaries | None = None,
 ) -> Observed:
-    nodes = await asyncio.gather(*(observe_node(n.name, clients.get(n.name)) for n in manifest.nodes))
-    by_name = {n.name: n for n in nodes}
+    found = await asyncio.gather(*(observe_node(n.name, candidates.get(n.name, [])) for n in manifest.nodes))
+    by_name = {node.name: node for node, _ in found}
+    impostors = tuple(impostor for _, seen in found for impostor in seen)
     endpoints = await observe_endpoints(manifest, by_name, http, canaries)
-    return Observed(now=now, nodes=by_name, endpoints=endpoints, rollouts=dict(rollouts))
+    return Observed(now=now, nodes=by_name, endpoints=endpoints, rollouts=dict(rollouts), impostors=impostors)
 
 
-async def observe_node(name: str, client: AgentClient | None) -> ObservedNode:
-    if client is None:
-        return ObservedNode(name, "", "unreachable", not_announced(name))
+PREFERRED = ("ready", "unauthorized", "unreachable")  # of several candidates, the first that answered
+
+
+async def observe_node(name: str, candidates: list[AgentClient]) -> tuple[ObservedNode, list[Impostor]]:
+    """The node as its proven agent reports it, and whatever else answered for it unproven."""
+    if not candidates:
+        return ObservedNode(name, "", "unreachable", not_announced(name)), []
+    answers = await asyncio.gather(*(observe_candidate(name, client) for client in candidates))
+    impostors = [Impostor(name, node.address, node.detail) for node, unproven in answers if unproven]
+    proven = [node for node, unproven in answers if not unproven]
+    ranked = sorted(proven, key=lambda node: PREFERRED.index(node.reachability))
+    if ranked:
+        return ranked[0], impostors
+    addresses = ", ".join(impostor.address for impostor in impostors)
+    detail = f"what announces {name} (at {addresses}) cannot prove it holds the cluster token: an impostor"
+    return ObservedNode(name, "", "unreachable", detail), impostors
+
+
+async def observe_candidate(name: str, client: AgentClient) -> tuple[ObservedNode, bool]:
+    """What the candidate at ``client.address`` said, and whether it answered without proof."""
     try:
         state = await client.state()
+    except ImpostorError as e:
+        return ObservedNode(name, client.address, "unreachable", str(e)), True
     except AuthError as e:
-        return ObservedNode(name, client.address, "unauthorized", str(e))
+        return ObservedNode(name, client.address, "unauthorized", str(e)), False
     except GenMLXError as e:
-        return ObservedNode(name, client.address, "unreachable", str(e))
+        return ObservedNode(name, client.address, "unreachable", str(e)), False
     if state.name != name:
         detail = f"the agent at {client.address} calls itself {state.name!r}, not {name!r}"
-        return ObservedNode(name, client.address, "unreachable", detail)
-    return ObservedNode(name, client.address, "ready", "", state)
+        return ObservedNode(name, client.address, "unreachable", detail), False
+    return ObservedNode(name, client.address, "ready", "", state), False
 
 
 async def observe_endpoints(
