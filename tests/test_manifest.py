@@ -4,8 +4,10 @@ all problems at once; valid manifests become the frozen dataclasses with default
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from textwrap import dedent
 
@@ -14,6 +16,7 @@ import pytest
 from genmlx.core.errors import ManifestError
 from genmlx.manifest import format_issues, load_manifest, load_manifest_text, schema_path
 from genmlx.manifest.types import (
+    ApiKey,
     Auth,
     Manifest,
     Master,
@@ -23,6 +26,7 @@ from genmlx.manifest.types import (
     Serving,
     Source,
     StoragePath,
+    Tls,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
@@ -269,6 +273,48 @@ def test_broken_manifest_is_reported_at_its_place(text: str, where: str, path: s
     assert fragment in issues[0], issues[0]
 
 
+KEY = "a" * 64
+KEYS = f"""\
+  auth:
+    apiKeys:
+      - {{name: laptop, sha256: {KEY}, models: [qwne]}}
+      - {{name: laptop, sha256: {KEY}, expires: next tuesday}}
+      - {{name: app, sha256: ABC}}
+"""
+
+
+def test_api_keys_said_twice_naming_undeclared_models_or_unparsable_expiry_are_errors():
+    issues = issues_of(VALID.replace("  nodes:\n", KEYS + "  nodes:\n", 1))
+    assert issues == [
+        "cluster.yaml:9:107: spec.auth.apiKeys[0].models[0]: 'qwne' is not a declared model; "
+        "did you mean 'qwen'?",
+        "cluster.yaml:10:16: spec.auth.apiKeys[1].name: is already used at spec.auth.apiKeys[0]",
+        "cluster.yaml:10:32: spec.auth.apiKeys[1].sha256: is already used at spec.auth.apiKeys[0]",
+        "cluster.yaml:10:107: spec.auth.apiKeys[1].expires: must be a date (2027-01-31) or an RFC 3339 "
+        "date-time",
+        "cluster.yaml:11:29: spec.auth.apiKeys[2].sha256: 'ABC' must be 64 lowercase hex digits: the "
+        "SHA-256 `genmlx key create` prints",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "moment"),
+    [
+        ("2027-01-31", datetime(2027, 1, 31, tzinfo=UTC)),
+        ("2027-01-31T12:30:00Z", datetime(2027, 1, 31, 12, 30, tzinfo=UTC)),
+        ("2027-01-31T12:30:00+02:00", datetime(2027, 1, 31, 10, 30, tzinfo=UTC)),
+    ],
+)
+def test_an_api_key_expires_at_the_moment_it_names_in_utc(written: str, moment: datetime):
+    text = VALID.replace(
+        "  nodes:\n",
+        f"  auth:\n    apiKeys: [{{name: k, sha256: {KEY}, expires: '{written}'}}]\n  nodes:\n",
+        1,
+    )
+    (key,) = load_manifest_text(text, "cluster.yaml").auth.api_keys
+    assert key.expires == moment.timestamp() and key.models is None and key.reaches("anything")
+
+
 def test_several_errors_are_reported_at_once_in_file_order():
     text = dedent("""\
         apiVersion: genmlx/v1
@@ -355,7 +401,11 @@ def test_missing_file_is_an_issue(tmp_path: Path):
 def test_example_round_trips_into_the_dataclasses():
     assert load_manifest(EXAMPLE) == Manifest(
         name="desk",
-        master=Master(node="studio-a", port=6789),
+        master=Master(
+            node="studio-a",
+            port=6789,
+            tls=Tls(cert_file="~/.genmlx/tls/cert.pem", key_file="~/.genmlx/tls/key.pem"),
+        ),
         nodes=(
             Node(
                 name="studio-a",
@@ -381,7 +431,18 @@ def test_example_round_trips_into_the_dataclasses():
                 serving=Serving(port=8101),
             ),
         ),
-        auth=Auth(token_file="~/.genmlx/token"),
+        auth=Auth(
+            token_file="~/.genmlx/token",
+            api_keys=(
+                ApiKey(
+                    name="alice-laptop",
+                    sha256=hashlib.sha256(b"gmx_example-key-not-a-real-one").hexdigest(),
+                    models=("qwen3-30b",),
+                    expires=datetime(2027, 6, 30, tzinfo=UTC).timestamp(),
+                    requests_per_minute=60,
+                ),
+            ),
+        ),
         mesh=Mesh(topology="full-mesh", backend="auto", port=32323),
     )
 
@@ -450,6 +511,7 @@ def test_schema_defaults_match_the_dataclass_defaults():
     [
         ("master", Master),
         ("auth", Auth),
+        ("apiKey", ApiKey),
         ("node", Node),
         ("storagePath", StoragePath),
         ("mesh", Mesh),

@@ -1,7 +1,8 @@
 """`genmlx integrations [CLIENT]`: the configuration that points a client (Claude Code, Codex CLI,
 opencode, Cline, Open WebUI) at this cluster, with the master's URL, its Ready models and the key.
 
-The key is printed only with ``--show-key``; otherwise the snippets read it with
+The key is a client key given with ``--key`` (``genmlx key create`` makes one, scoped to models),
+or the cluster token printed with ``--show-key``; otherwise the snippets read the token with
 ``$(genmlx token --show)``, so a terminal's scrollback, or a file pasted into, holds no token.
 The text is ``genmlx.wire.integrations``'s, the same the status page shows.
 """
@@ -29,15 +30,17 @@ def add_integrations_command(sub: argparse._SubParsersAction, master_help: str) 
     )
     p.add_argument("client", nargs="?", choices=CLIENTS, help="the client (none: list them)")
     p.add_argument("--model", metavar="NAME", help="the model the snippets use (default: the first Ready)")
+    p.add_argument("--key", metavar="KEY", help="write this client key (genmlx key create) into them")
     p.add_argument("--show-key", action="store_true", help="write the cluster token itself into them")
     with_output(p)
     p.add_argument("--master", help=master_help)
     p.add_argument("-f", "--file", type=Path, help="a manifest: the master it names, with its token")
 
 
-def fetch_ready_models(url: str, token: str) -> tuple[str, ...]:
-    """The models the master serves now (``GET /v1/models`` lists only Ready ones)."""
-    return tuple(m["id"] for m in call_master(url, token, "GET", "/v1/models")["data"])
+def fetch_ready_models(url: str, credential: str) -> tuple[str, ...]:
+    """The models the master serves now to ``credential`` (``GET /v1/models`` lists only Ready ones,
+    and to a client key only those it reaches)."""
+    return tuple(m["id"] for m in call_master(url, credential, "GET", "/v1/models")["data"])
 
 
 def cmd_integrations(args: argparse.Namespace) -> int:
@@ -45,7 +48,8 @@ def cmd_integrations(args: argparse.Namespace) -> int:
         print(format_client_list())
         return 0
     url, token = reading_master(args)
-    target = Target(url, fetch_ready_models(url, token), args.model, token if args.show_key else None)
+    key = args.key or (token if args.show_key else None)
+    target = Target(url, fetch_ready_models(url, args.key or token), args.model, key)
     integration = render_integration(args.client, target)
     if not target.ready_models:
         print(f"genmlx: no model of {url} is Ready yet", file=sys.stderr)

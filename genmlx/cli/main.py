@@ -9,8 +9,10 @@ from pathlib import Path
 
 from genmlx import __version__
 from genmlx.cli.integrations import add_integrations_command
+from genmlx.cli.keys import add_key_commands
 from genmlx.cli.master_client import ensured_token, manifest_token, print_document
 from genmlx.cli.read_commands import add_read_commands, with_output
+from genmlx.cli.tls import add_tls_commands
 from genmlx.core.errors import GenMLXError, ManifestError
 from genmlx.core.home import ensure_token, read_token
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_manifest_commands(sub)
     add_read_commands(sub, MASTER_HELP)
     add_integrations_command(sub, MASTER_HELP)
+    add_key_commands(sub, MASTER_HELP)
+    add_tls_commands(sub)
     add_process_commands(sub)
     add_local_commands(sub)
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from urllib.parse import urlencode
 import yaml
 
 from genmlx.core.errors import AuthError, GenMLXError
-from genmlx.core.home import ensure_token, read_token
+from genmlx.core.home import CLIENT_KEY_PREFIX, ensure_token, read_token
 from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
 from genmlx.wire.status import ClusterStatus, ConditionReport, EventReport, ModelStatus, NodeStatus
@@ -41,8 +42,14 @@ class MasterUnreachable(MasterError):
 DEFAULT_MASTER_URL = f"http://127.0.0.1:{DEFAULT_MASTER_PORT}"
 
 
+# The certificate file of a master that serves HTTPS with its own (self-signed) certificate, by its
+# URL: what the manifest names, where that file is on this machine (the master's own node).
+TRUSTED_CERTIFICATES: dict[str, Path] = {}
+
+
 def master_url(explicit: str | None, manifest: Manifest | None = None) -> str:
-    """``--master``, else ``$GENMLX_MASTER``, else the manifest's master node, else this machine."""
+    """``--master``, else ``$GENMLX_MASTER``, else the manifest's master node (``https`` where it
+    has ``tls``), else this machine."""
     url = explicit or os.environ.get("GENMLX_MASTER")
     if url:
         return url if "://" in url else f"http://{url}"
@@ -50,18 +57,39 @@ def master_url(explicit: str | None, manifest: Manifest | None = None) -> str:
         return DEFAULT_MASTER_URL
     address = manifest.node(manifest.master.node).address
     host = address.rsplit(":", 1)[0] if address else "127.0.0.1"
-    return f"http://{host}:{manifest.master.port}"
+    url = f"{manifest.master.scheme}://{host}:{manifest.master.port}"
+    tls = manifest.master.tls
+    if tls is not None and Path(tls.cert_file).expanduser().is_file():
+        TRUSTED_CERTIFICATES[url] = Path(tls.cert_file).expanduser()
+    return url
+
+
+def ssl_context(url: str) -> ssl.SSLContext | None:
+    """How to check an HTTPS master: the system's trust store (and ``SSL_CERT_FILE``), and the
+    master's own certificate where the manifest names one this machine has."""
+    if not url.startswith("https://"):
+        return None
+    context = ssl.create_default_context()
+    trusted = TRUSTED_CERTIFICATES.get(url.rstrip("/"))
+    if trusted is not None:
+        context.load_verify_locations(cafile=trusted)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the certificate itself is the anchor
+    return context
 
 
 def call_master(url: str, token: str, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+    """One request to the master, signed with ``token``'s key; a client key (``gmx_…``) instead is
+    sent as a client sends it, as a bearer token."""
     data = None if body is None else json.dumps(body).encode()
     target = f"{url.rstrip('/')}{path}"
-    keys = Keys.of(token)
-    signed, nonce = signed_headers(keys, method, target, data)
-    request = urllib.request.Request(target, data=data, method=method, headers=signed)
+    keys = None if token.startswith(CLIENT_KEY_PREFIX) else Keys.of(token)
+    headers, nonce = (
+        signed_headers(keys, method, target, data) if keys else ({"Authorization": f"Bearer {token}"}, "")
+    )
+    request = urllib.request.Request(target, data=data, method=method, headers=headers)
     request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=ssl_context(url)) as response:
             reply = response.read()
             check_master_reply(keys, nonce, response.status, response.headers, reply, url)
             return json.loads(reply)
@@ -79,8 +107,13 @@ def call_master(url: str, token: str, method: str, path: str, body: Any = None, 
         raise MasterUnreachable(problem) from None
 
 
-def check_master_reply(keys: Keys, nonce: str, status: int, headers: Any, body: bytes, url: str) -> None:
-    """An ``AuthError`` unless the reply carries the master's signature."""
+def check_master_reply(
+    keys: Keys | None, nonce: str, status: int, headers: Any, body: bytes, url: str
+) -> None:
+    """An ``AuthError`` unless the reply carries the master's signature (a reply to a client key's
+    request carries none)."""
+    if keys is None:
+        return
     try:
         check_reply(keys, nonce, status, headers.get(REPLY_HEADER), body)
     except SignatureError as e:

@@ -6,10 +6,12 @@
     ├── ManifestError                the manifest is invalid; carries every problem found at once
     ├── AuthError               401  a peer refused our signature or token, or we have none
     │   ├── Unauthorized             (API) the request lacks the cluster's token or a signature
+    │   ├── Forbidden           403  (API) a client key asked for what keys never reach
     │   └── ImpostorError            a peer answered without proving it holds the cluster token
     ├── TemporaryError          503  worth retrying as is: a peer is unreachable, busy or restarting
     │   ├── AgentUnreachable
     │   ├── QueueFull           429  (API) too many requests wait
+    │   ├── RateLimited         429  (API) a client key used up its requests for this minute
     │   ├── BadGateway          502  (API) a model's rank 0 did not answer the master
     │   └── NotReady            503  (API) loading, starting, or shutting down
     └── PermanentError               retrying changes nothing until the input changes
@@ -203,6 +205,26 @@ class UnknownRoute(ApiError, PermanentError):
     status = 404
     error_type = "invalid_request_error"
     default_code = "unknown_url"
+
+
+class Forbidden(ApiError, AuthError):
+    """A client key reaches the models only: never apply, status or the agents."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    default_code = "insufficient_permissions"
+
+
+class RateLimited(ApiError, TemporaryError):
+    """A client key made its ``requestsPerMinute`` already; ``Retry-After`` says when it may again."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class QueueFull(ApiError, TemporaryError):

@@ -7,6 +7,7 @@ in a manifest, never appears in a log and is compared in constant time.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -48,6 +49,19 @@ def read_token(path: Path | None = None) -> str:
     if not token:
         raise AuthError(f"the token file {path} is empty: delete it and run `genmlx token`")
     return token
+
+
+CLIENT_KEY_PREFIX = "gmx_"  # what tells a client key from the cluster token at a glance
+
+
+def new_client_key() -> str:
+    """A fresh client key (``gmx_`` and 43 URL-safe characters, 256 random bits)."""
+    return CLIENT_KEY_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def client_key_digest(key: str) -> str:
+    """The SHA-256 of a client key, in hex: what the manifest keeps instead of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def api_key_matches(header: str | None, token: str) -> bool:

@@ -25,6 +25,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from genmlx.core.errors import (
     ApiError,
+    Forbidden,
     GenMLXError,
     InternalError,
     InvalidRequest,
@@ -32,7 +33,7 @@ from genmlx.core.errors import (
     QueueFull,
     Unauthorized,
 )
-from genmlx.core.home import api_key_matches, bearer_matches
+from genmlx.core.home import CLIENT_KEY_PREFIX, api_key_matches, bearer_matches
 from genmlx.core.mdns import interface_addresses
 from genmlx.core.signing import (
     REPLY_HEADER,
@@ -80,15 +81,18 @@ def as_api_error(raised: BaseException | None, status_code: int) -> ApiError:
     return InternalError()
 
 
-def retry_after(status: int) -> dict[str, str]:
-    """The header that tells a client when to come back from a 429, a 503 or Anthropic's 529."""
-    return {"Retry-After": "5"} if status in (429, 503, ANTHROPIC_OVERLOADED) else {}
+def retry_after(status: int, error: BaseException | None = None) -> dict[str, str]:
+    """The header that tells a client when to come back from a 429, a 503 or Anthropic's 529: the
+    error's own (a rate limit knows when it ends), else 5 seconds."""
+    if status not in (429, 503, ANTHROPIC_OVERLOADED):
+        return {}
+    return {"Retry-After": "5", **getattr(error, "headers", {})}
 
 
 def openai_error_reply(raised: BaseException | None, status_code: int) -> ErrorReply:
     """``{"error": {"message", "type", "param", "code"}}``, as OpenAI's API answers."""
     error = as_api_error(raised, status_code)
-    headers = retry_after(error.status)
+    headers = retry_after(error.status, error)
     if error.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="genmlx"'
     return ErrorReply(error.status, error.to_json(), headers)
@@ -142,7 +146,7 @@ def anthropic_error_reply(raised: BaseException | None, status_code: int) -> Err
     """Whatever a handler raised, as Anthropic's API answers it."""
     error = as_api_error(raised, status_code)
     status = anthropic_status(error)
-    return ErrorReply(status, anthropic_error_json(error), retry_after(status))
+    return ErrorReply(status, anthropic_error_json(error), retry_after(status, error))
 
 
 OPENAI_ERRORS = ErrorFormat("openai", openai_error_reply)
@@ -150,16 +154,44 @@ GENMLX_ERRORS = ErrorFormat("genmlx", genmlx_error_reply)
 ANTHROPIC_ERRORS = ErrorFormat("anthropic", anthropic_error_reply)
 
 
+class ClientKey(Protocol):
+    """A client's key, as a ``Keyring`` finds it: its name and the models it reaches."""
+
+    name: str
+
+    def reaches(self, model: str) -> bool: ...
+
+
+class Keyring(Protocol):
+    """The client keys (``gmx_…``) a server takes besides the token: the master's
+    (``genmlx.master.api.client_keys``)."""
+
+    def find(self, presented: str) -> ClientKey | None:
+        """The key ``presented`` is, or None (unknown, or revoked by an apply)."""
+
+    def admit(self, key: ClientKey) -> None:
+        """Count one request of ``key``; ``Unauthorized`` once it expired, ``RateLimited`` past its
+        requests per minute."""
+
+
 class ClusterAuth:
     """What one server checks requests against: the signing keys of the cluster token (and of an
-    older one while it is being replaced), the nonces it has seen, and whether the token itself is
+    older one while it is being replaced), the nonces it has seen, whether the token itself is
     accepted as a bearer token (agents take signed requests only: nothing ever sends them the
-    token)."""
+    token), and the client keys it takes (``keyring``, the master's)."""
 
-    def __init__(self, token: str, *, accepts_bearer: bool = True, older_tokens: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        token: str,
+        *,
+        accepts_bearer: bool = True,
+        older_tokens: tuple[str, ...] = (),
+        keyring: Keyring | None = None,
+    ):
         self.token = token
         self.keys = Keys.of(token, *older_tokens)
         self.accepts_bearer = accepts_bearer
+        self.keyring = keyring
         self.guard = ReplayGuard()
         self._addresses: tuple[float, set[str]] = (-ADDRESS_REFRESH_S, set())
 
@@ -185,10 +217,13 @@ class SessionVerifier(Protocol):
 class ApiHandler(RequestHandler):
     """Base of every GenMLX endpoint. ``requires_token = False`` opens one (liveness checks); an
     ``auth`` of None opens them all (a dispatcher started without a token). ``accepts_api_key``
-    takes the token from ``x-api-key`` too, as Anthropic's clients send it."""
+    takes the token from ``x-api-key`` too, as Anthropic's clients send it. A client key reaches
+    only the endpoints that set ``accepts_client_keys`` (the models' own, under ``/v1``); anywhere
+    else it is a 403."""
 
     requires_token = True
     accepts_api_key = True
+    accepts_client_keys = False
     # A reply to a signed request is signed over its body, unless it is a file whose content the
     # receiver checks against a signed listing (then over its status, as a streamed reply is).
     signs_reply_body = True
@@ -203,12 +238,13 @@ class ApiHandler(RequestHandler):
         self.sessions = sessions
         self.signed_by: bytes | None = None  # the key a signed request was verified with
         self.request_nonce = ""
+        self.client_key: ClientKey | None = None  # the client key the request came with
         self._reply_signed = False
 
     def prepare(self) -> None:
         if not self.requires_token or self.auth is None:
             return
-        if self.carries_signature(self.auth):
+        if self.carries_signature(self.auth) or self.carries_client_key(self.auth):
             return
         if self.auth.accepts_bearer and self.carries_token(self.auth.token):
             return
@@ -232,6 +268,31 @@ class ApiHandler(RequestHandler):
             raise self.signature_refused(str(e)) from None
         self.signed_by, self.request_nonce = key, signature.nonce
         return True
+
+    def carries_client_key(self, auth: ClusterAuth) -> bool:
+        """Whether the request comes with one of ``auth``'s client keys (admitted: not expired,
+        within its rate); one that is unknown, or used where keys never reach, is refused here."""
+        presented = self.presented_key()
+        if auth.keyring is None or presented is None or not presented.startswith(CLIENT_KEY_PREFIX):
+            return False
+        key = auth.keyring.find(presented)
+        if key is None:
+            raise Unauthorized("Incorrect API key: this key is not one of the cluster's (or it was revoked).")
+        if not self.accepts_client_keys:
+            raise Forbidden(
+                f"The API key {key.name!r} reaches the models only (/v1/...); "
+                "this endpoint needs the cluster token."
+            )
+        auth.keyring.admit(key)
+        self.client_key = key
+        return True
+
+    def presented_key(self) -> str | None:
+        """What the request offers as its key: a bearer token, or (where taken) an ``x-api-key``."""
+        authorization = self.request.headers.get("Authorization", "")
+        if authorization.startswith("Bearer "):
+            return authorization[len("Bearer ") :].strip()
+        return self.request.headers.get("x-api-key") if self.accepts_api_key else None
 
     def signature_refused(self, why: str) -> GenMLXError:
         return Unauthorized(f"The request's signature is refused: {why}.")

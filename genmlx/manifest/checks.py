@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from genmlx.core.errors import ManifestIssue
+from genmlx.manifest.build import parse_expiry
 from genmlx.manifest.positions import Positions, YamlPath, format_path
 from genmlx.manifest.types import DEFAULT_AGENT_PORT
 
@@ -26,6 +27,7 @@ def semantic_issues(data: Any, positions: Positions, filename: str) -> list[Mani
         *_undeclared_nodes(data),
         *_address_ports_out_of_range(data),
         *_port_conflicts(data, positions),
+        *_api_key_issues(data),
     ]
     issues = []
     for path, message in findings:
@@ -68,6 +70,47 @@ def _duplicate_names(data: Any, key: str, kind: str) -> list[Finding]:
     return findings
 
 
+def _api_key_issues(data: Any) -> list[Finding]:
+    """Key names and digests said twice, models not declared, expiries that do not parse."""
+    keys = _field(data, "spec", "auth", "apiKeys")
+    entries = (
+        [(i, key) for i, key in enumerate(keys) if isinstance(key, dict)] if isinstance(keys, list) else []
+    )
+    models = [model["name"] for _, model in _entries(data, "models") if isinstance(model.get("name"), str)]
+    findings = [*_repeated_key_fields(entries)]
+    for index, key in entries:
+        at = ("spec", "auth", "apiKeys", index)
+        for position, model in enumerate(key.get("models") or []):
+            if isinstance(model, str) and model not in models:
+                findings.append(((*at, "models", position), _not_declared(model, models, "model")))
+        if isinstance(key.get("expires"), str) and not _parses_as_expiry(key["expires"]):
+            findings.append(((*at, "expires"), "must be a date (2027-01-31) or an RFC 3339 date-time"))
+    return findings
+
+
+def _repeated_key_fields(entries: list[tuple[int, dict[str, Any]]]) -> list[Finding]:
+    first: dict[tuple[str, str], int] = {}
+    findings = []
+    for index, key in entries:
+        for name in ("name", "sha256"):
+            value = key.get(name)
+            if not isinstance(value, str):
+                continue
+            if (name, value) in first:
+                where = format_path(("spec", "auth", "apiKeys", first[(name, value)]))
+                findings.append((("spec", "auth", "apiKeys", index, name), f"is already used at {where}"))
+            first.setdefault((name, value), index)
+    return findings
+
+
+def _parses_as_expiry(text: str) -> bool:
+    try:
+        parse_expiry(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _undeclared_nodes(data: Any) -> list[Finding]:
     if not isinstance(_field(data, "spec", "nodes"), list):
         return []  # no node list at all: the schema said so, and every name would be "undeclared"
@@ -84,10 +127,10 @@ def _undeclared_nodes(data: Any) -> list[Finding]:
     return findings
 
 
-def _not_declared(name: str, declared: list[str]) -> str:
+def _not_declared(name: str, declared: list[str], kind: str = "node") -> str:
     close = difflib.get_close_matches(name, declared, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"'{name}' is not a declared node{hint}"
+    return f"'{name}' is not a declared {kind}{hint}"
 
 
 def _address_port(address: Any) -> int | None:

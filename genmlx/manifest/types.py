@@ -47,14 +47,42 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Tls:
+    """The master's certificate and key, files on its node ("~" is that node's home)."""
+
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
 class Master:
     node: str
     port: int = DEFAULT_MASTER_PORT
+    tls: Tls | None = None  # None: plain HTTP
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A client's key to the models, by its SHA-256 (the key itself is never in the manifest)."""
+
+    name: str
+    sha256: str
+    models: tuple[str, ...] | None = None  # None: every model
+    expires: float | None = None  # unix time; None: never
+    requests_per_minute: int | None = None
+
+    def reaches(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
 class Auth:
     token_file: str | None = None  # None: $GENMLX_HOME/token
+    api_keys: tuple[ApiKey, ...] = ()
 
 
 @dataclass(frozen=True)

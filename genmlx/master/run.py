@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
+from genmlx.core.errors import PermanentError
 from genmlx.core.mdns import discovery_enabled
 from genmlx.manifest.revision import file_revision
-from genmlx.manifest.types import DEFAULT_MASTER_PORT
+from genmlx.manifest.types import DEFAULT_MASTER_PORT, Tls
 from genmlx.master.api.server import make_app
 from genmlx.master.runtime.applied import AppliedStore
 from genmlx.master.runtime.discovery import AgentDiscovery
@@ -85,9 +87,14 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     applied = reconciler.applied
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
     responses = ResponseStore(config.state_dir / "responses.sqlite")
-    server = HTTPServer(make_app(reconciler, config.token, responses), idle_connection_timeout=3600)
+    tls = applied.manifest.master.tls if applied else None
+    server = HTTPServer(
+        make_app(reconciler, config.token, responses),
+        idle_connection_timeout=3600,
+        ssl_options=tls_context(tls) if tls else None,
+    )
     server.listen(port, config.host)
-    log.info("master listening on %s:%d", config.host, port)
+    log.info("master listening on %s://%s:%d", "https" if tls else "http", config.host, port)
     if discovery is not None:
         await discovery.start(on_change=reconciler.wake)
     else:
@@ -97,6 +104,20 @@ async def start_master(config: MasterConfig) -> RunningMaster:
         watching = watch_manifest(config.manifest_file, reconciler, running.stop_watching)
         running.watcher = asyncio.create_task(watching)
     return running
+
+
+def tls_context(tls: Tls) -> ssl.SSLContext:
+    """The server side of the master's HTTPS, from the manifest's certificate and key files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert, key = Path(tls.cert_file).expanduser(), Path(tls.key_file).expanduser()
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise PermanentError(
+            f"spec.master.tls: cannot use the certificate {cert} with the key {key}: {e} "
+            "(`genmlx tls selfsigned` makes a pair)"
+        ) from None
+    return context
 
 
 async def serve_until_signalled(*stoppables) -> None:

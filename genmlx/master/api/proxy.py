@@ -22,9 +22,11 @@ from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
 from genmlx.core.errors import BadGateway, ModelNotNamed, NotReady, UnknownModel, UnknownRoute
-from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, ClusterAuth
+from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, ClientKey, ClusterAuth
 from genmlx.core.signing import REPLY_HEADER, SignatureError, check_reply, reply_covers_body, signed_headers
+from genmlx.master.api.client_keys import ClientKeys
 from genmlx.master.api.upstream import Upstream
+from genmlx.master.api.usage import ReplyUsage
 from genmlx.master.runtime.loop import Reconciler
 
 PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
@@ -32,7 +34,10 @@ PASSED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
 
 class ModelsHandler(ApiHandler):
     """``GET /v1/models``: the models that serve now, so a client offers none that would answer 503;
-    ``GET /v1/models/{id}`` of a declared model that does not serve is a 404 that says why."""
+    ``GET /v1/models/{id}`` of a declared model that does not serve is a 404 that says why. A client
+    key sees only the models it reaches."""
+
+    accepts_client_keys = True
 
     def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
         super().initialize(auth)
@@ -41,17 +46,22 @@ class ModelsHandler(ApiHandler):
     def get(self, model_id: str | None = None) -> None:
         applied = self.reconciler.applied
         created = int(applied.applied_at) if applied else int(time.time())
-        served = ready_models(self.reconciler)
+        served = visible(ready_models(self.reconciler), self.client_key)
         if model_id is None:
             data = [model_object(name, created) for name in served]
             return self.write_json(200, {"object": "list", "data": data})
         if model_id in served:
             return self.write_json(200, model_object(model_id, created))
-        if model_id in self.reconciler.model_names():
+        if model_id in visible(self.reconciler.model_names(), self.client_key):
             why = self.reconciler.why_not_serving(model_id)
             message = f"The model {model_id!r} is not ready: {why}"
             raise UnknownModel(message, param="model", code="model_not_ready")
         raise UnknownModel(f"The model {model_id!r} does not exist.", param="model")
+
+
+def visible(models: tuple[str, ...], key: ClientKey | None) -> tuple[str, ...]:
+    """The models a request may know of: every one, or those its client key reaches."""
+    return models if key is None else tuple(model for model in models if key.reaches(model))
 
 
 def ready_models(reconciler: Reconciler) -> tuple[str, ...]:
@@ -66,11 +76,16 @@ def model_object(name: str, created: int) -> dict[str, Any]:
 
 
 class ProxyHandler(ApiHandler):
-    """``POST /v1/{path}``: the request, untouched, to rank 0 of the model it names."""
+    """``POST /v1/{path}``: the request, untouched, to rank 0 of the model it names. A client key
+    reaches its own models only, and the tokens of its replies are counted (``keys``)."""
 
-    def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
+    accepts_client_keys = True
+
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler, keys: ClientKeys) -> None:
         super().initialize(auth)
         self.reconciler = reconciler
+        self.keys = keys
+        self.usage = ReplyUsage()
         self.upstream = Upstream()
         self.status = 502
         self.nonce = ""
@@ -84,7 +99,7 @@ class ProxyHandler(ApiHandler):
 
     async def post(self, path: str) -> None:
         body = self.json_body()
-        upstream = endpoint_for(self.reconciler, body.get("model"))
+        upstream = endpoint_for(self.reconciler, body.get("model"), self.client_key)
         await self.forward(f"{upstream}/{path}", self.request.body)
 
     async def forward(self, url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
@@ -106,6 +121,8 @@ class ProxyHandler(ApiHandler):
             raise BadGateway(f"The model's rank 0 at {url} did not answer: {e}") from None
         if self.held is not None:
             self.pass_on_whole_reply(url)
+        if self.client_key is not None:
+            self.keys.count_tokens(self.client_key, self.usage.prompt_tokens, self.usage.completion_tokens)
         self.finish()
 
     def pass_on_whole_reply(self, url: str) -> None:
@@ -115,6 +132,7 @@ class ProxyHandler(ApiHandler):
             self.reconciler.wake()
             raise BadGateway(f"What answers at {url} is not the model's rank 0: {e}.") from None
         self.received(self.status, bytes(self.held))
+        self.usage.whole(bytes(self.held))
         self.write(bytes(self.held))
 
     def relay(self, chunk: bytes) -> None:
@@ -122,6 +140,7 @@ class ProxyHandler(ApiHandler):
             self.held += chunk
             return
         self.received(self.status, chunk)
+        self.usage.streamed(chunk)
         self.write(chunk)
         self.flush()
 
@@ -157,17 +176,19 @@ class UnknownMessagesRouteHandler(ApiHandler):
     the 404 itself, in Anthropic's shape, whatever model the body names (batches name none)."""
 
     error_format = ANTHROPIC_ERRORS
+    accepts_client_keys = True
 
     def prepare(self) -> None:
         super().prepare()
         raise UnknownRoute(f"Invalid URL ({self.request.method} {self.request.path}).")
 
 
-def endpoint_for(reconciler: Reconciler, model: Any) -> str:
-    """The base URL of ``model``'s rank 0, or the API error that says why there is none."""
+def endpoint_for(reconciler: Reconciler, model: Any, key: ClientKey | None = None) -> str:
+    """The base URL of ``model``'s rank 0, or the API error that says why there is none (a model
+    the client ``key`` does not reach does not exist, as far as that key can tell)."""
     if not isinstance(model, str) or not model:
         raise ModelNotNamed()
-    names = reconciler.model_names()
+    names = visible(reconciler.model_names(), key)
     if model not in names:
         served = ", ".join(names) or "none"
         raise UnknownModel(f"The model {model!r} does not exist (models: {served}).", param="model")

@@ -14,7 +14,8 @@ import logging
 from typing import Any
 
 from genmlx.core.errors import ResponseNotFound
-from genmlx.core.http import ApiHandler, ClusterAuth
+from genmlx.core.http import ApiHandler, ClientKey, ClusterAuth
+from genmlx.master.api.client_keys import ClientKeys
 from genmlx.master.api.proxy import ProxyHandler, endpoint_for
 from genmlx.master.runtime.loop import Reconciler
 from genmlx.master.runtime.responses import ResponseStore, StoredResponse, final_response, input_items
@@ -25,9 +26,12 @@ log = logging.getLogger(__name__)
 MAX_KEPT_REPLY_BYTES = 16 << 20  # a reply larger than this passes through without being stored
 
 
-def stored_or_404(responses: ResponseStore, response_id: str, param: str | None = None) -> StoredResponse:
+def stored_or_404(
+    responses: ResponseStore, response_id: str, key: ClientKey | None, param: str | None = None
+) -> StoredResponse:
+    """The stored response, or a 404; to a client key, one of a model it does not reach is not there."""
     stored = responses.get(response_id)
-    if stored is None:
+    if stored is None or (key is not None and not key.reaches(stored.model)):
         raise ResponseNotFound(
             f"No stored response with id {response_id!r}: it was stored with 'store': false, deleted, or is "
             "older than the responses this master keeps.",
@@ -39,8 +43,10 @@ def stored_or_404(responses: ResponseStore, response_id: str, param: str | None 
 class ResponsesProxyHandler(ProxyHandler):
     """``POST /v1/responses``."""
 
-    def initialize(self, auth: ClusterAuth, reconciler: Reconciler, responses: ResponseStore) -> None:
-        super().initialize(auth, reconciler)
+    def initialize(
+        self, auth: ClusterAuth, reconciler: Reconciler, keys: ClientKeys, responses: ResponseStore
+    ) -> None:
+        super().initialize(auth, reconciler, keys)
         self.responses = responses
         self._reply = bytearray()
         self._keeping = False
@@ -49,10 +55,11 @@ class ResponsesProxyHandler(ProxyHandler):
         body = self.json_body()
         conversation, headers = input_items(body.get("input")), {}
         if isinstance(body.get("previous_response_id"), str):
-            stored = stored_or_404(self.responses, body["previous_response_id"], "previous_response_id")
+            previous = body["previous_response_id"]
+            stored = stored_or_404(self.responses, previous, self.client_key, "previous_response_id")
             conversation = stored.conversation + conversation
             body, headers = {**body, "input": conversation}, {EXPANDED_INPUT_HEADER: "1"}
-        upstream = endpoint_for(self.reconciler, body.get("model"))
+        upstream = endpoint_for(self.reconciler, body.get("model"), self.client_key)
         self._keeping = body.get("store") is not False
         await self.forward(f"{upstream}/responses", json.dumps(body).encode(), headers)
         if self._keeping:
@@ -78,14 +85,16 @@ class ResponsesProxyHandler(ProxyHandler):
 class StoredResponseHandler(ApiHandler):
     """``GET`` / ``DELETE /v1/responses/{id}``."""
 
+    accepts_client_keys = True
+
     def initialize(self, auth: ClusterAuth, responses: ResponseStore) -> None:
         super().initialize(auth)
         self.responses = responses
 
     def get(self, response_id: str) -> None:
-        self.write_json(200, stored_or_404(self.responses, response_id).response)
+        self.write_json(200, stored_or_404(self.responses, response_id, self.client_key).response)
 
     def delete(self, response_id: str) -> None:
-        if not self.responses.delete(response_id):
-            stored_or_404(self.responses, response_id)
+        stored_or_404(self.responses, response_id, self.client_key)
+        self.responses.delete(response_id)
         self.write_json(200, {"id": response_id, "object": "response", "deleted": True})

@@ -2,9 +2,9 @@
 ``/v1``.
 
 Everything but ``/healthz`` and the status page's files needs a request signed with the cluster
-token's key (as the CLI sends) or the token as a bearer token (as API clients send); the
-page's session cookie (``ui_auth``) reads status, events, the stream and the client snippets
-(``integrations``), nothing else.
+token's key (as the CLI sends) or the token as a bearer token (as API clients send); a client key
+(``client_keys``) reaches the models under ``/v1`` only; the page's session cookie (``ui_auth``)
+reads status, events, the stream and the client snippets (``integrations``), nothing else.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.web import Application
 
 from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
 from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
+from genmlx.master.api.client_keys import ClientKeys
 from genmlx.master.api.integrations import IntegrationsHandler
 from genmlx.master.api.proxy import (
     AnthropicProxyHandler,
@@ -125,10 +127,35 @@ class ManifestHandler(ApiHandler):
         return {"plan": lines, "summary": plan_summary(lines)}
 
 
+class KeysHandler(ApiHandler):
+    """``GET /api/v1/keys``: every client key of the applied manifest, its scope and its use."""
+
+    def initialize(self, auth: ClusterAuth, keys: ClientKeys) -> None:
+        super().initialize(auth)
+        self.keys = keys
+
+    def get(self) -> None:
+        self.write_json(200, {"keys": self.keys.report()})
+
+
+class MetricsHandler(ApiHandler):
+    """``GET /metrics``: the client keys' requests, tokens and refusals, in Prometheus' format."""
+
+    def initialize(self, auth: ClusterAuth, keys: ClientKeys) -> None:
+        super().initialize(auth)
+        self.keys = keys
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.keys.registry))
+
+
 def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Application:
-    cluster_auth = ClusterAuth(token)
+    keys = ClientKeys(reconciler)
+    cluster_auth = ClusterAuth(token, keyring=keys)
     auth = {"auth": cluster_auth}
     deps = {**auth, "reconciler": reconciler}
+    routed = {**deps, "keys": keys}
     page, sessions = ui_routes(cluster_auth)
     # Only the endpoints given ``sessions`` (status, events, stream, integrations) let the page in.
     readable = {**deps, "sessions": sessions}
@@ -140,12 +167,14 @@ def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Ap
             (r"/api/v1/events", EventsHandler, readable),
             (r"/api/v1/stream", StreamHandler, readable),
             (r"/api/v1/integrations", IntegrationsHandler, readable),
+            (r"/api/v1/keys", KeysHandler, {**auth, "keys": keys}),
+            (r"/metrics", MetricsHandler, {**auth, "keys": keys}),
             *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
-            (r"/v1/responses", ResponsesProxyHandler, {**deps, "responses": responses}),
+            (r"/v1/responses", ResponsesProxyHandler, {**routed, "responses": responses}),
             (r"/v1/responses/([^/]+)", StoredResponseHandler, {**auth, "responses": responses}),
-            (r"/v1/(messages(?:/count_tokens)?)", AnthropicProxyHandler, deps),
+            (r"/v1/(messages(?:/count_tokens)?)", AnthropicProxyHandler, routed),
             (r"/v1/messages/.*", UnknownMessagesRouteHandler, auth),
-            (r"/v1/(.+)", ProxyHandler, deps),
+            (r"/v1/(.+)", ProxyHandler, routed),
         ]
     )
