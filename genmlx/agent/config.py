@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genmlx.core.home import genmlx_home
+from genmlx.core.tokens import TokenSource
 
 DEFAULT_AGENT_PORT = 6790
 # The scrub re-hashes every stored model once after the agent starts, then this often (a day: a
@@ -29,11 +30,12 @@ def default_log_dir() -> Path:
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
-    """Everything an agent needs to run. ``token`` is the cluster's bearer secret: never log it."""
+    """Everything an agent needs to run. ``token`` is the cluster's secret, or the token file it
+    follows through rotations: never log it."""
 
     name: str
     storage: tuple[str, ...]  # as the user wrote them; ``~`` is expanded by the agent
-    token: str = field(repr=False)
+    token: str | TokenSource = field(repr=False)
     port: int = DEFAULT_AGENT_PORT
     host: str = "0.0.0.0"  # the dispatchers it starts bind the same host
     log_dir: Path = field(default_factory=default_log_dir)

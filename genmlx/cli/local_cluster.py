@@ -15,6 +15,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from genmlx.agent.run import AgentConfig, start_agent
 from genmlx.core.home import genmlx_home
 from genmlx.core.signing import Keys, signed_headers
+from genmlx.core.tokens import TokenSource
 from genmlx.demo.random_model import write_demo_model
 from genmlx.manifest import load_manifest
 from genmlx.manifest.types import DEFAULT_AGENT_PORT, DEFAULT_MASTER_PORT, Manifest
@@ -26,7 +27,7 @@ DEMO_MODEL = "genmlx-demo"
 READY_TIMEOUT_S = 300.0
 
 
-def local_agent_config(manifest: Manifest, token: str, host: str) -> AgentConfig:
+def local_agent_config(manifest: Manifest, token: TokenSource, host: str) -> AgentConfig:
     """The agent of the master's node, as the manifest declares it."""
     node = manifest.node(manifest.master.node)
     port = int(node.address.rsplit(":", 1)[1]) if node.address else DEFAULT_AGENT_PORT
@@ -35,7 +36,7 @@ def local_agent_config(manifest: Manifest, token: str, host: str) -> AgentConfig
     )
 
 
-async def start_local_cluster(manifest_file: Path, token: str, host: str):
+async def start_local_cluster(manifest_file: Path, token: TokenSource, host: str):
     """Start the master node's agent, then the master; returns both, master last."""
     manifest = load_manifest(manifest_file)
     config = local_agent_config(manifest, token, host)
@@ -49,7 +50,7 @@ async def start_local_cluster(manifest_file: Path, token: str, host: str):
     return agent, master
 
 
-def run_up(manifest_file: Path, token: str, host: str) -> None:
+def run_up(manifest_file: Path, token: TokenSource, host: str) -> None:
     async def main() -> None:
         agent, master = await start_local_cluster(manifest_file, token, host)
         print(
@@ -84,7 +85,7 @@ def write_demo_manifest(folder: Path, model_dir: Path, master_port: int, agent_p
 
 
 def run_demo(
-    token: str, master_port: int = DEFAULT_MASTER_PORT, agent_port: int = DEFAULT_AGENT_PORT
+    token: TokenSource, master_port: int = DEFAULT_MASTER_PORT, agent_port: int = DEFAULT_AGENT_PORT
 ) -> None:
     home = genmlx_home()
     model_dir = write_demo_model(home / "models" / DEMO_MODEL)
@@ -96,7 +97,7 @@ def run_demo(
         base = f"http://127.0.0.1:{master.port}/v1"
         try:
             await wait_until_ready(master.reconciler)
-            answer = await first_chat_completion(base, token)
+            answer = await first_chat_completion(base, token.token)
         except Exception:
             await master.stop()
             await agent.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 from genmlx import __version__
 from genmlx.cli.integrations import add_integrations_command
 from genmlx.cli.keys import add_key_commands
-from genmlx.cli.master_client import ensured_token, manifest_token, print_document
+from genmlx.cli.master_client import manifest_token, print_document, token_source
 from genmlx.cli.read_commands import add_read_commands, with_output
 from genmlx.cli.tls import add_tls_commands
 from genmlx.core.errors import GenMLXError, ManifestError
@@ -130,8 +130,20 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
         help="with --scripted: answer with this TEXT instead once the conversation holds a tool result",
     )
 
-    p = command(sub, "token", cmd_token, "create the cluster token if absent and print where it is")
+    p = command(
+        sub, "token", cmd_token, "create the cluster token if absent and print where it is; or rotate it"
+    )
+    p.add_argument(
+        "action", nargs="?", choices=("rotate",), help="rotate: replace it, the old one kept for --grace"
+    )
     p.add_argument("--show", action="store_true", help="print the token itself (to copy to a node or client)")
+    p.add_argument(
+        "--grace", default="1h", metavar="TIME", help="rotate: how long the old token still counts"
+    )
+    p.add_argument(
+        "--manual", action="store_true", help="rotate: you copy the file to the nodes; nothing is pushed"
+    )
+    p.add_argument("-f", "--file", type=Path, help="a manifest: the token file its auth.tokenFile names")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -225,9 +237,8 @@ def cmd_master(args: argparse.Namespace) -> int:
 
     if args.watch and args.file is None:
         raise UsageError("--watch needs -f FILE: the manifest file to watch")
-    token = manifest_token(load_manifest(args.file)) if args.file else ensured_token()
     config = MasterConfig(
-        token,
+        token_source(load_manifest(args.file) if args.file else None),
         genmlx_home() / "master",
         args.file,
         port=args.port,
@@ -247,7 +258,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         storage=tuple(args.storage),
         port=args.port,
         host=args.host,
-        token=ensured_token(),
+        token=token_source(None),
         discovery=not args.no_discovery,
     )
     run_agent(config)
@@ -258,14 +269,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     from genmlx.cli.local_cluster import run_up
     from genmlx.manifest import load_manifest
 
-    run_up(args.file, manifest_token(load_manifest(args.file)), args.host)
+    run_up(args.file, token_source(load_manifest(args.file)), args.host)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from genmlx.cli.local_cluster import run_demo
 
-    run_demo(ensured_token(), args.port, args.agent_port)
+    run_demo(token_source(None), args.port, args.agent_port)
     return 0
 
 
@@ -297,6 +308,15 @@ def write_scripted_demo_model(path: Path, text: str, seed: int, after_tool: str 
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from genmlx.cli.master_client import token_path
+    from genmlx.manifest import load_manifest
+
+    if args.action == "rotate":
+        from genmlx.cli.rotate import rotate_token
+
+        return rotate_token(
+            token_path(load_manifest(args.file) if args.file else None), args.grace, args.manual
+        )
     path, created = ensure_token()
     print(f"{'created' if created else 'using'} the cluster token at {path}", file=sys.stderr)
     if args.show:

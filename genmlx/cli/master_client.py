@@ -21,8 +21,9 @@ from urllib.parse import urlencode
 import yaml
 
 from genmlx.core.errors import AuthError, GenMLXError
-from genmlx.core.home import CLIENT_KEY_PREFIX, ensure_token, read_token
+from genmlx.core.home import CLIENT_KEY_PREFIX, default_token_path, ensure_token, read_token
 from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+from genmlx.core.tokens import TokenSource
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
 from genmlx.wire.status import ClusterStatus, ConditionReport, EventReport, ModelStatus, NodeStatus
 
@@ -130,9 +131,23 @@ def ensured_token() -> str:
 
 def manifest_token(manifest: Manifest) -> str:
     """The token the manifest's ``auth.tokenFile`` names, else ``$GENMLX_HOME/token``."""
-    if manifest.auth.token_file is None:
-        return ensured_token()
-    return read_token(Path(manifest.auth.token_file).expanduser())
+    return read_token(token_path(manifest))
+
+
+def token_path(manifest: Manifest | None) -> Path:
+    """The token file the manifest's ``auth.tokenFile`` names, else ``$GENMLX_HOME/token``
+    (created if absent)."""
+    if manifest is None or manifest.auth.token_file is None:
+        ensured_token()
+        return default_token_path()
+    return Path(manifest.auth.token_file).expanduser()
+
+
+def token_source(manifest: Manifest | None) -> TokenSource:
+    """The token file a long-running process follows (through rotations), checked readable now."""
+    path = token_path(manifest)
+    read_token(path)
+    return TokenSource(path)
 
 
 def ui_login_url(url: str, token: str) -> tuple[str, int]:
@@ -199,6 +214,15 @@ def format_status(status: ClusterStatus) -> str:
         rows = [(a.name, a.address, a.version) for a in status.unmanaged_agents]
         lines += ["", "unmanaged agents (announced, not in the manifest; never used):"]
         lines += ["  " + line for line in table(("NAME", "ADDRESS", "VERSION"), rows)]
+    rotation = status.token_rotation
+    if rotation is not None:
+        behind = ", ".join(rotation.nodes_on_previous_token) or "none"
+        how = "copy the token file to them" if rotation.manual else "the master pushes it"
+        lines += [
+            "",
+            f"token rotation: the old token counts until {rotation.previous_until}; "
+            f"nodes still on it: {behind} ({how})",
+        ]
     if status.impostors:
         rows = [(i.name, i.address, i.message) for i in status.impostors]
         lines += ["", "impostors (announce a node's name, cannot prove they hold the token; never used):"]

@@ -43,7 +43,8 @@ def read_token(path: Path | None = None) -> str:
 
     path = path or default_token_path()
     try:
-        token = path.read_text().strip()
+        lines = path.read_text().split("\n", 1)  # a rotation keeps the old token on a second line
+        token = lines[0].strip()
     except FileNotFoundError:
         raise AuthError(f"no token at {path}: run `genmlx token` to create one") from None
     if not token:

@@ -46,6 +46,7 @@ from genmlx.core.signing import (
     sign_reply,
     verify_request,
 )
+from genmlx.core.tokens import TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -176,24 +177,31 @@ class Keyring(Protocol):
 
 class ClusterAuth:
     """What one server checks requests against: the signing keys of the cluster token (and of an
-    older one while it is being replaced), the nonces it has seen, whether the token itself is
-    accepted as a bearer token (agents take signed requests only: nothing ever sends them the
-    token), and the client keys it takes (``keyring``, the master's)."""
+    older one while a rotation's grace lasts: ``genmlx.core.tokens``, followed as the token file
+    changes), the nonces it has seen, whether the token itself is accepted as a bearer token
+    (agents take signed requests only: nothing ever sends them the token), and the client keys it
+    takes (``keyring``, the master's)."""
 
     def __init__(
-        self,
-        token: str,
-        *,
-        accepts_bearer: bool = True,
-        older_tokens: tuple[str, ...] = (),
-        keyring: Keyring | None = None,
+        self, tokens: str | TokenSource, *, accepts_bearer: bool = True, keyring: Keyring | None = None
     ):
-        self.token = token
-        self.keys = Keys.of(token, *older_tokens)
+        self.tokens = tokens if isinstance(tokens, TokenSource) else TokenSource.fixed(tokens)
         self.accepts_bearer = accepts_bearer
         self.keyring = keyring
         self.guard = ReplayGuard()
         self._addresses: tuple[float, set[str]] = (-ADDRESS_REFRESH_S, set())
+
+    @property
+    def token(self) -> str:
+        return self.tokens.token
+
+    @property
+    def keys(self) -> Keys:
+        return self.tokens.keys()
+
+    def counting(self) -> tuple[str, ...]:
+        """The tokens that count now: the current one, and an older one during a rotation's grace."""
+        return self.tokens.current().tokens(time.time())
 
     def own_addresses(self) -> set[str]:
         """This machine's IP addresses, looked up again at most every few seconds."""
@@ -246,7 +254,7 @@ class ApiHandler(RequestHandler):
             return
         if self.carries_signature(self.auth) or self.carries_client_key(self.auth):
             return
-        if self.auth.accepts_bearer and self.carries_token(self.auth.token):
+        if self.auth.accepts_bearer and any(self.carries_token(token) for token in self.auth.counting()):
             return
         if not self.carries_session():
             raise self.token_refused()
@@ -261,8 +269,12 @@ class ApiHandler(RequestHandler):
                 return False
             if not host_is_ours(request.host, auth.own_addresses()):
                 raise SignatureError(f"it is addressed to {request.host}, which is not this machine")
+            keys = auth.keys
+            if keys.find(signature.key_id) is None:  # a token just rotated here: look at the file now
+                auth.tokens.current(recheck=True)
+                keys = auth.keys
             key = verify_request(
-                auth.keys, signature, request.method, request.host, request.uri, request.body, auth.guard
+                keys, signature, request.method, request.host, request.uri, request.body, auth.guard
             )
         except SignatureError as e:
             raise self.signature_refused(str(e)) from None

@@ -43,6 +43,11 @@ class SignatureError(Exception):
     """A signed request or reply that does not hold; the message says what, never a secret."""
 
 
+# How a receiver says that a request was signed with a key it does not hold, so that a sender that
+# holds two tokens (a rotation's grace) can try the other.
+KEY_NOT_HELD = "signed with a key this process does not hold"
+
+
 def signing_key(token: str) -> bytes:
     """The key requests are signed with: derived from the token, so the token itself never signs."""
     return hmac.new(token.encode(), _KEY_LABEL, hashlib.sha256).digest()
@@ -71,6 +76,17 @@ class Keys:
     @property
     def signing_id(self) -> str:
         return key_id(self.signing)
+
+    def preferring(self, wanted_id: str) -> Keys:
+        """These keys, signing with the one of ``wanted_id`` where it is held (a peer that still
+        holds an older token during a rotation), else as they are."""
+        held = (self.signing, *self.accepted)
+        first = next((key for key in held if key_id(key) == wanted_id), self.signing)
+        return Keys(first, tuple(key for key in held if key != first))
+
+    def each(self) -> tuple[Keys, ...]:
+        """These keys with each one signing in turn, this order's first first."""
+        return tuple(self.preferring(key_id(key)) for key in (self.signing, *self.accepted))
 
     def find(self, wanted_id: str) -> bytes | None:
         for key in (self.signing, *self.accepted):
@@ -164,7 +180,7 @@ def verify_request(
     now = time.time() if now is None else now
     key = keys.find(signature.key_id)
     if key is None:
-        raise SignatureError("signed with a key this process does not hold (another or an old cluster token)")
+        raise SignatureError(f"{KEY_NOT_HELD} (another or an old cluster token)")
     if abs(now - signature.timestamp) > guard.window_s:
         raise SignatureError(f"its timestamp is more than {guard.window_s} s from this machine's clock")
     text = request_text(method, host, target, signature.timestamp, signature.nonce, body_digest(body))

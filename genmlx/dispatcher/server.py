@@ -21,6 +21,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
+from genmlx.core.tokens import TOKEN_FILE_ENV, TokenFileError, TokenSource
 from genmlx.dispatcher.api.app import make_app, make_health_app
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
 from genmlx.dispatcher.engine.model_loading import Sharding
@@ -40,7 +41,7 @@ def run(settings: RankCommand) -> int:
     """Serve ``settings`` until told to stop; returns the process exit status."""
     _configure_logging()
     # Read once and dropped from the environment so no child process or crash dump inherits it.
-    token = os.environ.pop(TOKEN_ENV, None) or None
+    token = rank_token(os.environ.pop(TOKEN_ENV, None) or None, os.environ.pop(TOKEN_FILE_ENV, None))
     # The agent puts models on disk; a dispatcher never downloads.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     code, engine_stopped = asyncio.run(_serve(settings, token))
@@ -53,7 +54,18 @@ def run(settings: RankCommand) -> int:
     return code
 
 
-async def _serve(settings: RankCommand, token: str | None) -> tuple[int, bool]:
+def rank_token(token: str | None, token_file: str | None) -> str | TokenSource | None:
+    """The token file the agent follows, where it gave one (so a rotated token is taken without a
+    restart), else the token it gave, else none (an open API)."""
+    if token_file:
+        try:
+            return TokenSource(Path(token_file))
+        except TokenFileError as e:
+            log.warning("%s; using the token the agent gave at start", e)
+    return token
+
+
+async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tuple[int, bool]:
     """Serve until a stop is requested; the exit status and whether the model thread ended."""
     stop = _StopRequest()
     engine = _make_engine(settings, stop)
@@ -90,7 +102,7 @@ class _StopRequest:
 
 
 def _make_rank_app(
-    settings: RankCommand, engine: Engine, metrics: DispatcherMetrics, token: str | None
+    settings: RankCommand, engine: Engine, metrics: DispatcherMetrics, token: str | TokenSource | None
 ) -> Application:
     """The OpenAI API on rank 0; ``/health`` alone on the other ranks of a group."""
     if settings.rank != 0:

@@ -15,6 +15,7 @@ from tornado.httpserver import HTTPServer
 
 from genmlx.core.errors import PermanentError
 from genmlx.core.mdns import discovery_enabled
+from genmlx.core.tokens import TokenSource
 from genmlx.manifest.revision import file_revision
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Tls
 from genmlx.master.api.server import make_app
@@ -30,7 +31,7 @@ log = logging.getLogger("genmlx.master")
 
 @dataclass(frozen=True)
 class MasterConfig:
-    token: str
+    token: str | TokenSource  # a token source follows the token file through rotations
     state_dir: Path
     manifest_file: Path | None = None  # applied at start; None: the last applied one
     port: int | None = None  # None: the manifest's spec.master.port

@@ -164,5 +164,6 @@ class AgentState(WireType):
     ranks: tuple[RankInfo, ...] = field(default_factory=tuple)
     transfers: tuple[Transfer, ...] = ()
     node_id: str = ""  # stable across restarts, kept in GENMLX_HOME
+    key_id: str = ""  # the public id of the signing key of the token it holds (``core.signing``)
 
 

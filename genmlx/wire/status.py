@@ -103,6 +103,15 @@ class ImpostorReport(WireType):
 
 
 @dataclass(frozen=True)
+class TokenRotationReport(WireType):
+    """A rotation of the cluster token whose grace window is open."""
+
+    previous_until: str  # when the old token stops counting
+    nodes_on_previous_token: tuple[str, ...]
+    manual: bool  # the new token is copied to the nodes by hand, not pushed
+
+
+@dataclass(frozen=True)
 class LastPass(WireType):
     at: str
     duration_seconds: float
@@ -125,6 +134,7 @@ class ClusterStatus(WireType):
     models: tuple[ModelStatus, ...] = ()
     unmanaged_agents: tuple[AnnouncedAgent, ...] = ()  # announced, not in the manifest: never used
     impostors: tuple[ImpostorReport, ...] = ()  # announced a declared node's name, proved nothing
+    token_rotation: TokenRotationReport | None = None
     pending_actions: tuple[str, ...] = ()
     last_pass: LastPass | None = None
 

@@ -11,6 +11,7 @@ collaborators it uses as ``initialize`` keywords; ``make_app`` hands them out.
     DELETE /api/v1/models/{name}             200 {"removed": [paths]} (?storagePath=P&managedOnly=true)
     GET    /api/v1/models/{name}/files       the model's source, revision, commit and files
     GET    /api/v1/models/{name}/files/{path}  a file's bytes, with Range support
+    POST   /api/v1/token                     a rotated token, sealed for this node -> {"keyId"}
 
 Everything but ``/healthz`` needs a request signed with the cluster token's key
 (``Authorization: GenMLX-HMAC-SHA256 ...``, ``genmlx.core.signing``); the token itself is refused.
@@ -20,6 +21,8 @@ Errors are raised as typed exceptions and rendered once, by ``genmlx.core.http.A
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from tornado.ioloop import IOLoop
@@ -35,15 +38,19 @@ from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
 from genmlx.agent.transfers.manager import TransferManager
-from genmlx.core.errors import AgentRequestError
+from genmlx.core.errors import AgentConflict, AgentRequestError
 from genmlx.core.http import ClusterAuth
+from genmlx.core.signing import Keys
+from genmlx.core.tokens import TokenFile, TokenSource, unseal_token, write_token_file
 from genmlx.wire.agent_state import AgentState
+
+log = logging.getLogger(__name__)
 
 
 def make_app(
     *,
     name: str,
-    token: str,
+    token: str | TokenSource,
     storage_paths: tuple[Path, ...],
     supervisor: RankSupervisor,
     transfers: TransferManager,
@@ -73,6 +80,7 @@ def make_app(
         (model, ModelHandler, {**ranks, "storage_paths": storage_paths, "transfers": transfers}),
         (model + "/files", ModelFilesHandler, stored),
         (model + "/files/(.+)", ModelFileHandler, stored),
+        (r"/api/v1/token", TokenHandler, {**auth, "name": name}),
     ]
     return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=auth)
 
@@ -107,7 +115,14 @@ class StateHandler(AgentHandler):
         storage = await loop.run_in_executor(None, scan_storage, self.storage_paths)
         ranks, transfers = self.supervisor.ranks(), self.transfers.transfers()
         state = AgentState(
-            self.name, genmlx.__version__, facts, storage, ranks, transfers, node_id=self.node_id
+            self.name,
+            genmlx.__version__,
+            facts,
+            storage,
+            ranks,
+            transfers,
+            node_id=self.node_id,
+            key_id=self.auth.keys.signing_id,
         )
         self.write(state.to_json())
 
@@ -157,6 +172,33 @@ class RankLogHandler(RankEndpoint):
         if not raw.isdigit():
             raise AgentRequestError(f"tail: {raw!r} is not a number of bytes")
         return int(raw)
+
+
+class TokenHandler(AgentHandler):
+    """``POST /api/v1/token``: the master pushes a rotated token, sealed for this node under the key
+    of the token this agent holds (and signed with it). The agent writes it to its token file with
+    the one it replaces kept until ``until``; everything that reads the file (this agent, its
+    ranks) takes it within a second."""
+
+    def initialize(self, auth: ClusterAuth, name: str) -> None:
+        super().initialize(auth)
+        self.name = name
+
+    def post(self) -> None:
+        body = self.json_body()
+        path, held = self.auth.tokens.path, self.auth.tokens.current()
+        if path is None:
+            raise AgentConflict("this agent was given its token directly, not in a file it can update")
+        if self.signed_by != self.auth.keys.signing:
+            raise AgentConflict("this agent already holds a newer token than the one the push is signed with")
+        try:
+            new_token = unseal_token(body, self.signed_by, self.name)
+            until = float(body["until"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise AgentRequestError(f"the pushed token cannot be used: {e}") from None
+        write_token_file(path, TokenFile(new_token, held.current, until))
+        log.info("took a rotated cluster token; the previous one counts until %s", time.ctime(until))
+        self.write({"keyId": Keys.of(new_token).signing_id})
 
 
 class NotFoundHandler(AgentHandler):

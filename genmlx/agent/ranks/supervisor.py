@@ -43,6 +43,7 @@ from genmlx.agent.ranks.logs import (
     write_hostfile,
 )
 from genmlx.core.errors import AgentConflict, AgentNotFound, TemporaryError
+from genmlx.core.tokens import TOKEN_FILE_ENV, TokenSource
 from genmlx.wire.agent_state import RankInfo, RankPhase
 from genmlx.wire.argv import to_argv
 from genmlx.wire.rank_launch import RankLaunch, rank_command, rank_key
@@ -84,12 +85,16 @@ def dispatcher_command(
     return [sys.executable, "-m", "genmlx.dispatcher", *to_argv(command)]
 
 
-def rank_environment(token: str, launch: RankLaunch, hostfile: Path | None) -> dict[str, str]:
-    """The agent's environment plus the token and, for a multi-rank group, MLX's ring settings.
-    Hugging Face credentials stay with the agent: a rank loads local files only."""
-    dropped = ("MLX_RANK", "MLX_HOSTFILE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+def rank_environment(token: str | TokenSource, launch: RankLaunch, hostfile: Path | None) -> dict[str, str]:
+    """The agent's environment plus the token (and the token file, which the rank follows through
+    a rotation) and, for a multi-rank group, MLX's ring settings. Hugging Face credentials stay
+    with the agent: a rank loads local files only."""
+    dropped = ("MLX_RANK", "MLX_HOSTFILE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", TOKEN_FILE_ENV)
     env = {key: value for key, value in os.environ.items() if key not in dropped}
-    env.update(GENMLX_API_TOKEN=token, PYTHONUNBUFFERED="1")
+    source = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
+    env.update(GENMLX_API_TOKEN=source.token, PYTHONUNBUFFERED="1")
+    if source.path is not None:
+        env[TOKEN_FILE_ENV] = str(source.path)
     if hostfile is not None:
         env.update(MLX_RANK=str(launch.rank), MLX_HOSTFILE=str(hostfile))
     return env
@@ -155,7 +160,7 @@ class RankSupervisor:
     def __init__(
         self,
         *,
-        token: str,
+        token: str | TokenSource,
         host: str,
         log_dir: Path,
         stop_grace_s: float,

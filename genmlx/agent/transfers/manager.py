@@ -43,6 +43,7 @@ from genmlx.agent.transfers.peer_sync import sync_model
 from genmlx.agent.transfers.progress import TransferCancelled, TransferProgress
 from genmlx.core.errors import AgentConflict, AgentRequestError, GenMLXError, PermanentError
 from genmlx.core.threads import run_in_worker_thread
+from genmlx.core.tokens import TokenSource
 from genmlx.wire.agent_state import FetchRequest, StoredModel, Transfer, TransferKind, TransferState
 
 log = logging.getLogger(__name__)
@@ -118,13 +119,14 @@ class TransferManager:
     def __init__(
         self,
         storage_paths: tuple[Path, ...],
-        token: str,
+        token: str | TokenSource,
         verified: VerifiedFiles,
         *,
         download: DownloadFunction | None = None,
     ):
         self._storage_paths = storage_paths
-        self._token = token  # shown to peers; never logged
+        # Signs requests to peers (never sent, never logged); followed through a rotation.
+        self._tokens = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
         self._verified = verified
         self._download = download
         self._records: dict[str, TransferRecord] = {}
@@ -236,7 +238,7 @@ class TransferManager:
         """The blocking part of a transfer, in a worker thread; remembers what it verified."""
         request, root, progress = record.request, record.storage_root, record.progress
         if request.peer is not None:
-            final, metadata = sync_model(request, root, self._token, progress)
+            final, metadata = sync_model(request, root, self._tokens.token, progress)
         elif (request.source or "").startswith("hf://"):
             final, metadata = self.download_from_hub(request, root, progress)
         else:

@@ -8,6 +8,7 @@ import logging
 from tornado.web import Application, RequestHandler
 
 from genmlx.core.http import ClusterAuth
+from genmlx.core.tokens import TokenSource
 from genmlx.dispatcher.api.anthropic_api import (
     CountTokensHandler,
     MessagesHandler,
@@ -31,7 +32,12 @@ access_log = logging.getLogger("genmlx.dispatcher.access")
 
 
 def make_app(
-    *, model_id: str, engine: Engine, started_at: int, metrics: DispatcherMetrics, token: str | None
+    *,
+    model_id: str,
+    engine: Engine,
+    started_at: int,
+    metrics: DispatcherMetrics,
+    token: str | TokenSource | None,
 ) -> Application:
     """The tornado application serving ``/health``, ``/metrics``, the OpenAI APIs (chat, completions,
     responses) and Anthropic's; a ``token`` of None leaves the API open."""
@@ -56,7 +62,7 @@ def make_app(
     )
 
 
-def make_health_app(*, model_id: str, engine: Engine, token: str | None) -> Application:
+def make_health_app(*, model_id: str, engine: Engine, token: str | TokenSource | None) -> Application:
     """``/health`` alone, for the ranks of a group other than rank 0."""
     auth = {"auth": ClusterAuth(token) if token else None}
     return Application(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
@@ -103,7 +104,9 @@ class ProxyHandler(ApiHandler):
         await self.forward(f"{upstream}/{path}", self.request.body)
 
     async def forward(self, url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
-        signed, self.nonce = signed_headers(self.auth.keys, "POST", url, body)
+        # Signed with the token rank 0's node holds (it may still hold the old one in a rotation).
+        self.upstream_keys = self.reconciler.keys_for_host(urlsplit(url).hostname or "")
+        signed, self.nonce = signed_headers(self.upstream_keys, "POST", url, body)
         headers = {"Content-Type": "application/json", **signed, **(extra_headers or {})}
         try:
             await self.upstream.post(url, body, headers, self.start_response, self.relay)
@@ -127,7 +130,7 @@ class ProxyHandler(ApiHandler):
 
     def pass_on_whole_reply(self, url: str) -> None:
         try:
-            check_reply(self.auth.keys, self.nonce, self.status, self.signature, bytes(self.held))
+            check_reply(self.upstream_keys, self.nonce, self.status, self.signature, bytes(self.held))
         except SignatureError as e:
             self.reconciler.wake()
             raise BadGateway(f"What answers at {url} is not the model's rank 0: {e}.") from None
@@ -153,9 +156,10 @@ class ProxyHandler(ApiHandler):
             self.held = bytearray()
         else:
             try:
-                check_reply(self.auth.keys, self.nonce, code, self.signature)
+                check_reply(self.upstream_keys, self.nonce, code, self.signature)
             except SignatureError as e:
-                self.unproven = str(e)
+                refused = "it refused the master's signature (does its node hold this cluster's token?)"
+                self.unproven = refused if code == 401 else str(e)
                 self.upstream.close()
                 return
         self.set_status(code)

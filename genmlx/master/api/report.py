@@ -10,6 +10,7 @@ from genmlx.master.planning.presence import find_copy
 from genmlx.master.planning.status import iso_time
 from genmlx.master.runtime.applied import AppliedManifest
 from genmlx.master.runtime.loop import RejectedManifest, Snapshot
+from genmlx.master.runtime.rotation import Rotation
 from genmlx.wire.status import (
     ClusterStatus,
     ConditionReport,
@@ -19,6 +20,7 @@ from genmlx.wire.status import (
     ModelRank,
     ModelStatus,
     NodeStatus,
+    TokenRotationReport,
 )
 
 NO_MANIFEST = ConditionReport(
@@ -72,9 +74,17 @@ def base_document(applied: AppliedManifest | None, snapshot: Snapshot | None) ->
         models=tuple(model_document(applied, snapshot, spec.name) for spec in applied.manifest.models),
         unmanaged_agents=tuple(agent.report() for agent in snapshot.unmanaged_agents),
         impostors=tuple(ImpostorReport(i.name, i.address, i.detail) for i in snapshot.observed.impostors),
+        token_rotation=rotation_report(snapshot.rotation),
         pending_actions=tuple(a.describe() for a in snapshot.planned),
         last_pass=LastPass(iso_time(snapshot.observed.now), round(snapshot.duration_s, 3), snapshot.errors),
     )
+
+
+def rotation_report(rotation: Rotation | None) -> TokenRotationReport | None:
+    if rotation is None:
+        return None
+    until = iso_time(rotation.previous_until)
+    return TokenRotationReport(until, rotation.nodes_on_previous, rotation.manual)
 
 
 def node_document(snapshot: Snapshot, name: str) -> NodeStatus:

@@ -26,7 +26,8 @@ from genmlx.core.errors import (
     AuthError,
     ImpostorError,
 )
-from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+from genmlx.core.signing import KEY_NOT_HELD, REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+from genmlx.core.tokens import TokenSource
 from genmlx.master.planning.observed import EndpointHealth
 from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo
 from genmlx.wire.rank_launch import RankLaunch
@@ -38,11 +39,16 @@ REJECTIONS: dict[int, type[AgentRequestError]] = {404: AgentNotFound, 409: Agent
 
 
 class AgentClient:
-    """Talks to one agent at ``address`` ("host:port"), signing with the cluster's ``keys``."""
+    """Talks to one agent at ``address`` ("host:port"), signing with the cluster's token. During a
+    rotation's grace it signs with whichever of the two tokens the agent took last (``key_id``),
+    and tries the other when the agent does not hold that one."""
 
-    def __init__(self, address: str, keys: Keys, http: AsyncHTTPClient, stop_timeout_s: float = 30.0):
+    def __init__(
+        self, address: str, tokens: TokenSource, http: AsyncHTTPClient, stop_timeout_s: float = 30.0
+    ):
         self.address = address
-        self._keys = keys
+        self._tokens = tokens
+        self.key_id = ""  # the id of the key the agent took last
         self._http = http
         self._stop_timeout_s = stop_timeout_s
 
@@ -72,10 +78,35 @@ class AgentClient:
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:
         return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")
 
-    async def _call(self, method: str, path: str, body: Any = None, timeout: float = 15.0) -> Any:
-        url = f"http://{self.address}{path}"
+    async def push_token(self, sealed: dict[str, str], until: float, signed_with: str) -> None:
+        """Give the agent a rotated token, sealed for it, signed with the key it holds now."""
+        self.key_id = signed_with
+        await self._call("POST", "/api/v1/token", {**sealed, "until": until}, attempts=1)
+
+    def keys(self) -> Keys:
+        """The keys to sign with, the one the agent took last first."""
+        return self._tokens.keys().preferring(self.key_id)
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, timeout: float = 15.0, attempts: int = 2
+    ) -> Any:
         payload = None if body is None else json.dumps(body).encode()
-        signed, nonce = signed_headers(self._keys, method, url, payload)
+        choices = self.keys().each()[:attempts]
+        for keys in choices:  # the last refusal is raised; any answer returns
+            try:
+                reply = await self._call_signed(keys, method, path, payload, timeout)
+            except KeyNotHeld:
+                if keys is choices[-1]:
+                    raise
+            else:
+                self.key_id = keys.signing_id
+                return reply
+
+    async def _call_signed(
+        self, keys: Keys, method: str, path: str, payload: bytes | None, timeout: float
+    ) -> Any:
+        url = f"http://{self.address}{path}"
+        signed, nonce = signed_headers(keys, method, url, payload)
         request = HTTPRequest(
             url,
             method=method,
@@ -89,22 +120,27 @@ class AgentClient:
             response = await self._http.fetch(request)
         except HTTPClientError as e:
             if e.response is not None and e.code not in (401, 403):
-                self._check_signed(nonce, e.response)
+                self._check_signed(keys, nonce, e.response)
             raise agent_error(self.address, method, path, e) from None
         except OSError as e:
             raise AgentUnreachable(f"agent at {self.address} does not answer: {e}") from None
-        self._check_signed(nonce, response)
+        self._check_signed(keys, nonce, response)
         if response.headers.get("Content-Type", "").startswith("application/json"):
             return json.loads(response.body)
         return response.body.decode(errors="replace")
 
-    def _check_signed(self, nonce: str, response: HTTPResponse) -> None:
+    def _check_signed(self, keys: Keys, nonce: str, response: HTTPResponse) -> None:
         try:
-            check_reply(self._keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
+            check_reply(keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
         except SignatureError as e:
             raise ImpostorError(
                 f"whatever answers at {self.address} is not a GenMLX agent of this cluster: {e}"
             ) from None
+
+
+class KeyNotHeld(AuthError):
+    """The agent does not hold the token this request was signed with (a rotation under way, or
+    another cluster's agent)."""
 
 
 def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exception:
@@ -112,7 +148,8 @@ def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exc
         return AgentUnreachable(f"agent at {address} does not answer: {e.message}")
     if e.code in (401, 403):
         why = error_message(e)
-        return AuthError(f"agent at {address} refused our signature (HTTP {e.code}): {why}")
+        refusal = KeyNotHeld if KEY_NOT_HELD in why else AuthError
+        return refusal(f"agent at {address} refused our signature (HTTP {e.code}): {why}")
     message = error_message(e)
     if e.code >= 500:
         return AgentUnreachable(f"agent at {address} failed {method} {path}: {message}")

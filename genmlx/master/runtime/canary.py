@@ -21,10 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+
+KeysFor = Callable[[str], Keys]  # the keys to sign a request to a rank on this host with
 
 log = logging.getLogger("genmlx.master")
 
@@ -45,17 +48,17 @@ class CanaryResult:
 class Canaries:
     """Runs each group's canary when it is due and remembers the last verdict."""
 
-    def __init__(self, http: AsyncHTTPClient, keys: Keys, interval_s: float, timeout_s: float):
+    def __init__(self, http: AsyncHTTPClient, keys_for: KeysFor, interval_s: float, timeout_s: float):
         self.on_result: Callable[[], None] = lambda: None  # the loop wakes: a verdict may change status
         self._http = http
-        self._keys = keys
+        self._keys_for = keys_for
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._results: dict[str, CanaryResult] = {}
         self._running: dict[str, asyncio.Task] = {}
 
     @classmethod
-    def from_environment(cls, http: AsyncHTTPClient, keys: Keys) -> Canaries:
+    def from_environment(cls, http: AsyncHTTPClient, keys: KeysFor) -> Canaries:
         """Interval and timeout from ``GENMLX_CANARY_INTERVAL_S`` / ``GENMLX_CANARY_TIMEOUT_S``."""
         interval = float(os.environ.get("GENMLX_CANARY_INTERVAL_S", DEFAULT_INTERVAL_S))
         timeout = float(os.environ.get("GENMLX_CANARY_TIMEOUT_S", DEFAULT_TIMEOUT_S))
@@ -97,7 +100,8 @@ class Canaries:
         """``passed``, ``hung`` with why, or None when the answer proves nothing (busy, restarting)."""
         url = f"{base_url}/completions"
         body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode()
-        signed, nonce = signed_headers(self._keys, "POST", url, body)
+        keys = self._keys_for(urlsplit(url).hostname or "")
+        signed, nonce = signed_headers(keys, "POST", url, body)
         try:
             response = await self._http.fetch(
                 url,
@@ -115,7 +119,7 @@ class Canaries:
         if response.code == 599:
             return "hung", f"the canary completion got no answer in {self._timeout_s:.0f}s"
         try:
-            check_reply(self._keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
+            check_reply(keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
         except SignatureError as e:
             return "hung", f"what answers at {base_url} is not this cluster's rank 0: {e}"
         if response.code == 200:

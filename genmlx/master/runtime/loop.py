@@ -18,6 +18,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from genmlx.core.errors import ManifestError
 from genmlx.core.signing import Keys
+from genmlx.core.tokens import TokenSource
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.planning.actions import Action, FetchModel, StartRankGroup
@@ -41,6 +42,7 @@ from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
 from genmlx.master.runtime.observe import agent_addresses, observe
+from genmlx.master.runtime.rotation import Rotation, push_rotated_token, rotation_under_way
 from genmlx.wire.status import Revision
 
 log = logging.getLogger("genmlx.master")
@@ -64,6 +66,7 @@ class Snapshot:
     duration_s: float = 0.0
     errors: tuple[str, ...] = field(default=())
     unmanaged_agents: tuple[DiscoveredAgent, ...] = ()  # announced, but not in the manifest
+    rotation: Rotation | None = None  # a token rotation whose grace window is open
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class ApplyOutcome:
 class Reconciler:
     def __init__(
         self,
-        token: str,
+        token: str | TokenSource,
         store: AppliedStore,
         http: AsyncHTTPClient,
         resync_s: float = 5.0,
@@ -95,7 +98,7 @@ class Reconciler:
         local_agents: dict[str, str] | None = None,
         events: EventLog | None = None,
     ):
-        self._keys = Keys.of(token)
+        self.tokens = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
         self._store = store
         self._http = http
         self._resync_s = resync_s
@@ -107,7 +110,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
-        self._canaries = Canaries.from_environment(http, self._keys)
+        self._canaries = Canaries.from_environment(http, self.keys_for_host)
         self._canaries.on_result = self.wake
         self._stopping = False
         self._passes_started = 0
@@ -176,6 +179,7 @@ class Reconciler:
         self._passes_started += 1
         number = self._passes_started
         observed = await self._observe(applied.manifest)
+        await push_rotated_token(self.tokens, observed, self._proven_clients(observed), self.events)
         assessments = assess_models(applied.manifest, observed)
         actions = actions_for(applied.manifest, observed, assessments)
         previous = self.snapshot
@@ -293,9 +297,12 @@ class Reconciler:
         snapshot = Snapshot(
             applied.generation, observed, assessed, cluster, nodes, models, tuple(actions), phases
         )
-        unmanaged = self._unmanaged_agents(applied.manifest)
         return replace(
-            snapshot, node_phases=node_phases, cluster_phases=cluster_phases, unmanaged_agents=unmanaged
+            snapshot,
+            node_phases=node_phases,
+            cluster_phases=cluster_phases,
+            unmanaged_agents=self._unmanaged_agents(applied.manifest),
+            rotation=rotation_under_way(self.tokens, observed),
         )
 
     def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
@@ -335,8 +342,16 @@ class Reconciler:
 
     def _client(self, address: str) -> AgentClient:
         if address not in self._clients:
-            self._clients[address] = AgentClient(address, self._keys, self._http)
+            self._clients[address] = AgentClient(address, self.tokens, self._http)
         return self._clients[address]
+
+    def keys_for_host(self, host: str) -> Keys:
+        """The keys to sign a request to a rank on ``host`` with: the token its node's agent took
+        last first (a rank follows its agent's token file)."""
+        for client in self._clients.values():
+            if client.address.rsplit(":", 1)[0] == host:
+                return client.keys()
+        return self.tokens.keys()
 
     def _proven_clients(self, observed: Observed) -> dict[str, AgentClient]:
         """The client of each node whose agent answered this pass with the cluster's signature:
