@@ -41,6 +41,7 @@ from netbench import NetBench, ip_command  # noqa: E402
 
 from genmlx.agent.store.model_store import METADATA_NAME  # noqa: E402
 from genmlx.core.home import ensure_token, read_token  # noqa: E402
+from genmlx.core.signing import Keys, signed_headers  # noqa: E402
 from genmlx.wire.agent_state import FetchRequest  # noqa: E402
 
 MODEL = "bench-model"
@@ -107,8 +108,9 @@ def build_model(directory: Path, total_mb: int) -> tuple[tuple[str, int], ...]:
 
 def agent_call(setup: Setup, address: str, method: str, path: str, body: object = None) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{address}:{AGENT_PORT}{path}", data=data, method=method)
-    request.add_header("Authorization", f"Bearer {setup.token}")
+    url = f"http://{address}:{AGENT_PORT}{path}"
+    signed, _ = signed_headers(Keys.of(setup.token), method, url, data)  # agents take signed requests only
+    request = urllib.request.Request(url, data=data, method=method, headers=signed)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read() or b"null")

@@ -2,7 +2,7 @@
 declared node's name, answers every request as an agent would (a plausible state document, a 200
 to anything else, and a made-up reply signature), and records everything it receives.
 
-    python tests/rogue_agent.py NAME ADDRESS PORT RECORD_FILE
+    python tests/rogue_agent.py NAME ADDRESS PORT RECORD_FILE [--no-announce]
 
 Each request is one JSON line in RECORD_FILE: method, path, headers and the body (latin-1).
 """
@@ -31,7 +31,7 @@ def state_document(name: str) -> dict:
     }
 
 
-def serve(name: str, address: str, port: int, record_path: str) -> None:
+def serve(name: str, address: str, port: int, record_path: str, announce: bool = True) -> None:
     class Handler(BaseHTTPRequestHandler):
         def handle_one(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -59,6 +59,10 @@ def serve(name: str, address: str, port: int, record_path: str) -> None:
             pass
 
     server = ThreadingHTTPServer((address, port), Handler)
+    if not announce:  # found at a declared address instead (and no multicast from loopback)
+        print(f"rogue answering as {name} at {address}:{port}", flush=True)
+        server.serve_forever()
+        return
     zeroconf = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
     info = ServiceInfo(
         "_genmlx._tcp.local.",
@@ -78,4 +82,4 @@ def serve(name: str, address: str, port: int, record_path: str) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], announce="--no-announce" not in sys.argv)

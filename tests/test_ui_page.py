@@ -333,3 +333,45 @@ def test_without_the_clipboard_api_copy_selects_the_block(browser, cluster):
     assert selected == opencode.locator("pre code").first.text_content()
     assert '"@ai-sdk/openai-compatible"' in selected
     context.close()
+
+
+def test_impostors_and_a_token_rotation_show_on_the_page(browser, cluster, spawn, tmp_path):
+    """Node b's declared address answers, but unsigned: the page lists it as an impostor. A manual
+    rotation of the token shows until when the old token counts, and who still holds it."""
+    rogue_port = free_port()
+    rogue = Path(__file__).with_name("rogue_agent.py")
+    spawn(
+        [str(rogue), "b", "127.0.0.1", str(rogue_port), str(tmp_path / "rogue.jsonl"), "--no-announce"],
+        "rogue",
+    )
+    cluster.wait_answers(rogue_port)
+    manifest = tmp_path / "cluster.yaml"
+    manifest.write_text(
+        "apiVersion: genmlx/v1\nkind: Cluster\nmetadata: {name: deskpage}\nspec:\n"
+        f"  master: {{node: a, port: {cluster.master_port}}}\n  nodes:\n"
+        + "".join(
+            f"    - {{name: {name}, address: '127.0.0.1:{port}', storage: [{{path: '{cluster.storage}'}}]}}\n"
+            for name, port in (("a", cluster.agent_port), ("b", rogue_port))
+        )
+        + "  models: []\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "genmlx", "apply", "-f", str(manifest)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rotated = subprocess.run(
+        [sys.executable, "-m", "genmlx", "token", "rotate", "--grace", "1h", "--manual"],
+        capture_output=True,
+        text=True,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    page = browser.new_page()
+    page.goto(cluster.login_url())
+    page.wait_for_selector("#impostors li", timeout=WAIT_MS)
+    page.wait_for_selector("#rotation p", timeout=WAIT_MS)
+    impostor = page.locator("#impostors li").inner_text()
+    rotation = page.locator("#rotation p").inner_text()
+    print("impostor:", impostor, "| rotation:", rotation)
+    assert impostor.startswith(f"b at 127.0.0.1:{rogue_port}: ") and "not a GenMLX agent" in impostor
+    assert "The old cluster token counts until" in rotation and "Every node holds the new one." in rotation
+    keep_screenshot(page, tmp_path, "impostor-and-rotation.png")

@@ -326,6 +326,18 @@ function renderNodes(doc) {
   });
   fill($("node-cards"), cards.length ? cards : h("p", {}, "No nodes in the applied manifest."));
 
+  const rotation = doc.tokenRotation;
+  fill(
+    $("rotation"),
+    rotation
+      ? h("div", { class: "rotation" },
+          h("h3", {}, "Token rotation"),
+          h("p", {}, `The old cluster token counts until ${rotation.previousUntil}. `,
+            rotation.nodesOnPreviousToken.length
+              ? `Still on it: ${rotation.nodesOnPreviousToken.join(", ")} (${rotation.manual ? "copy the token file to them" : "the master pushes the new one"}).`
+              : "Every node holds the new one."))
+      : null,
+  );
   announcers(
     "impostors",
     "Impostors",
