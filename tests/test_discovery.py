@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import shutil
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import openai
 import pytest
 from conftest import Proc, signed, wait_until
 from netbench import Host, NetBench
@@ -54,9 +56,9 @@ class BenchCluster:
         argv = ["agent", "--name", name, "--storage", str(home / "models"), *flags]
         return self.bench.run(host, genmlx_command(argv), name, {"GENMLX_HOME": str(home), **(env or {})})
 
-    def start_master(self, host: int, nodes: dict[str, str | None], *flags: str) -> Proc:
+    def start_master(self, host: int, nodes: dict[str, str | None], *flags: str, models: str = "[]") -> Proc:
         manifest = self.root / "cluster.yaml"
-        manifest.write_text(manifest_text(nodes, self.root / "storage"))
+        manifest.write_text(manifest_text(nodes, self.root / "storage", models))
         home = self.home("master")
         self.master_url = f"http://{self.bench.host(host).address}:{MASTER_PORT}"
         argv = ["master", "-f", str(manifest), *flags]
@@ -92,7 +94,7 @@ def genmlx_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "genmlx", *argv]
 
 
-def manifest_text(nodes: dict[str, str | None], storage: Path) -> str:
+def manifest_text(nodes: dict[str, str | None], storage: Path, models: str = "[]") -> str:
     lines = [
         "apiVersion: genmlx/v1",
         "kind: Cluster",
@@ -104,7 +106,7 @@ def manifest_text(nodes: dict[str, str | None], storage: Path) -> str:
     for name, address in nodes.items():
         where = f"address: '{address}', " if address else ""
         lines.append(f"    - {{name: {name}, {where}storage: [{{path: {storage}}}]}}")
-    return "\n".join([*lines, "  models: []", ""])
+    return "\n".join([*lines, f"  models: {models}", ""])
 
 
 def announced_at(agent: Proc) -> float:
@@ -207,19 +209,25 @@ def test_undeclared_agents_are_unmanaged_and_a_foreign_token_is_unauthorized(net
     assert cluster.unmanaged() == [expected]
 
 
-def test_a_rogue_announcing_a_declared_name_is_an_impostor_and_gets_nothing_it_can_use(netns_hosts, tmp_path):
+def test_a_rogue_announcing_a_declared_name_is_an_impostor_and_gets_nothing_it_can_use(
+    netns_hosts, tmp_path, demo_model_dir
+):
     """A device on another host announces node n1's name and answers like an agent. The master
-    shows it as an impostor, keeps n1 on the real agent, and sends the rogue only signed state
-    requests: none carries the token, and none is any use replayed to the real agent, as it was
-    received or readdressed."""
+    shows it as an impostor, keeps n1 on the real agent, which goes on serving n1's model, and
+    sends the rogue only signed state requests: none carries the token, and none is any use
+    replayed to the real agent, as it was received or readdressed."""
     bench: NetBench = netns_hosts(3)
     cluster = BenchCluster(bench, tmp_path)
-    cluster.start_master(0, {"n1": None})
+    storage = tmp_path / "storage"
+    shutil.copytree(demo_model_dir, storage / "demo")
+    cluster.start_master(
+        0, {"n1": None}, models=f"[{{name: demo, source: 'file://{storage / 'demo'}', nodes: [n1]}}]"
+    )
     record = tmp_path / "rogue-received.jsonl"
     rogue_address = f"{bench.hosts[2].address}:{AGENT_PORT}"
     rogue_argv = [str(Path(__file__).with_name("rogue_agent.py")), "n1", bench.hosts[2].address]
     bench.run(2, [sys.executable, *rogue_argv, str(AGENT_PORT), str(record)], "rogue")
-    real_agent = cluster.start_agent(1, "n1")
+    real_agent = cluster.start_agent(1, "n1", "--storage", str(storage))
     announced_at(real_agent)
 
     def impostors() -> list[dict]:
@@ -230,6 +238,12 @@ def test_a_rogue_announcing_a_declared_name_is_an_impostor_and_gets_nothing_it_c
     assert (impostor["name"], impostor["address"]) == ("n1", rogue_address)
     assert "not a GenMLX agent of this cluster" in impostor["message"]
     time.sleep(3.0)  # several passes with the rogue still announcing
+    wait_until(lambda: cluster.status()["models"][0]["phase"] == "Ready", 120, what="n1's model Ready")
+    client = openai.OpenAI(base_url=f"{cluster.master_url}/v1", api_key=cluster.token, max_retries=0)
+    reply = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+    )
+    assert reply.usage.completion_tokens == 2
     document = cluster.status()
     node = document["nodes"][0]
     assert node["address"] == f"{bench.hosts[1].address}:{AGENT_PORT}"
