@@ -493,6 +493,7 @@ def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
         "--max-queue": "64",
         "--hostfile": str(hostfile),
         "--parallelism": "tensor",
+        "--backend": "ring",
         "--parent-pid": "4242",
     }
     assert "MLX_RANK" not in rank_environment("secret-token", replace(launch, hostfile=()), None)

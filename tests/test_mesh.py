@@ -49,7 +49,6 @@ from genmlx.master.planning.mesh import (
     rank_endpoints,
     rdma_matrix,
     ring_hostfile,
-    unstartable_backend,
 )
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState, NetworkInterface, NodeFacts, RankInfo
@@ -422,52 +421,66 @@ def without_rdma(node: MeshNode, port: str) -> MeshNode:
 
 FULL = desk(["a", "b", "c"], [(0, 1), (0, 2), (1, 2)])
 HALF_DOWN = [FULL[0], FULL[1], without_rdma(FULL[2], "en3")]  # b-c: RDMA at b's end only
-RING_ONLY = desk(["a", "b", "c"], [(0, 1), (1, 2)])  # no cable a-c
+RING_ONLY = desk(["a", "b", "c"], [(0, 1), (1, 2)])  # no cable a-c: a line, not a ring
+RING_OF_FOUR = desk(["a", "b", "c", "d"], [(0, 1), (1, 2), (2, 3), (0, 3)])  # no a-c, no b-d
 LINUX = [MeshNode(n, f"10.0.0.{i}", facts(ethernet(f"10.0.0.{i}"))) for i, n in enumerate("ab")]
 NO_FACTS = [MeshNode("a", "10.0.0.1"), FULL[1]]
 
 
 EVERY_PAIR = "every pair of ranks has an active RDMA device at both ends"
-NOT_YET = "jaccl would be possible, but GenMLX does not start jaccl ranks yet"
+AROUND = (
+    "each rank and the next have an active RDMA device at both ends (a ring of RDMA links; none "
+    "between a-c, b-d)"
+)
+AUTO_WAITS = (
+    "auto runs ring until GenMLX can fall back to ring when a jaccl start fails (mesh.backend: jaccl "
+    "starts it now)"
+)
 
 
 @pytest.mark.parametrize(
     ("nodes", "expected"),
     [
-        (FULL, JacclPlan(True, EVERY_PAIR, jaccl_config(FULL, 32323))),
+        (FULL, JacclPlan(True, EVERY_PAIR, jaccl_config(FULL, 32323), "jaccl")),
+        (
+            RING_OF_FOUR,
+            JacclPlan(True, AROUND, JacclConfig(rdma_matrix(RING_OF_FOUR), "10.0.0.1:32323"), "jaccl-ring"),
+        ),
         (HALF_DOWN, JacclPlan(False, "no RDMA link between b-c")),
         (RING_ONLY, JacclPlan(False, "no RDMA link between a-c")),
         (LINUX, JacclPlan(False, "no RDMA link between a-b")),
         (NO_FACTS, JacclPlan(False, "RDMA links unknown: no facts from a")),
     ],
 )
-def test_jaccl_is_possible_only_where_every_pair_of_ranks_has_an_rdma_link(nodes, expected):
+def test_jaccl_needs_an_rdma_link_between_every_pair_and_jaccl_ring_between_neighbours(nodes, expected):
     assert plan_jaccl(nodes, 32323) == expected
 
 
 @pytest.mark.parametrize(
     ("requested", "nodes", "expected"),
     [
-        ("auto", FULL, BackendChoice("ring", f"{EVERY_PAIR}: {NOT_YET}")),
+        ("auto", FULL, BackendChoice("ring", f"{EVERY_PAIR}, so jaccl is possible; {AUTO_WAITS}")),
         ("ring", FULL, BackendChoice("ring", "mesh.backend is ring")),
         ("auto", HALF_DOWN, BackendChoice("ring", "no RDMA link between b-c")),
         ("auto", LINUX, BackendChoice("ring", "no RDMA link between a-b")),
         ("auto", NO_FACTS, BackendChoice("ring", "RDMA links unknown: no facts from a")),
     ],
 )
-def test_genmlx_starts_every_multi_node_model_on_the_ring_backend_and_says_why(requested, nodes, expected):
+def test_auto_and_ring_start_multi_node_models_on_the_ring_backend_and_say_why(requested, nodes, expected):
     assert choose_backend(requested, plan_jaccl(nodes, 32323)) == expected
 
 
-@pytest.mark.parametrize("nodes", [FULL, RING_ONLY, NO_FACTS])
-def test_jaccl_asked_for_cannot_be_honoured_yet_and_the_master_holds_the_model_back(nodes):
-    choice = choose_backend("jaccl", plan_jaccl(nodes, 32323))
-    assert choice.backend is None
-    assert choice.reason == (
-        "mesh.backend is jaccl, but GenMLX starts ranks on MLX's ring backend only so far: use auto or "
-        "ring (the master holds the model back: BackendUnsupported)"
-    )
-    assert [unstartable_backend(b) is None for b in ("auto", "ring", "jaccl")] == [True, True, False]
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        (FULL, BackendChoice("jaccl", f"mesh.backend is jaccl, and {EVERY_PAIR}")),
+        (RING_OF_FOUR, BackendChoice("jaccl-ring", f"mesh.backend is jaccl, and {AROUND}")),
+        (RING_ONLY, BackendChoice(None, "mesh.backend is jaccl, but no RDMA link between a-c")),
+        (NO_FACTS, BackendChoice(None, "mesh.backend is jaccl, but RDMA links unknown: no facts from a")),
+    ],
+)
+def test_jaccl_asked_for_starts_jaccl_or_jaccl_ring_as_the_links_allow_else_nothing(nodes, expected):
+    assert choose_backend("jaccl", plan_jaccl(nodes, 32323)) == expected
 
 
 def test_a_jaccl_config_where_a_pair_lacks_rdma_is_an_error_that_names_the_pair():
@@ -479,11 +492,11 @@ def test_a_model_mesh_carries_the_choice_hostfile_and_the_planned_jaccl_config()
     mesh = plan_model_mesh("big", "auto", FULL, [32325, 32323, 32324])
     assert mesh.choice.backend == "ring"
     assert mesh.hostfile == ("10.0.0.1:32325", "10.0.0.2:32323", "10.0.0.3:32324")
-    assert mesh.jaccl == JacclPlan(True, EVERY_PAIR, jaccl_config(FULL, 32325)), "rank 0's port coordinates"
+    assert mesh.jaccl == JacclPlan(True, EVERY_PAIR, jaccl_config(FULL, 32325), "jaccl"), "rank 0's port"
     linux = plan_model_mesh("big", "auto", LINUX, [32323, 32323])
     assert (linux.choice.backend, linux.jaccl.config) == ("ring", None)
     asked = plan_model_mesh("big", "jaccl", FULL, [32323, 32323, 32323])
-    assert (asked.choice.backend, asked.jaccl.possible) == (None, True)
+    assert (asked.choice.backend, asked.jaccl.possible) == ("jaccl", True)
 
 
 def test_a_ring_port_past_65535_is_an_error_that_says_what_to_lower():
@@ -611,7 +624,7 @@ def test_mesh_plan_exits_1_when_jaccl_is_asked_for(tmp_path, genmlx_home):
     path.write_text(manifest_text(free_port(), {"a": None, "b": None}, PAIR_MODEL, "{backend: jaccl}"))
     done = mesh_plan(path, "--master", f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 1
-    assert "error: mesh.backend is jaccl, but GenMLX starts ranks on MLX's ring backend only" in done.stdout
+    assert "error: mesh.backend is jaccl, but RDMA links unknown: no facts from a, b" in done.stdout
     assert "jaccl would not be possible either: RDMA links unknown: no facts from a, b" in done.stdout
 
 
@@ -830,7 +843,7 @@ def replace_node(observed: Observed, node: ObservedNode) -> Observed:
     return Observed(observed.now, {**observed.nodes, node.name: node})
 
 
-def test_where_every_pair_has_rdma_the_plan_prints_jaccl_as_planned_but_runs_ring():
+def test_where_every_pair_has_rdma_auto_prints_jaccl_as_planned_and_runs_ring():
     nodes = {n.name: n for n in FULL}
     observed = Observed(
         0.0,
@@ -844,6 +857,6 @@ def test_where_every_pair_has_rdma_the_plan_prints_jaccl_as_planned_but_runs_rin
     assert (big["backend"], big["error"]) == ("ring", None)
     assert big["jaccl"]["coordinator"] == "10.0.0.1:32323"
     text = format_mesh_plan(document)
-    assert f"backend ring: {EVERY_PAIR}: {NOT_YET}" in text
-    assert "    jaccl (planned, not yet started):\n      devices (MLX_IBV_DEVICES): [[null, " in text
+    assert f"backend ring: {EVERY_PAIR}, so jaccl is possible; {AUTO_WAITS}" in text
+    assert "    jaccl (planned, not started):\n      devices (MLX_IBV_DEVICES): [[null, " in text
     assert "coordinator (MLX_JACCL_COORDINATOR): 10.0.0.1:32323" in text

@@ -12,7 +12,7 @@ from genmlx.manifest.types import Mesh, ModelSpec, Serving
 from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
 from genmlx.master.planning.observed import EndpointHealth, ObservedNode, RolloutRecord
 from genmlx.master.planning.plan import LOAD_DEADLINE_S, assess_models, plan
-from genmlx.wire.agent_state import ModelShape, RankInfo
+from genmlx.wire.agent_state import ModelShape, NetworkInterface, RankInfo
 
 SHAPE = ModelShape(
     weight_bytes=8 * GIB, num_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128
@@ -131,10 +131,42 @@ def test_a_group_still_loading_after_the_deadline_is_restarted():
     assert [type(a) for a in restarted.actions] == [StopRankGroup, StartRankGroup]
 
 
-def test_jaccl_is_refused_until_ranks_can_be_started_on_it():
+def test_jaccl_asked_for_without_rdma_links_holds_the_model_back_saying_why():
     jaccl = replace(desk(QWEN), mesh=Mesh(backend="jaccl"))
     (assessment,) = assess_models(jaccl, seen(*PAIR))
-    assert (assessment.phase, assessment.reason, assessment.actions) == ("Blocked", "BackendUnsupported", ())
+    assert (assessment.phase, assessment.reason, assessment.actions) == ("Blocked", "RDMAUnavailable", ())
+    assert assessment.message == "qwen: mesh.backend is jaccl, but no RDMA link between a-b"
+
+
+def with_rdma_cable(a: ObservedNode, b: ObservedNode) -> tuple[ObservedNode, ObservedNode]:
+    """``a`` and ``b`` with a Thunderbolt cable between them, an active RDMA device at each end."""
+
+    def cabled(node: ObservedNode, port: str, peer: str) -> ObservedNode:
+        cable = NetworkInterface(
+            port,
+            "thunderbolt",
+            (),
+            True,
+            domain=f"{node.name}/{port}",
+            peer_domain=peer,
+            rdma_device=f"rdma_{port}",
+        )
+        facts = replace(node.state.facts, interfaces=(*node.state.facts.interfaces, cable))
+        return replace(node, state=replace(node.state, facts=facts))
+
+    return cabled(a, "en2", "b/en3"), cabled(b, "en3", "a/en2")
+
+
+def test_jaccl_asked_for_over_rdma_links_launches_every_rank_on_it():
+    jaccl = replace(desk(QWEN), mesh=Mesh(backend="jaccl"))
+    start = start_of(plan(jaccl, seen(*with_rdma_cable(*PAIR))))
+    launches = [launch for _, launch in start.launches]
+    assert {launch.backend for launch in launches} == {"jaccl"}
+    assert {launch.coordinator for launch in launches} == {"10.0.0.1:32323"}
+    assert {launch.rdma_devices for launch in launches} == {'[[null, "rdma_en2"], ["rdma_en3", null]]'}
+    ring = start_of(plan(desk(QWEN), seen(*with_rdma_cable(*PAIR))))
+    assert {launch.backend for _, launch in ring.launches} == {"ring"}, "auto stays on ring for now"
+    assert ring.spec_hash != start.spec_hash
 
 
 def test_ring_ports_beyond_the_last_port_block_the_model_with_the_numbers():

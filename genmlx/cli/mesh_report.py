@@ -159,14 +159,14 @@ def mesh_fields(mesh: ModelMesh) -> dict[str, Any]:
         "reason": mesh.choice.reason,
         # MLX_HOSTFILE's contents, as the agent writes it: one list of "ip:port" per rank.
         "hostfile": [[entry] for entry in mesh.hostfile],
-        # jaccl as it would be wired: planned, not started (GenMLX starts ring ranks only).
+        # jaccl as it is (or would be) wired: started where the backend above is jaccl or jaccl-ring.
         "jaccl": {
             "possible": mesh.jaccl.possible,
             "reason": mesh.jaccl.reason,
             "devices": json.loads(config.devices_json()) if config else None,
             "coordinator": config.coordinator if config else None,
         },
-        # A backend GenMLX cannot start: the master holds the model back.
+        # mesh.backend: jaccl where the links do not allow it: the master holds the model back.
         "error": mesh.choice.reason if mesh.choice.backend is None else None,
     }
 
@@ -254,7 +254,8 @@ def format_model(model: dict[str, Any]) -> list[str]:
         lines.append(f"    running with: {json.dumps(model['runningHostfile'])}")
     jaccl = model["jaccl"]
     if jaccl and jaccl["devices"]:
-        lines.append("    jaccl (planned, not yet started):")
+        started = model["backend"] in ("jaccl", "jaccl-ring")
+        lines.append(f"    jaccl ({'the ranks start on it' if started else 'planned, not started'}):")
         lines.append(f"      devices (MLX_IBV_DEVICES): {json.dumps(jaccl['devices'])}")
         lines.append(f"      coordinator (MLX_JACCL_COORDINATOR): {jaccl['coordinator']}")
     elif jaccl and model["backend"] is None:

@@ -24,8 +24,9 @@ from tornado.web import Application
 from genmlx.core.tokens import TOKEN_FILE_ENV, TokenFileError, TokenSource
 from genmlx.dispatcher.api.app import make_app, make_health_app
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
+from genmlx.dispatcher.engine.lockstep import RankGroup
 from genmlx.dispatcher.engine.model_loading import Sharding
-from genmlx.dispatcher.engine.runner import Engine, LoadedModel, ModelSource, RankGroup
+from genmlx.dispatcher.engine.runner import Engine, LoadedModel, ModelSource
 from genmlx.dispatcher.settings import decoder_settings
 from genmlx.dispatcher.watchdog import start_parent_watchdog
 from genmlx.wire.rank_launch import RankCommand
@@ -113,10 +114,11 @@ def _make_rank_app(
 
 
 def _rank_group(settings: RankCommand) -> RankGroup | None:
-    if settings.world_size == 1 or settings.hostfile is None:
+    if settings.world_size == 1:
         return None
     sharding = Sharding(settings.parallelism, settings.layer_split)
-    return RankGroup(settings.rank, settings.world_size, Path(settings.hostfile), sharding)
+    hostfile = Path(settings.hostfile) if settings.hostfile else None
+    return RankGroup(settings.rank, settings.world_size, hostfile, sharding, settings.backend)
 
 
 def _make_engine(settings: RankCommand, stop: _StopRequest) -> Engine:

@@ -8,6 +8,7 @@ field list, one set of checks, on both sides. Serving settings ride along unchan
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,6 +22,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODEL_NAME_RULE = "must be 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 HOST_PORT = re.compile(r"[^\s:]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
 Parallelism = Literal["tensor", "pipeline"]
+# MLX's distributed backend of a multi-rank group: its TCP ring, or RDMA over Thunderbolt (jaccl)
+# between every pair of ranks, or around a ring of RDMA links (jaccl-ring: MLX_JACCL_RING).
+RankBackend = Literal["ring", "jaccl", "jaccl-ring"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class RankLaunch(WireType):
     serving: ServingSettings = field(default_factory=ServingSettings)
     parallelism: Parallelism = "tensor"  # how a group of ranks splits the model
     layer_split: tuple[int, ...] | None = bounded(None, minimum=1)  # pipeline only: layers per rank
+    backend: RankBackend = "ring"
+    rdma_devices: str | None = None  # jaccl: the device matrix (JSON) the file MLX_IBV_DEVICES names holds
+    coordinator: str | None = bounded(None, pattern=HOST_PORT, rule='must be "host:port"')  # jaccl: rank 0's
 
     @property
     def key(self) -> str:
@@ -54,6 +61,23 @@ class RankLaunch(WireType):
                 "hostfile",
                 f"{len(self.hostfile)} entries for worldSize {self.world_size}; give one per rank, or none",
             )
+        if self.backend != "ring":
+            self.check_jaccl()
+
+    def check_jaccl(self) -> None:
+        if self.coordinator is None:
+            raise WireError("coordinator", f"backend {self.backend} needs rank 0's host:port")
+        try:
+            matrix = json.loads(self.rdma_devices or "")
+        except ValueError:
+            raise WireError(
+                "rdmaDevices", f"backend {self.backend} needs the RDMA device matrix as JSON"
+            ) from None
+        square = isinstance(matrix, list) and all(
+            isinstance(row, list) and len(row) == self.world_size for row in matrix
+        )
+        if not square or len(matrix) != self.world_size:
+            raise WireError("rdmaDevices", f"must be {self.world_size} rows of {self.world_size} devices")
 
 
 @dataclass(frozen=True)
@@ -82,12 +106,15 @@ class RankCommand(WireType):
     layer_split: tuple[int, ...] | None = arg(
         None, minimum=1, help="pipeline only: layers per rank, e.g. 20,12 (default: even)"
     )
+    backend: RankBackend = arg(
+        "ring", help="MLX's distributed backend (jaccl reads MLX_IBV_DEVICES and MLX_JACCL_COORDINATOR)"
+    )
 
     def check(self) -> None:
         size = self.world_size
         if not 0 <= self.rank < size:
             raise WireError("", f"--rank must be in [0, {size - 1}] for --world-size {size}, got {self.rank}")
-        if size > 1 and not self.hostfile:
+        if size > 1 and self.backend == "ring" and not self.hostfile:
             raise WireError("", f"--world-size {size} needs --hostfile (MLX's ring hostfile of the group)")
         if self.layer_split is not None and self.parallelism != "pipeline":
             raise WireError("", "--layer-split applies to --parallelism pipeline only")
@@ -111,6 +138,7 @@ def rank_command(
         hostfile=hostfile,
         parallelism=launch.parallelism,
         layer_split=launch.layer_split,
+        backend=launch.backend,
     )
 
 

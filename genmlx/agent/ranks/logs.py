@@ -27,6 +27,10 @@ def rank_hostfile_path(log_dir: Path, key: str) -> Path:
     return log_dir / f"{key}.hostfile.json"
 
 
+def rank_devices_path(log_dir: Path, key: str) -> Path:
+    return log_dir / f"{key}.ibv-devices.json"
+
+
 def earlier_run_log_path(path: Path, runs_ago: int) -> Path:
     """The log of the run ``runs_ago`` starts before the current one (1: the one just before)."""
     return path.with_name(f"{path.name}.{runs_ago}")

@@ -37,6 +37,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from genmlx.agent.ranks.logs import (
     log_needs_trimming,
     open_new_run_log,
+    rank_devices_path,
     rank_hostfile_path,
     rank_log_path,
     trim_log,
@@ -85,18 +86,49 @@ def dispatcher_command(
     return [sys.executable, "-m", "genmlx.dispatcher", *to_argv(command)]
 
 
-def rank_environment(token: str | TokenSource, launch: RankLaunch, hostfile: Path | None) -> dict[str, str]:
+# What MLX's distributed backends read from a rank's environment: never inherited from the agent's.
+MLX_GROUP_ENV = (
+    "MLX_RANK",
+    "MLX_HOSTFILE",
+    "MLX_IBV_DEVICES",
+    "MLX_JACCL_COORDINATOR",
+    "MLX_JACCL_RING",
+    "JACCL_RANK",
+    "JACCL_IBV_DEVICES",
+    "JACCL_COORDINATOR",
+    "JACCL_RING",
+)
+
+
+def rank_environment(
+    token: str | TokenSource, launch: RankLaunch, hostfile: Path | None, devices: Path | None = None
+) -> dict[str, str]:
     """The agent's environment plus the token (and the token file, which the rank follows through
-    a rotation) and, for a multi-rank group, MLX's ring settings. Hugging Face credentials stay
-    with the agent: a rank loads local files only."""
-    dropped = ("MLX_RANK", "MLX_HOSTFILE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", TOKEN_FILE_ENV)
+    a rotation) and, for a multi-rank group, what its MLX backend reads (``mlx_environment``).
+    Hugging Face credentials stay with the agent: a rank loads local files only."""
+    dropped = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", TOKEN_FILE_ENV, *MLX_GROUP_ENV)
     env = {key: value for key, value in os.environ.items() if key not in dropped}
     source = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
     env.update(GENMLX_API_TOKEN=source.token, PYTHONUNBUFFERED="1")
     if source.path is not None:
         env[TOKEN_FILE_ENV] = str(source.path)
-    if hostfile is not None:
-        env.update(MLX_RANK=str(launch.rank), MLX_HOSTFILE=str(hostfile))
+    env.update(mlx_environment(launch, hostfile, devices))
+    return env
+
+
+def mlx_environment(launch: RankLaunch, hostfile: Path | None, devices: Path | None) -> dict[str, str]:
+    """What MLX's backend of a multi-rank group reads, as ``mlx.launch`` sets it: the rank and the
+    ring's hostfile, or for jaccl the file of the RDMA device matrix, rank 0's coordinator address
+    and, around a ring of RDMA links, ``MLX_JACCL_RING``. Nothing for a rank alone."""
+    if launch.backend == "ring":
+        return {} if hostfile is None else {"MLX_RANK": str(launch.rank), "MLX_HOSTFILE": str(hostfile)}
+    env = {
+        "MLX_RANK": str(launch.rank),
+        "MLX_IBV_DEVICES": str(devices),
+        "MLX_JACCL_COORDINATOR": launch.coordinator or "",
+    }
+    if launch.backend == "jaccl-ring":
+        env["MLX_JACCL_RING"] = "1"
     return env
 
 
@@ -201,14 +233,19 @@ class RankSupervisor:
         hostfile = rank_hostfile_path(self._log_dir, launch.key) if launch.hostfile else None
         if hostfile is not None:
             write_hostfile(hostfile, launch.hostfile)
-        popen = self._spawn(launch, model_dir, hostfile)
+        devices = rank_devices_path(self._log_dir, launch.key) if launch.rdma_devices else None
+        if devices is not None:
+            devices.write_text(launch.rdma_devices)
+        popen = self._spawn(launch, model_dir, hostfile, devices)
         record = RankProcess(launch, popen, time.time(), model_dir, restarts=self._starts[launch.key])
         self._starts[launch.key] += 1
         self._ranks[launch.key] = record
         log.info("started rank %s as pid %d (%d earlier starts)", launch.key, popen.pid, record.restarts)
         return record.info()
 
-    def _spawn(self, launch: RankLaunch, model_dir: Path, hostfile: Path | None) -> subprocess.Popen:
+    def _spawn(
+        self, launch: RankLaunch, model_dir: Path, hostfile: Path | None, devices: Path | None
+    ) -> subprocess.Popen:
         log_fd = open_new_run_log(rank_log_path(self._log_dir, launch.key))
         try:
             return subprocess.Popen(
@@ -216,7 +253,7 @@ class RankSupervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                env=rank_environment(self._token, launch, hostfile),
+                env=rank_environment(self._token, launch, hostfile, devices),
                 start_new_session=True,  # its own process group, signalled as one
             )
         finally:

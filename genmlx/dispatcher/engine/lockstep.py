@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from genmlx.dispatcher.engine.events import GenerationRequest
+from genmlx.dispatcher.engine.model_loading import Sharding
 from genmlx.wire.codec import decode, encode
 
 log = logging.getLogger(__name__)
@@ -108,20 +109,35 @@ def step_checksum(tokens: Iterable[tuple[int, int]]) -> int:
     return checksum
 
 
-def join_ring(rank: int, world_size: int, hostfile: Path) -> Any:
-    """Join MLX's ring group described by ``hostfile``; the group (an ``mx.distributed.Group``)."""
+@dataclass(frozen=True)
+class RankGroup:
+    """This rank's place in a multi-rank group, its MLX backend, and how the group splits the model."""
+
+    rank: int
+    world_size: int
+    hostfile: Path | None  # the ring backend's; jaccl reads its files from the environment
+    sharding: Sharding = Sharding()
+    backend: str = "ring"  # ring, jaccl or jaccl-ring (jaccl with MLX_JACCL_RING set)
+
+
+def join_group(group: RankGroup) -> Any:
+    """Join MLX's group of ``group`` (a ``RankGroup``) on its backend; the ``mx.distributed.Group``.
+
+    The ring backend reads the hostfile the command line names; jaccl reads what the agent put in
+    the environment (``MLX_IBV_DEVICES``, ``MLX_JACCL_COORDINATOR``, ``MLX_JACCL_RING``)."""
     import mlx.core as mx
 
     # The agent also sets these; the command line wins so a hand-started rank needs no environment.
-    os.environ["MLX_RANK"] = str(rank)
-    os.environ["MLX_HOSTFILE"] = str(hostfile)
-    group = mx.distributed.init(strict=True, backend="ring")
-    if (group.rank(), group.size()) != (rank, world_size):
+    os.environ["MLX_RANK"] = str(group.rank)
+    if group.backend == "ring":
+        os.environ["MLX_HOSTFILE"] = str(group.hostfile)
+    joined = mx.distributed.init(strict=True, backend="ring" if group.backend == "ring" else "jaccl")
+    if (joined.rank(), joined.size()) != (group.rank, group.world_size):
         raise LockstepBroken(
-            f"joined the ring as rank {group.rank()} of {group.size()}, "
-            f"but was started as rank {rank} of {world_size}: check the hostfile {hostfile}"
+            f"joined the {group.backend} group as rank {joined.rank()} of {joined.size()}, "
+            f"but was started as rank {group.rank} of {group.world_size}: check its hostfile or devices"
         )
-    return group
+    return joined
 
 
 class RankChannel:

@@ -37,13 +37,14 @@ from genmlx.dispatcher.engine.lockstep import (
     Join,
     LockstepBroken,
     RankChannel,
+    RankGroup,
     Shutdown,
     Step,
-    join_ring,
+    join_group,
     step_checksum,
     with_seed,
 )
-from genmlx.dispatcher.engine.model_loading import Sharding, load_shard, load_whole
+from genmlx.dispatcher.engine.model_loading import load_shard, load_whole
 from genmlx.wire.serving import ServingSettings
 
 if TYPE_CHECKING:
@@ -80,16 +81,6 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
-
-
-@dataclass(frozen=True)
-class RankGroup:
-    """This rank's place in a multi-rank group and how the group splits the model."""
-
-    rank: int
-    world_size: int
-    hostfile: Path
-    sharding: Sharding = Sharding()
 
 
 @dataclass(frozen=True)
@@ -229,7 +220,7 @@ class Engine:
         if group is None:
             model, tokenizer, config = load_whole(self._source.model_dir)
         else:
-            mlx_group = join_ring(group.rank, group.world_size, group.hostfile)
+            mlx_group = join_group(group)
             self._channel = RankChannel(mlx_group)
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).

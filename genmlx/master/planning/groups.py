@@ -16,9 +16,16 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from genmlx.manifest.types import DEFAULT_DISPATCHER_PORT, Manifest, ModelSpec
+from genmlx.manifest.types import DEFAULT_DISPATCHER_PORT, Backend, Manifest, ModelSpec
 from genmlx.master.planning.actions import StartRankGroup
-from genmlx.master.planning.mesh import MeshPlanError, observed_mesh_nodes, rank_endpoints
+from genmlx.master.planning.mesh import (
+    MeshPlanError,
+    RdmaUnavailable,
+    choose_backend,
+    observed_mesh_nodes,
+    plan_jaccl,
+    rank_endpoints,
+)
 from genmlx.master.planning.observed import Observed
 from genmlx.master.planning.placement import Placement
 from genmlx.wire.rank_launch import RankLaunch
@@ -35,6 +42,7 @@ class GroupPlan:
     placement: Placement
     published: tuple[float | None, ...] = ()  # when each rank's copy was put in place
     ring_ports: tuple[int, ...] = ()  # each rank's ring port; none for a one-rank group
+    backend: Backend = "auto"  # the manifest's mesh.backend
 
 
 def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> StartRankGroup:
@@ -43,6 +51,7 @@ def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Start
     world = len(spec.nodes)
     check_port_range(spec.name, "HTTP", plan.ports, "serving.port")
     hostfile = ring_hostfile(spec, observed, plan.ring_ports) if world > 1 else ()
+    jaccl = group_backend(spec, observed, plan) if world > 1 else {}
     parallelism = plan.placement.parallelism if world > 1 else "tensor"
     serving = spec.serving.settings()
     fields = {
@@ -56,6 +65,7 @@ def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Start
         "hostfile": list(hostfile),
         "placement": [parallelism, plan.placement.layer_split],
         "serving": serving.to_json(),
+        **({"jaccl": jaccl} if jaccl else {}),  # a ring group's fingerprint stays as it was
     }
     spec_hash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     launches = tuple(
@@ -72,11 +82,29 @@ def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Start
                 serving=serving,
                 parallelism=parallelism,
                 layer_split=plan.placement.layer_split if parallelism == "pipeline" else None,
+                **jaccl,
             ),
         )
         for rank, (node, path, port) in enumerate(zip(spec.nodes, plan.paths, plan.ports, strict=True))
     )
     return StartRankGroup(spec.name, spec_hash, launches)
+
+
+def group_backend(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> dict[str, str]:
+    """The RankLaunch fields of a jaccl group (its backend, device matrix and coordinator), or none
+    for a ring group. Raises ``RdmaUnavailable`` where ``mesh.backend: jaccl`` cannot be had."""
+    jaccl = plan_jaccl(observed_mesh_nodes(spec.nodes, observed.nodes), plan.ring_ports[0])
+    choice = choose_backend(plan.backend, jaccl)
+    if choice.backend is None:
+        raise RdmaUnavailable(f"{spec.name}: {choice.reason}")
+    if choice.backend == "ring":
+        return {}
+    config = jaccl.config
+    return {
+        "backend": choice.backend,
+        "rdma_devices": config.devices_json(),
+        "coordinator": config.coordinator,
+    }
 
 
 def ring_hostfile(spec: ModelSpec, observed: Observed, ring_ports: tuple[int, ...]) -> tuple[str, ...]:

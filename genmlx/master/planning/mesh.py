@@ -11,10 +11,12 @@ cables of the desk are addressed. Pure: node facts in, frozen plans out; no I/O,
   others are added or reordered.
 - **jaccl** (RDMA over Thunderbolt, macOS 26.2+): MLX reads ``MLX_IBV_DEVICES``, a JSON matrix whose
   row i names, for each rank j, the RDMA device on rank i's node whose cable reaches rank j's (null
-  on the diagonal), and ``MLX_JACCL_COORDINATOR``, rank 0's ``"ip:port"``. The planner works out
-  where jaccl would be possible (every pair of ranks has an active RDMA device at both ends of a
-  cable between them) and how it would be wired, but GenMLX starts ranks on the ring backend only
-  so far (``STARTABLE_BACKENDS``): ``auto`` runs ring, ``jaccl`` cannot be honoured yet.
+  on the diagonal and where no cable runs), and ``MLX_JACCL_COORDINATOR``, rank 0's ``"ip:port"``.
+  jaccl needs an active RDMA device at both ends of a cable between every pair of ranks;
+  ``jaccl-ring`` (``MLX_JACCL_RING``) only between each rank and the next, around the ring.
+  ``mesh.backend: jaccl`` starts whichever of them the cables allow, and holds the model back
+  (``RDMAUnavailable``) where neither; ``auto`` runs ring until GenMLX can fall back to ring when a
+  jaccl start fails.
 - **Thunderbolt addressing**: for the manifest's topology (``full-mesh``: every pair of nodes cabled;
   ``ring``: node i to node i+1, in manifest order), a /30 per link out of ``MESH_BLOCK``, with each
   end's address and, where the facts tell which port the cable is in, its interface.
@@ -43,16 +45,21 @@ LINK_PREFIX = 30
 MIN_SHARED_PREFIX = 24
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 
-MeshBackend = Literal["ring", "jaccl"]
-# The backends agents and dispatchers start ranks on. jaccl also needs fields in RankLaunch and
-# MLX_IBV_DEVICES / MLX_JACCL_COORDINATOR in the rank's environment, which they do not carry yet.
-STARTABLE_BACKENDS: frozenset[MeshBackend] = frozenset({"ring"})
+MeshBackend = Literal["ring", "jaccl", "jaccl-ring"]
 
 
 class MeshPlanError(PermanentError):
     """The mesh cannot be planned as the manifest asks: too many links for the address block, a
     ring port outside 1-65535, or a jaccl config asked for where some pair of ranks has no RDMA
     link."""
+
+    reason = "MeshUnplannable"
+
+
+class RdmaUnavailable(MeshPlanError):
+    """``mesh.backend: jaccl`` where the RDMA links do not allow it."""
+
+    reason = "RDMAUnavailable"
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,7 @@ class JacclPlan:
     possible: bool
     reason: str
     config: JacclConfig | None = None  # where possible
+    mode: MeshBackend | None = None  # jaccl (every pair linked) or jaccl-ring (neighbours only)
 
 
 @dataclass(frozen=True)
@@ -299,61 +307,64 @@ def rdma_matrix(nodes: Sequence[MeshNode]) -> tuple[tuple[str | None, ...], ...]
     )
 
 
-def missing_rdma_pairs(nodes: Sequence[MeshNode]) -> list[tuple[str, str]]:
+def missing_rdma_pairs(
+    nodes: Sequence[MeshNode], pairs: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[str, str]]:
+    """The pairs of ranks (every pair, or those given) without an RDMA link both ways."""
     matrix = rdma_matrix(nodes)
     return [
         (nodes[i].name, nodes[j].name)
-        for i, j in itertools.combinations(range(len(nodes)), 2)
+        for i, j in (pairs if pairs is not None else itertools.combinations(range(len(nodes)), 2))
         if matrix[i][j] is None or matrix[j][i] is None
     ]
 
 
-def unstartable_backend(requested: Backend) -> str | None:
-    """Why GenMLX cannot start the ranks of a multi-node model on the ``mesh.backend`` asked for,
-    or None where it can (``auto`` runs ring until jaccl ranks can be started)."""
-    if requested == "auto" or requested in STARTABLE_BACKENDS:
-        return None
-    return (
-        f"mesh.backend is {requested}, but GenMLX starts ranks on MLX's ring backend only so far: "
-        "use auto or ring"
-    )
-
-
 def plan_jaccl(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclPlan:
-    """Whether every pair of ranks (rank r on ``nodes[r]``) has an RDMA link, and if so the jaccl
-    config, its coordinator on ``coordinator_port``."""
+    """Whether the RDMA links allow jaccl (every pair of ranks, rank r on ``nodes[r]``) or
+    jaccl-ring (each rank and the next), and the config with its coordinator on
+    ``coordinator_port``."""
     unknown = [n.name for n in nodes if n.facts is None]
     if unknown:
         return JacclPlan(False, f"RDMA links unknown: no facts from {', '.join(unknown)}")
+    config = JacclConfig(rdma_matrix(nodes), f"{nodes[0].agent_host}:{coordinator_port}")
     missing = missing_rdma_pairs(nodes)
-    if missing:
-        return JacclPlan(False, f"no RDMA link between {', '.join(f'{a}-{b}' for a, b in missing)}")
-    config = jaccl_config(nodes, coordinator_port)
-    return JacclPlan(True, "every pair of ranks has an active RDMA device at both ends", config)
-
-
-def choose_backend(requested: Backend, jaccl: JacclPlan) -> BackendChoice:
-    """The backend GenMLX starts the ranks on, and why: ring, or none where ``mesh.backend`` asks
-    for one it cannot start yet (the master holds such a model back)."""
-    unstartable = unstartable_backend(requested)
-    if unstartable is not None:
-        return BackendChoice(None, f"{unstartable} (the master holds the model back: BackendUnsupported)")
-    if requested == "ring":
-        return BackendChoice("ring", "mesh.backend is ring")
-    if jaccl.possible:
-        return BackendChoice(
-            "ring", f"{jaccl.reason}: jaccl would be possible, but GenMLX does not start jaccl ranks yet"
+    if not missing:
+        return JacclPlan(True, "every pair of ranks has an active RDMA device at both ends", config, "jaccl")
+    missing_around = missing_rdma_pairs(nodes, cabled_pairs(len(nodes), "ring"))  # each and the next
+    if not missing_around:
+        reason = (
+            "each rank and the next have an active RDMA device at both ends (a ring of RDMA links; "
+            f"none between {', '.join(f'{a}-{b}' for a, b in missing)})"
         )
-    return BackendChoice("ring", jaccl.reason)
+        return JacclPlan(True, reason, config, "jaccl-ring")
+    return JacclPlan(False, f"no RDMA link between {', '.join(f'{a}-{b}' for a, b in missing_around)}")
 
 
 def jaccl_config(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclConfig:
-    """The device matrix and the coordinator (rank 0's agent host, on ``coordinator_port``). Raises
-    ``MeshPlanError`` if any pair of ranks lacks an RDMA link."""
+    """The device matrix of a full mesh of RDMA links and the coordinator (rank 0's agent host, on
+    ``coordinator_port``). Raises ``MeshPlanError`` if any pair of ranks lacks an RDMA link."""
     missing = missing_rdma_pairs(nodes)
     if missing:
         raise MeshPlanError(f"no RDMA link between {', '.join(f'{a}-{b}' for a, b in missing)}")
     return JacclConfig(rdma_matrix(nodes), f"{nodes[0].agent_host}:{coordinator_port}")
+
+
+def choose_backend(requested: Backend, jaccl: JacclPlan) -> BackendChoice:
+    """The backend GenMLX starts the ranks on, and why; none where ``mesh.backend: jaccl`` cannot
+    be had (the master holds the model back: ``RDMAUnavailable``)."""
+    if requested == "ring":
+        return BackendChoice("ring", "mesh.backend is ring")
+    if requested == "jaccl":
+        if jaccl.possible:
+            return BackendChoice(jaccl.mode, f"mesh.backend is jaccl, and {jaccl.reason}")
+        return BackendChoice(None, f"mesh.backend is jaccl, but {jaccl.reason}")
+    if jaccl.possible:
+        return BackendChoice(
+            "ring",
+            f"{jaccl.reason}, so {jaccl.mode} is possible; auto runs ring until GenMLX can fall back to "
+            "ring when a jaccl start fails (mesh.backend: jaccl starts it now)",
+        )
+    return BackendChoice("ring", jaccl.reason)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Literal
 from genmlx.manifest.types import Manifest, ModelSpec
 from genmlx.master.planning.actions import Action, StartRankGroup, StopRankGroup
 from genmlx.master.planning.groups import GroupPlan, RankPorts, assign_rank_ports, desired_group
-from genmlx.master.planning.mesh import MeshPlanError, unstartable_backend
+from genmlx.master.planning.mesh import MeshPlanError
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.placement import NodeCapacity, Placement, PlacementRefused, place
 from genmlx.master.planning.presence import Presence, assess_presence
@@ -80,19 +80,19 @@ def assess_model(
     if presence.reason:
         phase: Phase = "Blocked" if presence.blocked else "Progressing"
         return verdict(phase, presence.reason, presence.message, actions=presence.fetches)
-    if len(spec.nodes) > 1 and (why := unstartable_backend(manifest.mesh.backend)) is not None:
-        return verdict("Blocked", "BackendUnsupported", why)
     try:
         placement = placement_of(spec, observed, presence)
     except PlacementRefused as e:
         return verdict("Blocked", e.reason, e.message)
     copies = [presence.copies[name] for name in spec.nodes]
     published = tuple(c.published_at for c in copies)
-    group = GroupPlan(tuple(c.path for c in copies), ports.http, placement, published, ports.ring)
+    group = GroupPlan(
+        tuple(c.path for c in copies), ports.http, placement, published, ports.ring, manifest.mesh.backend
+    )
     try:
         desired = desired_group(spec, observed, group)
     except MeshPlanError as e:
-        return verdict("Blocked", "MeshUnplannable", str(e))
+        return verdict("Blocked", e.reason, str(e))
     return assess_rollout(spec, desired, ranks, observed, verdict)
 
 
