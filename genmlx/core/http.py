@@ -288,8 +288,8 @@ class ApiHandler(RequestHandler):
         if auth.keyring is None or presented is None or not presented.startswith(CLIENT_KEY_PREFIX):
             return False
         key = auth.keyring.find(presented)
-        if key is None:
-            raise Unauthorized("Incorrect API key: this key is not one of the cluster's (or it was revoked).")
+        if key is None:  # unknown or revoked (or, by a one-in-16-million chance, the token itself)
+            return False
         if not self.accepts_client_keys:
             raise Forbidden(
                 f"The API key {key.name!r} reaches the models only (/v1/...); "
@@ -312,8 +312,8 @@ class ApiHandler(RequestHandler):
     def token_refused(self) -> GenMLXError:
         """The error a request without the token gets."""
         return Unauthorized(
-            "Missing or incorrect API key: send 'Authorization: Bearer <cluster token>' "
-            "(or 'x-api-key: <cluster token>')."
+            "Missing, incorrect or revoked API key: send a client key (`genmlx key create`) or the "
+            "cluster token as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
         )
 
     def carries_token(self, token: str) -> bool:
