@@ -83,3 +83,21 @@ def test_a_named_master_that_does_not_answer_is_named_without_the_hint(
     assert NAME_THE_MASTER not in error
     assert main(["get", "nodes", "--master", no_master_named]) == 2
     assert NAME_THE_MASTER not in capsys.readouterr().err
+
+
+def test_status_text_lists_impostors_and_a_token_rotation() -> None:
+    from genmlx.wire.status import ClusterStatus, ConditionReport, ImpostorReport, TokenRotationReport
+
+    status = ClusterStatus(
+        generation=1,
+        observed_generation=1,
+        conditions=(ConditionReport("Ready", "True", "AllReady", "every node and model is Ready", "t"),),
+        name="desk",
+        impostors=(ImpostorReport("b", "10.0.0.9:6790", "the reply is not signed"),),
+        token_rotation=TokenRotationReport("2026-12-06T12:00:00Z", ("b",), manual=True),
+    )
+    text = master_client.format_status(status)
+    assert "token rotation: the old token counts until 2026-12-06T12:00:00Z; nodes still on it: b" in text
+    assert "(copy the token file to them)" in text
+    assert "impostors (announce a node's name, cannot prove they hold the token; never used):" in text
+    assert "b     10.0.0.9:6790  the reply is not signed" in text
