@@ -112,7 +112,7 @@ class TokenSource:
     def fixed(cls, token: str) -> TokenSource:
         return cls(fixed=token)
 
-    def _modified(self) -> float | None:
+    def _modified(self) -> int | None:
         try:
             return self.path.stat().st_mtime_ns if self.path else None
         except FileNotFoundError:

@@ -110,6 +110,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
+        self._push_warnings: set[tuple[str, str]] = set()  # (node, key id) pushes already warned of
         self._canaries = Canaries.from_environment(http, self.keys_for_host)
         self._canaries.on_result = self.wake
         self._stopping = False
@@ -179,7 +180,8 @@ class Reconciler:
         self._passes_started += 1
         number = self._passes_started
         observed = await self._observe(applied.manifest)
-        await push_rotated_token(self.tokens, observed, self._proven_clients(observed), self.events)
+        proven = self._proven_clients(observed)
+        await push_rotated_token(self.tokens, observed, proven, self.events, self._push_warnings)
         assessments = assess_models(applied.manifest, observed)
         actions = actions_for(applied.manifest, observed, assessments)
         previous = self.snapshot

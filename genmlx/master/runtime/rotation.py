@@ -46,9 +46,14 @@ def rotation_under_way(tokens: TokenSource, observed: Observed) -> Rotation | No
 
 
 async def push_rotated_token(
-    tokens: TokenSource, observed: Observed, clients: dict[str, AgentClient], events: EventLog | None
+    tokens: TokenSource,
+    observed: Observed,
+    clients: dict[str, AgentClient],
+    events: EventLog | None,
+    warned: set[tuple[str, str]],
 ) -> None:
-    """Give each proven agent still on the previous token the current one, sealed for it."""
+    """Give each proven agent still on the previous token the current one, sealed for it. A push
+    that fails is tried again each pass, and told once per node and token (``warned``)."""
     rotation = rotation_under_way(tokens, observed)
     if rotation is None or rotation.manual:
         return
@@ -62,9 +67,12 @@ async def push_rotated_token(
             sealed = seal_token(held.current, previous_key, name)
             await client.push_token(sealed, held.previous_until, key_id(previous_key))
         except GenMLXError as e:
-            log.warning("could not give node %s the rotated token: %s", name, e)
-            if events is not None:
-                events.record("Node", name, "Warning", "TokenNotPushed", str(e))
+            told = (name, key_id(signing_key(held.current)))
+            if told not in warned:
+                warned.add(told)
+                log.warning("could not give node %s the rotated token: %s", name, e)
+                if events is not None:
+                    events.record("Node", name, "Warning", "TokenNotPushed", str(e))
             continue
         log.info("gave node %s the rotated cluster token", name)
         if events is not None:
