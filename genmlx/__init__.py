@@ -6,7 +6,7 @@ Layers, each importing only those below it (``pyproject.toml``'s import-linter c
     master | agent | dispatcher | demo   the three processes, independent of each other; demo models
     manifest                          cluster.yaml → frozen dataclasses
     wire                              typed documents that cross processes
-    core                              errors, HTTP base, token and paths, mdns, git revisions
+    core                              errors, HTTP base, tokens and signed requests, paths, mdns
 """
 
 from __future__ import annotations
