@@ -135,7 +135,8 @@ class ProxyHandler(ApiHandler):
             self.reconciler.wake()
             raise BadGateway(f"What answers at {url} is not the model's rank 0: {e}.") from None
         self.received(self.status, bytes(self.held))
-        self.usage.whole(bytes(self.held))
+        if self.client_key is not None:  # only a client key's tokens are counted
+            self.usage.whole(bytes(self.held))
         self.write(bytes(self.held))
 
     def relay(self, chunk: bytes) -> None:
@@ -143,7 +144,8 @@ class ProxyHandler(ApiHandler):
             self.held += chunk
             return
         self.received(self.status, chunk)
-        self.usage.streamed(chunk)
+        if self.client_key is not None:
+            self.usage.streamed(chunk)
         self.write(chunk)
         self.flush()
 
