@@ -18,6 +18,7 @@ import openai
 import pytest
 import test_cluster as harness
 import yaml
+from agent_harness import call
 from conftest import signed, wait_until
 
 from genmlx.core.home import client_key_digest, new_client_key
@@ -85,13 +86,8 @@ def ask(client: openai.OpenAI, model: str) -> openai.types.chat.ChatCompletion:
     )
 
 
-def get(cluster: KeyedCluster, path: str, key: str) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{cluster.url}{path}", headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+def as_key(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
 
 def test_a_key_reaches_its_own_models_only(cluster: KeyedCluster) -> None:
@@ -116,21 +112,14 @@ def test_a_key_reaches_its_own_models_only(cluster: KeyedCluster) -> None:
 
 @pytest.mark.parametrize("path", ["/api/v1/status", "/api/v1/events", "/api/v1/keys", "/metrics"])
 def test_a_key_never_reads_status_keys_or_metrics(cluster: KeyedCluster, path: str) -> None:
-    status, body = get(cluster, path, KEYS["everything"])
-    assert status == 403 and "reaches the models only" in body["error"]["message"]
+    reply = call("GET", f"{cluster.url}{path}", None, headers=as_key(KEYS["everything"]))
+    assert reply.status == 403 and "reaches the models only" in reply.json()["error"]["message"]
 
 
 def test_a_key_never_applies(cluster: KeyedCluster) -> None:
-    body = json.dumps({"manifest": cluster.manifest.read_text(), "filename": "x.yaml"}).encode()
-    request = urllib.request.Request(
-        f"{cluster.url}/api/v1/manifest",
-        data=body,
-        method="POST",
-        headers={"Authorization": f"Bearer {KEYS['everything']}", "Content-Type": "application/json"},
-    )
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=10)
-    assert refused.value.code == 403
+    body = {"manifest": cluster.manifest.read_text(), "filename": "x.yaml"}
+    reply = call("POST", f"{cluster.url}/api/v1/manifest", None, body, as_key(KEYS["everything"]))
+    assert reply.status == 403
 
 
 def test_a_key_reaches_no_dispatcher_directly(cluster: KeyedCluster) -> None:
