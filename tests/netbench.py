@@ -110,6 +110,22 @@ class NetBench:
         """Every namespace and link of this bench that exists right now."""
         return {name for name in existing_names() if name.startswith(self.prefix)}
 
+    def cable(self, a: int, b: int, interface: str, addresses: tuple[str, str] | None = None) -> None:
+        """A point-to-point link between hosts ``a`` and ``b``, as a Thunderbolt cable between two
+        Macs is: a veth pair with one end, named ``interface``, in each host, up, and each end
+        given its address (``"192.168.200.1/30"``) where ``addresses`` says. It lives inside the
+        two namespaces, so it goes with them."""
+        one, other = self.host(a).netns, self.host(b).netns
+        ip("link", "add", interface, "netns", one, "type", "veth", "peer", "name", interface, "netns", other)
+        for netns, address in zip((one, other), addresses or (None, None), strict=True):
+            if address:
+                ip("-n", netns, "addr", "add", address, "dev", interface)
+            ip("-n", netns, "link", "set", interface, "up")
+
+    def set_link(self, host: int, interface: str, up: bool) -> None:
+        """Take one end of a cable down (as pulling it out would) or bring it back up."""
+        ip("-n", self.host(host).netns, "link", "set", interface, "up" if up else "down")
+
     def close(self) -> None:
         """Stop every process (printing its output), kill what is left in the hosts, then remove
         the namespaces, the veths and the bridge. Safe to call twice."""

@@ -24,6 +24,7 @@ from agent_harness import call as harness_call
 from conftest import free_port, http_status, wait_until
 
 import genmlx
+from genmlx.agent.ranks.environment import rank_environment
 from genmlx.agent.ranks.logs import (
     KEPT_RUNS,
     LOG_CAP_BYTES,
@@ -32,7 +33,7 @@ from genmlx.agent.ranks.logs import (
     trim_log,
     write_hostfile,
 )
-from genmlx.agent.ranks.supervisor import RankSupervisor, dispatcher_command, rank_environment
+from genmlx.agent.ranks.supervisor import RankSupervisor, dispatcher_command
 from genmlx.core.signing import REPLY_HEADER, Keys, check_reply, sign_request, signed_headers
 from genmlx.wire.agent_state import AgentState, RankInfo
 from genmlx.wire.rank_launch import RankLaunch

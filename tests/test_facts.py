@@ -33,18 +33,13 @@ from genmlx.agent.facts.platform import (
     probe_gpu,
     run_command,
 )
+from genmlx.agent.facts.replay import RECORDING_FILES
 from genmlx.wire.agent_state import NetworkInterface, NodeFacts
 
 pytestmark = pytest.mark.timeout(60)
 
 RECORDINGS = Path(__file__).parent / "data" / "macos"
-RECORDED = {
-    macos.SW_VERS: "sw_vers-productVersion.txt",
-    macos.CHIP_SYSCTL: "sysctl-machdep.cpu.brand_string.txt",
-    macos.HARDWARE_PORTS: "networksetup-listallhardwareports.txt",
-    macos.THUNDERBOLT_PROFILE: "system_profiler-SPThunderboltDataType.json",
-    macos.RDMA_DEVICES: "ibv_devinfo.txt",
-}
+RECORDED = RECORDING_FILES
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads this machine's Linux facts")
 
 

@@ -3,7 +3,9 @@ Macs cabled as a full mesh or a ring of Thunderbolt cables with an RDMA device a
 planner (``mesh.backend: jaccl``) builds each rank's launch and the agent its MLX environment and
 device file; MLX's ``mlx.launch`` jaccl code (``launch_jaccl``, imported from the installed mlx,
 its process spawning replaced by a recorder) is given the same hosts and devices, described
-straight from the cables. Every rank's MLX variables and file contents must be equal."""
+straight from the cables. Every rank's MLX variables and file contents must be equal. The same for
+nccl between 2, 3 and 4 Linux machines with a CUDA GPU each (``mesh.backend: auto``), against
+``launch_nccl``."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 from builders import NOW, manifest, model, node, observed, stored
 from test_plan_groups import SHAPE
 
-from genmlx.agent.ranks.supervisor import mlx_environment
+from genmlx.agent.ranks.environment import mlx_environment
 from genmlx.manifest.types import Mesh
 from genmlx.master.planning.actions import StartRankGroup
 from genmlx.master.planning.plan import plan
@@ -116,3 +118,57 @@ def test_every_rank_gets_what_mlx_launch_gives_it(count: int, topology: str, mon
         assert mine == mlx, f"rank {rank} of {count} ({topology})"
     ring = topology == "ring" and count > 3  # three Macs in a ring are a full mesh
     assert all(("MLX_JACCL_RING" in mine) is ring for mine in ours)
+
+
+# ----------------------------------------------------------------------------------------------
+# nccl, between Linux machines with a CUDA GPU each
+
+
+def cuda_desk(count: int):
+    copy = stored("qwen", size=SHAPE.weight_bytes, shape=SHAPE, published_at=NOW - 3600)
+    names = "abcd"[:count]
+    nodes = []
+    for name in names:
+        plain = node(name, stored=[copy])
+        facts = replace(plain.state.facts, os="Linux 6.8.0", gpu="CUDA")
+        nodes.append(replace(plain, state=replace(plain.state, facts=facts)))
+    return names, nodes
+
+
+def our_nccl_ranks(count: int) -> list[dict[str, str]]:
+    names, nodes = cuda_desk(count)
+    desk = manifest(
+        model("qwen", names, source="file"), nodes=names, mesh=Mesh(backend="auto", port=MESH_PORT)
+    )
+    (start,) = [action for action in plan(desk, observed(*nodes)) if isinstance(action, StartRankGroup)]
+    return [mlx_environment(launch, hostfile=None, devices=None) for _, launch in start.launches]
+
+
+def mlx_nccl_ranks(count: int, monkeypatch) -> list[dict[str, str]]:
+    """Each rank's environment as ``mlx.launch --backend nccl`` would start it."""
+    from mlx._distributed_utils import launch
+    from mlx._distributed_utils.common import Host
+
+    names, _ = cuda_desk(count)
+    hosts = [Host(rank, name, [f"10.0.0.{rank + 1}"], []) for rank, name in enumerate(names)]
+    recorded = []
+    monkeypatch.setattr(
+        launch, "_launch_with_io", lambda kind, arguments, verbose: recorded.extend(arguments)
+    )
+    arguments = argparse.Namespace(
+        env=[], cwd=None, python=None, nccl_port=MESH_PORT, verbose=False, repeat_hosts=1
+    )
+    launch.launch_nccl(argparse.ArgumentParser(), hosts, arguments, ["python", "-m", "genmlx.dispatcher"])
+    ranks = []
+    for (rank, _host, _python, _cwd, files, env, _command), _ in recorded:
+        assert files == {}, "nccl needs no files"
+        ranks.append({**dict(entry.split("=", 1) for entry in env), "MLX_RANK": str(rank)})
+    return ranks
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_nccl_ranks_get_what_mlx_launch_gives_them(count: int, monkeypatch) -> None:
+    ours, theirs = our_nccl_ranks(count), mlx_nccl_ranks(count, monkeypatch)
+    assert len(ours) == len(theirs) == count
+    for rank, (mine, mlx) in enumerate(zip(ours, theirs, strict=True)):
+        assert mine == mlx, f"rank {rank} of {count} (nccl)"

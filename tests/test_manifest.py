@@ -338,7 +338,7 @@ def test_several_errors_are_reported_at_once_in_file_order():
         "cluster.yaml:5:18: spec.master.node: 'studio-x' is not a declared node; did you mean 'studio-a'?",
         "cluster.yaml:8:24: spec.nodes[0].storage[0].path: "
         "'models' must be an absolute path or start with '~'",
-        "cluster.yaml:9:19: spec.mesh.backend: 'mpi' must be one of auto, jaccl, ring",
+        "cluster.yaml:9:19: spec.mesh.backend: 'mpi' must be one of auto, jaccl, nccl, ring",
         "cluster.yaml:13:25: spec.models[0].nodes[1]: 'mini-c' is not a declared node",
         "cluster.yaml:14:27: spec.models[0].serving.maxBatch: 0 must be at least 1",
     ]

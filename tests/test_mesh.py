@@ -7,6 +7,7 @@ output of a real Mac's commands (tests/data/macos)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import json
@@ -27,11 +28,21 @@ from genmlx.cli.master_client import call_master
 from genmlx.cli.mesh_report import FactsSource, format_mesh_plan, mesh_document, mesh_nodes, running_hostfile
 from genmlx.core.errors import GenMLXError
 from genmlx.manifest.types import Manifest, Master, Mesh, ModelSpec, Node, Serving, Source
-from genmlx.master.planning.mesh import (
-    MESH_BLOCK,
+from genmlx.master.planning.backends import (
     BackendChoice,
     JacclConfig,
     JacclPlan,
+    backend_fingerprint,
+    choose_backend,
+    jaccl_config,
+    plan_jaccl,
+    plan_model_mesh,
+    plan_nccl,
+    rdma_matrix,
+    standing_failure,
+)
+from genmlx.master.planning.mesh import (
+    MESH_BLOCK,
     Link,
     LinkAddress,
     MeshNode,
@@ -39,18 +50,13 @@ from genmlx.master.planning.mesh import (
     RankEndpoint,
     cabled_interface,
     cabled_pairs,
-    choose_backend,
-    jaccl_config,
     mesh_address,
     observed_mesh_nodes,
-    plan_jaccl,
     plan_links,
-    plan_model_mesh,
     rank_endpoints,
-    rdma_matrix,
     ring_hostfile,
 )
-from genmlx.master.planning.observed import Observed, ObservedNode
+from genmlx.master.planning.observed import BackendFailure, Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState, NetworkInterface, NodeFacts, RankInfo
 from genmlx.wire.rank_launch import RankLaunch
 from genmlx.wire.status import ClusterStatus, ConditionReport, ModelRank, ModelStatus, NodeStatus
@@ -432,10 +438,23 @@ AROUND = (
     "each rank and the next have an active RDMA device at both ends (a ring of RDMA links; none "
     "between a-c, b-d)"
 )
-AUTO_WAITS = (
-    "auto runs ring until GenMLX can fall back to ring when a jaccl start fails (mesh.backend: jaccl "
-    "starts it now)"
-)
+CUDA = [
+    MeshNode(n, f"10.0.0.{i}", dataclasses.replace(facts(ethernet(f"10.0.0.{i}")), gpu="CUDA"))
+    for i, n in enumerate("ab")
+]
+HALF_CUDA = [CUDA[0], LINUX[1]]
+NO_RDMA_OR_CUDA_ON_B = "no RDMA link between a-b; no CUDA GPU on b"
+
+
+def with_mlx(nodes: list[MeshNode], *versions: str) -> list[MeshNode]:
+    return [
+        MeshNode(n.name, n.agent_host, dataclasses.replace(n.facts, mlx_version=v))
+        for n, v in zip(nodes, versions, strict=True)
+    ]
+
+
+def failed(backend: str, nodes: list[MeshNode]) -> BackendFailure:
+    return BackendFailure(backend, backend_fingerprint(nodes), "b", "Cannot initialize jaccl", "h1")
 
 
 @pytest.mark.parametrize(
@@ -456,31 +475,121 @@ def test_jaccl_needs_an_rdma_link_between_every_pair_and_jaccl_ring_between_neig
     assert plan_jaccl(nodes, 32323) == expected
 
 
-@pytest.mark.parametrize(
-    ("requested", "nodes", "expected"),
-    [
-        ("auto", FULL, BackendChoice("ring", f"{EVERY_PAIR}, so jaccl is possible; {AUTO_WAITS}")),
-        ("ring", FULL, BackendChoice("ring", "mesh.backend is ring")),
-        ("auto", HALF_DOWN, BackendChoice("ring", "no RDMA link between b-c")),
-        ("auto", LINUX, BackendChoice("ring", "no RDMA link between a-b")),
-        ("auto", NO_FACTS, BackendChoice("ring", "RDMA links unknown: no facts from a")),
-    ],
-)
-def test_auto_and_ring_start_multi_node_models_on_the_ring_backend_and_say_why(requested, nodes, expected):
-    assert choose_backend(requested, plan_jaccl(nodes, 32323)) == expected
+JACCL_FAILED = "jaccl failed to start on b: Cannot initialize jaccl"
+NCCL_FAILED = "nccl failed to start on b: Cannot initialize jaccl"
+ON_RING_UNTIL = "running on ring until the nodes' facts change or the manifest is applied again"
+FULL_JACCL = jaccl_config(FULL, 32323)
+RING_JACCL = JacclConfig(rdma_matrix(RING_OF_FOUR), "10.0.0.1:32323")
+OLD_MLX = with_mlx(FULL, "0.32.4", "0.32.4", "0.31.0")
+MLX_DIFFERS = "the nodes run different MLX versions (0.32.4 on a, 0.32.4 on b, 0.31.0 on c)"
+NO_CUDA = "no CUDA GPU on a, b, c"
+CUDA_EVERYWHERE = "every node has a CUDA GPU"
+NCCL_AT = "10.0.0.0:32323"
+JACCL_ASKED, NCCL_ASKED = "mesh.backend is jaccl", "mesh.backend is nccl"
+UNKNOWN = "RDMA links unknown: no facts from a"
+
+
+def fell_back(failure: str, reason: str) -> BackendChoice:
+    message = f"{failure}; {ON_RING_UNTIL}"
+    return BackendChoice("ring", message, (reason, message))
 
 
 @pytest.mark.parametrize(
-    ("nodes", "expected"),
+    ("requested", "nodes", "failure", "expected"),
     [
-        (FULL, BackendChoice("jaccl", f"mesh.backend is jaccl, and {EVERY_PAIR}")),
-        (RING_OF_FOUR, BackendChoice("jaccl-ring", f"mesh.backend is jaccl, and {AROUND}")),
-        (RING_ONLY, BackendChoice(None, "mesh.backend is jaccl, but no RDMA link between a-c")),
-        (NO_FACTS, BackendChoice(None, "mesh.backend is jaccl, but RDMA links unknown: no facts from a")),
+        ("ring", FULL, None, BackendChoice("ring", "mesh.backend is ring")),
+        # auto: the fastest the facts allow
+        ("auto", FULL, None, BackendChoice("jaccl", f"{EVERY_PAIR}, so auto starts jaccl", jaccl=FULL_JACCL)),
+        (
+            "auto",
+            RING_OF_FOUR,
+            None,
+            BackendChoice("jaccl-ring", f"{AROUND}, so auto starts jaccl-ring", jaccl=RING_JACCL),
+        ),
+        (
+            "auto",
+            CUDA,
+            None,
+            BackendChoice("nccl", f"{CUDA_EVERYWHERE}, so auto starts nccl", nccl_coordinator=NCCL_AT),
+        ),
+        ("auto", HALF_CUDA, None, BackendChoice("ring", NO_RDMA_OR_CUDA_ON_B)),
+        ("auto", HALF_DOWN, None, BackendChoice("ring", f"no RDMA link between b-c; {NO_CUDA}")),
+        (
+            "auto",
+            NO_FACTS,
+            None,
+            BackendChoice("ring", f"{UNKNOWN}; no CUDA GPU on a, b"),
+        ),
+        ("auto", OLD_MLX, None, BackendChoice("ring", f"{MLX_DIFFERS}; {NO_CUDA}")),
+        # auto after a failed start on the same facts: ring, Degraded with the failure
+        ("auto", FULL, failed("jaccl", FULL), fell_back(JACCL_FAILED, "RDMAUnavailable")),
+        ("auto", CUDA, failed("nccl", CUDA), fell_back(NCCL_FAILED, "NCCLUnavailable")),
+        # asked for: that backend, or nothing (the model is held back)
+        (
+            "jaccl",
+            FULL,
+            None,
+            BackendChoice("jaccl", f"{JACCL_ASKED}, and {EVERY_PAIR}", jaccl=FULL_JACCL),
+        ),
+        (
+            "jaccl",
+            RING_OF_FOUR,
+            None,
+            BackendChoice("jaccl-ring", f"mesh.backend is jaccl, and {AROUND}", jaccl=RING_JACCL),
+        ),
+        (
+            "jaccl",
+            RING_ONLY,
+            None,
+            BackendChoice(None, f"{JACCL_ASKED}, but no RDMA link between a-c"),
+        ),
+        (
+            "jaccl",
+            NO_FACTS,
+            None,
+            BackendChoice(None, "mesh.backend is jaccl, but RDMA links unknown: no facts from a"),
+        ),
+        (
+            "jaccl",
+            FULL,
+            failed("jaccl", FULL),
+            BackendChoice(None, f"{JACCL_ASKED}, but {JACCL_FAILED}"),
+        ),
+        (
+            "nccl",
+            CUDA,
+            None,
+            BackendChoice("nccl", f"{NCCL_ASKED}, and {CUDA_EVERYWHERE}", nccl_coordinator=NCCL_AT),
+        ),
+        ("nccl", HALF_CUDA, None, BackendChoice(None, "mesh.backend is nccl, but no CUDA GPU on b")),
     ],
 )
-def test_jaccl_asked_for_starts_jaccl_or_jaccl_ring_as_the_links_allow_else_nothing(nodes, expected):
-    assert choose_backend("jaccl", plan_jaccl(nodes, 32323)) == expected
+def test_the_backend_is_the_fastest_the_facts_allow_unless_it_failed_or_another_is_asked_for(
+    requested, nodes, failure, expected
+):
+    port = 32323
+    assert choose_backend(requested, plan_jaccl(nodes, port), plan_nccl(nodes, port), failure) == expected
+
+
+def test_a_failure_stands_only_while_the_facts_it_was_planned_from_do():
+    failure = failed("jaccl", FULL)
+    assert standing_failure(failure, FULL) == failure
+    port_changed = [FULL[0], FULL[1], without_rdma(FULL[2], "en3")]
+    assert standing_failure(failure, port_changed) is None
+    assert standing_failure(failure, with_mlx(FULL, "0.32.4", "0.32.4", "0.32.4")) is None, "MLX upgraded"
+    assert standing_failure(None, FULL) is None
+
+
+def test_launch_fields_carry_each_backends_wiring():
+    jaccl = choose_backend("auto", plan_jaccl(FULL, 32323), plan_nccl(FULL, 32323))
+    assert jaccl.launch_fields() == {
+        "backend": "jaccl",
+        "rdma_devices": jaccl_config(FULL, 32323).devices_json(),
+        "coordinator": "10.0.0.1:32323",
+    }
+    nccl = choose_backend("auto", plan_jaccl(CUDA, 32323), plan_nccl(CUDA, 32323))
+    assert nccl.launch_fields() == {"backend": "nccl", "coordinator": "10.0.0.0:32323"}
+    assert choose_backend("ring", plan_jaccl(FULL, 1), plan_nccl(FULL, 1)).launch_fields() == {}
 
 
 def test_a_jaccl_config_where_a_pair_lacks_rdma_is_an_error_that_names_the_pair():
@@ -490,7 +599,7 @@ def test_a_jaccl_config_where_a_pair_lacks_rdma_is_an_error_that_names_the_pair(
 
 def test_a_model_mesh_carries_the_choice_hostfile_and_the_planned_jaccl_config():
     mesh = plan_model_mesh("big", "auto", FULL, [32325, 32323, 32324])
-    assert mesh.choice.backend == "ring"
+    assert mesh.choice.backend == "jaccl"
     assert mesh.hostfile == ("10.0.0.1:32325", "10.0.0.2:32323", "10.0.0.3:32324")
     assert mesh.jaccl == JacclPlan(True, EVERY_PAIR, jaccl_config(FULL, 32325), "jaccl"), "rank 0's port"
     linux = plan_model_mesh("big", "auto", LINUX, [32323, 32323])
@@ -843,7 +952,7 @@ def replace_node(observed: Observed, node: ObservedNode) -> Observed:
     return Observed(observed.now, {**observed.nodes, node.name: node})
 
 
-def test_where_every_pair_has_rdma_auto_prints_jaccl_as_planned_and_runs_ring():
+def test_where_every_pair_has_rdma_auto_starts_jaccl_and_prints_how_it_is_wired():
     nodes = {n.name: n for n in FULL}
     observed = Observed(
         0.0,
@@ -854,9 +963,9 @@ def test_where_every_pair_has_rdma_auto_prints_jaccl_as_planned_and_runs_ring():
     )
     document = plan_document(cluster(spec("big", "a", "b", "c")), status_of(observed))
     (big,) = document["models"]
-    assert (big["backend"], big["error"]) == ("ring", None)
+    assert (big["backend"], big["error"]) == ("jaccl", None)
     assert big["jaccl"]["coordinator"] == "10.0.0.1:32323"
     text = format_mesh_plan(document)
-    assert f"backend ring: {EVERY_PAIR}, so jaccl is possible; {AUTO_WAITS}" in text
-    assert "    jaccl (planned, not started):\n      devices (MLX_IBV_DEVICES): [[null, " in text
+    assert f"backend jaccl: {EVERY_PAIR}, so auto starts jaccl" in text
+    assert "    jaccl (the ranks start on it):\n      devices (MLX_IBV_DEVICES): [[null, " in text
     assert "coordinator (MLX_JACCL_COORDINATOR): 10.0.0.1:32323" in text

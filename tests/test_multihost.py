@@ -37,6 +37,20 @@ def write_home(root: Path, name: str, token: str) -> Path:
     return home
 
 
+def apply_manifest(manifest: Path, url: str, home: Path) -> subprocess.CompletedProcess:
+    """``genmlx apply -f manifest`` against the master at ``url``, with the token in ``home``; it
+    must succeed."""
+    applied = subprocess.run(
+        genmlx("apply", "-f", str(manifest), "--master", url),
+        env={**os.environ, "GENMLX_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    return applied
+
+
 def status(url: str, token: str) -> dict | None:
     request = urllib.request.Request(f"{url}/api/v1/status", headers={"Authorization": f"Bearer {token}"})
     try:
@@ -179,19 +193,13 @@ def test_three_hosts_serve_a_tensor_parallel_pair_and_a_single_and_follow_the_ma
 
     # Moved in the manifest, solo follows to n2 (synced there from n1); removed, pair stops.
     write_manifest(f'    - {{name: solo, source: "{source}", nodes: [n2]}}\n')
-    applied = subprocess.run(
-        genmlx("apply", "-f", str(manifest), "--master", url),
-        env={**os.environ, "GENMLX_HOME": str(homes["n1"])},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert applied.returncode == 0, applied.stderr
+    applied = apply_manifest(manifest, url, homes["n1"])
     assert "pair" in applied.stdout and "solo" in applied.stdout
 
     # The master is killed mid-rollout and started again: it converges from what agents report.
     master.signal(signal.SIGKILL)
     master = bench.run(0, genmlx("master"), "master-again", master_env)
+
     def converged() -> dict | None:
         # Serving on n2 comes first (make before break); the rank left on n3 is stopped after.
         document = models_serving(solo="n2")

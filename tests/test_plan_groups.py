@@ -164,8 +164,10 @@ def test_jaccl_asked_for_over_rdma_links_launches_every_rank_on_it():
     assert {launch.backend for launch in launches} == {"jaccl"}
     assert {launch.coordinator for launch in launches} == {"10.0.0.1:32323"}
     assert {launch.rdma_devices for launch in launches} == {'[[null, "rdma_en2"], ["rdma_en3", null]]'}
-    ring = start_of(plan(desk(QWEN), seen(*with_rdma_cable(*PAIR))))
-    assert {launch.backend for _, launch in ring.launches} == {"ring"}, "auto stays on ring for now"
+    auto = start_of(plan(desk(QWEN), seen(*with_rdma_cable(*PAIR))))
+    assert auto == start, "auto starts jaccl where the links allow it"
+    ring = start_of(plan(replace(desk(QWEN), mesh=Mesh(backend="ring")), seen(*with_rdma_cable(*PAIR))))
+    assert {launch.backend for _, launch in ring.launches} == {"ring"}
     assert ring.spec_hash != start.spec_hash
 
 

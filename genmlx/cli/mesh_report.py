@@ -19,17 +19,9 @@ from genmlx.cli.master_client import MasterError, fetch_status
 from genmlx.core.errors import AuthError
 from genmlx.core.home import default_token_path, read_token
 from genmlx.manifest.types import Manifest, ModelSpec, Node
+from genmlx.master.planning.backends import UNAVAILABLE_REASONS, ModelMesh, plan_model_mesh
 from genmlx.master.planning.groups import RankPorts, assign_rank_ports
-from genmlx.master.planning.mesh import (
-    LINK_PREFIX,
-    MESH_BLOCK,
-    Link,
-    MeshNode,
-    MeshPlanError,
-    ModelMesh,
-    plan_links,
-    plan_model_mesh,
-)
+from genmlx.master.planning.mesh import LINK_PREFIX, MESH_BLOCK, Link, MeshNode, MeshPlanError, plan_links
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState
 from genmlx.wire.status import ClusterStatus, NodeStatus
@@ -104,6 +96,8 @@ def mesh_document(
             {
                 **model_document(manifest, spec, nodes, ports[spec.name]),
                 "runningHostfile": running_hostfile(status, spec.name),
+                "runningBackend": running_backend(status, spec.name),
+                "fallback": backend_fallback(status, spec.name),
             }
             for spec in manifest.models
             if len(spec.nodes) > 1
@@ -148,12 +142,14 @@ def model_document(
     try:
         mesh = plan_model_mesh(spec.name, manifest.mesh.backend, [nodes[n] for n in spec.nodes], ports.ring)
     except MeshPlanError as e:
-        return {**document, "backend": None, "reason": None, "hostfile": None, "jaccl": None, "error": str(e)}
+        unplanned = {"backend": None, "reason": None, "hostfile": None, "jaccl": None, "nccl": None}
+        return {**document, **unplanned, "error": str(e)}
     return {**document, **mesh_fields(mesh)}
 
 
 def mesh_fields(mesh: ModelMesh) -> dict[str, Any]:
     config = mesh.jaccl.config
+    nccl = mesh.nccl
     return {
         "backend": mesh.choice.backend,
         "reason": mesh.choice.reason,
@@ -166,9 +162,27 @@ def mesh_fields(mesh: ModelMesh) -> dict[str, Any]:
             "devices": json.loads(config.devices_json()) if config else None,
             "coordinator": config.coordinator if config else None,
         },
+        "nccl": {"possible": nccl.possible, "reason": nccl.reason, "coordinator": nccl.coordinator},
         # mesh.backend: jaccl where the links do not allow it: the master holds the model back.
         "error": mesh.choice.reason if mesh.choice.backend is None else None,
     }
+
+
+def running_backend(status: ClusterStatus | None, model: str) -> str | None:
+    """The backend rank 0 of ``model`` was started on, where the master's status shows it."""
+    found = status.model(model) if status else None
+    rank0 = next((r for r in found.ranks if r.launch.rank == 0), None) if found else None
+    return rank0.launch.backend if rank0 else None
+
+
+def backend_fallback(status: ClusterStatus | None, model: str) -> str | None:
+    """Why the master runs ``model`` on ring, or holds it back, after a failed start on a faster
+    backend: its Degraded (or Stalled) condition where that is the reason."""
+    found = status.model(model) if status else None
+    for condition in found.conditions if found else ():
+        if condition.status == "True" and condition.reason in UNAVAILABLE_REASONS.values():
+            return f"{condition.type} ({condition.reason}): {condition.message}"
+    return None
 
 
 def running_hostfile(status: ClusterStatus | None, model: str) -> list[list[str]] | None:
@@ -250,8 +264,12 @@ def format_model(model: dict[str, Any]) -> list[str]:
         lines.append(f"    backend {model['backend']}: {model['reason']}")
         lines.append(f"    HTTP ports (rank order): {ports}")
         lines.append(f"    ring hostfile: {json.dumps(model['hostfile'])}")
+    if model["runningBackend"]:
+        lines.append(f"    running on {model['runningBackend']}")
     if model["runningHostfile"]:
         lines.append(f"    running with: {json.dumps(model['runningHostfile'])}")
+    if model["fallback"]:
+        lines.append(f"    {model['fallback']}")
     jaccl = model["jaccl"]
     if jaccl and jaccl["devices"]:
         started = model["backend"] in ("jaccl", "jaccl-ring")

@@ -89,7 +89,8 @@ async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tupl
 
 
 class _StopRequest:
-    """The first exit status asked for, by a signal (0) or a model that failed to load (1)."""
+    """The first exit status asked for: by a signal (0), a model that failed to load (1) or a
+    group whose backend could not be joined (``BACKEND_JOIN_FAILED_EXIT``)."""
 
     def __init__(self) -> None:
         self._outcome: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -124,9 +125,9 @@ def _rank_group(settings: RankCommand) -> RankGroup | None:
 def _make_engine(settings: RankCommand, stop: _StopRequest) -> Engine:
     started = time.monotonic()
 
-    def load_failed(message: str) -> None:
+    def load_failed(message: str, code: int) -> None:
         log.error("cannot serve %s: %s", settings.model_id, message)
-        stop.request(1)
+        stop.request(code)
 
     model_dir = Path(settings.model_dir).expanduser()
     return Engine(

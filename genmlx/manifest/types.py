@@ -17,7 +17,7 @@ DEFAULT_DISPATCHER_PORT = 8100
 DEFAULT_RING_PORT = 32323
 
 Topology = Literal["full-mesh", "ring"]
-Backend = Literal["auto", "jaccl", "ring"]
+Backend = Literal["auto", "jaccl", "nccl", "ring"]
 Parallelism = Literal["auto", "tensor", "pipeline"]
 
 

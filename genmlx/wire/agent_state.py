@@ -50,6 +50,7 @@ class NodeFacts(WireType):
     chip: str = ""  # "Apple M2 Ultra", "AMD EPYC 7B13"
     gpu: str = ""  # "Metal" where MLX can use the GPU, "" where it runs on the CPU
     interfaces: tuple[NetworkInterface, ...] = ()
+    mlx_version: str = ""  # the installed mlx package's: every rank of a jaccl group must match
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class RankInfo(WireType):
     exit_code: int | None = None
     phase: RankPhase = "starting"  # finer than state while running: what its /health says
     restarts: int = 0  # earlier starts of the same model and rank on this agent
+    # Why a jaccl rank could not join its group (its exit and log read by the agent); None otherwise.
+    backend_failure: str | None = None
 
 
 @dataclass(frozen=True)

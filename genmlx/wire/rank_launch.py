@@ -23,8 +23,19 @@ MODEL_NAME_RULE = "must be 1 to 128 letters, digits, '.', '_' or '-', starting w
 HOST_PORT = re.compile(r"[^\s:]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
 Parallelism = Literal["tensor", "pipeline"]
 # MLX's distributed backend of a multi-rank group: its TCP ring, or RDMA over Thunderbolt (jaccl)
-# between every pair of ranks, or around a ring of RDMA links (jaccl-ring: MLX_JACCL_RING).
-RankBackend = Literal["ring", "jaccl", "jaccl-ring"]
+# between every pair of ranks, or around a ring of RDMA links (jaccl-ring: MLX_JACCL_RING), or
+# NCCL between CUDA GPUs.
+RankBackend = Literal["ring", "jaccl", "jaccl-ring", "nccl"]
+
+
+# The exit status of a rank that could not join its group's backend (sysexits' EX_CONFIG): the
+# agent reads it, with the rank's log, as "this backend is unavailable here", not as a crash.
+BACKEND_JOIN_FAILED_EXIT = 78
+# What a rank logs once it has joined its group: a failure after it is not the backend's.
+JOINED_GROUP_MARK = "joined the distributed group"
+# How an agent's refusal to start a jaccl rank begins (its checks before launch failed): the master
+# reads it as a failed jaccl start, as it reads a rank's ``backend_failure``.
+RDMA_NOT_READY = "RDMA not ready"
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,8 @@ class RankLaunch(WireType):
     layer_split: tuple[int, ...] | None = bounded(None, minimum=1)  # pipeline only: layers per rank
     backend: RankBackend = "ring"
     rdma_devices: str | None = None  # jaccl: the device matrix (JSON) the file MLX_IBV_DEVICES names holds
-    coordinator: str | None = bounded(None, pattern=HOST_PORT, rule='must be "host:port"')  # jaccl: rank 0's
+    # jaccl and nccl: rank 0's "host:port" (MLX_JACCL_COORDINATOR, or NCCL_HOST_IP and NCCL_PORT)
+    coordinator: str | None = bounded(None, pattern=HOST_PORT, rule='must be "host:port"')
 
     @property
     def key(self) -> str:
@@ -61,12 +73,12 @@ class RankLaunch(WireType):
                 "hostfile",
                 f"{len(self.hostfile)} entries for worldSize {self.world_size}; give one per rank, or none",
             )
-        if self.backend != "ring":
+        if self.backend != "ring" and self.coordinator is None:
+            raise WireError("coordinator", f"backend {self.backend} needs rank 0's host:port")
+        if self.backend in ("jaccl", "jaccl-ring"):
             self.check_jaccl()
 
     def check_jaccl(self) -> None:
-        if self.coordinator is None:
-            raise WireError("coordinator", f"backend {self.backend} needs rank 0's host:port")
         try:
             matrix = json.loads(self.rdma_devices or "")
         except ValueError:
@@ -107,7 +119,9 @@ class RankCommand(WireType):
         None, minimum=1, help="pipeline only: layers per rank, e.g. 20,12 (default: even)"
     )
     backend: RankBackend = arg(
-        "ring", help="MLX's distributed backend (jaccl reads MLX_IBV_DEVICES and MLX_JACCL_COORDINATOR)"
+        "ring",
+        help="MLX's distributed backend (jaccl reads MLX_IBV_DEVICES and MLX_JACCL_COORDINATOR, nccl "
+        "NCCL_HOST_IP and NCCL_PORT)",
     )
 
     def check(self) -> None:

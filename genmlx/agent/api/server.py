@@ -34,6 +34,7 @@ from genmlx.agent.api.model_api import ModelFileHandler, ModelFilesHandler, Mode
 from genmlx.agent.facts.collect import collect_node_facts
 from genmlx.agent.ranks.launch_request import parse_rank_launch
 from genmlx.agent.ranks.logs import DEFAULT_TAIL_BYTES, read_log_tail
+from genmlx.agent.ranks.rdma_checks import check_rdma_launch
 from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
@@ -147,6 +148,9 @@ class RanksHandler(RankEndpoint):
         model_dir = await IOLoop.current().run_in_executor(
             None, resolve_model_dir, launch.model_path, self.storage_paths
         )
+        if launch.backend != "ring":
+            facts = await IOLoop.current().run_in_executor(None, collect_node_facts)
+            check_rdma_launch(launch, facts, {})
         info = self.supervisor.start(launch, model_dir)
         self.set_status(201)
         self.write(info.to_json())

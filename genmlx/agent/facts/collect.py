@@ -11,8 +11,10 @@ executor thread, never on the event loop, and may run in several threads at once
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import logging
+import os
 import platform
 import socket
 import sys
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import psutil
@@ -27,6 +30,7 @@ import psutil
 from genmlx.agent.facts.linux import LinuxProbe
 from genmlx.agent.facts.macos import MacOSProbe
 from genmlx.agent.facts.platform import InterfacePort, PlatformProbe, probe_gpu
+from genmlx.agent.facts.replay import FACTS_REPLAY_ENV, RecordedCommands
 from genmlx.wire.agent_state import NetworkInterface, NodeFacts
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ class LastingFacts:
     os_version: str
     chip: str
     gpu: str
+    mlx_version: str
 
 
 class NodeFactsCollector:
@@ -108,18 +113,36 @@ class NodeFactsCollector:
             os_version=lasting.os_version,
             chip=lasting.chip,
             gpu=lasting.gpu,
+            mlx_version=lasting.mlx_version,
             interfaces=network_interfaces(self._interface_addresses(), self._interface_ports()),
         )
 
     def _lasting_facts(self) -> LastingFacts:
         with self._lasting_lock:
             if self._lasting is None:
-                self._lasting = LastingFacts(self._probe.os_version(), self._probe.chip(), self._gpu())
+                self._lasting = LastingFacts(
+                    self._probe.os_version(), self._probe.chip(), self._gpu(), installed_mlx_version()
+                )
             return self._lasting
 
 
+def installed_mlx_version() -> str:
+    """The version of the mlx package ranks will import, read from its metadata (importing MLX
+    here would claim a Metal device for the agent); "" where it is not installed."""
+    try:
+        return importlib.metadata.version("mlx")
+    except importlib.metadata.PackageNotFoundError:
+        log.warning("mlx is not installed here: ranks cannot start on this node")
+        return ""
+
+
 def collector_for_this_platform() -> NodeFactsCollector:
-    """A collector with the probe of the OS we run on."""
+    """A collector with the probe of the OS we run on, or, where ``GENMLX_FACTS_REPLAY`` names a
+    directory of recorded macOS command output, a macOS probe that answers from it."""
+    replay = os.environ.get(FACTS_REPLAY_ENV)
+    if replay:
+        log.warning("node facts are replayed from the recordings in %s (%s)", replay, FACTS_REPLAY_ENV)
+        return NodeFactsCollector(MacOSProbe(run=RecordedCommands(Path(replay))))
     if sys.platform == "darwin":
         probe = MacOSProbe()
         ports = BackgroundRefreshed(probe.interface_ports, MACOS_PORTS_MAX_AGE_S, "network interfaces")

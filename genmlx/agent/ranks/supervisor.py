@@ -34,17 +34,20 @@ import psutil
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.ioloop import IOLoop, PeriodicCallback
 
+from genmlx.agent.ranks.backend_failure import backend_failure
+from genmlx.agent.ranks.environment import rank_environment
 from genmlx.agent.ranks.logs import (
     log_needs_trimming,
     open_new_run_log,
     rank_devices_path,
     rank_hostfile_path,
     rank_log_path,
+    read_log_tail,
     trim_log,
     write_hostfile,
 )
 from genmlx.core.errors import AgentConflict, AgentNotFound, TemporaryError
-from genmlx.core.tokens import TOKEN_FILE_ENV, TokenSource
+from genmlx.core.tokens import TokenSource
 from genmlx.wire.agent_state import RankInfo, RankPhase
 from genmlx.wire.argv import to_argv
 from genmlx.wire.rank_launch import RankLaunch, rank_command, rank_key
@@ -55,6 +58,7 @@ CHECK_INTERVAL_S = 0.5
 EXIT_POLL_S = 0.05
 KILL_WAIT_S = 10.0
 HEALTH_TIMEOUT_S = 1.0
+BACKEND_FAILURE_TAIL_BYTES = 16 * 1024  # of a jaccl rank's log, read for why it could not join
 
 # (launch, real model directory, host to bind, the agent's pid, hostfile or None) -> argv
 CommandBuilder = Callable[[RankLaunch, Path, str, int, Path | None], list[str]]
@@ -84,52 +88,6 @@ def dispatcher_command(
     """The argv of one dispatcher rank. The token is not here: it travels in the environment."""
     command = rank_command(launch, str(model_dir), host, parent_pid, str(hostfile) if hostfile else None)
     return [sys.executable, "-m", "genmlx.dispatcher", *to_argv(command)]
-
-
-# What MLX's distributed backends read from a rank's environment: never inherited from the agent's.
-MLX_GROUP_ENV = (
-    "MLX_RANK",
-    "MLX_HOSTFILE",
-    "MLX_IBV_DEVICES",
-    "MLX_JACCL_COORDINATOR",
-    "MLX_JACCL_RING",
-    "JACCL_RANK",
-    "JACCL_IBV_DEVICES",
-    "JACCL_COORDINATOR",
-    "JACCL_RING",
-)
-
-
-def rank_environment(
-    token: str | TokenSource, launch: RankLaunch, hostfile: Path | None, devices: Path | None = None
-) -> dict[str, str]:
-    """The agent's environment plus the token (and the token file, which the rank follows through
-    a rotation) and, for a multi-rank group, what its MLX backend reads (``mlx_environment``).
-    Hugging Face credentials stay with the agent: a rank loads local files only."""
-    dropped = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", TOKEN_FILE_ENV, *MLX_GROUP_ENV)
-    env = {key: value for key, value in os.environ.items() if key not in dropped}
-    source = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
-    env.update(GENMLX_API_TOKEN=source.token, PYTHONUNBUFFERED="1")
-    if source.path is not None:
-        env[TOKEN_FILE_ENV] = str(source.path)
-    env.update(mlx_environment(launch, hostfile, devices))
-    return env
-
-
-def mlx_environment(launch: RankLaunch, hostfile: Path | None, devices: Path | None) -> dict[str, str]:
-    """What MLX's backend of a multi-rank group reads, as ``mlx.launch`` sets it: the rank and the
-    ring's hostfile, or for jaccl the file of the RDMA device matrix, rank 0's coordinator address
-    and, around a ring of RDMA links, ``MLX_JACCL_RING``. Nothing for a rank alone."""
-    if launch.backend == "ring":
-        return {} if hostfile is None else {"MLX_RANK": str(launch.rank), "MLX_HOSTFILE": str(hostfile)}
-    env = {
-        "MLX_RANK": str(launch.rank),
-        "MLX_IBV_DEVICES": str(devices),
-        "MLX_JACCL_COORDINATOR": launch.coordinator or "",
-    }
-    if launch.backend == "jaccl-ring":
-        env["MLX_JACCL_RING"] = "1"
-    return env
 
 
 def health_host(bind_host: str) -> str:
@@ -167,6 +125,7 @@ class RankProcess:
     exit_code: int | None = None  # set once reaped; negative: killed by that signal
     stopping: asyncio.Future | None = None
     phase: RankPhase = "starting"  # while running; an exited rank is "exited" whatever this says
+    backend_failure: str | None = None  # why a jaccl rank could not join its group
 
     def info(self) -> RankInfo:
         exited = self.exit_code is not None
@@ -178,6 +137,7 @@ class RankProcess:
             self.exit_code,
             phase="exited" if exited else self.phase,
             restarts=self.restarts,
+            backend_failure=self.backend_failure,
         )
 
     @property
@@ -307,10 +267,20 @@ class RankSupervisor:
         if leader_exited(record.popen.pid):
             self._reap(record)
             log.warning("rank %s exited by itself with code %s", record.launch.key, record.exit_code)
+            if record.launch.backend != "ring":
+                self._read_backend_failure(record)
             if record.exit_code != 0 and self._on_failed_exit is not None:
                 self._on_failed_exit(record.model_dir)  # bad weights on disk are one possible cause
             return False
         return True
+
+    def _read_backend_failure(self, record: RankProcess) -> None:
+        # A bounded read of a local file: short enough to do on the event loop.
+        path = rank_log_path(self._log_dir, record.launch.key)
+        tail = read_log_tail(path, BACKEND_FAILURE_TAIL_BYTES).decode(errors="replace")
+        record.backend_failure = backend_failure(record.launch, record.exit_code, tail)
+        if record.backend_failure:
+            log.warning("rank %s could not join its group: %s", record.launch.key, record.backend_failure)
 
     async def _check_health(self, record: RankProcess) -> None:
         """Ask rank 0's ``/health``; no answer leaves its phase as it was."""

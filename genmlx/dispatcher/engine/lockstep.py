@@ -44,6 +44,7 @@ from typing import Any
 from genmlx.dispatcher.engine.events import GenerationRequest
 from genmlx.dispatcher.engine.model_loading import Sharding
 from genmlx.wire.codec import decode, encode
+from genmlx.wire.rank_launch import JOINED_GROUP_MARK
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,12 @@ class LockstepBroken(Exception):
     """A peer rank is gone or the ranks fell out of step: this rank cannot serve any more."""
 
 
+class BackendJoinFailed(Exception):
+    """MLX could not set up the group's backend on this rank (jaccl without RDMA, a device that
+    is down, a peer that never came): the rank exits with ``BACKEND_JOIN_FAILED_EXIT`` so its agent
+    and the master can tell it from a crash and fall back to another backend."""
+
+
 def with_seed(request: GenerationRequest) -> GenerationRequest:
     """``request`` with a concrete sampling seed, drawn here when the client gave none."""
     if request.sampling.seed is not None:
@@ -117,26 +124,36 @@ class RankGroup:
     world_size: int
     hostfile: Path | None  # the ring backend's; jaccl reads its files from the environment
     sharding: Sharding = Sharding()
-    backend: str = "ring"  # ring, jaccl or jaccl-ring (jaccl with MLX_JACCL_RING set)
+    backend: str = "ring"  # ring, jaccl, jaccl-ring (jaccl with MLX_JACCL_RING set) or nccl
+
+
+# Our backend names to MLX's: jaccl-ring is jaccl with MLX_JACCL_RING set.
+MLX_BACKENDS = {"ring": "ring", "jaccl": "jaccl", "jaccl-ring": "jaccl", "nccl": "nccl"}
 
 
 def join_group(group: RankGroup) -> Any:
     """Join MLX's group of ``group`` (a ``RankGroup``) on its backend; the ``mx.distributed.Group``.
 
-    The ring backend reads the hostfile the command line names; jaccl reads what the agent put in
-    the environment (``MLX_IBV_DEVICES``, ``MLX_JACCL_COORDINATOR``, ``MLX_JACCL_RING``)."""
+    The ring backend reads the hostfile the command line names; jaccl and nccl read what the agent
+    put in the environment (``MLX_IBV_DEVICES``, ``MLX_JACCL_COORDINATOR``, ``MLX_JACCL_RING``;
+    ``NCCL_HOST_IP``, ``NCCL_PORT``, ``MLX_WORLD_SIZE``). Raises ``BackendJoinFailed`` where MLX
+    cannot set the backend up."""
     import mlx.core as mx
 
     # The agent also sets these; the command line wins so a hand-started rank needs no environment.
     os.environ["MLX_RANK"] = str(group.rank)
     if group.backend == "ring":
         os.environ["MLX_HOSTFILE"] = str(group.hostfile)
-    joined = mx.distributed.init(strict=True, backend="ring" if group.backend == "ring" else "jaccl")
+    try:
+        joined = mx.distributed.init(strict=True, backend=MLX_BACKENDS[group.backend])
+    except RuntimeError as e:  # MLX's own message says what failed ("Cannot initialize jaccl ...")
+        raise BackendJoinFailed(f"{group.backend} backend: {e}") from e
     if (joined.rank(), joined.size()) != (group.rank, group.world_size):
         raise LockstepBroken(
             f"joined the {group.backend} group as rank {joined.rank()} of {joined.size()}, "
             f"but was started as rank {group.rank} of {group.world_size}: check its hostfile or devices"
         )
+    log.info("%s as rank %d of %d on %s", JOINED_GROUP_MARK, group.rank, group.world_size, group.backend)
     return joined
 
 

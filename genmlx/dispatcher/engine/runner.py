@@ -33,6 +33,7 @@ from genmlx.dispatcher.engine.decoding import DecoderSettings
 from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Usage
 from genmlx.dispatcher.engine.lockstep import (
     HEARTBEAT_SECONDS,
+    BackendJoinFailed,
     Heartbeat,
     Join,
     LockstepBroken,
@@ -45,6 +46,7 @@ from genmlx.dispatcher.engine.lockstep import (
     with_seed,
 )
 from genmlx.dispatcher.engine.model_loading import load_shard, load_whole
+from genmlx.wire.rank_launch import BACKEND_JOIN_FAILED_EXIT
 from genmlx.wire.serving import ServingSettings
 
 if TYPE_CHECKING:
@@ -103,11 +105,13 @@ class Engine:
         serving: ServingSettings,
         decoding: DecoderSettings,
         on_loaded: Callable[[LoadedModel], None],
-        on_load_failed: Callable[[str], None],
+        on_load_failed: Callable[[str, int], None],
         on_group_ended: Callable[[int], None] = lambda code: None,
     ):
         """``on_group_ended(code)`` is called when a multi-rank group ends the model thread by
-        itself: 0 when rank 0 stopped the group, 1 when the group broke. ``serving`` is the
+        itself: 0 when rank 0 stopped the group, 1 when the group broke; ``on_load_failed(message,
+        code)`` when the model could not be loaded, with the exit status the process should end
+        with (``BACKEND_JOIN_FAILED_EXIT`` where the group's backend could not be joined). ``serving`` is the
         model's serving settings as the manifest gave them (queue bound, context length)."""
         self._source = source
         self._io_loop = io_loop
@@ -155,7 +159,8 @@ class Engine:
             loaded = self._load()
         except Exception as e:  # anything at all: the dispatcher must exit and say why
             log.exception("loading the model from %s failed", self._source.model_dir)
-            self._io_loop.add_callback(self._on_load_failed, f"{type(e).__name__}: {e}")
+            code = BACKEND_JOIN_FAILED_EXIT if isinstance(e, BackendJoinFailed) else 1
+            self._io_loop.add_callback(self._on_load_failed, f"{type(e).__name__}: {e}", code)
             return
         self._io_loop.add_callback(self._publish_loaded, loaded)
         try:

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 
 from genmlx.manifest.types import DEFAULT_DISPATCHER_PORT, Backend, Manifest, ModelSpec
 from genmlx.master.planning.actions import StartRankGroup
-from genmlx.master.planning.mesh import (
-    MeshPlanError,
-    RdmaUnavailable,
+from genmlx.master.planning.backends import (
+    UNAVAILABLE_REASONS,
+    BackendChoice,
+    BackendUnavailable,
     choose_backend,
-    observed_mesh_nodes,
     plan_jaccl,
-    rank_endpoints,
+    plan_nccl,
+    standing_failure,
 )
+from genmlx.master.planning.mesh import MeshPlanError, observed_mesh_nodes, rank_endpoints
 from genmlx.master.planning.observed import Observed
 from genmlx.master.planning.placement import Placement
 from genmlx.wire.rank_launch import RankLaunch
@@ -45,13 +47,16 @@ class GroupPlan:
     backend: Backend = "auto"  # the manifest's mesh.backend
 
 
-def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> StartRankGroup:
-    """The rank group ``spec`` should run, fingerprinted by everything that requires a restart.
-    Raises ``MeshPlanError`` when its ranks' ports fall outside the valid range."""
+def desired_group(
+    spec: ModelSpec, observed: Observed, plan: GroupPlan, backend: BackendChoice | None = None
+) -> StartRankGroup:
+    """The rank group ``spec`` should run on ``backend`` (``group_backend``'s choice; ring where
+    None), fingerprinted by everything that requires a restart. Raises ``MeshPlanError`` when its
+    ranks' ports fall outside the valid range."""
     world = len(spec.nodes)
     check_port_range(spec.name, "HTTP", plan.ports, "serving.port")
     hostfile = ring_hostfile(spec, observed, plan.ring_ports) if world > 1 else ()
-    jaccl = group_backend(spec, observed, plan) if world > 1 else {}
+    wiring = backend.launch_fields() if world > 1 and backend is not None else {}
     parallelism = plan.placement.parallelism if world > 1 else "tensor"
     serving = spec.serving.settings()
     fields = {
@@ -65,7 +70,7 @@ def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Start
         "hostfile": list(hostfile),
         "placement": [parallelism, plan.placement.layer_split],
         "serving": serving.to_json(),
-        **({"jaccl": jaccl} if jaccl else {}),  # a ring group's fingerprint stays as it was
+        **({"backend": wiring} if wiring else {}),  # a ring group's fingerprint stays as it was
     }
     spec_hash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     launches = tuple(
@@ -82,7 +87,7 @@ def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Start
                 serving=serving,
                 parallelism=parallelism,
                 layer_split=plan.placement.layer_split if parallelism == "pipeline" else None,
-                **jaccl,
+                **wiring,
             ),
         )
         for rank, (node, path, port) in enumerate(zip(spec.nodes, plan.paths, plan.ports, strict=True))
@@ -90,21 +95,18 @@ def desired_group(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Start
     return StartRankGroup(spec.name, spec_hash, launches)
 
 
-def group_backend(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> dict[str, str]:
-    """The RankLaunch fields of a jaccl group (its backend, device matrix and coordinator), or none
-    for a ring group. Raises ``RdmaUnavailable`` where ``mesh.backend: jaccl`` cannot be had."""
-    jaccl = plan_jaccl(observed_mesh_nodes(spec.nodes, observed.nodes), plan.ring_ports[0])
-    choice = choose_backend(plan.backend, jaccl)
+def group_backend(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> BackendChoice:
+    """The backend a multi-node group starts on, from its nodes' facts and the master's memory of
+    a failed start. Raises ``BackendUnavailable`` where ``mesh.backend`` asks for one that cannot
+    be had or failed."""
+    nodes = observed_mesh_nodes(spec.nodes, observed.nodes)
+    port = plan.ring_ports[0]
+    failure = standing_failure(observed.backend_failures.get(spec.name), nodes)
+    choice = choose_backend(plan.backend, plan_jaccl(nodes, port), plan_nccl(nodes, port), failure)
     if choice.backend is None:
-        raise RdmaUnavailable(f"{spec.name}: {choice.reason}")
-    if choice.backend == "ring":
-        return {}
-    config = jaccl.config
-    return {
-        "backend": choice.backend,
-        "rdma_devices": config.devices_json(),
-        "coordinator": config.coordinator,
-    }
+        reason = UNAVAILABLE_REASONS[failure.backend if failure else plan.backend]
+        raise BackendUnavailable(f"{spec.name}: {choice.reason}", reason)
+    return choice
 
 
 def ring_hostfile(spec: ModelSpec, observed: Observed, ring_ports: tuple[int, ...]) -> tuple[str, ...]:

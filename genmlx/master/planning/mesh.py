@@ -9,14 +9,7 @@ cables of the desk are addressed. Pure: node facts in, frozen plans out; no I/O,
   ``mesh.port`` that no other rank there uses, a running group keeping its own, so ranks sharing a
   host (tests run several agents on loopback) never collide and a model keeps its ring ports when
   others are added or reordered.
-- **jaccl** (RDMA over Thunderbolt, macOS 26.2+): MLX reads ``MLX_IBV_DEVICES``, a JSON matrix whose
-  row i names, for each rank j, the RDMA device on rank i's node whose cable reaches rank j's (null
-  on the diagonal and where no cable runs), and ``MLX_JACCL_COORDINATOR``, rank 0's ``"ip:port"``.
-  jaccl needs an active RDMA device at both ends of a cable between every pair of ranks;
-  ``jaccl-ring`` (``MLX_JACCL_RING``) only between each rank and the next, around the ring.
-  ``mesh.backend: jaccl`` starts whichever of them the cables allow, and holds the model back
-  (``RDMAUnavailable``) where neither; ``auto`` runs ring until GenMLX can fall back to ring when a
-  jaccl start fails.
+- Which backend a model's ranks start on (jaccl, nccl or ring) is ``backends``' to say.
 - **Thunderbolt addressing**: for the manifest's topology (``full-mesh``: every pair of nodes cabled;
   ``ring``: node i to node i+1, in manifest order), a /30 per link out of ``MESH_BLOCK``, with each
   end's address and, where the facts tell which port the cable is in, its interface.
@@ -26,13 +19,11 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from genmlx.core.errors import PermanentError
-from genmlx.manifest.types import Backend, Topology
+from genmlx.manifest.types import Topology
 from genmlx.master.planning.observed import ObservedNode
 from genmlx.wire.agent_state import NetworkInterface, NodeFacts
 
@@ -45,21 +36,13 @@ LINK_PREFIX = 30
 MIN_SHARED_PREFIX = 24
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 
-MeshBackend = Literal["ring", "jaccl", "jaccl-ring"]
-
 
 class MeshPlanError(PermanentError):
     """The mesh cannot be planned as the manifest asks: too many links for the address block, a
-    ring port outside 1-65535, or a jaccl config asked for where some pair of ranks has no RDMA
-    link."""
+    ring port outside 1-65535, or a backend asked for that the nodes cannot run
+    (``backends.BackendUnavailable``)."""
 
     reason = "MeshUnplannable"
-
-
-class RdmaUnavailable(MeshPlanError):
-    """``mesh.backend: jaccl`` where the RDMA links do not allow it."""
-
-    reason = "RDMAUnavailable"
 
 
 @dataclass(frozen=True)
@@ -109,48 +92,6 @@ class MeshPlan:
 
     def addresses_of(self, node: str) -> tuple[LinkAddress, ...]:
         return tuple(end for link in self.links for end in link.ends if end.node == node)
-
-
-@dataclass(frozen=True)
-class BackendChoice:
-    """The backend GenMLX starts a model's ranks on, and why; None where it starts none."""
-
-    backend: MeshBackend | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class JacclConfig:
-    """What MLX's jaccl backend reads: the RDMA device matrix and the coordinator."""
-
-    devices: tuple[tuple[str | None, ...], ...]  # devices[i][j]: rank i's device towards rank j
-    coordinator: str  # "ip:port" of rank 0
-
-    def devices_json(self) -> str:
-        """The contents of the file ``MLX_IBV_DEVICES`` names."""
-        return json.dumps([list(row) for row in self.devices])
-
-
-@dataclass(frozen=True)
-class JacclPlan:
-    """Whether jaccl would be possible for a group of ranks, why, and how it would be wired:
-    planned, not started (see ``STARTABLE_BACKENDS``)."""
-
-    possible: bool
-    reason: str
-    config: JacclConfig | None = None  # where possible
-    mode: MeshBackend | None = None  # jaccl (every pair linked) or jaccl-ring (neighbours only)
-
-
-@dataclass(frozen=True)
-class ModelMesh:
-    """How the ranks of one multi-node model are wired."""
-
-    model: str
-    choice: BackendChoice
-    ranks: tuple[RankEndpoint, ...]
-    hostfile: tuple[str, ...]  # the ring backend's, "ip:port" per rank (RankLaunch.hostfile)
-    jaccl: JacclPlan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,108 +226,6 @@ def ring_hostfile(ranks: Sequence[RankEndpoint], ports: Sequence[int]) -> tuple[
     """MLX's ring hostfile as ``RankLaunch.hostfile`` carries it: ``"ip:port"`` per rank, with
     rank r's ring port ``ports[r]`` (the agent writes each entry as a one-address list)."""
     return tuple(f"{rank.address}:{port}" for rank, port in zip(ranks, ports, strict=True))
-
-
-# ----------------------------------------------------------------------------------------------
-# jaccl
-
-
-def rdma_device(node: MeshNode, peer: MeshNode) -> str | None:
-    """The RDMA device on ``node`` whose cable reaches ``peer``, where both ends have one active."""
-    cables = cables_between(node, peer)
-    return next(
-        (mine.rdma_device for mine, theirs in cables if mine.rdma_device and theirs.rdma_device), None
-    )
-
-
-def rdma_matrix(nodes: Sequence[MeshNode]) -> tuple[tuple[str | None, ...], ...]:
-    """``MLX_IBV_DEVICES``: row i names rank i's device towards each rank j; None on the diagonal
-    and where there is no RDMA link."""
-    return tuple(
-        tuple(None if i == j else rdma_device(a, b) for j, b in enumerate(nodes)) for i, a in enumerate(nodes)
-    )
-
-
-def missing_rdma_pairs(
-    nodes: Sequence[MeshNode], pairs: Sequence[tuple[int, int]] | None = None
-) -> list[tuple[str, str]]:
-    """The pairs of ranks (every pair, or those given) without an RDMA link both ways."""
-    matrix = rdma_matrix(nodes)
-    return [
-        (nodes[i].name, nodes[j].name)
-        for i, j in (pairs if pairs is not None else itertools.combinations(range(len(nodes)), 2))
-        if matrix[i][j] is None or matrix[j][i] is None
-    ]
-
-
-def plan_jaccl(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclPlan:
-    """Whether the RDMA links allow jaccl (every pair of ranks, rank r on ``nodes[r]``) or
-    jaccl-ring (each rank and the next), and the config with its coordinator on
-    ``coordinator_port``."""
-    unknown = [n.name for n in nodes if n.facts is None]
-    if unknown:
-        return JacclPlan(False, f"RDMA links unknown: no facts from {', '.join(unknown)}")
-    config = JacclConfig(rdma_matrix(nodes), f"{nodes[0].agent_host}:{coordinator_port}")
-    missing = missing_rdma_pairs(nodes)
-    if not missing:
-        return JacclPlan(True, "every pair of ranks has an active RDMA device at both ends", config, "jaccl")
-    missing_around = missing_rdma_pairs(nodes, cabled_pairs(len(nodes), "ring"))  # each and the next
-    if not missing_around:
-        reason = (
-            "each rank and the next have an active RDMA device at both ends (a ring of RDMA links; "
-            f"none between {', '.join(f'{a}-{b}' for a, b in missing)})"
-        )
-        return JacclPlan(True, reason, config, "jaccl-ring")
-    return JacclPlan(False, f"no RDMA link between {', '.join(f'{a}-{b}' for a, b in missing_around)}")
-
-
-def jaccl_config(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclConfig:
-    """The device matrix of a full mesh of RDMA links and the coordinator (rank 0's agent host, on
-    ``coordinator_port``). Raises ``MeshPlanError`` if any pair of ranks lacks an RDMA link."""
-    missing = missing_rdma_pairs(nodes)
-    if missing:
-        raise MeshPlanError(f"no RDMA link between {', '.join(f'{a}-{b}' for a, b in missing)}")
-    return JacclConfig(rdma_matrix(nodes), f"{nodes[0].agent_host}:{coordinator_port}")
-
-
-def choose_backend(requested: Backend, jaccl: JacclPlan) -> BackendChoice:
-    """The backend GenMLX starts the ranks on, and why; none where ``mesh.backend: jaccl`` cannot
-    be had (the master holds the model back: ``RDMAUnavailable``)."""
-    if requested == "ring":
-        return BackendChoice("ring", "mesh.backend is ring")
-    if requested == "jaccl":
-        if jaccl.possible:
-            return BackendChoice(jaccl.mode, f"mesh.backend is jaccl, and {jaccl.reason}")
-        return BackendChoice(None, f"mesh.backend is jaccl, but {jaccl.reason}")
-    if jaccl.possible:
-        return BackendChoice(
-            "ring",
-            f"{jaccl.reason}, so {jaccl.mode} is possible; auto runs ring until GenMLX can fall back to "
-            "ring when a jaccl start fails (mesh.backend: jaccl starts it now)",
-        )
-    return BackendChoice("ring", jaccl.reason)
-
-
-# ----------------------------------------------------------------------------------------------
-# One model
-
-
-def plan_model_mesh(
-    model: str, requested: Backend, nodes: Sequence[MeshNode], ring_ports: Sequence[int]
-) -> ModelMesh:
-    """Backend, rank addresses, ring hostfile and jaccl outlook of ``model``, whose rank r runs on
-    ``nodes[r]`` with ring port ``ring_ports[r]`` (rank 0's is also jaccl's coordinator port, as
-    jaccl ranks would not use the ring's). Raises ``MeshPlanError`` for a port outside 1-65535."""
-    outside = [(r, port) for r, port in enumerate(ring_ports) if not 1 <= port <= 65535]
-    if outside:
-        rank, port = outside[0]
-        raise MeshPlanError(
-            f"rank {rank}'s ring port would be {port}, outside 1-65535 (each rank takes the first "
-            "port from mesh.port free on its host): lower mesh.port"
-        )
-    ranks = rank_endpoints(nodes)
-    jaccl = plan_jaccl(nodes, ring_ports[0])
-    return ModelMesh(model, choose_backend(requested, jaccl), ranks, ring_hostfile(ranks, ring_ports), jaccl)
 
 
 def observed_mesh_nodes(names: Sequence[str], observed: Mapping[str, ObservedNode]) -> list[MeshNode]:

@@ -53,6 +53,22 @@ class RolloutRecord:
 
 
 @dataclass(frozen=True)
+class BackendFailure:
+    """The master's memory of a model's group that could not start on a faster backend than ring
+    (jaccl, nccl): kept until the facts it was planned from change or the manifest is applied
+    again (lost on restart, which tries again: fine)."""
+
+    backend: str  # "jaccl", "jaccl-ring" or "nccl"
+    fingerprint: str  # ``backends.backend_fingerprint`` of the nodes when it was planned
+    node: str  # where it failed
+    error: str  # what the rank's log or the agent's refusal said
+    spec_hash: str  # of the group that failed
+
+    def describe(self) -> str:
+        return f"{self.backend} failed to start on {self.node}: {self.error}"
+
+
+@dataclass(frozen=True)
 class Impostor:
     """Something at ``address`` that announces itself as node ``name`` but could not prove that it
     holds the cluster token: nothing that reveals state and no action is ever sent to it."""
@@ -68,4 +84,5 @@ class Observed:
     nodes: dict[str, ObservedNode] = field(default_factory=dict)
     endpoints: dict[str, EndpointHealth] = field(default_factory=dict)  # by model name
     rollouts: dict[str, RolloutRecord] = field(default_factory=dict)  # by model name
+    backend_failures: dict[str, BackendFailure] = field(default_factory=dict)  # by model name
     impostors: tuple[Impostor, ...] = ()

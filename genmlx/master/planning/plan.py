@@ -8,13 +8,20 @@ same assessments, so what the page says and what the master does never disagree.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from genmlx.manifest.types import Manifest, ModelSpec
 from genmlx.master.planning.actions import Action, StartRankGroup, StopRankGroup
-from genmlx.master.planning.groups import GroupPlan, RankPorts, assign_rank_ports, desired_group
+from genmlx.master.planning.groups import (
+    GroupPlan,
+    RankPorts,
+    assign_rank_ports,
+    desired_group,
+    group_backend,
+)
 from genmlx.master.planning.mesh import MeshPlanError
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.master.planning.placement import NodeCapacity, Placement, PlacementRefused, place
@@ -42,6 +49,8 @@ class ModelAssessment:
     actions: tuple[Action, ...] = ()
     desired: StartRankGroup | None = None
     ranks: tuple[tuple[str, RankInfo], ...] = ()  # observed (node, rank) of this model
+    # (reason, message) of a Degraded condition besides Backoff's: ring after a faster backend failed
+    degraded: tuple[str, str] | None = None
 
 
 def plan(desired: Manifest | None, observed: Observed) -> list[Action]:
@@ -90,10 +99,24 @@ def assess_model(
         tuple(c.path for c in copies), ports.http, placement, published, ports.ring, manifest.mesh.backend
     )
     try:
-        desired = desired_group(spec, observed, group)
+        backend = group_backend(spec, observed, group) if len(spec.nodes) > 1 else None
+        desired = desired_group(spec, observed, group, backend)
     except MeshPlanError as e:
-        return verdict("Blocked", e.reason, str(e))
-    return assess_rollout(spec, desired, ranks, observed, verdict)
+        return verdict("Blocked", e.reason, str(e), actions=stop_broken_group(spec, ranks, e.reason))
+    assessment = assess_rollout(spec, desired, ranks, observed, verdict)
+    if backend is not None and backend.fallback is not None:
+        return dataclasses.replace(assessment, degraded=backend.fallback)
+    return assessment
+
+
+def stop_broken_group(spec: ModelSpec, ranks, reason: str) -> tuple[Action, ...]:
+    """A stop for the ranks of a group held back while one of its ranks has exited (a failed start
+    on jaccl, say): the rest cannot serve, and would wait on their peers. A group that runs is left
+    alone, so a fact read badly once does not take a serving model down."""
+    if not any(info.state == "exited" for _, info in ranks):
+        return ()
+    stopped = tuple((node, info.launch.rank) for node, info in ranks)
+    return (StopRankGroup(spec.name, stopped, f"a rank exited and the model is held back ({reason})"),)
 
 
 def placement_of(spec: ModelSpec, observed: Observed, presence: Presence) -> Placement:

@@ -85,6 +85,8 @@ def model_phase_conditions(assessment: ModelAssessment, now: float) -> tuple[Con
     for type_, phases, calm in PHASE_CONDITIONS:
         if assessment.phase in phases:
             conditions.append(Condition(type_, "True", assessment.reason, assessment.message, now))
+        elif type_ == "Degraded" and assessment.degraded is not None:
+            conditions.append(Condition(type_, "True", *assessment.degraded, now))
         else:
             conditions.append(Condition(type_, "False", calm, "", now))
     return tuple(conditions)

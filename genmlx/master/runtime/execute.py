@@ -34,10 +34,19 @@ DEADLINES_S: dict[type, float] = {
 class ActionResult:
     action: Action
     error: str | None = None
+    node: str | None = None  # of a failed group start: the node whose agent refused its rank
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class RankStartFailed(GenMLXError):
+    """A rank of a group could not be started: the agent's own error, and the node it was for."""
+
+    def __init__(self, node: str, cause: GenMLXError):
+        super().__init__(str(cause))
+        self.node = node
 
 
 def retrying() -> AsyncRetrying:
@@ -60,7 +69,7 @@ async def execute(actions: list[Action], clients: dict[str, AgentClient]) -> lis
             results.append(ActionResult(action))
         except GenMLXError as e:
             log.warning("failed: %s: %s", action.describe(), e)
-            results.append(ActionResult(action, str(e)))
+            results.append(ActionResult(action, str(e), e.node if isinstance(e, RankStartFailed) else None))
         except TimeoutError:
             log.warning("failed: %s: not done within %gs", action.describe(), deadline)
             results.append(ActionResult(action, f"not done within its {deadline:g}s deadline"))
@@ -98,9 +107,12 @@ async def start_group(action: StartRankGroup, clients: dict[str, AgentClient]) -
     started: list[tuple[str, int]] = []
     try:
         for node, launch in action.launches:
-            async for attempt in retrying():
-                with attempt:
-                    await agent(clients, node).start_rank(launch)
+            try:
+                async for attempt in retrying():
+                    with attempt:
+                        await agent(clients, node).start_rank(launch)
+            except GenMLXError as e:
+                raise RankStartFailed(node, e) from e
             started.append((node, launch.rank))
     except GenMLXError:
         for node, rank in started:

@@ -41,6 +41,7 @@ from genmlx.master.runtime.canary import Canaries
 from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
+from genmlx.master.runtime.fallbacks import BackendFailureMemory
 from genmlx.master.runtime.observe import agent_addresses, observe
 from genmlx.master.runtime.rotation import Rotation, push_rotated_token, rotation_under_way
 from genmlx.wire.status import Revision
@@ -110,6 +111,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._clients: dict[str, AgentClient] = {}
         self._rollouts: dict[str, RolloutRecord] = {}
+        self._backend_failures = BackendFailureMemory(events)
         self._push_warnings: set[tuple[str, str]] = set()  # (node, key id) pushes already warned of
         self._canaries = Canaries.from_environment(http, self.keys_for_host)
         self._canaries.on_result = self.wake
@@ -129,6 +131,7 @@ class Reconciler:
             self.rejected = RejectedManifest(filename, revision, tuple(str(i) for i in e.issues), time.time())
             raise
         self.rejected = None
+        self._backend_failures.forget()  # the manifest asks again: a failed faster backend is retried
         current = self.applied
         changed = current is None or current.manifest != manifest
         generation = (current.generation if current else 0) + (1 if changed else 0)
@@ -191,6 +194,7 @@ class Reconciler:
         self._record_transitions(previous, snapshot, applied.manifest.name)
         results = await execute(actions, self._proven_clients(observed)) if actions else []
         self._remember_rollouts(snapshot, results, observed.now)
+        self._backend_failures.note_refused_starts(results, observed)
         self._record_results(results)
         errors = tuple(f"{r.action.describe()}: {r.error}" for r in results if not r.ok)
         self.snapshot = replace(
@@ -267,7 +271,9 @@ class Reconciler:
 
     async def _observe(self, manifest: Manifest) -> Observed:
         candidates = self._candidates_for(manifest)
-        return await observe(manifest, candidates, self._http, self._rollouts, time.time(), self._canaries)
+        now = time.time()
+        observed = await observe(manifest, candidates, self._http, self._rollouts, now, self._canaries)
+        return self._backend_failures.note_ranks(manifest, observed)
 
     def _conclude(
         self,
