@@ -715,7 +715,10 @@ def test_mesh_plan_without_a_master_plans_from_the_manifest_alone(tmp_path, genm
     assert "fresh cluster" in document["ports"]
     assert (pair["httpPorts"], pair["ringPorts"]) == ([8100, 8100], [32323, 32323])
     assert pair["hostfile"] == [["10.0.0.1:32323"], ["b.local:32323"]]
-    assert (pair["backend"], pair["reason"]) == ("ring", "RDMA links unknown: no facts from a, b")
+    assert (pair["backend"], pair["reason"]) == (
+        "ring",
+        "RDMA links unknown: no facts from a, b; no CUDA GPU on a, b",
+    )
 
     text = mesh_plan(path, "--master", nobody)
     assert text.returncode == 0, text.stderr
@@ -793,7 +796,7 @@ def test_mesh_plan_takes_addresses_and_facts_from_the_master(tmp_path, genmlx_ho
     # Both agents answer on 127.0.0.1: one host, so the ranks take HTTP ports 8100 and 8101.
     assert document["ports"].startswith("as the master assigns them")
     assert pair["hostfile"] == [["127.0.0.1:32323"], ["127.0.0.1:32324"]]
-    assert (pair["backend"], pair["reason"]) == ("ring", "no RDMA link between a-b")
+    assert (pair["backend"], pair["reason"]) == ("ring", "no RDMA link between a-b; no CUDA GPU on a, b")
     assert (pair["jaccl"]["possible"], pair["jaccl"]["devices"]) == (False, None)
     assert pair["runningHostfile"] is None, "the master runs no model"
     # Linux nodes report no Thunderbolt ports: which port a cable would go in stays unknown.

@@ -66,7 +66,7 @@ def command(sub: argparse._SubParsersAction, name: str, run, help: str) -> argpa
 
 
 def add_manifest_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands that read a manifest file: validate, apply, diff, mesh plan."""
+    """Commands that read a manifest file: validate, apply, diff, mesh plan, mesh apply."""
     p = command(sub, "validate", cmd_validate, "check a manifest and print every error")
     p.add_argument("-f", "--file", type=Path, required=True)
 
@@ -80,10 +80,17 @@ def add_manifest_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--file", type=Path, required=True)
     p.add_argument("--master", help=MANIFEST_MASTER_HELP)
 
-    p = sub.add_parser("mesh", help="plan how the nodes and ranks are wired (Thunderbolt, ring, jaccl)")
+    p = sub.add_parser("mesh", help="how the nodes and ranks are wired (Thunderbolt, ring, jaccl); set it up")
     mesh = p.add_subparsers(required=True, metavar="ACTION")
     p = command(mesh, "plan", cmd_mesh_plan, "print the Thunderbolt address plan, backends and hostfiles")
     with_output(p).add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("--master", help=f"{MANIFEST_MASTER_HELP}; node facts come from it")
+
+    p = command(mesh, "apply", cmd_mesh_apply, "give this Mac's Thunderbolt ports their planned addresses")
+    p.add_argument("-f", "--file", type=Path, required=True)
+    p.add_argument("--node", help="the node this Mac is (default: the one whose agent reports its host name)")
+    p.add_argument("--yes", action="store_true", help="make the changes without asking")
+    p.add_argument("--dry-run", action="store_true", help="only show the networksetup commands")
     p.add_argument("--master", help=f"{MANIFEST_MASTER_HELP}; node facts come from it")
 
 
@@ -228,6 +235,13 @@ def cmd_mesh_plan(args: argparse.Namespace) -> int:
     document = mesh_document(manifest, mesh_nodes(manifest, status), source, status)
     print_document(document, args.output, lambda: format_mesh_plan(document))
     return 1 if has_errors(document) else 0
+
+
+def cmd_mesh_apply(args: argparse.Namespace) -> int:
+    """Exit 1 when a link end of this Mac is left unconfigured or a command fails (README, "Mesh")."""
+    from genmlx.cli.mesh_apply import MeshApplyRequest, run_mesh_apply
+
+    return run_mesh_apply(MeshApplyRequest(args.file, args.node, args.yes, args.dry_run, args.master))
 
 
 def cmd_master(args: argparse.Namespace) -> int:

@@ -233,14 +233,15 @@ def format_links(thunderbolt: dict[str, Any]) -> list[str]:
 
 def setup_commands(links: list[dict[str, Any]]) -> list[str]:
     """Per node, the commands that give its Thunderbolt ports their addresses until the next
-    reboot (see README, "Mesh", for making them last). GenMLX runs none of them itself."""
+    reboot; ``genmlx mesh apply`` makes them last (README, "Mesh")."""
     by_node: dict[str, list[str]] = {}
     for link in links:
         for end, peer in zip(link["ends"], reversed(link["ends"]), strict=True):
             port = end["interface"] or f"<the Thunderbolt port cabled to {peer['node']}>"
             command = f"sudo ifconfig {port} inet {end['address']} netmask {link['netmask']}"
             by_node.setdefault(end["node"], []).append(command)
-    lines = ["", "to apply on each Mac (take the ports out of Thunderbolt Bridge first):"] if by_node else []
+    header = "to apply on each Mac until it restarts (out of Thunderbolt Bridge first; mesh apply lasts):"
+    lines = ["", header] if by_node else []
     for node, commands in by_node.items():
         lines += [f"  {node}:", *(f"    {c}" for c in commands)]
     return lines
