@@ -23,6 +23,7 @@ class Port:
     device: str
     peer: tuple[str, int] | None = None
     rdma_active: bool = True
+    gbps: int = 80  # the link speed system_profiler reports (Thunderbolt 5)
 
 
 def domain(mac: str, number: int) -> str:
@@ -63,7 +64,7 @@ def thunderbolt_profile(mac: str, ports: list[Port]) -> dict:
             "device_name_key": "Mac Studio",
             "domain_uuid_key": domain(mac, port.number),
             "receptacle_1_tag": {
-                "current_speed_key": "Up to 80 Gb/s",
+                "current_speed_key": f"Up to {port.gbps} Gb/s",
                 "receptacle_id_key": str(port.number),
                 "receptacle_status_key": "receptacle_connected"
                 if port.peer

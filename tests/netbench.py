@@ -126,6 +126,18 @@ class NetBench:
         """Take one end of a cable down (as pulling it out would) or bring it back up."""
         ip("-n", self.host(host).netns, "link", "set", interface, "up" if up else "down")
 
+    def shape(self, host: int, interface: str, rate: str | None) -> None:
+        """Limit what ``interface`` of ``host`` sends to ``rate`` ("1gbit", tc's units) with a token
+        bucket, as a slower link would; None takes the limit away."""
+        qdisc = ["tc", "qdisc", "{}", "dev", interface, "root"]
+        self.exec(host, [part.format("del") for part in qdisc])  # none there yet is fine
+        if rate is None:
+            return
+        bucket = ["tbf", "rate", rate, "burst", "1mb", "latency", "50ms"]
+        done = self.exec(host, [*(part.format("add") for part in qdisc), *bucket])
+        if done.returncode != 0:
+            raise RuntimeError(f"tc could not shape {interface} of host {host}: {done.stderr.strip()}")
+
     def close(self) -> None:
         """Stop every process (printing its output), kill what is left in the hosts, then remove
         the namespaces, the veths and the bridge. Safe to call twice."""

@@ -56,6 +56,8 @@ def test_a_rank_that_could_not_join_jaccl_is_a_failure_with_the_facts_it_was_pla
     assert remember({}, found) == found
     later = {"qwen": replace(failure, error="read again")}
     assert remember(found, later) == found, "the same group's failure is kept as first read"
+    elsewhere = {"qwen": replace(failure, fingerprint="other facts", error="again")}
+    assert remember(found, elsewhere) == elsewhere, "failing again on new facts is a new failure"
     assert failures_in_ranks(desk(), seen(*cabled())) == {}, "no exited rank, no failure"
 
 

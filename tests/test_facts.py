@@ -69,8 +69,13 @@ STUDIO_PORTS = {
     "en1": InterfacePort("wifi"),
     "bridge0": InterfacePort("thunderbolt", linked=True),
     # Each port's own Thunderbolt domain, the peer Mac's, and the RDMA device of an active port.
-    "en2": InterfacePort("thunderbolt", True, "A9C3E7F2-4B18-4D6A-9F05-83E2D1B6C47A", PEER_ON_1, "rdma_en2"),
-    "en3": InterfacePort("thunderbolt", True, "E5A18D3C-72F0-4B96-8D1E-4F3B20C6A978", PEER_ON_2, "rdma_en3"),
+    # ... and the speed system_profiler gives a link to a computer.
+    "en2": InterfacePort(
+        "thunderbolt", True, "A9C3E7F2-4B18-4D6A-9F05-83E2D1B6C47A", PEER_ON_1, "rdma_en2", 40.0
+    ),
+    "en3": InterfacePort(
+        "thunderbolt", True, "E5A18D3C-72F0-4B96-8D1E-4F3B20C6A978", PEER_ON_2, "rdma_en3", 40.0
+    ),
     "en4": InterfacePort("thunderbolt", linked=False, domain="D27C5B08-8E3A-4F61-B94D-0A6E1C3F7B82"),
     "en5": InterfacePort("thunderbolt", linked=False, domain="6A93E2D4-1F58-47C0-9B26-C3D47E8A5F10"),
     "en6": InterfacePort("thunderbolt", False, "0F8D2A51-93C4-4B7E-A6D0-5E2C8B19F3A7"),  # a drive: no peer

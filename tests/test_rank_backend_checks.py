@@ -37,10 +37,10 @@ LOADING = "INFO genmlx.dispatcher: loading qwen\n"
         (
             JACCL,
             BACKEND_JOIN_FAILED_EXIT,
-            LOADING + "ERROR cannot serve qwen: BackendJoinFailed: jaccl backend: "
-            "[jaccl] Cannot initialize jaccl distributed backend.\n",
-            "ERROR cannot serve qwen: BackendJoinFailed: jaccl backend: "
-            "[jaccl] Cannot initialize jaccl distributed backend.",
+            LOADING + "2026-12-06 11:36:30,474 ERROR genmlx.dispatcher: cannot serve qwen: "
+            "BackendJoinFailed: jaccl backend: Cannot initialize jaccl distributed backend.\n",
+            "cannot serve qwen: BackendJoinFailed: jaccl backend: "
+            "Cannot initialize jaccl distributed backend.",
         ),
         # libibverbs' error, then an abort: the line and how it ended
         (

@@ -18,16 +18,28 @@ from pathlib import Path
 
 import openai
 import pytest
+from agent_harness import call
 from conftest import wait_until
 from mac_recordings import Port, write_recording
 from netbench import NetBench
 from test_multihost import MASTER_PORT, apply_manifest, genmlx, status, write_home
+from test_ui_page import WAIT_MS, keep_screenshot
+from test_ui_page import browser as browser  # a fixture, used by name
 
 from genmlx.core.home import ensure_token, read_token
 
 pytestmark = pytest.mark.e2e
 
 CABLE = ("192.168.200.1/30", "192.168.200.2/30")  # the first /30 of mesh plan's block
+CHECK_INTERVAL_S = 3.0
+LINK_CHECKS = {  # often and small: two cores run the whole desk
+    "GENMLX_LINK_CHECK_INTERVAL_S": str(CHECK_INTERVAL_S),
+    "GENMLX_LINK_PROBE_BYTES": str(32 << 20),
+    "GENMLX_LINK_PROBE_SECONDS": "0.5",
+}
+# What a check may add to its interval before it shows: three connects that time out (1 s each),
+# the probe, and the pass that reports it.
+CHECK_MARGIN_S = 6.0
 
 
 def manifest_text(homes: dict[str, Path], source: str, backend: str) -> str:
@@ -54,10 +66,12 @@ def cabled_desk(netns_hosts, tmp_path, demo_model_dir):
     manifest.write_text(manifest_text(homes, source, "auto"))
     peers = {"n1": ("n2", 1), "n2": ("n1", 1)}
     for host, name in enumerate(homes):
-        recording = write_recording(tmp_path / f"{name}-mac", name, [Port(1, "en2", peers[name])])
+        # Rated 10 Gb/s, so one stream is expected to carry 1 Gbit/s: what the bench's veth does.
+        port = Port(1, "en2", peers[name], gbps=10)
+        recording = write_recording(tmp_path / f"{name}-mac", name, [port])
         env = {"GENMLX_HOME": str(homes[name]), "GENMLX_FACTS_REPLAY": str(recording)}
         bench.run(host, genmlx("agent", "--name", name, "--storage", str(homes[name] / "models")), name, env)
-    master_env = {"GENMLX_HOME": str(homes["n1"]), "GENMLX_CANARY_INTERVAL_S": "2"}
+    master_env = {"GENMLX_HOME": str(homes["n1"]), "GENMLX_CANARY_INTERVAL_S": "2", **LINK_CHECKS}
     bench.run(0, genmlx("master", "-f", str(manifest)), "master", master_env)
     url = f"http://{bench.host(0).address}:{MASTER_PORT}"
     return bench, url, token, manifest, homes, source
@@ -144,3 +158,76 @@ def test_facts_replayed_on_the_bench_show_the_cable_and_its_rdma_device(cabled_d
     assert plan.returncode == 0, plan.stderr
     assert "192.168.200.0/30" in plan.stdout and "n1 192.168.200.1 on en2" in plan.stdout
     assert 'devices (MLX_IBV_DEVICES): [[null, "rdma_en2"], ["rdma_en2", null]]' in plan.stdout
+
+
+def link_state(url: str, token: str) -> dict | None:
+    document = status(url, token)
+    return document["links"][0] if document and document.get("links") else None
+
+
+def test_links_are_verified_from_both_ends_and_a_cut_shows_within_one_check_interval(
+    cabled_desk, browser, tmp_path
+):
+    bench, url, token, manifest, homes, _ = cabled_desk
+    link = wait_until(
+        lambda: (found := link_state(url, token)) and found["state"] == "up" and found,
+        60,
+        what="the cable to be verified from both ends",
+    )
+    assert link["subnet"] == "192.168.200.0/30" and link["expectedGbitS"] == 1.0
+    for end in link["ends"]:
+        check = end["lastCheck"]
+        assert check["up"] and check["interface"] == "en2"
+        assert 0 < check["rttMs"] < 1000 and check["gbitS"] > 0 and check["probeBytes"] > 1 << 20
+    print("measured on the bench:", [(e["node"], e["lastCheck"]["gbitS"]) for e in link["ends"]])
+    login = call("POST", f"{url}/api/v1/ui/login", token, {})
+    page = browser.new_page()
+    page.goto(url + login.json()["url"])
+    page.wait_for_selector("#links table", timeout=WAIT_MS)
+    table = page.locator("#links table").inner_text()
+    assert "192.168.200.0/30" in table and "Round trip" in table and "Gbit/s" in table, table
+    assert "n1 192.168.200.1 on en2" in table and "n2 192.168.200.2 on en2" in table
+    shown = subprocess.run(
+        genmlx("status", "--master", url),
+        env={**os.environ, "GENMLX_HOME": str(homes["n1"])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "192.168.200.0/30  up" in shown.stdout and "n1 en2 <-> n2 en2" in shown.stdout, shown.stdout
+
+    bench.set_link(1, "en2", up=False)  # n2's end of the cable pulled
+    cut = wait_until(
+        lambda: (found := link_state(url, token)) and found["state"] == "down" and found,
+        CHECK_INTERVAL_S + CHECK_MARGIN_S,
+        what="the cut to show within one check interval",
+    )
+    details = {end["node"]: end["lastCheck"]["detail"] for end in cut["ends"] if not end["lastCheck"]["up"]}
+    page.wait_for_selector("#links caption >> text=down", timeout=WAIT_MS)  # followed live, no reload
+    assert "down: en2 is down or has no carrier" in page.locator("#links table").inner_text()
+    keep_screenshot(page, tmp_path, "thunderbolt-link-down.png")
+    assert details, cut
+    assert "en2 is down or has no carrier" in details["n2"], details
+    bench.set_link(1, "en2", up=True)
+    wait_until(
+        lambda: (found := link_state(url, token)) and found["state"] == "up",
+        CHECK_INTERVAL_S + CHECK_MARGIN_S + 5,
+        what="the link to come back",
+    )
+
+    # Slowed to 100 Mbit/s both ways, the link is up but warned about, with the numbers.
+    for host in (0, 1):
+        bench.shape(host, "en2", "100mbit")
+    plan = subprocess.run(
+        genmlx("mesh", "plan", "-f", str(manifest), "--master", url, "--verify"),
+        env={**os.environ, "GENMLX_HOME": str(homes["n1"])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert "slower than a Thunderbolt link should be" in plan.stdout, plan.stdout
+    assert "expected at least 1 Gbit/s" in plan.stdout
+    slow = link_state(url, token)
+    assert slow["state"] == "up" and "Gbit/s" in slow["warning"]
+    assert all(end["lastCheck"]["gbitS"] < 0.2 for end in slow["ends"]), slow

@@ -4,6 +4,7 @@
 
 import { fill, h } from "/ui/dom.js";
 import { followIntegrations, forgetIntegrations } from "/ui/integrations.js";
+import { renderLinks } from "/ui/links.js";
 
 const $ = (id) => document.getElementById(id);
 const EVENTS_KEPT = 100;
@@ -196,6 +197,7 @@ function render(doc) {
   document.title = `${doc.name || "cluster"} · GenMLX`;
   renderOverview(doc);
   renderNodes(doc);
+  renderLinks(doc, $("links"));
   renderModels(doc);
   followIntegrations(doc);
 }

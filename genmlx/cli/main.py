@@ -85,6 +85,7 @@ def add_manifest_commands(sub: argparse._SubParsersAction) -> None:
     p = command(mesh, "plan", cmd_mesh_plan, "print the Thunderbolt address plan, backends and hostfiles")
     with_output(p).add_argument("-f", "--file", type=Path, required=True)
     p.add_argument("--master", help=f"{MANIFEST_MASTER_HELP}; node facts come from it")
+    p.add_argument("--verify", action="store_true", help="have the master check every cabled link first")
 
     p = command(mesh, "apply", cmd_mesh_apply, "give this Mac's Thunderbolt ports their planned addresses")
     p.add_argument("-f", "--file", type=Path, required=True)
@@ -231,7 +232,7 @@ def cmd_mesh_plan(args: argparse.Namespace) -> int:
     from genmlx.manifest import load_manifest
 
     manifest = load_manifest(args.file)
-    status, source = master_status(master_url(args.master, manifest), manifest)
+    status, source = master_status(master_url(args.master, manifest), manifest, args.verify)
     document = mesh_document(manifest, mesh_nodes(manifest, status), source, status)
     print_document(document, args.output, lambda: format_mesh_plan(document))
     return 1 if has_errors(document) else 0

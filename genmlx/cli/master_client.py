@@ -25,7 +25,14 @@ from genmlx.core.home import CLIENT_KEY_PREFIX, default_token_path, ensure_token
 from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.core.tokens import TokenSource
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
-from genmlx.wire.status import ClusterStatus, ConditionReport, EventReport, ModelStatus, NodeStatus
+from genmlx.wire.status import (
+    ClusterStatus,
+    ConditionReport,
+    EventReport,
+    LinkStatus,
+    ModelStatus,
+    NodeStatus,
+)
 
 
 class MasterError(GenMLXError):
@@ -210,6 +217,9 @@ def format_status(status: ClusterStatus) -> str:
     if status.models:
         rows = [(m.name, *condition_cells(m.conditions, m.endpoint)) for m in status.models]
         lines += ["", *table(("MODEL", "READY", "REASON", "ENDPOINT", "MESSAGE"), rows)]
+    if status.links:
+        rows = [link_row(link) for link in status.links]
+        lines += ["", *table(("LINK", "STATE", "ENDS", "RTT", "GBIT/S", "WARNING"), rows)]
     if status.unmanaged_agents:
         rows = [(a.name, a.address, a.version) for a in status.unmanaged_agents]
         lines += ["", "unmanaged agents (announced, not in the manifest; never used):"]
@@ -230,6 +240,20 @@ def format_status(status: ClusterStatus) -> str:
     if status.pending_actions:
         lines += ["", "pending:", *(f"  {a}" for a in status.pending_actions)]
     return "\n".join(lines)
+
+
+def link_row(link: LinkStatus) -> tuple[str, ...]:
+    """A Thunderbolt link as one row: its ends, and each end's last round trip and bandwidth."""
+    checks = [end.last_check for end in link.ends]
+    ends = " <-> ".join(f"{end.node} {end.interface or '?'}" for end in link.ends)
+    rtt = " / ".join(f"{c.rtt_ms:g} ms" if c and c.rtt_ms is not None else "-" for c in checks)
+    speed = " / ".join(f"{c.gbit_s:g}" if c and c.gbit_s is not None else "-" for c in checks)
+    down = "; ".join(
+        f"{end.node}: {end.last_check.detail}"
+        for end in link.ends
+        if end.last_check and not end.last_check.up
+    )
+    return (link.subnet, link.state, ends, rtt, speed, down or link.warning or "-")
 
 
 def format_items(what: str, items: tuple[NodeStatus, ...] | tuple[ModelStatus, ...]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genmlx.cli.master_client import MasterError, fetch_status
+from genmlx.cli.master_client import MasterError, call_master, fetch_status
 from genmlx.core.errors import AuthError
 from genmlx.core.home import default_token_path, read_token
 from genmlx.manifest.types import Manifest, ModelSpec, Node
@@ -24,7 +24,9 @@ from genmlx.master.planning.groups import RankPorts, assign_rank_ports
 from genmlx.master.planning.mesh import LINK_PREFIX, MESH_BLOCK, Link, MeshNode, MeshPlanError, plan_links
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState
-from genmlx.wire.status import ClusterStatus, NodeStatus
+from genmlx.wire.status import ClusterStatus, LinkStatus, NodeStatus
+
+VERIFY_TIMEOUT_S = 120.0  # every link's check runs at once; each is bounded by its probe
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,18 @@ class FactsSource:
     detail: str  # "the master at http://...", or why no master could be asked
 
 
-def master_status(url: str, manifest: Manifest) -> tuple[ClusterStatus | None, FactsSource]:
+def master_status(
+    url: str, manifest: Manifest, verify: bool = False
+) -> tuple[ClusterStatus | None, FactsSource]:
     """The status document of the master at ``url``, or None and why: the plan works without it.
     Reads the token the manifest names without creating one."""
     token_file = manifest.auth.token_file
     token_path = Path(token_file).expanduser() if token_file else default_token_path()
     try:
-        status = fetch_status(url, read_token(token_path), timeout=10)
+        token = read_token(token_path)
+        if verify:  # the master checks every cabled link from both ends, then answers
+            call_master(url, token, "POST", "/api/v1/links/verify", timeout=VERIFY_TIMEOUT_S)
+        status = fetch_status(url, token, timeout=10)
     except (MasterError, AuthError) as e:
         return None, FactsSource(False, f"unavailable: {e}")
     return status, FactsSource(True, f"from the master at {url}")
@@ -91,7 +98,7 @@ def mesh_document(
         "factsMissing": [n.name for n in nodes.values() if n.facts is None],
         "addressesGuessed": [n.name for n in nodes.values() if n.agent_host == f"{n.name}.local"],
         "ports": ports_source(source),
-        "thunderbolt": links_document(manifest, nodes),
+        "thunderbolt": links_document(manifest, nodes, status),
         "models": [
             {
                 **model_document(manifest, spec, nodes, ports[spec.name]),
@@ -111,21 +118,30 @@ def ports_source(source: FactsSource) -> str:
     return "as a fresh cluster would get them: no master answered, so no running ranks are known"
 
 
-def links_document(manifest: Manifest, nodes: dict[str, MeshNode]) -> dict[str, Any]:
+def links_document(
+    manifest: Manifest, nodes: dict[str, MeshNode], status: ClusterStatus | None = None
+) -> dict[str, Any]:
     document: dict[str, Any] = {"block": str(MESH_BLOCK), "prefixLength": LINK_PREFIX}
     try:
         plan = plan_links([nodes[n.name] for n in manifest.nodes], manifest.mesh.topology)
     except MeshPlanError as e:
         return {**document, "links": [], "error": str(e)}
-    return {**document, "links": [link_document(link) for link in plan.links], "error": None}
+    verified = {link.subnet: link for link in status.links} if status else {}
+    return {
+        **document,
+        "links": [link_document(link, verified.get(link.subnet)) for link in plan.links],
+        "error": None,
+    }
 
 
-def link_document(link: Link) -> dict[str, Any]:
+def link_document(link: Link, verified: LinkStatus | None = None) -> dict[str, Any]:
+    """A planned link, and what the master's last checks of it found where it shows them."""
     return {
         "subnet": link.subnet,
         "netmask": link.netmask,
         "cabled": link.cabled,
         "ends": [{"node": e.node, "address": e.address, "interface": e.interface} for e in link.ends],
+        "verified": verified.to_json() if verified else None,
     }
 
 
@@ -226,9 +242,29 @@ def format_links(thunderbolt: dict[str, Any]) -> list[str]:
         a, b = (f"{e['node']} {e['address']} on {e['interface'] or 'port ?'}" for e in link["ends"])
         cabled = {True: "cabled", False: "NOT CABLED", None: "cabling unknown"}[link["cabled"]]
         lines.append(f"  {link['subnet']:<18} {a}  <->  {b}  ({cabled})")
+        lines += format_verified(link["verified"])
     if not thunderbolt["links"]:
         lines.append("  none: fewer than two nodes")
     return lines + setup_commands(thunderbolt["links"])
+
+
+def format_verified(verified: dict[str, Any] | None) -> list[str]:
+    """A link's last checks, one line per end: up or down, round trip, bandwidth; its warning."""
+    if verified is None:
+        return []
+    lines = [f"    {verified['state']}" + (f": {verified['warning']}" if verified["warning"] else "")]
+    for end in verified["ends"]:
+        check = end.get("lastCheck")
+        if check is None:
+            lines.append(f"      from {end['node']}: not checked yet")
+        elif not check["up"]:
+            lines.append(f"      from {end['node']}: down: {check['detail']}")
+        else:
+            speed = (
+                f"{check['gbitS']:g} Gbit/s" if check.get("gbitS") is not None else "bandwidth not measured"
+            )
+            lines.append(f"      from {end['node']}: up, {check['rttMs']:g} ms, {speed}")
+    return lines
 
 
 def setup_commands(links: list[dict[str, Any]]) -> list[str]:

@@ -36,6 +36,7 @@ class NetworkInterface(WireType):
     domain: str | None = None
     peer_domain: str | None = None
     rdma_device: str | None = None
+    link_gbps: float | None = None  # a Thunderbolt port's link speed as system_profiler rates it
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Literal
 
 from genmlx.wire.agent_state import NodeFacts, RankInfo, StorageReport, Transfer
 from genmlx.wire.codec import WireType
+from genmlx.wire.links import LinkCheck
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -119,6 +120,29 @@ class LastPass(WireType):
 
 
 @dataclass(frozen=True)
+class LinkEndStatus(WireType):
+    """One end of a planned Thunderbolt link and what its last check from there found."""
+
+    node: str
+    address: str  # the planned one
+    interface: str | None = None
+    last_check: LinkCheck | None = None
+
+
+@dataclass(frozen=True)
+class LinkStatus(WireType):
+    """A cable of the mesh plan that the node facts show, verified from both ends: down where
+    either end could not reach the other, up where both could, unchecked before both have been.
+    ``warning`` names a measured bandwidth below what its kind of link should carry."""
+
+    subnet: str
+    state: Literal["up", "down", "unchecked"]
+    ends: tuple[LinkEndStatus, ...]
+    expected_gbit_s: float | None = None
+    warning: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterStatus(WireType):
     """The whole status document. ``conditions[0]`` is the cluster's ``Ready``."""
 
@@ -135,6 +159,7 @@ class ClusterStatus(WireType):
     unmanaged_agents: tuple[AnnouncedAgent, ...] = ()  # announced, not in the manifest: never used
     impostors: tuple[ImpostorReport, ...] = ()  # announced a declared node's name, proved nothing
     token_rotation: TokenRotationReport | None = None
+    links: tuple[LinkStatus, ...] = ()  # the cabled Thunderbolt links and their last checks
     pending_actions: tuple[str, ...] = ()
     last_pass: LastPass | None = None
 

@@ -30,8 +30,10 @@ from tornado.web import Application, HTTPError
 
 import genmlx
 from genmlx.agent.api.base import AgentHandler
+from genmlx.agent.api.link_api import LinkCheckHandler, LinkProbeHandler
 from genmlx.agent.api.model_api import ModelFileHandler, ModelFilesHandler, ModelHandler, ModelsHandler
 from genmlx.agent.facts.collect import collect_node_facts
+from genmlx.agent.links.verify import LinkVerifier
 from genmlx.agent.ranks.launch_request import parse_rank_launch
 from genmlx.agent.ranks.logs import DEFAULT_TAIL_BYTES, read_log_tail
 from genmlx.agent.ranks.rdma_checks import check_rdma_launch
@@ -57,9 +59,12 @@ def make_app(
     transfers: TransferManager,
     verified: VerifiedFiles,
     node_id: str = "",
+    links: LinkVerifier | None = None,
 ) -> Application:
     """The agent's tornado application; ``verified`` is the one the transfer manager fills."""
-    auth = {"auth": ClusterAuth(token, accepts_bearer=False)}
+    cluster_auth = ClusterAuth(token, accepts_bearer=False)
+    auth = {"auth": cluster_auth}
+    links = links or LinkVerifier(lambda: cluster_auth.keys)
     stored = {**auth, "storage_paths": storage_paths, "verified": verified}
     ranks = {**auth, "supervisor": supervisor}
     state = {
@@ -74,7 +79,7 @@ def make_app(
     routes = [
         (r"/healthz", HealthzHandler, auth),
         (r"/api/v1/state", StateHandler, state),
-        (r"/api/v1/ranks", RanksHandler, {**ranks, "storage_paths": storage_paths}),
+        (r"/api/v1/ranks", RanksHandler, {**ranks, "storage_paths": storage_paths, "links": links}),
         (rank, RankHandler, ranks),
         (rank + "/log", RankLogHandler, ranks),
         (r"/api/v1/models", ModelsHandler, {**auth, "transfers": transfers}),
@@ -82,6 +87,8 @@ def make_app(
         (model + "/files", ModelFilesHandler, stored),
         (model + "/files/(.+)", ModelFileHandler, stored),
         (r"/api/v1/token", TokenHandler, {**auth, "name": name}),
+        (r"/api/v1/links/check", LinkCheckHandler, {**auth, "links": links}),
+        (r"/api/v1/links/probe", LinkProbeHandler, auth),
     ]
     return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=auth)
 
@@ -138,10 +145,15 @@ class RankEndpoint(AgentHandler):
 
 class RanksHandler(RankEndpoint):
     def initialize(
-        self, auth: ClusterAuth, supervisor: RankSupervisor, storage_paths: tuple[Path, ...]
+        self,
+        auth: ClusterAuth,
+        supervisor: RankSupervisor,
+        storage_paths: tuple[Path, ...],
+        links: LinkVerifier,
     ) -> None:
         super().initialize(auth, supervisor)
         self.storage_paths = storage_paths
+        self.links = links
 
     async def post(self) -> None:
         launch = parse_rank_launch(self.request.body)
@@ -150,7 +162,7 @@ class RanksHandler(RankEndpoint):
         )
         if launch.backend != "ring":
             facts = await IOLoop.current().run_in_executor(None, collect_node_facts)
-            check_rdma_launch(launch, facts, {})
+            check_rdma_launch(launch, facts, self.links.down())
         info = self.supervisor.start(launch, model_dir)
         self.set_status(201)
         self.write(info.to_json())

@@ -172,7 +172,14 @@ def network_interfaces(
         if port.kind != "other" or any(beyond_link_local(a) for a in addrs):
             found.append(
                 NetworkInterface(
-                    name, port.kind, addrs, port.linked, port.domain, port.peer_domain, port.rdma_device
+                    name,
+                    port.kind,
+                    addrs,
+                    port.linked,
+                    port.domain,
+                    port.peer_domain,
+                    port.rdma_device,
+                    port.link_gbps,
                 )
             )
     return tuple(found)

@@ -41,6 +41,7 @@ THUNDERBOLT_PORT = re.compile(r"Thunderbolt (\d+)")
 ETHERNET_PORT = re.compile(r"\b(Ethernet|LAN)\b")
 WIFI_PORTS = ("Wi-Fi", "AirPort")  # AirPort: the name before macOS 10.7
 RECEPTACLE_TAG = re.compile(r"receptacle_\d+_tag")
+LINK_SPEED = re.compile(r"(\d+(?:\.\d+)?)\s*Gb/s")
 LOOPBACK = "lo0"
 
 
@@ -122,6 +123,7 @@ class ThunderboltDomains:
 
     domain: str
     peer: str | None
+    gbps: float | None = None  # the receptacle's link speed, where a peer is connected
 
 
 def interface_port(
@@ -140,6 +142,7 @@ def interface_port(
         ends.domain if ends else None,
         ends.peer if ends else None,
         device if match and device in rdma else None,
+        ends.gbps if ends and ends.peer else None,
     )
 
 
@@ -194,10 +197,16 @@ def receptacle_domains(bus: dict[str, Any]) -> list[tuple[int, ThunderboltDomain
     peer = next((d["domain_uuid_key"] for d in bus.get("_items", ()) if "domain_uuid_key" in d), None)
     receptacles = [value for key, value in bus.items() if RECEPTACLE_TAG.fullmatch(key)]
     return [
-        (int(r["receptacle_id_key"]), ThunderboltDomains(bus["domain_uuid_key"], peer))
+        (int(r["receptacle_id_key"]), ThunderboltDomains(bus["domain_uuid_key"], peer, link_speed(r)))
         for r in receptacles
         if "receptacle_id_key" in r
     ]
+
+
+def link_speed(receptacle: dict[str, Any]) -> float | None:
+    """Gbit/s of a receptacle's link: its ``current_speed_key`` ("Up to 80 Gb/s", "40 Gb/s")."""
+    match = LINK_SPEED.search(str(receptacle.get("current_speed_key", "")))
+    return float(match.group(1)) if match else None
 
 
 def parse_active_rdma_devices(devinfo: str) -> frozenset[str]:

@@ -48,6 +48,7 @@ class InterfacePort:
     domain: str | None = None  # the Thunderbolt fields of ``NetworkInterface``: macOS only
     peer_domain: str | None = None
     rdma_device: str | None = None
+    link_gbps: float | None = None
 
 
 class PlatformProbe(Protocol):

@@ -22,6 +22,8 @@ RDMA_ERROR_LINE = re.compile(
     re.IGNORECASE,
 )
 MAX_REPORTED_CHARS = 300
+# The time, level and logger our dispatcher's log lines begin with: dropped from a reported line.
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ [\w.]+: ")
 
 
 def backend_failure(launch: RankLaunch, exit_code: int | None, log_tail: str) -> str | None:
@@ -41,7 +43,9 @@ def backend_failure(launch: RankLaunch, exit_code: int | None, log_tail: str) ->
 
 def last_rdma_error(log_tail: str) -> str | None:
     """The last line of the log that names an RDMA or jaccl failure, trimmed for a status message."""
-    lines = [line.strip() for line in log_tail.splitlines() if RDMA_ERROR_LINE.search(line)]
+    lines = [
+        LOG_PREFIX.sub("", line.strip()) for line in log_tail.splitlines() if RDMA_ERROR_LINE.search(line)
+    ]
     lines = [line for line in lines if line and JOINED_GROUP_MARK not in line]
     return lines[-1][-MAX_REPORTED_CHARS:] if lines else None
 

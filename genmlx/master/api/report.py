@@ -75,6 +75,7 @@ def base_document(applied: AppliedManifest | None, snapshot: Snapshot | None) ->
         unmanaged_agents=tuple(agent.report() for agent in snapshot.unmanaged_agents),
         impostors=tuple(ImpostorReport(i.name, i.address, i.detail) for i in snapshot.observed.impostors),
         token_rotation=rotation_report(snapshot.rotation),
+        links=snapshot.links,
         pending_actions=tuple(a.describe() for a in snapshot.planned),
         last_pass=LastPass(iso_time(snapshot.observed.now), round(snapshot.duration_s, 3), snapshot.errors),
     )

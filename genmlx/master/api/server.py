@@ -127,6 +127,19 @@ class ManifestHandler(ApiHandler):
         return {"plan": lines, "summary": plan_summary(lines)}
 
 
+class LinksVerifyHandler(ApiHandler):
+    """``POST /api/v1/links/verify``: check every cabled Thunderbolt link from both ends now, and
+    answer the links as the pass after the checks shows them (``{"links": [...]}``)."""
+
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
+        super().initialize(auth)
+        self.reconciler = reconciler
+
+    async def post(self) -> None:
+        links = await self.reconciler.verify_links()
+        self.write_json(200, {"links": [link.to_json() for link in links]})
+
+
 class KeysHandler(ApiHandler):
     """``GET /api/v1/keys``: every client key of the applied manifest, its scope and its use."""
 
@@ -168,6 +181,7 @@ def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Ap
             (r"/api/v1/stream", StreamHandler, readable),
             (r"/api/v1/integrations", IntegrationsHandler, readable),
             (r"/api/v1/keys", KeysHandler, {**auth, "keys": keys}),
+            (r"/api/v1/links/verify", LinksVerifyHandler, deps),
             (r"/metrics", MetricsHandler, {**auth, "keys": keys}),
             *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),

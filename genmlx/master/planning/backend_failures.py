@@ -51,10 +51,12 @@ def failure_of_refused_start(
 
 
 def remember(known: dict[str, BackendFailure], found: dict[str, BackendFailure]) -> dict[str, BackendFailure]:
-    """``known`` with the failures just found, except those of a group already remembered (its
-    exited ranks stay visible until the master stops them: the first reading holds)."""
+    """``known`` with the failures just found, except those of a group already remembered on the
+    same facts (its exited ranks stay visible until the master stops them: the first reading
+    holds). The same group failing again on other facts is remembered anew."""
     updated = dict(known)
     for model, failure in found.items():
-        if model not in known or known[model].spec_hash != failure.spec_hash:
+        old = known.get(model)
+        if old is None or (old.spec_hash, old.fingerprint) != (failure.spec_hash, failure.fingerprint):
             updated[model] = failure
     return updated

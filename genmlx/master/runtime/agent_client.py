@@ -30,9 +30,11 @@ from genmlx.core.signing import KEY_NOT_HELD, REPLY_HEADER, Keys, SignatureError
 from genmlx.core.tokens import TokenSource
 from genmlx.master.planning.observed import EndpointHealth
 from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo
+from genmlx.wire.links import LinkCheck, LinkCheckRequest
 from genmlx.wire.rank_launch import RankLaunch
 
 STATE_TIMEOUT_S = 5.0
+LINK_CHECK_MARGIN_S = 10.0  # beyond its probe: three connects that may time out, the reply
 HEALTH_TIMEOUT_S = 3.0
 # The error each 4xx an agent answers with becomes here; any other is an ``AgentRequestError``.
 REJECTIONS: dict[int, type[AgentRequestError]] = {404: AgentNotFound, 409: AgentConflict}
@@ -74,6 +76,13 @@ class AgentClient:
         query = urlencode({"storagePath": storage_path, "managedOnly": "true"})
         with contextlib.suppress(AgentNotFound):
             await self._call("DELETE", f"/api/v1/models/{quote(model, safe='')}?{query}")
+
+    async def check_link(self, request: LinkCheckRequest) -> LinkCheck:
+        """Have the agent verify its end of a Thunderbolt link (its probe takes up to seconds)."""
+        timeout = LINK_CHECK_MARGIN_S + request.probe_seconds
+        return LinkCheck.from_json(
+            await self._call("POST", "/api/v1/links/check", request.to_json(), timeout)
+        )
 
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:
         return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")

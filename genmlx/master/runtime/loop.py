@@ -22,6 +22,7 @@ from genmlx.core.tokens import TokenSource
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.planning.actions import Action, FetchModel, StartRankGroup
+from genmlx.master.planning.mesh import observed_mesh_nodes
 from genmlx.master.planning.observed import Observed, RolloutRecord
 from genmlx.master.planning.plan import ModelAssessment, actions_for, assess_models, plan
 from genmlx.master.planning.status import (
@@ -42,9 +43,10 @@ from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
 from genmlx.master.runtime.fallbacks import BackendFailureMemory
+from genmlx.master.runtime.link_checks import LinkChecks
 from genmlx.master.runtime.observe import agent_addresses, observe
 from genmlx.master.runtime.rotation import Rotation, push_rotated_token, rotation_under_way
-from genmlx.wire.status import Revision
+from genmlx.wire.status import LinkStatus, Revision
 
 log = logging.getLogger("genmlx.master")
 
@@ -68,6 +70,7 @@ class Snapshot:
     errors: tuple[str, ...] = field(default=())
     unmanaged_agents: tuple[DiscoveredAgent, ...] = ()  # announced, but not in the manifest
     rotation: Rotation | None = None  # a token rotation whose grace window is open
+    links: tuple[LinkStatus, ...] = ()  # the cabled Thunderbolt links and their last checks
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ class Reconciler:
         self._push_warnings: set[tuple[str, str]] = set()  # (node, key id) pushes already warned of
         self._canaries = Canaries.from_environment(http, self.keys_for_host)
         self._canaries.on_result = self.wake
+        self._link_checks = LinkChecks.from_environment()
+        self._link_checks.on_result = self.wake
         self._stopping = False
         self._passes_started = 0
         self._plan_waiters: list[tuple[int, asyncio.Future[Snapshot]]] = []
@@ -311,7 +316,23 @@ class Reconciler:
             cluster_phases=cluster_phases,
             unmanaged_agents=self._unmanaged_agents(applied.manifest),
             rotation=rotation_under_way(self.tokens, observed),
+            links=self._follow_links(applied.manifest, observed),
         )
+
+    def _follow_links(self, manifest: Manifest, observed: Observed) -> tuple[LinkStatus, ...]:
+        names = [n.name for n in manifest.nodes if n.name in observed.nodes]
+        nodes = {node.name: node for node in observed_mesh_nodes(names, observed.nodes)}
+        return self._link_checks.follow(manifest, nodes, observed, self._proven_clients(observed))
+
+    async def verify_links(self) -> tuple[LinkStatus, ...]:
+        """Check every cabled link now, from both ends; the links as the pass after shows them."""
+        self._link_checks.ask()
+        first = self._passes_started
+        self.wake()
+        await self.planned(first)  # that pass starts the checks
+        await self._link_checks.settled(self._link_checks.longest_check_s)
+        snapshot = await self.planned(self._passes_started)
+        return snapshot.links
 
     def _remember_rollouts(self, snapshot: Snapshot, results: list[ActionResult], now: float) -> None:
         for assessment in snapshot.assessments:
