@@ -125,3 +125,14 @@ def test_a_start_an_agent_refused_for_rdma_is_a_failure_and_any_other_is_not():
     )
     ring = start_of(plan(desk("ring"), seen(*cabled())))
     assert failure_of_refused_start(ring, "b", refusal, seen(*cabled())) is None
+
+
+def test_a_cable_whose_last_check_found_it_down_is_no_rdma_link():
+    down = {("a", "b"): "from b: en3 is down or has no carrier (is the cable in at both ends?)"}
+    start = start_of(plan(desk(), replace(seen(*cabled()), links_down=down)))
+    assert {launch.backend for _, launch in start.launches} == {"ring"}, "auto runs ring meanwhile"
+    (held,) = assess_models(desk("jaccl"), replace(seen(*cabled()), links_down=down))
+    assert (held.phase, held.reason) == ("Blocked", "RDMAUnavailable")
+    assert "the Thunderbolt link between a and b is down (from b: en3 is down" in held.message
+    back = start_of(plan(desk(), seen(*cabled())))
+    assert {launch.backend for _, launch in back.launches} == {"jaccl"}, "checked up again: jaccl"

@@ -19,7 +19,13 @@ from genmlx.cli.master_client import MasterError, call_master, fetch_status
 from genmlx.core.errors import AuthError
 from genmlx.core.home import default_token_path, read_token
 from genmlx.manifest.types import Manifest, ModelSpec, Node
-from genmlx.master.planning.backends import UNAVAILABLE_REASONS, ModelMesh, plan_model_mesh
+from genmlx.master.planning.backends import (
+    UNAVAILABLE_REASONS,
+    LinksDown,
+    ModelMesh,
+    link_key,
+    plan_model_mesh,
+)
 from genmlx.master.planning.groups import RankPorts, assign_rank_ports
 from genmlx.master.planning.mesh import LINK_PREFIX, MESH_BLOCK, Link, MeshNode, MeshPlanError, plan_links
 from genmlx.master.planning.observed import Observed, ObservedNode
@@ -101,7 +107,7 @@ def mesh_document(
         "thunderbolt": links_document(manifest, nodes, status),
         "models": [
             {
-                **model_document(manifest, spec, nodes, ports[spec.name]),
+                **model_document(manifest, spec, nodes, ports[spec.name], links_down(status)),
                 "runningHostfile": running_hostfile(status, spec.name),
                 "runningBackend": running_backend(status, spec.name),
                 "fallback": backend_fallback(status, spec.name),
@@ -146,9 +152,14 @@ def link_document(link: Link, verified: LinkStatus | None = None) -> dict[str, A
 
 
 def model_document(
-    manifest: Manifest, spec: ModelSpec, nodes: dict[str, MeshNode], ports: RankPorts
+    manifest: Manifest,
+    spec: ModelSpec,
+    nodes: dict[str, MeshNode],
+    ports: RankPorts,
+    down: LinksDown | None = None,
 ) -> dict[str, Any]:
-    """One multi-node model's mesh; ``ports`` are its ranks' HTTP and ring ports."""
+    """One multi-node model's mesh; ``ports`` are its ranks' HTTP and ring ports, ``down`` the
+    cables the master's last checks found down."""
     document: dict[str, Any] = {
         "name": spec.name,
         "nodes": list(spec.nodes),
@@ -156,7 +167,8 @@ def model_document(
         "ringPorts": list(ports.ring),
     }
     try:
-        mesh = plan_model_mesh(spec.name, manifest.mesh.backend, [nodes[n] for n in spec.nodes], ports.ring)
+        ranks = [nodes[n] for n in spec.nodes]
+        mesh = plan_model_mesh(spec.name, manifest.mesh.backend, ranks, ports.ring, links_down=down)
     except MeshPlanError as e:
         unplanned = {"backend": None, "reason": None, "hostfile": None, "jaccl": None, "nccl": None}
         return {**document, **unplanned, "error": str(e)}
@@ -182,6 +194,18 @@ def mesh_fields(mesh: ModelMesh) -> dict[str, Any]:
         # mesh.backend: jaccl where the links do not allow it: the master holds the model back.
         "error": mesh.choice.reason if mesh.choice.backend is None else None,
     }
+
+
+def links_down(status: ClusterStatus | None) -> LinksDown:
+    """The cables the master's status shows down, and why (as the master's planner reads them)."""
+    found = {}
+    for link in status.links if status else ():
+        failed = [end for end in link.ends if end.last_check is not None and not end.last_check.up]
+        if link.state == "down" and failed:
+            found[link_key(link.ends[0].node, link.ends[1].node)] = (
+                f"from {failed[0].node}: {failed[0].last_check.detail}"
+            )
+    return found
 
 
 def running_backend(status: ClusterStatus | None, model: str) -> str | None:

@@ -23,8 +23,9 @@ try the faster backend once more.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,7 @@ from genmlx.master.planning.mesh import (
 from genmlx.master.planning.observed import BackendFailure
 
 MeshBackend = Literal["ring", "jaccl", "jaccl-ring", "nccl"]
+LinksDown = Mapping[tuple[str, str], str]  # (node, node), names in order -> why its last check failed
 # The Degraded/Stalled reason of a model whose faster backend failed, by that backend.
 UNAVAILABLE_REASONS = {"jaccl": "RDMAUnavailable", "jaccl-ring": "RDMAUnavailable", "nccl": "NCCLUnavailable"}
 
@@ -158,10 +160,12 @@ def missing_rdma_pairs(
     ]
 
 
-def plan_jaccl(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclPlan:
+def plan_jaccl(
+    nodes: Sequence[MeshNode], coordinator_port: int, links_down: LinksDown | None = None
+) -> JacclPlan:
     """Whether the RDMA links allow jaccl (every pair of ranks, rank r on ``nodes[r]``) or
     jaccl-ring (each rank and the next), and the config with its coordinator on
-    ``coordinator_port``."""
+    ``coordinator_port``. A cable whose last check found it down (``links_down``) is no link."""
     unknown = [n.name for n in nodes if n.facts is None]
     if unknown:
         return JacclPlan(False, f"RDMA links unknown: no facts from {', '.join(unknown)}")
@@ -172,6 +176,8 @@ def plan_jaccl(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclPlan:
         return JacclPlan(False, f"no RDMA link between {', '.join(f'{a}-{b}' for a, b in missing_around)}")
     if differing := mlx_versions_differ(nodes):
         return JacclPlan(False, differing)
+    if down := cables_down(nodes, config.devices, links_down or {}):
+        return JacclPlan(False, down)
     if not missing:
         return JacclPlan(True, "every pair of ranks has an active RDMA device at both ends", config, "jaccl")
     reason = (
@@ -179,6 +185,22 @@ def plan_jaccl(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclPlan:
         f"none between {', '.join(f'{a}-{b}' for a, b in missing)})"
     )
     return JacclPlan(True, reason, config, "jaccl-ring")
+
+
+def cables_down(
+    nodes: Sequence[MeshNode], matrix: tuple[tuple[str | None, ...], ...], links_down: LinksDown
+) -> str | None:
+    """Why a cable jaccl would use is down, from its last check; None where none is."""
+    for i, j in itertools.combinations(range(len(nodes)), 2):
+        pair = link_key(nodes[i].name, nodes[j].name)
+        if matrix[i][j] and matrix[j][i] and pair in links_down:
+            return f"the Thunderbolt link between {pair[0]} and {pair[1]} is down ({links_down[pair]})"
+    return None
+
+
+def link_key(a: str, b: str) -> tuple[str, str]:
+    """How ``LinksDown`` names the cable between two nodes: their names in order."""
+    return (a, b) if a <= b else (b, a)
 
 
 def jaccl_config(nodes: Sequence[MeshNode], coordinator_port: int) -> JacclConfig:
@@ -291,6 +313,7 @@ def plan_model_mesh(
     nodes: Sequence[MeshNode],
     ring_ports: Sequence[int],
     failure: BackendFailure | None = None,
+    links_down: LinksDown | None = None,
 ) -> ModelMesh:
     """Backend, rank addresses, ring hostfile and jaccl and nccl outlook of ``model``, whose rank r
     runs on ``nodes[r]`` with ring port ``ring_ports[r]`` (rank 0's is also the jaccl coordinator's
@@ -304,6 +327,6 @@ def plan_model_mesh(
             "port from mesh.port free on its host): lower mesh.port"
         )
     ranks = rank_endpoints(nodes)
-    jaccl, nccl = plan_jaccl(nodes, ring_ports[0]), plan_nccl(nodes, ring_ports[0])
+    jaccl, nccl = plan_jaccl(nodes, ring_ports[0], links_down), plan_nccl(nodes, ring_ports[0])
     choice = choose_backend(requested, jaccl, nccl, standing_failure(failure, nodes))
     return ModelMesh(model, choice, ranks, ring_hostfile(ranks, ring_ports), jaccl, nccl)

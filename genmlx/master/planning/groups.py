@@ -102,7 +102,8 @@ def group_backend(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> Backe
     nodes = observed_mesh_nodes(spec.nodes, observed.nodes)
     port = plan.ring_ports[0]
     failure = standing_failure(observed.backend_failures.get(spec.name), nodes)
-    choice = choose_backend(plan.backend, plan_jaccl(nodes, port), plan_nccl(nodes, port), failure)
+    jaccl = plan_jaccl(nodes, port, observed.links_down)
+    choice = choose_backend(plan.backend, jaccl, plan_nccl(nodes, port), failure)
     if choice.backend is None:
         reason = UNAVAILABLE_REASONS[failure.backend if failure else plan.backend]
         raise BackendUnavailable(f"{spec.name}: {choice.reason}", reason)

@@ -85,4 +85,6 @@ class Observed:
     endpoints: dict[str, EndpointHealth] = field(default_factory=dict)  # by model name
     rollouts: dict[str, RolloutRecord] = field(default_factory=dict)  # by model name
     backend_failures: dict[str, BackendFailure] = field(default_factory=dict)  # by model name
+    # Thunderbolt cables whose last check found them down: (node, node), names in order -> why.
+    links_down: dict[tuple[str, str], str] = field(default_factory=dict)
     impostors: tuple[Impostor, ...] = ()

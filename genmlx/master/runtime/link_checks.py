@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 from genmlx.core.errors import GenMLXError
 from genmlx.manifest.types import Manifest
+from genmlx.master.planning.backends import link_key
 from genmlx.master.planning.link_status import checked_links, link_reports
 from genmlx.master.planning.mesh import MeshNode, MeshPlanError, plan_links
 from genmlx.master.planning.observed import Observed
@@ -36,6 +37,7 @@ class LinkChecks:
         self._interval_s = interval_s
         self._probe = (probe_bytes, probe_seconds)
         self._results: dict[EndKey, LinkCheck] = {}
+        self._pairs: dict[str, tuple[str, str]] = {}  # subnet -> its two nodes, names in order
         self._running: dict[EndKey, asyncio.Task] = {}
         self._asked_at = 0.0  # checks older than a user's request are due at once
 
@@ -64,6 +66,7 @@ class LinkChecks:
             return ()  # status says why elsewhere (mesh plan); nothing to check
         now = time.time()
         for link in checked_links(plan):
+            self._pairs[link.subnet] = link_key(link.ends[0].node, link.ends[1].node)
             for end, peer in zip(link.ends, reversed(link.ends), strict=True):
                 key = (link.subnet, end.node)
                 client, peer_node = clients.get(end.node), observed.nodes.get(peer.node)
@@ -73,6 +76,14 @@ class LinkChecks:
                 request = LinkCheckRequest(end.address, peer.address, port, end.interface, *self._probe)
                 self._running[key] = asyncio.ensure_future(self._check(key, client, request))
         return link_reports(plan, self._results, nodes)
+
+    def down(self) -> dict[tuple[str, str], str]:
+        """The cables whose last check, from either end, found them down, and why."""
+        found: dict[tuple[str, str], str] = {}
+        for (subnet, node), check in sorted(self._results.items()):
+            if not check.up and subnet in self._pairs:
+                found.setdefault(self._pairs[subnet], f"from {node}: {check.detail}")
+        return found
 
     def ask(self) -> None:
         """Make every link due now (the next pass starts their checks)."""

@@ -278,7 +278,8 @@ class Reconciler:
         candidates = self._candidates_for(manifest)
         now = time.time()
         observed = await observe(manifest, candidates, self._http, self._rollouts, now, self._canaries)
-        return self._backend_failures.note_ranks(manifest, observed)
+        observed = self._backend_failures.note_ranks(manifest, observed)
+        return replace(observed, links_down=self._link_checks.down())
 
     def _conclude(
         self,
