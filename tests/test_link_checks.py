@@ -6,15 +6,19 @@ where a link carries less than its ports are rated for."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 
 import pytest
 from agent_harness import call, start_agent
+from builders import manifest, node, observed
 
 from genmlx.master.planning.link_status import link_reports
 from genmlx.master.planning.mesh import MeshNode, plan_links
+from genmlx.master.runtime.link_checks import LinkChecks
 from genmlx.wire.agent_state import NetworkInterface, NodeFacts
-from genmlx.wire.links import LinkCheck
+from genmlx.wire.links import LinkCheck, LinkCheckRequest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,19 +44,21 @@ def test_an_agent_checks_its_end_with_a_round_trip_and_a_probe_from_the_peer_age
 def test_what_is_wrong_at_this_end_is_said_before_anything_is_sent(two_agents):
     a, b = two_agents
     base = {"localAddress": "127.0.0.1", "peerAddress": "127.0.0.1", "peerPort": b.port}
-    cases = [
-        ({"interface": "en9"}, "en9 is not an interface of this node"),
+    cases = [  # (what the request says instead, what the check says, whether the address is there)
+        ({"interface": "en9"}, "en9 is not an interface of this node", True),
         (
             {"interface": "lo", "localAddress": "192.168.200.1"},
             "lo does not have 192.168.200.1 (genmlx mesh apply",
+            False,
         ),
-        ({"peerPort": 1}, "127.0.0.1:1 unreachable over lo"),
+        ({"peerPort": 1}, "127.0.0.1:1 unreachable over lo", True),
     ]
-    for change, detail in cases:
+    for change, detail, addressed in cases:
         check = LinkCheck.from_json(
             a.call("POST", "/api/v1/links/check", {**base, "interface": "lo", **change}).json()
         )
         assert not check.up and detail in check.detail, (change, check)
+        assert check.addressed is addressed, (change, check)
     bad = a.call("POST", "/api/v1/links/check", {**base, "probeBytes": 2 << 30})
     assert bad.status == 400 and "probeBytes" in bad.json()["error"]["message"]
 
@@ -83,8 +89,13 @@ PLAN = plan_links(list(PAIR.values()), "full-mesh")
 SUBNET = "192.168.200.0/30"
 
 
-def check(up: bool = True, gbit_s: float | None = 20.0, detail: str = "") -> LinkCheck:
-    return LinkCheck("192.168.200.1", "192.168.200.2", up, 100.0, "en2", detail, 0.2 if up else None, gbit_s)
+def check(
+    up: bool = True, gbit_s: float | None = 20.0, detail: str = "", addressed: bool = True
+) -> LinkCheck:
+    rtt = 0.2 if up else None
+    return LinkCheck(
+        "192.168.200.1", "192.168.200.2", up, 100.0, "en2", detail, rtt, gbit_s, addressed=addressed
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,6 +105,11 @@ def check(up: bool = True, gbit_s: float | None = 20.0, detail: str = "") -> Lin
         ({"a": check()}, "unchecked", ""),
         ({"a": check(), "b": check()}, "up", ""),
         ({"a": check(), "b": check(False, None, "en2 is down")}, "down", ""),
+        (
+            {"a": check(False, None, "unreachable"), "b": check(False, None, "no address", False)},
+            "unaddressed",
+            "",
+        ),
         (
             {"a": check(gbit_s=1.5), "b": check()},
             "up",
@@ -120,3 +136,50 @@ def test_unrated_ports_are_held_to_a_floor_and_uncabled_links_are_not_reported()
     assert report.expected_gbit_s == 2.0
     bare = {n: MeshNode(n, m.agent_host) for n, m in PAIR.items()}
     assert link_reports(plan_links(list(bare.values()), "full-mesh"), {}, bare) == ()
+
+
+# ----------------------------------------------------------------------------------------------
+# The master's schedule
+
+
+class RecordingAgent:
+    """An agent client that answers link checks with what the test says, and counts them."""
+
+    def __init__(self, answer: LinkCheck):
+        self.answer = answer
+        self.asked: list[LinkCheckRequest] = []
+
+    async def check_link(self, request: LinkCheckRequest) -> LinkCheck:
+        self.asked.append(request)
+        return replace(self.answer, checked_at=time.time())
+
+
+def test_the_master_checks_each_end_when_due_and_plans_around_a_cable_found_down():
+    async def scenario():
+        checks = LinkChecks(interval_s=3600, probe_bytes=1 << 20, probe_seconds=0.5)
+        agents = {"a": RecordingAgent(check()), "b": RecordingAgent(check(False, None, "en2 is down"))}
+        seen = observed(node("a"), node("b"))
+        checks.follow(manifest(), PAIR, seen, agents)
+        await checks.settled(5)
+        (request,) = agents["a"].asked
+        assert (request.local_address, request.peer_address, request.peer_port) == (
+            "192.168.200.1",
+            "192.168.200.2",
+            6790,
+        )
+        assert (request.interface, request.probe_bytes, request.probe_seconds) == ("en2", 1 << 20, 0.5)
+        assert agents["b"].asked[0].local_address == "192.168.200.2"
+        assert checks.down() == {("a", "b"): "from b: en2 is down"}
+        (report,) = checks.follow(manifest(), PAIR, seen, agents)
+        assert report.state == "down" and len(agents["a"].asked) == 1, "not due again within the interval"
+        checks.ask()
+        checks.follow(manifest(), PAIR, seen, agents)
+        await checks.settled(5)
+        assert len(agents["a"].asked) == 2, "asked for: due at once"
+        agents["b"].answer = check(False, None, "lo does not have 192.168.200.2", addressed=False)
+        checks.ask()
+        checks.follow(manifest(), PAIR, seen, agents)
+        await checks.settled(5)
+        assert checks.down() == {}, "an end without its address proves nothing broken"
+
+    asyncio.run(scenario())

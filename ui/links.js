@@ -4,13 +4,13 @@
 
 import { fill, h } from "/ui/dom.js";
 
-const STATE_TONES = { up: "good", down: "bad", unchecked: "idle" };
+const STATE_TONES = { up: "good", down: "bad", unaddressed: "warn", unchecked: "idle" };
 
 function endRow(end, peer) {
   const check = end.lastCheck;
   const from = `${end.node} ${end.address}${end.interface ? ` on ${end.interface}` : ""}`;
   if (!check) return h("tr", {}, h("th", { scope: "row" }, from), h("td", { colspan: 3 }, "not checked yet"));
-  const state = check.up ? "up" : `down: ${check.detail}`;
+  const state = check.up ? "up" : `${check.addressed === false ? "not addressed" : "down"}: ${check.detail}`;
   const rtt = check.rttMs === null || check.rttMs === undefined ? "–" : `${check.rttMs} ms`;
   const speed = check.gbitS === null || check.gbitS === undefined ? "–" : `${check.gbitS} Gbit/s`;
   return h(

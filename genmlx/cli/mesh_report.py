@@ -282,7 +282,8 @@ def format_verified(verified: dict[str, Any] | None) -> list[str]:
         if check is None:
             lines.append(f"      from {end['node']}: not checked yet")
         elif not check["up"]:
-            lines.append(f"      from {end['node']}: down: {check['detail']}")
+            word = "down" if check.get("addressed", True) else "not addressed"
+            lines.append(f"      from {end['node']}: {word}: {check['detail']}")
         else:
             speed = (
                 f"{check['gbitS']:g} Gbit/s" if check.get("gbitS") is not None else "bandwidth not measured"

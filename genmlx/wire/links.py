@@ -46,3 +46,5 @@ class LinkCheck(WireType):
     rtt_ms: float | None = None  # median of a few TCP connects to the peer agent
     gbit_s: float | None = None  # what the probe moved, per second
     probe_bytes: int = 0  # how many bytes it moved
+    # False where the planned address is not on the port: nothing measured, nothing known broken.
+    addressed: bool = True

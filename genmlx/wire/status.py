@@ -131,12 +131,13 @@ class LinkEndStatus(WireType):
 
 @dataclass(frozen=True)
 class LinkStatus(WireType):
-    """A cable of the mesh plan that the node facts show, verified from both ends: down where
-    either end could not reach the other, up where both could, unchecked before both have been.
+    """A cable of the mesh plan that the node facts show, verified from both ends: unaddressed where
+    an end lacks its planned address (``genmlx mesh apply``), else down where either end could not
+    reach the other, up where both could, unchecked before both have been.
     ``warning`` names a measured bandwidth below what its kind of link should carry."""
 
     subnet: str
-    state: Literal["up", "down", "unchecked"]
+    state: Literal["up", "down", "unaddressed", "unchecked"]
     ends: tuple[LinkEndStatus, ...]
     expected_gbit_s: float | None = None
     warning: str = ""

@@ -33,6 +33,11 @@ class LinkDown(Exception):
     """The link cannot carry traffic; the message says why, in a user's words."""
 
 
+class LinkUnaddressed(LinkDown):
+    """The planned address is not on the link's port: nothing could be measured, and nothing is
+    known to be broken (jaccl needs no address on it; ring and the checks do)."""
+
+
 class LinkVerifier:
     """Checks link ends on request and remembers each one's last verdict."""
 
@@ -44,20 +49,22 @@ class LinkVerifier:
         return tuple(check for _, check in sorted(self._last.items()))
 
     def down(self) -> dict[str, str]:
-        """Interface name -> why, for every link end whose last check found it down."""
-        return {c.interface: c.detail for c in self._last.values() if not c.up and c.interface}
+        """Interface name -> why, for every link end whose last check found it down (not merely
+        without its planned address)."""
+        return {
+            c.interface: c.detail for c in self._last.values() if not c.up and c.addressed and c.interface
+        }
 
     async def check(self, request: LinkCheckRequest) -> LinkCheck:
         started = time.time()
         try:
-            if problem := await asyncio.to_thread(local_problem, request):
-                raise LinkDown(problem)
+            await asyncio.to_thread(check_local_end, request)
             rtt_ms = await measure_rtt(request)
             probe = await probe_bandwidth(request, self._keys())
         except LinkDown as e:
-            result = LinkCheck(
-                request.local_address, request.peer_address, False, started, request.interface, str(e)
-            )
+            ends = (request.local_address, request.peer_address)
+            addressed = not isinstance(e, LinkUnaddressed)
+            result = LinkCheck(*ends, False, started, request.interface, str(e), addressed=addressed)
         else:
             result = LinkCheck(
                 request.local_address,
@@ -74,21 +81,25 @@ class LinkVerifier:
         return result
 
 
-def local_problem(request: LinkCheckRequest) -> str | None:
-    """What is wrong at this end before anything is sent: the interface missing or down, or the
-    planned address not on it. Blocking (psutil): run it in a thread."""
-    local = request.local_address
+def check_local_end(request: LinkCheckRequest) -> None:
+    """Raise what is wrong at this end before anything is sent: the interface missing or down
+    (``LinkDown``), or the planned address not on it (``LinkUnaddressed``). Blocking (psutil): run
+    it in a thread."""
+    local, interface = request.local_address, request.interface
     addresses = {name: {a.address for a in entries} for name, entries in psutil.net_if_addrs().items()}
-    if request.interface is None:
-        return None if any(local in found for found in addresses.values()) else f"no interface has {local}"
-    stats = psutil.net_if_stats().get(request.interface)
+    if interface is None:
+        if not any(local in found for found in addresses.values()):
+            raise LinkUnaddressed(f"no interface has {local} (genmlx mesh apply sets the planned address)")
+        return
+    stats = psutil.net_if_stats().get(interface)
     if stats is None:
-        return f"{request.interface} is not an interface of this node"
+        raise LinkDown(f"{interface} is not an interface of this node")
     if not stats.isup:
-        return f"{request.interface} is down or has no carrier (is the cable in at both ends?)"
-    if local not in addresses.get(request.interface, ()):
-        return f"{request.interface} does not have {local} (genmlx mesh apply sets the planned address)"
-    return None
+        raise LinkDown(f"{interface} is down or has no carrier (is the cable in at both ends?)")
+    if local not in addresses.get(interface, ()):
+        raise LinkUnaddressed(
+            f"{interface} does not have {local} (genmlx mesh apply sets the planned address)"
+        )
 
 
 async def measure_rtt(request: LinkCheckRequest) -> float:

@@ -40,9 +40,17 @@ def link_report(link: Link, checks: LinkChecksByEnd, nodes: Mapping[str, MeshNod
         for end in link.ends
     )
     found = [end.last_check for end in ends if end.last_check is not None]
-    state = "down" if any(not c.up for c in found) else "up" if len(found) == len(ends) else "unchecked"
+    state = link_state(found, len(ends))
     expected = expected_gbit_s(link, nodes)
     return LinkStatus(link.subnet, state, ends, expected, slow_warning(ends, expected))
+
+
+def link_state(checks: Sequence[LinkCheck], ends: int) -> str:
+    if any(not c.addressed for c in checks):
+        return "unaddressed"
+    if any(not c.up for c in checks):
+        return "down"
+    return "up" if len(checks) == ends else "unchecked"
 
 
 def expected_gbit_s(link: Link, nodes: Mapping[str, MeshNode]) -> float:

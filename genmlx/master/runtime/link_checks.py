@@ -78,10 +78,12 @@ class LinkChecks:
         return link_reports(plan, self._results, nodes)
 
     def down(self) -> dict[tuple[str, str], str]:
-        """The cables whose last check, from either end, found them down, and why."""
+        """The cables whose last check, from either end, found them down, and why; not those an
+        end has no planned address on (jaccl needs none, so nothing is known to be broken)."""
+        unaddressed = {subnet for (subnet, _), check in self._results.items() if not check.addressed}
         found: dict[tuple[str, str], str] = {}
         for (subnet, node), check in sorted(self._results.items()):
-            if not check.up and subnet in self._pairs:
+            if not check.up and subnet in self._pairs and subnet not in unaddressed:
                 found.setdefault(self._pairs[subnet], f"from {node}: {check.detail}")
         return found
 
