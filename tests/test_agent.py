@@ -500,6 +500,19 @@ def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
     assert "MLX_RANK" not in rank_environment("secret-token", replace(launch, hostfile=()), None)
 
 
+def test_a_model_with_a_disk_cache_gets_its_directory_under_the_agents_home(genmlx_home):
+    serving = ServingSettings(disk_cache_gb=20.0)
+    launch = RankLaunch("big", "/models/big", 0, 1, 8100, "spec", serving=serving)
+    argv = dispatcher_command(launch, Path("/models/big"), "0.0.0.0", 4242, None)
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags["--disk-cache-gb"] == "20.0"
+    assert flags["--disk-cache-dir"] == str(genmlx_home / "kv-cache" / "big")
+    plain = dispatcher_command(
+        replace(launch, serving=ServingSettings()), Path("/models/big"), "0.0.0.0", 1, None
+    )
+    assert "--disk-cache-dir" not in plain and "--disk-cache-gb" not in plain
+
+
 def test_hugging_face_credentials_stay_with_the_agent(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret")

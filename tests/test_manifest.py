@@ -422,7 +422,9 @@ def test_example_round_trips_into_the_dataclasses():
                 nodes=("studio-a", "mini-b"),
                 revision="main",
                 parallelism="auto",
-                serving=Serving(max_batch=16, max_queue=128, context_length=32768, port=8100),
+                serving=Serving(
+                    max_batch=16, max_queue=128, context_length=32768, disk_cache_gb=50.0, port=8100
+                ),
             ),
             ModelSpec(
                 name="notes-llama",

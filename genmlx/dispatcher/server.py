@@ -24,10 +24,11 @@ from tornado.web import Application
 from genmlx.core.tokens import TOKEN_FILE_ENV, TokenFileError, TokenSource
 from genmlx.dispatcher.api.app import make_app, make_health_app
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
+from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.lockstep import RankGroup
 from genmlx.dispatcher.engine.model_loading import Sharding
 from genmlx.dispatcher.engine.runner import Engine, LoadedModel, ModelSource
-from genmlx.dispatcher.settings import decoder_settings
+from genmlx.dispatcher.settings import decoder_settings, disk_tier_settings
 from genmlx.dispatcher.watchdog import start_parent_watchdog
 from genmlx.wire.rank_launch import RankCommand
 
@@ -69,8 +70,11 @@ def rank_token(token: str | None, token_file: str | None) -> str | TokenSource |
 async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tuple[int, bool]:
     """Serve until a stop is requested; the exit status and whether the model thread ended."""
     stop = _StopRequest()
-    engine = _make_engine(settings, stop)
+    disk_tier = _open_disk_tier(settings)
+    engine = _make_engine(settings, stop, disk_tier)
     metrics = DispatcherMetrics(settings.model_id)
+    if disk_tier is not None:
+        metrics.watch_disk_tier(disk_tier.stats)
     try:
         server = _make_rank_app(settings, engine, metrics, token).listen(settings.port, address=settings.host)
     except OSError as e:
@@ -85,7 +89,21 @@ async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tupl
     engine.start()  # only now: /health must answer (503) while the model loads
     code = await stop.wait()
     log.info("shutting down")
-    return code, await _shut_down(server, engine)
+    ended = await _shut_down(server, engine)
+    if disk_tier is not None:  # the blocks still queued are written before the process goes
+        await asyncio.to_thread(disk_tier.close)
+    return code, ended
+
+
+def _open_disk_tier(settings: RankCommand) -> DiskTier | None:
+    tier = disk_tier_settings(settings)
+    if tier is None:
+        return None
+    try:
+        return DiskTier(tier)
+    except OSError as e:  # an unwritable directory costs the cache its disk tier, not the model
+        log.warning("the prompt cache's disk tier is off: %s", e)
+        return None
 
 
 class _StopRequest:
@@ -122,7 +140,7 @@ def _rank_group(settings: RankCommand) -> RankGroup | None:
     return RankGroup(settings.rank, settings.world_size, hostfile, sharding, settings.backend)
 
 
-def _make_engine(settings: RankCommand, stop: _StopRequest) -> Engine:
+def _make_engine(settings: RankCommand, stop: _StopRequest, disk_tier: DiskTier | None = None) -> Engine:
     started = time.monotonic()
 
     def load_failed(message: str, code: int) -> None:
@@ -134,7 +152,7 @@ def _make_engine(settings: RankCommand, stop: _StopRequest) -> Engine:
         ModelSource(model_dir, _rank_group(settings)),
         IOLoop.current(),
         serving=settings.serving,
-        decoding=decoder_settings(settings),
+        decoding=decoder_settings(settings, disk_tier),
         on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
         on_load_failed=load_failed,
         on_group_ended=stop.request,

@@ -4,10 +4,19 @@ agent writes it from, read once into that frozen dataclass."""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
 
 from genmlx.dispatcher.engine.decoding import DecoderSettings
+from genmlx.dispatcher.engine.disk_tier import DiskTier, DiskTierSettings, namespace
+from genmlx.wire.agent_state import MODEL_RECORD_NAME
 from genmlx.wire.argv import from_argv
 from genmlx.wire.rank_launch import RankCommand
+
+log = logging.getLogger(__name__)
+
+BLOCK_TOKENS = 256  # tokens per block of the disk tier: mlx-lm's KV cache grows by as many
 
 
 def parse_settings(argv: list[str]) -> RankCommand:
@@ -19,12 +28,48 @@ def parse_settings(argv: list[str]) -> RankCommand:
     return from_argv(RankCommand, argv, parser)
 
 
-def decoder_settings(settings: RankCommand) -> DecoderSettings:
+def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -> DecoderSettings:
     """What the decoder needs of the command line; knobs left out keep ``DecoderSettings``' defaults."""
     given = {
         "max_batch": settings.serving.max_batch,
         "prefill_chunk": settings.prefill_chunk,
         "cache_entries": settings.prefix_cache_entries,
         "cache_bytes": None if settings.prefix_cache_gb is None else int(settings.prefix_cache_gb * 2**30),
+        "disk_tier": disk_tier,
     }
     return DecoderSettings(**{name: value for name, value in given.items() if value is not None})
+
+
+def disk_tier_settings(settings: RankCommand) -> DiskTierSettings | None:
+    """Where this rank keeps its prompt cache's disk tier, and how much it may fill; None where
+    the model has none (no ``--disk-cache-dir`` or no size), or where it runs in a group (whose
+    ranks cannot yet agree on what their disks hold). The directory is a namespace of everything
+    the KV state depends on: the model's files, this rank's place in its group."""
+    size = settings.serving.disk_cache_gb
+    if not settings.disk_cache_dir or not size:
+        return None
+    if settings.world_size > 1:
+        log.warning("the prompt cache's disk tier is off: %d ranks cannot share it yet", settings.world_size)
+        return None
+    identity = {
+        "model": model_identity(Path(settings.model_dir).expanduser()),
+        "rank": settings.rank,
+        "worldSize": settings.world_size,
+        "parallelism": settings.parallelism if settings.world_size > 1 else None,
+        "layerSplit": list(settings.layer_split or ()),
+        "blockTokens": BLOCK_TOKENS,
+    }
+    root = Path(settings.disk_cache_dir).expanduser() / namespace(identity)
+    return DiskTierSettings(root, int(size * 2**30), BLOCK_TOKENS)
+
+
+def model_identity(model_dir: Path) -> dict:
+    """What names the model's weights exactly: the agent's record of a verified copy (every file's
+    size and SHA-256, the commit it came from); where there is none (a directory given by hand),
+    each file's name, size and modification time."""
+    try:
+        record = json.loads((model_dir / MODEL_RECORD_NAME).read_text())
+        return {"files": record["files"], "commit": record.get("commit"), "revision": record.get("revision")}
+    except (OSError, ValueError, KeyError, TypeError):
+        files = sorted(p for p in model_dir.iterdir() if p.is_file())
+        return {"stat": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}

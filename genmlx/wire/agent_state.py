@@ -19,6 +19,9 @@ TransferKind = Literal["download", "sync"]
 TransferState = Literal["running", "failed", "done"]
 
 
+# The file an agent writes beside a verified model copy: every file's size and SHA-256, the commit.
+MODEL_RECORD_NAME = ".genmlx-model.json"
+
 InterfaceKind = Literal["thunderbolt", "ethernet", "wifi", "loopback", "other"]
 
 

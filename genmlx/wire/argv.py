@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from genmlx.wire.codec import Bounds, WireError, camel, decode, field_hints, init_fields
+from genmlx.wire.codec import Bounds, WireError, camel, decode, field_hints, init_fields, snake
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def to_argv(value: Any) -> list[str]:
     for flag in flags_of(type(value)):
         item = value
         for key in flag.path:
-            item = getattr(item, _snake(key))
+            item = getattr(item, snake(key))
         if item is None:
             continue
         text = ",".join(str(v) for v in item) if isinstance(item, tuple) else str(item)
@@ -140,10 +140,6 @@ def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         data = data.setdefault(key, {})
     data[path[-1]] = value
-
-
-def _snake(key: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
 
 
 def _in_flags(message: str, flags: list[Flag]) -> str:

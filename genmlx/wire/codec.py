@@ -71,10 +71,21 @@ def bounded(default: Any = dataclasses.MISSING, **bounds: Any) -> Any:
     return dataclasses.field(default=default, metadata={"bounds": Bounds(**bounds)})
 
 
+# Parts of a field name written in capitals on the wire, as the manifest writes sizes (``maxGB``).
+ACRONYMS = {"gb": "GB"}
+
+
 def camel(name: str) -> str:
-    """``model_path`` → ``modelPath``."""
+    """``model_path`` → ``modelPath``, ``disk_cache_gb`` → ``diskCacheGB``."""
     first, *rest = name.split("_")
-    return first + "".join(part.capitalize() for part in rest)
+    return first + "".join(ACRONYMS.get(part, part.capitalize()) for part in rest)
+
+
+def snake(key: str) -> str:
+    """``modelPath`` → ``model_path``, ``diskCacheGB`` → ``disk_cache_gb``: ``camel`` undone."""
+    for part, written in ACRONYMS.items():
+        key = key.replace(written, "_" + part)
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
 
 
 def encode(value: Any) -> Any:

@@ -112,6 +112,9 @@ class RankCommand(WireType):
         None, minimum=0, help="finished sequences whose KV state later prompts may reuse; 0 turns it off (16)"
     )
     prefix_cache_gb: float | None = arg(None, minimum=0, help="memory the prefix cache may hold (4)")
+    disk_cache_dir: str | None = arg(
+        None, help="directory of the prompt cache's disk tier (its size: serving's --disk-cache-gb)"
+    )
     parent_pid: int | None = arg(None, help="exit when this process is gone")
     hostfile: str | None = arg(None, help="MLX ring hostfile of a multi-rank group")
     parallelism: Parallelism = arg("tensor", help="how a group of ranks splits the model")
@@ -137,7 +140,12 @@ class RankCommand(WireType):
 
 
 def rank_command(
-    launch: RankLaunch, model_dir: str, host: str, parent_pid: int, hostfile: str | None
+    launch: RankLaunch,
+    model_dir: str,
+    host: str,
+    parent_pid: int,
+    hostfile: str | None,
+    disk_cache_dir: str | None = None,
 ) -> RankCommand:
     """The command line the agent starts ``launch`` with, from the directory it resolved."""
     return RankCommand(
@@ -153,6 +161,7 @@ def rank_command(
         parallelism=launch.parallelism,
         layer_split=launch.layer_split,
         backend=launch.backend,
+        disk_cache_dir=disk_cache_dir if launch.serving.disk_cache_gb else None,
     )
 
 

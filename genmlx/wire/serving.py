@@ -19,3 +19,8 @@ class ServingSettings(WireType):
     max_batch: int = arg(8, minimum=1, help="most requests generated together")
     max_queue: int = arg(64, minimum=1, help="most requests waiting; more get 429")
     context_length: int | None = arg(None, minimum=1, help="prompt + completion token limit")
+    disk_cache_gb: float | None = arg(
+        None,
+        minimum=0,
+        help="disk the prompt cache may fill on each node, kept across restarts (off without it)",
+    )

@@ -47,6 +47,7 @@ from genmlx.agent.ranks.logs import (
     write_hostfile,
 )
 from genmlx.core.errors import AgentConflict, AgentNotFound, TemporaryError
+from genmlx.core.home import genmlx_home
 from genmlx.core.tokens import TokenSource
 from genmlx.wire.agent_state import RankInfo, RankPhase
 from genmlx.wire.argv import to_argv
@@ -86,7 +87,11 @@ def dispatcher_command(
     launch: RankLaunch, model_dir: Path, host: str, parent_pid: int, hostfile: Path | None
 ) -> list[str]:
     """The argv of one dispatcher rank. The token is not here: it travels in the environment."""
-    command = rank_command(launch, str(model_dir), host, parent_pid, str(hostfile) if hostfile else None)
+    # The disk tier of the prompt cache: per model, under the agent's home (GENMLX_HOME).
+    disk_cache = str(genmlx_home() / "kv-cache" / launch.model)
+    command = rank_command(
+        launch, str(model_dir), host, parent_pid, str(hostfile) if hostfile else None, disk_cache
+    )
     return [sys.executable, "-m", "genmlx.dispatcher", *to_argv(command)]
 
 

@@ -13,10 +13,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from genmlx.core.errors import AgentRequestError, PermanentError
+from genmlx.wire.agent_state import MODEL_RECORD_NAME
 from genmlx.wire.codec import WireError, WireType, bounded, decode
 from genmlx.wire.rank_launch import MODEL_NAME
 
-METADATA_NAME = ".genmlx-model.json"
+METADATA_NAME = MODEL_RECORD_NAME
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

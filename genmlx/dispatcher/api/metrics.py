@@ -25,7 +25,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from genmlx.dispatcher.engine.disk_tier import TierStats
 from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, TextDelta
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so its dashboards' quantiles mean the same.
@@ -74,6 +76,11 @@ class DispatcherMetrics:
         """The prefix cache's hook: prompt tokens looked up and how many of them were reused."""
         self.prefix_cache_queries.inc(queried_tokens)
         self.prefix_cache_hits.inc(cached_tokens)
+
+    def watch_disk_tier(self, stats: TierStats) -> None:
+        """Expose the prompt cache's disk tier: what it holds, and what it read, wrote and found
+        damaged since the process started."""
+        self.registry.register(DiskTierCollector(self.model_name, stats))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric and its content type."""
@@ -158,3 +165,30 @@ class RequestMetrics:
         if phase in gauges:
             gauges[phase].inc()
         self._phase = phase
+
+
+class DiskTierCollector:
+    """``genmlx:prompt_cache_disk_*``: the disk tier's stats, read when scraped."""
+
+    def __init__(self, model_name: str, stats: TierStats):
+        self.model_name = model_name
+        self.stats = stats
+
+    def collect(self):
+        stats, labels = self.stats, [self.model_name]
+        for name, help_text, value in (
+            ("entries", "Blocks of KV state on disk.", stats.entries),
+            ("bytes", "Bytes of KV state on disk.", stats.bytes),
+        ):
+            family = GaugeMetricFamily(f"genmlx:prompt_cache_disk_{name}", help_text, labels=LABELS)
+            family.add_metric(labels, value)
+            yield family
+        for name, help_text, value in (
+            ("hit_tokens", "Prompt tokens read back from disk.", stats.hit_tokens),
+            ("read_bytes", "Bytes of KV state read from disk.", stats.read_bytes),
+            ("written_bytes", "Bytes of KV state written to disk.", stats.written_bytes),
+            ("damaged_blocks", "Blocks found not to match their checksum (each a miss).", stats.damaged),
+        ):
+            family = CounterMetricFamily(f"genmlx:prompt_cache_disk_{name}", help_text, labels=LABELS)
+            family.add_metric(labels, value)
+            yield family

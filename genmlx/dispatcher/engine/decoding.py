@@ -25,8 +25,9 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, constraints_for, sample_held
+from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.events import GenerationRequest
-from genmlx.dispatcher.engine.prefix_cache import PrefixCache
+from genmlx.dispatcher.engine.prefix_cache import PrefixCache, disk_tier_for
 from genmlx.dispatcher.engine.sampling import BatchSampler, make_logits_processors
 
 End = Literal["stop", "length"]
@@ -36,13 +37,15 @@ CLEAR_CACHE_EVERY = 256  # tokens a sequence alone decodes between releases of M
 @dataclass(frozen=True)
 class DecoderSettings:
     """How many sequences decode together, how many prompt tokens one step reads, and the prefix
-    cache's bounds (``cache_entries`` 0 turns it off), which only rank 0 (``leads``) enforces."""
+    cache's bounds (``cache_entries`` 0 turns it off), which only rank 0 (``leads``) enforces, and
+    its disk tier (the process's one, shared by every decoder it makes)."""
 
     max_batch: int = 8
     prefill_chunk: int = 512
     cache_entries: int = 16
     cache_bytes: int = 4 << 30
     leads: bool = True
+    disk_tier: DiskTier | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,13 @@ class BatchDecoder:
             prefill_batch_size=settings.max_batch,
             prefill_step_size=settings.prefill_chunk,
         )
-        self._prefixes = PrefixCache(settings.cache_entries, settings.cache_bytes, evicts=settings.leads)
+        self._prefixes = PrefixCache(
+            settings.cache_entries,
+            settings.cache_bytes,
+            evicts=settings.leads,
+            disk=disk_tier_for(model, settings.disk_tier),
+            layers=len(make_prompt_cache(model)),
+        )
         self._uids: dict[int, int] = {}  # ours -> the generator's
         self._rows: dict[int, RequestRow] = {}  # the generator's uid -> its request's sampler
         self._batch_sampler = BatchSampler()

@@ -1,0 +1,253 @@
+"""The prompt cache's disk tier. In process, on real mlx-lm KV caches: a finished sequence's whole
+blocks are written in the background and a later prompt (another process's cache on the same
+directory, as after a restart) reads back its longest run of leading blocks, the same arrays;
+a damaged block is a miss and is removed; the least recently used blocks go first when the tier
+is full. Through a real dispatcher: a prompt of a few thousand tokens, the dispatcher restarted,
+the same prompt is answered from disk (cached tokens: its whole blocks) with the same tokens at
+temperature 0, a corrupted block changes nothing but the cache count, and new weights (another
+commit in the model's record) find nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import openai
+import pytest
+from conftest import Proc, free_port, http_status, wait_until
+from mlx_lm.models.cache import KVCache
+
+from genmlx.dispatcher.engine.disk_tier import (
+    DiskTier,
+    DiskTierSettings,
+    block_keys,
+    decode_block,
+    encode_block,
+)
+from genmlx.dispatcher.engine.prefix_cache import PrefixCache
+
+BLOCK = 4
+LAYERS = 2
+
+
+def kv_state(tokens: list[int], dtype=mx.bfloat16) -> list[KVCache]:
+    """A two-layer KV cache that has read ``tokens`` (each token's keys are its id, values its negative)."""
+    caches = []
+    for layer in range(LAYERS):
+        cache = KVCache()
+        keys = mx.array(tokens, dtype=dtype).reshape(1, 1, len(tokens), 1) + layer
+        cache.update_and_fetch(keys, -keys)
+        caches.append(cache)
+    return caches
+
+
+def tier(root: Path, max_bytes: int = 1 << 30) -> DiskTier:
+    return DiskTier(DiskTierSettings(root, max_bytes, BLOCK))
+
+
+def caches(root: Path, max_bytes: int = 1 << 30) -> tuple[PrefixCache, DiskTier]:
+    disk = tier(root, max_bytes)
+    return PrefixCache(16, disk=disk, layers=LAYERS), disk
+
+
+def test_blocks_are_named_by_a_chain_of_their_tokens():
+    first = block_keys("ns", list(range(12)), BLOCK)
+    assert len(first) == 3 and len(set(first)) == 3
+    assert block_keys("ns", list(range(11)), BLOCK) == first[:2], "only whole blocks"
+    assert block_keys("ns", [*range(8), 99, 99, 99, 99], BLOCK)[:2] == first[:2], "a shared prefix"
+    assert block_keys("ns", [7, *range(1, 12)], BLOCK)[1] != first[1], (
+        "the chain: an earlier change moves every later key"
+    )
+    assert block_keys("other", list(range(12)), BLOCK)[0] != first[0], "and the namespace"
+
+
+def test_a_block_file_is_safetensors_mlx_reads_and_its_checksum_guards_it(tmp_path):
+    arrays = {
+        "layers.0.keys": mx.arange(8, dtype=mx.bfloat16).reshape(1, 1, 4, 2),
+        "layers.0.values": mx.ones((1, 1, 4, 2)),
+    }
+    data = encode_block(arrays)
+    (tmp_path / "b.safetensors").write_bytes(data)
+    read, metadata = mx.load(str(tmp_path / "b.safetensors"), return_metadata=True)
+    assert metadata["format"] == "genmlx-kv-block/1" and len(metadata["sha256"]) == 64
+    for name, array in arrays.items():
+        assert read[name].dtype == array.dtype and mx.array_equal(read[name], array).item()
+        assert mx.array_equal(decode_block(data)[name], array).item()
+    damaged = bytearray(data)
+    damaged[-3] ^= 0x10
+    with pytest.raises(ValueError, match="checksum"):
+        decode_block(bytes(damaged))
+
+
+def test_a_later_process_reads_back_the_longest_run_of_leading_blocks(tmp_path):
+    prompt = list(range(100, 114))  # 14 tokens: 3 whole blocks
+    writer, disk = caches(tmp_path)
+    writer.put(prompt, kv_state(prompt))
+    disk.close()  # what a dispatcher's shutdown does: the queue is written out
+    assert disk.stats.entries == 3 and disk.stats.written_bytes > 0
+
+    reader, disk = caches(tmp_path)  # a restarted dispatcher: nothing in memory
+    asked = [*prompt[:10], 7, 7, 7, 7, 7]  # shares two whole blocks and two more tokens
+    reused = reader.take(asked)
+    assert reused.tokens == 2 * BLOCK
+    keys, values = reused.cache[1].keys_and_values()
+    assert keys.reshape(-1).tolist() == [t + 1 for t in prompt[: 2 * BLOCK]] and keys.dtype == mx.bfloat16
+    assert values.reshape(-1).tolist() == [-(t + 1) for t in prompt[: 2 * BLOCK]]
+    assert reused.cache[0].offset == 2 * BLOCK
+    assert reader.take(prompt).tokens == 3 * BLOCK, "every whole block short of the last token"
+    assert reader.take([1, 2, 3, 4, 5, 6]) is None
+    assert disk.stats.hit_tokens == 5 * BLOCK
+    disk.close()
+
+
+def test_memory_wins_where_it_holds_more_and_disk_where_it_holds_more(tmp_path):
+    cache, disk = caches(tmp_path)
+    prompt = list(range(9))
+    cache.put(prompt, kv_state(prompt))
+    assert cache.take([*prompt, 50]).tokens == 9, "memory holds all nine; disk two blocks"
+    disk.close()
+
+
+def test_a_damaged_block_is_a_miss_and_is_removed(tmp_path):
+    prompt = list(range(12))
+    writer, disk = caches(tmp_path)
+    writer.put(prompt, kv_state(prompt))
+    disk.close()
+    second = tmp_path / block_keys(tmp_path.name, prompt, BLOCK)[1][:2]
+    (path,) = second.glob(f"{block_keys(tmp_path.name, prompt, BLOCK)[1]}.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    reader, disk = caches(tmp_path)
+    assert reader.take([*prompt, 1]).tokens == BLOCK, "the run stops short of the damaged block"
+    assert disk.stats.damaged == 1 and not path.exists()
+    reader.put(prompt, kv_state(prompt))  # written again
+    disk.close()
+    reader, disk = caches(tmp_path)
+    assert reader.take([*prompt, 1]).tokens == 12
+    disk.close()
+
+
+def test_the_least_recently_used_blocks_go_first_when_the_tier_is_full(tmp_path):
+    one_block = len(
+        encode_block(
+            {
+                f"layers.{i}.{kind}": mx.zeros((1, 1, BLOCK, 1), dtype=mx.bfloat16)
+                for i in range(LAYERS)
+                for kind in ("keys", "values")
+            }
+        )
+    )
+    cache, disk = caches(tmp_path, max_bytes=3 * one_block)
+    old, new = list(range(8)), list(range(50, 58))
+    cache.put(old, kv_state(old))
+    disk.close()
+    cache, disk = caches(tmp_path, max_bytes=3 * one_block)
+    os.utime(next(tmp_path.glob("*/*.safetensors")), (1, 1))  # make the first block written the oldest
+    cache.put(new, kv_state(new))
+    disk.close()
+    assert disk.stats.entries == 3 and disk.stats.bytes <= 3 * one_block
+
+
+# ----------------------------------------------------------------------------------------------
+# Through a real dispatcher, restarted
+
+
+class Dispatcher:
+    """``python -m genmlx.dispatcher`` on a copy of the demo model with a disk tier, restartable."""
+
+    def __init__(self, model_dir: Path, cache_dir: Path, log_dir: Path):
+        self.model_dir, self.cache_dir, self.log_dir = model_dir, cache_dir, log_dir
+        self.token = secrets.token_hex(16)
+        self.proc: Proc | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        port = free_port()
+        args = [sys.executable, "-m", "genmlx.dispatcher", "--model", str(self.model_dir), "--name", "demo"]
+        args += ["--port", str(port), "--disk-cache-dir", str(self.cache_dir), "--disk-cache-gb", "1"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GENMLX_API_TOKEN": self.token}
+        self.starts += 1
+        self.proc = Proc(args, self.log_dir / f"dispatcher.{self.starts}.log", env)
+        self.url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(self.url + "/health") == 200, 120, what="the dispatcher to load")
+
+    def stop(self) -> None:
+        self.proc.stop()
+        print(f"----- dispatcher start {self.starts} -----\n{self.proc.output()}")
+
+    def metrics(self) -> str:
+        request = urllib.request.Request(
+            f"{self.url}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read().decode()
+
+    def ask(self, prompt: str) -> tuple[str, int, int]:
+        """The reply at temperature 0, its prompt tokens and how many came from the cache."""
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token, max_retries=0, timeout=300)
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+        )
+        usage = reply.usage
+        return (
+            reply.choices[0].message.content,
+            usage.prompt_tokens,
+            usage.prompt_tokens_details.cached_tokens,
+        )
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_restarted_dispatcher_answers_a_long_prompt_from_disk_with_the_same_tokens(
+    tmp_path, demo_model_dir
+):
+    model = tmp_path / "demo"
+    shutil.copytree(demo_model_dir, model)
+    record = {"files": [{"path": "model.safetensors", "size": 1, "sha256": "0" * 64}], "commit": "a" * 40}
+    (model / ".genmlx-model.json").write_text(json.dumps(record))  # as an agent records a verified copy
+    cache_dir = tmp_path / "kv-cache"
+    dispatcher = Dispatcher(model, cache_dir, tmp_path)
+    prompt = " ".join(f"line {i} of the system prompt and the tools;" for i in range(75))
+    dispatcher.start()
+    cold, prompt_tokens, cached = dispatcher.ask(prompt)
+    assert cached == 0 and 1500 < prompt_tokens < 2040, prompt_tokens
+    whole_blocks = (prompt_tokens - 1) // 256 * 256
+    wait_until(
+        lambda: len(list(cache_dir.glob("*/*/*.safetensors"))) == whole_blocks // 256, 60, what="the blocks"
+    )
+    dispatcher.stop()
+
+    dispatcher.start()  # nothing in memory: the disk tier answers
+    again, _, cached = dispatcher.ask(prompt)
+    assert (again, cached) == (cold, whole_blocks)
+    metrics = dispatcher.metrics()
+    assert f'genmlx:prompt_cache_disk_hit_tokens_total{{model_name="demo"}} {whole_blocks}.0' in metrics
+    assert f'genmlx:prompt_cache_disk_entries{{model_name="demo"}} {whole_blocks // 256}.0' in metrics
+    dispatcher.stop()
+
+    # A damaged block: the run stops short of it; the answer is the same.
+    blocks = list(cache_dir.glob("*/*/*.safetensors"))
+    newest = max(blocks, key=lambda p: p.stat().st_mtime)
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    dispatcher.start()
+    damaged, _, cached = dispatcher.ask(prompt)
+    assert damaged == cold and cached < whole_blocks
+    dispatcher.stop()
+
+    # New weights (another commit in the record): another namespace, nothing found.
+    (model / ".genmlx-model.json").write_text(json.dumps({**record, "commit": "b" * 40}))
+    dispatcher.start()
+    fresh, _, cached = dispatcher.ask(prompt)
+    assert (fresh, cached) == (cold, 0)
+    dispatcher.stop()
+    assert len({p.parent.parent for p in cache_dir.glob("*/*/*.safetensors")}) == 2
