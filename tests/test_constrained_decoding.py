@@ -13,7 +13,8 @@ import pytest
 from test_decoding import new_decoder, run
 
 from genmlx.dispatcher.engine.constraints import constraints_for, json_schema_grammar
-from genmlx.dispatcher.engine.decoding import DecoderSettings, SequentialDecoder, make_decoder
+from genmlx.dispatcher.engine.decoders import SequentialDecoder, make_decoder
+from genmlx.dispatcher.engine.decoding import DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
 
 POINT = {

@@ -122,7 +122,7 @@ class _ChunkedCaches:
 
 
 def test_a_model_whose_caches_cannot_batch_decodes_one_sequence_at_a_time(demo_model) -> None:
-    from genmlx.dispatcher.engine.decoding import SequentialDecoder, make_decoder
+    from genmlx.dispatcher.engine.decoders import SequentialDecoder, make_decoder
 
     model, tokenizer = demo_model
     request = GenerationRequest(

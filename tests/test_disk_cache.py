@@ -22,6 +22,9 @@ import openai
 import pytest
 from conftest import Proc, free_port, http_status, wait_until
 from mlx_lm.models.cache import KVCache
+from test_ranks_lockstep import MODEL, client_of
+from test_ranks_lockstep import qwen2_model_dir as qwen2_model_dir  # fixtures, used by name
+from test_ranks_lockstep import start_ranks as start_ranks
 
 from genmlx.dispatcher.engine.disk_tier import (
     DiskTier,
@@ -251,3 +254,51 @@ def test_a_restarted_dispatcher_answers_a_long_prompt_from_disk_with_the_same_to
     assert (fresh, cached) == (cold, 0)
     dispatcher.stop()
     assert len({p.parent.parent for p in cache_dir.glob("*/*/*.safetensors")}) == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("parallelism", ["tensor", "pipeline"])
+def test_a_restarted_group_reads_each_ranks_shard_from_its_disk_and_agrees_on_what_all_can_read(
+    start_ranks, qwen2_model_dir, token, tmp_path, parallelism
+):
+    cache_dir = tmp_path / "kv-cache"
+    disk = ("--disk-cache-dir", str(cache_dir), "--disk-cache-gb", "1", "--parallelism", parallelism)
+    prompt = " ".join(f"line {i} of the system prompt and the tools;" for i in range(75))
+
+    def ask(group) -> tuple[str, int, int]:
+        reply = client_of(group[0], token).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+        )
+        usage = reply.usage
+        return (
+            reply.choices[0].message.content,
+            usage.prompt_tokens,
+            usage.prompt_tokens_details.cached_tokens,
+        )
+
+    def stop(group) -> None:
+        for rank in group:
+            rank.proc.stop()
+
+    group = start_ranks(qwen2_model_dir, 2, *disk)
+    cold, prompt_tokens, cached = ask(group)
+    whole_blocks = (prompt_tokens - 1) // 256
+    assert cached == 0 and whole_blocks >= 5
+    stop(group)  # each rank writes out its queue before it exits
+    namespaces = {p.parent.parent for p in cache_dir.glob("*/*/*.safetensors")}
+    assert len(namespaces) == 2, "one namespace per rank: each keeps its own shard"
+    assert all(len(list(ns.glob("*/*.safetensors"))) == whole_blocks for ns in namespaces)
+
+    group = start_ranks(qwen2_model_dir, 2, *disk)
+    assert ask(group) == (cold, prompt_tokens, whole_blocks * 256), "from every rank's disk"
+    stop(group)
+
+    # One of one rank's blocks is damaged: the group agrees on the run before it (the same on every
+    # rank, or the group would break), answers the same and stays whole.
+    one_rank = sorted(namespaces)[0]
+    next(iter(sorted(one_rank.glob("*/*.safetensors")))).write_bytes(b"\0" * 64)
+    group = start_ranks(qwen2_model_dir, 2, *disk)
+    text, _, cached = ask(group)
+    assert text == cold and cached < whole_blocks * 256 and cached % 256 == 0, cached
+    assert ask(group)[0] == cold, "the group is still whole and in step"

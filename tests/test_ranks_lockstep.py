@@ -17,7 +17,7 @@ from conftest import Proc, free_port, http_status, wait_until
 from genmlx.agent.ranks.launch_request import InvalidLaunch, parse_rank_launch
 from genmlx.agent.ranks.supervisor import dispatcher_command
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
-from genmlx.dispatcher.engine.lockstep import Join, Shutdown, Step, decode_message, encode_message
+from genmlx.dispatcher.engine.lockstep import Join, Probe, Shutdown, Step, decode_message, encode_message
 from genmlx.wire.rank_launch import RankLaunch
 
 MODEL = "demo"
@@ -220,3 +220,5 @@ def test_a_request_crosses_the_lockstep_encoding_unchanged() -> None:
     step = Step(joins=(Join(3, request, cached_tokens=2),), leaves=(1, 2))
     assert decode_message(encode_message(step)) == step
     assert isinstance(decode_message(encode_message(Shutdown())), Shutdown)
+    probe = Probe(prompt=(5, 6, 300_000), blocks=3)
+    assert decode_message(encode_message(probe)) == probe

@@ -42,14 +42,11 @@ def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -
 
 def disk_tier_settings(settings: RankCommand) -> DiskTierSettings | None:
     """Where this rank keeps its prompt cache's disk tier, and how much it may fill; None where
-    the model has none (no ``--disk-cache-dir`` or no size), or where it runs in a group (whose
-    ranks cannot yet agree on what their disks hold). The directory is a namespace of everything
-    the KV state depends on: the model's files, this rank's place in its group."""
+    the model has none (no ``--disk-cache-dir`` or no size). The directory is a namespace of
+    everything the KV state depends on: the model's files, this rank's place in its group (each
+    rank of a group keeps its own shard of every block)."""
     size = settings.serving.disk_cache_gb
     if not settings.disk_cache_dir or not size:
-        return None
-    if settings.world_size > 1:
-        log.warning("the prompt cache's disk tier is off: %d ranks cannot share it yet", settings.world_size)
         return None
     identity = {
         "model": model_identity(Path(settings.model_dir).expanduser()),

@@ -35,8 +35,16 @@ from genmlx.dispatcher.api.request_parsing import (
     parse_chat_request,
     parse_completion_request,
 )
-from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, TextDelta, Usage
-from genmlx.dispatcher.engine.runner import Engine, Job, LoadedModel
+from genmlx.dispatcher.engine.events import (
+    EngineEvent,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Job,
+    TextDelta,
+    Usage,
+)
+from genmlx.dispatcher.engine.runner import Engine, LoadedModel
 
 # One encoder for every streamed chunk: json.dumps with options builds a new one per call.
 SSE_JSON = json.JSONEncoder(ensure_ascii=False)

@@ -8,8 +8,8 @@ the ``PrefixCache`` for later prompts that start the same way. A sequence that j
 decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
 is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
 
-``SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``) one
-sequence at a time with ``generate_step``.
+``decoders.SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``)
+one sequence at a time with ``generate_step``; ``decoders.make_decoder`` picks between the two.
 
 Both are deterministic given the same calls in the same order, which is what keeps the ranks of a
 group in step: rank 0 decides every join and leave, and every rank makes the same calls.
@@ -17,14 +17,13 @@ group in step: rank 0 decides every join and leave, and every rank makes the sam
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, constraints_for, sample_held
+from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, sample_held
 from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.events import GenerationRequest
 from genmlx.dispatcher.engine.prefix_cache import PrefixCache, disk_tier_for
@@ -75,14 +74,12 @@ class Decoder(Protocol):
 
     def trim_cache(self, entries: int) -> None: ...
 
+    def offer_disk(self, prompt: list[int], blocks: int | None = None) -> int: ...
 
-def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings, tokenizer: Any = None) -> Decoder:
-    """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``;
-    with the ``tokenizer``, requests may carry a grammar."""
-    constraints = constraints_for(tokenizer) if tokenizer is not None else None
-    if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
-        return BatchDecoder(model, eos_ids, settings, constraints)
-    return SequentialDecoder(model, constraints)
+    def memory_tokens(self, prompt: list[int]) -> int: ...
+
+    @property
+    def disk_block_tokens(self) -> int: ...
 
 
 class BatchDecoder:
@@ -259,6 +256,18 @@ class BatchDecoder:
     def trim_cache(self, entries: int) -> None:
         self._prefixes.trim(entries)
 
+    def offer_disk(self, prompt: list[int], blocks: int | None = None) -> int:
+        """The prompt's leading disk blocks this rank read and checked (``PrefixCache.offer``)."""
+        return self._prefixes.offer(prompt, blocks)
+
+    def memory_tokens(self, prompt: list[int]) -> int:
+        return self._prefixes.memory_tokens(prompt)
+
+    @property
+    def disk_block_tokens(self) -> int:
+        disk = self._prefixes.disk
+        return disk.settings.block_tokens if disk else 0
+
 
 @dataclass
 class _Ahead:
@@ -332,58 +341,3 @@ class _Solo:
             "stop" if token in eos_ids else "length" if self.generated >= self.max_tokens else None
         )
         return Sampled(self.uid, token, current.logprobs[0], end)
-
-
-class SequentialDecoder:
-    """One sequence at a time through ``generate_step``, for models whose caches cannot batch."""
-
-    capacity = 1
-    cache_entries = 0
-
-    def __init__(self, model: Any, constraints: GrammarConstraints | None = None):
-        self._model = model
-        self._constraints = constraints
-        self._uid: int | None = None
-        self._steps: Generator[tuple[Any, mx.array]] | None = None
-        self._left = 0
-
-    @property
-    def active(self) -> int:
-        return 0 if self._uid is None else 1
-
-    def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int:
-        from mlx_lm.generate import generate_step
-
-        if self._uid is not None:
-            raise RuntimeError("this decoder generates one sequence at a time")
-        self._uid, self._left = uid, request.max_tokens
-        self._steps = generate_step(
-            mx.array(request.prompt_tokens),
-            self._model,
-            max_tokens=request.max_tokens,
-            sampler=RequestRow.of(request, self._constraints),
-            logits_processors=make_logits_processors(request.sampling),
-        )
-        return 0
-
-    def leave(self, uid: int) -> None:
-        if uid == self._uid:
-            self._end()
-
-    def step(self) -> list[Sampled]:
-        if self._uid is None:
-            return []
-        uid = self._uid
-        token, logprobs = next(self._steps)
-        self._left -= 1
-        end: End | None = "length" if self._left == 0 else None
-        if end:
-            self._end()
-        return [Sampled(uid, int(token), logprobs, end)]
-
-    def trim_cache(self, entries: int) -> None:
-        pass
-
-    def _end(self) -> None:
-        steps, self._uid, self._steps = self._steps, None, None
-        steps.close()

@@ -1,11 +1,14 @@
 """What goes into the model thread (``GenerationRequest``) and what comes out (``EngineEvent``).
 
 These are the only types the HTTP layer and the engine share: handlers build a request, the engine
-answers with a stream of ``TextDelta`` events closed by exactly one ``Finished`` or ``Failed``.
+answers with a stream of ``TextDelta`` events closed by exactly one ``Finished`` or ``Failed``, and
+the ``Job`` it gives back is the handler's handle on the request (to cancel it).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,3 +91,20 @@ class Failed:
 
 
 EngineEvent = TextDelta | Finished | Failed
+
+
+class Job:
+    """A submitted request: the handler may cancel it; the engine delivers its events."""
+
+    def __init__(self, request: GenerationRequest, deliver: Callable[[EngineEvent], None]):
+        self.request = request
+        self.deliver = deliver
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating for this job at the next token (or skip it if it has not started)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()

@@ -49,7 +49,7 @@ from genmlx.wire.rank_launch import JOINED_GROUP_MARK
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
-HEADER_SLOTS = 2  # payload length, prefix-cache entries; one checksum per rank follows
+HEADER_SLOTS = 2  # payload length, prefix-cache entries; then a checksum and a probe answer per rank
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,17 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """How many of the first ``blocks`` disk-tier blocks of ``prompt`` can each rank read back?
+    Each rank answers in the header of the next message (``RankChannel.answer``); rank 0 then
+    joins the request with the blocks every rank can read, so a rank that cannot read its block
+    makes it a miss for the whole group, never a rank out of step."""
+
+    prompt: tuple[int, ...]
+    blocks: int
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Nothing to do; proves the group is still whole."""
 
@@ -79,7 +90,7 @@ class Shutdown:
     """Rank 0 is stopping; followers stop too."""
 
 
-Message = Step | Heartbeat | Shutdown
+Message = Step | Probe | Heartbeat | Shutdown
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,7 @@ class RankChannel:
         self._group = group
         self._stream = generation_stream
         self._checksum = 0  # of the tokens this rank sampled in its last step
+        self._answer = 0  # to the last probe, sent in the next header
 
     @property
     def rank(self) -> int:
@@ -181,26 +193,33 @@ class RankChannel:
         """Every rank, after each step: the checksum the next header compares across ranks."""
         self._checksum = checksum
 
-    def send(self, message: Message, cache_entries: int = 0) -> None:
-        """Rank 0: deliver ``message`` (and its prefix-cache entry count) to every other rank."""
+    def answer(self, value: int) -> None:
+        """A follower, after a ``Probe``: its answer, which the next header carries to rank 0."""
+        self._answer = value
+
+    def send(self, message: Message, cache_entries: int = 0) -> list[int]:
+        """Rank 0: deliver ``message`` (and its prefix-cache entry count) to every other rank; the
+        probe answers the header carried, by rank."""
         payload = encode_message(message)
-        self._exchange_header(len(payload), cache_entries)
+        _, _, answers = self._exchange_header(len(payload), cache_entries)
         self._sum_bytes(len(payload), payload)
+        return answers
 
     def receive(self) -> Received:
         """A follower: block until rank 0 sends the next message."""
-        length, cache_entries = self._exchange_header(0, 0)
+        length, cache_entries, _ = self._exchange_header(0, 0)
         return Received(decode_message(self._sum_bytes(length, None)), cache_entries)
 
-    def _exchange_header(self, length: int, cache_entries: int) -> tuple[int, int]:
+    def _exchange_header(self, length: int, cache_entries: int) -> tuple[int, int, list[int]]:
         size = self._group.size()
-        header = [length, cache_entries] + [0] * size
+        header = [length, cache_entries] + [0] * (2 * size)
         header[HEADER_SLOTS + self.rank] = self._checksum
+        header[HEADER_SLOTS + size + self.rank], self._answer = self._answer, 0
         summed = self._sum_ints(header)
-        checksums = summed[HEADER_SLOTS:]
+        checksums = summed[HEADER_SLOTS : HEADER_SLOTS + size]
         if any(c != checksums[0] for c in checksums):
             raise LockstepBroken(f"the ranks sampled different tokens (checksums by rank: {checksums})")
-        return summed[0], summed[1]
+        return summed[0], summed[1], summed[HEADER_SLOTS + size :]
 
     def _sum_ints(self, values: list[int]) -> list[int]:
         mx = self._mx
@@ -232,7 +251,7 @@ class RankChannel:
 def encode_message(message: Message) -> bytes:
     """``message`` as the bytes rank 0 sends (compact JSON, through the wire codec)."""
     body: dict[str, Any] = {"kind": type(message).__name__}
-    if isinstance(message, Step):
+    if isinstance(message, Step | Probe):
         body |= encode(message)
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -243,6 +262,8 @@ def decode_message(payload: bytes) -> Message:
     kind = body.pop("kind")
     if kind == "Step":
         return decode(Step, body)
+    if kind == "Probe":
+        return decode(Probe, body)
     if kind == "Heartbeat":
         return Heartbeat()
     if kind == "Shutdown":

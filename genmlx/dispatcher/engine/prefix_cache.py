@@ -70,6 +70,8 @@ class PrefixCache:
             self._lru = LRUPromptCache(max_size=bounds[0], max_bytes=bounds[1])
         self._disk = disk
         self._layers = layers  # the model's, for the caches read back from disk
+        # The prompt tokens and checked blocks of the last ``offer``, for the ``take`` after it.
+        self._offered: tuple[tuple[int, ...], list[dict[str, mx.array]]] | None = None
 
     def __len__(self) -> int:
         return len(self._lru) if self._lru is not None else 0
@@ -84,13 +86,54 @@ class PrefixCache:
 
     def take(self, prompt: list[int], exactly: int | None = None) -> Reused | None:
         """Cached state for the longest prefix of ``prompt`` short of its last token, or for
-        ``exactly`` that many tokens (rank 0's choice); None when nothing is reused. Memory first;
+        ``exactly`` that many tokens (rank 0's choice: from memory where it holds them, else from
+        the disk blocks this rank ``offer``ed); None when nothing is reused. Memory first; alone,
         the disk tier where it holds more of the prompt."""
-        found = self._take_from_memory(prompt, exactly)
-        if self._disk is None or exactly is not None:
+        limit = len(prompt) - 1 if exactly is None else exactly
+        found = self._take_from_memory(prompt, limit) if limit > 0 else None
+        if exactly is None:
+            from_disk = self._take_from_disk(prompt, found.tokens if found else 0) if self._disk else None
+            return from_disk or found
+        if (found.tokens if found else 0) == exactly:
             return found
-        from_disk = self._take_from_disk(prompt, found.tokens if found else 0)
-        return from_disk or found
+        offered = self._offered_blocks(prompt, exactly)
+        if offered is None:
+            have = found.tokens if found else 0
+            raise PrefixCacheMismatch(f"rank 0 reused {exactly} cached prompt tokens, this rank has {have}")
+        return Reused(caches_from_blocks(offered, self._layers), exactly)
+
+    def memory_tokens(self, prompt: list[int]) -> int:
+        """How many tokens of ``prompt`` memory would supply (what ``take`` reuses without disk)."""
+        found = self._take_from_memory(prompt, len(prompt) - 1) if len(prompt) > 1 else None
+        return found.tokens if found else 0
+
+    def offer(self, prompt: list[int], blocks: int | None = None) -> int:
+        """How many of the prompt's leading disk blocks (at most ``blocks``; short of its last
+        token) this rank has read and checked, kept for the ``take`` that follows: the answer to a
+        ``Probe``, or rank 0's own offer, where its disk holds more than memory (0 otherwise)."""
+        self._offered = None
+        if self._disk is None or len(prompt) < 2:
+            return 0
+        size = self._disk.settings.block_tokens
+        keys = block_keys(self._disk.settings.root.name, prompt[: len(prompt) - 1], size)[:blocks]
+        run = self._disk.cached_run(keys)
+        if blocks is None and run * size <= self.memory_tokens(prompt):
+            return 0
+        loaded = self._disk.load(keys[:run])
+        if loaded:
+            self._offered = (tuple(prompt[: len(loaded) * size]), loaded)
+        return len(loaded)
+
+    def _offered_blocks(self, prompt: list[int], tokens: int) -> list[dict[str, mx.array]] | None:
+        if self._offered is None or self._disk is None or tokens % self._disk.settings.block_tokens:
+            return None
+        covered, blocks = self._offered
+        self._offered = None
+        if len(covered) < tokens or tuple(prompt[:tokens]) != covered[:tokens]:
+            return None
+        used = blocks[: tokens // self._disk.settings.block_tokens]
+        self._disk.count_hit(len(used))
+        return used
 
     def _take_from_disk(self, prompt: list[int], beyond: int) -> Reused | None:
         """The prompt's leading whole blocks from disk, where they cover more than ``beyond``."""
@@ -105,23 +148,20 @@ class PrefixCache:
         disk.count_hit(len(blocks))
         return Reused(caches_from_blocks(blocks, self._layers), len(blocks) * disk.settings.block_tokens)
 
-    def _take_from_memory(self, prompt: list[int], exactly: int | None) -> Reused | None:
-        limit = len(prompt) - 1 if exactly is None else exactly
-        if self._lru is None or limit <= 0:
-            return self._nothing(exactly)
+    def _take_from_memory(self, prompt: list[int], limit: int) -> Reused | None:
+        """The longest prefix memory holds of ``prompt``'s first ``limit`` tokens."""
+        if self._lru is None:
+            return None
         query = prompt[: limit + 1]
         cache, rest = self._lru.fetch_nearest_cache(_KEY, query)
         if cache is None:
-            return self._nothing(exactly)
+            return None
         if not rest:  # an entry equal to the query: give back its last token to compute
             if not can_trim_prompt_cache(cache):
-                return self._nothing(exactly)
+                return None
             trim_prompt_cache(cache, 1)
             rest = query[-1:]
-        reused = len(query) - len(rest)
-        if exactly is not None and reused != exactly:
-            raise PrefixCacheMismatch(f"rank 0 reused {exactly} cached prompt tokens, this rank has {reused}")
-        return Reused(cache, reused)
+        return Reused(cache, len(query) - len(rest))
 
     def put(self, tokens: list[int], cache: list[Any]) -> None:
         """Keep ``cache``, the KV state of ``tokens``, evicting the least recently added if need be;
@@ -148,12 +188,6 @@ class PrefixCache:
         """Evict the least recently added entries down to ``entries`` (followers follow rank 0)."""
         if self._lru is not None:
             self._lru.trim_to(n_sequences=entries)
-
-    @staticmethod
-    def _nothing(exactly: int | None) -> None:
-        if exactly:
-            raise PrefixCacheMismatch(f"rank 0 reused {exactly} cached prompt tokens, this rank has none")
-        return None
 
 
 def disk_tier_for(model: Any, tier: DiskTier | None) -> DiskTier | None:

@@ -10,8 +10,9 @@ never share state with this thread beyond each job's cancel flag.
 In a multi-rank group (``ModelSource.group``) this thread first joins MLX's ring and loads its shard.
 Rank 0 then serves as above and, before each step, tells the other ranks which requests join and
 leave (``lockstep``); the other ranks apply the same changes, decode the same step and discard what
-they sample. A broken group (a peer gone, a failed step) ends the thread and the process with
-status 1.
+they sample; a request whose prompt the disk tier may supply waits until every rank has said what
+its disk holds (``disk_agreement``). A broken group (a peer gone, a failed step) ends the thread
+and the process with status 1.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from tornado.ioloop import IOLoop
 
 from genmlx.core.errors import NotReady, QueueFull
 from genmlx.dispatcher.engine.decoding import DecoderSettings
-from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Usage
+from genmlx.dispatcher.engine.disk_agreement import agree_on_disk
+from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Job, Usage
 from genmlx.dispatcher.engine.lockstep import (
     HEARTBEAT_SECONDS,
     BackendJoinFailed,
     Heartbeat,
     Join,
     LockstepBroken,
+    Probe,
     RankChannel,
     RankGroup,
     Shutdown,
@@ -66,23 +69,6 @@ class LoadedModel:
     tokenizer: TokenizerWrapper
     context_length: int | None
     context_length_set: bool = False  # by serving.contextLength (--context-length), not the model
-
-
-class Job:
-    """A submitted request: the handler may cancel it; the engine delivers its events."""
-
-    def __init__(self, request: GenerationRequest, deliver: Callable[[EngineEvent], None]):
-        self.request = request
-        self.deliver = deliver
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """Stop generating for this job at the next token (or skip it if it has not started)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
 
 @dataclass(frozen=True)
@@ -185,7 +171,7 @@ class Engine:
             self._io_loop.add_callback(self._on_group_ended, 0)
 
     def _make_decoder(self, loaded: LoadedModel) -> Decoder:
-        from genmlx.dispatcher.engine.decoding import make_decoder
+        from genmlx.dispatcher.engine.decoders import make_decoder
 
         leads = self._channel is None or self._channel.is_leader
         settings = dataclasses.replace(self._decoding, leads=leads)
@@ -204,6 +190,8 @@ class Engine:
                 return
             if isinstance(message, Heartbeat):
                 decoder.trim_cache(received.cache_entries)
+            elif isinstance(message, Probe):
+                channel.answer(decoder.offer_disk(list(message.prompt), message.blocks))
             else:
                 try:
                     for uid in message.leaves:
@@ -349,7 +337,10 @@ class _Leader:
                 continue
             request = with_seed(job.request) if self._channel is not None else job.request
             uid = next(self._uids)
-            cached = self._decoder.join(uid, request)
+            agreed = (
+                agree_on_disk(self._channel, self._decoder, request.prompt_tokens) if self._channel else None
+            )
+            cached = self._decoder.join(uid, request, agreed)
             self._running[uid] = _Running(job, Reply(tokenizer, request, cached))
             joins.append(Join(uid, request, cached))
         return tuple(joins)
