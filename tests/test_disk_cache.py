@@ -93,7 +93,7 @@ def test_a_later_process_reads_back_the_longest_run_of_leading_blocks(tmp_path):
     writer, disk = caches(tmp_path)
     writer.put(prompt, kv_state(prompt))
     disk.close()  # what a dispatcher's shutdown does: the queue is written out
-    assert disk.stats.entries == 3 and disk.stats.written_bytes > 0
+    assert disk.stats.entries == 4, "three whole blocks and a snapshot where the sequence ended"
 
     reader, disk = caches(tmp_path)  # a restarted dispatcher: nothing in memory
     asked = [*prompt[:10], 7, 7, 7, 7, 7]  # shares two whole blocks and two more tokens
@@ -106,6 +106,22 @@ def test_a_later_process_reads_back_the_longest_run_of_leading_blocks(tmp_path):
     assert reader.take(prompt).tokens == 3 * BLOCK, "every whole block short of the last token"
     assert reader.take([1, 2, 3, 4, 5, 6]) is None
     assert disk.stats.hit_tokens == 5 * BLOCK
+    disk.close()
+
+
+def test_snapshots_at_the_prompts_end_and_the_sequences_find_the_same_prompt_and_the_next_turn(tmp_path):
+    prompt, reply = list(range(100, 110)), [7, 8, 9]  # 10 prompt tokens, then what was generated
+    writer, disk = caches(tmp_path)
+    writer.put(prompt + reply, kv_state(prompt + reply), boundaries=[len(prompt) - 1])
+    disk.close()
+    reader, disk = caches(tmp_path)
+    assert reader.take(prompt).tokens == 9, "the same prompt again: all but its last token"
+    next_turn = [*prompt, *reply, 55, 56, 57]
+    reused = reader.take(next_turn)
+    assert reused.tokens == 13, "the next turn: everything the last sequence read"
+    keys, _ = reused.cache[0].keys_and_values()
+    assert keys.reshape(-1).tolist() == next_turn[:13]
+    assert reader.take([*prompt[:8], 99, 98, 97]).tokens == 2 * BLOCK, "elsewhere: whole blocks only"
     disk.close()
 
 
@@ -222,18 +238,17 @@ def test_a_restarted_dispatcher_answers_a_long_prompt_from_disk_with_the_same_to
     dispatcher.start()
     cold, prompt_tokens, cached = dispatcher.ask(prompt)
     assert cached == 0 and 1500 < prompt_tokens < 2040, prompt_tokens
-    whole_blocks = (prompt_tokens - 1) // 256 * 256
-    wait_until(
-        lambda: len(list(cache_dir.glob("*/*/*.safetensors"))) == whole_blocks // 256, 60, what="the blocks"
-    )
+    whole_blocks = (prompt_tokens - 1) // 256
+    files = whole_blocks + 2  # and snapshots where the prompt and the sequence ended
+    wait_until(lambda: len(list(cache_dir.glob("*/*/*.safetensors"))) == files, 60, what="the blocks")
     dispatcher.stop()
 
-    dispatcher.start()  # nothing in memory: the disk tier answers
+    dispatcher.start()  # nothing in memory: the disk tier answers, all but the prompt's last token
     again, _, cached = dispatcher.ask(prompt)
-    assert (again, cached) == (cold, whole_blocks)
+    assert (again, cached) == (cold, prompt_tokens - 1)
     metrics = dispatcher.metrics()
-    assert f'genmlx:prompt_cache_disk_hit_tokens_total{{model_name="demo"}} {whole_blocks}.0' in metrics
-    assert f'genmlx:prompt_cache_disk_entries{{model_name="demo"}} {whole_blocks // 256}.0' in metrics
+    assert f'genmlx:prompt_cache_disk_hit_tokens_total{{model_name="demo"}} {prompt_tokens - 1}.0' in metrics
+    assert f'genmlx:prompt_cache_disk_entries{{model_name="demo"}} {files}.0' in metrics
     dispatcher.stop()
 
     # A damaged block: the run stops short of it; the answer is the same.
@@ -244,7 +259,7 @@ def test_a_restarted_dispatcher_answers_a_long_prompt_from_disk_with_the_same_to
     newest.write_bytes(bytes(data))
     dispatcher.start()
     damaged, _, cached = dispatcher.ask(prompt)
-    assert damaged == cold and cached < whole_blocks
+    assert damaged == cold and cached < prompt_tokens - 1
     dispatcher.stop()
 
     # New weights (another commit in the record): another namespace, nothing found.
@@ -288,17 +303,55 @@ def test_a_restarted_group_reads_each_ranks_shard_from_its_disk_and_agrees_on_wh
     stop(group)  # each rank writes out its queue before it exits
     namespaces = {p.parent.parent for p in cache_dir.glob("*/*/*.safetensors")}
     assert len(namespaces) == 2, "one namespace per rank: each keeps its own shard"
-    assert all(len(list(ns.glob("*/*.safetensors"))) == whole_blocks for ns in namespaces)
+    assert all(len(list(ns.glob("*/*.safetensors"))) == whole_blocks + 2 for ns in namespaces)
 
     group = start_ranks(qwen2_model_dir, 2, *disk)
-    assert ask(group) == (cold, prompt_tokens, whole_blocks * 256), "from every rank's disk"
+    assert ask(group) == (cold, prompt_tokens, prompt_tokens - 1), "from every rank's disk"
     stop(group)
 
     # One of one rank's blocks is damaged: the group agrees on the run before it (the same on every
     # rank, or the group would break), answers the same and stays whole.
     one_rank = sorted(namespaces)[0]
-    next(iter(sorted(one_rank.glob("*/*.safetensors")))).write_bytes(b"\0" * 64)
+    files = sorted(one_rank.glob("*/*.safetensors"))
+    whole = max(p.stat().st_size for p in files)  # a whole block, not a shorter snapshot
+    next(p for p in files if p.stat().st_size == whole).write_bytes(b"\0" * 64)
     group = start_ranks(qwen2_model_dir, 2, *disk)
     text, _, cached = ask(group)
-    assert text == cold and cached < whole_blocks * 256 and cached % 256 == 0, cached
+    assert text == cold and cached < prompt_tokens - 1, cached
     assert ask(group)[0] == cold, "the group is still whole and in step"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_new_conversation_with_the_same_system_prompt_starts_from_its_snapshot(tmp_path, demo_model_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    from genmlx.dispatcher.api.chat import ChatMessage
+    from genmlx.dispatcher.api.prompts import chat_prompt_tokens, system_prompt_boundary
+
+    system = " ".join(f"rule {i}: answer briefly and cite the tools;" for i in range(40))
+    first = (ChatMessage("system", system), ChatMessage("user", "How do rivers form?"))
+    tokenizer = load_tokenizer(demo_model_dir)
+    prompt = chat_prompt_tokens(tokenizer, first)
+    boundary = system_prompt_boundary(tokenizer, first, (), prompt)
+    assert boundary is not None and boundary % 256, "the system turn ends inside a block"
+
+    dispatcher = Dispatcher(demo_model_dir, tmp_path / "kv-cache", tmp_path)
+    dispatcher.start()
+    client = openai.OpenAI(
+        base_url=f"{dispatcher.url}/v1", api_key=dispatcher.token, max_retries=0, timeout=300
+    )
+
+    def chat(user: str) -> int:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=4, temperature=0)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert chat("How do rivers form?") == 0
+    dispatcher.stop()
+    dispatcher.start()
+    client = openai.OpenAI(
+        base_url=f"{dispatcher.url}/v1", api_key=dispatcher.token, max_retries=0, timeout=300
+    )
+    assert chat("Why is the sea salty?") == boundary, "every token of the system turn, not just whole blocks"
+    dispatcher.stop()

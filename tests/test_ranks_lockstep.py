@@ -220,5 +220,5 @@ def test_a_request_crosses_the_lockstep_encoding_unchanged() -> None:
     step = Step(joins=(Join(3, request, cached_tokens=2),), leaves=(1, 2))
     assert decode_message(encode_message(step)) == step
     assert isinstance(decode_message(encode_message(Shutdown())), Shutdown)
-    probe = Probe(prompt=(5, 6, 300_000), blocks=3)
+    probe = Probe(prompt=(5, 6, 300_000), tokens=3)
     assert decode_message(encode_message(probe)) == probe

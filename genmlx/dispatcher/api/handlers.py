@@ -27,7 +27,12 @@ from genmlx.dispatcher.api.openai_format import (
     model_json,
     models_list,
 )
-from genmlx.dispatcher.api.prompts import chat_prompt_tokens, completion_budget, completion_prompt_tokens
+from genmlx.dispatcher.api.prompts import (
+    chat_prompt_tokens,
+    completion_budget,
+    completion_prompt_tokens,
+    system_prompt_boundary,
+)
 from genmlx.dispatcher.api.reply_parsing import reply_parser
 from genmlx.dispatcher.api.request_parsing import (
     ChatCompletionRequest,
@@ -228,7 +233,12 @@ class GenerationHandler(ApiHandler):
             stop=options.stop,
             top_logprobs=options.top_logprobs,
             grammar=constraint.grammar if constraint is not None else None,
+            boundaries=self.shared_boundaries(loaded, parsed, prompt),
         )
+
+    def shared_boundaries(self, loaded: LoadedModel, parsed: Any, prompt: tuple[int, ...]) -> tuple[int, ...]:
+        """Positions of ``prompt`` other conversations share (``GenerationRequest.boundaries``)."""
+        return ()
 
     def max_tokens(self, prompt_length: int, requested: int | None, loaded: LoadedModel) -> int:
         """How many tokens to generate at most, or the error this API refuses a request with."""
@@ -335,6 +345,12 @@ class ChatCompletionsHandler(GenerationHandler):
 
     def prompt_tokens(self, loaded: LoadedModel, parsed: ChatCompletionRequest) -> tuple[int, ...]:
         return chat_prompt_tokens(loaded.tokenizer, parsed.messages, parsed.tools)
+
+    def shared_boundaries(
+        self, loaded: LoadedModel, parsed: ChatCompletionRequest, prompt: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        boundary = system_prompt_boundary(loaded.tokenizer, parsed.messages, parsed.tools, prompt)
+        return (boundary,) if boundary else ()
 
     def response_format(
         self, loaded: LoadedModel, parsed: ChatCompletionRequest, prompt: tuple[int, ...]

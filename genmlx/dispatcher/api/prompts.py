@@ -54,6 +54,37 @@ def chat_prompt_tokens(
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
+def system_prompt_boundary(
+    tokenizer: TokenizerWrapper,
+    messages: tuple[ChatMessage, ...],
+    tools: tuple[FunctionTool, ...],
+    prompt: tuple[int, ...],
+) -> int | None:
+    """Where the leading system turns and the tool list end in ``prompt`` (the chat template's
+    rendering of them alone, where it is a prefix of the whole): the part every conversation with
+    the same instructions shares. None where there are none, or the template renders them
+    differently on their own."""
+    leading = next(
+        (i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages)
+    )
+    if not leading and not tools:
+        return None
+    conversation = [m.template_json() for m in messages[:leading]]
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation,
+            tools=[t.template_json() for t in tools] or None,
+            tokenize=False,
+            add_generation_prompt=False,
+        )
+    except Exception:  # a template that wants a user turn: no boundary, nothing lost
+        return None
+    shared = tokenizer.encode(text, add_special_tokens=False)
+    if 0 < len(shared) < len(prompt) and tuple(shared) == prompt[: len(shared)]:
+        return len(shared)
+    return None
+
+
 @lru_cache(maxsize=4)
 def template_takes_system_anywhere(tokenizer: TokenizerWrapper) -> bool:
     """Whether the chat template renders a system turn after the first position, in its place: some

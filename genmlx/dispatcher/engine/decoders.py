@@ -75,14 +75,10 @@ class SequentialDecoder:
     def trim_cache(self, entries: int) -> None:
         pass
 
-    def offer_disk(self, prompt: list[int], blocks: int | None = None) -> int:
+    def offer_disk(self, prompt: list[int], limit: int | None = None) -> int:
         return 0  # no prefix cache, so no disk tier
 
     def memory_tokens(self, prompt: list[int]) -> int:
-        return 0
-
-    @property
-    def disk_block_tokens(self) -> int:
         return 0
 
     def _end(self) -> None:

@@ -74,12 +74,9 @@ class Decoder(Protocol):
 
     def trim_cache(self, entries: int) -> None: ...
 
-    def offer_disk(self, prompt: list[int], blocks: int | None = None) -> int: ...
+    def offer_disk(self, prompt: list[int], limit: int | None = None) -> int: ...
 
     def memory_tokens(self, prompt: list[int]) -> int: ...
-
-    @property
-    def disk_block_tokens(self) -> int: ...
 
 
 class BatchDecoder:
@@ -116,6 +113,7 @@ class BatchDecoder:
             layers=len(make_prompt_cache(model)),
         )
         self._uids: dict[int, int] = {}  # ours -> the generator's
+        self._boundaries: dict[int, tuple[int, ...]] = {}  # ours -> its snapshot points, until it ends
         self._rows: dict[int, RequestRow] = {}  # the generator's uid -> its request's sampler
         self._batch_sampler = BatchSampler()
         self._sample_batch = self._sample_generation_batch  # one object: mlx-lm compares by identity
@@ -135,6 +133,9 @@ class BatchDecoder:
         """
         prompt = list(request.prompt_tokens)
         reused = self._prefixes.take(prompt, cached_tokens)
+        # Where the disk tier snapshots the sequence when it ends: the shared boundaries, and the
+        # prompt's end short of its last token (the same prompt again reuses all but that).
+        self._boundaries[uid] = (*request.boundaries, len(prompt) - 1)
         cached = reused.tokens if reused else 0
         cache = reused.cache if reused else None
         processors = make_logits_processors(request.sampling)  # penalties; a grammar masks in ``row``
@@ -194,7 +195,7 @@ class BatchDecoder:
         inner = self._uids.pop(uid)
         del self._rows[inner]
         for cache, tokens in self._generator.remove([inner], return_prompt_caches=True).values():
-            self._prefixes.put(tokens, cache)
+            self._prefixes.put(tokens, cache, self._boundaries.pop(uid, ()))
 
     def step(self) -> list[Sampled]:
         """One token for each sequence past its prompt, and one chunk of the prompts being read."""
@@ -208,7 +209,8 @@ class BatchDecoder:
             sampled.append(Sampled(uid, response.token, response.logprobs, response.finish_reason))
             if response.finish_reason is not None:
                 del self._uids[uid], self._rows[response.uid]
-                self._prefixes.put(response.all_tokens, response.prompt_cache)
+                boundaries = self._boundaries.pop(uid, ())
+                self._prefixes.put(response.all_tokens, response.prompt_cache, boundaries)
         self._sample_batches_together()
         return sampled
 
@@ -227,7 +229,7 @@ class BatchDecoder:
         dropped); what it read stays in the prefix cache."""
         solo, self._solo = self._solo, None
         solo.settle(self._eos_ids)
-        self._prefixes.put(solo.read, solo.cache)
+        self._prefixes.put(solo.read, solo.cache, self._boundaries.pop(solo.uid, ()))
 
     def _sample_batches_together(self) -> None:
         """Give every sequence being decoded the one shared sampler, so the next step samples them
@@ -256,17 +258,12 @@ class BatchDecoder:
     def trim_cache(self, entries: int) -> None:
         self._prefixes.trim(entries)
 
-    def offer_disk(self, prompt: list[int], blocks: int | None = None) -> int:
-        """The prompt's leading disk blocks this rank read and checked (``PrefixCache.offer``)."""
-        return self._prefixes.offer(prompt, blocks)
+    def offer_disk(self, prompt: list[int], limit: int | None = None) -> int:
+        """The prompt's leading tokens this rank read and checked on disk (``PrefixCache.offer``)."""
+        return self._prefixes.offer(prompt, limit)
 
     def memory_tokens(self, prompt: list[int]) -> int:
         return self._prefixes.memory_tokens(prompt)
-
-    @property
-    def disk_block_tokens(self) -> int:
-        disk = self._prefixes.disk
-        return disk.settings.block_tokens if disk else 0
 
 
 @dataclass

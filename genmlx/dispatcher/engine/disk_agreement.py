@@ -28,5 +28,4 @@ def agree_on_disk(channel: RankChannel | None, decoder: Decoder, prompt: Sequenc
     entries = decoder.cache_entries
     channel.send(Probe(tuple(tokens), offered), entries)
     answers = channel.send(Heartbeat(), entries)  # its header carries every rank's answer
-    agreed = min(offered, *answers[1:]) * decoder.disk_block_tokens
-    return max(agreed, decoder.memory_tokens(tokens))
+    return max(min(offered, *answers[1:]), decoder.memory_tokens(tokens))

@@ -109,6 +109,10 @@ class DiskTier:
         with self._lock:
             return next((i for i, key in enumerate(keys) if key not in self._sizes), len(keys))
 
+    def holds(self, key: str) -> bool:
+        with self._lock:
+            return key in self._sizes
+
     def absent(self, keys: Sequence[str]) -> list[int]:
         """The positions of ``keys`` neither on disk nor queued for writing."""
         with self._lock:
@@ -125,8 +129,8 @@ class DiskTier:
             blocks.append(block)
         return blocks
 
-    def count_hit(self, blocks: int) -> None:
-        self.stats.hit_tokens += blocks * self.settings.block_tokens
+    def count_hit(self, tokens: int) -> None:
+        self.stats.hit_tokens += tokens
 
     def _read(self, key: str) -> dict[str, mx.array] | None:
         path = self._path(key)

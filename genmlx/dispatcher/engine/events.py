@@ -40,6 +40,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no log-probabilities; n: the chosen token's and n more
     grammar: str | None = None  # llguidance grammar the output must follow (``constraints``)
+    # Prompt positions other conversations share (where the system turns and tools end): the
+    # prefix cache's disk tier keeps a snapshot there.
+    boundaries: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

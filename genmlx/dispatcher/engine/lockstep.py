@@ -71,13 +71,13 @@ class Step:
 
 @dataclass(frozen=True)
 class Probe:
-    """How many of the first ``blocks`` disk-tier blocks of ``prompt`` can each rank read back?
+    """How many of the first ``tokens`` tokens of ``prompt`` can each rank read back from disk?
     Each rank answers in the header of the next message (``RankChannel.answer``); rank 0 then
     joins the request with the blocks every rank can read, so a rank that cannot read its block
     makes it a miss for the whole group, never a rank out of step."""
 
     prompt: tuple[int, ...]
-    blocks: int
+    tokens: int
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,19 @@ each step's lookups rank 0 tells them how many entries it keeps, and they drop t
 added entries down to that number. Every entry rank 0 evicted was older than every entry it kept,
 so what remains is exactly rank 0's set. Their reuse is also fixed to rank 0's number of tokens.
 
-With a ``DiskTier`` (a rank alone, whose every layer keeps a plain ``KVCache``), a sequence put
-here also leaves its whole blocks of tokens on disk, and a prompt whose leading blocks are on disk
-beyond what memory holds is read back from there.
+With a ``DiskTier`` (where every layer keeps a plain ``KVCache``), a sequence put here also
+leaves its whole blocks and boundary snapshots on disk (``disk_prefixes``), and a prompt whose
+start is on disk beyond what memory holds is read back from there; in a group, only after every
+rank said what it can read (``offer``, ``disk_agreement``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import mlx.core as mx
 from mlx_lm.models.cache import (
     KVCache,
     LRUPromptCache,
@@ -31,7 +32,8 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from genmlx.dispatcher.engine.disk_tier import DiskTier, block_keys
+from genmlx.dispatcher.engine.disk_prefixes import DiskPrefixes
+from genmlx.dispatcher.engine.disk_tier import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,7 @@ class PrefixCache:
         if max_entries:
             bounds = (max_entries, max_bytes) if evicts else (UNBOUNDED, UNBOUNDED)
             self._lru = LRUPromptCache(max_size=bounds[0], max_bytes=bounds[1])
-        self._disk = disk
-        self._layers = layers  # the model's, for the caches read back from disk
-        # The prompt tokens and checked blocks of the last ``offer``, for the ``take`` after it.
-        self._offered: tuple[tuple[int, ...], list[dict[str, mx.array]]] | None = None
+        self._disk = DiskPrefixes(disk, layers) if disk is not None else None
 
     def __len__(self) -> int:
         return len(self._lru) if self._lru is not None else 0
@@ -82,71 +81,42 @@ class PrefixCache:
 
     @property
     def disk(self) -> DiskTier | None:
-        return self._disk
+        return self._disk.tier if self._disk else None
 
     def take(self, prompt: list[int], exactly: int | None = None) -> Reused | None:
         """Cached state for the longest prefix of ``prompt`` short of its last token, or for
         ``exactly`` that many tokens (rank 0's choice: from memory where it holds them, else from
-        the disk blocks this rank ``offer``ed); None when nothing is reused. Memory first; alone,
+        what this rank ``offer``ed from disk); None when nothing is reused. Memory first; alone,
         the disk tier where it holds more of the prompt."""
         limit = len(prompt) - 1 if exactly is None else exactly
         found = self._take_from_memory(prompt, limit) if limit > 0 else None
+        have = found.tokens if found else 0
         if exactly is None:
-            from_disk = self._take_from_disk(prompt, found.tokens if found else 0) if self._disk else None
-            return from_disk or found
-        if (found.tokens if found else 0) == exactly:
+            from_disk = self._disk.take(prompt, have) if self._disk else None
+            return Reused(*from_disk) if from_disk else found
+        if have == exactly:
             return found
-        offered = self._offered_blocks(prompt, exactly)
+        offered = self._disk.take_offered(prompt, exactly) if self._disk else None
         if offered is None:
-            have = found.tokens if found else 0
             raise PrefixCacheMismatch(f"rank 0 reused {exactly} cached prompt tokens, this rank has {have}")
-        return Reused(caches_from_blocks(offered, self._layers), exactly)
+        return Reused(*offered)
 
     def memory_tokens(self, prompt: list[int]) -> int:
         """How many tokens of ``prompt`` memory would supply (what ``take`` reuses without disk)."""
         found = self._take_from_memory(prompt, len(prompt) - 1) if len(prompt) > 1 else None
         return found.tokens if found else 0
 
-    def offer(self, prompt: list[int], blocks: int | None = None) -> int:
-        """How many of the prompt's leading disk blocks (at most ``blocks``; short of its last
-        token) this rank has read and checked, kept for the ``take`` that follows: the answer to a
-        ``Probe``, or rank 0's own offer, where its disk holds more than memory (0 otherwise)."""
-        self._offered = None
+    def offer(self, prompt: list[int], limit: int | None = None) -> int:
+        """How many of the prompt's leading tokens (at most ``limit``; short of its last) this rank
+        read and checked on disk, kept for the ``take`` that follows: the answer to a ``Probe``, or,
+        without ``limit``, rank 0's own offer where its disk holds more than memory (0 otherwise)."""
         if self._disk is None or len(prompt) < 2:
             return 0
-        size = self._disk.settings.block_tokens
-        keys = block_keys(self._disk.settings.root.name, prompt[: len(prompt) - 1], size)[:blocks]
-        run = self._disk.cached_run(keys)
-        if blocks is None and run * size <= self.memory_tokens(prompt):
-            return 0
-        loaded = self._disk.load(keys[:run])
-        if loaded:
-            self._offered = (tuple(prompt[: len(loaded) * size]), loaded)
-        return len(loaded)
-
-    def _offered_blocks(self, prompt: list[int], tokens: int) -> list[dict[str, mx.array]] | None:
-        if self._offered is None or self._disk is None or tokens % self._disk.settings.block_tokens:
-            return None
-        covered, blocks = self._offered
-        self._offered = None
-        if len(covered) < tokens or tuple(prompt[:tokens]) != covered[:tokens]:
-            return None
-        used = blocks[: tokens // self._disk.settings.block_tokens]
-        self._disk.count_hit(len(used))
-        return used
-
-    def _take_from_disk(self, prompt: list[int], beyond: int) -> Reused | None:
-        """The prompt's leading whole blocks from disk, where they cover more than ``beyond``."""
-        disk = self._disk
-        keys = block_keys(disk.settings.root.name, prompt[: len(prompt) - 1], disk.settings.block_tokens)
-        run = disk.cached_run(keys)
-        if run * disk.settings.block_tokens <= beyond:
-            return None
-        blocks = disk.load(keys[:run])  # short of a block found damaged or gone
-        if len(blocks) * disk.settings.block_tokens <= beyond:
-            return None
-        disk.count_hit(len(blocks))
-        return Reused(caches_from_blocks(blocks, self._layers), len(blocks) * disk.settings.block_tokens)
+        if limit is None:
+            limit = len(prompt) - 1
+            if self._disk.plan(prompt, limit).tokens <= self.memory_tokens(prompt):
+                return 0
+        return self._disk.offer(prompt, limit)
 
     def _take_from_memory(self, prompt: list[int], limit: int) -> Reused | None:
         """The longest prefix memory holds of ``prompt``'s first ``limit`` tokens."""
@@ -163,26 +133,13 @@ class PrefixCache:
             rest = query[-1:]
         return Reused(cache, len(query) - len(rest))
 
-    def put(self, tokens: list[int], cache: list[Any]) -> None:
+    def put(self, tokens: list[int], cache: list[Any], boundaries: Sequence[int] = ()) -> None:
         """Keep ``cache``, the KV state of ``tokens``, evicting the least recently added if need be;
-        its whole blocks go to the disk tier too."""
+        its whole blocks, and snapshots at ``boundaries`` and where it ends, go to the disk tier."""
         if self._lru is not None and tokens:
             self._lru.insert_cache(_KEY, list(tokens), cache)
         if self._disk is not None and tokens and plain_kv(cache):
-            self._spill(list(tokens), cache)
-
-    def _spill(self, tokens: list[int], cache: list[KVCache]) -> None:
-        """Queue the blocks of ``tokens`` the disk lacks, sliced from ``cache``."""
-        disk, size = self._disk, self._disk.settings.block_tokens
-        covered = tokens[: min(len(tokens), *(layer.offset for layer in cache))]
-        keys = block_keys(disk.settings.root.name, covered, size)
-        for index in disk.absent(keys):
-            window = slice(index * size, (index + 1) * size)
-            arrays = {}
-            for i, layer in enumerate(cache):
-                arrays[f"layers.{i}.keys"] = layer.keys[..., window, :]
-                arrays[f"layers.{i}.values"] = layer.values[..., window, :]
-            disk.store(keys[index], arrays)
+            self._disk.spill(list(tokens), cache, boundaries)
 
     def trim(self, entries: int) -> None:
         """Evict the least recently added entries down to ``entries`` (followers follow rank 0)."""
@@ -201,16 +158,3 @@ def disk_tier_for(model: Any, tier: DiskTier | None) -> DiskTier | None:
 def plain_kv(cache: list[Any]) -> bool:
     """Whether every layer keeps a plain ``KVCache``: the caches the disk tier stores in blocks."""
     return bool(cache) and all(type(layer) is KVCache for layer in cache)
-
-
-def caches_from_blocks(blocks: list[dict[str, mx.array]], layers: int) -> list[KVCache]:
-    """One ``KVCache`` per layer holding the blocks' keys and values, in order."""
-    caches = []
-    for i in range(layers):
-        cache = KVCache()
-        keys = mx.concatenate([block[f"layers.{i}.keys"] for block in blocks], axis=2)
-        values = mx.concatenate([block[f"layers.{i}.values"] for block in blocks], axis=2)
-        cache.state = (keys, values, keys.shape[2])
-        caches.append(cache)
-    mx.eval([c.keys_and_values() for c in caches])
-    return caches

@@ -191,7 +191,7 @@ class Engine:
             if isinstance(message, Heartbeat):
                 decoder.trim_cache(received.cache_entries)
             elif isinstance(message, Probe):
-                channel.answer(decoder.offer_disk(list(message.prompt), message.blocks))
+                channel.answer(decoder.offer_disk(list(message.prompt), message.tokens))
             else:
                 try:
                     for uid in message.leaves:
