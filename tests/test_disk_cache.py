@@ -20,11 +20,14 @@ from pathlib import Path
 import mlx.core as mx
 import openai
 import pytest
+from agent_harness import call
 from conftest import Proc, free_port, http_status, wait_until
 from mlx_lm.models.cache import KVCache
+from test_cluster import Cluster, ready_cluster
 from test_ranks_lockstep import MODEL, client_of
 from test_ranks_lockstep import qwen2_model_dir as qwen2_model_dir  # fixtures, used by name
 from test_ranks_lockstep import start_ranks as start_ranks
+from test_ui_page import browser as browser  # a fixture, used by name
 
 from genmlx.dispatcher.engine.disk_tier import (
     DiskTier,
@@ -199,8 +202,10 @@ class Dispatcher:
         wait_until(lambda: http_status(self.url + "/health") == 200, 120, what="the dispatcher to load")
 
     def stop(self) -> None:
-        self.proc.stop()
-        print(f"----- dispatcher start {self.starts} -----\n{self.proc.output()}")
+        if self.proc is not None:
+            self.proc.stop()
+            print(f"----- dispatcher start {self.starts} -----\n{self.proc.output()}")
+            self.proc = None
 
     def metrics(self) -> str:
         request = urllib.request.Request(
@@ -223,17 +228,31 @@ class Dispatcher:
         )
 
 
+@pytest.fixture
+def dispatchers(tmp_path):
+    """``dispatchers(model_dir)``: a restartable dispatcher with a disk tier, stopped at the end."""
+    made: list[Dispatcher] = []
+
+    def make(model_dir: Path) -> Dispatcher:
+        made.append(Dispatcher(model_dir, tmp_path / "kv-cache", tmp_path))
+        return made[-1]
+
+    yield make
+    for dispatcher in made:
+        dispatcher.stop()
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_restarted_dispatcher_answers_a_long_prompt_from_disk_with_the_same_tokens(
-    tmp_path, demo_model_dir
+    tmp_path, demo_model_dir, dispatchers
 ):
     model = tmp_path / "demo"
     shutil.copytree(demo_model_dir, model)
     record = {"files": [{"path": "model.safetensors", "size": 1, "sha256": "0" * 64}], "commit": "a" * 40}
     (model / ".genmlx-model.json").write_text(json.dumps(record))  # as an agent records a verified copy
     cache_dir = tmp_path / "kv-cache"
-    dispatcher = Dispatcher(model, cache_dir, tmp_path)
+    dispatcher = dispatchers(model)
     prompt = " ".join(f"line {i} of the system prompt and the tools;" for i in range(75))
     dispatcher.start()
     cold, prompt_tokens, cached = dispatcher.ask(prompt)
@@ -323,7 +342,9 @@ def test_a_restarted_group_reads_each_ranks_shard_from_its_disk_and_agrees_on_wh
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_a_new_conversation_with_the_same_system_prompt_starts_from_its_snapshot(tmp_path, demo_model_dir):
+def test_a_new_conversation_with_the_same_system_prompt_starts_from_its_snapshot(
+    tmp_path, demo_model_dir, dispatchers
+):
     from mlx_lm.utils import load_tokenizer
 
     from genmlx.dispatcher.api.chat import ChatMessage
@@ -336,7 +357,7 @@ def test_a_new_conversation_with_the_same_system_prompt_starts_from_its_snapshot
     boundary = system_prompt_boundary(tokenizer, first, (), prompt)
     assert boundary is not None and boundary % 256, "the system turn ends inside a block"
 
-    dispatcher = Dispatcher(demo_model_dir, tmp_path / "kv-cache", tmp_path)
+    dispatcher = dispatchers(demo_model_dir)
     dispatcher.start()
     client = openai.OpenAI(
         base_url=f"{dispatcher.url}/v1", api_key=dispatcher.token, max_retries=0, timeout=300
@@ -355,3 +376,66 @@ def test_a_new_conversation_with_the_same_system_prompt_starts_from_its_snapshot
     )
     assert chat("Why is the sea salty?") == boundary, "every token of the system turn, not just whole blocks"
     dispatcher.stop()
+
+
+class DiskCacheCluster(Cluster):
+    """A master and an agent serving the demo model with a prompt cache on disk."""
+
+    def models_text(self, max_batch: int) -> str:
+        serving = f"maxBatch: {max_batch}, port: {self.serving_port}, diskCacheGB: 1"
+        return self.model_entry(MODEL, self.storage / MODEL, serving)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_the_status_shows_each_nodes_prompt_cache_and_cache_clear_empties_it(
+    tmp_path, demo_model_dir, browser
+):
+    with ready_cluster(tmp_path, demo_model_dir, DiskCacheCluster) as cluster:
+        prompt = " ".join(f"line {i} of a long shared preamble;" for i in range(60))
+        reply = cluster.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0
+        )
+        assert reply.usage.prompt_tokens > 512
+
+        directory = cluster.home / "kv-cache" / MODEL
+
+        def cached_on_disk() -> dict | None:
+            """The status's report of the cache, once it counts every file written."""
+            (model,) = cluster.status()["models"]
+            caches = model.get("promptCaches", [])
+            files = len(list(directory.glob("*/*/*.safetensors")))
+            return caches[0] if caches and caches[0]["blocks"] == files >= 2 else None
+
+        held = wait_until(cached_on_disk, 60, what="the status to show the prompt cache on disk")
+        assert held["node"] == "local" and held["bytes"] > 0
+        login = call("POST", f"{cluster.url}/api/v1/ui/login", cluster.token, {})
+        page = browser.new_page()
+        page.goto(cluster.url + login.json()["url"])
+        page.wait_for_selector("#model-cards dt >> text=Prompt cache on disk", timeout=60_000)
+        card = page.locator("#model-cards").inner_text()
+        assert "local: " in card and f" in {held['blocks']} blocks" in card, card
+
+        refused = cluster.cli(
+            "cache", "clear", MODEL, "--master", cluster.url, env={"GENMLX_HOME": str(tmp_path / "elsewhere")}
+        )
+        assert refused.returncode != 0 and list(directory.glob("*/*/*.safetensors")), "the token is required"
+        cleared = cluster.cli("cache", "clear", MODEL, "--master", cluster.url)
+        assert cleared.returncode == 0, cleared.stderr
+        assert (
+            "local" in cleared.stdout
+            and f"freed {held['bytes']} bytes in {held['blocks']} blocks" in cleared.stdout
+        )
+        assert not list(directory.glob("*/*/*.safetensors"))
+        wait_until(
+            lambda: not cluster.status()["models"][0].get("promptCaches"),
+            30,
+            what="the status to show it emptied",
+        )
+        # The dispatcher still serves, from what memory holds, and writes to disk again.
+        again = cluster.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt + " more"}], max_tokens=4, temperature=0
+        )
+        assert again.usage.completion_tokens == 4
+        unknown = cluster.cli("cache", "clear", "nope", "--master", cluster.url)
+        assert unknown.returncode != 0 and "nope" in unknown.stderr

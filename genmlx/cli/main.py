@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from genmlx import __version__
+from genmlx.cli.cache import add_cache_commands
 from genmlx.cli.integrations import add_integrations_command
 from genmlx.cli.keys import add_key_commands
 from genmlx.cli.master_client import manifest_token, print_document, token_source
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_read_commands(sub, MASTER_HELP)
     add_integrations_command(sub, MASTER_HELP)
     add_key_commands(sub, MASTER_HELP)
+    add_cache_commands(sub, MASTER_HELP)
     add_tls_commands(sub)
     add_process_commands(sub)
     add_local_commands(sub)

@@ -161,6 +161,15 @@ class Transfer(WireType):
 
 
 @dataclass(frozen=True)
+class PromptCacheReport(WireType):
+    """A model's prompt cache on an agent's disk (``GENMLX_HOME/kv-cache/MODEL``)."""
+
+    model: str
+    bytes: int
+    blocks: int  # block and snapshot files, every namespace (weights, rank) together
+
+
+@dataclass(frozen=True)
 class AgentState(WireType):
     """The whole report of ``GET /api/v1/state``."""
 
@@ -172,5 +181,6 @@ class AgentState(WireType):
     transfers: tuple[Transfer, ...] = ()
     node_id: str = ""  # stable across restarts, kept in GENMLX_HOME
     key_id: str = ""  # the public id of the signing key of the token it holds (``core.signing``)
+    prompt_caches: tuple[PromptCacheReport, ...] = ()
 
 

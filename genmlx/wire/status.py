@@ -70,6 +70,15 @@ class ModelCopy(WireType):
 
 
 @dataclass(frozen=True)
+class ModelPromptCache(WireType):
+    """A model's prompt cache on one node's disk, as its agent measured it last."""
+
+    node: str
+    bytes: int
+    blocks: int
+
+
+@dataclass(frozen=True)
 class ModelStatus(WireType):
     name: str
     source: str
@@ -81,6 +90,7 @@ class ModelStatus(WireType):
     endpoint: str | None = None  # rank 0's base URL once checked
     ranks: tuple[ModelRank, ...] = ()
     copies: tuple[ModelCopy, ...] = ()
+    prompt_caches: tuple[ModelPromptCache, ...] = ()  # its disk tier on each node that has one
 
 
 @dataclass(frozen=True)

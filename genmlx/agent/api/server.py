@@ -40,6 +40,7 @@ from genmlx.agent.ranks.rdma_checks import check_rdma_launch
 from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
+from genmlx.agent.store.prompt_caches import clear_prompt_cache, prompt_cache_root, scan_prompt_caches
 from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.errors import AgentConflict, AgentRequestError
 from genmlx.core.http import ClusterAuth
@@ -88,9 +89,20 @@ def make_app(
         (model + "/files/(.+)", ModelFileHandler, stored),
         (r"/api/v1/token", TokenHandler, {**auth, "name": name}),
         (r"/api/v1/links/check", LinkCheckHandler, {**auth, "links": links}),
+        (r"/api/v1/prompt-caches/([^/]+)", PromptCacheHandler, auth),
         (r"/api/v1/links/probe", LinkProbeHandler, auth),
     ]
     return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=auth)
+
+
+class PromptCacheHandler(AgentHandler):
+    """``DELETE /api/v1/prompt-caches/MODEL``: empty the model's prompt cache on this node's disk
+    (every namespace: all weights and ranks); answers what it held."""
+
+    async def delete(self, model: str) -> None:
+        held = await IOLoop.current().run_in_executor(None, clear_prompt_cache, prompt_cache_root(), model)
+        log.info("cleared the prompt cache of %s: %d blocks, %d bytes", model, held.blocks, held.bytes)
+        self.write(held.to_json())
 
 
 class HealthzHandler(AgentHandler):
@@ -121,6 +133,7 @@ class StateHandler(AgentHandler):
         loop = IOLoop.current()
         facts = await loop.run_in_executor(None, collect_node_facts)
         storage = await loop.run_in_executor(None, scan_storage, self.storage_paths)
+        prompt_caches = await loop.run_in_executor(None, scan_prompt_caches, prompt_cache_root())
         ranks, transfers = self.supervisor.ranks(), self.transfers.transfers()
         state = AgentState(
             self.name,
@@ -131,6 +144,7 @@ class StateHandler(AgentHandler):
             transfers,
             node_id=self.node_id,
             key_id=self.auth.keys.signing_id,
+            prompt_caches=prompt_caches,
         )
         self.write(state.to_json())
 

@@ -46,8 +46,8 @@ from genmlx.agent.ranks.logs import (
     trim_log,
     write_hostfile,
 )
+from genmlx.agent.store.prompt_caches import prompt_cache_root
 from genmlx.core.errors import AgentConflict, AgentNotFound, TemporaryError
-from genmlx.core.home import genmlx_home
 from genmlx.core.tokens import TokenSource
 from genmlx.wire.agent_state import RankInfo, RankPhase
 from genmlx.wire.argv import to_argv
@@ -88,7 +88,7 @@ def dispatcher_command(
 ) -> list[str]:
     """The argv of one dispatcher rank. The token is not here: it travels in the environment."""
     # The disk tier of the prompt cache: per model, under the agent's home (GENMLX_HOME).
-    disk_cache = str(genmlx_home() / "kv-cache" / launch.model)
+    disk_cache = str(prompt_cache_root() / launch.model)
     command = rank_command(
         launch, str(model_dir), host, parent_pid, str(hostfile) if hostfile else None, disk_cache
     )

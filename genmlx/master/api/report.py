@@ -17,6 +17,7 @@ from genmlx.wire.status import (
     ImpostorReport,
     LastPass,
     ModelCopy,
+    ModelPromptCache,
     ModelRank,
     ModelStatus,
     NodeStatus,
@@ -121,7 +122,19 @@ def model_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> M
         endpoint=health.url if health else None,
         ranks=tuple(ModelRank(**vars(info), node=node) for node, info in assessment.ranks),
         copies=model_copies(spec, snapshot),
+        prompt_caches=model_prompt_caches(spec, snapshot),
     )
+
+
+def model_prompt_caches(spec: ModelSpec, snapshot: Snapshot) -> tuple[ModelPromptCache, ...]:
+    """The model's prompt cache on each of its nodes' disks, where the agent reports one."""
+    found = []
+    for name in spec.nodes:
+        node = snapshot.observed.nodes.get(name)
+        for cache in node.state.prompt_caches if node and node.state else ():
+            if cache.model == spec.name:
+                found.append(ModelPromptCache(name, cache.bytes, cache.blocks))
+    return tuple(found)
 
 
 def model_copies(spec: ModelSpec, snapshot: Snapshot) -> tuple[ModelCopy, ...]:

@@ -32,7 +32,9 @@ from genmlx.master.api.stream import EventsHandler, ReadEndpoint, StreamHandler,
 from genmlx.master.api.ui_handlers import ui_routes
 from genmlx.master.planning.actions import describe_plan, plan_summary
 from genmlx.master.runtime.loop import ApplyOutcome, Reconciler
+from genmlx.master.runtime.prompt_caches import clear_model_prompt_cache
 from genmlx.master.runtime.responses import ResponseStore
+from genmlx.wire.agent_state import PromptCacheReport
 from genmlx.wire.codec import WireError, decode
 from genmlx.wire.status import Revision
 
@@ -140,6 +142,27 @@ class LinksVerifyHandler(ApiHandler):
         self.write_json(200, {"links": [link.to_json() for link in links]})
 
 
+class PromptCacheHandler(ApiHandler):
+    """``DELETE /api/v1/models/NAME/prompt-cache``: empty the model's prompt cache on the disks of
+    its nodes; by node, what each held (``bytes``, ``blocks``) or the ``error`` it met."""
+
+    def initialize(self, auth: ClusterAuth, reconciler: Reconciler) -> None:
+        super().initialize(auth)
+        self.reconciler = reconciler
+
+    async def delete(self, model: str) -> None:
+        applied = self.reconciler.applied
+        outcome = await clear_model_prompt_cache(
+            applied.manifest if applied else None, self.reconciler.proven_clients(), model
+        )
+        self.reconciler.wake()  # the next pass reports the emptied caches
+        nodes = [
+            {"node": node, **(held.to_json() if isinstance(held, PromptCacheReport) else {"error": held})}
+            for node, held in outcome.items()
+        ]
+        self.write_json(200, {"model": model, "nodes": nodes})
+
+
 class KeysHandler(ApiHandler):
     """``GET /api/v1/keys``: every client key of the applied manifest, its scope and its use."""
 
@@ -182,6 +205,7 @@ def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Ap
             (r"/api/v1/integrations", IntegrationsHandler, readable),
             (r"/api/v1/keys", KeysHandler, {**auth, "keys": keys}),
             (r"/api/v1/links/verify", LinksVerifyHandler, deps),
+            (r"/api/v1/models/([^/]+)/prompt-cache", PromptCacheHandler, deps),
             (r"/metrics", MetricsHandler, {**auth, "keys": keys}),
             *page,
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),

@@ -29,7 +29,7 @@ from genmlx.core.errors import (
 from genmlx.core.signing import KEY_NOT_HELD, REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.core.tokens import TokenSource
 from genmlx.master.planning.observed import EndpointHealth
-from genmlx.wire.agent_state import AgentState, FetchRequest, RankInfo
+from genmlx.wire.agent_state import AgentState, FetchRequest, PromptCacheReport, RankInfo
 from genmlx.wire.links import LinkCheck, LinkCheckRequest
 from genmlx.wire.rank_launch import RankLaunch
 
@@ -83,6 +83,11 @@ class AgentClient:
         return LinkCheck.from_json(
             await self._call("POST", "/api/v1/links/check", request.to_json(), timeout)
         )
+
+    async def clear_prompt_cache(self, model: str) -> PromptCacheReport:
+        """Empty the model's prompt cache on the agent's disk; what it held."""
+        path = f"/api/v1/prompt-caches/{quote(model, safe='')}"
+        return PromptCacheReport.from_json(await self._call("DELETE", path))
 
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:
         return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")

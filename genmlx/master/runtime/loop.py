@@ -325,6 +325,10 @@ class Reconciler:
         nodes = {node.name: node for node in observed_mesh_nodes(names, observed.nodes)}
         return self._link_checks.follow(manifest, nodes, observed, self._proven_clients(observed))
 
+    def proven_clients(self) -> dict[str, AgentClient]:
+        """The clients of the agents the last pass found proven, by node (none before a pass)."""
+        return self._proven_clients(self.snapshot.observed) if self.snapshot else {}
+
     async def verify_links(self) -> tuple[LinkStatus, ...]:
         """Check every cabled link now, from both ends; the links as the pass after shows them."""
         self._link_checks.ask()
