@@ -166,11 +166,11 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def time_ours(server: Server, tokens: int) -> DecodeRun:
+def time_ours(server: Server, tokens: int, prompt: str | list[int] = PROMPT) -> DecodeRun:
     """One stream read by the lean client: ``http.client`` and ``json.loads`` per event."""
     body = {
         "model": server.model,
-        "prompt": PROMPT,
+        "prompt": prompt,
         "max_tokens": tokens,
         "temperature": 0,
         "stream": True,

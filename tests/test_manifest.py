@@ -423,7 +423,13 @@ def test_example_round_trips_into_the_dataclasses():
                 revision="main",
                 parallelism="auto",
                 serving=Serving(
-                    max_batch=16, max_queue=128, context_length=32768, disk_cache_gb=50.0, port=8100
+                    max_batch=16,
+                    max_queue=128,
+                    context_length=32768,
+                    kv_bits=8,
+                    kv_group_size=64,
+                    disk_cache_gb=50.0,
+                    port=8100,
                 ),
             ),
             ModelSpec(

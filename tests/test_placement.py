@@ -14,6 +14,8 @@ from genmlx.master.planning.placement import (
     Placement,
     PlacementRefused,
     describe_placement,
+    kv_budget,
+    node_loads,
     place,
     split_layers,
 )
@@ -269,3 +271,24 @@ def test_describe_placement():
     assert describe_placement(Placement("tensor", None, "tensor: why")) == "tensor: why"
     pipelined = Placement("pipeline", (24, 12, 12), "pipeline: why")
     assert describe_placement(pipelined) == "pipeline: why; layers per rank 24/12/12"
+
+
+def test_a_quantized_kv_cache_budgets_one_sequence_of_smaller_values():
+    # 131,072 tokens × 8 sequences of float16 KV, 48 layers × 2,048 bytes a token each: 103 GB.
+    long = replace(spec(max_batch=8, context_length=131_072), nodes=("studio-a",))
+    assert refusal(long, nodes(96 * GB), QWEN, None).reason == "DoesNotFit"
+    # 8 bits and a float16 scale and bias per 64 values: 1.0625 bytes a value, one sequence at a time.
+    quantized = replace(long, serving=replace(long.serving, kv_bits=8))
+    budget = kv_budget(quantized, QWEN, None)
+    assert (budget.sequences, budget.value_bytes) == (1, 1 + 4 / 64)
+    loads = node_loads(place(quantized, nodes(96 * GB), QWEN, None), nodes(96 * GB), QWEN, budget)
+    assert loads[0].kv_bytes == int(131_072 * 48 * 2 * 4 * 128 * (1 + 4 / 64))
+    four = replace(long, serving=replace(long.serving, kv_bits=4, kv_group_size=32))
+    assert kv_budget(four, QWEN, None).value_bytes == 0.5 + 4 / 32
+
+
+def test_a_quantized_kv_cache_needs_a_group_size_that_divides_the_heads():
+    quantized = replace(spec(), serving=replace(spec().serving, kv_bits=4, kv_group_size=128))
+    error = refusal(quantized, nodes(BIG, BIG), replace(QWEN, head_dim=96), None)
+    assert error.reason == "KvGroupSizeDoesNotDivide" and "96 values" in error.message
+    assert place(quantized, nodes(BIG, BIG), QWEN, None).parallelism == "tensor", "128 divides 128"

@@ -36,6 +36,8 @@ def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -
         "cache_entries": settings.prefix_cache_entries,
         "cache_bytes": None if settings.prefix_cache_gb is None else int(settings.prefix_cache_gb * 2**30),
         "disk_tier": disk_tier,
+        "kv_bits": settings.serving.kv_bits,
+        "kv_group_size": settings.serving.kv_group_size,
     }
     return DecoderSettings(**{name: value for name, value in given.items() if value is not None})
 

@@ -137,6 +137,10 @@ class RankCommand(WireType):
             raise WireError("", "--layer-split applies to --parallelism pipeline only")
         if self.layer_split is not None and len(self.layer_split) != size:
             raise WireError("", f"--layer-split needs {size} layer counts separated by commas")
+        if self.serving.kv_bits not in (None, 4, 8):
+            raise WireError("", f"--kv-bits must be 4 or 8, got {self.serving.kv_bits}")
+        if self.serving.kv_group_size not in (None, 32, 64, 128):
+            raise WireError("", f"--kv-group-size must be 32, 64 or 128, got {self.serving.kv_group_size}")
 
 
 def rank_command(

@@ -19,6 +19,12 @@ class ServingSettings(WireType):
     max_batch: int = arg(8, minimum=1, help="most requests generated together")
     max_queue: int = arg(64, minimum=1, help="most requests waiting; more get 429")
     context_length: int | None = arg(None, minimum=1, help="prompt + completion token limit")
+    kv_bits: int | None = arg(
+        None, minimum=4, maximum=8, help="quantize the KV cache to 4 or 8 bits (one sequence at a time)"
+    )
+    kv_group_size: int | None = arg(
+        None, minimum=32, maximum=128, help="values per KV quantization group (64)"
+    )
     disk_cache_gb: float | None = arg(
         None,
         minimum=0,

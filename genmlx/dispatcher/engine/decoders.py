@@ -1,9 +1,11 @@
 """Which decoder a model gets (``make_decoder``): continuous batching (``decoding.BatchDecoder``)
-where every cache of the model can be batched, else ``SequentialDecoder``, one sequence at a time
-through mlx-lm's ``generate_step``, with no prefix cache."""
+where every cache of the model can be batched and the KV cache is not quantized, else
+``SequentialDecoder``, one sequence at a time through mlx-lm's ``generate_step`` (which quantizes
+the KV cache where asked), with no prefix cache."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator
 from typing import Any
 
@@ -15,11 +17,19 @@ from genmlx.dispatcher.engine.decoding import BatchDecoder, Decoder, DecoderSett
 from genmlx.dispatcher.engine.events import GenerationRequest
 from genmlx.dispatcher.engine.sampling import make_logits_processors
 
+log = logging.getLogger(__name__)
+
 
 def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings, tokenizer: Any = None) -> Decoder:
     """A ``BatchDecoder`` when every cache of ``model`` can be batched, else a ``SequentialDecoder``;
     with the ``tokenizer``, requests may carry a grammar."""
     constraints = constraints_for(tokenizer) if tokenizer is not None else None
+    if settings.kv_bits is not None:
+        log.info(
+            "KV cache quantized to %d bits: one request at a time, since mlx-lm batches no quantized cache",
+            settings.kv_bits,
+        )
+        return SequentialDecoder(model, constraints, (settings.kv_bits, settings.kv_group_size))
     if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
         return BatchDecoder(model, eos_ids, settings, constraints)
     return SequentialDecoder(model, constraints)
@@ -31,9 +41,20 @@ class SequentialDecoder:
     capacity = 1
     cache_entries = 0
 
-    def __init__(self, model: Any, constraints: GrammarConstraints | None = None):
+    def __init__(
+        self,
+        model: Any,
+        constraints: GrammarConstraints | None = None,
+        quantized_kv: tuple[int, int] | None = None,
+    ):
         self._model = model
         self._constraints = constraints
+        # (bits, group size) of a KV cache quantized from the first token, as mlx-lm's generate_step does it
+        self._kv = (
+            {"kv_bits": quantized_kv[0], "kv_group_size": quantized_kv[1], "quantized_kv_start": 0}
+            if quantized_kv
+            else {}
+        )
         self._uid: int | None = None
         self._steps: Generator[tuple[Any, mx.array]] | None = None
         self._left = 0
@@ -54,6 +75,7 @@ class SequentialDecoder:
             max_tokens=request.max_tokens,
             sampler=RequestRow.of(request, self._constraints),
             logits_processors=make_logits_processors(request.sampling),
+            **self._kv,
         )
         return 0
 

@@ -45,6 +45,8 @@ class DecoderSettings:
     cache_bytes: int = 4 << 30
     leads: bool = True
     disk_tier: DiskTier | None = None
+    kv_bits: int | None = None  # a quantized KV cache: one sequence at a time (``decoders``)
+    kv_group_size: int = 64
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ class KvBudget:
     tokens: int
     sequences: int
     origin: str  # where ``tokens`` came from, for messages
+    value_bytes: float | None = None  # of each key or value; None: the model's KV dtype
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,23 @@ def place(
     its share of the weights and of the KV budget. Raises ``PlacementRefused``."""
     if not nodes:
         raise PlacementRefused("NoNodes", f"{spec.name} is placed on no nodes")
+    check_kv_quantization(spec, shape)
     placement = choose_placement(spec, nodes, shape)
     budget = kv_budget(spec, shape, context_length)
     check_capacity(spec.name, node_loads(placement, nodes, shape, budget), placement, shape, budget)
     return placement
+
+
+def check_kv_quantization(spec: ModelSpec, shape: ModelShape) -> None:
+    """MLX quantizes each head's keys and values in groups of ``kvGroupSize``: it must divide the
+    model's head size."""
+    group = spec.serving.kv_group_size or 64
+    if spec.serving.kv_bits is not None and shape.head_dim % group:
+        raise PlacementRefused(
+            "KvGroupSizeDoesNotDivide",
+            f"{spec.name}'s heads have {shape.head_dim} values, which MLX cannot quantize in groups of "
+            f"{group}: set serving.kvGroupSize to 32, 64 or 128 dividing {shape.head_dim}, or drop kvBits",
+        )
 
 
 def choose_placement(spec: ModelSpec, nodes: list[NodeCapacity], shape: ModelShape) -> Placement:
@@ -219,17 +233,27 @@ def split_layers(num_layers: int, memories: list[int]) -> tuple[int, ...]:
 
 
 def kv_budget(spec: ModelSpec, shape: ModelShape, context_length: int | None) -> KvBudget:
-    """The context to budget for each of ``serving.maxBatch`` sequences, and where it came from."""
-    sequences = spec.serving.max_batch
+    """The context to budget for each of ``serving.maxBatch`` sequences (one, with a quantized KV
+    cache, which serves one at a time), where it came from, and the bytes of each quantized value
+    (``kvBits`` of it, and a scale and a bias in the model's dtype per group)."""
+    serving = spec.serving
+    sequences = serving.max_batch if serving.kv_bits is None else 1
+    value_bytes = None
+    if serving.kv_bits is not None:
+        value_bytes = serving.kv_bits / 8 + 2 * shape.kv_dtype_bytes / (serving.kv_group_size or 64)
     if context_length is not None:
-        return KvBudget(context_length, sequences, "asked")
-    if spec.serving.context_length is not None:
-        return KvBudget(spec.serving.context_length, sequences, "serving.contextLength")
+        return KvBudget(context_length, sequences, "asked", value_bytes)
+    if serving.context_length is not None:
+        return KvBudget(serving.context_length, sequences, "serving.contextLength", value_bytes)
     if shape.max_position_embeddings is not None and shape.max_position_embeddings > UNSET_CONTEXT_CAP:
-        return KvBudget(UNSET_CONTEXT_CAP, sequences, "the model's max_position_embeddings, capped")
+        return KvBudget(
+            UNSET_CONTEXT_CAP, sequences, "the model's max_position_embeddings, capped", value_bytes
+        )
     if shape.max_position_embeddings is not None:
-        return KvBudget(shape.max_position_embeddings, sequences, "the model's max_position_embeddings")
-    return KvBudget(DEFAULT_CONTEXT_TOKENS, sequences, "the default")
+        return KvBudget(
+            shape.max_position_embeddings, sequences, "the model's max_position_embeddings", value_bytes
+        )
+    return KvBudget(DEFAULT_CONTEXT_TOKENS, sequences, "the default", value_bytes)
 
 
 def node_loads(
@@ -247,8 +271,9 @@ def node_load(node: NodeCapacity, layers: int, parts: int, shape: ModelShape, bu
     weights = ceil_div(shape.weight_bytes * layers, shape.num_layers * parts)
     kv_heads = shape.num_key_value_heads // parts
     # A key and a value (2) for every token of every sequence, in each layer and KV head the node runs.
-    kv = budget.tokens * budget.sequences * 2 * layers * kv_heads * shape.head_dim * shape.kv_dtype_bytes
-    return NodeLoad(node, layers, weights, kv)
+    value_bytes = budget.value_bytes if budget.value_bytes is not None else shape.kv_dtype_bytes
+    kv = budget.tokens * budget.sequences * 2 * layers * kv_heads * shape.head_dim * value_bytes
+    return NodeLoad(node, layers, weights, int(kv))
 
 
 def check_capacity(
