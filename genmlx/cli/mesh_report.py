@@ -23,10 +23,10 @@ from genmlx.master.planning.backends import (
     UNAVAILABLE_REASONS,
     LinksDown,
     ModelMesh,
-    link_key,
     plan_model_mesh,
 )
 from genmlx.master.planning.groups import RankPorts, assign_rank_ports
+from genmlx.master.planning.link_status import links_down
 from genmlx.master.planning.mesh import LINK_PREFIX, MESH_BLOCK, Link, MeshNode, MeshPlanError, plan_links
 from genmlx.master.planning.observed import Observed, ObservedNode
 from genmlx.wire.agent_state import AgentState
@@ -96,6 +96,7 @@ def mesh_document(
     """The whole plan as plain JSON: the Thunderbolt links, then each multi-node model's mesh (with
     the hostfile its running ranks were started with, where the master's ``status`` shows one)."""
     ports = assign_rank_ports(manifest, observed_from_status(manifest, status))
+    down = links_down(status.links if status else ())  # as the master's planner reads them
     return {
         "cluster": manifest.name,
         "topology": manifest.mesh.topology,
@@ -107,7 +108,7 @@ def mesh_document(
         "thunderbolt": links_document(manifest, nodes, status),
         "models": [
             {
-                **model_document(manifest, spec, nodes, ports[spec.name], links_down(status)),
+                **model_document(manifest, spec, nodes, ports[spec.name], down),
                 "runningHostfile": running_hostfile(status, spec.name),
                 "runningBackend": running_backend(status, spec.name),
                 "fallback": backend_fallback(status, spec.name),
@@ -194,18 +195,6 @@ def mesh_fields(mesh: ModelMesh) -> dict[str, Any]:
         # mesh.backend: jaccl where the links do not allow it: the master holds the model back.
         "error": mesh.choice.reason if mesh.choice.backend is None else None,
     }
-
-
-def links_down(status: ClusterStatus | None) -> LinksDown:
-    """The cables the master's status shows down, and why (as the master's planner reads them)."""
-    found = {}
-    for link in status.links if status else ():
-        failed = [end for end in link.ends if end.last_check is not None and not end.last_check.up]
-        if link.state == "down" and failed:
-            found[link_key(link.ends[0].node, link.ends[1].node)] = (
-                f"from {failed[0].node}: {failed[0].last_check.detail}"
-            )
-    return found
 
 
 def running_backend(status: ClusterStatus | None, model: str) -> str | None:

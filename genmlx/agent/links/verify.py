@@ -45,9 +45,6 @@ class LinkVerifier:
         self._keys = keys
         self._last: dict[str, LinkCheck] = {}  # by local address
 
-    def checks(self) -> tuple[LinkCheck, ...]:
-        return tuple(check for _, check in sorted(self._last.items()))
-
     def down(self) -> dict[str, str]:
         """Interface name -> why, for every link end whose last check found it down (not merely
         without its planned address)."""

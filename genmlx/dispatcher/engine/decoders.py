@@ -97,7 +97,7 @@ class SequentialDecoder:
     def trim_cache(self, entries: int) -> None:
         pass
 
-    def offer_disk(self, prompt: list[int], limit: int | None = None) -> int:
+    def offer_disk(self, prompt: list[int], limit: int | None = None, beyond: int = 0) -> int:
         return 0  # no prefix cache, so no disk tier
 
     def memory_tokens(self, prompt: list[int]) -> int:

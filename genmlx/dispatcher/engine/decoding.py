@@ -76,7 +76,7 @@ class Decoder(Protocol):
 
     def trim_cache(self, entries: int) -> None: ...
 
-    def offer_disk(self, prompt: list[int], limit: int | None = None) -> int: ...
+    def offer_disk(self, prompt: list[int], limit: int | None = None, beyond: int = 0) -> int: ...
 
     def memory_tokens(self, prompt: list[int]) -> int: ...
 
@@ -260,9 +260,9 @@ class BatchDecoder:
     def trim_cache(self, entries: int) -> None:
         self._prefixes.trim(entries)
 
-    def offer_disk(self, prompt: list[int], limit: int | None = None) -> int:
+    def offer_disk(self, prompt: list[int], limit: int | None = None, beyond: int = 0) -> int:
         """The prompt's leading tokens this rank read and checked on disk (``PrefixCache.offer``)."""
-        return self._prefixes.offer(prompt, limit)
+        return self._prefixes.offer(prompt, limit, beyond)
 
     def memory_tokens(self, prompt: list[int]) -> int:
         return self._prefixes.memory_tokens(prompt)

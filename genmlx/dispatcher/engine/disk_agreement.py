@@ -22,10 +22,11 @@ def agree_on_disk(channel: RankChannel | None, decoder: Decoder, prompt: Sequenc
     if channel is None:
         return None
     tokens = list(prompt)
-    offered = decoder.offer_disk(tokens)
+    memory = decoder.memory_tokens(tokens)
+    offered = decoder.offer_disk(tokens, beyond=memory)
     if not offered:
         return None
     entries = decoder.cache_entries
     channel.send(Probe(tuple(tokens), offered), entries)
     answers = channel.send(Heartbeat(), entries)  # its header carries every rank's answer
-    return max(min(offered, *answers[1:]), decoder.memory_tokens(tokens))
+    return max(min(offered, *answers[1:]), memory)

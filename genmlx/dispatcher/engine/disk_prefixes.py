@@ -85,10 +85,15 @@ class DiskPrefixes:
         segments = self.load(planned)
         return self._used(segments) if covered(segments) > beyond else None
 
-    def offer(self, prompt: Sequence[int], limit: int) -> int:
-        """How many of the prompt's first ``limit`` tokens this rank read and checked on disk; the
-        segments are kept for ``take_offered``."""
-        segments = self.load(self.plan(prompt, limit))
+    def offer(self, prompt: Sequence[int], limit: int, beyond: int = 0) -> int:
+        """How many of the prompt's first ``limit`` tokens this rank read and checked on disk, where
+        the disk holds more than ``beyond`` (0 otherwise, and nothing read); the segments are kept
+        for ``take_offered``."""
+        planned = self.plan(prompt, limit)
+        if planned.tokens <= beyond:
+            self._offered = None
+            return 0
+        segments = self.load(planned)
         self._offered = (tuple(prompt[: covered(segments)]), segments) if segments else None
         return covered(segments)
 

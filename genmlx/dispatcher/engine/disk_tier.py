@@ -167,13 +167,6 @@ class DiskTier:
         self._queue.put(None)
         self._writer.join()
 
-    def clear(self) -> None:
-        """Delete every block of this namespace."""
-        with self._lock:
-            keys = list(self._sizes)
-        for key in keys:
-            self._forget(key)
-
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             key, data = item

@@ -106,17 +106,14 @@ class PrefixCache:
         found = self._take_from_memory(prompt, len(prompt) - 1) if len(prompt) > 1 else None
         return found.tokens if found else 0
 
-    def offer(self, prompt: list[int], limit: int | None = None) -> int:
+    def offer(self, prompt: list[int], limit: int | None = None, beyond: int = 0) -> int:
         """How many of the prompt's leading tokens (at most ``limit``; short of its last) this rank
-        read and checked on disk, kept for the ``take`` that follows: the answer to a ``Probe``, or,
-        without ``limit``, rank 0's own offer where its disk holds more than memory (0 otherwise)."""
+        read and checked on disk, kept for the ``take`` that follows: the answer to a ``Probe``, or
+        rank 0's own offer, where its disk holds more than ``beyond`` (what memory holds; 0
+        otherwise)."""
         if self._disk is None or len(prompt) < 2:
             return 0
-        if limit is None:
-            limit = len(prompt) - 1
-            if self._disk.plan(prompt, limit).tokens <= self.memory_tokens(prompt):
-                return 0
-        return self._disk.offer(prompt, limit)
+        return self._disk.offer(prompt, len(prompt) - 1 if limit is None else limit, beyond)
 
     def _take_from_memory(self, prompt: list[int], limit: int) -> Reused | None:
         """The longest prefix memory holds of ``prompt``'s first ``limit`` tokens."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from genmlx.master.planning.backends import LinksDown, link_key
 from genmlx.master.planning.mesh import Link, MeshNode, MeshPlan, thunderbolt_interfaces
 from genmlx.wire.links import LinkCheck
 from genmlx.wire.status import LinkEndStatus, LinkStatus
@@ -79,3 +80,16 @@ def slow_warning(ends: Sequence[LinkEndStatus], expected: float) -> str:
     return (
         f"slower than a Thunderbolt link should be: {', '.join(slow)}; expected at least {expected:g} Gbit/s"
     )
+
+
+def links_down(links: Sequence[LinkStatus]) -> LinksDown:
+    """The cables found down, and why (from the first end that could not reach the other): what
+    the planner takes as no RDMA link. An unaddressed cable is not among them: jaccl needs no
+    address on it, so nothing is known to be broken."""
+    found = {}
+    for link in links:
+        failed = [end for end in link.ends if end.last_check is not None and not end.last_check.up]
+        if link.state == "down" and failed:
+            pair = link_key(link.ends[0].node, link.ends[1].node)
+            found[pair] = f"from {failed[0].node}: {failed[0].last_check.detail}"
+    return found

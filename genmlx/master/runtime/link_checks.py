@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 
 from genmlx.core.errors import GenMLXError
 from genmlx.manifest.types import Manifest
-from genmlx.master.planning.backends import link_key
-from genmlx.master.planning.link_status import checked_links, link_reports
-from genmlx.master.planning.mesh import MeshNode, MeshPlanError, plan_links
+from genmlx.master.planning.backends import LinksDown
+from genmlx.master.planning.link_status import checked_links, link_reports, links_down
+from genmlx.master.planning.mesh import MeshNode, MeshPlan, MeshPlanError, plan_links
 from genmlx.master.planning.observed import Observed
 from genmlx.master.runtime.agent_client import LINK_CHECK_MARGIN_S, AgentClient
 from genmlx.wire.links import DEFAULT_PROBE_BYTES, DEFAULT_PROBE_SECONDS, LinkCheck, LinkCheckRequest
@@ -37,7 +37,7 @@ class LinkChecks:
         self._interval_s = interval_s
         self._probe = (probe_bytes, probe_seconds)
         self._results: dict[EndKey, LinkCheck] = {}
-        self._pairs: dict[str, tuple[str, str]] = {}  # subnet -> its two nodes, names in order
+        self._planned: tuple[MeshPlan, Mapping[str, MeshNode]] | None = None  # the last pass's links
         self._running: dict[EndKey, asyncio.Task] = {}
         self._asked_at = 0.0  # checks older than a user's request are due at once
 
@@ -65,8 +65,8 @@ class LinkChecks:
         except MeshPlanError:
             return ()  # status says why elsewhere (mesh plan); nothing to check
         now = time.time()
+        self._planned = (plan, nodes)
         for link in checked_links(plan):
-            self._pairs[link.subnet] = link_key(link.ends[0].node, link.ends[1].node)
             for end, peer in zip(link.ends, reversed(link.ends), strict=True):
                 key = (link.subnet, end.node)
                 client, peer_node = clients.get(end.node), observed.nodes.get(peer.node)
@@ -77,23 +77,16 @@ class LinkChecks:
                 self._running[key] = asyncio.ensure_future(self._check(key, client, request))
         return link_reports(plan, self._results, nodes)
 
-    def down(self) -> dict[tuple[str, str], str]:
-        """The cables whose last check, from either end, found them down, and why; not those an
-        end has no planned address on (jaccl needs none, so nothing is known to be broken)."""
-        unaddressed = {subnet for (subnet, _), check in self._results.items() if not check.addressed}
-        found: dict[tuple[str, str], str] = {}
-        for (subnet, node), check in sorted(self._results.items()):
-            if not check.up and subnet in self._pairs and subnet not in unaddressed:
-                found.setdefault(self._pairs[subnet], f"from {node}: {check.detail}")
-        return found
+    def down(self) -> LinksDown:
+        """The cables of the last pass's plan whose latest checks found them down, and why."""
+        if self._planned is None:
+            return {}
+        plan, nodes = self._planned
+        return links_down(link_reports(plan, self._results, nodes))
 
     def ask(self) -> None:
         """Make every link due now (the next pass starts their checks)."""
         self._asked_at = time.time()
-
-    @property
-    def asked_at(self) -> float:
-        return self._asked_at
 
     async def settled(self, timeout_s: float) -> None:
         """Wait until no check is running (at most ``timeout_s``)."""
