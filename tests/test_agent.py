@@ -270,7 +270,12 @@ def test_rank_lifecycle_start_serve_log_stop(agent: AgentUnderTest, genmlx_home:
     wait_until(lambda: agent.rank("demo", 0).phase == "ready", timeout=5, what="the agent to see it ready")
     duplicate = agent.call("POST", "/api/v1/ranks", launch.to_json())
     assert duplicate.status == 409 and duplicate.json()["error"]["type"] == "RankAlreadyRunning"
-    assert agent.rank("demo", 0) == replace(started, phase="ready"), "the dispatcher is listed as ready"
+    listed = wait_until(
+        lambda: agent.rank("demo", 0).prompt_cache and agent.rank("demo", 0), 5, what="figures"
+    )
+    assert listed == replace(started, phase="ready", prompt_cache=listed.prompt_cache), "listed as ready"
+    (memory,) = listed.prompt_cache  # read from the rank, with the token: no disk tier here
+    assert (memory.tier, memory.entries, memory.lookups) == ("memory", 0, 0)
 
     log = agent.call("GET", "/api/v1/ranks/demo/0/log")
     assert log.status == 200 and log.headers["Content-Type"].startswith("text/plain")

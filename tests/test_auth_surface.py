@@ -41,7 +41,9 @@ def route_tables() -> dict[str, list[tuple[str, type]]]:
         "agent": agent_app(
             name="n", token="t", storage_paths=(), supervisor=None, transfers=None, verified=None
         ),
-        "dispatcher": dispatcher_app(model_id="m", engine=None, started_at=0, metrics=None, token="t"),
+        "dispatcher": dispatcher_app(
+            model_id="m", engine=None, started_at=0, metrics=None, prompt_cache=None, token="t"
+        ),
     }
     tables = {}
     for name, app in apps.items():

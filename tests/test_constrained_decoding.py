@@ -121,12 +121,11 @@ def test_a_constrained_row_decodes_alike_on_a_model_whose_caches_cannot_batch(de
 
 
 def until_end_of_turn(sequential: SequentialDecoder, uid: int, request, tokenizer) -> list[int]:
-    """The tokens up to the end of turn (this decoder leaves noticing it to the runner)."""
+    """The tokens up to the end of turn (the decoder ends the sequence there)."""
     sequential.join(uid, request)
     tokens: list[int] = []
     while sequential.active:
-        (sampled,) = sequential.step()
-        tokens.append(sampled.token)
-        if sampled.token in tokenizer.eos_token_ids:
-            sequential.leave(uid)
+        for sampled in sequential.step():
+            tokens.append(sampled.token)
+            assert (sampled.end == "stop") == (sampled.token in tokenizer.eos_token_ids)
     return tokens

@@ -141,7 +141,9 @@ def test_a_model_whose_caches_cannot_batch_decodes_one_sequence_at_a_time(demo_m
 
 
 def test_a_quantized_kv_cache_decodes_one_sequence_at_a_time_on_mlx_lms_quantized_cache(tmp_path) -> None:
+    import mlx.core as mx
     from mlx_lm import load
+    from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import QuantizedKVCache
 
     from genmlx.demo.random_model import ModelShape, write_demo_model
@@ -150,18 +152,29 @@ def test_a_quantized_kv_cache_decodes_one_sequence_at_a_time_on_mlx_lms_quantize
     # Heads of 64 values, which 8-bit groups of 64 can quantize (the demo model's have 16).
     shape = ModelShape(hidden_size=128, layers=2, attention_heads=2, kv_heads=1, intermediate_size=256)
     model, tokenizer = load(str(write_demo_model(tmp_path / "heads-of-64", shape=shape)))
-    request = GenerationRequest(
-        "r", tuple(tokenizer.encode("Rivers start in the hills")), 8, Sampling(temperature=0)
-    )
+    prompt = tuple(tokenizer.encode("Rivers start in the hills and carry water down to the sea"))
+    request = GenerationRequest("r", prompt, 8, Sampling(temperature=0))
+    expected = [
+        int(token)
+        for token, _ in generate_step(
+            mx.array(prompt), model, max_tokens=8, kv_bits=8, kv_group_size=64, quantized_kv_start=0
+        )
+    ]
     decoder = make_decoder(model, set(tokenizer.eos_token_ids), DecoderSettings(max_batch=8, kv_bits=8))
     assert isinstance(decoder, SequentialDecoder) and decoder.capacity == 1
-    decoder.join(0, request)
-    tokens = [s.token for _ in range(4) for s in decoder.step()]
-    assert len(tokens) == 4
-    # generate_step keeps the cache in its frame: quantized from the first token, 8 bits, groups of 64.
-    caches = decoder._steps.gi_frame.f_locals["prompt_cache"]
-    assert caches and all(
-        isinstance(c, QuantizedKVCache) and (c.bits, c.group_size) == (8, 64) for c in caches
+    assert decoder.join(0, request) == 0
+    tokens = [s.token for _ in range(3) for s in decoder.step()]
+    # Quantized from the first forward pass: 8 bits, groups of 64, as mlx-lm's generate_step does.
+    assert all(
+        isinstance(c, QuantizedKVCache) and (c.bits, c.group_size) == (8, 64) for c in decoder._solo.cache
     )
-    tokens += [s.token for _ in range(4) for s in decoder.step()]
-    assert len(tokens) == 8 and decoder.active == 0
+    while decoder.active:
+        tokens += [s.token for s in decoder.step()]
+    assert tokens == expected
+    # The prefix cache keeps the quantized state: the same prompt again reuses all but its last token.
+    assert decoder.cache_entries == 1
+    assert decoder.join(1, GenerationRequest("r2", prompt, 8, Sampling(temperature=0))) == len(prompt) - 1
+    again = []
+    while decoder.active:
+        again += [s.token for s in decoder.step()]
+    assert again == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -29,6 +30,7 @@ from test_ranks_lockstep import qwen2_model_dir as qwen2_model_dir  # fixtures, 
 from test_ranks_lockstep import start_ranks as start_ranks
 from test_ui_page import browser as browser  # a fixture, used by name
 
+from genmlx.dispatcher.engine.cache_layout import CacheLayout
 from genmlx.dispatcher.engine.disk_tier import (
     DiskTier,
     DiskTierSettings,
@@ -36,10 +38,11 @@ from genmlx.dispatcher.engine.disk_tier import (
     decode_block,
     encode_block,
 )
-from genmlx.dispatcher.engine.prefix_cache import PrefixCache
+from genmlx.dispatcher.engine.prefix_cache import PrefixCache, PromptCacheStats
 
 BLOCK = 4
 LAYERS = 2
+PLAIN = CacheLayout("blocks", LAYERS, None, ("KVCache",) * LAYERS)
 
 
 def kv_state(tokens: list[int], dtype=mx.bfloat16) -> list[KVCache]:
@@ -57,9 +60,11 @@ def tier(root: Path, max_bytes: int = 1 << 30) -> DiskTier:
     return DiskTier(DiskTierSettings(root, max_bytes, BLOCK))
 
 
-def caches(root: Path, max_bytes: int = 1 << 30) -> tuple[PrefixCache, DiskTier]:
+def caches(
+    root: Path, max_bytes: int = 1 << 30, stats: PromptCacheStats | None = None
+) -> tuple[PrefixCache, DiskTier]:
     disk = tier(root, max_bytes)
-    return PrefixCache(16, disk=disk, layers=LAYERS), disk
+    return PrefixCache(16, disk=disk, layout=PLAIN, stats=stats), disk
 
 
 def test_blocks_are_named_by_a_chain_of_their_tokens():
@@ -84,7 +89,7 @@ def test_a_block_file_is_safetensors_mlx_reads_and_its_checksum_guards_it(tmp_pa
     assert metadata["format"] == "genmlx-kv-block/1" and len(metadata["sha256"]) == 64
     for name, array in arrays.items():
         assert read[name].dtype == array.dtype and mx.array_equal(read[name], array).item()
-        assert mx.array_equal(decode_block(data)[name], array).item()
+        assert mx.array_equal(decode_block(data)[0][name], array).item()
     damaged = bytearray(data)
     damaged[-3] ^= 0x10
     with pytest.raises(ValueError, match="checksum"):
@@ -98,7 +103,8 @@ def test_a_later_process_reads_back_the_longest_run_of_leading_blocks(tmp_path):
     disk.close()  # what a dispatcher's shutdown does: the queue is written out
     assert disk.stats.entries == 4, "three whole blocks and a snapshot where the sequence ended"
 
-    reader, disk = caches(tmp_path)  # a restarted dispatcher: nothing in memory
+    stats = PromptCacheStats()
+    reader, disk = caches(tmp_path, stats=stats)  # a restarted dispatcher: nothing in memory
     asked = [*prompt[:10], 7, 7, 7, 7, 7]  # shares two whole blocks and two more tokens
     reused = reader.take(asked)
     assert reused.tokens == 2 * BLOCK
@@ -108,7 +114,7 @@ def test_a_later_process_reads_back_the_longest_run_of_leading_blocks(tmp_path):
     assert reused.cache[0].offset == 2 * BLOCK
     assert reader.take(prompt).tokens == 3 * BLOCK, "every whole block short of the last token"
     assert reader.take([1, 2, 3, 4, 5, 6]) is None
-    assert disk.stats.hit_tokens == 5 * BLOCK
+    assert (stats.lookups, stats.disk_hits, stats.disk_hit_tokens, stats.memory_hits) == (3, 2, 5 * BLOCK, 0)
     disk.close()
 
 
@@ -266,8 +272,13 @@ def test_a_restarted_dispatcher_answers_a_long_prompt_from_disk_with_the_same_to
     again, _, cached = dispatcher.ask(prompt)
     assert (again, cached) == (cold, prompt_tokens - 1)
     metrics = dispatcher.metrics()
-    assert f'genmlx:prompt_cache_disk_hit_tokens_total{{model_name="demo"}} {prompt_tokens - 1}.0' in metrics
-    assert f'genmlx:prompt_cache_disk_entries{{model_name="demo"}} {files}.0' in metrics
+    assert (
+        f'genmlx:prompt_cache_hit_tokens_total{{model_name="demo",tier="disk"}} {prompt_tokens - 1}.0'
+        in metrics
+    )
+    assert 'genmlx:prompt_cache_hits_total{model_name="demo",tier="memory"} 0.0' in metrics
+    assert f'genmlx:prompt_cache_entries{{model_name="demo",tier="disk"}} {files}.0' in metrics
+    assert 'genmlx:prompt_cache_lookups_total{model_name="demo"} 1.0' in metrics
     dispatcher.stop()
 
     # A damaged block: the run stops short of it; the answer is the same.
@@ -393,10 +404,28 @@ def test_the_status_shows_each_nodes_prompt_cache_and_cache_clear_empties_it(
 ):
     with ready_cluster(tmp_path, demo_model_dir, DiskCacheCluster) as cluster:
         prompt = " ".join(f"line {i} of a long shared preamble;" for i in range(60))
-        reply = cluster.client().chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0
-        )
+        for _ in range(2):  # the second time, from memory
+            reply = cluster.client().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=4, temperature=0
+            )
         assert reply.usage.prompt_tokens > 512
+        assert reply.usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1
+
+        def tiers() -> dict | None:
+            """Each tier as rank 0 counts it, once the status has the hit from memory (the master's
+            canary completions are lookups too)."""
+            counted = {tier["tier"]: tier for tier in cluster.status()["models"][0].get("promptCache", [])}
+            return counted if counted.get("memory", {}).get("hits") else None
+
+        counted = wait_until(tiers, 60, what="the status to show the prompt cache's tiers")
+        memory, disk = counted["memory"], counted["disk"]
+        assert memory["lookups"] >= 3 and memory["hitTokens"] >= reply.usage.prompt_tokens - 1
+        assert memory["entries"] >= 1 and memory["bytes"] > 0
+        assert disk["kind"] == "blocks" and disk["hits"] == 0 and disk["lookups"] == memory["lookups"]
+        described = cluster.cli("describe", "model", MODEL, "--master", cluster.url).stdout
+        assert "Prompt cache:" in described and "  disk (blocks): " in described, described
+        pattern = r"memory: \d+ entries, [\d.]+ MB, hit rate \d+% \(\d+ of \d+ prompts"
+        assert re.search(pattern, described), described
 
         directory = cluster.home / "kv-cache" / MODEL
 
@@ -414,7 +443,11 @@ def test_the_status_shows_each_nodes_prompt_cache_and_cache_clear_empties_it(
         page.goto(cluster.url + login.json()["url"])
         page.wait_for_selector("#model-cards dt >> text=Prompt cache on disk", timeout=60_000)
         card = page.locator("#model-cards").inner_text()
-        assert "local: " in card and f" in {held['blocks']} blocks" in card, card
+        assert "local: " in card and f" in {held['blocks']} files" in card, card
+        assert re.search(
+            r"Prompt cache, memory\s+\d+ entries, .* · \d+% hit rate \(\d+ of \d+ prompts\)", card
+        ), card
+        assert "Prompt cache, disk" in card and ", blocks ·" in card, card
 
         refused = cluster.cli(
             "cache", "clear", MODEL, "--master", cluster.url, env={"GENMLX_HOME": str(tmp_path / "elsewhere")}

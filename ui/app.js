@@ -454,8 +454,13 @@ function renderModels(doc) {
       const owner = (rank) => ((m.ranks || []).find((r) => r.launch && r.launch.rank === rank) || {}).node;
       row("Layer split", byRank.map((l, i) => `${i ? " · " : ""}rank ${l.rank + 1} on ${owner(l.rank) || "?"}: ${l.layerSplit[l.rank] ?? l.layerSplit[i]} layers`).join(""));
     }
+    for (const tier of m.promptCache || []) {
+      const rate = tier.lookups ? `${Math.round((100 * tier.hits) / tier.lookups)}% hit rate (${tier.hits} of ${tier.lookups} prompts)` : "no lookups yet";
+      const kind = tier.kind === "snapshots" ? ", whole-state snapshots" : tier.kind === "blocks" ? ", blocks" : "";
+      row(`Prompt cache, ${tier.tier}`, `${tier.entries} entries, ${bytes(tier.bytes)}${kind} · ${rate}`);
+    }
     const caches = m.promptCaches || [];
-    if (caches.length) row("Prompt cache on disk", caches.map((c, i) => `${i ? " · " : ""}${c.node}: ${bytes(c.bytes)} in ${c.blocks} blocks`).join(""));
+    if (caches.length) row("Prompt cache on disk", caches.map((c, i) => `${i ? " · " : ""}${c.node}: ${bytes(c.bytes)} in ${c.blocks} files`).join(""));
     return h("article", { class: "card", "aria-labelledby": `model-${m.name}`, "data-model": m.name },
       h("h3", { id: `model-${m.name}` }, m.name, " ", badge(null, ready && ready.status === "True" ? "Ready" : m.phase || "Not ready", phaseTone(m))),
       h("p", { class: "message" }, ready ? `${ready.reason}: ${ready.message || ""}` : ""),

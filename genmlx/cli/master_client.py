@@ -267,7 +267,17 @@ def format_described(item: NodeStatus | ModelStatus, events: tuple[EventReport, 
     """`genmlx describe node|model NAME`: its fields, conditions and recent events."""
     what = "Node" if isinstance(item, NodeStatus) else "Model"
     fields = item.to_json()
-    skip = {"name", "conditions", "facts", "storage", "ranks", "copies", "transfers"}
+    skip = {
+        "name",
+        "conditions",
+        "facts",
+        "storage",
+        "ranks",
+        "copies",
+        "transfers",
+        "promptCache",
+        "promptCaches",
+    }
     lines = [f"{what}: {item.name}"]
     shown = {key: value for key, value in fields.items() if key not in skip and value not in (None, [])}
     lines += [f"  {key}: {value}" for key, value in shown.items()]
@@ -278,6 +288,8 @@ def format_described(item: NodeStatus | ModelStatus, events: tuple[EventReport, 
     for key in ("ranks", "copies", "transfers"):
         for entry in fields.get(key) or []:
             lines.append(f"  {key[:-1]}: {json.dumps(entry)}")
+    if isinstance(item, ModelStatus):
+        lines += prompt_cache_lines(item)
     lines.append("Events:")
     for e in events:
         times = f" (x{e.count}, last {e.last_timestamp})" if e.count > 1 else ""
@@ -285,6 +297,25 @@ def format_described(item: NodeStatus | ModelStatus, events: tuple[EventReport, 
     if not events:
         lines.append("  none")
     return "\n".join(lines)
+
+
+def prompt_cache_lines(model: ModelStatus) -> list[str]:
+    """The model's prompt cache, tier by tier as rank 0 counts it, then its disk tier per node."""
+    lines = []
+    for tier in model.prompt_cache:
+        name = f"{tier.tier} ({tier.kind})" if tier.kind else tier.tier
+        rate = f"{tier.hit_rate:.0%}" if tier.hit_rate is not None else "-"
+        lines.append(
+            f"  {name}: {tier.entries} entries, {megabytes(tier.bytes)}, hit rate {rate} "
+            f"({tier.hits} of {tier.lookups} prompts, {tier.hit_tokens} tokens)"
+        )
+    for cache in model.prompt_caches:
+        lines.append(f"  disk on {cache.node}: {megabytes(cache.bytes)} in {cache.blocks} files")
+    return ["Prompt cache:", *lines] if lines else []
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 def condition_cells(conditions: tuple[ConditionReport, ...], where: str | None) -> tuple[str, str, str, str]:

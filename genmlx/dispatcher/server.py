@@ -24,6 +24,8 @@ from tornado.web import Application
 from genmlx.core.tokens import TOKEN_FILE_ENV, TokenFileError, TokenSource
 from genmlx.dispatcher.api.app import make_app, make_health_app
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
+from genmlx.dispatcher.api.prompt_cache import PromptCacheView
+from genmlx.dispatcher.engine.decoding import DecoderSettings
 from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.lockstep import RankGroup
 from genmlx.dispatcher.engine.model_loading import Sharding
@@ -71,12 +73,14 @@ async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tupl
     """Serve until a stop is requested; the exit status and whether the model thread ended."""
     stop = _StopRequest()
     disk_tier = _open_disk_tier(settings)
-    engine = _make_engine(settings, stop, disk_tier)
+    decoding = decoder_settings(settings, disk_tier)
+    engine = _make_engine(settings, stop, decoding)
+    prompt_cache = PromptCacheView(decoding.stats, disk_tier.stats if disk_tier else None)
     metrics = DispatcherMetrics(settings.model_id)
-    if disk_tier is not None:
-        metrics.watch_disk_tier(disk_tier.stats)
+    metrics.watch_prompt_cache(prompt_cache)
     try:
-        server = _make_rank_app(settings, engine, metrics, token).listen(settings.port, address=settings.host)
+        app = _make_rank_app(settings, engine, metrics, prompt_cache, token)
+        server = app.listen(settings.port, address=settings.host)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         return 1, True
@@ -122,13 +126,22 @@ class _StopRequest:
 
 
 def _make_rank_app(
-    settings: RankCommand, engine: Engine, metrics: DispatcherMetrics, token: str | TokenSource | None
+    settings: RankCommand,
+    engine: Engine,
+    metrics: DispatcherMetrics,
+    prompt_cache: PromptCacheView,
+    token: str | TokenSource | None,
 ) -> Application:
     """The OpenAI API on rank 0; ``/health`` alone on the other ranks of a group."""
     if settings.rank != 0:
         return make_health_app(model_id=settings.model_id, engine=engine, token=token)
     return make_app(
-        model_id=settings.model_id, engine=engine, started_at=int(time.time()), metrics=metrics, token=token
+        model_id=settings.model_id,
+        engine=engine,
+        started_at=int(time.time()),
+        metrics=metrics,
+        prompt_cache=prompt_cache,
+        token=token,
     )
 
 
@@ -140,7 +153,7 @@ def _rank_group(settings: RankCommand) -> RankGroup | None:
     return RankGroup(settings.rank, settings.world_size, hostfile, sharding, settings.backend)
 
 
-def _make_engine(settings: RankCommand, stop: _StopRequest, disk_tier: DiskTier | None = None) -> Engine:
+def _make_engine(settings: RankCommand, stop: _StopRequest, decoding: DecoderSettings) -> Engine:
     started = time.monotonic()
 
     def load_failed(message: str, code: int) -> None:
@@ -152,7 +165,7 @@ def _make_engine(settings: RankCommand, stop: _StopRequest, disk_tier: DiskTier 
         ModelSource(model_dir, _rank_group(settings)),
         IOLoop.current(),
         serving=settings.serving,
-        decoding=decoder_settings(settings, disk_tier),
+        decoding=decoding,
         on_loaded=lambda loaded: _log_ready(settings, loaded, time.monotonic() - started),
         on_load_failed=load_failed,
         on_group_ended=stop.request,

@@ -110,6 +110,25 @@ class StorageReport(WireType):
 
 
 @dataclass(frozen=True)
+class PromptCacheTier(WireType):
+    """One tier of a serving model's prompt cache, as its rank 0 counts it (``GET
+    /api/v1/prompt-cache`` of the rank): what the tier holds now, and since the rank started, how
+    many prompts were looked up and how many of them (with how many tokens) this tier supplied."""
+
+    tier: Literal["memory", "disk"]
+    entries: int  # memory: sequences; disk: block and snapshot files of this rank
+    bytes: int
+    lookups: int
+    hits: int
+    hit_tokens: int
+    kind: str | None = None  # the disk tier's: "blocks" or "snapshots" (whole states)
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.lookups if self.lookups else None
+
+
+@dataclass(frozen=True)
 class RankInfo(WireType):
     """A rank the agent started, alive or exited."""
 
@@ -122,6 +141,7 @@ class RankInfo(WireType):
     restarts: int = 0  # earlier starts of the same model and rank on this agent
     # Why a jaccl rank could not join its group (its exit and log read by the agent); None otherwise.
     backend_failure: str | None = None
+    prompt_cache: tuple[PromptCacheTier, ...] = ()  # rank 0's, as its last health check read it
 
 
 @dataclass(frozen=True)
@@ -182,5 +202,3 @@ class AgentState(WireType):
     node_id: str = ""  # stable across restarts, kept in GENMLX_HOME
     key_id: str = ""  # the public id of the signing key of the token it holds (``core.signing``)
     prompt_caches: tuple[PromptCacheReport, ...] = ()
-
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from genmlx.wire.agent_state import NodeFacts, RankInfo, StorageReport, Transfer
+from genmlx.wire.agent_state import NodeFacts, PromptCacheTier, RankInfo, StorageReport, Transfer
 from genmlx.wire.codec import WireType
 from genmlx.wire.links import LinkCheck
 
@@ -91,6 +91,7 @@ class ModelStatus(WireType):
     ranks: tuple[ModelRank, ...] = ()
     copies: tuple[ModelCopy, ...] = ()
     prompt_caches: tuple[ModelPromptCache, ...] = ()  # its disk tier on each node that has one
+    prompt_cache: tuple[PromptCacheTier, ...] = ()  # each tier as rank 0 of the serving group counts it
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,11 @@ from genmlx.agent.ranks.logs import (
     trim_log,
     write_hostfile,
 )
+from genmlx.agent.ranks.prompt_cache_read import read_prompt_cache, token_keys
 from genmlx.agent.store.prompt_caches import prompt_cache_root
 from genmlx.core.errors import AgentConflict, AgentNotFound, TemporaryError
 from genmlx.core.tokens import TokenSource
-from genmlx.wire.agent_state import RankInfo, RankPhase
+from genmlx.wire.agent_state import PromptCacheTier, RankInfo, RankPhase
 from genmlx.wire.argv import to_argv
 from genmlx.wire.rank_launch import RankLaunch, rank_command, rank_key
 
@@ -131,6 +132,7 @@ class RankProcess:
     stopping: asyncio.Future | None = None
     phase: RankPhase = "starting"  # while running; an exited rank is "exited" whatever this says
     backend_failure: str | None = None  # why a jaccl rank could not join its group
+    prompt_cache: tuple[PromptCacheTier, ...] = ()  # rank 0's, as last read
 
     def info(self) -> RankInfo:
         exited = self.exit_code is not None
@@ -143,6 +145,7 @@ class RankProcess:
             phase="exited" if exited else self.phase,
             restarts=self.restarts,
             backend_failure=self.backend_failure,
+            prompt_cache=self.prompt_cache if not exited else (),
         )
 
     @property
@@ -300,6 +303,11 @@ class RankSupervisor:
             log.debug("rank %s: no answer from %s (%s)", record.launch.key, url, e)
             return
         self._set_phase(record, "ready" if response.code == 200 else "loading")
+        if response.code == 200:
+            tiers = await read_prompt_cache(
+                self._http, self._health_host, record.launch.port, token_keys(self._token)
+            )
+            record.prompt_cache = tiers if tiers is not None else record.prompt_cache
 
     def _leader_ready(self, record: RankProcess) -> bool:
         leader = self._ranks.get(rank_key(record.launch.model, 0))

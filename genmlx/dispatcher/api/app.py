@@ -24,6 +24,7 @@ from genmlx.dispatcher.api.handlers import (
     UnknownRouteHandler,
 )
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
+from genmlx.dispatcher.api.prompt_cache import PromptCacheHandler, PromptCacheView
 from genmlx.dispatcher.api.responses_api import ResponsesHandler
 from genmlx.dispatcher.engine.events import Usage
 from genmlx.dispatcher.engine.runner import Engine
@@ -37,6 +38,7 @@ def make_app(
     engine: Engine,
     started_at: int,
     metrics: DispatcherMetrics,
+    prompt_cache: PromptCacheView,
     token: str | TokenSource | None,
 ) -> Application:
     """The tornado application serving ``/health``, ``/metrics``, the OpenAI APIs (chat, completions,
@@ -48,6 +50,7 @@ def make_app(
     routes = [
         (r"/health", HealthHandler, serving),
         (r"/metrics", MetricsHandler, {**auth, "metrics": metrics}),
+        (r"/api/v1/prompt-cache", PromptCacheHandler, {**auth, "prompt_cache": prompt_cache}),
         (r"/v1/models", ModelsHandler, listing),
         (r"/v1/models/(.+)", ModelHandler, listing),
         (r"/v1/chat/completions", ChatCompletionsHandler, generation),

@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from genmlx.dispatcher.engine.disk_tier import TierStats
+from genmlx.dispatcher.api.prompt_cache import PromptCacheView
 from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, TextDelta
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so its dashboards' quantiles mean the same.
@@ -77,10 +77,10 @@ class DispatcherMetrics:
         self.prefix_cache_queries.inc(queried_tokens)
         self.prefix_cache_hits.inc(cached_tokens)
 
-    def watch_disk_tier(self, stats: TierStats) -> None:
-        """Expose the prompt cache's disk tier: what it holds, and what it read, wrote and found
-        damaged since the process started."""
-        self.registry.register(DiskTierCollector(self.model_name, stats))
+    def watch_prompt_cache(self, view: PromptCacheView) -> None:
+        """Expose the prompt cache's tiers: what each holds and supplied, and what the disk tier
+        read, wrote and found damaged since the process started."""
+        self.registry.register(PromptCacheCollector(self.model_name, view))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric and its content type."""
@@ -167,28 +167,44 @@ class RequestMetrics:
         self._phase = phase
 
 
-class DiskTierCollector:
-    """``genmlx:prompt_cache_disk_*``: the disk tier's stats, read when scraped."""
+class PromptCacheCollector:
+    """``genmlx:prompt_cache_*``, read when scraped: each tier's entries, bytes, hits and hit
+    tokens (label ``tier``), the lookups, and the disk tier's reads, writes and damaged blocks."""
 
-    def __init__(self, model_name: str, stats: TierStats):
+    def __init__(self, model_name: str, view: PromptCacheView):
         self.model_name = model_name
-        self.stats = stats
+        self.view = view
 
     def collect(self):
-        stats, labels = self.stats, [self.model_name]
-        for name, help_text, value in (
-            ("entries", "Blocks of KV state on disk.", stats.entries),
-            ("bytes", "Bytes of KV state on disk.", stats.bytes),
-        ):
-            family = GaugeMetricFamily(f"genmlx:prompt_cache_disk_{name}", help_text, labels=LABELS)
-            family.add_metric(labels, value)
+        tiers = self.view.tiers()
+        families = (
+            ("entries", "Sequences in memory, block and snapshot files on disk.", "entries"),
+            ("bytes", "Bytes of KV state a tier holds.", "bytes"),
+        )
+        for name, help_text, attribute in families:
+            family = GaugeMetricFamily(f"genmlx:prompt_cache_{name}", help_text, labels=(*LABELS, "tier"))
+            for tier in tiers:
+                family.add_metric([self.model_name, tier.tier], getattr(tier, attribute))
             yield family
+        for name, help_text, attribute in (
+            ("hits", "Prompts whose reused prefix a tier supplied.", "hits"),
+            ("hit_tokens", "Prompt tokens a tier supplied.", "hit_tokens"),
+        ):
+            family = CounterMetricFamily(f"genmlx:prompt_cache_{name}", help_text, labels=(*LABELS, "tier"))
+            for tier in tiers:
+                family.add_metric([self.model_name, tier.tier], getattr(tier, attribute))
+            yield family
+        lookups = CounterMetricFamily("genmlx:prompt_cache_lookups", "Prompts looked up.", labels=LABELS)
+        lookups.add_metric([self.model_name], tiers[0].lookups)
+        yield lookups
+        if self.view.disk is None:
+            return
+        disk = self.view.disk
         for name, help_text, value in (
-            ("hit_tokens", "Prompt tokens read back from disk.", stats.hit_tokens),
-            ("read_bytes", "Bytes of KV state read from disk.", stats.read_bytes),
-            ("written_bytes", "Bytes of KV state written to disk.", stats.written_bytes),
-            ("damaged_blocks", "Blocks found not to match their checksum (each a miss).", stats.damaged),
+            ("read_bytes", "Bytes of KV state read from disk.", disk.read_bytes),
+            ("written_bytes", "Bytes of KV state written to disk.", disk.written_bytes),
+            ("damaged_blocks", "Blocks found not to match their checksum (each a miss).", disk.damaged),
         ):
             family = CounterMetricFamily(f"genmlx:prompt_cache_disk_{name}", help_text, labels=LABELS)
-            family.add_metric(labels, value)
+            family.add_metric([self.model_name], value)
             yield family

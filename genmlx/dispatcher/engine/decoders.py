@@ -1,23 +1,29 @@
 """Which decoder a model gets (``make_decoder``): continuous batching (``decoding.BatchDecoder``)
 where every cache of the model can be batched and the KV cache is not quantized, else
-``SequentialDecoder``, one sequence at a time through mlx-lm's ``generate_step`` (which quantizes
-the KV cache where asked), with no prefix cache."""
+``SequentialDecoder``, one sequence at a time (``solo.Solo``, which quantizes the KV cache where
+asked), with the same prefix cache and disk tier as the batch."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
 from typing import Any
 
-import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, constraints_for
-from genmlx.dispatcher.engine.decoding import BatchDecoder, Decoder, DecoderSettings, End, Sampled
+from genmlx.dispatcher.engine.decoding import (
+    BatchDecoder,
+    Decoder,
+    DecoderSettings,
+    Sampled,
+    prefix_cache_for,
+)
 from genmlx.dispatcher.engine.events import GenerationRequest
 from genmlx.dispatcher.engine.sampling import make_logits_processors
+from genmlx.dispatcher.engine.solo import Solo
 
 log = logging.getLogger(__name__)
+SOLO_PREFILL_CHUNK = 2048  # prompt tokens a step reads when nothing else decodes (generate_step's)
 
 
 def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings, tokenizer: Any = None) -> Decoder:
@@ -29,80 +35,91 @@ def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings, token
             "KV cache quantized to %d bits: one request at a time, since mlx-lm batches no quantized cache",
             settings.kv_bits,
         )
-        return SequentialDecoder(model, constraints, (settings.kv_bits, settings.kv_group_size))
+        return SequentialDecoder(model, eos_ids, settings, constraints)
     if all(hasattr(cache, "merge") for cache in make_prompt_cache(model)):
         return BatchDecoder(model, eos_ids, settings, constraints)
-    return SequentialDecoder(model, constraints)
+    log.info("this model's caches cannot be batched by mlx-lm: one request at a time")
+    return SequentialDecoder(model, eos_ids, settings, constraints)
 
 
 class SequentialDecoder:
-    """One sequence at a time through ``generate_step``, for models whose caches cannot batch."""
+    """One sequence at a time, decoded by itself, with a prefix cache."""
 
     capacity = 1
-    cache_entries = 0
 
     def __init__(
         self,
         model: Any,
+        eos_ids: set[int],
+        settings: DecoderSettings,
         constraints: GrammarConstraints | None = None,
-        quantized_kv: tuple[int, int] | None = None,
     ):
         self._model = model
+        self._eos_ids = eos_ids
         self._constraints = constraints
-        # (bits, group size) of a KV cache quantized from the first token, as mlx-lm's generate_step does it
-        self._kv = (
-            {"kv_bits": quantized_kv[0], "kv_group_size": quantized_kv[1], "quantized_kv_start": 0}
-            if quantized_kv
-            else {}
-        )
-        self._uid: int | None = None
-        self._steps: Generator[tuple[Any, mx.array]] | None = None
-        self._left = 0
+        self._quantize = settings.quantization
+        self._prefixes = prefix_cache_for(model, settings)
+        self._solo: Solo | None = None
+        self._boundaries: tuple[int, ...] = ()
 
     @property
     def active(self) -> int:
-        return 0 if self._uid is None else 1
+        return 0 if self._solo is None else 1
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._prefixes)
 
     def join(self, uid: int, request: GenerationRequest, cached_tokens: int | None = None) -> int:
-        from mlx_lm.generate import generate_step
-
-        if self._uid is not None:
+        """Start ``request`` as sequence ``uid``; how many prompt tokens the prefix cache supplied
+        (exactly ``cached_tokens``, rank 0's answer, on the other ranks)."""
+        if self._solo is not None:
             raise RuntimeError("this decoder generates one sequence at a time")
-        self._uid, self._left = uid, request.max_tokens
-        self._steps = generate_step(
-            mx.array(request.prompt_tokens),
+        prompt = list(request.prompt_tokens)
+        reused = self._prefixes.take(prompt, cached_tokens)
+        cached = reused.tokens if reused else 0
+        self._boundaries = (*request.boundaries, len(prompt) - 1)
+        self._solo = Solo(
+            uid,
             self._model,
-            max_tokens=request.max_tokens,
-            sampler=RequestRow.of(request, self._constraints),
-            logits_processors=make_logits_processors(request.sampling),
-            **self._kv,
+            reused.cache if reused else make_prompt_cache(self._model),
+            prompt[:cached],
+            prompt[cached:],
+            RequestRow.of(request, self._constraints),
+            request.max_tokens,
+            processors=make_logits_processors(request.sampling),
+            quantize=self._quantize,
+            stops=self._boundaries if self._prefixes.boundaries_kept else (),
+            on_stop=self._prefixes.put_boundary,
         )
-        return 0
+        return cached
 
     def leave(self, uid: int) -> None:
-        if uid == self._uid:
+        if self._solo is not None and self._solo.uid == uid:
             self._end()
 
     def step(self) -> list[Sampled]:
-        if self._uid is None:
+        if self._solo is None:
             return []
-        uid = self._uid
-        token, logprobs = next(self._steps)
-        self._left -= 1
-        end: End | None = "length" if self._left == 0 else None
-        if end:
+        sampled = self._solo.step(self._eos_ids, SOLO_PREFILL_CHUNK)
+        if sampled is None:
+            return []
+        if sampled.end is not None:
             self._end()
-        return [Sampled(uid, int(token), logprobs, end)]
+        return [sampled]
 
     def trim_cache(self, entries: int) -> None:
-        pass
+        self._prefixes.trim(entries)
 
     def offer_disk(self, prompt: list[int], limit: int | None = None, beyond: int = 0) -> int:
-        return 0  # no prefix cache, so no disk tier
+        return self._prefixes.offer(prompt, limit, beyond)
 
     def memory_tokens(self, prompt: list[int]) -> int:
-        return 0
+        return self._prefixes.memory_tokens(prompt)
 
     def _end(self) -> None:
-        steps, self._uid, self._steps = self._steps, None, None
-        steps.close()
+        """The sequence ends here (a step under way is finished and its token dropped); what it
+        read stays in the prefix cache."""
+        solo, self._solo = self._solo, None
+        solo.settle(self._eos_ids)
+        self._prefixes.put(solo.read, solo.cache, self._boundaries)

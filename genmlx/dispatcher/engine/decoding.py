@@ -8,8 +8,13 @@ the ``PrefixCache`` for later prompts that start the same way. A sequence that j
 decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
 is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
 
-``decoders.SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``)
-one sequence at a time with ``generate_step``; ``decoders.make_decoder`` picks between the two.
+``decoders.SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``),
+and quantized KV caches, one sequence at a time (``solo``); ``decoders.make_decoder`` picks
+between the two.
+
+For caches that cannot be cut back to a boundary later (``PrefixCache.boundaries_kept``), a
+sequence's prompt is read in segments that end at its boundaries (mlx-lm's
+``insert_segments``), and the state at each segment's end goes to the prefix cache.
 
 Both are deterministic given the same calls in the same order, which is what keeps the ranks of a
 group in step: rank 0 decides every join and leave, and every rank makes the same calls.
@@ -17,20 +22,22 @@ group in step: rank 0 decides every join and leave, and every rank makes the sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
+from genmlx.dispatcher.engine.cache_layout import cache_layout
 from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, sample_held
 from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.events import GenerationRequest
-from genmlx.dispatcher.engine.prefix_cache import PrefixCache, disk_tier_for
+from genmlx.dispatcher.engine.prefix_cache import PrefixCache, PromptCacheStats
 from genmlx.dispatcher.engine.sampling import BatchSampler, make_logits_processors
+from genmlx.dispatcher.engine.solo import End, KvQuantization, Sampled, Solo
 
-End = Literal["stop", "length"]
-CLEAR_CACHE_EVERY = 256  # tokens a sequence alone decodes between releases of MLX's buffer cache
+__all__ = ["BatchDecoder", "Decoder", "DecoderSettings", "End", "Sampled", "prefix_cache_for"]
 
 
 @dataclass(frozen=True)
@@ -47,16 +54,23 @@ class DecoderSettings:
     disk_tier: DiskTier | None = None
     kv_bits: int | None = None  # a quantized KV cache: one sequence at a time (``decoders``)
     kv_group_size: int = 64
+    stats: PromptCacheStats = field(default_factory=PromptCacheStats)  # the process's one
+
+    @property
+    def quantization(self) -> KvQuantization | None:
+        return KvQuantization(self.kv_bits, self.kv_group_size) if self.kv_bits else None
 
 
-@dataclass(frozen=True)
-class Sampled:
-    """One token of sequence ``uid``; ``end`` when the decoder ended the sequence with it."""
-
-    uid: int
-    token: int
-    logprobs: mx.array
-    end: End | None
+def prefix_cache_for(model: Any, settings: DecoderSettings) -> PrefixCache:
+    """The prefix cache a decoder of ``model`` keeps, by ``settings``."""
+    return PrefixCache(
+        settings.cache_entries,
+        settings.cache_bytes,
+        evicts=settings.leads,
+        disk=settings.disk_tier,
+        layout=cache_layout(model, settings.quantization),
+        stats=settings.stats,
+    )
 
 
 class Decoder(Protocol):
@@ -98,7 +112,7 @@ class BatchDecoder:
         self._model = model
         self._eos_ids = eos_ids
         self._prefill_chunk = settings.prefill_chunk
-        self._solo: _Solo | None = None
+        self._solo: Solo | None = None
         self._carried: list[Sampled] = []  # the token a sequence sampled alone before it moved
         self._generator = BatchGenerator(
             model,
@@ -107,13 +121,7 @@ class BatchDecoder:
             prefill_batch_size=settings.max_batch,
             prefill_step_size=settings.prefill_chunk,
         )
-        self._prefixes = PrefixCache(
-            settings.cache_entries,
-            settings.cache_bytes,
-            evicts=settings.leads,
-            disk=disk_tier_for(model, settings.disk_tier),
-            layers=len(make_prompt_cache(model)),
-        )
+        self._prefixes = prefix_cache_for(model, settings)
         self._uids: dict[int, int] = {}  # ours -> the generator's
         self._boundaries: dict[int, tuple[int, ...]] = {}  # ours -> its snapshot points, until it ends
         self._rows: dict[int, RequestRow] = {}  # the generator's uid -> its request's sampler
@@ -145,14 +153,18 @@ class BatchDecoder:
         if self.active == 0 and not processors:
             if cache is None:
                 cache = make_prompt_cache(self._model)
-            self._solo = _Solo(
-                uid, self._model, cache, prompt[:cached], prompt[cached:], row, request.max_tokens
-            )
+            read, unread = prompt[:cached], prompt[cached:]
+            self._solo = Solo(uid, self._model, cache, read, unread, row, request.max_tokens)
+            self._solo.stops, self._solo.on_stop = self._stops(uid), self._prefixes.put_boundary
             return cached
         if self._solo is not None:
             self._move_solo_into_batch()
         self._insert(uid, prompt[cached:], prompt[:cached], cache, row, processors, request.max_tokens)
         return cached
+
+    def _stops(self, uid: int) -> Sequence[int]:
+        """Where sequence ``uid``'s state goes to the prefix cache as its prompt is read."""
+        return self._boundaries[uid] if self._prefixes.boundaries_kept else ()
 
     def _insert(
         self,
@@ -164,8 +176,10 @@ class BatchDecoder:
         processors: list,
         max_tokens: int,
     ) -> None:
-        (inner,) = self._generator.insert(
-            [unread],
+        start, stops = len(read), sorted(set(self._stops(uid)))
+        cuts = [0, *(stop - start for stop in stops if start < stop < start + len(unread)), len(unread)]
+        (inner,) = self._generator.insert_segments(
+            [[unread[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]],
             max_tokens=[max_tokens],
             caches=[cache],
             all_tokens=[read],
@@ -205,7 +219,11 @@ class BatchDecoder:
         if self._solo is not None:
             return sampled + self._step_solo()
         ours = {inner: uid for uid, inner in self._uids.items()}
-        _, responses = self._generator.next()
+        read, responses = self._generator.next()
+        if self._prefixes.boundaries_kept:
+            passed = [r.uid for r in read if r.end_of_segment and not r.end_of_prompt]
+            for cache, tokens in self._generator.extract_cache(passed).values():
+                self._prefixes.put(list(tokens), cache)
         for response in responses:
             uid = ours[response.uid]
             sampled.append(Sampled(uid, response.token, response.logprobs, response.finish_reason))
@@ -266,77 +284,3 @@ class BatchDecoder:
 
     def memory_tokens(self, prompt: list[int]) -> int:
         return self._prefixes.memory_tokens(prompt)
-
-
-@dataclass
-class _Ahead:
-    """A decoding step already under way: ``fed`` went into the model, ``token`` is being sampled."""
-
-    fed: mx.array
-    token: mx.array
-    logprobs: mx.array
-
-
-@dataclass
-class _Solo:
-    """One sequence decoded by itself on plain caches, one step ahead as ``generate_step`` runs: the
-    next step is sent to the device before the current token is read back, so building one step's
-    graph overlaps computing the other's.
-
-    ``read`` are the tokens whose KV state ``cache`` holds, ``unread`` the ones still to feed (the
-    prompt's rest, then the last token sampled). ``settle`` ends any step under way so that the
-    sequence can move into a batch (or its cache into the prefix cache) exactly where it stands."""
-
-    uid: int
-    model: Any
-    cache: list[Any]
-    read: list[int]
-    unread: list[int]
-    row: RequestRow
-    max_tokens: int
-    generated: int = 0
-    ahead: _Ahead | None = field(default=None, repr=False)
-
-    def step(self, eos_ids: set[int], prefill_chunk: int) -> Sampled | None:
-        """Read one chunk of the prompt (None) or decode the next token."""
-        if len(self.unread) > 1:
-            chunk = self.unread[: min(prefill_chunk, len(self.unread) - 1)]
-            self.model(mx.array(chunk)[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            self.read += chunk
-            self.unread = self.unread[len(chunk) :]
-            return None
-        current = self.ahead or self._launch(mx.array(self.unread[-1:]))
-        self.unread = []
-        self.ahead = None
-        if self.generated + 1 < self.max_tokens:
-            self.ahead = self._launch(current.token)
-        return self._sampled(current, eos_ids)
-
-    def settle(self, eos_ids: set[int]) -> Sampled | None:
-        """Finish the step under way, if one is; the token it sampled (now in ``unread``)."""
-        if self.ahead is None:
-            return None
-        current, self.ahead = self.ahead, None
-        sampled = self._sampled(current, eos_ids)
-        self.unread = [sampled.token]
-        return sampled
-
-    def _launch(self, fed: mx.array) -> _Ahead:
-        logits = self.model(fed[None], cache=self.cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = self.row(logprobs)
-        mx.async_eval(token, logprobs)
-        return _Ahead(fed, token, logprobs)
-
-    def _sampled(self, current: _Ahead, eos_ids: set[int]) -> Sampled:
-        """``current``'s token, once computed; what it fed is now in the cache."""
-        token = current.token.item()
-        self.read.append(current.fed.item())
-        self.generated += 1
-        if self.generated % CLEAR_CACHE_EVERY == 0:  # as generate_step does: return freed buffers
-            mx.clear_cache()
-        end: End | None = (
-            "stop" if token in eos_ids else "length" if self.generated >= self.max_tokens else None
-        )
-        return Sampled(self.uid, token, current.logprobs[0], end)

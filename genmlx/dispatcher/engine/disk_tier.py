@@ -43,9 +43,12 @@ DTYPES = {
     mx.float16: ("F16", mx.uint16),
     mx.bfloat16: ("BF16", mx.uint16),
     mx.float32: ("F32", mx.uint32),
+    mx.uint32: ("U32", mx.uint32),  # a quantized cache's packed values
+    mx.int32: ("I32", mx.uint32),
 }
 RAW = {name: (dtype, raw) for dtype, (name, raw) in DTYPES.items()}
 NUMPY_RAW = {mx.uint16: np.uint16, mx.uint32: np.uint32}
+Record = tuple[dict[str, mx.array], dict[str, str]]  # a block's arrays, and what its metadata adds
 WRITE_QUEUE = 64  # blocks waiting to be written; more are dropped (the cache is best effort)
 
 
@@ -64,7 +67,6 @@ class TierStats:
 
     entries: int = 0
     bytes: int = 0
-    hit_tokens: int = 0
     read_bytes: int = 0
     written_bytes: int = 0
     damaged: int = 0  # blocks found not to match their checksum (each was a miss, then deleted)
@@ -118,7 +120,7 @@ class DiskTier:
         with self._lock:
             return [i for i, key in enumerate(keys) if key not in self._sizes and key not in self._pending]
 
-    def load(self, keys: Sequence[str]) -> list[dict[str, mx.array]]:
+    def load(self, keys: Sequence[str]) -> list[Record]:
         """The blocks of ``keys``, each checked, up to the first that is missing or damaged (a
         damaged one is removed)."""
         blocks = []
@@ -129,14 +131,16 @@ class DiskTier:
             blocks.append(block)
         return blocks
 
-    def count_hit(self, tokens: int) -> None:
-        self.stats.hit_tokens += tokens
+    def stored(self) -> list[str]:
+        """Every key on disk."""
+        with self._lock:
+            return list(self._sizes)
 
-    def _read(self, key: str) -> dict[str, mx.array] | None:
+    def _read(self, key: str) -> Record | None:
         path = self._path(key)
         try:
             data = path.read_bytes()
-            arrays = decode_block(data)
+            record = decode_block(data)
         except (OSError, ValueError) as e:
             self._forget(key, damaged=not isinstance(e, FileNotFoundError))
             log.warning("prompt cache block %s is unusable (%s): treated as a miss", key[:12], e)
@@ -144,19 +148,20 @@ class DiskTier:
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: evicted last
         self.stats.read_bytes += len(data)
-        return arrays
+        return record
 
     # ----- writing -----
 
-    def store(self, key: str, arrays: dict[str, mx.array]) -> None:
-        """Queue block ``key`` unless it is on disk or queued; copies it to host memory here (on
-        the model thread, while the arrays are valid) and writes it in the background."""
+    def store(self, key: str, arrays: dict[str, mx.array], meta: dict[str, str] | None = None) -> None:
+        """Queue block ``key`` (with ``meta`` in its metadata) unless it is on disk or queued;
+        copies it to host memory here (on the model thread, while the arrays are valid) and writes
+        it in the background."""
         with self._lock:
             if key in self._sizes or key in self._pending:
                 return
             self._pending.add(key)
         try:
-            self._queue.put_nowait((key, encode_block(arrays)))
+            self._queue.put_nowait((key, encode_block(arrays, meta)))
         except queue.Full:
             with self._lock:
                 self._pending.discard(key)
@@ -247,8 +252,9 @@ class DiskTier:
 # The block file: safetensors
 
 
-def encode_block(arrays: dict[str, mx.array]) -> bytes:
-    """A safetensors file of ``arrays``, its metadata carrying the SHA-256 of its data."""
+def encode_block(arrays: dict[str, mx.array], meta: dict[str, str] | None = None) -> bytes:
+    """A safetensors file of ``arrays``, its metadata carrying ``meta`` and the SHA-256 of its
+    data."""
     header: dict[str, Any] = {}
     chunks, offset = [], 0
     for name in sorted(arrays):
@@ -263,14 +269,15 @@ def encode_block(arrays: dict[str, mx.array]) -> bytes:
         chunks.append(data)
         offset += len(data)
     body = b"".join(chunks)
-    header["__metadata__"] = {"format": FORMAT, "sha256": hashlib.sha256(body).hexdigest()}
+    header["__metadata__"] = {**(meta or {}), "format": FORMAT, "sha256": hashlib.sha256(body).hexdigest()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     return struct.pack("<Q", len(text)) + text + body
 
 
-def decode_block(data: bytes) -> dict[str, mx.array]:
-    """The arrays of a block file; ``ValueError`` unless it is one of ours and its data matches."""
+def decode_block(data: bytes) -> Record:
+    """The arrays and metadata of a block file; ``ValueError`` unless it is one of ours and its
+    data matches."""
     if len(data) < 8:
         raise ValueError("truncated")
     (length,) = struct.unpack("<Q", data[:8])
@@ -288,4 +295,4 @@ def decode_block(data: bytes) -> dict[str, mx.array]:
         start, end = spec["data_offsets"]
         values = np.frombuffer(body[start:end], dtype=NUMPY_RAW[raw]).reshape(spec["shape"])
         arrays[name] = mx.array(values).view(dtype)
-    return arrays
+    return arrays, metadata

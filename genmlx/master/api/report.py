@@ -123,6 +123,7 @@ def model_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> M
         ranks=tuple(ModelRank(**vars(info), node=node) for node, info in assessment.ranks),
         copies=model_copies(spec, snapshot),
         prompt_caches=model_prompt_caches(spec, snapshot),
+        prompt_cache=next((info.prompt_cache for _, info in assessment.ranks if info.launch.rank == 0), ()),
     )
 
 
