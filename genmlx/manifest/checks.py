@@ -80,7 +80,8 @@ def _api_key_issues(data: Any) -> list[Finding]:
     findings = [*_repeated_key_fields(entries)]
     for index, key in entries:
         at = ("spec", "auth", "apiKeys", index)
-        for position, model in enumerate(key.get("models") or []):
+        named = key.get("models")
+        for position, model in enumerate(named if isinstance(named, list) else []):
             if isinstance(model, str) and model not in models:
                 findings.append(((*at, "models", position), _not_declared(model, models, "model")))
         if isinstance(key.get("expires"), str) and not _parses_as_expiry(key["expires"]):

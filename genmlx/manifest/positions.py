@@ -13,12 +13,15 @@ from typing import Any
 import yaml
 
 from genmlx.core.errors import ManifestIssue
+from genmlx.manifest.limits import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_VALUES
 
 PathPart = str | int
 YamlPath = tuple[PathPart, ...]
 
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
 
 
 def format_path(path: YamlPath) -> str:
@@ -64,7 +67,11 @@ class ParsedYaml:
 
 
 def parse_yaml(text: str, filename: str) -> ParsedYaml:
-    """Parse one YAML document; syntax errors and duplicate keys come back as issues, never raised."""
+    """Parse one YAML document; syntax errors, duplicate keys and documents beyond ``limits``
+    come back as issues, never raised."""
+    if len(text) > MAX_MANIFEST_BYTES:  # characters: never fewer than its UTF-8 bytes
+        message = f"the manifest is larger than {MAX_MANIFEST_BYTES // 2**20} MiB"
+        return ParsedYaml(None, Positions(), [ManifestIssue(filename, 1, 1, "", message)])
     try:
         loader = yaml.SafeLoader(text)  # the reader already refuses control characters here
         root = loader.get_single_node()
@@ -72,10 +79,25 @@ def parse_yaml(text: str, filename: str) -> ParsedYaml:
         return ParsedYaml(None, Positions(), [_reader_issue(error, text, filename)])
     except yaml.YAMLError as error:
         return ParsedYaml(None, Positions(), [_syntax_issue(error, filename)])
+    except RecursionError:  # PyYAML composes nested collections recursively
+        message = f"the document is nested more than {MAX_DEPTH} levels deep"
+        return ParsedYaml(None, Positions(), [ManifestIssue(filename, 1, 1, "", message)])
     walker = _NodeWalker(loader, filename)
-    data = walker.to_value(root, ()) if root is not None else None
-    loader.dispose()
+    try:
+        data = walker.to_value(root, ()) if root is not None else None
+    except _TooLarge as error:
+        return ParsedYaml(None, Positions(), [ManifestIssue(filename, *error.where, "", error.message)])
+    finally:
+        loader.dispose()
     return ParsedYaml(data, walker.positions, walker.issues)
+
+
+class _TooLarge(Exception):
+    """The document goes beyond one of ``limits``: nothing of it is worth checking."""
+
+    def __init__(self, where: Position, message: str):
+        self.where = (where.line, where.column)
+        self.message = message
 
 
 def _mark_position(mark: yaml.Mark) -> Position:
@@ -114,10 +136,20 @@ class _NodeWalker:
         self.filename = filename
         self.positions = Positions()
         self.issues: list[ManifestIssue] = []
+        self.values = 0
 
     def to_value(self, node: yaml.Node, path: YamlPath) -> Any:
-        self.positions.values[path] = _mark_position(node.start_mark)
+        where = _mark_position(node.start_mark)
+        self.values += 1
+        if self.values > MAX_VALUES:
+            message = f"the document holds more than {MAX_VALUES:,} values once its aliases expand"
+            raise _TooLarge(where, message)
+        if len(path) > MAX_DEPTH:
+            raise _TooLarge(where, f"the document is nested more than {MAX_DEPTH} levels deep")
+        self.positions.values[path] = where
         try:
+            if node.tag not in (_MAP_TAG, _SEQ_TAG) and not isinstance(node, yaml.ScalarNode):
+                return self._unreadable(node.start_mark, path, f"a collection tagged {node.tag}")
             if isinstance(node, yaml.MappingNode):
                 return self._mapping(node, path)
             if isinstance(node, yaml.SequenceNode):
@@ -127,12 +159,14 @@ class _NodeWalker:
                 return node.value
             return self.loader.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as error:  # an unknown !tag, a bad merge: the value is unusable
-            where = _mark_position(error.problem_mark or node.start_mark)
-            message = f"cannot read this value: {error.problem}"
-            self.issues.append(
-                ManifestIssue(self.filename, where.line, where.column, format_path(path), message)
-            )
-            return None
+            return self._unreadable(error.problem_mark or node.start_mark, path, str(error.problem))
+        except (ValueError, OverflowError):  # a number Python will not convert (thousands of digits)
+            return self._unreadable(node.start_mark, path, "a number too large to read")
+
+    def _unreadable(self, mark: yaml.Mark, path: YamlPath, problem: str) -> None:
+        where = _mark_position(mark)
+        message = f"cannot read this value: {problem}"
+        self.issues.append(ManifestIssue(self.filename, where.line, where.column, format_path(path), message))
 
     def _mapping(self, node: yaml.MappingNode, path: YamlPath) -> dict[str, Any]:
         explicit_count = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)

@@ -14,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
 from genmlx.core.errors import PermanentError
+from genmlx.core.http import server_limits
 from genmlx.core.mdns import discovery_enabled
 from genmlx.core.tokens import TokenSource
 from genmlx.manifest.revision import file_revision
@@ -93,6 +94,7 @@ async def start_master(config: MasterConfig) -> RunningMaster:
         make_app(reconciler, config.token, responses),
         idle_connection_timeout=3600,
         ssl_options=tls_context(tls) if tls else None,
+        **server_limits(),
     )
     server.listen(port, config.host)
     log.info("master listening on %s://%s:%d", "https" if tls else "http", config.host, port)

@@ -132,6 +132,8 @@ def decode_json(cls: type[T], body: bytes, *, error: Callable[[str], Exception] 
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WireError("body", f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise WireError("body", "JSON nested too deeply") from None
         return decode(cls, data)
     except WireError as e:
         if error is None:

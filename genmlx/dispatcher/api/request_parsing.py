@@ -103,6 +103,8 @@ def json_object(body: bytes) -> dict[str, Any]:
         data = json.loads(body or b"")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("The request body's JSON is nested too deeply.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data

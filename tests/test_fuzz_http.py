@@ -1,0 +1,238 @@
+"""Fuzzed request bodies on every endpoint of the master, an agent and the dispatchers.
+
+The endpoints come from the applications' own route tables (``test_auth_surface.route_tables``),
+so a new endpoint is fuzzed without anyone listing it. Hypothesis sends each one, signed with the
+cluster token (so the request gets past authentication to the code that reads bodies), bodies of
+every kind: JSON values and objects made of the fields our APIs read with values of any type,
+random bytes, invalid UTF-8, JSON nested deeper than Python's parser follows, and bodies at and
+beyond the size limits. Every answer must come, be below 500 and, when it is an error, carry the
+API's error shape; a body over the limit is refused with 400 before it is read. Afterwards the
+processes still serve: the demo cluster answers a completion, and a two-rank tensor group fuzzed
+through rank 0 still answers with the tokens it gave before (its ranks stayed in step). Manifests
+posted to a master (``POST /api/v1/manifest``) are applied whole or refused with nothing changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import urllib.request
+
+import pytest
+import yaml
+from agent_harness import Reply, call
+from conftest import wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_auth_surface import route_tables, sample_path
+from test_auth_surface import running as running  # a fixture, used by name
+from test_cluster import Cluster
+from test_fuzz_manifest import TEXT, VALUES, paths
+from test_ranks_lockstep import MODEL, client_of
+from test_ranks_lockstep import qwen2_model_dir as qwen2_model_dir  # fixtures, used by name
+from test_ranks_lockstep import start_ranks as start_ranks
+from tornado.web import RequestHandler
+
+from genmlx.core.http import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
+
+pytestmark = pytest.mark.e2e
+EXAMPLES = int(os.environ.get("GENMLX_FUZZ_EXAMPLES", "150"))
+FUZZ_TIMEOUT_S = 300 + 2 * EXAMPLES  # a link check through the master takes seconds
+FIELDS = [
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "max_output_tokens", "stream",
+    "tools", "tool_choice", "temperature", "top_p", "n", "stop", "seed", "logprobs", "top_logprobs",
+    "response_format", "input", "instructions", "system", "text", "previous_response_id",
+    "manifest", "filename", "revision", "dryRun", "source", "storagePath", "peer", "model_name",
+    "rank", "worldSize", "launch", "links", "node", "sealed", "keyId",
+]  # fmt: skip
+DEMO = "genmlx-demo"  # the model ``genmlx demo`` serves
+
+
+def bodies(model: str) -> st.SearchStrategy[bytes]:
+    """Request bodies of every kind; a third are objects naming ``model`` with a short answer, so
+    they get past the model lookup into the request's own checks (and some are served)."""
+    objects = st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6)
+    return st.one_of(
+        VALUES.map(lambda value: json.dumps(value).encode()),
+        objects.map(lambda fields: json.dumps(fields).encode()),
+        objects.map(lambda fields: json.dumps({"model": model, "max_tokens": 4, **fields}).encode()),
+        st.binary(max_size=300),
+        st.sampled_from([b"", b"\xff\xfe\xfd", b"[" * 100_000, b'{"a":' * 60_000, b'"' + b"x" * 100_000]),
+    )
+
+
+METHODS = ("GET", "POST", "PUT", "DELETE")
+LIVE = {("GET", "/api/v1/stream")}  # the page's Server-Sent Events: open until the client leaves
+
+
+def endpoints(process: str) -> list[tuple[str, str]]:
+    """(method, path) of every route of ``process`` for each method its handler answers."""
+    found = []
+    for pattern, handler in route_tables()[process]:
+        path = sample_path(pattern)
+        for method in METHODS:
+            if getattr(handler, method.lower()) is not getattr(RequestHandler, method.lower()):
+                found.append((method, path))
+    return sorted(set(found) - LIVE)
+
+
+def check_answer(reply: Reply, what: str) -> None:
+    assert reply.status < 500, (what, reply.status, reply.body[:500])
+    if reply.status >= 400 and reply.headers.get("Content-Type", "").startswith("application/json"):
+        document = json.loads(reply.body)
+        assert isinstance(document.get("error"), dict) and document["error"].get("message"), (
+            what,
+            reply.body[:500],
+        )
+
+
+def fuzz(base: str, token: str, routes: list[tuple[str, str]], data, model: str = DEMO) -> None:
+    method, path = data.draw(st.sampled_from(routes))
+    body = data.draw(bodies(model)) if method in ("POST", "PUT") else None
+    check_answer(
+        call(method, base + path, token, body, {"Content-Type": "application/json"}), f"{method} {path}"
+    )
+
+
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
+@pytest.mark.parametrize("process", ["master", "agent", "dispatcher"])
+def test_fuzzed_bodies_on_every_endpoint_get_an_answer_in_the_apis_shape(running, process):
+    routes = endpoints(process)
+    assert routes, process
+    base = f"http://127.0.0.1:{running[process]}"
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def requests(data):
+        fuzz(base, running["token"], routes, data)
+
+    requests()
+    assert_still_serves(running)
+
+
+def assert_still_serves(running) -> None:
+    url = f"http://127.0.0.1:{running['master']}/v1/completions"
+    body = {"model": DEMO, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    reply = call("POST", url, running["token"], body, {"Content-Type": "application/json"})
+    assert reply.status == 200 and reply.json()["usage"]["completion_tokens"] == 4, reply.body
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("process", ["master", "agent", "dispatcher"])
+def test_a_body_beyond_the_limit_is_refused_before_it_is_read(running, process):
+    limit = MAX_AGENT_BODY_BYTES if process == "agent" else MAX_BODY_BYTES
+    path = {"master": "/v1/completions", "agent": "/api/v1/models", "dispatcher": "/v1/completions"}[process]
+    with socket.create_connection(("127.0.0.1", running[process]), timeout=30) as connection:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {limit + 1}\r\n"
+        connection.sendall(head.encode() + b"Content-Type: application/json\r\n\r\n" + b"x" * 4096)
+        reply = b""
+        while chunk := connection.recv(65536):  # the server closes the connection: no hang
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    within = call(
+        "POST",
+        f"http://127.0.0.1:{running[process]}{path}",
+        running["token"],
+        b"{" + b" " * (limit - 2) + b"}",
+    )
+    assert 400 <= within.status < 500 or within.status == 200, within.status
+    assert_still_serves(running)
+
+
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
+def test_fuzzed_bodies_leave_a_two_rank_group_in_step(start_ranks, qwen2_model_dir, token):
+    group = start_ranks(qwen2_model_dir, 2, "--parallelism", "tensor")
+    client = client_of(group[0], token)
+
+    def answer() -> str:
+        reply = client.completions.create(model=MODEL, prompt="Rivers", max_tokens=8, temperature=0)
+        return reply.choices[0].text
+
+    before = answer()
+    routes = [(m, p.replace("/x", f"/{MODEL}")) for m, p in endpoints("dispatcher")]
+    base = f"http://127.0.0.1:{group[0].port}"
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def requests(data):
+        fuzz(base, token, routes, data, MODEL)
+
+    requests()
+    assert answer() == before, "the ranks still agree on every step"
+
+
+class ManifestOnlyMaster(Cluster):
+    """A master alone: its node's agent never answers, so an applied manifest changes the desired
+    state and nothing else."""
+
+    def __init__(self, root, model_dir):
+        super().__init__(root, model_dir, with_agent=False)
+
+    def ready_status(self) -> dict | None:
+        try:
+            return self.status()
+        except OSError:
+            return None
+
+
+@st.composite
+def mutated(draw, text: str) -> str:
+    data = copy.deepcopy(yaml.safe_load(text))
+    path = draw(st.sampled_from(paths(data)[1:]))
+    parent = data
+    for part in path[:-1]:
+        parent = parent[part]
+    if draw(st.booleans()) and isinstance(parent, dict):
+        parent[draw(TEXT)] = draw(VALUES)
+    else:
+        parent[path[-1]] = draw(VALUES | st.sampled_from(["renamed", 1, "hf://org/other", ["local"], {}]))
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def applied(master: Cluster) -> dict:
+    url = f"{master.url}/api/v1/manifest"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {master.token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
+def test_fuzzed_manifests_applied_to_a_master_change_it_whole_or_not_at_all(tmp_path, demo_model_dir):
+    master = ManifestOnlyMaster(tmp_path, demo_model_dir)
+    try:
+        wait_until(master.ready_status, 60, what="the master to answer")
+        original = master.manifest_text()
+        outcomes: list[int] = []
+
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(mutated(original))
+        def apply(text):
+            before = applied(master)
+            reply = call(
+                "POST",
+                f"{master.url}/api/v1/manifest",
+                master.token,
+                {"manifest": text, "filename": "cluster.yaml"},
+            )
+            check_answer(reply, "POST /api/v1/manifest")
+            outcomes.append(reply.status)
+            after = applied(master)
+            if reply.status == 200:
+                assert after["manifest"] == text, "applied whole"
+                assert after["generation"] == before["generation"] + (after["manifest"] != before["manifest"])
+                models = {model["name"] for model in yaml.safe_load(text)["spec"]["models"]}
+                wait_until(
+                    lambda: {m["name"] for m in master.status()["models"]} == models,
+                    30,
+                    what="the new models",
+                )
+            else:
+                assert reply.status == 422 and reply.json()["error"]["issues"], reply.body[:500]
+                assert after == before, "refused: nothing changed"
+
+        apply()
+        assert {200, 422} <= set(outcomes), "both kinds were tried"
+    finally:
+        master.stop()
