@@ -46,8 +46,10 @@ POLL_S = 0.05
 class Cluster:
     """A master and agents on loopback, driven through the real CLI."""
 
-    def __init__(self, work: Path, model_dir: Path, nodes: int):
+    def __init__(self, work: Path, model_dir: Path, nodes: int, serving: str = ""):
+        """``serving``: more of the model's ``serving`` fields, as YAML flow text (``maxBatch: 4``)."""
         self.work = work
+        self.serving_fields = f", {serving}" if serving else ""
         self.home = work / "home"
         self.home.mkdir()
         (self.home / "token").write_text(TOKEN + "\n")
@@ -91,7 +93,7 @@ class Cluster:
         source = self.storage[self.names[0]] / MODEL
         model = (
             f"    - {{name: {MODEL}, source: 'file://{source}', nodes: [{', '.join(self.names)}], "
-            f"serving: {{port: {self.serving_port}}}}}\n"
+            f"serving: {{port: {self.serving_port}{self.serving_fields}}}}}\n"
         )
         models = model if serving else "    []\n"
         self.manifest.write_text(

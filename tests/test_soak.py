@@ -1,0 +1,32 @@
+"""The soak benchmark, short: a few streams for 30 s through a master onto a tensor group over two
+agents, with clients that drop streams and requests beyond the queue. Nothing but the intended
+429s and client disconnects may go wrong, no rank may restart, and the group's ranks are still in
+step afterwards (the same answer at temperature 0). ``benchmarks/soak.py`` runs the long one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.timeout(300)
+def test_a_short_soak_loses_nothing_and_leaves_the_group_in_step(tmp_path):
+    figures_file = tmp_path / "soak.json"
+    command = [sys.executable, str(BENCHMARKS / "soak.py"), "--streams", "6", "--seconds", "30"]
+    command += ["--max-batch", "2", "--max-queue", "2", "--seed", "1", "--json", str(figures_file)]
+    done = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=280)
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0
+    figures = json.loads(figures_file.read_text())
+    assert figures["errors"] == {}, figures["errors"]
+    assert figures["in_step"], "the ranks gave another answer after the soak"
+    assert figures["completed"] > 20 and figures["rejected"] > 0, "served, and some found the queue full"
+    assert figures["disconnected"] > 0, "some clients left mid-stream"
+    assert {"master", "agent n1", "agent n2", "rank 0 (n1)", "rank 1 (n2)"} <= set(figures["memory"])
