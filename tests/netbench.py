@@ -126,6 +126,17 @@ class NetBench:
         """Take one end of a cable down (as pulling it out would) or bring it back up."""
         ip("-n", self.host(host).netns, "link", "set", interface, "up" if up else "down")
 
+    def partition(self, a: int, b: int, cut: bool = True) -> None:
+        """Drop every packet between hosts ``a`` and ``b`` (both ways, in both namespaces, with
+        iptables), as a switch that stops forwarding between them would; ``cut=False`` heals it."""
+        action = "-A" if cut else "-D"
+        for host, other in ((a, b), (b, a)):
+            peer = self.host(other).address
+            for rule in (["INPUT", "-s", peer], ["OUTPUT", "-d", peer]):
+                done = self.exec(host, ["iptables", action, *rule, "-j", "DROP"])
+                if done.returncode != 0:
+                    raise RuntimeError(f"iptables on host {host}: {done.stderr.strip()}")
+
     def shape(self, host: int, interface: str, rate: str | None) -> None:
         """Limit what ``interface`` of ``host`` sends to ``rate`` ("1gbit", tc's units) with a token
         bucket, as a slower link would; None takes the limit away."""

@@ -10,11 +10,14 @@ held until its signature over the body is checked (rank 0 wrote it in one piece 
 streamed one is passed on once the signature over its status is.
 
 A client that hangs up closes the upstream connection at once (``upstream``), which is how rank 0
-learns to stop, even in the middle of reading a long prompt.
+learns to stop, even in the middle of reading a long prompt. A stream that rank 0 stops writing
+midway (it died, or its group was restarted) ends with an error event in the stream's own terms,
+since its status has long been sent: a client never takes a cut stream for a finished one.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,8 +25,8 @@ from urllib.parse import urlsplit
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamClosedError
 
-from genmlx.core.errors import BadGateway, ModelNotNamed, NotReady, UnknownModel, UnknownRoute
-from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, ClientKey, ClusterAuth
+from genmlx.core.errors import ApiError, BadGateway, ModelNotNamed, NotReady, UnknownModel, UnknownRoute
+from genmlx.core.http import ANTHROPIC_ERRORS, ApiHandler, ClientKey, ClusterAuth, anthropic_error_json
 from genmlx.core.signing import REPLY_HEADER, SignatureError, check_reply, reply_covers_body, signed_headers
 from genmlx.master.api.client_keys import ClientKeys
 from genmlx.master.api.upstream import Upstream
@@ -118,6 +121,8 @@ class ProxyHandler(ApiHandler):
                 message = f"What answers at {url} is not the model's rank 0: {self.unproven}."
             else:
                 message = f"The model's rank 0 at {url} closed the connection mid-reply."
+            if self.streaming():
+                return self.finish(self.stream_error(BadGateway(message)))
             raise BadGateway(message) from None
         except (OSError, TimeoutError) as e:
             self.reconciler.wake()  # evidence that the cluster changed: look now, not at the next resync
@@ -152,6 +157,15 @@ class ProxyHandler(ApiHandler):
     def received(self, status: int, chunk: bytes) -> None:
         """Each chunk of the upstream reply as it passes (a subclass may keep what it needs)."""
 
+    def streaming(self) -> bool:
+        """Whether a server-sent event stream has begun to pass to the client."""
+        content_type = str(self._headers.get("Content-Type", ""))
+        return self._headers_written and content_type.startswith("text/event-stream")
+
+    def stream_error(self, error: ApiError) -> str:
+        """The event that ends a cut stream: OpenAI's ``data: {"error": ...}``."""
+        return f"data: {json.dumps(error.to_json())}\n\n"
+
     def start_response(self, code: int, headers: HTTPHeaders) -> None:
         self.status, self.signature = code, headers.get(REPLY_HEADER)
         if reply_covers_body(self.signature):
@@ -175,6 +189,9 @@ class AnthropicProxyHandler(ProxyHandler):
     other, with the master's own errors (no model, not ready, no answer) in Anthropic's shape."""
 
     error_format = ANTHROPIC_ERRORS
+
+    def stream_error(self, error: ApiError) -> str:
+        return f"event: error\ndata: {json.dumps(anthropic_error_json(error))}\n\n"
 
 
 class UnknownMessagesRouteHandler(ApiHandler):

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from genmlx.core.errors import ResponseNotFound
+from genmlx.core.errors import ApiError, ResponseNotFound
 from genmlx.core.http import ApiHandler, ClientKey, ClusterAuth
 from genmlx.master.api.client_keys import ClientKeys
 from genmlx.master.api.proxy import ProxyHandler, endpoint_for
@@ -50,6 +50,7 @@ class ResponsesProxyHandler(ProxyHandler):
         self.responses = responses
         self._reply = bytearray()
         self._keeping = False
+        self._events = 0  # streamed events passed on so far
 
     async def post(self, path: str = "responses") -> None:
         body = self.json_body()
@@ -65,7 +66,13 @@ class ResponsesProxyHandler(ProxyHandler):
         if self._keeping:
             self.keep(body, conversation)
 
+    def stream_error(self, error: ApiError) -> str:
+        """Responses' ``error`` event, numbered after the last event rank 0 sent."""
+        event = {"type": "error", "code": error.code, "message": error.message, "param": None}
+        return f"event: error\ndata: {json.dumps({**event, 'sequence_number': self._events})}\n\n"
+
     def received(self, status: int, chunk: bytes) -> None:
+        self._events += chunk.count(b"event: ")
         if not self._keeping:
             return
         if status != 200 or len(self._reply) + len(chunk) > MAX_KEPT_REPLY_BYTES:

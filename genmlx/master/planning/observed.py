@@ -12,7 +12,7 @@ from typing import Literal
 
 from genmlx.wire.agent_state import AgentState, RankInfo
 
-NodeReachability = Literal["ready", "unreachable", "unauthorized"]
+NodeReachability = Literal["ready", "unreachable", "unauthorized", "clock-skew"]
 EndpointState = Literal["ready", "loading", "down", "hung"]
 
 

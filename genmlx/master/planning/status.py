@@ -62,8 +62,8 @@ def node_ready(node: ObservedNode | None, name: str, now: float) -> Condition:
         return Condition("Ready", "Unknown", "NotObserved", f"node {name} has not been observed yet", now)
     if node.reachability == "ready":
         return Condition("Ready", "True", "AgentReady", f"agent at {node.address} answers", now)
-    reason = "Unauthorized" if node.reachability == "unauthorized" else "AgentUnreachable"
-    return Condition("Ready", "False", reason, node.detail, now)
+    reasons = {"unauthorized": "Unauthorized", "clock-skew": "ClockSkew"}
+    return Condition("Ready", "False", reasons.get(node.reachability, "AgentUnreachable"), node.detail, now)
 
 
 def model_ready(assessment: ModelAssessment, now: float) -> Condition:
@@ -173,6 +173,8 @@ def node_stalled(spec: Node, node: ObservedNode) -> list[Finding]:
     cannot succeed, a storage path that is not there."""
     if node.reachability == "unauthorized":
         return [("Unauthorized", node.detail or f"the agent at {node.address} refused the cluster token")]
+    if node.reachability == "clock-skew":
+        return [("ClockSkew", node.detail)]
     state = node.state
     findings = [
         ("TransferFailed", f"{t.kind} of {t.model} to {node.name} failed: {t.error}")

@@ -12,7 +12,9 @@ retrying), 401/403 is ``AuthError``, 404 ``AgentNotFound``, 409 ``AgentConflict`
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
+import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -26,7 +28,15 @@ from genmlx.core.errors import (
     AuthError,
     ImpostorError,
 )
-from genmlx.core.signing import KEY_NOT_HELD, REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+from genmlx.core.signing import (
+    KEY_NOT_HELD,
+    REPLY_HEADER,
+    WINDOW_S,
+    Keys,
+    SignatureError,
+    check_reply,
+    signed_headers,
+)
 from genmlx.core.tokens import TokenSource
 from genmlx.master.planning.observed import EndpointHealth
 from genmlx.wire.agent_state import AgentState, FetchRequest, PromptCacheReport, RankInfo
@@ -152,6 +162,11 @@ class AgentClient:
             ) from None
 
 
+class ClockSkew(AuthError):
+    """The agent refused a signed request because its clock and the master's are more than the
+    signature window apart."""
+
+
 class KeyNotHeld(AuthError):
     """The agent does not hold the token this request was signed with (a rotation under way, or
     another cluster's agent)."""
@@ -162,6 +177,13 @@ def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exc
         return AgentUnreachable(f"agent at {address} does not answer: {e.message}")
     if e.code in (401, 403):
         why = error_message(e)
+        skew = clock_skew(e.response)
+        if skew is not None and abs(skew) > WINDOW_S:
+            side = "ahead of" if skew > 0 else "behind"
+            return ClockSkew(
+                f"agent at {address} refused our signature: its clock is {abs(skew):.0f} s {side} this "
+                f"master's, and a signed request may be at most {WINDOW_S} s off; set both clocks by NTP"
+            )
         refusal = KeyNotHeld if KEY_NOT_HELD in why else AuthError
         return refusal(f"agent at {address} refused our signature (HTTP {e.code}): {why}")
     message = error_message(e)
@@ -169,6 +191,16 @@ def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exc
         return AgentUnreachable(f"agent at {address} failed {method} {path}: {message}")
     rejection = REJECTIONS.get(e.code, AgentRequestError)
     return rejection(f"agent at {address} rejected {method} {path}: {message}")
+
+
+def clock_skew(response: HTTPResponse | None) -> float | None:
+    """How far the answering machine's clock (its reply's ``Date``) is ahead of ours, in seconds;
+    None without a readable date."""
+    try:
+        sent = email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp()
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return sent - time.time()
 
 
 def error_message(e: HTTPClientError) -> str:

@@ -16,7 +16,7 @@ from tornado.httpclient import AsyncHTTPClient
 from genmlx.core.errors import AuthError, GenMLXError, ImpostorError
 from genmlx.manifest.types import Manifest, Node
 from genmlx.master.planning.observed import EndpointHealth, Impostor, Observed, ObservedNode, RolloutRecord
-from genmlx.master.runtime.agent_client import AgentClient, check_endpoint
+from genmlx.master.runtime.agent_client import AgentClient, ClockSkew, check_endpoint
 from genmlx.master.runtime.canary import Canaries
 from genmlx.master.runtime.discovery import DiscoveredAgent
 
@@ -51,7 +51,12 @@ async def observe(
     return Observed(now=now, nodes=by_name, endpoints=endpoints, rollouts=dict(rollouts), impostors=impostors)
 
 
-PREFERRED = ("ready", "unauthorized", "unreachable")  # of several candidates, the first that answered
+PREFERRED = (
+    "ready",
+    "clock-skew",
+    "unauthorized",
+    "unreachable",
+)  # of several candidates, the first that answered
 
 
 async def observe_node(name: str, candidates: list[AgentClient]) -> tuple[ObservedNode, list[Impostor]]:
@@ -75,6 +80,8 @@ async def observe_candidate(name: str, client: AgentClient) -> tuple[ObservedNod
         state = await client.state()
     except ImpostorError as e:
         return ObservedNode(name, client.address, "unreachable", str(e)), True
+    except ClockSkew as e:
+        return ObservedNode(name, client.address, "clock-skew", str(e)), False
     except AuthError as e:
         return ObservedNode(name, client.address, "unauthorized", str(e)), False
     except GenMLXError as e:
