@@ -153,3 +153,30 @@ def test_the_decoder_samples_a_batch_in_one_call_per_step_with_each_request_as_i
     together = decode(model, tokenizer, requests, max_batch=len(requests))
     assert together == alone
     assert max(batch_sizes) == len(requests)
+
+
+def test_a_greedy_row_samples_in_a_batch_on_a_thread_other_than_the_importing_one():
+    """The model thread samples greedy and random rows together: nothing made at import on the
+    main thread may be left for it to compute (MLX's streams are per thread). A fresh process,
+    so that nothing else evaluated it first."""
+    import subprocess
+    import sys
+
+    script = """
+import threading
+import mlx.core as mx
+from genmlx.dispatcher.engine.events import Sampling
+from genmlx.dispatcher.engine.sampling import BatchSampler, RowSampler
+
+def work():
+    with mx.stream(mx.new_stream(mx.default_device())):
+        rows = [RowSampler(Sampling(temperature=0)), RowSampler(Sampling(temperature=1.0, seed=3))]
+        mx.eval(BatchSampler().sample(mx.random.normal((2, 16)), rows))
+        print("sampled")
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "sampled", done.stderr[-2000:]

@@ -26,6 +26,9 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 # How many recent tokens (prompt included, as mlx-lm counts them) the penalties look at.
 PENALTY_WINDOW = 256
 _UNUSED_KEY = mx.zeros((2,), dtype=mx.uint32)  # a greedy row's place in the stacked keys
+# Evaluated here, on the importing thread: left lazy, its graph would name that thread's stream,
+# and the model thread, which has no such stream, could not compute it (MLX's streams are per thread).
+mx.eval(_UNUSED_KEY)
 
 
 class RowSampler:
