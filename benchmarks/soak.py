@@ -145,8 +145,10 @@ async def client_loop(
             await asyncio.sleep(float(e.response.headers.get("retry-after", "1")))
         except openai.APIStatusError as e:
             tally.errors[f"HTTP {e.status_code}"] += 1
+            await asyncio.sleep(1)  # as a client would before trying again
         except (openai.APIError, OSError) as e:
             tally.errors[type(e).__name__] += 1
+            await asyncio.sleep(1)
 
 
 async def one_stream(client, tally: Tally, prompt: str, max_tokens: int, leave_after: int | None) -> None:
@@ -214,10 +216,13 @@ def main() -> None:
     parser.add_argument("--disconnect", type=float, default=0.1, help="share of streams the client drops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--logs", type=Path, help="keep the processes' logs in this (new) directory")
     options = parser.parse_args()
     serving = f"maxBatch: {options.max_batch}, maxQueue: {options.max_queue}"
     with model_directory(None) as model_dir, tempfile.TemporaryDirectory() as tmp:
-        cluster = Cluster(Path(tmp), model_dir, options.nodes, serving)
+        work = options.logs or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        cluster = Cluster(work, model_dir, options.nodes, serving)
         try:
             cluster.apply(serving=True)
             first_token(cluster.url)

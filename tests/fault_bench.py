@@ -41,7 +41,11 @@ class FaultCluster:
         model_dir: Path,
         model_nodes: tuple[str, ...] = ("n1", "n2"),
         master_env: dict[str, str] | None = None,
+        agent_env: dict[str, str] | None = None,
+        before_start=None,
     ):
+        """``before_start(cluster)`` runs once the homes exist, before any process starts (to
+        mount a small filesystem on a storage path, shape a link)."""
         self.bench = bench
         self.root = root
         self.token = read_token(ensure_token(root / "token")[0])
@@ -51,6 +55,9 @@ class FaultCluster:
         self.model_nodes = model_nodes
         self.manifest = root / "cluster.yaml"
         self.write_manifest()
+        self.agent_env = agent_env or {}
+        if before_start is not None:
+            before_start(self)
         self.agents = {name: self.start_agent(name) for name in self.names}
         # A canary every 2 s, hung after 5 s without an answer: self-healing within a test's time.
         self.master_env = {
@@ -84,9 +91,8 @@ class FaultCluster:
     def start_agent(self, name: str, env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()):
         index = self.names.index(name)
         argv = [*wrapper, *genmlx("agent", "--name", name, "--storage", str(self.homes[name] / "models"))]
-        return self.bench.run(
-            index, argv, f"agent-{name}", {"GENMLX_HOME": str(self.homes[name]), **(env or {})}
-        )
+        environment = {"GENMLX_HOME": str(self.homes[name]), **self.agent_env, **(env or {})}
+        return self.bench.run(index, argv, f"agent-{name}", environment)
 
     def stop_agent(self, name: str) -> None:
         """Stop the agent (SIGTERM; its ranks go with it), and whatever a wrapper put around it."""
@@ -127,10 +133,10 @@ class FaultCluster:
     def client(self, timeout: float = 60) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token, max_retries=0, timeout=timeout)
 
-    def answer(self, max_tokens: int = 12) -> str:
+    def answer(self, max_tokens: int = 12, model: str = MODEL) -> str:
         """A completion at temperature 0: the same text whenever the whole model serves it."""
         reply = self.client().completions.create(
-            model=MODEL, prompt="Rivers carry water", max_tokens=max_tokens, temperature=0
+            model=model, prompt="Rivers carry water", max_tokens=max_tokens, temperature=0
         )
         return reply.choices[0].text
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ def faults(netns_hosts, tmp_path, demo_model_dir):
     """``faults(hosts=2, **options)``: a ``FaultCluster`` serving the model, and its answer."""
     made: list[FaultCluster] = []
 
-    def make(hosts: int = 2, **options) -> tuple[FaultCluster, str]:
+    def make(hosts: int = 2, serving: bool = True, **options) -> tuple[FaultCluster, str | None]:
         missing = [
             tool
             for tool in ("iptables", "faketime")
@@ -39,6 +40,8 @@ def faults(netns_hosts, tmp_path, demo_model_dir):
         skip_or_fail(f"{' and '.join(missing)} not installed" if missing else None, "the fault tests")
         cluster = FaultCluster(netns_hosts(hosts), tmp_path, demo_model_dir, **options)
         made.append(cluster)
+        if not serving:
+            return cluster, None
         wait_until(cluster.serving, 240, what="the model to serve")
         return cluster, cluster.answer()
 
@@ -158,3 +161,69 @@ def test_a_node_whose_clock_is_minutes_off_is_named_with_the_offset_and_rejoins_
         "the node is NotReady, reason ClockSkew with the offset; its groups wait until the clock is set",
         since=fixed,
     )
+
+
+def test_a_model_file_damaged_on_one_node_while_it_serves_is_copied_again(faults):
+    cluster, answer = faults(agent_env={"GENMLX_SCRUB_INTERVAL_S": "3"})
+    weights = cluster.homes["n2"] / "models" / MODEL / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as file:  # cut short, as a failing disk or a stray write leaves it
+        file.truncate(size // 2)
+    damaged = time.monotonic()
+
+    def copied_again() -> bool:
+        return weights.exists() and weights.stat().st_size == size and bool(cluster.serving())
+
+    recovered(
+        "a weights file truncated on one node while it serves",
+        lambda: copied_again() and cluster.answers(answer),
+        180,
+        "nothing until the agent's scrub finds it; then the node's copy is replaced from the other "
+        "node and the group restarted on it",
+        since=damaged,
+    )
+
+
+def test_a_storage_path_without_room_holds_the_copy_back_and_it_goes_ahead_once_there_is(faults):
+    def small_storage(cluster: FaultCluster) -> None:  # 256 KiB: the demo model needs 720
+        models = cluster.homes["n2"] / "models"
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(models)], check=True)
+        source = f"file://{cluster.homes['n1'] / 'models' / MODEL}"
+        cluster.write_manifest(  # and the same weights on n1 alone: the answer the group must give
+            f'    - {{name: {MODEL}, source: "{source}", nodes: [n1, n2]}}\n'
+            f'    - {{name: reference, source: "{source}", nodes: [n1]}}\n'
+        )
+
+    cluster, _ = faults(before_start=small_storage, serving=False)
+    models = cluster.homes["n2"] / "models"
+    try:
+
+        def no_room() -> dict | None:
+            model = cluster.model()
+            ready = model["conditions"][0] if model else {}
+            return ready if ready.get("reason") == "NoRoom" else None
+
+        ready = wait_until(no_room, 120, what="the model to wait for room on n2")
+        assert ready["message"] == "no storage path of n2 has room for 0.7 MB", ready["message"]
+        assert not list(models.iterdir()), "nothing was copied into a path without room"
+        expected = wait_until(lambda: reference_answer(cluster), 120, what="the reference model")
+        subprocess.run(["mount", "-o", "remount,size=16m", str(models)], check=True)
+        room = time.monotonic()
+        recovered(
+            "a storage path without room for the model, then given room",
+            lambda: cluster.serving() and cluster.answers(expected),
+            240,
+            "the model is Blocked with reason NoRoom and the size it needs; nothing is copied until "
+            "there is room",
+            since=room,
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(models)], check=False)
+
+
+def reference_answer(cluster: FaultCluster) -> str | None:
+    """The answer of the same weights served on n1 alone: what the group must answer too."""
+    try:
+        return cluster.answer(model="reference")
+    except openai.APIError:
+        return None

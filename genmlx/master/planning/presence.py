@@ -76,7 +76,7 @@ def plan_fetch(
     size = holder[1].size_bytes if holder else None
     storage = choose_storage(seen, node, size)
     if storage is None:
-        need = f"{size / GB:.1f} GB" if size else "it"
+        need = (f"{size / GB:.1f} GB" if size >= GB / 10 else f"{size / 1e6:.1f} MB") if size else "it"
         return Wait("NoRoom", f"no storage path of {node.name} has room for {need}", blocked=True)
     return FetchModel(node.name, fetch_request(spec, storage, holder))
 
