@@ -38,7 +38,7 @@ from tornado.web import RequestHandler
 from genmlx.core.http import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
 
 pytestmark = pytest.mark.e2e
-EXAMPLES = int(os.environ.get("GENMLX_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("GENMLX_FUZZ_EXAMPLES", "100"))
 FUZZ_TIMEOUT_S = 300 + 2 * EXAMPLES  # a link check through the master takes seconds
 FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "max_output_tokens", "stream",
