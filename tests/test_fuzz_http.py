@@ -24,7 +24,7 @@ import pytest
 import yaml
 from agent_harness import Reply, call
 from conftest import wait_until
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_auth_surface import route_tables, sample_path
 from test_auth_surface import running as running  # a fixture, used by name
@@ -204,10 +204,19 @@ def test_fuzzed_manifests_applied_to_a_master_change_it_whole_or_not_at_all(tmp_
     try:
         wait_until(master.ready_status, 60, what="the master to answer")
         original = master.manifest_text()
+        renamed = yaml.safe_load(original)
+        renamed["spec"]["models"][0]["name"] = "renamed"
+        broken = copy.deepcopy(renamed)
+        broken["spec"]["models"][0]["name"] = 1
         outcomes: list[int] = []
 
+        # Random mutations may all be refused (or all applied) in a short run; these make sure
+        # both paths are checked every time: unchanged, a real change, and a refused one.
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         @given(mutated(original))
+        @example(original)
+        @example(yaml.safe_dump(renamed, sort_keys=False))
+        @example(yaml.safe_dump(broken, sort_keys=False))
         def apply(text):
             before = applied(master)
             reply = call(
