@@ -14,6 +14,7 @@ posted to a master (``POST /api/v1/manifest``) are applied whole or refused with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -119,18 +120,43 @@ def assert_still_serves(running) -> None:
     assert reply.status == 200 and reply.json()["usage"]["completion_tokens"] == 4, reply.body
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("process", ["master", "agent", "dispatcher"])
-def test_a_body_beyond_the_limit_is_refused_before_it_is_read(running, process):
-    limit = MAX_AGENT_BODY_BYTES if process == "agent" else MAX_BODY_BYTES
-    path = {"master": "/v1/completions", "agent": "/api/v1/models", "dispatcher": "/v1/completions"}[process]
-    with socket.create_connection(("127.0.0.1", running[process]), timeout=30) as connection:
-        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {limit + 1}\r\n"
-        connection.sendall(head.encode() + b"Content-Type: application/json\r\n\r\n" + b"x" * 4096)
-        reply = b""
+def raw_exchange(port: int, head: str, body: bytes) -> tuple[int, dict]:
+    """Send a request's head and the start of its body; the status and JSON of the one reply
+    the server sends before it closes the connection (nothing may follow it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head.encode() + b"\r\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused mid-body
+            for start in range(0, len(body), 16 << 10):
+                connection.sendall(body[start : start + (16 << 10)])
+        received = b""
         while chunk := connection.recv(65536):  # the server closes the connection: no hang
-            reply += chunk
-    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    header_block, _, payload = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().lower().split(": ", 1) for line in header_block.split(b"\r\n"))
+    assert headers["connection"] == "close" and len(payload) == int(headers["content-length"]), received
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+REFUSALS = [  # where a request is sent, and how that API says "too large"
+    ("master", "/v1/completions", lambda e: e["error"]["code"] == "request_too_large"),
+    ("master", "/v1/messages", lambda e: e["type"] == "error" and e["error"]["type"] == "request_too_large"),
+    ("master", "/api/v1/manifest", lambda e: e["error"]["type"] == "BodyTooLarge"),
+    ("agent", "/api/v1/models", lambda e: e["error"]["type"] == "BodyTooLarge"),
+    ("dispatcher", "/v1/chat/completions", lambda e: e["error"]["type"] == "invalid_request_error"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("process", "path", "shaped"), REFUSALS)
+def test_a_body_beyond_the_limit_is_refused_in_the_apis_shape_before_it_is_read(
+    running, process, path, shaped
+):
+    limit = MAX_AGENT_BODY_BYTES if process == "agent" else MAX_BODY_BYTES
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    status, error = raw_exchange(running[process], head + f"Content-Length: {limit + 1}\r\n", b"x" * 4096)
+    assert status == 413 and shaped(error), error
+    assert f"limit of {limit >> 20} MiB" in json.dumps(error), error
     within = call(
         "POST",
         f"http://127.0.0.1:{running[process]}{path}",
@@ -138,7 +164,17 @@ def test_a_body_beyond_the_limit_is_refused_before_it_is_read(running, process):
         b"{" + b" " * (limit - 2) + b"}",
     )
     assert 400 <= within.status < 500 or within.status == 200, within.status
+    assert within.status != 413, "a body at the limit is read"
     assert_still_serves(running)
+
+
+@pytest.mark.timeout(120)
+def test_a_chunked_body_is_refused_once_it_grows_past_the_limit(running):
+    head = "POST /api/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+    piece = b"x" * (64 << 10)
+    chunks = (b"%x\r\n" % len(piece) + piece + b"\r\n") * (MAX_AGENT_BODY_BYTES // len(piece) + 1)
+    status, error = raw_exchange(running["agent"], head, chunks)
+    assert status == 413 and error["error"]["type"] == "BodyTooLarge", error
 
 
 @pytest.mark.timeout(FUZZ_TIMEOUT_S)

@@ -17,7 +17,8 @@ from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.scrub import Scrubber, ScrubSettings
 from genmlx.agent.transfers.manager import TransferManager
-from genmlx.core.http import MAX_AGENT_BODY_BYTES, server_limits
+from genmlx.core.body_limit import serve
+from genmlx.core.http import MAX_AGENT_BODY_BYTES
 from genmlx.core.mdns import discovery_enabled
 
 __all__ = ["AgentConfig", "RunningAgent", "run_agent", "start_agent"]
@@ -80,7 +81,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         verified=verified,
         node_id=node_id,
     )
-    server = app.listen(config.port, address=config.host, **server_limits(MAX_AGENT_BODY_BYTES))
+    server = serve(app, config.port, config.host, MAX_AGENT_BODY_BYTES)
     supervisor.watch()
     scrubber.start()
     paths = ", ".join(str(p) for p in config.storage_paths)

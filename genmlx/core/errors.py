@@ -154,6 +154,13 @@ class InvalidRequest(ApiError, PermanentError):
     error_type = "invalid_request_error"
 
 
+class BodyTooLarge(InvalidRequest):
+    """The request body is over the server's limit (refused before it is read)."""
+
+    status = 413
+    default_code = "request_too_large"
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus completion would not fit the served context length."""
 

@@ -21,7 +21,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.web import Application
 
-from genmlx.core.http import server_limits
+from genmlx.core.body_limit import serve
 from genmlx.core.tokens import TOKEN_FILE_ENV, TokenFileError, TokenSource
 from genmlx.dispatcher.api.app import make_app, make_health_app
 from genmlx.dispatcher.api.metrics import DispatcherMetrics
@@ -81,7 +81,7 @@ async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tupl
     metrics.watch_prompt_cache(prompt_cache)
     try:
         app = _make_rank_app(settings, engine, metrics, prompt_cache, token)
-        server = app.listen(settings.port, address=settings.host, **server_limits())
+        server = serve(app, settings.port, settings.host)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         return 1, True

@@ -13,8 +13,8 @@ from pathlib import Path
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 
+from genmlx.core.body_limit import serve
 from genmlx.core.errors import PermanentError
-from genmlx.core.http import server_limits
 from genmlx.core.mdns import discovery_enabled
 from genmlx.core.tokens import TokenSource
 from genmlx.manifest.revision import file_revision
@@ -90,13 +90,13 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
     responses = ResponseStore(config.state_dir / "responses.sqlite")
     tls = applied.manifest.master.tls if applied else None
-    server = HTTPServer(
+    server = serve(
         make_app(reconciler, config.token, responses),
+        port,
+        config.host,
         idle_connection_timeout=3600,
         ssl_options=tls_context(tls) if tls else None,
-        **server_limits(),
     )
-    server.listen(port, config.host)
     log.info("master listening on %s://%s:%d", "https" if tls else "http", config.host, port)
     if discovery is not None:
         await discovery.start(on_change=reconciler.wake)
