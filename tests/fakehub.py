@@ -114,9 +114,10 @@ class HubError(Exception):
 
 
 class FakeHub:
-    """The Hub and its CDN on two free loopback ports, served from a thread of their own."""
+    """The Hub and its CDN on two free ports of ``host`` (loopback unless a test's hosts must reach
+    it, as the network-namespace bench's do at its bridge address), served from a thread of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[SeenRequest] = []
         self.bytes_served: Counter[str] = Counter()  # by repo file path
@@ -128,10 +129,10 @@ class FakeHub:
         self._drops: dict[str, int] = {}  # repo file path -> bytes to send before hanging up
         self.ignore_range = False  # answer Range requests with the whole file (200), as some CDNs do
         self._lock = threading.Lock()
-        self._hub_sockets = bind_sockets(0, "127.0.0.1")
-        self._cdn_sockets = bind_sockets(0, "127.0.0.1")
-        self.url = f"http://127.0.0.1:{self._hub_sockets[0].getsockname()[1]}"
-        self.cdn_url = f"http://127.0.0.1:{self._cdn_sockets[0].getsockname()[1]}"
+        self._hub_sockets = bind_sockets(0, host)
+        self._cdn_sockets = bind_sockets(0, host)
+        self.url = f"http://{host}:{self._hub_sockets[0].getsockname()[1]}"
+        self.cdn_url = f"http://{host}:{self._cdn_sockets[0].getsockname()[1]}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 

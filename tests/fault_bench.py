@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import urllib.request
@@ -48,9 +49,11 @@ class FaultCluster:
         mount a small filesystem on a storage path, shape a link)."""
         self.bench = bench
         self.root = root
+        self.hub = None  # a FakeHub the agents download from, where the test made one
         self.token = read_token(ensure_token(root / "token")[0])
         self.names = tuple(f"n{i + 1}" for i in range(len(bench.hosts)))
         self.homes = {name: self._home(name) for name in self.names}
+        self.model_dir = model_dir
         shutil.copytree(model_dir, self.homes["n1"] / "models" / MODEL)
         self.model_nodes = model_nodes
         self.manifest = root / "cluster.yaml"
@@ -87,6 +90,16 @@ class FaultCluster:
             "apiVersion: genmlx/v1\nkind: Cluster\nmetadata: {name: faults}\nspec:\n"
             f"  master: {{node: n1}}\n  nodes:\n{nodes}  models:\n{model}"
         )
+
+    def apply(self, model: str | None = None) -> str:
+        """Rewrite the manifest (as ``write_manifest``) and apply it with `genmlx apply`, as a
+        user does; what it printed."""
+        self.write_manifest(model)
+        command = genmlx("apply", "-f", str(self.manifest), "--master", self.url)
+        env = {**os.environ, "GENMLX_HOME": str(self.homes["n1"])}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
 
     def start_agent(self, name: str, env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()):
         index = self.names.index(name)
@@ -146,6 +159,36 @@ class FaultCluster:
             return self.answer() == expected
         except openai.APIError:
             return False
+
+    def transfer(self, node: str, model: str = MODEL) -> dict | None:
+        """The transfer of ``model`` that ``node``'s agent reports last (running, done or failed)."""
+        document = self.status()
+        for seen in document["nodes"] if document else ():
+            if seen["name"] == node:
+                return next((t for t in seen.get("transfers", ()) if t["model"] == model), None)
+        return None
+
+    def written(self, node: str, model: str = MODEL) -> int:
+        """Bytes a transfer of ``model`` to ``node`` has written so far (read from the disk: the
+        status trails by a pass)."""
+        partial = self.homes[node] / "models" / ".genmlx-partial" / model
+        return sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.exists() else 0
+
+    def moving(self, node: str, model: str = MODEL, at_least: float = 0.3) -> bool:
+        """Whether a transfer of ``model`` to ``node`` has written ``at_least`` of its bytes."""
+        size = sum(f.stat().st_size for f in self.model_dir.rglob("*") if f.is_file())
+        return self.written(node, model) >= at_least * size
+
+    def published(self, node: str, model: str = MODEL) -> bool:
+        return (self.homes[node] / "models" / model).exists()
+
+    def leftovers(self, node: str, model: str = MODEL) -> list[Path]:
+        """Whatever of ``model`` lies on ``node`` besides a published copy: its partial directory,
+        directories being deleted. None may stay once the model is in place."""
+        models = self.homes[node] / "models"
+        partial = models / ".genmlx-partial" / model
+        deleting = sorted(models.glob(f".genmlx-deleting-{model}-*"))
+        return [partial, *deleting] if partial.exists() else deleting
 
     def rank_pids(self) -> dict[int, int]:
         model = self.model() or {"ranks": []}

@@ -137,14 +137,14 @@ class NetBench:
                 if done.returncode != 0:
                     raise RuntimeError(f"iptables on host {host}: {done.stderr.strip()}")
 
-    def shape(self, host: int, interface: str, rate: str | None) -> None:
+    def shape(self, host: int, interface: str, rate: str | None, burst: str = "1mb") -> None:
         """Limit what ``interface`` of ``host`` sends to ``rate`` ("1gbit", tc's units) with a token
-        bucket, as a slower link would; None takes the limit away."""
+        bucket of ``burst`` bytes, as a slower link would; None takes the limit away."""
         qdisc = ["tc", "qdisc", "{}", "dev", interface, "root"]
         self.exec(host, [part.format("del") for part in qdisc])  # none there yet is fine
         if rate is None:
             return
-        bucket = ["tbf", "rate", rate, "burst", "1mb", "latency", "50ms"]
+        bucket = ["tbf", "rate", rate, "burst", burst, "latency", "50ms"]
         done = self.exec(host, [*(part.format("add") for part in qdisc), *bucket])
         if done.returncode != 0:
             raise RuntimeError(f"tc could not shape {interface} of host {host}: {done.stderr.strip()}")

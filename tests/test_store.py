@@ -4,6 +4,7 @@ and, through a real agent process, the file list, Range serving, path escapes, a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -33,6 +34,7 @@ from genmlx.agent.store.model_store import (
     VerificationFailed,
     adopt,
     check_room,
+    out_of_room,
     partial_dir,
     publish,
     sha256_file,
@@ -40,6 +42,7 @@ from genmlx.agent.store.model_store import (
 )
 from genmlx.agent.transfers.manager import room_checked
 from genmlx.agent.transfers.progress import TransferProgress
+from genmlx.core.errors import PermanentError
 from genmlx.wire.agent_state import FetchRequest, StoredModel
 from genmlx.wire.rank_launch import RankLaunch
 from genmlx.wire.serving import ServingSettings
@@ -204,6 +207,14 @@ def test_a_model_that_does_not_fit_is_refused_with_the_numbers(tmp_path: Path):
     too_big = room_checked(TransferProgress(), tmp_path, "m", tmp_path / "partial")
     with pytest.raises(NoRoom):
         too_big(0, free + 10**12)
+
+
+def test_a_full_disk_is_no_room_and_not_permanent_and_other_write_errors_are_not():
+    full = out_of_room(OSError(errno.ENOSPC, "No space left on device"), "m/model.safetensors")
+    assert isinstance(full, NoRoom) and not isinstance(full, PermanentError)
+    assert str(full).startswith("no room left while writing m/model.safetensors (No space left on device)")
+    assert isinstance(out_of_room(OSError(errno.EDQUOT, "Disk quota exceeded"), "m"), NoRoom)
+    assert out_of_room(OSError(errno.EIO, "Input/output error"), "m") is None
 
 
 @pytest.mark.parametrize(

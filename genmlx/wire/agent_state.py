@@ -176,7 +176,7 @@ class Transfer(WireType):
     bytes_done: int = 0
     bytes_total: int | None = None  # None until known
     error: str | None = None
-    permanent: bool = False  # a failure that retrying cannot fix (not found, gated, no room)
+    permanent: bool = False  # a failure that retrying cannot fix (not found, gated, corrupt at the peer)
     started_at: float = 0.0
 
 

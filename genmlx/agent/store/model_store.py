@@ -15,6 +15,7 @@ models or model files. Everything here blocks on the disk: call it from an execu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ from genmlx.agent.store.metadata import (
     safe_model_name,
     write_metadata,
 )
-from genmlx.core.errors import PermanentError
+from genmlx.core.errors import GenMLXError, PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,17 @@ class ModelAlreadyPresent(PermanentError):
     """Publishing would replace a complete model that is already in place."""
 
 
-class NoRoom(PermanentError):
-    """A storage path has too little free space for a model."""
+class NoRoom(GenMLXError):
+    """A storage path has too little free space for a model, found before writing or when a write
+    failed for want of room. Not permanent: room comes back when someone frees it, and the master
+    asks again once the path reports room; the partial directory stays, so the transfer resumes."""
+
+
+def out_of_room(error: OSError, what: str) -> NoRoom | None:
+    """``NoRoom`` for a write that failed because the file system (or a quota) is full, else None."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return NoRoom(f"no room left while writing {what} ({error.strerror}): free space; it resumes from here")
 
 
 @dataclass(frozen=True)

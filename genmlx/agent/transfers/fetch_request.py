@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote, urlsplit
 
-from genmlx.agent.transfers.peer_sync import Peer, PeerRefused
+from genmlx.agent.transfers.peer_client import Peer, PeerRefused
 from genmlx.core.errors import AgentRequestError
 from genmlx.wire.agent_state import FetchRequest
 from genmlx.wire.codec import decode_json

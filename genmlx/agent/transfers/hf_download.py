@@ -22,7 +22,6 @@ file that fails verification are retried with backoff, then raised as ``Temporar
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -57,7 +56,7 @@ from genmlx.agent.store.mlx_files import (
     needs_remote_code,
     remove_stale_model_files,
 )
-from genmlx.agent.store.model_store import DownloadResult
+from genmlx.agent.store.model_store import DownloadResult, out_of_room
 from genmlx.agent.transfers.resumable_file import ContentHashes, PartialFile, hash_file
 from genmlx.core.errors import PermanentError, TemporaryError
 
@@ -252,8 +251,8 @@ def hub_errors(origin: str) -> Iterator[None]:
     except (FileMetadataError, OfflineModeIsEnabled, HFValidationError) as e:
         raise PermanentError(f"{origin}: {e}") from e
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise PermanentError(f"{origin}: no room left on the device ({e})") from e
+        if full := out_of_room(e, origin):
+            raise full from e
         raise  # another local failure (permissions, I/O): not the Hub's, and not ours to retry
 
 

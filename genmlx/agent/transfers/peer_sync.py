@@ -6,7 +6,8 @@ copy being replaced (hard-linked in: a copy with one damaged file costs one file
 file cut short by an interruption is resumed with a Range request from its current size; the rest
 are fetched whole. Every byte is hashed as it is written, so checking a file costs no second read;
 a file whose sha256 does not match is deleted and fetched once more, then the sync fails. The
-whole directory is published atomically with the peer's source, revision and commit.
+whole directory is published atomically with the peer's source, revision and commit. A write that
+finds the disk full is ``NoRoom`` (ours, not the peer's): the partial directory stays to resume.
 
 Everything here blocks (plain ``http.client`` over one connection per file, large reads straight into
 one reused buffer): the transfer manager runs it in a worker thread, off the event loop.
@@ -20,11 +21,9 @@ import http.client
 import json
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -38,26 +37,30 @@ from genmlx.agent.store.metadata import (
     ModelMetadata,
     parse_metadata,
 )
-from genmlx.agent.store.model_store import check_room, holds_revision, partial_dir, publish, sha256_file
+from genmlx.agent.store.model_store import (
+    check_room,
+    holds_revision,
+    out_of_room,
+    partial_dir,
+    publish,
+    sha256_file,
+)
+from genmlx.agent.transfers.peer_client import (
+    PEER_TIMEOUT_S,
+    Peer,
+    PeerRefused,
+    PeerUnreachable,
+    raise_for_status,
+    send,
+)
 from genmlx.agent.transfers.progress import TransferProgress
 from genmlx.core.errors import PermanentError, TemporaryError
-from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
 from genmlx.wire.agent_state import FetchRequest
 
 log = logging.getLogger(__name__)
 
 RECEIVE_CHUNK_BYTES = 4 * 1024 * 1024
-PEER_TIMEOUT_S = 60.0
 ATTEMPTS_PER_FILE = 3  # connection failures, each resuming where the last one stopped
-PEER_ADDRESS = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>\d{1,5})")
-
-
-class PeerRefused(PermanentError):
-    """The peer answered, but refused: wrong token, no such model or file, its copy is corrupt."""
-
-
-class PeerUnreachable(TemporaryError):
-    """The peer did not answer, failed (5xx), or the connection dropped mid-file."""
 
 
 class PeerHoldsOtherRevision(PermanentError):
@@ -66,26 +69,6 @@ class PeerHoldsOtherRevision(PermanentError):
 
 class PeerCopyCorrupt(PermanentError):
     """A file from the peer did not match the sha256 the peer lists for it, twice."""
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Another agent, and the cluster token to show it."""
-
-    host: str
-    port: int
-    token: str = field(repr=False)
-
-    @classmethod
-    def parse(cls, address: str, token: str) -> Peer:
-        """From "host:port" or "[v6 address]:port"; raises ``PeerRefused`` for anything else."""
-        match = PEER_ADDRESS.fullmatch(address)
-        if match is None or not 0 < int(match["port"]) < 65536:
-            raise PeerRefused(f"peer: {address!r} is not a host:port address")
-        return cls(match["ipv6"] or match["host"], int(match["port"]), token)
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def sync_model(
@@ -224,6 +207,8 @@ def receive_file(
         with progress.interruptible(lambda: shut_down(connection)):
             return receive_body(connection, peer, name, file, target, progress, committed, offset)
     except (OSError, http.client.HTTPException) as e:
+        if isinstance(e, OSError) and (full := out_of_room(e, f"{name}/{file.path}")):
+            raise full from None  # our disk, not the peer
         raise PeerUnreachable(f"peer {peer}: {file.path}: {e or type(e).__name__}") from None
     finally:
         connection.close()
@@ -323,60 +308,6 @@ def copy_body(
 def write_all(out: Any, chunk: memoryview) -> None:
     while chunk:
         chunk = chunk[out.write(chunk) :]
-
-
-def send(
-    connection: http.client.HTTPConnection, peer: Peer, path: str, headers: dict[str, str]
-) -> SignedReply:
-    """GET ``path`` from the peer, signed; the reply and the nonce its signature must name."""
-    keys = Keys.of(peer.token)
-    signed, nonce = signed_headers(keys, "GET", f"http://{peer}{path}", None)
-    try:
-        connection.request("GET", path, headers={**headers, **signed})
-        return SignedReply(connection.getresponse(), keys, nonce)
-    except (OSError, http.client.HTTPException) as e:
-        raise PeerUnreachable(f"peer {peer} did not answer: {e or type(e).__name__}") from None
-
-
-@dataclass(frozen=True)
-class SignedReply:
-    """A peer's reply to a signed request: ``checked`` it, with its body where the signature covers
-    it (a file's bytes are checked against the listing's sha256 instead)."""
-
-    response: http.client.HTTPResponse
-    keys: Keys
-    nonce: str
-
-    def checked(self, peer: Peer, body: bytes | None = None) -> None:
-        header = self.response.getheader(REPLY_HEADER)
-        try:
-            check_reply(self.keys, self.nonce, self.response.status, header, body)
-        except SignatureError as e:
-            raise PeerRefused(f"what answers at {peer} is not an agent of this cluster: {e}") from None
-
-
-def raise_for_status(reply: SignedReply, peer: Peer, what: str) -> None:
-    """Nothing for 200 and 206; ``PeerUnreachable`` for 5xx; ``PeerRefused`` with the peer's own
-    message for anything else (a refusal of our signature is not signed; any other is checked)."""
-    response = reply.response
-    if response.status in (200, 206):
-        return
-    body = response.read()
-    if response.status != 401:
-        reply.checked(peer, body)
-    message = error_message(body)
-    if response.status >= 500:
-        raise PeerUnreachable(f"peer {peer} failed to send {what} (HTTP {response.status}): {message}")
-    if response.status == 401:
-        message = f"it refused our signature (do both agents hold the same cluster token?): {message}"
-    raise PeerRefused(f"peer {peer} refused {what} (HTTP {response.status}): {message}")
-
-
-def error_message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body[:200].decode(errors="replace")
 
 
 def remove_unlisted(partial: Path, files: tuple[ModelFile, ...]) -> None:
