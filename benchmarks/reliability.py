@@ -2,6 +2,7 @@
 figures, and the fuzzing that ran, each with the command that reproduces it.
 
     python benchmarks/reliability.py [--soak-streams 64] [--soak-seconds 300] [--fuzz-examples 1000]
+        [--soak-logs DIR]
 
 It runs, as real processes on this machine: the fault tests (``tests/test_faults.py``, on the
 network-namespace bench: root, iproute2, iptables and faketime), which record each recovery
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=float, default=300)
     parser.add_argument("--fuzz-examples", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
+    parser.add_argument("--soak-logs", type=Path, help="keep the soak's process logs in this (new) directory")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         records = Path(work) / "faults.jsonl"
@@ -49,6 +51,7 @@ def main() -> None:
         soak_file = Path(work) / "soak.json"
         soak = [sys.executable, "soak.py", "--streams", str(options.soak_streams)]
         soak += ["--seconds", str(options.soak_seconds), "--json", str(soak_file)]
+        soak += ["--logs", str(options.soak_logs.resolve())] if options.soak_logs else []
         subprocess.run(soak, cwd=ROOT / "benchmarks", check=True)
         faults = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
         figures = json.loads(soak_file.read_text())
@@ -63,17 +66,20 @@ def page(faults: list[dict], faults_ok: bool, soak: dict, options, fuzz_ok: bool
         "# Reliability in figures",
         "",
         f"Measured on {machine}, {time.strftime('%Y-%m-%d')}, with the demo model (a tiny random-weight",
-        "llama).",
+        "llama; one of 9 MB where a transfer is cut short).",
         "Regenerate this page with `python benchmarks/reliability.py` (root, for the network-namespace",
         "bench). Every figure below comes from that run; none is written by hand.",
         "",
         "## Faults",
         "",
         "Each scenario is a test of `tests/test_faults.py` on the network-namespace bench: a master on",
-        "the first host, an agent on every host, the model served as a tensor group over two hosts. It",
-        "breaks one thing, checks what a client sees, and waits for the model to serve again with the",
-        "same answer at temperature 0 as before the fault. Recovery is timed from the end of the fault",
-        "(the kill, the restart, the heal) to that answer.",
+        "the first host, an agent on every host, the model served as a tensor group over two hosts, or",
+        "on its way to one of them (downloaded from a stand-in for the Hugging Face Hub, or copied from",
+        "the other agent, over a link slowed to 1 MiB/s). It breaks one thing, checks what a client",
+        "sees and that nothing half-copied is published or left behind, and waits for the model to",
+        "serve again with the same answer at temperature 0 as before the fault (or as the same weights",
+        "served alone). Recovery is timed from the end of the fault (the kill, the restart, the heal,",
+        "the room made) to that answer.",
         "",
         "| Scenario | What the user sees | Bound | Recovered in | Reproduce |",
         "|---|---|---|---|---|",

@@ -13,7 +13,9 @@ next request. Those two are intended; any other failure is an error, counted by 
 
 Every second the resident memory (RSS) of the master, each agent and every rank is sampled; the
 report gives each one's first and last sample and its slope (least squares, MB per minute) over the
-run after the first quarter (warming up: buffers, caches, the prefix cache filling). A rank that
+run after the first quarter (warming up: buffers, caches, the prefix cache filling). Each one's open
+files (sockets included) are counted before the clients start and once they are all gone: a
+process that holds more afterwards leaks them. A rank that
 restarts (a new pid) is an error too. Before and after, a completion at temperature 0 is asked:
 the same answer afterwards means the ranks of the group are still in step.
 
@@ -44,6 +46,7 @@ from rollout_latency import MODEL, Cluster, first_token
 
 WORDS = ("river", "sea", "mountain", "valley", "field", "wheat", "barley", "bean", "library", "map", "coast")
 SAMPLE_S = 1.0
+SETTLE_S = 3.0  # after the last client, before open files are counted again
 
 
 @dataclass
@@ -105,10 +108,20 @@ class MemorySampler:
                     found[name] = child
         return found
 
+    def open_files(self) -> dict[str, int]:
+        """How many files (sockets included) each process holds open now."""
+        counts = {}
+        for name, process in self._processes().items():
+            try:
+                counts[name] = process.num_fds()
+            except psutil.Error:
+                continue
+        return counts
+
     def restarts(self) -> int:
         return sum(len(pids) - 1 for pids in self.rank_pids.values())
 
-    def table(self) -> dict[str, dict[str, float]]:
+    def table(self, files_before: dict[str, int], files_after: dict[str, int]) -> dict[str, dict[str, float]]:
         rows = {}
         for name, samples in sorted(self.samples.items()):
             warm = [s for s in samples if s[0] >= samples[-1][0] / 4] or samples
@@ -116,6 +129,8 @@ class MemorySampler:
                 "first_mb": samples[0][1],
                 "last_mb": samples[-1][1],
                 "slope_mb_per_min": slope(warm),
+                "files_before": files_before.get(name),
+                "files_after": files_after.get(name),
             }
         return rows
 
@@ -228,17 +243,20 @@ def main() -> None:
             first_token(cluster.url)
             before = reference_answer(cluster)
             memory = MemorySampler(cluster)
+            files_before = memory.open_files()
             memory.start()
             started = time.monotonic()
             tally = asyncio.run(soak(cluster, options))
             elapsed = time.monotonic() - started
             memory.stop()
             in_step = reference_answer(cluster) == before
+            time.sleep(SETTLE_S)  # every client gone: what is still open now stays open
+            files_after = memory.open_files()
         finally:
             cluster.stop()
     if memory.restarts():
         tally.errors["rank restarted"] += memory.restarts()
-    figures = report(options, tally, elapsed, memory.table(), in_step)
+    figures = report(options, tally, elapsed, memory.table(files_before, files_after), in_step)
     if options.json:
         options.json.write_text(json.dumps(figures, indent=2))
 
@@ -272,9 +290,11 @@ def report(options, tally: Tally, elapsed: float, memory: dict, in_step: bool) -
         if p50 is not None:
             print(f"{name.upper():<4} p50 {p50 * 1000:8.1f} ms   p99 {p99 * 1000:8.1f} ms")
     print(f"tokens/s overall: {figures['tokens_per_second']:.1f}")
-    print(f"{'process':<16} {'first MB':>9} {'last MB':>9} {'MB/min after warm-up':>22}")
+    print(f"{'process':<16} {'first MB':>9} {'last MB':>9} {'MB/min after warm-up':>22} {'open files':>16}")
     for name, row in memory.items():
-        print(f"{name:<16} {row['first_mb']:9.1f} {row['last_mb']:9.1f} {row['slope_mb_per_min']:22.2f}")
+        files = f"{row['files_before']} -> {row['files_after']}"
+        mb = f"{row['first_mb']:9.1f} {row['last_mb']:9.1f} {row['slope_mb_per_min']:22.2f}"
+        print(f"{name:<16} {mb} {files:>16}")
     print(
         f"ranks still in step (same answer at temperature 0 before and after): {'yes' if in_step else 'NO'}"
     )

@@ -68,16 +68,20 @@ class Upstream:
         if self._closed:  # the client left while we were connecting
             stream.close()
             raise StreamClosedError()
-        params = HTTP1ConnectionParameters(
-            no_keep_alive=True, header_timeout=HEADER_TIMEOUT_S, max_body_size=MAX_BODY_BYTES
-        )
+        params = HTTP1ConnectionParameters(header_timeout=HEADER_TIMEOUT_S, max_body_size=MAX_BODY_BYTES)
         connection = HTTP1Connection(stream, True, params)
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        sent = httputil.HTTPHeaders({**headers, "Host": parts.netloc, "Content-Length": str(len(body))})
-        await connection.write_headers(httputil.RequestStartLine("POST", path, "HTTP/1.1"), sent, body)
-        connection.finish()
-        if not await connection.read_response(Relay(on_headers, on_chunk)):
-            raise StreamClosedError()
+        # One request per connection, closed by both ends once the reply is in: tornado's client
+        # side leaves the connection open after a reply, and rank 0 would keep its end too.
+        sent = {**headers, "Host": parts.netloc, "Content-Length": str(len(body)), "Connection": "close"}
+        try:
+            start = httputil.RequestStartLine("POST", path, "HTTP/1.1")
+            await connection.write_headers(start, httputil.HTTPHeaders(sent), body)
+            connection.finish()
+            if not await connection.read_response(Relay(on_headers, on_chunk)):
+                raise StreamClosedError()
+        finally:
+            stream.close()
 
     def close(self) -> None:
         self._closed = True
