@@ -109,13 +109,16 @@ def page(faults: list[dict], faults_ok: bool, soak: dict, options, fuzz_ok: bool
         f"- tokens per second overall: {soak['tokens_per_second']:.1f}",
         f"- the group's ranks still in step afterwards: {'yes' if soak['in_step'] else 'no'}",
         "",
-        "| Process | RSS first (MB) | RSS last (MB) | Slope after warm-up (MB/min) |",
-        "|---|---|---|---|",
+        "Open files are counted before the clients come and once they have all gone: more afterwards",
+        "would be a leak.",
+        "",
+        "| Process | RSS first (MB) | RSS last (MB) | Slope after warm-up (MB/min) | Open files before, after"
+        " |",
+        "|---|---|---|---|---|",
     ]
     for name, row in soak["memory"].items():
-        lines.append(
-            f"| {name} | {row['first_mb']:.1f} | {row['last_mb']:.1f} | {row['slope_mb_per_min']:.2f} |"
-        )
+        rss = f"{row['first_mb']:.1f} | {row['last_mb']:.1f} | {row['slope_mb_per_min']:.2f}"
+        lines.append(f"| {name} | {rss} | {row['files_before']}, {row['files_after']} |")
     lines += [
         "",
         "## Fuzzing",
@@ -126,7 +129,8 @@ def page(faults: list[dict], faults_ok: bool, soak: dict, options, fuzz_ok: bool
         "random bytes, alias bombs, deep nesting) are loaded whole or refused with `FILE:LINE:COL`",
         "issues, and a master applies them whole or not at all; request bodies on every endpoint of",
         "the master, an agent and the dispatchers get an answer below 500 in the API's error shape,",
-        "and a two-rank group stays in step. The limits they enforce are in the README (Limits).",
+        "and a two-rank group stays in step; a body over the size limit is a 413 in that shape, unread.",
+        "The limits are in the README (Limits).",
         "",
     ]
     return "\n".join(lines)
