@@ -6,10 +6,12 @@ cluster token (so the request gets past authentication to the code that reads bo
 every kind: JSON values and objects made of the fields our APIs read with values of any type,
 random bytes, invalid UTF-8, JSON nested deeper than Python's parser follows, and bodies at and
 beyond the size limits. Every answer must come, be below 500 and, when it is an error, carry the
-API's error shape; a body over the limit is refused with 400 before it is read. Afterwards the
-processes still serve: the demo cluster answers a completion, and a two-rank tensor group fuzzed
-through rank 0 still answers with the tokens it gave before (its ranks stayed in step). Manifests
-posted to a master (``POST /api/v1/manifest``) are applied whole or refused with nothing changed.
+API's error shape; a body over the limit is refused with 413, in that shape, before it is read.
+Afterwards the processes still serve: the demo cluster answers a completion, and a two-rank tensor
+group fuzzed through rank 0 still answers with the tokens it gave before (its ranks stayed in
+step). Manifests posted to a master (``POST /api/v1/manifest``) are applied whole or refused with
+nothing changed, and a dry run of each (what ``genmlx diff`` sends) gives the same verdict and
+changes nothing.
 """
 
 from __future__ import annotations
@@ -255,13 +257,14 @@ def test_fuzzed_manifests_applied_to_a_master_change_it_whole_or_not_at_all(tmp_
         @example(yaml.safe_dump(broken, sort_keys=False))
         def apply(text):
             before = applied(master)
-            reply = call(
-                "POST",
-                f"{master.url}/api/v1/manifest",
-                master.token,
-                {"manifest": text, "filename": "cluster.yaml"},
-            )
+            url, body = f"{master.url}/api/v1/manifest", {"manifest": text, "filename": "cluster.yaml"}
+            # `genmlx diff` first: the same verdict as the apply below, and nothing changed.
+            dry = call("POST", url, master.token, {**body, "dryRun": True})
+            check_answer(dry, "POST /api/v1/manifest (dry run)")
+            assert applied(master) == before, "a dry run changes nothing"
+            reply = call("POST", url, master.token, body)
             check_answer(reply, "POST /api/v1/manifest")
+            assert dry.status == reply.status, (dry.body[:300], reply.body[:300])
             outcomes.append(reply.status)
             after = applied(master)
             if reply.status == 200:
