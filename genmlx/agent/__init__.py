@@ -10,7 +10,8 @@ decides nothing by itself: a rank that exits stays reported as exited until the 
 replaces it. It also takes ``FetchRequest``s, each a background download or peer sync into one of its
 storage paths that is published only once every file verifies (``transfers``, ``store``), and serves
 its stored models' files to other agents. ``ranks`` supervises the dispatcher processes, ``facts``
-reads what the node is. Entry points for the CLI are in ``run`` (``run_agent``, ``start_agent``);
-``announce`` publishes the agent on zeroconf. It imports nothing from ``genmlx.master`` or
+reads what the node is, ``telemetry`` samples what it is doing (the last five minutes, served).
+Entry points for the CLI are in ``run`` (``run_agent``, ``start_agent``); ``announce`` publishes
+the agent on zeroconf. It imports nothing from ``genmlx.master`` or
 ``genmlx.dispatcher``.
 """

@@ -16,11 +16,16 @@ DEFAULT_AGENT_PORT = 6790
 DEFAULT_SCRUB_INTERVAL_S = 24 * 3600.0
 DEFAULT_SCRUB_BYTES_PER_S = 64 * 1024 * 1024
 SCRUB_INTERVAL_ENV = "GENMLX_SCRUB_INTERVAL_S"  # overrides the interval (tests set seconds)
+TELEMETRY_INTERVAL_ENV = "GENMLX_TELEMETRY_INTERVAL_S"  # how often the node is sampled (default 1 s)
 
 
 def default_scrub_interval_s() -> float:
     """``GENMLX_SCRUB_INTERVAL_S`` where it is set, else a day."""
     return float(os.environ.get(SCRUB_INTERVAL_ENV) or DEFAULT_SCRUB_INTERVAL_S)
+
+
+def default_telemetry_interval_s() -> float:
+    return float(os.environ.get(TELEMETRY_INTERVAL_ENV) or 1.0)
 
 
 def default_log_dir() -> Path:
@@ -43,6 +48,7 @@ class AgentConfig:
     discovery: bool = True  # announce with zeroconf (GENMLX_DISCOVERY=off overrides it)
     scrub_interval_s: float = field(default_factory=default_scrub_interval_s)
     scrub_bytes_per_s: float = DEFAULT_SCRUB_BYTES_PER_S
+    telemetry_interval_s: float = field(default_factory=default_telemetry_interval_s)
 
     @property
     def storage_paths(self) -> tuple[Path, ...]:

@@ -16,6 +16,8 @@ from genmlx.agent.config import AgentConfig
 from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.scrub import Scrubber, ScrubSettings
+from genmlx.agent.telemetry.gpu import open_gpu_reader
+from genmlx.agent.telemetry.sampler import RefreshedInterfaceKinds, TelemetrySampler
 from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.body_limit import serve
 from genmlx.core.http import MAX_AGENT_BODY_BYTES
@@ -36,6 +38,7 @@ class RunningAgent:
     announcement: Announcement | None = None
     transfers: TransferManager | None = None
     scrubber: Scrubber | None = None
+    telemetry: TelemetrySampler | None = None
 
     async def stop(self) -> None:
         """Say goodbye on the network, stop taking requests, then stop every rank (TERM, grace,
@@ -48,6 +51,8 @@ class RunningAgent:
         if self.transfers is not None:
             await self.transfers.stop_all()  # interrupted transfers resume on the next request
         await self.supervisor.stop_all()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         await self.server.close_all_connections()
         log.info("agent %s stopped", self.config.name)
 
@@ -72,6 +77,12 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         stop_grace_s=config.stop_grace_s,
         on_failed_exit=scrubber.scrub_soon,
     )
+    telemetry = TelemetrySampler(
+        config.storage_paths,
+        interface_kinds=RefreshedInterfaceKinds(),
+        gpu=open_gpu_reader(config.telemetry_interval_s),
+        interval_s=config.telemetry_interval_s,
+    )
     app = make_app(
         name=config.name,
         token=config.token,
@@ -80,13 +91,17 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         transfers=transfers,
         verified=verified,
         node_id=node_id,
+        telemetry=telemetry,
     )
     server = serve(app, config.port, config.host, MAX_AGENT_BODY_BYTES)
     supervisor.watch()
     scrubber.start()
+    telemetry.start()
     paths = ", ".join(str(p) for p in config.storage_paths)
     log.info("agent %s listening on %s:%d; storage: %s", config.name, config.host, config.port, paths)
-    agent = RunningAgent(config, server, supervisor, transfers=transfers, scrubber=scrubber)
+    agent = RunningAgent(
+        config, server, supervisor, transfers=transfers, scrubber=scrubber, telemetry=telemetry
+    )
     try:
         return replace(agent, announcement=await announce_if_enabled(config, node_id))
     except BaseException:

@@ -12,6 +12,7 @@ collaborators it uses as ``initialize`` keywords; ``make_app`` hands them out.
     GET    /api/v1/models/{name}/files       the model's source, revision, commit and files
     GET    /api/v1/models/{name}/files/{path}  a file's bytes, with Range support
     POST   /api/v1/token                     a rotated token, sealed for this node -> {"keyId"}
+    GET    /api/v1/telemetry                 TelemetryReport JSON: the samples after ?since=UNIX_TIME
 
 Everything but ``/healthz`` needs a request signed with the cluster token's key
 (``Authorization: GenMLX-HMAC-SHA256 ...``, ``genmlx.core.signing``); the token itself is refused.
@@ -41,12 +42,14 @@ from genmlx.agent.ranks.supervisor import RankSupervisor
 from genmlx.agent.store.file_serving import VerifiedFiles
 from genmlx.agent.store.inventory import resolve_model_dir, scan_storage
 from genmlx.agent.store.prompt_caches import clear_prompt_cache, prompt_cache_root, scan_prompt_caches
+from genmlx.agent.telemetry.sampler import TelemetrySampler
 from genmlx.agent.transfers.manager import TransferManager
 from genmlx.core.errors import AgentConflict, AgentRequestError
 from genmlx.core.http import ClusterAuth
 from genmlx.core.signing import Keys
 from genmlx.core.tokens import TokenFile, TokenSource, unseal_token, write_token_file
 from genmlx.wire.agent_state import AgentState
+from genmlx.wire.telemetry import TelemetryReport
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,13 @@ def make_app(
     verified: VerifiedFiles,
     node_id: str = "",
     links: LinkVerifier | None = None,
+    telemetry: TelemetrySampler | None = None,
 ) -> Application:
     """The agent's tornado application; ``verified`` is the one the transfer manager fills."""
     cluster_auth = ClusterAuth(token, accepts_bearer=False)
     auth = {"auth": cluster_auth}
     links = links or LinkVerifier(lambda: cluster_auth.keys)
+    telemetry = telemetry or TelemetrySampler(storage_paths)  # not started: reports no samples
     stored = {**auth, "storage_paths": storage_paths, "verified": verified}
     ranks = {**auth, "supervisor": supervisor}
     state = {
@@ -91,6 +96,7 @@ def make_app(
         (r"/api/v1/links/check", LinkCheckHandler, {**auth, "links": links}),
         (r"/api/v1/prompt-caches/([^/]+)", PromptCacheHandler, auth),
         (r"/api/v1/links/probe", LinkProbeHandler, auth),
+        (r"/api/v1/telemetry", TelemetryHandler, {**auth, "telemetry": telemetry}),
     ]
     return Application(routes, default_handler_class=NotFoundHandler, default_handler_args=auth)
 
@@ -103,6 +109,29 @@ class PromptCacheHandler(AgentHandler):
         held = await IOLoop.current().run_in_executor(None, clear_prompt_cache, prompt_cache_root(), model)
         log.info("cleared the prompt cache of %s: %d blocks, %d bytes", model, held.blocks, held.bytes)
         self.write(held.to_json())
+
+
+class TelemetryHandler(AgentHandler):
+    """``GET /api/v1/telemetry?since=UNIX_TIME``: the node's samples taken after that time (all
+    that are kept, the last five minutes, without it)."""
+
+    def initialize(self, auth: ClusterAuth, telemetry: TelemetrySampler) -> None:
+        super().initialize(auth)
+        self.telemetry = telemetry
+
+    def get(self) -> None:
+        try:
+            since = float(self.get_query_argument("since", "0"))
+        except ValueError:
+            raise InvalidTelemetryQuery("since must be a unix time in seconds") from None
+        if since != since:  # NaN
+            raise InvalidTelemetryQuery("since must be a unix time in seconds")
+        report = TelemetryReport(self.telemetry.interval_s, self.telemetry.since(since))
+        self.write(report.to_json())
+
+
+class InvalidTelemetryQuery(AgentRequestError):
+    """A telemetry query was malformed (HTTP 400)."""
 
 
 class HealthzHandler(AgentHandler):

@@ -1,0 +1,66 @@
+"""What a node is doing, second by second: an agent's telemetry samples (``GET /api/v1/telemetry``).
+
+A value the node cannot measure is None (a GPU on a machine without one, wired memory on Linux),
+never 0: a chart leaves a gap rather than drawing a false zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from genmlx.wire.agent_state import InterfaceKind
+from genmlx.wire.codec import WireType
+
+
+@dataclass(frozen=True)
+class StorageSample(WireType):
+    """One storage path: its file system's free space, and the I/O of the disk under it."""
+
+    path: str
+    free_bytes: int
+    total_bytes: int
+    read_bytes_per_s: float | None = None  # None where the disk under the path is not found
+    write_bytes_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class InterfaceSample(WireType):
+    """One network interface's throughput over the last interval."""
+
+    name: str
+    kind: InterfaceKind
+    rx_bytes_per_s: float
+    tx_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class GpuSample(WireType):
+    """The GPU, from macmon on a Mac or NVML on a machine with an NVIDIA GPU."""
+
+    source: str  # "macmon" or "nvml"
+    utilization_percent: float | None = None
+    power_watts: float | None = None
+    memory_used_bytes: int | None = None  # a discrete GPU's own memory (NVML)
+    temperature_c: float | None = None
+
+
+@dataclass(frozen=True)
+class TelemetrySample(WireType):
+    at: float  # unix time the sample was taken
+    cpu_percent: float  # every core together, 0-100
+    memory_used_bytes: int
+    memory_total_bytes: int
+    swap_used_bytes: int
+    memory_wired_bytes: int | None = None  # macOS: memory that cannot be paged out (MLX's weights)
+    system_power_watts: float | None = None  # macOS with macmon: the whole machine, where it tells
+    gpu: GpuSample | None = None
+    storage: tuple[StorageSample, ...] = ()
+    network: tuple[InterfaceSample, ...] = ()
+
+
+@dataclass(frozen=True)
+class TelemetryReport(WireType):
+    """An agent's samples newer than the asked ``since``, oldest first, and how often it samples."""
+
+    interval_s: float
+    samples: tuple[TelemetrySample, ...] = ()

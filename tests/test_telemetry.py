@@ -1,0 +1,157 @@
+"""Node telemetry: the agent samples CPU, memory, GPU, storage and network every interval into a
+ring buffer and serves it at ``GET /api/v1/telemetry``. Real readings of this machine (CPU rises
+under load, loopback traffic shows), macmon's output as recorded in its two shapes, and a real
+agent process answering signed requests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from agent_harness import call, start_agent
+from conftest import wait_until
+
+from genmlx.agent.telemetry.gpu import Macmon, parse_macmon
+from genmlx.agent.telemetry.sampler import TelemetrySampler, disk_of
+from genmlx.wire.telemetry import TelemetryReport
+
+MACMON = Path(__file__).parent / "data" / "macmon"
+
+
+def test_macmon_lines_of_both_shapes_give_the_gpu_and_the_systems_power():
+    gpu, system = parse_macmon((MACMON / "pipe-0.6.jsonl").read_text().splitlines()[0])
+    assert (gpu.source, gpu.utilization_percent, gpu.power_watts) == ("macmon", 97.0, 61.4)
+    assert gpu.temperature_c == 47.9 and system == 88.5
+    old, old_system = parse_macmon((MACMON / "pipe-0.4.jsonl").read_text())
+    assert old.utilization_percent == pytest.approx(2.1497859)
+    assert old.power_watts == pytest.approx(0.017451683)
+    assert old_system == pytest.approx(5.876533)
+    partial, none = parse_macmon('{"gpu_power": 1.5, "temp": {}}')  # fields missing: None, not 0
+    assert (partial.utilization_percent, partial.power_watts, partial.temperature_c) == (None, 1.5, None)
+    assert none is None
+    for garbage in ("[1, 2]", "not json", '"text"'):
+        with pytest.raises(ValueError):
+            parse_macmon(garbage)
+
+
+def test_the_macmon_reader_follows_a_running_macmon_and_forgets_it_once_it_stops(tmp_path):
+    stand_in = tmp_path / "macmon"  # prints the recorded lines as `macmon pipe -i MS` would
+    lines = (MACMON / "pipe-0.6.jsonl").read_text().splitlines()
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport sys, time\nassert sys.argv[1:3] == ['pipe', '-i'], sys.argv\n"
+        f"for line in {lines!r} * 20:\n    print(line, flush=True)\n    time.sleep(0.1)\n"
+    )
+    stand_in.chmod(0o755)
+    reader = Macmon([str(stand_in)], interval_s=0.1)
+    try:
+        gpu, system = wait_until(lambda: reader.read()[0] and reader.read(), 10, what="a macmon sample")
+        assert gpu.utilization_percent in (97.0, 95.0) and system in (88.5, 87.9)
+    finally:
+        reader.close()
+
+
+def test_cpu_rises_under_load_and_falls_back(tmp_path):
+    sampler = TelemetrySampler((tmp_path,), interval_s=0.25)
+    sampler.start()
+    try:
+        time.sleep(1.0)
+        started = time.time()
+        spin = "import time\nend = time.time() + 2\nwhile time.time() < end: pass"
+        busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+        for process in busy:
+            process.wait()
+        time.sleep(1.5)
+        under_load = [s.cpu_percent for s in sampler.since(started + 0.5) if s.at < started + 2]
+        after = [s.cpu_percent for s in sampler.since(started + 3)]
+        assert max(under_load) >= 80, under_load
+        assert min(after) < 60, after
+    finally:
+        sampler.stop()
+
+
+def test_storage_and_network_are_measured(tmp_path):
+    sampler = TelemetrySampler((tmp_path,), interval_s=0.25)
+    sampler.start()
+    try:
+        started = time.time()
+        sent = send_over_loopback(20 << 20)
+        time.sleep(0.6)
+        samples = sampler.since(started)
+    finally:
+        sampler.stop()
+    assert sent == 20 << 20
+    storage = samples[-1].storage[0]
+    usage = shutil.disk_usage(tmp_path)
+    assert storage.path == str(tmp_path) and storage.total_bytes == usage.total
+    assert abs(storage.free_bytes - usage.free) < 1 << 30
+    loopback = [i for s in samples for i in s.network if i.kind == "loopback"]
+    assert loopback and max(i.rx_bytes_per_s for i in loopback) > 1 << 20, loopback
+    memory = samples[-1]
+    assert 0 < memory.memory_used_bytes <= memory.memory_total_bytes
+    assert memory.gpu is None  # no macmon, no NVIDIA GPU on a test machine: nothing made up
+
+
+def send_over_loopback(total: int) -> int:
+    """Push ``total`` bytes through a loopback TCP connection; how many arrived."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received = 0
+
+    def drain() -> None:
+        nonlocal received
+        connection, _ = server.accept()
+        with connection:
+            while chunk := connection.recv(1 << 20):
+                received += len(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    with socket.create_connection(server.getsockname()) as client:
+        chunk = bytes(1 << 20)
+        for _ in range(total >> 20):
+            client.sendall(chunk)
+            time.sleep(0.02)  # spread over a few samples
+    reader.join(10)
+    server.close()
+    return received
+
+
+def test_a_path_is_mapped_to_the_disk_its_io_is_counted_under_and_none_without_one(tmp_path):
+    root = max(
+        (p for p in psutil.disk_partitions(all=True) if p.mountpoint == "/"), key=lambda p: len(p.device)
+    )
+    if root.device.startswith("/dev/"):  # a block device (not an overlay, as in a container)
+        assert disk_of(Path("/")) in psutil.disk_io_counters(perdisk=True), root
+    assert disk_of(Path("/proc")) is None  # proc, tmpfs, network shares: no disk under them
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_path)], check=True)
+        try:
+            assert disk_of(tmp_path) is None
+        finally:
+            subprocess.run(["umount", "-l", str(tmp_path)], check=False)
+
+
+@pytest.mark.e2e
+def test_an_agent_serves_its_last_samples_to_signed_requests_only(spawn, token, tmp_path, monkeypatch):
+    monkeypatch.setenv("GENMLX_TELEMETRY_INTERVAL_S", "0.2")
+    agent = start_agent(spawn, token, "t1", (tmp_path,))
+
+    def reports(since: float = 0) -> TelemetryReport:
+        return TelemetryReport.from_json(agent.call("GET", f"/api/v1/telemetry?since={since}").json())
+
+    first = wait_until(lambda: len(reports().samples) >= 3 and reports(), 15, what="three samples")
+    assert first.interval_s == 0.2
+    assert [s.storage[0].path for s in first.samples] == [str(tmp_path)] * len(first.samples)
+    times = [s.at for s in first.samples]
+    assert times == sorted(times) and time.time() - times[-1] < 5
+    later = reports(times[-1])
+    assert all(s.at > times[-1] for s in later.samples), "only what came after"
+    assert call("GET", f"{agent.url}/api/v1/telemetry", None).status == 401
+    assert agent.call("GET", "/api/v1/telemetry?since=yesterday").status == 400
