@@ -14,10 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 from agent_harness import call, start_agent
-from conftest import wait_until
+from conftest import free_port, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from genmlx.agent.telemetry.gpu import Macmon, parse_macmon
 from genmlx.agent.telemetry.sampler import TelemetrySampler, disk_of
@@ -155,3 +157,66 @@ def test_an_agent_serves_its_last_samples_to_signed_requests_only(spawn, token, 
     assert all(s.at > times[-1] for s in later.samples), "only what came after"
     assert call("GET", f"{agent.url}/api/v1/telemetry", None).status == 401
     assert agent.call("GET", "/api/v1/telemetry?since=yesterday").status == 400
+
+
+@pytest.mark.e2e
+def test_the_master_gathers_every_nodes_samples_and_cpu_rises_under_a_decode_load(
+    spawn, genmlx_home, token, monkeypatch
+):
+    monkeypatch.setenv("GENMLX_TELEMETRY_INTERVAL_S", "0.25")
+    monkeypatch.setenv("GENMLX_TELEMETRY_POLL_S", "0.5")
+    port, agent_port = free_port(), free_port()
+    demo = spawn(["-m", "genmlx", "demo", "--port", str(port), "--agent-port", str(agent_port)], "demo")
+    wait_until(lambda: "Ctrl-C stops the cluster" in demo.output(), 180, what="the demo to serve")
+    master = f"http://127.0.0.1:{port}"
+
+    def series(since: float = 0) -> dict[str, list[dict]]:
+        reply = call("GET", f"{master}/api/v1/telemetry?since={since}", None, headers=bearer(token))
+        assert reply.status == 200, reply.body
+        return reply.json()["nodes"]
+
+    (node,) = wait_until(lambda: len(next(iter(series().values()), [])) >= 4 and series(), 30, what="samples")
+    time.sleep(1.5)
+    idle = [s["cpuPercent"] for s in series(time.time() - 1.5)[node]]
+    loaded_from = time.time()
+    decode_for(f"{master}/v1", token, seconds=4)
+    loaded = [s["cpuPercent"] for s in series(loaded_from + 0.5)[node] if s["at"] < loaded_from + 4]
+    assert max(loaded) >= 45 and max(loaded) >= sorted(idle)[len(idle) // 2] + 20, (idle, loaded)
+
+    text = call("GET", f"{master}/metrics", None, headers=bearer(token)).body.decode()
+    gauges = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    node_label = (("node", node),)
+    assert gauges[("genmlx_node_memory_total_bytes", node_label)] == psutil.virtual_memory().total
+    assert 0 <= gauges[("genmlx_node_cpu_percent", node_label)] <= 100
+    measured = {name for name, _ in gauges}
+    assert "genmlx_node_swap_used_bytes" in measured
+    assert "genmlx_node_gpu_utilization_percent" not in measured, "no GPU here: left out, not 0"
+    assert call("GET", f"{master}/api/v1/telemetry", None).status == 401
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def decode_for(base_url: str, token: str, seconds: float) -> None:
+    """Keep four streams decoding through the master for ``seconds``."""
+    client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=60)
+    end = time.monotonic() + seconds
+
+    def stream() -> None:
+        while time.monotonic() < end:
+            reply = client.completions.create(
+                model="genmlx-demo", prompt="Rivers", max_tokens=64, stream=True
+            )
+            for _ in reply:
+                pass
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)

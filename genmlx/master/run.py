@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from genmlx.master.runtime.discovery import AgentDiscovery
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.loop import Reconciler
 from genmlx.master.runtime.responses import ResponseStore
+from genmlx.master.runtime.telemetry import POLL_ENV as TELEMETRY_POLL_ENV
+from genmlx.master.runtime.telemetry import NodeTelemetry
 from genmlx.master.runtime.watch import watch_manifest
 
 log = logging.getLogger("genmlx.master")
@@ -56,14 +59,20 @@ class RunningMaster:
     discovery: AgentDiscovery | None = None
     watcher: asyncio.Task | None = None
     stop_watching: asyncio.Event = field(default_factory=asyncio.Event)
+    telemetry: NodeTelemetry | None = None
+    telemetry_task: asyncio.Task | None = None
 
     async def stop(self) -> None:
         self.stop_watching.set()
         self.reconciler.stop()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         self.server.stop()
         await asyncio.wait_for(self.task, 60)
         if self.watcher is not None:
             await asyncio.wait_for(self.watcher, 10)
+        if self.telemetry_task is not None:
+            await asyncio.wait_for(self.telemetry_task, 10)
         if self.discovery is not None:
             await self.discovery.stop()
 
@@ -90,8 +99,9 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
     responses = ResponseStore(config.state_dir / "responses.sqlite")
     tls = applied.manifest.master.tls if applied else None
+    telemetry = NodeTelemetry(reconciler.proven_clients, float(os.environ.get(TELEMETRY_POLL_ENV) or 2.0))
     server = serve(
-        make_app(reconciler, config.token, responses),
+        make_app(reconciler, config.token, responses, telemetry),
         port,
         config.host,
         idle_connection_timeout=3600,
@@ -103,6 +113,7 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     else:
         log.info("discovery is off: agents are found only through nodes[].address")
     running = RunningMaster(reconciler, server, port, asyncio.create_task(reconciler.run()), discovery)
+    running.telemetry, running.telemetry_task = telemetry, asyncio.create_task(telemetry.run())
     if config.watch and config.manifest_file is not None:
         watching = watch_manifest(config.manifest_file, reconciler, running.stop_watching)
         running.watcher = asyncio.create_task(watching)

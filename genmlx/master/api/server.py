@@ -34,6 +34,7 @@ from genmlx.master.planning.actions import describe_plan, plan_summary
 from genmlx.master.runtime.loop import ApplyOutcome, Reconciler
 from genmlx.master.runtime.prompt_caches import clear_model_prompt_cache
 from genmlx.master.runtime.responses import ResponseStore
+from genmlx.master.runtime.telemetry import NodeTelemetry
 from genmlx.wire.agent_state import PromptCacheReport
 from genmlx.wire.codec import WireError, decode
 from genmlx.wire.status import Revision
@@ -46,6 +47,25 @@ class HealthzHandler(ApiHandler):
 
     def get(self) -> None:
         self.write_json(200, {"status": "ok"})
+
+
+class TelemetryHandler(ReadEndpoint):
+    """``GET /api/v1/telemetry[?since=UNIX_TIME]``: each node's samples of the last five minutes
+    (after ``since``), ``{"nodes": {NAME: [TelemetrySample, ...]}}``, oldest first."""
+
+    def initialize(self, telemetry: NodeTelemetry, **deps: Any) -> None:
+        super().initialize(**deps)
+        self.telemetry = telemetry
+
+    def get(self) -> None:
+        try:
+            since = float(self.get_argument("since", "0"))
+        except ValueError:
+            raise InvalidRequest("since must be a unix time in seconds", param="since") from None
+        series = self.telemetry.series(since if since == since else 0.0)
+        self.write_json(
+            200, {"nodes": {node: [s.to_json() for s in samples] for node, samples in series.items()}}
+        )
 
 
 class StatusHandler(ReadEndpoint):
@@ -186,8 +206,12 @@ class MetricsHandler(ApiHandler):
         self.finish(generate_latest(self.keys.registry))
 
 
-def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Application:
+def make_app(
+    reconciler: Reconciler, token: str, responses: ResponseStore, telemetry: NodeTelemetry | None = None
+) -> Application:
     keys = ClientKeys(reconciler)
+    telemetry = telemetry or NodeTelemetry(lambda: reconciler.proven_clients())  # not run: no samples
+    keys.registry.register(telemetry)  # /metrics: each node's latest sample
     cluster_auth = ClusterAuth(token, keyring=keys)
     auth = {"auth": cluster_auth}
     deps = {**auth, "reconciler": reconciler}
@@ -203,6 +227,7 @@ def make_app(reconciler: Reconciler, token: str, responses: ResponseStore) -> Ap
             (r"/api/v1/events", EventsHandler, readable),
             (r"/api/v1/stream", StreamHandler, readable),
             (r"/api/v1/integrations", IntegrationsHandler, readable),
+            (r"/api/v1/telemetry", TelemetryHandler, {**readable, "telemetry": telemetry}),
             (r"/api/v1/keys", KeysHandler, {**auth, "keys": keys}),
             (r"/api/v1/links/verify", LinksVerifyHandler, deps),
             (r"/api/v1/models/([^/]+)/prompt-cache", PromptCacheHandler, deps),

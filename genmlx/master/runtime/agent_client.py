@@ -42,6 +42,7 @@ from genmlx.master.planning.observed import EndpointHealth
 from genmlx.wire.agent_state import AgentState, FetchRequest, PromptCacheReport, RankInfo
 from genmlx.wire.links import LinkCheck, LinkCheckRequest
 from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.telemetry import TelemetryReport
 
 STATE_TIMEOUT_S = 5.0
 LINK_CHECK_MARGIN_S = 10.0  # beyond its probe: three connects that may time out, the reply
@@ -98,6 +99,12 @@ class AgentClient:
         """Empty the model's prompt cache on the agent's disk; what it held."""
         path = f"/api/v1/prompt-caches/{quote(model, safe='')}"
         return PromptCacheReport.from_json(await self._call("DELETE", path))
+
+    async def telemetry(self, since: float) -> TelemetryReport:
+        """The node's telemetry samples taken after unix time ``since``."""
+        return TelemetryReport.from_json(
+            await self._call("GET", f"/api/v1/telemetry?since={since!r}", timeout=STATE_TIMEOUT_S, attempts=1)
+        )
 
     async def rank_log(self, model: str, rank: int, tail: int = 65536) -> str:
         return await self._call("GET", f"{rank_path(model, rank)}/log?tail={tail}")
