@@ -160,7 +160,7 @@ def test_an_agent_serves_its_last_samples_to_signed_requests_only(spawn, token, 
 
 
 @pytest.mark.e2e
-def test_the_master_gathers_every_nodes_samples_and_cpu_rises_under_a_decode_load(
+def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
     spawn, genmlx_home, token, monkeypatch
 ):
     monkeypatch.setenv("GENMLX_TELEMETRY_INTERVAL_S", "0.25")
@@ -192,6 +192,11 @@ def test_the_master_gathers_every_nodes_samples_and_cpu_rises_under_a_decode_loa
     node_label = (("node", node),)
     assert gauges[("genmlx_node_memory_total_bytes", node_label)] == psutil.virtual_memory().total
     assert 0 <= gauges[("genmlx_node_cpu_percent", node_label)] <= 100
+    generated = gauges.get(
+        ("vllm:generation_tokens_total", (("model_name", "genmlx-demo"), ("node", node))), 0
+    )
+    vllm = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens")]
+    assert generated >= 64, f"the dispatcher's own counters, with the node of its rank 0: {vllm}"
     measured = {name for name, _ in gauges}
     assert "genmlx_node_swap_used_bytes" in measured
     assert "genmlx_node_gpu_utilization_percent" not in measured, "no GPU here: left out, not 0"
@@ -220,3 +225,43 @@ def decode_for(base_url: str, token: str, seconds: float) -> None:
         thread.start()
     for thread in threads:
         thread.join(60)
+
+
+IMPOSTOR_METRICS = '# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="m"} 99\n'
+
+
+def test_metrics_from_something_that_is_not_a_rank_of_the_cluster_are_left_out(caplog):
+    """A LAN device answering at a rank's address with metrics of its own (unsigned) gets none of
+    them onto the master's /metrics."""
+    import asyncio
+
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+    from tornado.web import Application, RequestHandler
+
+    from genmlx.core.signing import Keys
+    from genmlx.master.runtime.serving_metrics import ServingMetrics
+
+    class Impostor(RequestHandler):
+        def get(self) -> None:
+            self.set_header("Content-Type", "text/plain; version=0.0.4")
+            self.finish(IMPOSTOR_METRICS)
+
+    async def scrape() -> list:
+        sockets = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(Application([(r"/metrics", Impostor)]))
+        server.add_sockets(sockets)
+        metrics = ServingMetrics(
+            lambda: {"m": ("n1", f"http://127.0.0.1:{sockets[0].getsockname()[1]}/v1")},
+            lambda host: Keys.of("the cluster token"),
+            AsyncHTTPClient(force_instance=True),
+        )
+        await metrics.gather()
+        await metrics.gather()
+        server.stop()
+        return list(metrics.collect())
+
+    assert asyncio.run(scrape()) == []
+    refusals = [r.getMessage() for r in caplog.records if "leaving out m's metrics" in r.getMessage()]
+    assert len(refusals) == 1 and "not its rank 0" in refusals[0], "said once, with why"

@@ -26,6 +26,7 @@ from genmlx.master.runtime.discovery import AgentDiscovery
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.loop import Reconciler
 from genmlx.master.runtime.responses import ResponseStore
+from genmlx.master.runtime.serving_metrics import ServingMetrics, serving_ranks
 from genmlx.master.runtime.telemetry import POLL_ENV as TELEMETRY_POLL_ENV
 from genmlx.master.runtime.telemetry import NodeTelemetry
 from genmlx.master.runtime.watch import watch_manifest
@@ -99,7 +100,9 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
     responses = ResponseStore(config.state_dir / "responses.sqlite")
     tls = applied.manifest.master.tls if applied else None
-    telemetry = NodeTelemetry(reconciler.proven_clients, float(os.environ.get(TELEMETRY_POLL_ENV) or 2.0))
+    serving = ServingMetrics(lambda: serving_ranks(reconciler), reconciler.keys_for_host, http)
+    poll_s = float(os.environ.get(TELEMETRY_POLL_ENV) or 2.0)
+    telemetry = NodeTelemetry(reconciler.proven_clients, poll_s, serving)
     server = serve(
         make_app(reconciler, config.token, responses, telemetry),
         port,

@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from genmlx.core.errors import GenMLXError
 from genmlx.master.runtime.agent_client import AgentClient
+from genmlx.master.runtime.serving_metrics import ServingMetrics
 from genmlx.wire.telemetry import TelemetrySample
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,16 @@ POLL_ENV = "GENMLX_TELEMETRY_POLL_S"
 
 
 class NodeTelemetry(Collector):
-    def __init__(self, clients: Callable[[], dict[str, AgentClient]], interval_s: float = 2.0):
+    def __init__(
+        self,
+        clients: Callable[[], dict[str, AgentClient]],
+        interval_s: float = 2.0,
+        serving: ServingMetrics | None = None,
+    ):
+        """``serving``: the dispatchers' metrics, scraped on the same beat and served beside."""
         self.clients = clients
         self.interval_s = interval_s
+        self.serving = serving
         self._samples: dict[str, collections.deque[TelemetrySample]] = {}
         self._stopped = asyncio.Event()
 
@@ -40,7 +49,12 @@ class NodeTelemetry(Collector):
         """Ask every proven agent for its new samples every ``interval_s`` until ``stop``."""
         while not self._stopped.is_set():
             clients = self.clients()
-            await asyncio.gather(*(self._gather(name, client) for name, client in clients.items()))
+            scrapes = [self._gather(name, client) for name, client in clients.items()]
+            done = await asyncio.gather(
+                *scrapes, *([self.serving.gather()] if self.serving else []), return_exceptions=True
+            )
+            for failed in (d for d in done if isinstance(d, Exception)):  # next time, then
+                log.error("gathering telemetry failed", exc_info=failed)
             for gone in set(self._samples) - set(clients):  # a node left the manifest or went away
                 self._forget_old(gone)
             with contextlib.suppress(TimeoutError):
@@ -80,12 +94,15 @@ class NodeTelemetry(Collector):
             if kept and now - kept[-1].at <= STALE_AFTER_S
         }
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """The latest sample of every node as Prometheus gauges (``genmlx_node_*``)."""
+    def collect(self) -> Iterator[Metric]:
+        """The latest sample of every node as Prometheus gauges (``genmlx_node_*``), and the
+        dispatchers' own families."""
         yield from node_gauges(self.latest())
+        if self.serving is not None:
+            yield from self.serving.collect()
 
 
-def node_gauges(latest: dict[str, TelemetrySample]) -> Iterator[GaugeMetricFamily]:
+def node_gauges(latest: dict[str, TelemetrySample]) -> Iterator[Metric]:
     def family(name: str, help_text: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"genmlx_node_{name}", help_text, labels=["node", *labels])
 
