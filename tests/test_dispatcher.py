@@ -118,7 +118,27 @@ def chunk_text(chunks: list) -> str:
 
 @pytest.mark.e2e
 def test_health_is_503_while_loading_then_200(start_dispatcher, token: str) -> None:
-    dispatcher = start_dispatcher()
+    # The demo model loads in well under a second: a dispatcher whose first answer comes after
+    # its model is in proves nothing either way, so up to three are started to see the 503.
+    for _ in range(3):
+        dispatcher = start_dispatcher()
+        seen = health_until_ready(dispatcher, token)
+        assert seen[-1] == (200, {"status": "ok", "model": MODEL})
+        if seen[0][0] == 503:
+            break
+        dispatcher.proc.stop()
+    assert seen[0] == (503, {"status": "loading"}), "HTTP must be up before the model is"
+    assert {status for status, _ in seen} == {200, 503}
+    # A health poll is logged only when it is not a 200: a loading model, not every poll.
+    dispatcher.get("/v1/models", token)
+    wait_until(lambda: _access_line(dispatcher, "GET /v1/models 200"), timeout=10, what="log line")
+    assert _access_line(dispatcher, "GET /health 503")
+    assert _access_line(dispatcher, "GET /health 200") is None
+
+
+def health_until_ready(dispatcher: Dispatcher, token: str) -> list[tuple[int, dict]]:
+    """Every answer of ``/health`` from the first until the first 200; while it says loading,
+    generation is refused in OpenAI's shape (unless the model got there in between)."""
     seen: list[tuple[int, dict]] = []
 
     def healthy() -> bool:
@@ -130,19 +150,11 @@ def test_health_is_503_while_loading_then_200(start_dispatcher, token: str) -> N
 
     wait_until(lambda: healthy() or seen, timeout=60, interval=0.02, what="HTTP up")
     if seen[-1][0] == 503:
-        # Generation is refused, in OpenAI's shape, until the model is there (unless it just got there).
         body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
         status, answer = dispatcher.request("POST", "/v1/completions", body, token)
         assert status == 503 and answer["error"]["code"] == "model_loading" or status == 200, answer
     wait_until(healthy, timeout=60, interval=0.02, what="health 200")
-    assert seen[0] == (503, {"status": "loading"}), "HTTP must be up before the model is"
-    assert seen[-1] == (200, {"status": "ok", "model": MODEL})
-    assert {status for status, _ in seen} == {200, 503}
-    # A health poll is logged only when it is not a 200: a loading model, not every poll.
-    dispatcher.get("/v1/models", token)
-    wait_until(lambda: _access_line(dispatcher, "GET /v1/models 200"), timeout=10, what="log line")
-    assert _access_line(dispatcher, "GET /health 503")
-    assert _access_line(dispatcher, "GET /health 200") is None
+    return seen
 
 
 @pytest.mark.e2e

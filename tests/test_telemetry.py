@@ -125,6 +125,17 @@ def send_over_loopback(total: int) -> int:
     return received
 
 
+def test_a_storage_path_that_is_not_there_is_left_out_and_the_rest_still_sampled(tmp_path):
+    missing = tmp_path / "unmounted-drive"
+    sampler = TelemetrySampler((missing, tmp_path))
+    sampler.start()
+    try:
+        sample = sampler.sample()
+    finally:
+        sampler.stop()
+    assert [s.path for s in sample.storage] == [str(tmp_path)]
+
+
 def test_a_path_is_mapped_to_the_disk_its_io_is_counted_under_and_none_without_one(tmp_path):
     root = max(
         (p for p in psutil.disk_partitions(all=True) if p.mountpoint == "/"), key=lambda p: len(p.device)

@@ -85,11 +85,15 @@ class TelemetrySampler:
         return tuple(s for s in list(self._samples) if s.at > at)
 
     def _run(self) -> None:
+        failed = ""
         while not self._stopped.wait(self.interval_s):
             try:
                 self._samples.append(self.sample())
-            except Exception:  # a reading that fails once must not end the sampling
-                log.exception("a telemetry sample failed")
+                failed = ""
+            except Exception as e:  # a reading that fails must not end the sampling
+                if repr(e) != failed:  # said once, not every second
+                    log.exception("a telemetry sample failed")
+                failed = repr(e)
 
     def sample(self) -> TelemetrySample:
         now = time.monotonic()
@@ -108,12 +112,20 @@ class TelemetrySampler:
             memory_wired_bytes=getattr(memory, "wired", None),  # macOS (and BSD) only
             system_power_watts=system_power,
             gpu=gpu,
-            storage=tuple(self._storage(path, disks, last_disks, elapsed) for path in self.storage_paths),
+            storage=tuple(
+                found
+                for path in self.storage_paths
+                if (found := self._storage(path, disks, last_disks, elapsed)) is not None
+            ),
             network=self._network(nics, last_nics, elapsed),
         )
 
-    def _storage(self, path: Path, disks: dict, last: dict, elapsed: float) -> StorageSample:
-        usage = shutil.disk_usage(path)
+    def _storage(self, path: Path, disks: dict, last: dict, elapsed: float) -> StorageSample | None:
+        """None for a path that is not there (a drive not mounted): the status says so already."""
+        try:
+            usage = shutil.disk_usage(path)
+        except OSError:
+            return None
         disk = self._disks[str(path)]
         if disk is None or disk not in disks or disk not in last:
             return StorageSample(str(path), usage.free, usage.total)
