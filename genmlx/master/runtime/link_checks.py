@@ -77,6 +77,10 @@ class LinkChecks:
                 self._running[key] = asyncio.ensure_future(self._check(key, client, request))
         return link_reports(plan, self._results, nodes)
 
+    def any_planned(self) -> bool:
+        """Whether the last pass planned any link to check."""
+        return self._planned is not None and bool(checked_links(self._planned[0]))
+
     def down(self) -> LinksDown:
         """The cables of the last pass's plan whose latest checks found them down, and why."""
         if self._planned is None:

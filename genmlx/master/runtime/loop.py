@@ -334,7 +334,9 @@ class Reconciler:
         self._link_checks.ask()
         first = self._passes_started
         self.wake()
-        await self.planned(first)  # that pass starts the checks
+        snapshot = await self.planned(first)  # that pass starts the checks
+        if not self._link_checks.any_planned():
+            return snapshot.links  # no cable to check: no second pass to wait for
         await self._link_checks.settled(self._link_checks.longest_check_s)
         snapshot = await self.planned(self._passes_started)
         return snapshot.links
