@@ -6,7 +6,8 @@ keeps whole-state snapshots, at the system prompt's end as the decoder passes it
 ends and where the sequence ends; after a restart a new conversation with the same system prompt
 starts from its snapshot with the same tokens as a cold run, alone and in a batch. A quantized KV
 cache (``serving.kvBits``) is stored in blocks of its quantized arrays and read back after a
-restart with the same tokens. Every kind of layer state survives the block file.
+restart with the same tokens, and never read as another quantization. Every kind of layer state
+survives the block file.
 """
 
 from __future__ import annotations
@@ -158,6 +159,40 @@ def test_a_quantized_kv_cache_goes_to_disk_in_blocks_of_its_quantized_arrays(tmp
     tokens, cached = decode(decoder, {0: asked})
     assert (tokens, cached) == (expected, {0: len(asked.prompt_tokens) - 1})
     disk.close()
+
+    # Blocks of 8-bit values are never read as 4-bit ones, nor as plain KV: a miss, the cold answer.
+    for bits in (4, None):
+        disk = disk_tier(tmp_path, block_tokens=32)
+        decoder = make_decoder(model, eos, DecoderSettings(disk_tier=disk, kv_bits=bits))
+        tokens, cached = decode(decoder, {0: asked})
+        alone = make_decoder(model, eos, DecoderSettings(cache_entries=0, kv_bits=bits))
+        assert (tokens, cached) == (decode(alone, {0: asked})[0], {0: 0}), bits
+        disk.close()
+
+
+def test_the_disk_tiers_namespace_changes_with_the_kv_caches_quantization(tmp_path, demo_model_dir):
+    from genmlx.dispatcher.settings import disk_tier_settings, parse_settings
+
+    def root(*extra: str) -> Path:
+        argv = [
+            "--model",
+            str(demo_model_dir),
+            "--name",
+            "demo",
+            "--port",
+            "1",
+            "--disk-cache-dir",
+            str(tmp_path),
+        ]
+        return disk_tier_settings(parse_settings([*argv, "--disk-cache-gb", "1", *extra])).root
+
+    roots = {
+        root(),
+        root("--kv-bits", "8"),
+        root("--kv-bits", "4"),
+        root("--kv-bits", "8", "--kv-group-size", "32"),
+    }
+    assert len(roots) == 4 and root("--kv-bits", "8") == root("--kv-bits", "8")
 
 
 def test_every_kind_of_layer_state_survives_the_block_file():

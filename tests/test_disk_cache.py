@@ -170,7 +170,8 @@ def test_the_least_recently_used_blocks_go_first_when_the_tier_is_full(tmp_path)
                 f"layers.{i}.{kind}": mx.zeros((1, 1, BLOCK, 1), dtype=mx.bfloat16)
                 for i in range(LAYERS)
                 for kind in ("keys", "values")
-            }
+            },
+            {"cache": "kv"},
         )
     )
     cache, disk = caches(tmp_path, max_bytes=3 * one_block)

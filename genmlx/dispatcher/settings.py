@@ -46,7 +46,7 @@ def disk_tier_settings(settings: RankCommand) -> DiskTierSettings | None:
     """Where this rank keeps its prompt cache's disk tier, and how much it may fill; None where
     the model has none (no ``--disk-cache-dir`` or no size). The directory is a namespace of
     everything the KV state depends on: the model's files, this rank's place in its group (each
-    rank of a group keeps its own shard of every block)."""
+    rank of a group keeps its own shard of every block), the KV cache's quantization."""
     size = settings.serving.disk_cache_gb
     if not settings.disk_cache_dir or not size:
         return None
@@ -57,6 +57,8 @@ def disk_tier_settings(settings: RankCommand) -> DiskTierSettings | None:
         "parallelism": settings.parallelism if settings.world_size > 1 else None,
         "layerSplit": list(settings.layer_split or ()),
         "blockTokens": BLOCK_TOKENS,
+        "kvBits": settings.serving.kv_bits,
+        "kvGroupSize": settings.serving.kv_group_size if settings.serving.kv_bits else None,
     }
     root = Path(settings.disk_cache_dir).expanduser() / namespace(identity)
     return DiskTierSettings(root, int(size * 2**30), BLOCK_TOKENS)

@@ -39,6 +39,14 @@ class CacheLayout:
     quantized: KvQuantization | None
     classes: tuple[str, ...]
 
+    @property
+    def block_format(self) -> str:
+        """What a block of this layout holds, as its metadata names it: a block of another
+        format (another quantization) is never read as this one."""
+        if self.quantized is None:
+            return "kv"
+        return f"kv-q{self.quantized.bits}g{self.quantized.group_size}"
+
     def describe(self) -> str:
         if self.kind == "blocks":
             return "blocks of quantized KV" if self.quantized else "blocks of KV"

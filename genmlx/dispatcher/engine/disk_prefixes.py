@@ -88,7 +88,11 @@ class DiskPrefixes:
 
     def load(self, planned: Planned) -> list[Segment]:
         """The planned segments, each read and checked, up to the first that is not."""
-        segments: list[Segment] = [(self._size, record) for record in self.tier.load(planned.keys)]
+        segments: list[Segment] = []
+        for record in self.tier.load(planned.keys):
+            if not self._fits(record):
+                break
+            segments.append((self._size, record))
         if planned.snapshot and len(segments) == len(planned.keys):
             key, count = planned.snapshot
             segments += [(count, record) for record in self.tier.load([key]) if self._fits(record)]
@@ -140,15 +144,16 @@ class DiskPrefixes:
             return
         held_tokens = tokens[:held]
         keys = block_keys(self._namespace, held_tokens, self._size)
+        meta = {"cache": self.layout.block_format}
         for index in self.tier.absent(keys):
-            self.tier.store(keys[index], sliced(cache, index * self._size, (index + 1) * self._size))
+            self.tier.store(keys[index], sliced(cache, index * self._size, (index + 1) * self._size), meta)
         for boundary in sorted({*boundaries, held}):
             if not 0 < boundary <= held or boundary % self._size == 0:
                 continue
             key = self._snapshot_key(held_tokens, boundary, keys)
             if self.tier.absent([key]):
                 whole = boundary // self._size * self._size
-                self.tier.store(key, sliced(cache, whole, boundary))
+                self.tier.store(key, sliced(cache, whole, boundary), meta)
 
     def _store_state(self, tokens: Sequence[int], cache: list[Any]) -> None:
         key = self._snapshot_key(tokens, len(tokens), block_keys(self._namespace, tokens, self._size))
@@ -175,9 +180,10 @@ class DiskPrefixes:
         return sorted((n for n in lengths if 0 < n <= limit), reverse=True)
 
     def _fits(self, record: Record) -> bool:
-        """Whether a snapshot read back is of this model's caches (a block always is)."""
+        """Whether a block or snapshot read back holds this model's caches as this rank keeps
+        them (a block of another quantization would decode to wrong values)."""
         if self.layout.kind == "blocks":
-            return True
+            return record[1].get("cache") == self.layout.block_format
         try:
             return tuple(json.loads(record[1]["classes"])) == self.layout.classes
         except (KeyError, TypeError, ValueError):
