@@ -11,8 +11,8 @@ rank's place in its group, the cache's format.
 
 Blocks are safetensors files (``layers.<i>.keys``/``values``, the arrays as MLX holds them) whose
 metadata carries the SHA-256 of their data: a block that does not match is a miss, never used.
-The model thread only copies a finished sequence's blocks to host memory; a writer thread writes
-them (to a temporary name, then renamed into place) and evicts the least recently used blocks
+The model thread only copies a finished sequence's blocks to host memory; a writer thread hashes
+and writes them (to a temporary name, then renamed into place) and evicts the least recently used blocks
 beyond ``max_bytes``. A read touches the file's modification time, which is what recency means.
 """
 
@@ -49,6 +49,7 @@ DTYPES = {
 RAW = {name: (dtype, raw) for dtype, (name, raw) in DTYPES.items()}
 NUMPY_RAW = {mx.uint16: np.uint16, mx.uint32: np.uint32}
 Record = tuple[dict[str, mx.array], dict[str, str]]  # a block's arrays, and what its metadata adds
+HostArray = tuple[str, str, list[int], np.ndarray]  # name, safetensors dtype, shape, raw values
 WRITE_QUEUE = 64  # blocks waiting to be written; more are dropped (the cache is best effort)
 
 
@@ -98,7 +99,9 @@ class DiskTier:
         self._sizes: dict[str, int] = {}  # key -> file size, of the blocks on disk
         self._pending: set[str] = set()  # queued, not yet written
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(WRITE_QUEUE)
+        self._queue: queue.Queue[tuple[str, list[HostArray], dict[str, str] | None] | None] = queue.Queue(
+            WRITE_QUEUE
+        )
         settings.root.mkdir(parents=True, exist_ok=True)
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="genmlx-kv-writer", daemon=True)
@@ -161,7 +164,7 @@ class DiskTier:
                 return
             self._pending.add(key)
         try:
-            self._queue.put_nowait((key, encode_block(arrays, meta)))
+            self._queue.put_nowait((key, to_host(arrays), meta))
         except queue.Full:
             with self._lock:
                 self._pending.discard(key)
@@ -174,9 +177,9 @@ class DiskTier:
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            key, data = item
+            key, host, meta = item
             try:
-                self._write(key, data)
+                self._write(key, encode_host(host, meta))
             except OSError as e:
                 log.warning("could not write prompt cache block %s: %s", key[:12], e)
             finally:
@@ -255,17 +258,27 @@ class DiskTier:
 def encode_block(arrays: dict[str, mx.array], meta: dict[str, str] | None = None) -> bytes:
     """A safetensors file of ``arrays``, its metadata carrying ``meta`` and the SHA-256 of its
     data."""
-    header: dict[str, Any] = {}
-    chunks, offset = [], 0
+    return encode_host(to_host(arrays), meta)
+
+
+def to_host(arrays: dict[str, mx.array]) -> list[HostArray]:
+    """A copy of ``arrays`` in host memory, in name order: what ``encode_host`` needs, taken while
+    the arrays are valid (the model thread's part of writing a block)."""
+    host = []
     for name in sorted(arrays):
         array = arrays[name]
         dtype_name, raw = DTYPES[array.dtype]
-        data = np.array(array.view(raw)).tobytes()
-        header[name] = {
-            "dtype": dtype_name,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
+        host.append((name, dtype_name, list(array.shape), np.array(array.view(raw))))
+    return host
+
+
+def encode_host(host: Sequence[HostArray], meta: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of arrays copied by ``to_host``."""
+    header: dict[str, Any] = {}
+    chunks, offset = [], 0
+    for name, dtype_name, shape, values in host:
+        data = values.tobytes()
+        header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     body = b"".join(chunks)
