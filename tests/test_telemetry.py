@@ -21,11 +21,14 @@ from agent_harness import call, start_agent
 from conftest import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from genmlx.agent.telemetry.gpu import Macmon, parse_macmon
+from genmlx.agent.facts.platform import PlatformCommandFailed
+from genmlx.agent.telemetry.gpu import IOREG_ACCELERATOR, Ioreg, Macmon, parse_ioreg, parse_macmon
 from genmlx.agent.telemetry.sampler import TelemetrySampler, disk_of
+from genmlx.master.runtime.telemetry import node_gauges
 from genmlx.wire.telemetry import TelemetryReport
 
 MACMON = Path(__file__).parent / "data" / "macmon"
+IOREG = Path(__file__).parent / "data" / "ioreg" / "IOAccelerator-a.plist"
 
 
 def test_macmon_lines_of_both_shapes_give_the_gpu_and_the_systems_power():
@@ -58,6 +61,35 @@ def test_the_macmon_reader_follows_a_running_macmon_and_forgets_it_once_it_stops
         assert gpu.utilization_percent in (97.0, 95.0) and system in (88.5, 87.9)
     finally:
         reader.close()
+
+
+def test_without_macmon_a_mac_reads_its_gpu_from_the_drivers_statistics_in_ioreg(tmp_path):
+    recorded = IOREG.read_text()
+    gpu = parse_ioreg(recorded)
+    assert (gpu.source, gpu.utilization_percent, gpu.memory_used_bytes) == ("ioreg", 93.0, 24713150464)
+    assert gpu.power_watts is None, "ioreg tells no power: None, not 0"
+    assert parse_ioreg(b'<?xml version="1.0"?><plist version="1.0"><array/></plist>') is None
+    with pytest.raises(ValueError):
+        parse_ioreg("IOAccelerator <class AGXAcceleratorG14X>")  # ioreg's text form, not -a
+
+    answers: list[str | Exception] = [recorded, PlatformCommandFailed("ioreg: timed out"), recorded, recorded]
+
+    def run(argv):
+        assert tuple(argv) == IOREG_ACCELERATOR
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    reader = Ioreg(run)
+    sampler = TelemetrySampler((tmp_path,), interval_s=0.25, gpu=reader)
+    assert sampler.sample().gpu == gpu
+    assert sampler.sample().gpu is None, "a failed read is no figures, not the last ones"
+    assert sampler.sample().gpu == gpu
+    gauges = {family.name: family.samples for family in node_gauges({"mac": sampler.sample()})}
+    (memory,) = gauges["genmlx_node_gpu_memory_used_bytes"]
+    assert memory.labels == {"node": "mac", "source": "ioreg"} and memory.value == 24713150464
+    assert not gauges["genmlx_node_gpu_power_watts"], "no power figure, no gauge"
 
 
 def test_cpu_rises_under_load_and_falls_back(tmp_path):

@@ -35,12 +35,13 @@ class InterfaceSample(WireType):
 
 @dataclass(frozen=True)
 class GpuSample(WireType):
-    """The GPU, from macmon on a Mac or NVML on a machine with an NVIDIA GPU."""
+    """The GPU, from macmon or ioreg on a Mac or NVML on a machine with an NVIDIA GPU."""
 
-    source: str  # "macmon" or "nvml"
+    source: str  # "macmon", "ioreg" or "nvml"
     utilization_percent: float | None = None
     power_watts: float | None = None
-    memory_used_bytes: int | None = None  # a discrete GPU's own memory (NVML)
+    # A discrete GPU's own memory (NVML), or what the GPU uses of a Mac's unified memory (ioreg).
+    memory_used_bytes: int | None = None
     temperature_c: float | None = None
 
 

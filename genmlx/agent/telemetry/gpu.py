@@ -3,8 +3,9 @@
 - On a Mac: ``macmon pipe`` (Homebrew's ``macmon``), a long-running child that prints one JSON
   object per interval. ``Macmon`` keeps the latest; ``parse_macmon`` reads both of the shapes
   macmon has printed over its versions (``gpu_usage: [MHz, ratio]`` before 0.6,
-  ``gpu_active_ratio`` after). Without macmon a Mac reports no GPU figures: ``powermetrics``
-  needs root, which an agent never has.
+  ``gpu_active_ratio`` after). Without macmon, ``Ioreg``: the GPU driver's own
+  ``PerformanceStatistics`` (``ioreg -c IOAccelerator``; utilisation and the unified memory the GPU
+  uses, no power), which needs no root, unlike ``powermetrics``.
 - With an NVIDIA GPU: NVML, through ``nvidia-ml-py`` (``pynvml``), summed over the devices.
 - Elsewhere: nothing (None), never a made-up zero.
 """
@@ -14,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import plistlib
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from genmlx.agent.facts.platform import CommandRunner, PlatformCommandFailed, run_command
 from genmlx.wire.telemetry import GpuSample
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,53 @@ class Macmon:
             log.warning("macmon exited (code %s); starting it again in %.0f s", code, RESTART_S)
 
 
+# The GPU driver's registry entries, as an XML plist (-a): one level deep, whole lines.
+IOREG_ACCELERATOR = ("ioreg", "-r", "-d", "1", "-w", "0", "-c", "IOAccelerator", "-a")
+
+
+def parse_ioreg(output: str | bytes) -> GpuSample | None:
+    """The GPU in ``ioreg``'s plist of IOAccelerator entries: the first entry with
+    ``PerformanceStatistics`` (Apple silicon has one GPU); None where none has. Raises
+    ``ValueError`` for output that is not a plist."""
+    data = output.encode() if isinstance(output, str) else output
+    try:
+        entries = plistlib.loads(data)
+    except plistlib.InvalidFileException as e:
+        raise ValueError(f"not a plist: {e}") from None
+    for entry in entries if isinstance(entries, list) else [entries]:
+        stats = entry.get("PerformanceStatistics") if isinstance(entry, dict) else None
+        if isinstance(stats, dict):
+            memory = number(stats.get("In use system memory"))
+            return GpuSample(
+                source="ioreg",
+                utilization_percent=number(stats.get("Device Utilization %")),
+                memory_used_bytes=None if memory is None else int(memory),
+            )
+    return None
+
+
+class Ioreg:
+    """A Mac's GPU from its driver's statistics, read with ``ioreg`` at every sample."""
+
+    def __init__(self, run: CommandRunner = run_command):
+        self.run = run
+        self._failing = False
+
+    def read(self) -> tuple[GpuSample | None, float | None]:
+        try:
+            gpu = parse_ioreg(self.run(IOREG_ACCELERATOR))
+        except (PlatformCommandFailed, ValueError) as e:
+            if not self._failing:
+                log.warning("cannot read the GPU's statistics: %s", e)
+            self._failing = True
+            return None, None
+        self._failing = False
+        return gpu, None
+
+    def close(self) -> None:
+        pass
+
+
 class Nvml:
     """NVIDIA GPUs through NVML: utilization averaged, power and memory summed over the devices."""
 
@@ -154,11 +205,13 @@ class Nvml:
 
 
 def open_gpu_reader(interval_s: float, macmon: str | None = None) -> GpuReader:
-    """macmon where it is installed (or ``macmon`` names it), else NVML where a GPU answers, else
-    nothing."""
+    """macmon where it is installed (or ``macmon`` names it), else ioreg on a Mac, else NVML where
+    a GPU answers, else nothing."""
     found = macmon or shutil.which("macmon")
     if found:
         return Macmon([found], interval_s)
+    if sys.platform == "darwin":
+        return Ioreg()
     try:
         import pynvml  # nvidia-ml-py; Linux only
     except ImportError:

@@ -115,6 +115,7 @@ def node_gauges(latest: dict[str, TelemetrySample]) -> Iterator[Metric]:
     gpu = family("gpu_utilization_percent", "GPU busy (0-100)", ("source",))
     gpu_power = family("gpu_power_watts", "GPU power draw", ("source",))
     gpu_temperature = family("gpu_temperature_celsius", "GPU temperature", ("source",))
+    gpu_memory = family("gpu_memory_used_bytes", "Memory the GPU uses (its own, or unified)", ("source",))
     free = family("storage_free_bytes", "Free space of a storage path's file system", ("path",))
     read = family("storage_read_bytes_per_second", "Reads of the disk under a storage path", ("path",))
     written = family("storage_write_bytes_per_second", "Writes to the disk under a storage path", ("path",))
@@ -131,6 +132,7 @@ def node_gauges(latest: dict[str, TelemetrySample]) -> Iterator[Metric]:
             add_known(gpu, [node, s.gpu.source], s.gpu.utilization_percent)
             add_known(gpu_power, [node, s.gpu.source], s.gpu.power_watts)
             add_known(gpu_temperature, [node, s.gpu.source], s.gpu.temperature_c)
+            add_known(gpu_memory, [node, s.gpu.source], s.gpu.memory_used_bytes)
         for storage in s.storage:
             free.add_metric([node, storage.path], storage.free_bytes)
             add_known(read, [node, storage.path], storage.read_bytes_per_s)
@@ -138,7 +140,7 @@ def node_gauges(latest: dict[str, TelemetrySample]) -> Iterator[Metric]:
         for interface in s.network:
             rx.add_metric([node, interface.name, interface.kind], interface.rx_bytes_per_s)
             tx.add_metric([node, interface.name, interface.kind], interface.tx_bytes_per_s)
-    yield from (cpu, used, total, wired, swap, power, gpu, gpu_power, gpu_temperature)
+    yield from (cpu, used, total, wired, swap, power, gpu, gpu_power, gpu_temperature, gpu_memory)
     yield from (free, read, written, rx, tx)
 
 
