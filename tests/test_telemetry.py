@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import openai
@@ -22,7 +23,7 @@ from conftest import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from genmlx.agent.facts.platform import PlatformCommandFailed
-from genmlx.agent.telemetry.gpu import IOREG_ACCELERATOR, Ioreg, Macmon, parse_ioreg, parse_macmon
+from genmlx.agent.telemetry.gpu import IOREG_ACCELERATOR, Ioreg, Macmon, Nvml, parse_ioreg, parse_macmon
 from genmlx.agent.telemetry.sampler import TelemetrySampler, disk_of
 from genmlx.master.runtime.telemetry import node_gauges
 from genmlx.wire.telemetry import TelemetryReport
@@ -90,6 +91,59 @@ def test_without_macmon_a_mac_reads_its_gpu_from_the_drivers_statistics_in_ioreg
     (memory,) = gauges["genmlx_node_gpu_memory_used_bytes"]
     assert memory.labels == {"node": "mac", "source": "ioreg"} and memory.value == 24713150464
     assert not gauges["genmlx_node_gpu_power_watts"], "no power figure, no gauge"
+
+
+class StandInNvml:
+    """The part of ``pynvml`` the agent calls, answering for two GPUs; ``memory_v2`` False is a
+    driver without the second memory query (NVML_ERROR_FUNCTION_NOT_FOUND)."""
+
+    NVML_TEMPERATURE_GPU = 0
+    nvmlMemory_v2 = 0x02000028
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, memory_v2: bool = True):
+        self.memory_v2, self.failing = memory_v2, False
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetUtilizationRates(self, device):
+        if self.failing:
+            raise self.NVMLError("GPU is lost")
+        return types.SimpleNamespace(gpu=(100, 50)[device])
+
+    def nvmlDeviceGetPowerUsage(self, device):
+        return (318_000, 80_000)[device]  # milliwatts
+
+    def nvmlDeviceGetMemoryInfo(self, device, version=None):
+        if version is not None and not self.memory_v2:
+            raise self.NVMLError("Function Not Found")
+        reserved = 0 if version else 615 << 20  # the first query counts the driver's reserve
+        return types.SimpleNamespace(used=(552 << 20, 0)[device] + reserved)
+
+    def nvmlDeviceGetTemperature(self, device, sensor):
+        assert sensor == self.NVML_TEMPERATURE_GPU
+        return (50, 39)[device]
+
+    def nvmlShutdown(self):
+        pass
+
+
+def test_nvml_averages_load_and_sums_power_and_memory_over_the_gpus():
+    gpu, system = Nvml(StandInNvml()).read()
+    assert (gpu.source, gpu.utilization_percent, gpu.power_watts, gpu.temperature_c) == ("nvml", 75, 398, 50)
+    assert gpu.memory_used_bytes == 552 << 20 and system is None
+    older = Nvml(StandInNvml(memory_v2=False)).read()[0]
+    assert older.memory_used_bytes == (552 << 20) + 2 * (615 << 20), "the first query where v2 is missing"
+    failing = StandInNvml()
+    reader = Nvml(failing)
+    failing.failing = True
+    assert reader.read() == (None, None)
 
 
 def test_cpu_rises_under_load_and_falls_back(tmp_path):

@@ -179,13 +179,14 @@ class Nvml:
     def __init__(self, nvml: Any):
         self.nvml = nvml
         self.devices = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        self._memory_v2 = hasattr(nvml, "nvmlMemory_v2")
 
     def read(self) -> tuple[GpuSample | None, float | None]:
         nvml = self.nvml
         try:
             utilization = [nvml.nvmlDeviceGetUtilizationRates(d).gpu for d in self.devices]
             power_mw = [nvml.nvmlDeviceGetPowerUsage(d) for d in self.devices]
-            memory = [nvml.nvmlDeviceGetMemoryInfo(d).used for d in self.devices]
+            memory = [self._memory_used(d) for d in self.devices]
             temperature = [nvml.nvmlDeviceGetTemperature(d, nvml.NVML_TEMPERATURE_GPU) for d in self.devices]
         except nvml.NVMLError as e:
             log.debug("NVML: %s", e)
@@ -198,6 +199,18 @@ class Nvml:
             temperature_c=float(max(temperature)),
         )
         return gpu, None
+
+    def _memory_used(self, device: Any) -> int:
+        """What processes use of a device's memory, as ``nvidia-smi`` counts it: the v2 query,
+        which leaves out what the driver reserves (about 600 MB on an H200); the first query's
+        figure, which includes it, where the driver has no v2."""
+        nvml = self.nvml
+        if self._memory_v2:
+            try:
+                return nvml.nvmlDeviceGetMemoryInfo(device, version=nvml.nvmlMemory_v2).used
+            except nvml.NVMLError:
+                self._memory_v2 = False
+        return nvml.nvmlDeviceGetMemoryInfo(device).used
 
     def close(self) -> None:
         with contextlib.suppress(self.nvml.NVMLError):
