@@ -142,6 +142,15 @@ def test_gauges_follow_a_running_and_a_waiting_request_and_count_a_cancelled_one
         what="the second request to wait",
     )
     assert busy.value("num_requests_running") == 1
+    # Tokens count as they are generated, not when the request ends: a rate follows a long stream.
+    counted = busy.value("generation_tokens_total")
+    assert counted >= received - 1, (counted, received)
+    received += sum(1 for _ in zip(range(20), chunks, strict=False))
+    wait_until(
+        lambda: scrape(served, token).value("generation_tokens_total") >= counted + 20,
+        timeout=10,
+        what="the generation counter to grow while the stream runs",
+    )
     endless.close()  # the client leaves; the waiting request then runs
     waiter.join(60)
     assert len(behind) == 1

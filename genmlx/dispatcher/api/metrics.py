@@ -112,6 +112,7 @@ class RequestMetrics:
         self._arrived = arrived
         self._last_event: float | None = None
         self._phase: Phase = "arrived"
+        self._generated = 0  # tokens the generation counter got from this request's deltas
 
     def submitted(self) -> None:
         """The engine accepted the job: it waits until its first event."""
@@ -130,19 +131,27 @@ class RequestMetrics:
         """Time ``event``; a ``Finished`` also adds its tokens to the counters."""
         now = time.monotonic()
         match event:
-            case TextDelta():
+            case TextDelta(tokens=tokens):
                 self._record_output(now)
+                self._count_generated(tokens)
             case Finished(usage=usage):
                 if usage.completion_tokens > 0 and self._last_event is None:
                     self._record_output(now)  # tokens that made no text (end of turn at once)
                 self._metrics.prompt_tokens.inc(usage.prompt_tokens)
-                self._metrics.generation_tokens.inc(usage.completion_tokens)
+                self._count_generated(usage.completion_tokens - self._generated)
                 self._metrics.record_prefix_cache(usage.prompt_tokens, usage.cached_tokens)
                 self._metrics.e2e_request_latency.observe(now - self._arrived)
             case Failed():
                 self._metrics.e2e_request_latency.observe(now - self._arrived)
         if isinstance(event, Finished | Failed):
             self.leave()
+
+    def _count_generated(self, tokens: int) -> None:
+        """Count tokens as they are generated, so that a rate over the counter follows a long
+        stream instead of jumping when it ends."""
+        if tokens > 0:
+            self._metrics.generation_tokens.inc(tokens)
+            self._generated += tokens
 
     def leave(self) -> None:
         """Stop counting this request in the gauges (once)."""

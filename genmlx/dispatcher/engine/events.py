@@ -71,10 +71,12 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class TextDelta:
     """New text for the client; never part of a stop string. ``logprobs`` covers the tokens generated
-    since the previous delta (only when the request asked for them)."""
+    since the previous delta (only when the request asked for them); ``tokens`` counts them (what
+    the generation counter adds as they come)."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class Reply:
         self._logprobs = _LogprobRecorder(tokenizer, request.top_logprobs)
         self._eos_ids = tokenizer.eos_token_ids
         self.generated = 0
+        self._delivered = 0  # tokens counted by the deltas so far
         self.finished = False
 
     def add(self, token: int, logprobs: mx.array, end: FinishReason | None) -> list[EngineEvent]:
@@ -44,7 +45,7 @@ class Reply:
         self._logprobs.record(token, logprobs)
         events: list[EngineEvent] = []
         if delta := self._text.add_token(token):
-            events.append(TextDelta(delta, self._logprobs.take()))
+            events.append(self._delta(delta))
         if self._text.stopped:
             return self._finish("stop", events)
         if end is not None:
@@ -60,11 +61,15 @@ class Reply:
         if not self._text.stopped:
             delta = self._text.finish()
             if delta or self._logprobs.pending:
-                events.append(TextDelta(delta, self._logprobs.take()))
+                events.append(self._delta(delta))
             reason = "stop" if self._text.stopped else reason
         self.finished = True
         events.append(Finished(reason, self._usage(), stop_string=self._text.matched_stop))
         return events
+
+    def _delta(self, text: str) -> TextDelta:
+        tokens, self._delivered = self.generated - self._delivered, self.generated
+        return TextDelta(text, self._logprobs.take(), tokens)
 
     def _usage(self) -> Usage:
         return Usage(len(self._request.prompt_tokens), self.generated, self._cached_tokens)
