@@ -267,10 +267,10 @@ def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
     wait_until(lambda: "Ctrl-C stops the cluster" in demo.output(), 180, what="the demo to serve")
     master = f"http://127.0.0.1:{port}"
 
-    def series(since: float = 0) -> dict[str, list[dict]]:
+    def series(since: float = 0, kind: str = "nodes") -> dict[str, list[dict]]:
         reply = call("GET", f"{master}/api/v1/telemetry?since={since}", None, headers=bearer(token))
         assert reply.status == 200, reply.body
-        return reply.json()["nodes"]
+        return reply.json()[kind]
 
     (node,) = wait_until(lambda: len(next(iter(series().values()), [])) >= 4 and series(), 30, what="samples")
     time.sleep(1.5)
@@ -279,6 +279,14 @@ def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
     decode_for(f"{master}/v1", token, seconds=4)
     loaded = [s["cpuPercent"] for s in series(loaded_from + 0.5)[node] if s["at"] < loaded_from + 4]
     assert max(loaded) >= 45 and max(loaded) >= sorted(idle)[len(idle) // 2] + 20, (idle, loaded)
+
+    # The model's own series, from its rank 0's counters: tokens/s and TTFT while it decoded.
+    points = series(loaded_from - 1, "models")["genmlx-demo"]
+    during = [p for p in points if loaded_from < p["at"] < loaded_from + 5]
+    assert {p["node"] for p in points} == {node}
+    assert max(p["generationTokensPerS"] or 0 for p in during) > 10, during
+    assert any((p["timeToFirstTokenS"] or 0) > 0 for p in during), during
+    assert max(p["requestsRunning"] for p in during) >= 1, during
 
     text = call("GET", f"{master}/metrics", None, headers=bearer(token)).body.decode()
     gauges = {
@@ -298,6 +306,26 @@ def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
     assert "genmlx_node_swap_used_bytes" in measured
     assert "genmlx_node_gpu_utilization_percent" not in measured, "no GPU here: left out, not 0"
     assert call("GET", f"{master}/api/v1/telemetry", None).status == 401
+
+
+def test_a_models_points_are_rates_over_each_interval_and_nothing_across_a_restart():
+    from genmlx.master.runtime.serving_metrics import Totals
+
+    first = Totals(
+        100.0, generation_tokens=50, prompt_tokens=10, ttft_sum=0.4, ttft_count=2, waiting=0, running=1
+    )
+    second = Totals(
+        102.0, generation_tokens=150, prompt_tokens=30, ttft_sum=1.0, ttft_count=4, waiting=3, running=2
+    )
+    point = second.since(first, "n1")
+    assert (point.generation_tokens_per_s, point.prompt_tokens_per_s) == (50.0, 10.0)
+    assert point.time_to_first_token_s == pytest.approx(0.3), "the mean of the interval's two requests"
+    assert (point.requests_waiting, point.requests_running, point.node) == (3, 2, "n1")
+    quiet = Totals(104.0, 150, 30, 1.0, 4, 0, 0).since(second, "n1")
+    assert (quiet.generation_tokens_per_s, quiet.time_to_first_token_s) == (0.0, None)
+    restarted = Totals(106.0, 5, 3, 0.1, 1, 0, 1).since(second, "n1")
+    assert restarted.generation_tokens_per_s is None and restarted.time_to_first_token_s is None
+    assert first.since(None, "n1").generation_tokens_per_s is None, "no interval before the first"
 
 
 def bearer(token: str) -> dict[str, str]:

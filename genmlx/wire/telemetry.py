@@ -65,3 +65,19 @@ class TelemetryReport(WireType):
 
     interval_s: float
     samples: tuple[TelemetrySample, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServingSample(WireType):
+    """One serving model over the interval before ``at``, from its rank 0's metrics as the master
+    scraped them. A rate is None over an interval it cannot be told for (the first scrape, a
+    restarted rank whose counters began again); ``time_to_first_token_s`` is the mean over the
+    requests that got their first token in the interval, None where none did."""
+
+    at: float
+    node: str  # where rank 0 runs
+    generation_tokens_per_s: float | None
+    prompt_tokens_per_s: float | None
+    time_to_first_token_s: float | None
+    requests_waiting: float
+    requests_running: float

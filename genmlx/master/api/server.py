@@ -50,8 +50,9 @@ class HealthzHandler(ApiHandler):
 
 
 class TelemetryHandler(ReadEndpoint):
-    """``GET /api/v1/telemetry[?since=UNIX_TIME]``: each node's samples of the last five minutes
-    (after ``since``), ``{"nodes": {NAME: [TelemetrySample, ...]}}``, oldest first."""
+    """``GET /api/v1/telemetry[?since=UNIX_TIME]``: each node's samples and each serving model's
+    points of the last five minutes (after ``since``), oldest first: ``{"nodes": {NAME:
+    [TelemetrySample, ...]}, "models": {NAME: [ServingSample, ...]}}``."""
 
     def initialize(self, telemetry: NodeTelemetry, **deps: Any) -> None:
         super().initialize(**deps)
@@ -62,9 +63,15 @@ class TelemetryHandler(ReadEndpoint):
             since = float(self.get_argument("since", "0"))
         except ValueError:
             raise InvalidRequest("since must be a unix time in seconds", param="since") from None
-        series = self.telemetry.series(since if since == since else 0.0)
+        since = since if since == since else 0.0  # NaN: everything
+        nodes = self.telemetry.series(since)
+        models = self.telemetry.serving.series(since) if self.telemetry.serving else {}
         self.write_json(
-            200, {"nodes": {node: [s.to_json() for s in samples] for node, samples in series.items()}}
+            200,
+            {
+                "nodes": {node: [s.to_json() for s in samples] for node, samples in nodes.items()},
+                "models": {model: [p.to_json() for p in points] for model, points in models.items()},
+            },
         )
 
 

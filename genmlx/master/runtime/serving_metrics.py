@@ -2,12 +2,19 @@
 (signed, its reply's signature checked, as the API proxy does) and its families are served again
 with a ``node`` label beside the ``model_name`` they carry, so one scrape of the master gives
 Prometheus the whole cluster: serving (``vllm:*``, ``genmlx:prompt_cache_*``), nodes and clients.
+
+Each scrape also adds a point to the model's series of the last five minutes (``series``, for the
+status page's charts): tokens per second, time to first token and the queue, from the counters'
+change since the scrape before.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -17,6 +24,7 @@ from prometheus_client.registry import Collector
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply, signed_headers
+from genmlx.wire.telemetry import ServingSample
 
 if TYPE_CHECKING:
     from genmlx.master.runtime.loop import Reconciler
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 5.0
+SERIES_S = 300.0  # as long as the nodes' telemetry is kept
 Ranks = Callable[[], dict[str, tuple[str, str]]]  # model -> (rank 0's node, its base URL)
 
 
@@ -37,6 +46,61 @@ def serving_ranks(reconciler: Reconciler) -> dict[str, tuple[str, str]]:
     }
 
 
+@dataclass(frozen=True)
+class Totals:
+    """What a rank 0's metrics say at one scrape: its counters and its queue."""
+
+    at: float
+    generation_tokens: float
+    prompt_tokens: float
+    ttft_sum: float
+    ttft_count: float
+    waiting: float
+    running: float
+
+    @classmethod
+    def of(cls, families: Iterable[Metric], at: float) -> Totals | None:
+        """The totals in a scrape; None where it lacks a dispatcher's families."""
+        values = {sample.name: sample.value for family in families for sample in family.samples}
+        try:
+            return cls(
+                at,
+                values["vllm:generation_tokens_total"],
+                values["vllm:prompt_tokens_total"],
+                values["vllm:time_to_first_token_seconds_sum"],
+                values["vllm:time_to_first_token_seconds_count"],
+                values["vllm:num_requests_waiting"],
+                values["vllm:num_requests_running"],
+            )
+        except KeyError:
+            return None
+
+    def since(self, before: Totals | None, node: str) -> ServingSample:
+        """The point for the interval from ``before`` to these totals."""
+        elapsed = self.at - before.at if before else 0.0
+        # Counters that went back belong to a rank started again: nothing to tell for the interval.
+        counted = (
+            before is not None
+            and elapsed > 0
+            and self.generation_tokens >= before.generation_tokens
+            and self.ttft_count >= before.ttft_count
+        )
+
+        def rate(now: float, then: float) -> float | None:
+            return (now - then) / elapsed if counted else None
+
+        requests = self.ttft_count - before.ttft_count if counted else 0
+        return ServingSample(
+            at=self.at,
+            node=node,
+            generation_tokens_per_s=rate(self.generation_tokens, before.generation_tokens if before else 0),
+            prompt_tokens_per_s=rate(self.prompt_tokens, before.prompt_tokens if before else 0),
+            time_to_first_token_s=(self.ttft_sum - before.ttft_sum) / requests if requests > 0 else None,
+            requests_waiting=self.waiting,
+            requests_running=self.running,
+        )
+
+
 class ServingMetrics(Collector):
     def __init__(self, ranks: Ranks, keys_for_host: Callable[[str], Keys], http: AsyncHTTPClient):
         self.ranks = ranks
@@ -44,16 +108,37 @@ class ServingMetrics(Collector):
         self.http = http
         self._scraped: dict[str, tuple[str, list[Metric]]] = {}  # model -> (node, its families)
         self._problems: dict[str, str] = {}  # model -> why its metrics were refused last
+        self._totals: dict[str, Totals] = {}  # model -> its last scrape's totals
+        self._series: dict[str, collections.deque[ServingSample]] = {}
 
     async def gather(self) -> None:
         """Scrape every serving model's rank 0 once; a model that stopped serving drops out."""
         ranks = self.ranks()
         for model in set(self._scraped) - set(ranks):
             del self._scraped[model]
+        for model in set(self._series) - set(ranks):
+            self._series.pop(model)
+            self._totals.pop(model, None)
         for model, (node, base_url) in ranks.items():
             families = await self._scrape(model, base_url)
             if families is not None:
                 self._scraped[model] = (node, families)
+                self._add_point(model, node, families)
+
+    def _add_point(self, model: str, node: str, families: list[Metric]) -> None:
+        totals = Totals.of(families, time.time())
+        if totals is None:
+            return
+        before = self._totals.get(model)
+        self._totals[model] = totals
+        kept = self._series.setdefault(model, collections.deque())
+        kept.append(totals.since(before, node))
+        while kept and kept[0].at < totals.at - SERIES_S:
+            kept.popleft()
+
+    def series(self, since: float = 0.0) -> dict[str, tuple[ServingSample, ...]]:
+        """Each serving model's points after ``since``, oldest first."""
+        return {model: tuple(p for p in kept if p.at > since) for model, kept in sorted(self._series.items())}
 
     async def _scrape(self, model: str, base_url: str) -> list[Metric] | None:
         parts = urlsplit(base_url)
