@@ -260,12 +260,7 @@ def test_an_agent_serves_its_last_samples_to_signed_requests_only(spawn, token, 
 def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
     spawn, genmlx_home, token, monkeypatch
 ):
-    monkeypatch.setenv("GENMLX_TELEMETRY_INTERVAL_S", "0.25")
-    monkeypatch.setenv("GENMLX_TELEMETRY_POLL_S", "0.5")
-    port, agent_port = free_port(), free_port()
-    demo = spawn(["-m", "genmlx", "demo", "--port", str(port), "--agent-port", str(agent_port)], "demo")
-    wait_until(lambda: "Ctrl-C stops the cluster" in demo.output(), 180, what="the demo to serve")
-    master = f"http://127.0.0.1:{port}"
+    master = start_demo(spawn, monkeypatch, sample_s=0.25, poll_s=0.5)
 
     def series(since: float = 0, kind: str = "nodes") -> dict[str, list[dict]]:
         reply = call("GET", f"{master}/api/v1/telemetry?since={since}", None, headers=bearer(token))
@@ -326,6 +321,17 @@ def test_a_models_points_are_rates_over_each_interval_and_nothing_across_a_resta
     restarted = Totals(106.0, 5, 3, 0.1, 1, 0, 1).since(second, "n1")
     assert restarted.generation_tokens_per_s is None and restarted.time_to_first_token_s is None
     assert first.since(None, "n1").generation_tokens_per_s is None, "no interval before the first"
+
+
+def start_demo(spawn, monkeypatch, sample_s: float, poll_s: float) -> str:
+    """``genmlx demo`` serving, its agent sampling every ``sample_s`` and its master asking every
+    ``poll_s``; the master's URL."""
+    monkeypatch.setenv("GENMLX_TELEMETRY_INTERVAL_S", str(sample_s))
+    monkeypatch.setenv("GENMLX_TELEMETRY_POLL_S", str(poll_s))
+    port, agent_port = free_port(), free_port()
+    demo = spawn(["-m", "genmlx", "demo", "--port", str(port), "--agent-port", str(agent_port)], "demo")
+    wait_until(lambda: "Ctrl-C stops the cluster" in demo.output(), 180, what="the demo to serve")
+    return f"http://127.0.0.1:{port}"
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 // /api/v1/stream. It authenticates with the session cookie `genmlx ui` sets; it never sees the
 // token. Everything from the cluster is put in the page as text (agents write some of it).
 
+import { followTelemetry, modelCharts, nodeCharts, stopTelemetry } from "/ui/charts.js";
 import { fill, h } from "/ui/dom.js";
 import { followIntegrations, forgetIntegrations } from "/ui/integrations.js";
 import { renderLinks } from "/ui/links.js";
@@ -104,6 +105,7 @@ function showSignIn() {
   fill($("matrix-wrap"));
   fill($("event-list"));
   forgetIntegrations();
+  stopTelemetry();
   $("signin").hidden = false;
   setLive("signed-out", "not signed in");
 }
@@ -123,6 +125,7 @@ async function start() {
     render(status.body);
     await refreshEvents();
     if (signedOut) return;
+    followTelemetry();
   } catch (e) {
     setLive("down", "reconnecting… (the master does not answer)");
     retryTimer = setTimeout(start, RETRY_MS);
@@ -320,6 +323,8 @@ function renderNodes(doc) {
       h("h3", { id: `node-${node.name}` }, node.name, " ", badge(null, online ? "online" : ready && ready.status === "Unknown" ? "unknown" : "offline", conditionTone(ready))),
       ready && !online ? h("p", { class: "message" }, `${ready.reason}: ${ready.message || ""}`) : null,
       h("dl", { class: "facts" }, rows),
+      h("h4", {}, "Last five minutes"),
+      nodeCharts(node.name),
       h("h4", {}, "Storage"),
       storage.length ? h("ul", { class: "plain" }, storage) : h("p", {}, "none reported"),
       h("h4", {}, "Ranks"),
@@ -464,7 +469,9 @@ function renderModels(doc) {
     return h("article", { class: "card", "aria-labelledby": `model-${m.name}`, "data-model": m.name },
       h("h3", { id: `model-${m.name}` }, m.name, " ", badge(null, ready && ready.status === "True" ? "Ready" : m.phase || "Not ready", phaseTone(m))),
       h("p", { class: "message" }, ready ? `${ready.reason}: ${ready.message || ""}` : ""),
-      h("dl", { class: "facts" }, rows));
+      h("dl", { class: "facts" }, rows),
+      h("h4", {}, "Last five minutes"),
+      modelCharts(m.name));
   }));
 }
 
