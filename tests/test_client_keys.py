@@ -25,13 +25,16 @@ from genmlx.core.home import client_key_digest, new_client_key
 
 pytestmark = pytest.mark.e2e
 
-KEYS = {name: new_client_key() for name in ("scoped", "everything", "expired", "limited", "revoked")}
+KEYS = {
+    name: new_client_key() for name in ("scoped", "everything", "expired", "limited", "revoked", "prometheus")
+}
 ENTRIES = [
     {"name": "scoped", "models": ["alpha"]},
     {"name": "everything"},
     {"name": "expired", "expires": "2020-01-01"},
     {"name": "limited", "models": ["alpha"], "requestsPerMinute": 2},
     {"name": "revoked"},
+    {"name": "prometheus", "models": [], "metrics": True},
 ]
 
 
@@ -113,7 +116,24 @@ def test_a_key_reaches_its_own_models_only(cluster: KeyedCluster) -> None:
 @pytest.mark.parametrize("path", ["/api/v1/status", "/api/v1/events", "/api/v1/keys", "/metrics"])
 def test_a_key_never_reads_status_keys_or_metrics(cluster: KeyedCluster, path: str) -> None:
     reply = call("GET", f"{cluster.url}{path}", None, headers=as_key(KEYS["everything"]))
-    assert reply.status == 403 and "reaches the models only" in reply.json()["error"]["message"]
+    message = reply.json()["error"]["message"]
+    assert reply.status == 403 and (
+        "reaches the models only" in message or "does not read /metrics" in message
+    )
+
+
+def test_a_metrics_key_reads_metrics_and_nothing_else(cluster: KeyedCluster) -> None:
+    """What a Prometheus server is given instead of the cluster token."""
+    metrics = call("GET", f"{cluster.url}/metrics", None, headers=as_key(KEYS["prometheus"]))
+    assert metrics.status == 200 and b"genmlx_node_cpu_percent" in metrics.body
+    for path in ("/api/v1/status", "/api/v1/keys", "/api/v1/telemetry"):
+        refused = call("GET", f"{cluster.url}{path}", None, headers=as_key(KEYS["prometheus"]))
+        assert refused.status == 403, path
+    assert cluster.openai(KEYS["prometheus"]).models.list().data == [], "models: [] reaches none"
+    with pytest.raises(openai.NotFoundError):
+        ask(cluster.openai(KEYS["prometheus"]), "alpha")
+    plain = call("GET", f"{cluster.url}/metrics", None, headers=as_key(KEYS["everything"]))
+    assert "`metrics: true`" in plain.json()["error"]["message"]
 
 
 def test_a_key_never_applies(cluster: KeyedCluster) -> None:
@@ -260,3 +280,26 @@ def test_integrations_write_a_client_key_and_only_the_models_it_reaches(cluster:
     assert KEYS["scoped"] in printed.stdout and cluster.token not in printed.stdout
     assert '\\"alpha\\"' in printed.stdout or '"alpha"' in printed.stdout
     assert "beta" not in printed.stdout
+
+
+def test_key_create_metrics_makes_an_entry_that_reads_metrics_and_with_no_models_reaches_none() -> None:
+    import argparse
+
+    from genmlx.cli.keys import key_entry
+    from genmlx.manifest.build import build_api_key
+
+    def entry(**given) -> dict:
+        defaults = {
+            "name": "prom",
+            "models": None,
+            "expires": None,
+            "requests_per_minute": None,
+            "metrics": False,
+        }
+        return key_entry(argparse.Namespace(**{**defaults, **given}))
+
+    assert entry(metrics=True, models="") == {"name": "prom", "models": [], "metrics": True}
+    assert entry(metrics=True) == {"name": "prom", "metrics": True}, "every model, and the metrics"
+    assert entry(models="") == {"name": "prom"}, "without --metrics, '' is no restriction, as before"
+    key = build_api_key({**entry(metrics=True, models=""), "sha256": "0" * 64})
+    assert key.metrics and not key.reaches("alpha")

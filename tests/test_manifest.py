@@ -449,6 +449,12 @@ def test_example_round_trips_into_the_dataclasses():
                     expires=datetime(2027, 6, 30, tzinfo=UTC).timestamp(),
                     requests_per_minute=60,
                 ),
+                ApiKey(
+                    name="prometheus",
+                    sha256=hashlib.sha256(b"gmx_example-prometheus-key-not-a-real-one").hexdigest(),
+                    models=(),
+                    metrics=True,
+                ),
             ),
         ),
         mesh=Mesh(topology="full-mesh", backend="auto", port=32323),

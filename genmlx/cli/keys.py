@@ -40,6 +40,11 @@ def add_key_commands(sub: argparse._SubParsersAction, master_help: str) -> None:
     create.add_argument("--expires", metavar="WHEN", help="30d, 12h, 2w, a date (2027-01-31) or a date-time")
     create.add_argument("--requests-per-minute", type=int, metavar="N", help="answer 429 past N a minute")
     create.add_argument(
+        "--metrics",
+        action="store_true",
+        help="it may also read the master's /metrics (a Prometheus server's key; with --models '' no model)",
+    )
+    create.add_argument(
         "-f", "--file", type=Path, help="a manifest: check the name is free and the models exist"
     )
     listing = reading_command(actions, "list", cmd_key_list, "the applied keys: scope, expiry and last use")
@@ -67,7 +72,7 @@ def key_entry(args: argparse.Namespace) -> dict:
     if not NAME.match(args.name):
         raise KeyUsageError(f"{args.name!r}: a key's name is lowercase letters, digits, '-', '.', '_'")
     entry: dict = {"name": args.name}
-    if args.models:
+    if args.models is not None and (args.models or args.metrics):  # '' with --metrics: no model
         entry["models"] = [model.strip() for model in args.models.split(",") if model.strip()]
     if args.expires:
         entry["expires"] = expiry_text(args.expires, time.time())
@@ -75,6 +80,8 @@ def key_entry(args: argparse.Namespace) -> dict:
         if args.requests_per_minute < 1:
             raise KeyUsageError("--requests-per-minute must be at least 1")
         entry["requestsPerMinute"] = args.requests_per_minute
+    if args.metrics:
+        entry["metrics"] = True
     return entry
 
 
@@ -125,11 +132,12 @@ def format_keys(keys: list[dict]) -> str:
             ",".join(key["models"]) if key["models"] is not None else "*",
             key["expires"] or "never",
             str(key["requestsPerMinute"] or "-"),
+            "yes" if key.get("metrics") else "-",
             key["lastUsed"] or "never",
             str(key["requests"]),
             f"{key['promptTokens']}/{key['completionTokens']}",
         )
         for key in keys
     ]
-    header = ("NAME", "MODELS", "EXPIRES", "PER MINUTE", "LAST USED", "REQUESTS", "TOKENS IN/OUT")
+    header = ("NAME", "MODELS", "EXPIRES", "PER MINUTE", "METRICS", "LAST USED", "REQUESTS", "TOKENS IN/OUT")
     return "\n".join(table(header, rows))

@@ -161,9 +161,11 @@ ANTHROPIC_ERRORS = ErrorFormat("anthropic", anthropic_error_reply)
 
 
 class ClientKey(Protocol):
-    """A client's key, as a ``Keyring`` finds it: its name and the models it reaches."""
+    """A client's key, as a ``Keyring`` finds it: its name, the models it reaches, and whether it
+    reads ``/metrics``."""
 
     name: str
+    metrics: bool
 
     def reaches(self, model: str) -> bool: ...
 
@@ -295,7 +297,7 @@ class ApiHandler(RequestHandler):
         key = auth.keyring.find(presented)
         if key is None:  # unknown or revoked (or, by a one-in-16-million chance, the token itself)
             return False
-        if not self.accepts_client_keys:
+        if not self.admits_client_key(key):
             raise Forbidden(
                 f"The API key {key.name!r} reaches the models only (/v1/...); "
                 "this endpoint needs the cluster token."
@@ -303,6 +305,10 @@ class ApiHandler(RequestHandler):
         auth.keyring.admit(key)
         self.client_key = key
         return True
+
+    def admits_client_key(self, key: ClientKey) -> bool:
+        """Whether this endpoint lets ``key`` in (``accepts_client_keys``, unless it says more)."""
+        return self.accepts_client_keys
 
     def presented_key(self) -> str | None:
         """What the request offers as its key: a bearer token, or (where taken) an ``x-api-key``."""

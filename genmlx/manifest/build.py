@@ -63,6 +63,7 @@ def build_api_key(key: dict[str, Any]) -> ApiKey:
         models=tuple(models) if models is not None else None,
         expires=parse_expiry(expires) if expires is not None else None,
         requests_per_minute=key.get("requestsPerMinute"),
+        metrics=key.get("metrics", False),
     )
 
 

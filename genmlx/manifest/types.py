@@ -74,6 +74,7 @@ class ApiKey:
     models: tuple[str, ...] | None = None  # None: every model
     expires: float | None = None  # unix time; None: never
     requests_per_minute: int | None = None
+    metrics: bool = False  # may read the master's /metrics (a Prometheus server's key)
 
     def reaches(self, model: str) -> bool:
         return self.models is None or model in self.models

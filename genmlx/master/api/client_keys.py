@@ -121,6 +121,7 @@ class ClientKeys:
                     "models": list(key.models) if key.models is not None else None,
                     "expires": iso_time(key.expires) if key.expires is not None else None,
                     "requestsPerMinute": key.requests_per_minute,
+                    "metrics": key.metrics,
                     "requests": use.requests,
                     "promptTokens": use.prompt_tokens,
                     "completionTokens": use.completion_tokens,

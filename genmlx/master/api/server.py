@@ -15,8 +15,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado.web import Application
 
-from genmlx.core.errors import InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
-from genmlx.core.http import ApiHandler, ClusterAuth
+from genmlx.core.errors import Forbidden, InvalidManifest, InvalidRequest, ManifestError, UnknownRoute
+from genmlx.core.http import ApiHandler, ClientKey, ClusterAuth
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.api.client_keys import ClientKeys
@@ -202,11 +202,21 @@ class KeysHandler(ApiHandler):
 
 
 class MetricsHandler(ApiHandler):
-    """``GET /metrics``: the client keys' requests, tokens and refusals, in Prometheus' format."""
+    """``GET /metrics``: the client keys' requests, tokens and refusals, every node's latest
+    telemetry and every serving model's own metrics, in Prometheus' format. Besides the token, a
+    client key with ``metrics: true`` reads it (what a Prometheus server is given)."""
 
     def initialize(self, auth: ClusterAuth, keys: ClientKeys) -> None:
         super().initialize(auth)
         self.keys = keys
+
+    def admits_client_key(self, key: ClientKey) -> bool:
+        if not key.metrics:
+            raise Forbidden(
+                f"The API key {key.name!r} does not read /metrics: give its entry in cluster.yaml "
+                "`metrics: true` (genmlx key create NAME --metrics), or send the cluster token."
+            )
+        return True
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
