@@ -43,6 +43,14 @@ test-deps:
 			echo "note: chromium is missing and this is not a root Debian shell: status page tests will skip"; \
 		fi; \
 	fi
+	@# The service tests check the units genmlx writes with systemd's own systemd-analyze.
+	@if ! command -v systemd-analyze >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; \
+		else \
+			echo "note: systemd-analyze is missing and this is not a root Debian shell: unit checks will skip"; \
+		fi; \
+	fi
 	@# The fault tests cut links between hosts with iptables and set a host's clock with faketime.
 	@if ! command -v iptables >/dev/null 2>&1 && ! test -x /usr/sbin/iptables || ! command -v faketime >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

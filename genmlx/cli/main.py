@@ -13,15 +13,20 @@ from genmlx.cli.integrations import add_integrations_command
 from genmlx.cli.keys import add_key_commands
 from genmlx.cli.master_client import manifest_token, print_document, token_source
 from genmlx.cli.read_commands import add_read_commands, with_output
+from genmlx.cli.service.commands import add_service_commands
 from genmlx.cli.tls import add_tls_commands
 from genmlx.core.errors import GenMLXError, ManifestError
 from genmlx.core.home import ensure_token, read_token
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LOG_FILE_BYTES = 10 * 1000 * 1000  # a log file is rotated at this size ...
+LOG_FILES_KEPT = 5  # ... and this many rotated ones are kept (agent.log.1 ... agent.log.5)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_to(getattr(args, "log_file", None))
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     try:
         return args.run(args) or 0
@@ -35,10 +40,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def log_to(path: Path | None) -> None:
+    """Log to stderr, or (a service's master or agent) to ``path``, rotated by size."""
+    if path is None:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        return
+    from logging.handlers import RotatingFileHandler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = RotatingFileHandler(path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILES_KEPT)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 class UsageError(GenMLXError):
     """A command line that asks for something impossible."""
 
 
+LOG_FILE_HELP = "log to PATH instead of stderr, rotated at 10 MB, 5 old files kept (what a service does)"
 MASTER_HELP = "master URL (default: $GENMLX_MASTER, else the manifest's with -f, else http://127.0.0.1:6789)"
 MANIFEST_MASTER_HELP = "master URL (default: from the manifest, or $GENMLX_MASTER)"
 
@@ -56,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_commands(sub, MASTER_HELP)
     add_tls_commands(sub)
     add_process_commands(sub)
+    add_service_commands(sub)
     add_local_commands(sub)
     return parser
 
@@ -105,6 +125,7 @@ def add_process_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="listen port (default: spec.master.port, 6789)")
     p.add_argument("--host", default="0.0.0.0", help="listen address (default: 0.0.0.0)")
     p.add_argument("--no-discovery", action="store_true", help="find agents only by nodes[].address")
+    p.add_argument("--log-file", type=Path, metavar="PATH", help=LOG_FILE_HELP)
 
     p = command(sub, "agent", cmd_agent, "run this node's agent")
     p.add_argument("--name", required=True, help="the node's name in cluster.yaml")
@@ -114,6 +135,7 @@ def add_process_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=6790)
     p.add_argument("--host", default="0.0.0.0", help="listen address, also used by its dispatchers")
     p.add_argument("--no-discovery", action="store_true", help="do not announce the agent with zeroconf")
+    p.add_argument("--log-file", type=Path, metavar="PATH", help=LOG_FILE_HELP)
 
 
 def add_local_commands(sub: argparse._SubParsersAction) -> None:
