@@ -351,12 +351,30 @@ function renderNodes(doc) {
     "These announce a node's name but cannot prove they hold the cluster token; nothing is sent to them.",
     (doc.impostors || []).map((i) => `${i.name} at ${i.address}: ${i.message}`),
   );
+  const unmanaged = doc.unmanagedAgents || [];
   announcers(
     "unmanaged",
     "Unmanaged agents",
     "These agents announce themselves but cluster.yaml does not declare them; they are never used.",
-    (doc.unmanagedAgents || []).map((a) => `${a.name || "?"}${a.address ? ` at ${a.address}` : ""}`),
+    unmanaged.map((a) => `${a.name || "?"}${a.address ? ` at ${a.address}` : ""}${(a.storage || []).length ? " (joined)" : ""}`),
   );
+  const joined = unmanaged.filter((a) => (a.storage || []).length);
+  if (joined.length) {
+    $("unmanaged").append(
+      h("p", {}, "To use the nodes that joined, add them under spec.nodes in cluster.yaml and run genmlx apply:"),
+      h("pre", { class: "node-yaml" }, h("code", {}, joined.map(nodeEntry).join("\n"))),
+    );
+  }
+}
+
+// A node's entry under spec.nodes in cluster.yaml, as `genmlx status` prints it.
+function nodeEntry(agent) {
+  return [
+    `- name: ${agent.name}`,
+    `  # address: ${agent.address}   # where zeroconf does not reach it`,
+    "  storage:",
+    ...agent.storage.map((path) => `    - path: ${path}`),
+  ].join("\n");
 }
 
 // A section listing what announces itself but is not used (its element id is also its class).

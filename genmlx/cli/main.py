@@ -10,6 +10,7 @@ from pathlib import Path
 from genmlx import __version__
 from genmlx.cli.cache import add_cache_commands
 from genmlx.cli.integrations import add_integrations_command
+from genmlx.cli.join import add_join_commands
 from genmlx.cli.keys import add_key_commands
 from genmlx.cli.master_client import manifest_token, print_document, token_source
 from genmlx.cli.read_commands import add_read_commands, with_output
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_commands(sub)
     add_process_commands(sub)
     add_service_commands(sub)
+    add_join_commands(sub, MASTER_HELP)
     add_local_commands(sub)
     return parser
 

@@ -26,6 +26,7 @@ from genmlx.core.signing import REPLY_HEADER, Keys, SignatureError, check_reply,
 from genmlx.core.tokens import TokenSource
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Manifest
 from genmlx.wire.status import (
+    AnnouncedAgent,
     ClusterStatus,
     ConditionReport,
     EventReport,
@@ -224,6 +225,10 @@ def format_status(status: ClusterStatus) -> str:
         rows = [(a.name, a.address, a.version) for a in status.unmanaged_agents]
         lines += ["", "unmanaged agents (announced, not in the manifest; never used):"]
         lines += ["  " + line for line in table(("NAME", "ADDRESS", "VERSION"), rows)]
+        joined = [a for a in status.unmanaged_agents if a.storage]
+        if joined:
+            lines += ["  to use the nodes that joined, add under spec.nodes in cluster.yaml and apply:"]
+            lines += ["    " + line for a in joined for line in node_entry_lines(a)]
     rotation = status.token_rotation
     if rotation is not None:
         behind = ", ".join(rotation.nodes_on_previous_token) or "none"
@@ -240,6 +245,13 @@ def format_status(status: ClusterStatus) -> str:
     if status.pending_actions:
         lines += ["", "pending:", *(f"  {a}" for a in status.pending_actions)]
     return "\n".join(lines)
+
+
+def node_entry_lines(agent: AnnouncedAgent) -> list[str]:
+    """A joined node's entry under ``spec.nodes``, as YAML lines (its address commented out:
+    discovery finds it by name)."""
+    lines = [f"- name: {agent.name}", f"  # address: {agent.address}   # where zeroconf does not reach it"]
+    return [*lines, "  storage:", *(f"    - path: {path}" for path in agent.storage)]
 
 
 def link_row(link: LinkStatus) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from genmlx.manifest.revision import file_revision
 from genmlx.manifest.types import DEFAULT_MASTER_PORT, Tls
 from genmlx.master.api.server import make_app
 from genmlx.master.runtime.applied import AppliedStore
-from genmlx.master.runtime.discovery import AgentDiscovery
+from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.loop import Reconciler
 from genmlx.master.runtime.responses import ResponseStore
@@ -90,7 +90,9 @@ async def start_master(config: MasterConfig) -> RunningMaster:
         http,
         resync_s=config.resync_s,
         discovery=discovery,
-        local_agents=dict(config.local_agents),
+        known_agents={
+            n: DiscoveredAgent(n, address, "", "", last_seen=0.0) for n, address in config.local_agents
+        },
         events=EventLog(config.state_dir / "events.sqlite"),
     )
     if config.manifest_file is not None:
@@ -104,7 +106,7 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     poll_s = float(os.environ.get(TELEMETRY_POLL_ENV) or 2.0)
     telemetry = NodeTelemetry(reconciler.proven_clients, poll_s, serving)
     server = serve(
-        make_app(reconciler, config.token, responses, telemetry),
+        make_app(reconciler, config.token, responses, telemetry, config.state_dir / "packages"),
         port,
         config.host,
         idle_connection_timeout=3600,

@@ -96,12 +96,13 @@ class ModelStatus(WireType):
 
 @dataclass(frozen=True)
 class AnnouncedAgent(WireType):
-    """An agent that announces itself on zeroconf."""
+    """An agent that announces itself on zeroconf, or joined with a join code."""
 
     name: str
     address: str  # "ip:port" of its API
     node_id: str
     version: str
+    storage: tuple[str, ...] = ()  # its storage paths, where known (it joined): for the YAML to add
 
 
 @dataclass(frozen=True)

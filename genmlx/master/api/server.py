@@ -10,6 +10,8 @@ reads status, events, the stream and the client snippets (``integrations``), not
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,6 +23,7 @@ from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.master.api.client_keys import ClientKeys
 from genmlx.master.api.integrations import IntegrationsHandler
+from genmlx.master.api.join import join_routes
 from genmlx.master.api.proxy import (
     AnthropicProxyHandler,
     ModelsHandler,
@@ -224,8 +227,13 @@ class MetricsHandler(ApiHandler):
 
 
 def make_app(
-    reconciler: Reconciler, token: str, responses: ResponseStore, telemetry: NodeTelemetry | None = None
+    reconciler: Reconciler,
+    token: str,
+    responses: ResponseStore,
+    telemetry: NodeTelemetry | None = None,
+    package_dir: Path | None = None,
 ) -> Application:
+    """The master's HTTP API; ``package_dir`` keeps the wheels it offers joining nodes."""
     keys = ClientKeys(reconciler)
     telemetry = telemetry or NodeTelemetry(lambda: reconciler.proven_clients())  # not run: no samples
     keys.registry.register(telemetry)  # /metrics: each node's latest sample
@@ -250,6 +258,9 @@ def make_app(
             (r"/api/v1/models/([^/]+)/prompt-cache", PromptCacheHandler, deps),
             (r"/metrics", MetricsHandler, {**auth, "keys": keys}),
             *page,
+            *join_routes(
+                cluster_auth, reconciler, package_dir or Path(tempfile.mkdtemp(prefix="genmlx-packages-"))
+            ),
             (r"/v1/models(?:/(.+))?", ModelsHandler, deps),
             (r"/v1/responses", ResponsesProxyHandler, {**routed, "responses": responses}),
             (r"/v1/responses/([^/]+)", StoredResponseHandler, {**auth, "responses": responses}),

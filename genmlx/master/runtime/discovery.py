@@ -43,9 +43,10 @@ class DiscoveredAgent:
     node_id: str
     version: str
     last_seen: float = field(compare=False)  # unix time of its latest announcement
+    storage: tuple[str, ...] = field(default=(), compare=False)  # where known (a node that joined)
 
     def report(self) -> AnnouncedAgent:
-        return AnnouncedAgent(self.name, self.address, self.node_id, self.version)
+        return AnnouncedAgent(self.name, self.address, self.node_id, self.version, self.storage)
 
 
 class AgentDiscovery:

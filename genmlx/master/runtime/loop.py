@@ -99,7 +99,7 @@ class Reconciler:
         resync_s: float = 5.0,
         busy_resync_s: float = 1.0,
         discovery: AgentDiscovery | None = None,
-        local_agents: dict[str, str] | None = None,
+        known_agents: dict[str, DiscoveredAgent] | None = None,
         events: EventLog | None = None,
     ):
         self.tokens = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
@@ -108,7 +108,7 @@ class Reconciler:
         self._resync_s = resync_s
         self._busy_resync_s = busy_resync_s
         self._discovery = discovery
-        self._local_agents = local_agents or {}
+        self.known_agents = known_agents or {}  # found without discovery: its own agent, joined nodes
         self.events = events
         self._pass_listeners: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
@@ -355,11 +355,10 @@ class Reconciler:
                 self._rollouts[result.action.model] = RolloutRecord(result.action.spec_hash, attempts, now)
 
     def _announced(self) -> dict[str, tuple[DiscoveredAgent, ...]]:
-        """Whatever announces each node name, and this process's own agent (which needs no
-        announcing)."""
+        """Whatever announces each node name, and the agents known without announcing."""
         found = dict(self._discovery.announcers) if self._discovery else {}
-        for name, address in self._local_agents.items():
-            found.setdefault(name, (DiscoveredAgent(name, address, "", "", last_seen=0.0),))
+        for name, agent in self.known_agents.items():
+            found.setdefault(name, (agent,))
         return found
 
     def _unmanaged_agents(self, manifest: Manifest) -> tuple[DiscoveredAgent, ...]:
