@@ -46,6 +46,22 @@ def test_a_code_works_once_and_not_after_it_expires():
     assert codes.joined["n2"].address == "10.0.0.2:6790"
 
 
+def test_a_joined_node_keeps_its_storage_paths_once_zeroconf_finds_it_too():
+    from genmlx.master.runtime.discovery import DiscoveredAgent, with_known
+
+    joined = DiscoveredAgent("n2", "10.0.0.2:6790", "", "", last_seen=1.0, storage=("/models",))
+    announced = DiscoveredAgent("n2", "10.0.0.2:6790", "node-id", "0.1.0", last_seen=2.0)
+    elsewhere = DiscoveredAgent("n2", "10.0.0.9:6790", "other-id", "0.1.0", last_seen=2.0)
+    assert with_known((), joined) == (joined,)
+    (merged,) = with_known((announced,), joined)
+    assert (merged.node_id, merged.storage) == ("node-id", ("/models",)), "the status page still has its YAML"
+    assert with_known((elsewhere,), joined)[0].storage == (), (
+        "another agent claiming the name gets none of it"
+    )
+    local = DiscoveredAgent("n2", "127.0.0.1:6790", "", "", last_seen=0.0)  # `genmlx up`'s own
+    assert with_known((announced,), local) == (announced,), "an announced name needs no local entry"
+
+
 def new_machine(root: Path) -> dict[str, str]:
     """A HOME for the new host, and a PATH whose python3 makes virtual environments that see the
     test's installed packages (the bench has no package index: PIP_NO_INDEX makes sure nothing is
@@ -116,6 +132,29 @@ def test_a_new_host_joins_with_the_printed_line_shows_unmanaged_is_declared_and_
     line = printed.stdout.split("\n\n")[1].strip()
     assert token not in printed.stdout and re.search(r"#sha256=[0-9a-f]{64}", line), line
     code = re.search(r"--code (gmxj_\S+)", line)[1]
+
+    def join_as(name: str, with_code: str) -> subprocess.CompletedProcess:
+        """``genmlx join`` from the new host's network, with nothing installed or written."""
+        argv = genmlx("join", url, "--code", with_code, "--name", name, "--no-service")
+        return subprocess.run(
+            [ip_command() or "ip", "netns", "exec", bench.host(1).netns, *argv],
+            env={**os.environ, "GENMLX_HOME": str(tmp_path / f"home-of-{name}")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # A code issued for n2 is n2's only; an open one cannot take a declared node's name. Neither
+    # refusal spends the code or writes a token.
+    posing = join_as("n1", code)
+    assert posing.returncode != 0 and "issued for node 'n2'" in posing.stderr, posing.stderr
+    unnamed = subprocess.run(
+        genmlx("join-command", "--master", url), env={**os.environ, "GENMLX_HOME": str(master_home)},
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    taken = join_as("n1", re.search(r"--code (gmxj_\S+)", unnamed)[1])
+    assert taken.returncode != 0 and "already in cluster.yaml" in taken.stderr, taken.stderr
+    assert not (tmp_path / "home-of-n1" / "token").exists()
 
     # The new host: root, with a systemd unit directory of its own (a tmpfs in a mount namespace).
     new_env = new_machine(machine)
@@ -196,12 +235,6 @@ def test_a_new_host_joins_with_the_printed_line_shows_unmanaged_is_declared_and_
         except OSError:
             continue
     # The code is spent: on another machine (no token yet) it gets nothing.
-    again = subprocess.run(
-        [ip_command() or "ip", "netns", "exec", netns, *genmlx("join", url, "--code", code, "--no-service")],
-        env={**os.environ, "GENMLX_HOME": str(tmp_path / "another-machine")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = join_as("n2", code)
     assert again.returncode != 0 and "This join code is not valid" in again.stderr, again.stderr
-    assert not (tmp_path / "another-machine" / "token").exists()
+    assert not (tmp_path / "home-of-n2" / "token").exists()

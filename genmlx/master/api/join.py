@@ -117,6 +117,12 @@ class JoinHandler(ApiHandler):
         name, storage, port = joining_node(self.json_body())
         if code.name is not None and name != code.name:
             raise Forbidden(f"This join code was issued for node {code.name!r}, not {name!r}.")
+        applied = self.joining.reconciler.applied
+        if code.name is None and applied and name in {node.name for node in applied.manifest.nodes}:
+            raise Forbidden(  # a machine named like a node already there would pose as it
+                f"Node {name!r} is already in cluster.yaml: join with another --name, or, to replace "
+                f"that machine, use a code from `genmlx join-command --name {name}`."
+            )
         node = JoinedNode(name, f"{request.remote_ip}:{port}", storage, time.time())
         self.joining.codes.use(code, node)
         known = DiscoveredAgent(name, node.address, "", "", last_seen=node.at, storage=storage)

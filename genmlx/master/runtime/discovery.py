@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -47,6 +47,19 @@ class DiscoveredAgent:
 
     def report(self) -> AnnouncedAgent:
         return AnnouncedAgent(self.name, self.address, self.node_id, self.version, self.storage)
+
+
+def with_known(announced: tuple[DiscoveredAgent, ...], known: DiscoveredAgent) -> tuple[DiscoveredAgent, ...]:
+    """What announces a node's name, together with an agent known without announcing (this
+    process's own, a node that joined): the known one where nothing announces the name, else the
+    announcements, the one at the known agent's address with what the master knows of it (a
+    joined node's storage paths, which no announcement carries)."""
+    if not announced:
+        return (known,)
+    return tuple(
+        replace(agent, storage=known.storage) if agent.address == known.address and known.storage else agent
+        for agent in announced
+    )
 
 
 class AgentDiscovery:

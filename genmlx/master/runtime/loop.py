@@ -39,7 +39,7 @@ from genmlx.master.planning.status import (
 from genmlx.master.runtime.agent_client import AgentClient
 from genmlx.master.runtime.applied import AppliedManifest, AppliedStore
 from genmlx.master.runtime.canary import Canaries
-from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent
+from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent, with_known
 from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
 from genmlx.master.runtime.fallbacks import BackendFailureMemory
@@ -358,7 +358,7 @@ class Reconciler:
         """Whatever announces each node name, and the agents known without announcing."""
         found = dict(self._discovery.announcers) if self._discovery else {}
         for name, agent in self.known_agents.items():
-            found.setdefault(name, (agent,))
+            found[name] = with_known(found.get(name, ()), agent)
         return found
 
     def _unmanaged_agents(self, manifest: Manifest) -> tuple[DiscoveredAgent, ...]:
