@@ -254,6 +254,7 @@ def test_an_agent_serves_its_last_samples_to_signed_requests_only(spawn, token, 
     assert all(s.at > times[-1] for s in later.samples), "only what came after"
     assert call("GET", f"{agent.url}/api/v1/telemetry", None).status == 401
     assert agent.call("GET", "/api/v1/telemetry?since=yesterday").status == 400
+    assert agent.call("GET", "/api/v1/telemetry?since=nan").status == 400
 
 
 @pytest.mark.e2e
@@ -301,6 +302,7 @@ def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
     assert "genmlx_node_swap_used_bytes" in measured
     assert "genmlx_node_gpu_utilization_percent" not in measured, "no GPU here: left out, not 0"
     assert call("GET", f"{master}/api/v1/telemetry", None).status == 401
+    assert call("GET", f"{master}/api/v1/telemetry?since=nan", None, headers=bearer(token)).status == 400
 
 
 def test_a_models_points_are_rates_over_each_interval_and_nothing_across_a_restart():

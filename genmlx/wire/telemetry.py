@@ -81,3 +81,12 @@ class ServingSample(WireType):
     time_to_first_token_s: float | None
     requests_waiting: float
     requests_running: float
+
+
+def since_time(text: str) -> float:
+    """The ``since`` of a telemetry query: unix seconds; ``ValueError`` for anything else (NaN
+    included)."""
+    since = float(text)
+    if since != since:
+        raise ValueError(f"{text!r} is not a time")
+    return since

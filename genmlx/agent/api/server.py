@@ -49,7 +49,7 @@ from genmlx.core.http import ClusterAuth
 from genmlx.core.signing import Keys
 from genmlx.core.tokens import TokenFile, TokenSource, unseal_token, write_token_file
 from genmlx.wire.agent_state import AgentState
-from genmlx.wire.telemetry import TelemetryReport
+from genmlx.wire.telemetry import TelemetryReport, since_time
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,9 @@ class TelemetryHandler(AgentHandler):
 
     def get(self) -> None:
         try:
-            since = float(self.get_query_argument("since", "0"))
+            since = since_time(self.get_query_argument("since", "0"))
         except ValueError:
             raise InvalidTelemetryQuery("since must be a unix time in seconds") from None
-        if since != since:  # NaN
-            raise InvalidTelemetryQuery("since must be a unix time in seconds")
         report = TelemetryReport(self.telemetry.interval_s, self.telemetry.since(since))
         self.write(report.to_json())
 

@@ -41,6 +41,7 @@ from genmlx.master.runtime.telemetry import NodeTelemetry
 from genmlx.wire.agent_state import PromptCacheReport
 from genmlx.wire.codec import WireError, decode
 from genmlx.wire.status import Revision
+from genmlx.wire.telemetry import since_time
 
 PREVIEW_TIMEOUT_S = 10.0
 
@@ -63,10 +64,9 @@ class TelemetryHandler(ReadEndpoint):
 
     def get(self) -> None:
         try:
-            since = float(self.get_argument("since", "0"))
+            since = since_time(self.get_argument("since", "0"))
         except ValueError:
             raise InvalidRequest("since must be a unix time in seconds", param="since") from None
-        since = since if since == since else 0.0  # NaN: everything
         nodes = self.telemetry.series(since)
         models = self.telemetry.serving.series(since) if self.telemetry.serving else {}
         self.write_json(
