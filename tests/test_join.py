@@ -19,6 +19,8 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
+from agent_harness import call
 from conftest import wait_until
 from netbench import NetBench, ip_command
 from test_multihost import AGENT_PORT, MASTER_PORT, apply_manifest, genmlx, status, write_home
@@ -83,6 +85,7 @@ def new_machine(root: Path) -> dict[str, str]:
     (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec {python} {STANDIN} {state} "$@"\n')
     for script in ("python3", "systemctl"):
         (bin_dir / script).chmod(0o755)
+    (bin_dir / "python3.13").symlink_to(bin_dir / "python3")  # the newest: the one the line picks
     return {
         "HOME": str(home),
         "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
@@ -132,6 +135,11 @@ def test_a_new_host_joins_with_the_printed_line_shows_unmanaged_is_declared_and_
     line = printed.stdout.split("\n\n")[1].strip()
     assert token not in printed.stdout and re.search(r"#sha256=[0-9a-f]{64}", line), line
     code = re.search(r"--code (gmxj_\S+)", line)[1]
+    # The code crosses the network sealed (it is worth the token); only a signed request gets one.
+    issued = call("POST", f"{url}/api/v1/join-codes", token, {})
+    assert issued.status == 200 and "gmxj_" not in issued.body.decode(), issued.body
+    bearer = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    assert call("POST", f"{url}/api/v1/join-codes", None, {}, headers=bearer).status == 400
 
     def join_as(name: str, with_code: str) -> subprocess.CompletedProcess:
         """``genmlx join`` from the new host's network, with nothing installed or written."""
@@ -198,7 +206,8 @@ def test_a_new_host_joins_with_the_printed_line_shows_unmanaged_is_declared_and_
         genmlx("status", "--master", url), env={**os.environ, "GENMLX_HOME": str(master_home)},
         capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
-    assert "- name: n2\n" in text and f"- path: {storage}" in text, text
+    listed = text.split("add under spec.nodes in cluster.yaml and apply:\n", 1)[1]
+    assert yaml.safe_load(listed) == [{"name": "n2", "storage": [{"path": str(storage)}]}], text
     login = subprocess.run(
         genmlx("ui", "--no-open", "--master", url), env={**os.environ, "GENMLX_HOME": str(master_home)},
         capture_output=True, text=True, timeout=60,
@@ -207,7 +216,7 @@ def test_a_new_host_joins_with_the_printed_line_shows_unmanaged_is_declared_and_
     page.goto(re.search(r"https?://\S+", login)[0])
     page.wait_for_selector("#unmanaged .node-yaml", timeout=WAIT_MS)
     yaml_block = page.locator("#unmanaged .node-yaml").inner_text()
-    assert "- name: n2" in yaml_block and f"- path: {storage}" in yaml_block, yaml_block
+    assert yaml.safe_load(yaml_block) == [{"name": "n2", "storage": [{"path": str(storage)}]}], yaml_block
 
     # Declared (the YAML as shown) with a model placed on it: synced there from n1, and served.
     entry = "".join(f"    {line}\n" for line in yaml_block.splitlines())

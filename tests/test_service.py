@@ -316,9 +316,13 @@ def test_systemd_install_enables_and_starts_restarts_on_a_change_and_restores_on
             Completed(1, "", "Failed to connect to bus: No medium found"),
         ),
     )
+    run.calls.clear()
+    capsys.readouterr()
     with pytest.raises(ServiceError, match="loginctl enable-linger"):
         cmd_service_install(install_args(port=7005), manager)
     assert unit.read_text() == before, "a failed install leaves the unit as it was"
+    assert [c[2] for c in run.calls] == ["daemon-reload", "daemon-reload"], "and tries to load it again"
+    assert "could not put" in capsys.readouterr().out, "saying that did not work either"
 
     run.rules[0] = (
         ["systemctl", "--user", "show"],

@@ -72,6 +72,8 @@ def test_without_macmon_a_mac_reads_its_gpu_from_the_drivers_statistics_in_ioreg
     assert parse_ioreg(b'<?xml version="1.0"?><plist version="1.0"><array/></plist>') is None
     with pytest.raises(ValueError):
         parse_ioreg("IOAccelerator <class AGXAcceleratorG14X>")  # ioreg's text form, not -a
+    with pytest.raises(ValueError):
+        parse_ioreg(recorded[: len(recorded) // 2])  # cut short: a failed read, not a crash
 
     answers: list[str | Exception] = [recorded, PlatformCommandFailed("ioreg: timed out"), recorded, recorded]
 
@@ -308,21 +310,19 @@ def test_the_master_gathers_every_nodes_samples_and_its_dispatchers_metrics(
 def test_a_models_points_are_rates_over_each_interval_and_nothing_across_a_restart():
     from genmlx.master.runtime.serving_metrics import Totals
 
-    first = Totals(
-        100.0, generation_tokens=50, prompt_tokens=10, ttft_sum=0.4, ttft_count=2, waiting=0, running=1
-    )
-    second = Totals(
-        102.0, generation_tokens=150, prompt_tokens=30, ttft_sum=1.0, ttft_count=4, waiting=3, running=2
-    )
-    point = second.since(first, "n1")
+    first = Totals(100.0, "n1", 50, prompt_tokens=10, ttft_sum=0.4, ttft_count=2, waiting=0, running=1)
+    second = Totals(102.0, "n1", 150, prompt_tokens=30, ttft_sum=1.0, ttft_count=4, waiting=3, running=2)
+    point = second.since(first)
     assert (point.generation_tokens_per_s, point.prompt_tokens_per_s) == (50.0, 10.0)
     assert point.time_to_first_token_s == pytest.approx(0.3), "the mean of the interval's two requests"
     assert (point.requests_waiting, point.requests_running, point.node) == (3, 2, "n1")
-    quiet = Totals(104.0, 150, 30, 1.0, 4, 0, 0).since(second, "n1")
+    quiet = Totals(104.0, "n1", 150, 30, 1.0, 4, 0, 0).since(second)
     assert (quiet.generation_tokens_per_s, quiet.time_to_first_token_s) == (0.0, None)
-    restarted = Totals(106.0, 5, 3, 0.1, 1, 0, 1).since(second, "n1")
+    restarted = Totals(106.0, "n1", 5, 3, 0.1, 1, 0, 1).since(second)
     assert restarted.generation_tokens_per_s is None and restarted.time_to_first_token_s is None
-    assert first.since(None, "n1").generation_tokens_per_s is None, "no interval before the first"
+    moved = Totals(106.0, "n2", 900, 300, 9.0, 40, 0, 1).since(second)
+    assert moved.generation_tokens_per_s is None, "another node's rank 0: its counters are not these"
+    assert first.since(None).generation_tokens_per_s is None, "no interval before the first"
 
 
 def start_demo(spawn, monkeypatch, sample_s: float, poll_s: float) -> str:

@@ -373,7 +373,7 @@ function nodeEntry(agent) {
     `- name: ${agent.name}`,
     `  # address: ${agent.address}   # where zeroconf does not reach it`,
     "  storage:",
-    ...agent.storage.map((path) => `    - path: ${path}`),
+    ...agent.storage.map((path) => `    - path: ${JSON.stringify(path)}`), // a JSON string is a YAML one
   ].join("\n");
 }
 

@@ -268,6 +268,16 @@ class Group {
     for (const chart of this.charts) chart.update(this.samples);
   }
 
+  // The master has nothing new of this node or model: its charts say since when.
+  quiet() {
+    const newest = this.newest();
+    if (!newest) return;
+    for (const chart of this.charts) {
+      if (chart.element.dataset.state === "drawn") chart.say(`${chart.spec.title}: nothing new since ${clock(newest)}`);
+      chart.element.dataset.state = chart.element.dataset.state === "drawn" ? "quiet" : chart.element.dataset.state;
+    }
+  }
+
   newest() {
     return this.samples.length ? this.samples[this.samples.length - 1].at : 0;
   }
@@ -297,11 +307,15 @@ export function modelCharts(name) {
 
 // ----- following the master -----
 
-// Asks again from the oldest newest sample any series has, so a node whose clock runs behind
-// the others still gets its new samples; each series keeps only what it has not seen.
+// Asks again from the oldest newest sample any live series has, so a node whose clock runs
+// behind the others still gets its new samples; each series keeps only what it has not seen. A
+// series that stopped (a node gone, a model stopped) no longer counts once it is out of the
+// window, and its charts say since when they have nothing new.
 function since() {
   const newest = [...groups.values()].map((g) => g.newest()).filter((t) => t > 0);
-  return newest.length ? Math.min(...newest) : 0;
+  const latest = Math.max(0, ...newest);
+  const live = newest.filter((t) => t > latest - WINDOW_S);
+  return live.length ? Math.min(...live) : 0;
 }
 
 async function poll() {
@@ -312,8 +326,16 @@ async function poll() {
     });
     if (reply.ok) {
       const body = await reply.json();
-      for (const [name, samples] of Object.entries(body.nodes || {})) group("node", name).add(samples);
-      for (const [name, points] of Object.entries(body.models || {})) group("model", name).add(points);
+      const heard = new Set();
+      for (const [name, samples] of Object.entries(body.nodes || {})) {
+        group("node", name).add(samples);
+        heard.add(`node:${name}`);
+      }
+      for (const [name, points] of Object.entries(body.models || {})) {
+        group("model", name).add(points);
+        heard.add(`model:${name}`);
+      }
+      for (const [key, g] of groups) if (!heard.has(key)) g.quiet();
     }
   } catch (e) {
     // The stream's reconnecting shows a master away; the next poll asks again.

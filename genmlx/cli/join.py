@@ -16,6 +16,7 @@ import ipaddress
 import os
 import shlex
 import socket
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,14 +27,18 @@ import yaml
 from genmlx.cli.master_client import call_master, master_url
 from genmlx.cli.read_commands import reading_master
 from genmlx.cli.service.commands import cmd_service_install, host_node_name
+from genmlx.cli.service.managers import ServiceError
 from genmlx.core.errors import GenMLXError
 from genmlx.core.home import default_token_path, genmlx_home
 from genmlx.core.signing import Keys
-from genmlx.core.tokens import unseal_token
+from genmlx.core.tokens import JOIN_CODE_LABEL, unseal_token
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 DEFAULT_AGENT_PORT = 6790
 VENV = "~/.genmlx/venv"
+# The newest Python the new machine has: a Mac's own python3 (3.9) is too old for genmlx, and pip
+# says so, which is what the last fallback gives.
+FIND_PYTHON = '"$(command -v python3.13 || command -v python3.12 || command -v python3.11 || echo python3)"'
 
 
 class JoinError(GenMLXError):
@@ -48,7 +53,10 @@ def add_join_commands(sub: argparse._SubParsersAction, master_help: str) -> None
     p.add_argument("--port", type=int, help=f"its agent's port (default {DEFAULT_AGENT_PORT})")
     p.add_argument("--expires", default="15m", help="how long the code works: 90s, 15m, 2h (default 15m)")
     p.add_argument("--advertise", metavar="URL", help="the master's URL as the new machine reaches it")
-    p.add_argument("--python", default="python3", help="the new machine's Python 3.11+ (default python3)")
+    p.add_argument(
+        "--python",
+        help="the new machine's Python 3.11+ (default: the newest of python3.13 ... python3 it has)",
+    )
     p.add_argument("--master", help=master_help)
     p.add_argument("-f", "--file", type=Path, help="a manifest: read the master it names, with its token")
 
@@ -76,7 +84,11 @@ def cmd_join_command(args: argparse.Namespace) -> int:
     advertised = (args.advertise or reachable_url(url)).rstrip("/")
     body = {"ttlSeconds": seconds(args.expires), **({"name": args.name} if args.name else {})}
     issued = call_master(url, token, "POST", "/api/v1/join-codes", body)
-    join = ["genmlx", "join", advertised, "--code", issued["code"]]
+    try:
+        code = unseal_token(issued["code"], Keys.of(token).signing, JOIN_CODE_LABEL)
+    except (KeyError, TypeError, ValueError) as e:
+        raise JoinError(f"the master's answer does not hold a join code sealed for this token: {e}") from None
+    join = ["genmlx", "join", advertised, "--code", code]
     join += ["--name", args.name] if args.name else []
     join += [word for path in args.storage or [] for word in ("--storage", path)]
     join += ["--port", str(args.port)] if args.port else []
@@ -84,8 +96,9 @@ def cmd_join_command(args: argparse.Namespace) -> int:
     if "sha256" in package:
         wheel = f"{advertised}{package['path']}#sha256={package['sha256']}"
         python = f"{VENV}/bin/python"
+        interpreter = shlex.quote(args.python) if args.python else FIND_PYTHON
         line = (
-            f"{shlex.quote(args.python)} -m venv {VENV} && {python} -m pip install -q {shlex.quote(wheel)}"
+            f"{interpreter} -m venv {VENV} && {python} -m pip install -q {shlex.quote(wheel)}"
             f" && {VENV}/bin/{shlex.join(join)}"
         )
     else:
@@ -128,14 +141,16 @@ def seconds(text: str) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    name = args.name or host_node_name()
+    storage = [str(Path(p).expanduser().resolve()) for p in args.storage or [genmlx_home() / "models"]]
+    options = agent_options(name, storage, args)
     if default_token_path().exists():  # checked before the code is spent
         raise JoinError(
             f"{default_token_path()} already holds a cluster token. If it is this cluster's, "
-            "`genmlx service install --agent` starts the agent; if another's, move it away first."
+            f"`{here('service', 'install', '--agent', *options)}` starts the agent; if another's, move it "
+            "away first."
         )
     url = master_url(args.master)
-    name = args.name or host_node_name()
-    storage = [str(Path(p).expanduser().resolve()) for p in args.storage or [genmlx_home() / "models"]]
     for path in storage:
         Path(path).mkdir(parents=True, exist_ok=True)
     body = {"name": name, "storage": storage, "port": args.port}
@@ -147,8 +162,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     put_token(token)
     print(f"joined the cluster at {url} as node {name}; the token is in {default_token_path()}")
     if args.no_service:
-        agent = ["genmlx", "agent", "--name", name, *(w for p in storage for w in ("--storage", p))]
-        print(f"start the agent yourself: {shlex.join(agent)}")
+        print(f"start the agent yourself: {here('agent', *options)}")
     else:
         service = argparse.Namespace(
             role="agent",
@@ -161,11 +175,31 @@ def cmd_join(args: argparse.Namespace) -> int:
             no_discovery=args.no_discovery,
             dry_run=False,
         )
-        cmd_service_install(service)
+        try:
+            cmd_service_install(service)
+        except ServiceError as e:
+            raise JoinError(
+                f"joined, but the agent's service did not start: {e}\n  The token is in place: start it "
+                f"with `{here('service', 'install', '--agent', *options)}` once that is mended, or run "
+                f"`{here('agent', *options)}`."
+            ) from None
     entry = {"name": name, "storage": [{"path": p} for p in storage]}
     print("\nDeclare it in cluster.yaml under spec.nodes, then `genmlx apply`:\n")
     print("\n".join("    " + line for line in yaml.safe_dump([entry], sort_keys=False).splitlines()))
     return 0
+
+
+def agent_options(name: str, storage: list[str], args: argparse.Namespace) -> list[str]:
+    """The agent's options as ``genmlx agent`` and ``genmlx service install`` take them."""
+    options = ["--name", name, *(word for path in storage for word in ("--storage", path))]
+    options += ["--port", str(args.port)] if args.port != DEFAULT_AGENT_PORT else []
+    options += ["--host", args.host] if args.host else []
+    return options + (["--no-discovery"] if args.no_discovery else [])
+
+
+def here(*argv: str) -> str:
+    """A genmlx command line that runs this genmlx (a fresh install's is not on PATH)."""
+    return shlex.join([sys.executable, "-m", "genmlx", *argv])
 
 
 def put_token(token: str) -> None:

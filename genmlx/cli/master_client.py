@@ -250,8 +250,9 @@ def format_status(status: ClusterStatus) -> str:
 def node_entry_lines(agent: AnnouncedAgent) -> list[str]:
     """A joined node's entry under ``spec.nodes``, as YAML lines (its address commented out:
     discovery finds it by name)."""
-    lines = [f"- name: {agent.name}", f"  # address: {agent.address}   # where zeroconf does not reach it"]
-    return [*lines, "  storage:", *(f"    - path: {path}" for path in agent.storage)]
+    entry = {"name": agent.name, "storage": [{"path": path} for path in agent.storage]}
+    first, *rest = yaml.safe_dump([entry], sort_keys=False).splitlines()  # quoted where it must be
+    return [first, f"  # address: {agent.address}   # where zeroconf does not reach it", *rest]
 
 
 def link_row(link: LinkStatus) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ from genmlx.core.home import TOKEN_BYTES
 from genmlx.core.signing import Keys
 
 WRAP_LABEL = b"genmlx/token-wrap/v1"
+JOIN_CODE_LABEL = "join-code"  # what a join code is sealed for, in the master's reply that carries it
 TOKEN_FILE_ENV = "GENMLX_TOKEN_FILE"  # where a dispatcher rank finds the token file it follows
 RECHECK_S = 1.0
 

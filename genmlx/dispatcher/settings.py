@@ -57,9 +57,9 @@ def disk_tier_settings(settings: RankCommand) -> DiskTierSettings | None:
         "parallelism": settings.parallelism if settings.world_size > 1 else None,
         "layerSplit": list(settings.layer_split or ()),
         "blockTokens": BLOCK_TOKENS,
-        "kvBits": settings.serving.kv_bits,
-        "kvGroupSize": settings.serving.kv_group_size if settings.serving.kv_bits else None,
     }
+    if settings.serving.kv_bits:  # only then: plain KV caches keep the namespaces they had
+        identity.update(kvBits=settings.serving.kv_bits, kvGroupSize=settings.serving.kv_group_size)
     root = Path(settings.disk_cache_dir).expanduser() / namespace(identity)
     return DiskTierSettings(root, int(size * 2**30), BLOCK_TOKENS)
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
+from xml.parsers.expat import ExpatError
 
 from genmlx.agent.facts.platform import CommandRunner, PlatformCommandFailed, run_command
 from genmlx.wire.telemetry import GpuSample
@@ -137,7 +138,7 @@ def parse_ioreg(output: str | bytes) -> GpuSample | None:
     data = output.encode() if isinstance(output, str) else output
     try:
         entries = plistlib.loads(data)
-    except plistlib.InvalidFileException as e:
+    except (plistlib.InvalidFileException, ExpatError) as e:  # not a plist, or cut short
         raise ValueError(f"not a plist: {e}") from None
     for entry in entries if isinstance(entries, list) else [entries]:
         stats = entry.get("PerformanceStatistics") if isinstance(entry, dict) else None

@@ -13,6 +13,7 @@ import plistlib
 import re
 import shlex
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from genmlx.cli.service.managers import Manager, ServiceError, manager_for_this_machine
 from genmlx.cli.service.units import Role, ServiceSpec, is_ours, log_file
+from genmlx.core.errors import GenMLXError
 from genmlx.core.home import default_token_path, genmlx_home
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the manifest's rule for a node's name
@@ -104,12 +106,8 @@ def cmd_service_install(args: argparse.Namespace, manager: Manager | None = None
     try:
         manager.activate(spec.role, path, changed)
     except ServiceError:
-        if changed and existing is not None:  # nothing half done: the file as it was, or none
-            write_file(path, existing)
-            say(f"{path} is back as it was")
-        elif changed:
-            path.unlink()
-            say(f"{path} removed again")
+        if changed:
+            put_back(manager, spec.role, path, existing)
         raise
     state = manager.state(spec.role)
     say(f"genmlx {spec.role}: {state.detail}")
@@ -117,6 +115,23 @@ def cmd_service_install(args: argparse.Namespace, manager: Manager | None = None
     if manager.name == "systemd (user)":
         say("a user unit runs while your user's systemd does; `loginctl enable-linger` starts it at boot")
     return 0
+
+
+def put_back(manager: Manager, role: Role, path: Path, existing: str | None) -> None:
+    """After a failed load, what was there before: the old file, loaded again, or nothing (best
+    effort: each step says how it went)."""
+    try:
+        if existing is not None:
+            write_file(path, existing)
+            manager.activate(role, path, changed=True)
+            say(f"{path} is back as it was, and loaded again")
+        else:
+            manager.deactivate(role, path)
+            path.unlink()
+            manager.forget(role)
+            say(f"{path} removed again")
+    except (ServiceError, OSError) as e:
+        say(f"could not put {path} back as it was: {e}")
 
 
 def write_file(path: Path, text: str) -> None:
@@ -223,16 +238,31 @@ def log_path_in(argv: list[str]) -> str | None:
 
 
 def answer(role: Role, argv: list[str]) -> str:
-    """Whether the service answers HTTP on its port, on this machine."""
-    port = int(option(argv, "--port") or DEFAULT_PORTS[role])
-    url = f"http://127.0.0.1:{port}/healthz"
+    """Whether the service answers HTTP where it listens: its --port and --host, or (a master)
+    its manifest's port and scheme."""
+    port, scheme = option(argv, "--port"), "http"
+    manifest = option(argv, "-f")
+    if role == "master" and manifest:
+        from genmlx.manifest import load_manifest
+
+        try:
+            master = load_manifest(Path(manifest)).master
+            port, scheme = port or str(master.port), master.scheme
+        except GenMLXError:
+            pass  # the service itself says what is wrong with it
+    host = option(argv, "--host")
+    host = "127.0.0.1" if host in (None, "0.0.0.0", "::") else host
+    url = f"{scheme}://{host}:{port or DEFAULT_PORTS[role]}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=3) as reply:
             code = reply.status
     except urllib.error.HTTPError as e:
         code = e.code  # it answers (a 401 is an answer)
     except (OSError, ValueError) as e:
-        return f"no answer at {url}: {getattr(e, 'reason', e)}"
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):  # a self-signed certificate: still an answer
+            return f"answers at {url} (TLS, its certificate not checked here)"
+        return f"no answer at {url}: {reason}"
     return f"answers at {url} (HTTP {code})"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from genmlx.core.errors import Forbidden, InvalidRequest, Unauthorized, UnknownRoute
 from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.core.signing import SignatureError, host_is_ours, parse_signature, verify_request
-from genmlx.core.tokens import seal_token
+from genmlx.core.tokens import JOIN_CODE_LABEL, seal_token
 from genmlx.master.runtime.discovery import DiscoveredAgent
 from genmlx.master.runtime.joining import (
     DEFAULT_TTL_S,
@@ -58,6 +58,8 @@ class JoinCodesHandler(ApiHandler):
         self.joining = joining
 
     async def post(self) -> None:
+        if self.signed_by is None:  # a bearer token: nothing to seal the code under
+            raise InvalidRequest("Ask for a join code with a signed request: `genmlx join-command`.")
         body = self.json_body()
         name = body.get("name")
         if name is not None and (not isinstance(name, str) or not NAME.match(name)):
@@ -80,7 +82,8 @@ class JoinCodesHandler(ApiHandler):
         expires = (
             datetime.fromtimestamp(code.expires, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         )
-        self.write_json(200, {"code": code.code, "expires": expires, "name": name, "package": package})
+        sealed = seal_token(code.code, self.signed_by, JOIN_CODE_LABEL)  # the code is a secret too
+        self.write_json(200, {"code": sealed, "expires": expires, "name": name, "package": package})
 
 
 class JoinHandler(ApiHandler):
@@ -117,17 +120,18 @@ class JoinHandler(ApiHandler):
         name, storage, port = joining_node(self.json_body())
         if code.name is not None and name != code.name:
             raise Forbidden(f"This join code was issued for node {code.name!r}, not {name!r}.")
-        applied = self.joining.reconciler.applied
-        if code.name is None and applied and name in {node.name for node in applied.manifest.nodes}:
+        reconciler = self.joining.reconciler
+        declared = {node.name for node in reconciler.applied.manifest.nodes} if reconciler.applied else set()
+        if code.name is None and (name in declared or name in reconciler.announced()):
             raise Forbidden(  # a machine named like a node already there would pose as it
-                f"Node {name!r} is already in cluster.yaml: join with another --name, or, to replace "
-                f"that machine, use a code from `genmlx join-command --name {name}`."
+                f"Node {name!r} is already in cluster.yaml or another agent goes by it: join with another "
+                f"--name, or, to replace that machine, use a code from `genmlx join-command --name {name}`."
             )
         node = JoinedNode(name, f"{request.remote_ip}:{port}", storage, time.time())
         self.joining.codes.use(code, node)
         known = DiscoveredAgent(name, node.address, "", "", last_seen=node.at, storage=storage)
-        self.joining.reconciler.known_agents[name] = known
-        self.joining.reconciler.wake()
+        reconciler.known_agents[name] = known
+        reconciler.wake()
         self.write_json(200, {"node": name, "token": seal_token(self.auth.token, key, name)})
 
 

@@ -1,6 +1,7 @@
 """Joining a new node: one-time join codes, and the package a new node installs.
 
-``genmlx join-command`` asks the master for a code (``JoinCodes.issue``) and prints the line a
+``genmlx join-command`` asks the master for a code (``JoinCodes.issue``; the reply carries it
+sealed under the asking request's key, so it crosses the network unread) and prints the line a
 new machine runs. The code is a secret of its own, worth one exchange within its lifetime: the
 new node signs its request with the code's key (``genmlx.core.signing``, as if the code were a
 token), so the code itself never travels, and the master answers with the cluster token sealed

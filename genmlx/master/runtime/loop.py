@@ -354,7 +354,7 @@ class Reconciler:
                 )
                 self._rollouts[result.action.model] = RolloutRecord(result.action.spec_hash, attempts, now)
 
-    def _announced(self) -> dict[str, tuple[DiscoveredAgent, ...]]:
+    def announced(self) -> dict[str, tuple[DiscoveredAgent, ...]]:
         """Whatever announces each node name, and the agents known without announcing."""
         found = dict(self._discovery.announcers) if self._discovery else {}
         for name, agent in self.known_agents.items():
@@ -363,13 +363,13 @@ class Reconciler:
 
     def _unmanaged_agents(self, manifest: Manifest) -> tuple[DiscoveredAgent, ...]:
         declared = {node.name for node in manifest.nodes}
-        announced = sorted(self._announced().items())
+        announced = sorted(self.announced().items())
         return tuple(agent for name, agents in announced if name not in declared for agent in agents)
 
     def _candidates_for(self, manifest: Manifest) -> dict[str, list[AgentClient]]:
         """For each node, a client for every place its agent may be (declared address, else
         whatever announces its name): the pass finds out which of them proves itself."""
-        announced = self._announced()
+        announced = self.announced()
         return {
             node.name: [self._client(address) for address in agent_addresses(node, announced)]
             for node in manifest.nodes

@@ -51,6 +51,7 @@ class Totals:
     """What a rank 0's metrics say at one scrape: its counters and its queue."""
 
     at: float
+    node: str  # where the rank 0 they came from runs
     generation_tokens: float
     prompt_tokens: float
     ttft_sum: float
@@ -59,12 +60,13 @@ class Totals:
     running: float
 
     @classmethod
-    def of(cls, families: Iterable[Metric], at: float) -> Totals | None:
+    def of(cls, families: Iterable[Metric], at: float, node: str) -> Totals | None:
         """The totals in a scrape; None where it lacks a dispatcher's families."""
         values = {sample.name: sample.value for family in families for sample in family.samples}
         try:
             return cls(
                 at,
+                node,
                 values["vllm:generation_tokens_total"],
                 values["vllm:prompt_tokens_total"],
                 values["vllm:time_to_first_token_seconds_sum"],
@@ -75,12 +77,14 @@ class Totals:
         except KeyError:
             return None
 
-    def since(self, before: Totals | None, node: str) -> ServingSample:
+    def since(self, before: Totals | None) -> ServingSample:
         """The point for the interval from ``before`` to these totals."""
         elapsed = self.at - before.at if before else 0.0
-        # Counters that went back belong to a rank started again: nothing to tell for the interval.
+        # Counters of another rank 0 (the model moved), or that went back (a rank started again):
+        # nothing to tell for the interval.
         counted = (
             before is not None
+            and before.node == self.node
             and elapsed > 0
             and self.generation_tokens >= before.generation_tokens
             and self.ttft_count >= before.ttft_count
@@ -92,7 +96,7 @@ class Totals:
         requests = self.ttft_count - before.ttft_count if counted else 0
         return ServingSample(
             at=self.at,
-            node=node,
+            node=self.node,
             generation_tokens_per_s=rate(self.generation_tokens, before.generation_tokens if before else 0),
             prompt_tokens_per_s=rate(self.prompt_tokens, before.prompt_tokens if before else 0),
             time_to_first_token_s=(self.ttft_sum - before.ttft_sum) / requests if requests > 0 else None,
@@ -126,13 +130,13 @@ class ServingMetrics(Collector):
                 self._add_point(model, node, families)
 
     def _add_point(self, model: str, node: str, families: list[Metric]) -> None:
-        totals = Totals.of(families, time.time())
+        totals = Totals.of(families, time.time(), node)
         if totals is None:
             return
         before = self._totals.get(model)
         self._totals[model] = totals
         kept = self._series.setdefault(model, collections.deque())
-        kept.append(totals.since(before, node))
+        kept.append(totals.since(before))
         while kept and kept[0].at < totals.at - SERIES_S:
             kept.popleft()
 
