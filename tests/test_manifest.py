@@ -551,3 +551,13 @@ def test_returned_objects_are_frozen():
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(target, attribute, "changed")
     assert isinstance(manifest.nodes, tuple) and isinstance(manifest.models[0].nodes, tuple)
+
+
+def test_names_outside_a_manifest_follow_the_schemas_rule():
+    """A joining node's name and a new key's are checked by the one rule the schema states."""
+    import json
+
+    from genmlx.manifest.schema import schema_path
+    from genmlx.manifest.types import NAME
+
+    assert NAME.pattern == json.loads(schema_path().read_text())["$defs"]["name"]["pattern"]

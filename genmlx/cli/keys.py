@@ -20,8 +20,8 @@ from genmlx.cli.read_commands import reading_command, reading_master, with_outpu
 from genmlx.core.errors import GenMLXError
 from genmlx.core.home import client_key_digest, new_client_key
 from genmlx.manifest.build import parse_expiry
+from genmlx.manifest.types import NAME
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the manifest's name rule
 DURATION = re.compile(r"^(\d+)([hdw])$")
 DURATION_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -6,6 +6,7 @@ Field names follow Python style; the YAML keys they come from are camelCase (``m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -15,6 +16,9 @@ DEFAULT_MASTER_PORT = 6789
 DEFAULT_AGENT_PORT = 6790
 DEFAULT_DISPATCHER_PORT = 8100
 DEFAULT_RING_PORT = 32323
+# The schema's rule for every name (nodes, models, keys: ``$defs.name``), for what names things
+# outside a manifest (a node that joins, a key being made).
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 Topology = Literal["full-mesh", "ring"]
 Backend = Literal["auto", "jaccl", "nccl", "ring"]

@@ -25,8 +25,8 @@ from genmlx.cli.service.managers import Manager, ServiceError, manager_for_this_
 from genmlx.cli.service.units import Role, ServiceSpec, is_ours, log_file
 from genmlx.core.errors import GenMLXError
 from genmlx.core.home import default_token_path, genmlx_home
+from genmlx.manifest.types import NAME
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the manifest's rule for a node's name
 DEFAULT_PORTS: dict[Role, int] = {"master": 6789, "agent": 6790}
 FOLLOW_POLL_S = 0.25
 

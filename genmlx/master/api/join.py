@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -22,6 +21,7 @@ from genmlx.core.errors import Forbidden, InvalidRequest, Unauthorized, UnknownR
 from genmlx.core.http import ApiHandler, ClusterAuth
 from genmlx.core.signing import SignatureError, host_is_ours, parse_signature, verify_request
 from genmlx.core.tokens import JOIN_CODE_LABEL, seal_token
+from genmlx.manifest.types import NAME
 from genmlx.master.runtime.discovery import DiscoveredAgent
 from genmlx.master.runtime.joining import (
     DEFAULT_TTL_S,
@@ -34,7 +34,6 @@ from genmlx.master.runtime.joining import (
 )
 from genmlx.master.runtime.loop import Reconciler
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # the manifest's rule for a node's name
 MAX_STORAGE_PATHS = 16
 INVALID_CODE = (
     "This join code is not valid: each works once, for the minutes `genmlx join-command` said. "
