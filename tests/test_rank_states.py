@@ -224,3 +224,24 @@ def test_restarts_count_earlier_starts_of_the_same_model_and_rank(tmp_path: Path
 )
 def test_health_is_asked_where_the_rank_can_be_reached(bind: str, asked: str):
     assert health_host(bind) == asked
+
+
+def test_the_masters_health_check_of_a_rank_that_accepts_and_stays_silent_says_down(monkeypatch):
+    """A rank joining its MLX group holds the interpreter: its port accepts and nothing answers.
+    The master's pass must go on with the endpoint down, not fail on tornado's timeout."""
+    import socket
+
+    from tornado.httpclient import AsyncHTTPClient
+
+    import genmlx.master.runtime.agent_client as agent_client
+
+    monkeypatch.setattr(agent_client, "HEALTH_TIMEOUT_S", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens; the kernel accepts for it
+        port = silent.getsockname()[1]
+
+        async def check():
+            return await agent_client.check_endpoint(AsyncHTTPClient(force_instance=True), "127.0.0.1", port)
+
+        health = asyncio.run(check())
+    assert (health.state, health.url) == ("down", f"http://127.0.0.1:{port}/v1")
+    assert "did not answer /health" in health.detail

@@ -233,6 +233,10 @@ async def check_endpoint(http: AsyncHTTPClient, host: str, port: int) -> Endpoin
         )
     except OSError as e:
         return EndpointHealth(url, "down", f"rank 0 does not answer: {e}")
+    except HTTPClientError:  # tornado raises its timeouts (599) even with raise_error=False
+        # A rank's API goes deaf while MLX joins its group (the join holds the interpreter).
+        detail = f"rank 0 accepted but did not answer /health in {HEALTH_TIMEOUT_S:.0f} s"
+        return EndpointHealth(url, "down", detail)
     if response.code == 200:
         return EndpointHealth(url, "ready")
     if response.code == 503:
