@@ -89,7 +89,7 @@ def test_constrained_rows_give_in_a_batch_what_they_give_alone(demo_model, joins
     joins: dict[int, list] = {}
     for uid, (step, request) in enumerate(zip(joins_at, requests(tokenizer), strict=True)):
         joins.setdefault(step, []).append((uid, request))
-    batch = decoder(model, tokenizer, prefill_chunk=4)
+    batch = decoder(model, tokenizer, prefill_chunk=4, prefill_chunk_alone=4)
     assert run_joins(batch, joins) == expected
 
 

@@ -68,11 +68,11 @@ def test_a_sequence_moves_from_alone_into_the_batch_with_the_tokens_it_had_alone
         "ended": last_token_step + 1,
     }[phase]
     alone = {
-        0: run(new_decoder(model, tokenizer, prefill_chunk=4), {0: (0, first)})[0],
-        1: run(new_decoder(model, tokenizer, prefill_chunk=4), {0: (1, second)})[1],
+        0: run(new_decoder(model, tokenizer, prefill_chunk=4, prefill_chunk_alone=4), {0: (0, first)})[0],
+        1: run(new_decoder(model, tokenizer, prefill_chunk=4, prefill_chunk_alone=4), {0: (1, second)})[1],
     }
     assert len(alone[0]) == FIRST.max_tokens  # ended by length, not by end of turn
-    decoder = new_decoder(model, tokenizer, prefill_chunk=4)
+    decoder = new_decoder(model, tokenizer, prefill_chunk=4, prefill_chunk_alone=4)
     together = run(decoder, {0: (0, first), second_joins_at: (1, second)})
     assert together == alone
 
@@ -102,6 +102,51 @@ def test_a_sequence_dropped_while_alone_leaves_its_state_in_the_prefix_cache(dem
     assert decoder.active == 0 and decoder.cache_entries == 1
     # The same prompt again: all of it but its last token comes from the cache.
     assert decoder.join(1, request) == len(request.prompt_tokens) - 1
+
+
+class _Recording:
+    """The demo model, recording the shape of what each call feeds: (sequences, tokens each)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.fed: list[tuple[int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.fed.append(tuple(inputs.shape))
+        return self._model(inputs, *args, **kwargs)
+
+
+LONG_TEXT = "The river ran past the old mill and into the valley where the farmers kept their sheep"
+
+
+def test_a_prompt_is_read_in_long_chunks_while_nothing_decodes_and_in_short_ones_while_something_does(
+    demo_model,
+) -> None:
+    model, tokenizer = demo_model
+    greedy = Sampling(temperature=0)
+    long = GenerationRequest("long", tuple(tokenizer.encode(LONG_TEXT)), 3, greedy)
+    short = GenerationRequest("short", tuple(tokenizer.encode("Lakes")), 40, greedy)
+    assert len(long.prompt_tokens) > 16
+
+    # Alone: read 16 tokens a step.
+    alone = _Recording(model)
+    tokens_alone = run(new_decoder(alone, tokenizer, prefill_chunk=4, prefill_chunk_alone=16), {0: (0, long)})
+    assert max(alone.fed) == (1, 16) and alone.fed.count((1, 16)) == (len(long.prompt_tokens) - 1) // 16
+
+    # Joining a sequence that decodes: 4 tokens a step, one of the other's tokens between each.
+    beside = _Recording(model)
+    decoder = new_decoder(beside, tokenizer, prefill_chunk=4, prefill_chunk_alone=16)
+    together = run(decoder, {0: (1, short), 3: (0, long)})
+    assert max(n for _, n in beside.fed[3:]) == 4, "a long chunk would hold the decoding sequence back"
+    assert together[0] == tokens_alone[0], "the chunking never changes the tokens"
+
+    # Two prompts read together with nothing decoding yet: long chunks again.
+    both = _Recording(model)
+    run(new_decoder(both, tokenizer, prefill_chunk=4, prefill_chunk_alone=16), {0: (0, long), 1: (1, long)})
+    assert (2, 16) in both.fed
 
 
 class _ChunkedCaches:

@@ -106,7 +106,12 @@ class RankCommand(WireType):
     serving: ServingSettings = field(default_factory=ServingSettings)
     # Tuning knobs an agent never sets: None leaves the decoder's own default.
     prefill_chunk: int | None = arg(
-        None, minimum=1, help="prompt tokens read per step; a long prompt delays the rest one chunk (512)"
+        None,
+        minimum=1,
+        help="prompt tokens read per step while others decode; a long prompt delays them one chunk (512)",
+    )
+    prefill_chunk_alone: int | None = arg(
+        None, minimum=1, help="prompt tokens read per step while no other sequence decodes (2048)"
     )
     prefix_cache_entries: int | None = arg(
         None, minimum=0, help="finished sequences whose KV state later prompts may reuse; 0 turns it off (16)"

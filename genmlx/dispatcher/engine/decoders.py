@@ -23,7 +23,6 @@ from genmlx.dispatcher.engine.sampling import make_logits_processors
 from genmlx.dispatcher.engine.solo import Solo
 
 log = logging.getLogger(__name__)
-SOLO_PREFILL_CHUNK = 2048  # prompt tokens a step reads when nothing else decodes (generate_step's)
 
 
 def make_decoder(model: Any, eos_ids: set[int], settings: DecoderSettings, tokenizer: Any = None) -> Decoder:
@@ -58,6 +57,7 @@ class SequentialDecoder:
         self._eos_ids = eos_ids
         self._constraints = constraints
         self._quantize = settings.quantization
+        self._prefill_chunk = settings.prefill_chunk_alone  # one sequence at a time: always alone
         self._prefixes = prefix_cache_for(model, settings)
         self._solo: Solo | None = None
         self._boundaries: tuple[int, ...] = ()
@@ -101,7 +101,7 @@ class SequentialDecoder:
     def step(self) -> list[Sampled]:
         if self._solo is None:
             return []
-        sampled = self._solo.step(self._eos_ids, SOLO_PREFILL_CHUNK)
+        sampled = self._solo.step(self._eos_ids, self._prefill_chunk)
         if sampled is None:
             return []
         if sampled.end is not None:

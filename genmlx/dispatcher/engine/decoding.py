@@ -2,8 +2,10 @@
 
 ``BatchDecoder`` is continuous batching on mlx-lm's ``BatchGenerator``: sequences join and leave
 between steps, and each step decodes one token for every sequence already past its prompt and then
-processes one chunk (``prefill_chunk`` tokens) of the prompts still being read, so a long prompt
-holds the others back by at most one chunk per token. A sequence that ends leaves its KV state in
+processes one chunk of the prompts still being read: ``prefill_chunk`` tokens while any sequence
+decodes, so a long prompt holds the others back by at most one short chunk per token, and
+``prefill_chunk_alone`` when none does, so a prompt with nothing to wait for is read in as few
+steps as mlx-lm's own servers take. A sequence that ends leaves its KV state in
 the ``PrefixCache`` for later prompts that start the same way. A sequence that joins an empty
 decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
 is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
@@ -42,12 +44,14 @@ __all__ = ["BatchDecoder", "Decoder", "DecoderSettings", "End", "Sampled", "pref
 
 @dataclass(frozen=True)
 class DecoderSettings:
-    """How many sequences decode together, how many prompt tokens one step reads, and the prefix
-    cache's bounds (``cache_entries`` 0 turns it off), which only rank 0 (``leads``) enforces, and
-    its disk tier (the process's one, shared by every decoder it makes)."""
+    """How many sequences decode together, how many prompt tokens one step reads (while others
+    decode, and while none does), and the prefix cache's bounds (``cache_entries`` 0 turns it
+    off), which only rank 0 (``leads``) enforces, and its disk tier (the process's one, shared by
+    every decoder it makes)."""
 
     max_batch: int = 8
     prefill_chunk: int = 512
+    prefill_chunk_alone: int = 2048  # mlx-lm's prefill_step_size: fewer, fuller steps on a GPU
     cache_entries: int = 16
     cache_bytes: int = 4 << 30
     leads: bool = True
@@ -112,6 +116,7 @@ class BatchDecoder:
         self._model = model
         self._eos_ids = eos_ids
         self._prefill_chunk = settings.prefill_chunk
+        self._prefill_chunk_alone = settings.prefill_chunk_alone
         self._solo: Solo | None = None
         self._carried: list[Sampled] = []  # the token a sequence sampled alone before it moved
         self._generator = BatchGenerator(
@@ -119,7 +124,9 @@ class BatchDecoder:
             stop_tokens=[[eos] for eos in sorted(eos_ids)],
             completion_batch_size=settings.max_batch,
             prefill_batch_size=settings.max_batch,
-            prefill_step_size=settings.prefill_chunk,
+            # The most a step reads: ``step`` sets each step's chunk, which the prompt batch must
+            # then read in one call.
+            prefill_step_size=max(settings.prefill_chunk, settings.prefill_chunk_alone),
         )
         self._prefixes = prefix_cache_for(model, settings)
         self._uids: dict[int, int] = {}  # ours -> the generator's
@@ -219,6 +226,8 @@ class BatchDecoder:
         if self._solo is not None:
             return sampled + self._step_solo()
         ours = {inner: uid for uid, inner in self._uids.items()}
+        alone = not decodes_next_step(self._generator)
+        self._generator.prefill_step_size = self._prefill_chunk_alone if alone else self._prefill_chunk
         read, responses = self._generator.next()
         if self._prefixes.boundaries_kept:
             passed = [r.uid for r in read if r.end_of_segment and not r.end_of_prompt]
@@ -237,7 +246,7 @@ class BatchDecoder:
     def _step_solo(self) -> list[Sampled]:
         solo = self._solo
         with mx.stream(self._generator.stream):
-            sampled = solo.step(self._eos_ids, self._prefill_chunk)
+            sampled = solo.step(self._eos_ids, self._prefill_chunk_alone)  # nothing else decodes
         if sampled is None:
             return []
         if sampled.end is not None:
@@ -284,3 +293,17 @@ class BatchDecoder:
 
     def memory_tokens(self, prompt: list[int]) -> int:
         return self._prefixes.memory_tokens(prompt)
+
+
+def decodes_next_step(generator: Any) -> bool:
+    """Whether ``generator``'s next step decodes a token for any sequence: one generating already,
+    or one whose prompt has only its last token left (it starts generating in that step). Reads
+    mlx-lm's private queues (pinned to 0.32); where they are not there, says yes (short chunks)."""
+    try:
+        if len(generator._generation_batch):
+            return True
+        waiting = [segments for segments, *_ in generator._currently_processing]
+        waiting += [sequence[1] for sequence in generator._unprocessed_sequences]
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return True
+    return any(len(segments) == 1 and len(segments[0]) <= 1 for segments in waiting)
