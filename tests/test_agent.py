@@ -474,7 +474,8 @@ def test_each_start_keeps_the_earlier_runs_logs_up_to_a_bound(tmp_path: Path):
 
 def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
     hosts = ("10.0.0.1:32323", "10.0.0.2:32323")
-    launch = RankLaunch("big", "/models/big", 1, 2, 8100, "spec", hostfile=hosts)
+    serving = ServingSettings(max_batch=24, max_queue=192)  # as placement derived them
+    launch = RankLaunch("big", "/models/big", 1, 2, 8100, "spec", hostfile=hosts, serving=serving)
     hostfile = tmp_path / "big.1.hostfile.json"
     write_hostfile(hostfile, launch.hostfile)
     assert json.loads(hostfile.read_text()) == [["10.0.0.1:32323"], ["10.0.0.2:32323"]]
@@ -495,8 +496,8 @@ def test_a_rank_of_a_multi_rank_group_gets_mlx_ring_settings(tmp_path: Path):
         "--host": "0.0.0.0",
         "--rank": "1",
         "--world-size": "2",
-        "--max-batch": "8",
-        "--max-queue": "64",
+        "--max-batch": "24",
+        "--max-queue": "192",
         "--hostfile": str(hostfile),
         "--parallelism": "tensor",
         "--backend": "ring",

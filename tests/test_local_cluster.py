@@ -40,8 +40,16 @@ def test_demo_serves_answers_and_stops_cleanly_on_ctrl_c(spawn, genmlx_home, tok
         model="genmlx-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert reply.usage.completion_tokens == 4
-    pid = rank_pid(status(port, token))
+    document = status(port, token)
+    pid = rank_pid(document)
     assert psutil.pid_exists(pid)
+    # The demo sets no maxBatch: placement derived it from this machine's memory, said why, and
+    # the rank runs with it.
+    (model,) = document["models"]
+    batching, serving = model["batching"], model["ranks"][0]["launch"]["serving"]
+    assert batching["reason"].startswith(f"maxBatch {batching['maxBatch']}: the ")
+    assert (serving["maxBatch"], serving["maxQueue"]) == (batching["maxBatch"], batching["maxQueue"])
+    assert batching["maxBatch"] > 8, "a tiny model on this machine has room for far more than 8"
 
     demo.signal(signal.SIGINT)
     assert demo.popen.wait(30) == 0

@@ -498,7 +498,7 @@ def test_defaults_are_applied():
     assert manifest.node("mini-b").storage == (StoragePath("/Volumes/T9/models", max_gb=100.0),)
     model = manifest.model("qwen")
     assert (model.revision, model.parallelism, model.prune) == ("main", "auto", False)
-    assert model.serving == Serving(max_batch=8, max_queue=64, context_length=None, port=None)
+    assert model.serving == Serving(max_batch=None, max_queue=None, context_length=None, port=None)
 
 
 def test_schema_defaults_match_the_dataclass_defaults():
@@ -513,8 +513,6 @@ def test_schema_defaults_match_the_dataclass_defaults():
         ("model", "revision"): ModelSpec("m", Source("hf", "o/r"), ()).revision,
         ("model", "parallelism"): ModelSpec("m", Source("hf", "o/r"), ()).parallelism,
         ("model", "prune"): ModelSpec("m", Source("hf", "o/r"), ()).prune,
-        ("serving", "maxBatch"): Serving().max_batch,
-        ("serving", "maxQueue"): Serving().max_queue,
     }
     for (definition, key), default in expected.items():
         assert definitions[definition]["properties"][key]["default"] == default, (definition, key)

@@ -193,3 +193,18 @@ def test_a_copy_replaced_in_place_restarts_the_group_that_loaded_the_old_one():
     (assessment,) = assess_models(desk(QWEN), seen(*resynced, health=ready))
     assert assessment.reason == "SpecChanged"
     assert [type(a) for a in assessment.actions] == [StopRankGroup, StartRankGroup]
+
+
+def test_ranks_are_launched_with_the_batch_and_queue_placement_derived_and_status_gets_why():
+    (assessment,) = assess_models(desk(QWEN), seen(*PAIR))
+    assert {
+        (launch.serving.max_batch, launch.serving.max_queue) for _, launch in assessment.desired.launches
+    } == {(64, 512)}
+    assert assessment.batching.reason.startswith(
+        "maxBatch 64: the 47.2 GB left after the weights on a holds "
+    )
+    assert "capped at 64" in assessment.batching.reason
+    smaller = replace(QWEN, serving=replace(QWEN.serving, max_batch=3))
+    (assessment,) = assess_models(desk(smaller), seen(*PAIR))
+    assert {launch.serving.max_batch for _, launch in assessment.desired.launches} == {3}
+    assert assessment.batching.reason.startswith("maxBatch 3: serving.maxBatch")

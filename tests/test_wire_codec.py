@@ -39,7 +39,7 @@ def test_a_whole_agent_report_round_trips_through_json() -> None:
     )
     document = json.loads(json.dumps(state.to_json()))
     assert document["facts"]["memoryTotal"] == 192 << 30, "camelCase on the wire"
-    serving = {"maxBatch": 4, "maxQueue": 64, "contextLength": 4096, "kvBits": None, "kvGroupSize": None}
+    serving = {"maxBatch": 4, "maxQueue": None, "contextLength": 4096, "kvBits": None, "kvGroupSize": None}
     serving["diskCacheGB"] = None
     assert document["ranks"][0]["launch"]["serving"] == serving
     assert AgentState.from_json(document) == state

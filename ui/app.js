@@ -477,6 +477,7 @@ function renderModels(doc) {
       const owner = (rank) => ((m.ranks || []).find((r) => r.launch && r.launch.rank === rank) || {}).node;
       row("Layer split", byRank.map((l, i) => `${i ? " · " : ""}rank ${l.rank + 1} on ${owner(l.rank) || "?"}: ${l.layerSplit[l.rank] ?? l.layerSplit[i]} layers`).join(""));
     }
+    if (m.batching) row("Batching", m.batching.reason);
     for (const tier of m.promptCache || []) {
       const rate = tier.lookups ? `${Math.round((100 * tier.hits) / tier.lookups)}% hit rate (${tier.hits} of ${tier.lookups} prompts)` : "no lookups yet";
       const kind = tier.kind === "snapshots" ? ", whole-state snapshots" : tier.kind === "blocks" ? ", blocks" : "";

@@ -290,6 +290,7 @@ def format_described(item: NodeStatus | ModelStatus, events: tuple[EventReport, 
         "transfers",
         "promptCache",
         "promptCaches",
+        "batching",
     }
     lines = [f"{what}: {item.name}"]
     shown = {key: value for key, value in fields.items() if key not in skip and value not in (None, [])}
@@ -301,6 +302,8 @@ def format_described(item: NodeStatus | ModelStatus, events: tuple[EventReport, 
     for key in ("ranks", "copies", "transfers"):
         for entry in fields.get(key) or []:
             lines.append(f"  {key[:-1]}: {json.dumps(entry)}")
+    if isinstance(item, ModelStatus) and item.batching:
+        lines.append(f"Batching: {item.batching.reason}")
     if isinstance(item, ModelStatus):
         lines += prompt_cache_lines(item)
     lines.append("Events:")

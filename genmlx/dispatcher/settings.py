@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from genmlx.dispatcher.engine.decoding import DecoderSettings
@@ -17,6 +18,10 @@ from genmlx.wire.rank_launch import RankCommand
 log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 256  # tokens per block of the disk tier: mlx-lm's KV cache grows by as many
+# A rank started without --max-batch or --max-queue: by hand, or by a master that could not read
+# the model's shape. Ranks the master places get both, from their nodes' memory.
+UNPLACED_MAX_BATCH = 8
+UNPLACED_MAX_QUEUE = 64
 
 
 def parse_settings(argv: list[str]) -> RankCommand:
@@ -25,7 +30,20 @@ def parse_settings(argv: list[str]) -> RankCommand:
         prog="python -m genmlx.dispatcher",
         description="Serve one model rank with mlx-lm behind an OpenAI-compatible API.",
     )
-    return from_argv(RankCommand, argv, parser)
+    return with_batch_limits(from_argv(RankCommand, argv, parser))
+
+
+def with_batch_limits(settings: RankCommand) -> RankCommand:
+    """``settings`` with the batch and queue bounds of an unplaced rank where none were given."""
+    serving = settings.serving
+    return replace(
+        settings,
+        serving=replace(
+            serving,
+            max_batch=serving.max_batch or UNPLACED_MAX_BATCH,
+            max_queue=serving.max_queue or UNPLACED_MAX_QUEUE,
+        ),
+    )
 
 
 def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -> DecoderSettings:

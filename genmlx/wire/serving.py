@@ -16,8 +16,16 @@ from genmlx.wire.codec import WireType
 
 @dataclass(frozen=True)
 class ServingSettings(WireType):
-    max_batch: int = arg(8, minimum=1, help="most requests generated together")
-    max_queue: int = arg(64, minimum=1, help="most requests waiting; more get 429")
+    # None: the master derives them from the nodes' memory (``master.planning.placement``); a
+    # dispatcher started without them by hand from its own (``dispatcher.settings``).
+    max_batch: int | None = arg(
+        None,
+        minimum=1,
+        help="most requests generated together (default: as many as the memory holds, up to 64)",
+    )
+    max_queue: int | None = arg(
+        None, minimum=1, help="most requests waiting; more get 429 (default: 8 per batch slot, at least 64)"
+    )
     context_length: int | None = arg(None, minimum=1, help="prompt + completion token limit")
     kv_bits: int | None = arg(
         None, minimum=4, maximum=8, help="quantize the KV cache to 4 or 8 bits (one sequence at a time)"

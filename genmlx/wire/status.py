@@ -79,6 +79,16 @@ class ModelPromptCache(WireType):
 
 
 @dataclass(frozen=True)
+class ModelBatching(WireType):
+    """How many requests the model's ranks decode together and how many more may wait, and why:
+    as the manifest set them, or as its nodes' memory allows."""
+
+    max_batch: int
+    max_queue: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ModelStatus(WireType):
     name: str
     source: str
@@ -92,6 +102,7 @@ class ModelStatus(WireType):
     copies: tuple[ModelCopy, ...] = ()
     prompt_caches: tuple[ModelPromptCache, ...] = ()  # its disk tier on each node that has one
     prompt_cache: tuple[PromptCacheTier, ...] = ()  # each tier as rank 0 of the serving group counts it
+    batching: ModelBatching | None = None  # once placement has checked its nodes' memory
 
 
 @dataclass(frozen=True)

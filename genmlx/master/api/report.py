@@ -16,6 +16,7 @@ from genmlx.wire.status import (
     ConditionReport,
     ImpostorReport,
     LastPass,
+    ModelBatching,
     ModelCopy,
     ModelPromptCache,
     ModelRank,
@@ -124,6 +125,7 @@ def model_document(applied: AppliedManifest, snapshot: Snapshot, name: str) -> M
         copies=model_copies(spec, snapshot),
         prompt_caches=model_prompt_caches(spec, snapshot),
         prompt_cache=next((info.prompt_cache for _, info in assessment.ranks if info.launch.rank == 0), ()),
+        batching=ModelBatching(b.max_batch, b.max_queue, b.reason) if (b := assessment.batching) else None,
     )
 
 

@@ -10,6 +10,7 @@ takes the first port from there that no other rank on its host uses, HTTP or rin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -29,8 +30,9 @@ from genmlx.master.planning.backends import (
 )
 from genmlx.master.planning.mesh import MeshPlanError, observed_mesh_nodes, rank_endpoints
 from genmlx.master.planning.observed import Observed
-from genmlx.master.planning.placement import Placement
+from genmlx.master.planning.placement import Batching, Placement
 from genmlx.wire.rank_launch import RankLaunch
+from genmlx.wire.serving import ServingSettings
 
 LAST_PORT = 65535
 
@@ -58,7 +60,7 @@ def desired_group(
     hostfile = ring_hostfile(spec, observed, plan.ring_ports) if world > 1 else ()
     wiring = backend.launch_fields() if world > 1 and backend is not None else {}
     parallelism = plan.placement.parallelism if world > 1 else "tensor"
-    serving = spec.serving.settings()
+    serving = with_batching(spec.serving.settings(), plan.placement.batching)
     fields = {
         "model": spec.name,
         "source": str(spec.source),
@@ -93,6 +95,15 @@ def desired_group(
         for rank, (node, path, port) in enumerate(zip(spec.nodes, plan.paths, plan.ports, strict=True))
     )
     return StartRankGroup(spec.name, spec_hash, launches)
+
+
+def with_batching(serving: ServingSettings, batching: Batching | None) -> ServingSettings:
+    """``serving`` with the batch and queue placement chose where the manifest left them unset
+    (as they were where placement could not read the model's shape: the dispatcher then derives
+    them from its own memory)."""
+    if batching is None:
+        return serving
+    return dataclasses.replace(serving, max_batch=batching.max_batch, max_queue=batching.max_queue)
 
 
 def group_backend(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> BackendChoice:

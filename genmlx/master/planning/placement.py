@@ -28,11 +28,18 @@ although few requests come near it; who needs long contexts sets ``serving.conte
 check then budgets it in full.
 Weights are shared as mlx-lm shards them, to first order: tensor parallel 1/N each, pipeline in
 proportion to a node's layers (embeddings and the output head, kept whole, are not counted apart).
+
+A model whose ``serving.maxBatch`` is not set gets the batch its nodes can hold (``Batching``): as
+many full-context sequences as the memory left after the weights holds on the tightest node, at
+most ``DERIVED_BATCH_CAP`` (64), so that a GPU with room for hundreds decodes a batch that
+still streams each request at a useful speed; an unset ``serving.maxQueue`` is
+``QUEUE_PER_BATCH_SLOT`` (8) waiting requests per batch slot, at least ``MIN_DERIVED_QUEUE`` (64).
+A quantized KV cache serves one sequence at a time and budgets for one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from genmlx.core.errors import PermanentError
@@ -44,6 +51,9 @@ USABLE_MEMORY_PERCENT = 75
 TENSOR_MEMORY_TOLERANCE_PERCENT = 10
 DEFAULT_CONTEXT_TOKENS = 4096
 UNSET_CONTEXT_CAP = 8192
+DERIVED_BATCH_CAP = 64
+QUEUE_PER_BATCH_SLOT = 8
+MIN_DERIVED_QUEUE = 64
 GB = 1_000_000_000
 
 PlacedParallelism = Literal["single", "tensor", "pipeline"]
@@ -73,12 +83,24 @@ class NodeCapacity:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """How many sequences a model's ranks decode together and how many more may wait, each as the
+    manifest set it or derived from its nodes' memory; ``reason`` says which, with the numbers."""
+
+    max_batch: int
+    max_queue: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Placement:
-    """How a rank group splits a model; ``reason`` is one line for status and diff."""
+    """How a rank group splits a model; ``reason`` is one line for status and diff. ``batching``
+    is set once ``place`` has checked the nodes' memory."""
 
     parallelism: PlacedParallelism
     layer_split: tuple[int, ...] | None  # pipeline only: layers per rank, in node order
     reason: str
+    batching: Batching | None = None
 
 
 @dataclass(frozen=True)
@@ -119,8 +141,49 @@ def place(
     check_kv_quantization(spec, shape)
     placement = choose_placement(spec, nodes, shape)
     budget = kv_budget(spec, shape, context_length)
+    if budget.sequences == 0:  # maxBatch not set: one sequence must fit, then as many as fit
+        one = replace(budget, sequences=1)
+        loads = node_loads(placement, nodes, shape, one)
+        check_capacity(spec.name, loads, placement, shape, one)
+        return replace(placement, batching=derived_batching(spec, loads, one))
     check_capacity(spec.name, node_loads(placement, nodes, shape, budget), placement, shape, budget)
-    return placement
+    return replace(placement, batching=set_batching(spec, budget))
+
+
+def derived_batching(spec: ModelSpec, loads: tuple[NodeLoad, ...], one: KvBudget) -> Batching:
+    """The batch the tightest node's memory left after the weights holds, capped; the queue by it."""
+    room = {
+        each.node.name: (each.node.usable_bytes - each.weight_bytes) // max(each.kv_bytes, 1)
+        for each in loads
+    }
+    tightest = min(room, key=lambda name: (room[name], name))
+    fits = room[tightest]
+    max_batch = min(fits, DERIVED_BATCH_CAP)
+    left = next(each.node.usable_bytes - each.weight_bytes for each in loads if each.node.name == tightest)
+    where = f" on {tightest}" if len(loads) > 1 else ""
+    reason = (
+        f"maxBatch {max_batch}: the {gb(left)} GB left after the weights{where} holds {fits} sequences "
+        f"of {tokens_phrase(one)}" + (f", capped at {DERIVED_BATCH_CAP}" if fits > DERIVED_BATCH_CAP else "")
+    )
+    return Batching(max_batch, *queue_for(spec, max_batch, reason))
+
+
+def set_batching(spec: ModelSpec, budget: KvBudget) -> Batching:
+    max_batch = spec.serving.max_batch or 1  # a quantized KV cache: one at a time, whatever is set
+    reason = f"maxBatch {max_batch}: " + (
+        "serving.maxBatch" if spec.serving.kv_bits is None else "one sequence at a time with serving.kvBits"
+    )
+    return Batching(max_batch, *queue_for(spec, max_batch, reason))
+
+
+def queue_for(spec: ModelSpec, max_batch: int, reason: str) -> tuple[int, str]:
+    """``serving.maxQueue``, else ``QUEUE_PER_BATCH_SLOT`` per batch slot (at least
+    ``MIN_DERIVED_QUEUE``); ``reason`` with the queue's own."""
+    if spec.serving.max_queue is not None:
+        return spec.serving.max_queue, f"{reason}; maxQueue {spec.serving.max_queue}: serving.maxQueue"
+    max_queue = max(MIN_DERIVED_QUEUE, QUEUE_PER_BATCH_SLOT * max_batch)
+    rule = f"{QUEUE_PER_BATCH_SLOT} per batch slot, at least {MIN_DERIVED_QUEUE}"
+    return max_queue, f"{reason}; maxQueue {max_queue}: {rule}"
 
 
 def check_kv_quantization(spec: ModelSpec, shape: ModelShape) -> None:
@@ -237,7 +300,8 @@ def kv_budget(spec: ModelSpec, shape: ModelShape, context_length: int | None) ->
     cache, which serves one at a time), where it came from, and the bytes of each quantized value
     (``kvBits`` of it, and a scale and a bias in the model's dtype per group)."""
     serving = spec.serving
-    sequences = serving.max_batch if serving.kv_bits is None else 1
+    # 0: not set, to be derived from the memory (``place``)
+    sequences = (serving.max_batch or 0) if serving.kv_bits is None else 1
     value_bytes = None
     if serving.kv_bits is not None:
         value_bytes = serving.kv_bits / 8 + 2 * shape.kv_dtype_bytes / (serving.kv_group_size or 64)

@@ -24,7 +24,7 @@ from genmlx.master.planning.groups import (
 )
 from genmlx.master.planning.mesh import MeshPlanError
 from genmlx.master.planning.observed import Observed, ObservedNode
-from genmlx.master.planning.placement import NodeCapacity, Placement, PlacementRefused, place
+from genmlx.master.planning.placement import Batching, NodeCapacity, Placement, PlacementRefused, place
 from genmlx.master.planning.presence import Presence, assess_presence
 from genmlx.master.planning.prune import prune_actions
 from genmlx.wire.agent_state import RankInfo
@@ -51,6 +51,7 @@ class ModelAssessment:
     ranks: tuple[tuple[str, RankInfo], ...] = ()  # observed (node, rank) of this model
     # (reason, message) of a Degraded condition besides Backoff's: ring after a faster backend failed
     degraded: tuple[str, str] | None = None
+    batching: Batching | None = None  # the batch and queue placement gave it, once placed
 
 
 def plan(desired: Manifest | None, observed: Observed) -> list[Action]:
@@ -104,9 +105,8 @@ def assess_model(
     except MeshPlanError as e:
         return verdict("Blocked", e.reason, str(e), actions=stop_broken_group(spec, ranks, e.reason))
     assessment = assess_rollout(spec, desired, ranks, observed, verdict)
-    if backend is not None and backend.fallback is not None:
-        return dataclasses.replace(assessment, degraded=backend.fallback)
-    return assessment
+    degraded = backend.fallback if backend is not None else None
+    return dataclasses.replace(assessment, degraded=degraded, batching=placement.batching)
 
 
 def stop_broken_group(spec: ModelSpec, ranks, reason: str) -> tuple[Action, ...]:
