@@ -143,9 +143,10 @@ def test_a_shared_system_prompt_and_earlier_turns_come_from_the_prefix_cache(ser
 
 def test_beyond_the_batch_requests_queue_and_beyond_the_queue_get_429_with_retry_after(serve) -> None:
     client = serve("--max-batch", "2", "--max-queue", "1", "--context-length", str(2 * HUGE))
-    streams = [endless(client) for _ in range(2)]
-    for stream in streams:
-        next(iter(stream))  # both are in the batch now
+    streams = []
+    for _ in range(2):  # one after the other: a second sent while the first still waits finds the queue full
+        streams.append(endless(client))
+        next(iter(streams[-1]))  # in the batch now
     patient = openai.OpenAI(base_url=str(client.base_url), api_key=client.api_key, max_retries=0, timeout=3)
     outcomes: list[openai.APIError] = []
 
