@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-deps lint
+.PHONY: setup setup-cuda demo test test-deps lint
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
+
+# A Linux node with an NVIDIA GPU: MLX's CUDA build in place of the CPU one. Both ship the same
+# library file (mlx/lib/libmlx.so), so the CPU build goes and the CUDA one is put back whole.
+setup-cuda: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,cuda]'
+	$(BIN)/python -m pip uninstall --quiet -y mlx-cpu
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+		"mlx-cuda-13==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("mlx"))')"
+	$(BIN)/python -c 'import mlx.core as mx; assert mx.cuda.is_available(), "MLX sees no CUDA GPU"; \
+		print("MLX runs on", mx.default_device())'
 
 demo: setup
 	$(BIN)/genmlx demo

@@ -16,17 +16,21 @@ import shutil
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Sequence
 from dataclasses import astuple
 from pathlib import Path
 
 import psutil
 import pytest
+from builders import GIB
+from builders import facts as node_facts
 from conftest import wait_until
 
 import genmlx.agent.facts.macos as macos
 from genmlx.agent.facts.collect import BackgroundRefreshed, NodeFactsCollector, collect_node_facts
 from genmlx.agent.facts.linux import LinuxProbe
+from genmlx.agent.facts.nvidia import nvidia_gpus
 from genmlx.agent.facts.platform import (
     InterfacePort,
     PlatformCommandFailed,
@@ -34,7 +38,7 @@ from genmlx.agent.facts.platform import (
     run_command,
 )
 from genmlx.agent.facts.replay import RECORDING_FILES
-from genmlx.wire.agent_state import NetworkInterface, NodeFacts
+from genmlx.wire.agent_state import GpuDevice, NetworkInterface, NodeFacts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -437,3 +441,56 @@ def test_active_rdma_devices_are_the_ports_ibv_devinfo_says_are_up():
     assert macos.parse_active_rdma_devices("") == frozenset()
     without_rdma = macos.MacOSProbe(recorded_mac(macos.RDMA_DEVICES)).interface_ports()
     assert without_rdma["en2"] == dataclasses.replace(STUDIO_PORTS["en2"], rdma_device=None)
+
+
+class StandInNvml:
+    """The part of ``pynvml`` the facts read: an H200 and an H100, or no driver (``driver`` None)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, driver: bytes | str | None = "580.159.03"):
+        self.driver, self.shut_down = driver, False
+
+    def nvmlInit(self):
+        if self.driver is None:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlSystemGetDriverVersion(self):
+        return self.driver
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetName(self, device):
+        return (b"NVIDIA H200", "NVIDIA H100 80GB HBM3")[device]  # older bindings answer bytes
+
+    def nvmlDeviceGetMemoryInfo(self, device):
+        return types.SimpleNamespace(total=(150_754_820_096, 85_520_809_984)[device], used=0)
+
+    def nvmlShutdown(self):
+        self.shut_down = True
+
+
+def test_nvidia_gpus_are_named_with_their_memory_and_driver_and_a_machine_without_one_has_none():
+    nvml = StandInNvml()
+    assert nvidia_gpus(nvml) == (
+        GpuDevice("NVIDIA H200", 150_754_820_096, "580.159.03"),
+        GpuDevice("NVIDIA H100 80GB HBM3", 85_520_809_984, "580.159.03"),
+    )
+    assert nvml.shut_down, "NVML is let go once read"
+    assert nvidia_gpus(StandInNvml(driver=b"550.54.15"))[0].driver == "550.54.15"
+    assert nvidia_gpus(StandInNvml(driver=None)) == ()
+
+
+def test_a_cuda_node_keeps_models_in_its_first_gpus_memory_and_a_mac_in_its_own():
+    gpus = nvidia_gpus(StandInNvml())
+    linux = dataclasses.replace(node_facts(32, "box"), os="Linux 6.8.0", gpu="CUDA", gpus=gpus)
+    assert (linux.models_on_gpu, linux.model_memory) == (True, 150_754_820_096)
+    on_cpu = dataclasses.replace(linux, gpu="")  # the CPU build of MLX installed beside the GPU
+    assert (on_cpu.models_on_gpu, on_cpu.model_memory) == (False, 32 * GIB)
+    mac = node_facts(64)
+    assert (mac.models_on_gpu, mac.model_memory) == (False, 64 * GIB)

@@ -9,6 +9,7 @@ import pytest
 
 from genmlx.core.errors import PermanentError
 from genmlx.manifest.types import ModelSpec, Serving, Source
+from genmlx.master.planning.batching import Batching, batching_for
 from genmlx.master.planning.placement import (
     NodeCapacity,
     Placement,
@@ -57,16 +58,11 @@ def refusal(*args) -> PlacementRefused:
     return caught.value
 
 
-def unbatched(placement: Placement) -> Placement:
-    """The split alone (the batch it allows is checked on its own below)."""
-    return replace(placement, batching=None)
-
-
 # ----- which parallelism -----
 
 
 def test_one_node_runs_the_whole_model():
-    assert unbatched(place(spec(), nodes(64 * GB), QWEN, None)) == Placement(
+    assert place(spec(), nodes(64 * GB), QWEN, None) == Placement(
         "single", None, "single: one node (studio-a)"
     )
     explicit = place(spec("tensor"), nodes(64 * GB), replace(QWEN, num_attention_heads=7), None)
@@ -74,7 +70,7 @@ def test_one_node_runs_the_whole_model():
 
 
 def test_auto_picks_tensor_when_memory_is_even_and_the_heads_divide():
-    assert unbatched(place(spec(), nodes(64 * GB, 64 * GB), QWEN, None)) == Placement(
+    assert place(spec(), nodes(64 * GB, 64 * GB), QWEN, None) == Placement(
         "tensor", None, "tensor: memory within 10% and 32 attention and 4 KV heads divide by 2"
     )
     same_heads = replace(QWEN, num_key_value_heads=32)
@@ -107,12 +103,12 @@ def test_auto_picks_pipeline_in_proportion_to_memory_when_memory_differs():
 def test_auto_picks_pipeline_when_the_heads_do_not_divide(attention: int, kv: int, problem: str):
     shape = replace(QWEN, num_attention_heads=attention, num_key_value_heads=kv)
     placement = place(spec(), nodes(BIG, BIG, BIG, BIG), shape, None)
-    assert unbatched(placement) == Placement("pipeline", (12, 12, 12, 12), f"pipeline: {problem}")
+    assert placement == Placement("pipeline", (12, 12, 12, 12), f"pipeline: {problem}")
 
 
 def test_explicit_tensor_is_honoured_when_the_heads_divide_even_on_uneven_memory():
     placement = place(spec("tensor"), nodes(128 * GB, 64 * GB), QWEN, None)
-    assert unbatched(placement) == Placement(
+    assert placement == Placement(
         "tensor", None, "tensor: as the manifest asks; 32 attention and 4 KV heads divide by 2"
     )
 
@@ -128,7 +124,7 @@ def test_explicit_tensor_is_refused_when_the_heads_do_not_divide():
 
 def test_explicit_pipeline_is_honoured_even_where_tensor_would_do():
     placement = place(spec("pipeline"), nodes(BIG, BIG), QWEN, None)
-    assert unbatched(placement) == Placement("pipeline", (24, 24), "pipeline: as the manifest asks")
+    assert placement == Placement("pipeline", (24, 24), "pipeline: as the manifest asks")
 
 
 @pytest.mark.parametrize("parallelism", ["pipeline", "auto"])
@@ -277,9 +273,13 @@ def unset(context_length: int = 32768, **serving) -> ModelSpec:
     return replace(base, serving=replace(base.serving, max_batch=None, **serving))
 
 
+def batching_of(spec_: ModelSpec, nodes_: list[NodeCapacity]) -> Batching:
+    return batching_for(spec_, place(spec_, nodes_, QWEN, None), nodes_, QWEN, None)
+
+
 def test_an_unset_max_batch_is_as_many_full_contexts_as_the_memory_left_after_the_weights_holds():
     # 48.0 GB usable, 17.2 GB of weights: 30.8 GB for 3.2 GB a sequence of 32768 tokens.
-    batching = place(unset(), nodes(64 * GB), QWEN, None).batching
+    batching = batching_of(unset(), nodes(64 * GB))
     assert (batching.max_batch, batching.max_queue) == (9, 72)
     assert batching.reason == (
         "maxBatch 9: the 30.8 GB left after the weights holds 9 sequences of 32768 tokens; "
@@ -288,10 +288,10 @@ def test_an_unset_max_batch_is_as_many_full_contexts_as_the_memory_left_after_th
 
 
 def test_a_derived_batch_is_capped_its_queue_is_at_least_64_and_one_sequence_must_fit():
-    roomy = place(unset(context_length=4096), nodes(BIG), QWEN, None).batching
+    roomy = batching_of(unset(context_length=4096), nodes(BIG))
     assert (roomy.max_batch, roomy.max_queue) == (64, 512)
     assert "holds 910 sequences of 4096 tokens, capped at 64" in roomy.reason
-    tight = place(unset(), nodes(29 * GB), QWEN, None).batching  # 4.6 GB left: one sequence
+    tight = batching_of(unset(), nodes(29 * GB))  # 4.6 GB left: one sequence
     assert (tight.max_batch, tight.max_queue) == (1, 64)
     error = refusal(unset(), nodes(26 * GB), QWEN, None)  # 2.3 GB left
     assert error.reason == "DoesNotFit" and "for 32768 tokens × 1 sequences" in error.message
@@ -299,18 +299,18 @@ def test_a_derived_batch_is_capped_its_queue_is_at_least_64_and_one_sequence_mus
 
 def test_the_tightest_node_of_a_group_sets_the_batch_and_is_named():
     # Tensor parallel on 64 and 70 GB: each holds half the weights and half of each sequence.
-    batching = place(unset(), nodes(64 * GB, 70 * GB), QWEN, None).batching
+    batching = batching_of(unset(), nodes(64 * GB, 70 * GB))
     assert batching.max_batch == 24  # (48.0 - 8.6) GB / 1.6 GB
     assert batching.reason.startswith("maxBatch 24: the 39.4 GB left after the weights on studio-a holds")
 
 
 def test_a_set_batch_or_queue_is_kept_and_said_to_be_set():
-    batching = place(spec(max_batch=4), nodes(BIG, BIG), QWEN, None).batching
+    batching = batching_of(spec(max_batch=4), nodes(BIG, BIG))
     assert (batching.max_batch, batching.max_queue) == (4, 64)
     assert batching.reason == "maxBatch 4: serving.maxBatch; maxQueue 64: 8 per batch slot, at least 64"
-    queued = place(unset(max_queue=5), nodes(BIG, BIG), QWEN, None).batching
+    queued = batching_of(unset(max_queue=5), nodes(BIG, BIG))
     assert queued.max_queue == 5 and queued.reason.endswith("; maxQueue 5: serving.maxQueue")
-    quantized = place(unset(kv_bits=8), nodes(BIG, BIG), QWEN, None).batching
+    quantized = batching_of(unset(kv_bits=8), nodes(BIG, BIG))
     assert quantized.max_batch == 1 and "one sequence at a time with serving.kvBits" in quantized.reason
 
 

@@ -12,7 +12,7 @@ from genmlx.manifest.types import Mesh, ModelSpec, Serving
 from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
 from genmlx.master.planning.observed import EndpointHealth, ObservedNode, RolloutRecord
 from genmlx.master.planning.plan import LOAD_DEADLINE_S, assess_models, plan
-from genmlx.wire.agent_state import ModelShape, NetworkInterface, RankInfo
+from genmlx.wire.agent_state import GpuDevice, ModelShape, NetworkInterface, RankInfo
 
 SHAPE = ModelShape(
     weight_bytes=8 * GIB, num_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128
@@ -208,3 +208,28 @@ def test_ranks_are_launched_with_the_batch_and_queue_placement_derived_and_statu
     (assessment,) = assess_models(desk(smaller), seen(*PAIR))
     assert {launch.serving.max_batch for _, launch in assessment.desired.launches} == {3}
     assert assessment.batching.reason.startswith("maxBatch 3: serving.maxBatch")
+
+
+def on_gpu(observed_node: ObservedNode, gpu_gib: int) -> ObservedNode:
+    """``observed_node`` as a Linux machine whose MLX runs on CUDA, with one GPU of ``gpu_gib``."""
+    state = observed_node.state
+    gpus = (GpuDevice("NVIDIA H100 80GB HBM3", gpu_gib * GIB, "580.159.03"),)
+    facts = replace(state.facts, os="Linux 6.8.0", arch="x86_64", gpu="CUDA", gpus=gpus)
+    return replace(observed_node, state=replace(state, facts=facts))
+
+
+def test_a_cuda_node_is_placed_by_its_gpus_memory_not_its_own():
+    big = ModelShape(
+        weight_bytes=60 * GIB, num_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128
+    )
+    spec = model("big", ("a",), source="file", context_length=4096)
+    copy = stored("big", size=big.weight_bytes, shape=big, published_at=NOW - 3600)
+    box = node("a", stored=[copy], memory_gib=32)  # 24 GiB usable: the weights alone do not fit
+    (refused,) = assess_models(desk(spec), seen(box))
+    assert (refused.phase, refused.reason) == ("Blocked", "DoesNotFit")
+    assert "(75% of memory)" in refused.message
+
+    (placed,) = assess_models(desk(spec), seen(on_gpu(box, 80)))  # 72 GiB of the GPU: 12 left
+    assert placed.desired is not None and placed.batching.max_batch == 24  # 12 GiB / 512 MiB a sequence
+    (short,) = assess_models(desk(spec), seen(on_gpu(box, 64)))  # 57.6 GiB of the GPU
+    assert short.reason == "DoesNotFit" and "(90% of its GPU)" in short.message

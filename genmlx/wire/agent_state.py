@@ -43,6 +43,15 @@ class NetworkInterface(WireType):
 
 
 @dataclass(frozen=True)
+class GpuDevice(WireType):
+    """An NVIDIA GPU as NVML names it."""
+
+    name: str  # "NVIDIA H200"
+    memory_bytes: int
+    driver: str = ""  # the driver's version, "580.159.03"
+
+
+@dataclass(frozen=True)
 class NodeFacts(WireType):
     hostname: str
     os: str  # "Darwin 24.1.0", "Linux 6.1.0-18-amd64"
@@ -55,6 +64,19 @@ class NodeFacts(WireType):
     gpu: str = ""  # "Metal" where MLX can use the GPU, "" where it runs on the CPU
     interfaces: tuple[NetworkInterface, ...] = ()
     mlx_version: str = ""  # the installed mlx package's: every rank of a jaccl group must match
+    # NVIDIA GPUs, in CUDA's order: where MLX runs on CUDA (``gpu``), placement counts the first
+    # one's memory (MLX's device) instead of the machine's.
+    gpus: tuple[GpuDevice, ...] = ()
+
+    @property
+    def models_on_gpu(self) -> bool:
+        """Whether a model's weights and KV cache live in a GPU's own memory (MLX on CUDA), not in
+        the machine's (unified, on a Mac)."""
+        return self.gpu == "CUDA" and bool(self.gpus)
+
+    @property
+    def model_memory(self) -> int:
+        return self.gpus[0].memory_bytes if self.models_on_gpu else self.memory_total
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ import psutil
 
 from genmlx.agent.facts.linux import LinuxProbe
 from genmlx.agent.facts.macos import MacOSProbe
+from genmlx.agent.facts.nvidia import nvidia_gpus
 from genmlx.agent.facts.platform import InterfacePort, PlatformProbe, probe_gpu
 from genmlx.agent.facts.replay import FACTS_REPLAY_ENV, RecordedCommands
-from genmlx.wire.agent_state import NetworkInterface, NodeFacts
+from genmlx.wire.agent_state import GpuDevice, NetworkInterface, NodeFacts
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class LastingFacts:
     chip: str
     gpu: str
     mlx_version: str
+    gpus: tuple[GpuDevice, ...] = ()
 
 
 class NodeFactsCollector:
@@ -91,10 +93,12 @@ class NodeFactsCollector:
         interface_ports: Callable[[], Mapping[str, InterfacePort]] | None = None,
         gpu: Callable[[], str] = probe_gpu,
         interface_addresses: Callable[[], Mapping[str, tuple[str, ...]]] | None = None,
+        gpus: Callable[[], tuple[GpuDevice, ...]] = nvidia_gpus,
     ):
         self._probe = probe
         self._interface_ports = interface_ports or probe.interface_ports
         self._gpu = gpu
+        self._gpus = gpus
         self._interface_addresses = interface_addresses or read_interface_addresses
         self._lasting: LastingFacts | None = None
         self._lasting_lock = threading.Lock()
@@ -113,6 +117,7 @@ class NodeFactsCollector:
             os_version=lasting.os_version,
             chip=lasting.chip,
             gpu=lasting.gpu,
+            gpus=lasting.gpus,
             mlx_version=lasting.mlx_version,
             interfaces=network_interfaces(self._interface_addresses(), self._interface_ports()),
         )
@@ -121,7 +126,11 @@ class NodeFactsCollector:
         with self._lasting_lock:
             if self._lasting is None:
                 self._lasting = LastingFacts(
-                    self._probe.os_version(), self._probe.chip(), self._gpu(), installed_mlx_version()
+                    self._probe.os_version(),
+                    self._probe.chip(),
+                    self._gpu(),
+                    installed_mlx_version(),
+                    self._gpus(),
                 )
             return self._lasting
 

@@ -28,9 +28,10 @@ from genmlx.master.planning.backends import (
     plan_nccl,
     standing_failure,
 )
+from genmlx.master.planning.batching import Batching
 from genmlx.master.planning.mesh import MeshPlanError, observed_mesh_nodes, rank_endpoints
 from genmlx.master.planning.observed import Observed
-from genmlx.master.planning.placement import Batching, Placement
+from genmlx.master.planning.placement import Placement
 from genmlx.wire.rank_launch import RankLaunch
 from genmlx.wire.serving import ServingSettings
 
@@ -47,6 +48,7 @@ class GroupPlan:
     published: tuple[float | None, ...] = ()  # when each rank's copy was put in place
     ring_ports: tuple[int, ...] = ()  # each rank's ring port; none for a one-rank group
     backend: Backend = "auto"  # the manifest's mesh.backend
+    batching: Batching | None = None  # None: placement could not read the model's shape
 
 
 def desired_group(
@@ -60,7 +62,7 @@ def desired_group(
     hostfile = ring_hostfile(spec, observed, plan.ring_ports) if world > 1 else ()
     wiring = backend.launch_fields() if world > 1 and backend is not None else {}
     parallelism = plan.placement.parallelism if world > 1 else "tensor"
-    serving = with_batching(spec.serving.settings(), plan.placement.batching)
+    serving = with_batching(spec.serving.settings(), plan.batching)
     fields = {
         "model": spec.name,
         "source": str(spec.source),

@@ -16,7 +16,9 @@ starts.
 Usable memory is ``USABLE_MEMORY_PERCENT`` (75%) of a node's RAM. On macOS that is what Metal's
 recommended working set allows the GPU to keep resident by default (``max_recommended_working_set_size``
 in ``mx.device_info()``, the ceiling of ``mx.set_wired_limit``; MLX's maintainers give it as 0.75 of RAM
-in ml-explore/mlx#64). On Linux the same share leaves room for the OS, the agent and Python.
+in ml-explore/mlx#64). On Linux the same share leaves room for the OS, the agent and Python. A
+Linux node where MLX runs on CUDA holds models in its (first) GPU's memory: placement counts that,
+``GPU_USABLE_MEMORY_PERCENT`` (90%) of it, the rest being CUDA's own.
 
 The KV cache is a budget, not an allocation: mlx-lm grows it as sequences get longer. It is budgeted
 for the worst case, a full context in every batch slot, because that is what users would otherwise
@@ -29,12 +31,8 @@ check then budgets it in full.
 Weights are shared as mlx-lm shards them, to first order: tensor parallel 1/N each, pipeline in
 proportion to a node's layers (embeddings and the output head, kept whole, are not counted apart).
 
-A model whose ``serving.maxBatch`` is not set gets the batch its nodes can hold (``Batching``): as
-many full-context sequences as the memory left after the weights holds on the tightest node, at
-most ``DERIVED_BATCH_CAP`` (64), so that a GPU with room for hundreds decodes a batch that
-still streams each request at a useful speed; an unset ``serving.maxQueue`` is
-``QUEUE_PER_BATCH_SLOT`` (8) waiting requests per batch slot, at least ``MIN_DERIVED_QUEUE`` (64).
-A quantized KV cache serves one sequence at a time and budgets for one.
+A model whose ``serving.maxBatch`` is not set must have room for one sequence here; how many it
+then gets is ``batching``'s to say.
 """
 
 from __future__ import annotations
@@ -47,13 +45,12 @@ from genmlx.manifest.types import ModelSpec
 from genmlx.wire.agent_state import ModelShape
 
 USABLE_MEMORY_PERCENT = 75
+# A CUDA GPU's memory holds nothing but models: what is left is for CUDA's context and libraries.
+GPU_USABLE_MEMORY_PERCENT = 90
 # Tensor parallel gives every node the same share, so the smallest node sets the limit for all.
 TENSOR_MEMORY_TOLERANCE_PERCENT = 10
 DEFAULT_CONTEXT_TOKENS = 4096
 UNSET_CONTEXT_CAP = 8192
-DERIVED_BATCH_CAP = 64
-QUEUE_PER_BATCH_SLOT = 8
-MIN_DERIVED_QUEUE = 64
 GB = 1_000_000_000
 
 PlacedParallelism = Literal["single", "tensor", "pipeline"]
@@ -72,35 +69,29 @@ class PlacementRefused(PermanentError):
 
 @dataclass(frozen=True)
 class NodeCapacity:
-    """A node as placement sees it: its name and its RAM (``NodeFacts.memory_total``)."""
+    """A node as placement sees it: its name and the memory a model lives in there
+    (``NodeFacts.model_memory``): its RAM, or where MLX runs on CUDA its GPU's own (``gpu``)."""
 
     name: str
     memory_bytes: int
+    gpu: bool = False
+
+    @property
+    def usable_percent(self) -> int:
+        return GPU_USABLE_MEMORY_PERCENT if self.gpu else USABLE_MEMORY_PERCENT
 
     @property
     def usable_bytes(self) -> int:
-        return self.memory_bytes * USABLE_MEMORY_PERCENT // 100
-
-
-@dataclass(frozen=True)
-class Batching:
-    """How many sequences a model's ranks decode together and how many more may wait, each as the
-    manifest set it or derived from its nodes' memory; ``reason`` says which, with the numbers."""
-
-    max_batch: int
-    max_queue: int
-    reason: str
+        return self.memory_bytes * self.usable_percent // 100
 
 
 @dataclass(frozen=True)
 class Placement:
-    """How a rank group splits a model; ``reason`` is one line for status and diff. ``batching``
-    is set once ``place`` has checked the nodes' memory."""
+    """How a rank group splits a model; ``reason`` is one line for status and diff."""
 
     parallelism: PlacedParallelism
     layer_split: tuple[int, ...] | None  # pipeline only: layers per rank, in node order
     reason: str
-    batching: Batching | None = None
 
 
 @dataclass(frozen=True)
@@ -141,49 +132,9 @@ def place(
     check_kv_quantization(spec, shape)
     placement = choose_placement(spec, nodes, shape)
     budget = kv_budget(spec, shape, context_length)
-    if budget.sequences == 0:  # maxBatch not set: one sequence must fit, then as many as fit
-        one = replace(budget, sequences=1)
-        loads = node_loads(placement, nodes, shape, one)
-        check_capacity(spec.name, loads, placement, shape, one)
-        return replace(placement, batching=derived_batching(spec, loads, one))
-    check_capacity(spec.name, node_loads(placement, nodes, shape, budget), placement, shape, budget)
-    return replace(placement, batching=set_batching(spec, budget))
-
-
-def derived_batching(spec: ModelSpec, loads: tuple[NodeLoad, ...], one: KvBudget) -> Batching:
-    """The batch the tightest node's memory left after the weights holds, capped; the queue by it."""
-    room = {
-        each.node.name: (each.node.usable_bytes - each.weight_bytes) // max(each.kv_bytes, 1)
-        for each in loads
-    }
-    tightest = min(room, key=lambda name: (room[name], name))
-    fits = room[tightest]
-    max_batch = min(fits, DERIVED_BATCH_CAP)
-    left = next(each.node.usable_bytes - each.weight_bytes for each in loads if each.node.name == tightest)
-    where = f" on {tightest}" if len(loads) > 1 else ""
-    reason = (
-        f"maxBatch {max_batch}: the {gb(left)} GB left after the weights{where} holds {fits} sequences "
-        f"of {tokens_phrase(one)}" + (f", capped at {DERIVED_BATCH_CAP}" if fits > DERIVED_BATCH_CAP else "")
-    )
-    return Batching(max_batch, *queue_for(spec, max_batch, reason))
-
-
-def set_batching(spec: ModelSpec, budget: KvBudget) -> Batching:
-    max_batch = spec.serving.max_batch or 1  # a quantized KV cache: one at a time, whatever is set
-    reason = f"maxBatch {max_batch}: " + (
-        "serving.maxBatch" if spec.serving.kv_bits is None else "one sequence at a time with serving.kvBits"
-    )
-    return Batching(max_batch, *queue_for(spec, max_batch, reason))
-
-
-def queue_for(spec: ModelSpec, max_batch: int, reason: str) -> tuple[int, str]:
-    """``serving.maxQueue``, else ``QUEUE_PER_BATCH_SLOT`` per batch slot (at least
-    ``MIN_DERIVED_QUEUE``); ``reason`` with the queue's own."""
-    if spec.serving.max_queue is not None:
-        return spec.serving.max_queue, f"{reason}; maxQueue {spec.serving.max_queue}: serving.maxQueue"
-    max_queue = max(MIN_DERIVED_QUEUE, QUEUE_PER_BATCH_SLOT * max_batch)
-    rule = f"{QUEUE_PER_BATCH_SLOT} per batch slot, at least {MIN_DERIVED_QUEUE}"
-    return max_queue, f"{reason}; maxQueue {max_queue}: {rule}"
+    checked = replace(budget, sequences=max(budget.sequences, 1))  # maxBatch unset: one must fit
+    check_capacity(spec.name, node_loads(placement, nodes, shape, checked), placement, shape, checked)
+    return placement
 
 
 def check_kv_quantization(spec: ModelSpec, shape: ModelShape) -> None:
@@ -362,7 +313,7 @@ def describe_shortfall(model: str, each: NodeLoad, share: str, budget: KvBudget)
         f"{model} needs {gb(each.weight_bytes)} GB of weights + {gb(each.kv_bytes)} GB of KV cache{share} "
         f"for {tokens_phrase(budget)} × {budget.sequences} sequences; {node.name} can give "
         f"{gb(node.usable_bytes)} GB of its {gb(node.memory_bytes)} GB "
-        f"({USABLE_MEMORY_PERCENT}% of memory)"
+        f"({node.usable_percent}% of {'its GPU' if node.gpu else 'memory'})"
     )
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from genmlx.manifest.types import Manifest, ModelSpec
 from genmlx.master.planning.actions import Action, StartRankGroup, StopRankGroup
+from genmlx.master.planning.batching import Batching, batching_for
 from genmlx.master.planning.groups import (
     GroupPlan,
     RankPorts,
@@ -24,10 +25,10 @@ from genmlx.master.planning.groups import (
 )
 from genmlx.master.planning.mesh import MeshPlanError
 from genmlx.master.planning.observed import Observed, ObservedNode
-from genmlx.master.planning.placement import Batching, NodeCapacity, Placement, PlacementRefused, place
+from genmlx.master.planning.placement import NodeCapacity, Placement, PlacementRefused, place
 from genmlx.master.planning.presence import Presence, assess_presence
 from genmlx.master.planning.prune import prune_actions
-from genmlx.wire.agent_state import RankInfo
+from genmlx.wire.agent_state import NodeFacts, RankInfo
 
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 60.0
@@ -91,14 +92,13 @@ def assess_model(
         phase: Phase = "Blocked" if presence.blocked else "Progressing"
         return verdict(phase, presence.reason, presence.message, actions=presence.fetches)
     try:
-        placement = placement_of(spec, observed, presence)
+        placement, batching = placement_of(spec, observed, presence)
     except PlacementRefused as e:
         return verdict("Blocked", e.reason, e.message)
     copies = [presence.copies[name] for name in spec.nodes]
     published = tuple(c.published_at for c in copies)
-    group = GroupPlan(
-        tuple(c.path for c in copies), ports.http, placement, published, ports.ring, manifest.mesh.backend
-    )
+    paths = tuple(c.path for c in copies)
+    group = GroupPlan(paths, ports.http, placement, published, ports.ring, manifest.mesh.backend, batching)
     try:
         backend = group_backend(spec, observed, group) if len(spec.nodes) > 1 else None
         desired = desired_group(spec, observed, group, backend)
@@ -106,7 +106,7 @@ def assess_model(
         return verdict("Blocked", e.reason, str(e), actions=stop_broken_group(spec, ranks, e.reason))
     assessment = assess_rollout(spec, desired, ranks, observed, verdict)
     degraded = backend.fallback if backend is not None else None
-    return dataclasses.replace(assessment, degraded=degraded, batching=placement.batching)
+    return dataclasses.replace(assessment, degraded=degraded, batching=batching)
 
 
 def stop_broken_group(spec: ModelSpec, ranks, reason: str) -> tuple[Action, ...]:
@@ -119,19 +119,30 @@ def stop_broken_group(spec: ModelSpec, ranks, reason: str) -> tuple[Action, ...]
     return (StopRankGroup(spec.name, stopped, f"a rank exited and the model is held back ({reason})"),)
 
 
-def placement_of(spec: ModelSpec, observed: Observed, presence: Presence) -> Placement:
-    """How the model's nodes split it, checked against their memory; ``PlacementRefused`` when it
-    cannot be placed as asked (a permanent problem until the manifest or the nodes change)."""
+def placement_of(
+    spec: ModelSpec, observed: Observed, presence: Presence
+) -> tuple[Placement, Batching | None]:
+    """How the model's nodes split it, checked against their memory, and the batch they hold
+    (None where no node could read the model's shape); ``PlacementRefused`` when it cannot be
+    placed as asked (a permanent problem until the manifest or the nodes change)."""
     shapes = [copy.shape for name in spec.nodes if (copy := presence.copies[name]).shape is not None]
     if not shapes:
         if len(spec.nodes) == 1:
-            return Placement("single", None, "one node (its config.json could not be read to check memory)")
+            return Placement(
+                "single", None, "one node (its config.json could not be read to check memory)"
+            ), None
         raise PlacementRefused(
             "UnknownShape",
             f"cannot split {spec.name} across {len(spec.nodes)} nodes: no node could read its config.json",
         )
-    nodes = [NodeCapacity(name, observed.nodes[name].state.facts.memory_total) for name in spec.nodes]
-    return place(spec, nodes, shapes[0], spec.serving.context_length)
+    nodes = [node_capacity(name, observed.nodes[name].state.facts) for name in spec.nodes]
+    placement = place(spec, nodes, shapes[0], spec.serving.context_length)
+    return placement, batching_for(spec, placement, nodes, shapes[0], spec.serving.context_length)
+
+
+def node_capacity(name: str, facts: NodeFacts) -> NodeCapacity:
+    """The memory placement counts on a node: its GPU's where MLX runs on CUDA, else its RAM."""
+    return NodeCapacity(name, facts.model_memory, gpu=facts.models_on_gpu)
 
 
 def assess_rollout(spec, desired: StartRankGroup, ranks, observed: Observed, verdict) -> ModelAssessment:
