@@ -223,3 +223,19 @@ def test_a_quantized_kv_cache_decodes_one_sequence_at_a_time_on_mlx_lms_quantize
     while decoder.active:
         again += [s.token for s in decoder.step()]
     assert again == expected
+
+
+def test_the_dispatcher_reads_long_chunks_alone_on_a_gpu_and_short_ones_on_the_cpu(monkeypatch) -> None:
+    import mlx.core as mx
+
+    from genmlx.dispatcher.settings import decoder_settings, parse_settings
+
+    def alone(*flags: str) -> int:
+        argv = ["--model", "/models/m", "--name", "m", "--port", "8100", *flags]
+        return decoder_settings(parse_settings(argv)).prefill_chunk_alone
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert (alone(), alone("--prefill-chunk", "64")) == (512, 64), "on the CPU: the short chunk"
+    assert alone("--prefill-chunk-alone", "1000") == 1000
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert (alone(), alone("--prefill-chunk", "64")) == (2048, 2048), "on a GPU: mlx_lm.server's 2,048"

@@ -202,12 +202,13 @@ def _log_listening(settings: RankCommand, *, auth: bool) -> None:
 def _log_ready(settings: RankCommand, loaded: LoadedModel, seconds: float) -> None:
     decoding = decoder_settings(settings)
     log.info(
-        "%s ready after %.1fs (context length %s, max batch %d, prefill chunk %d, max queue %d)",
+        "%s ready after %.1fs (context length %s, max batch %d, prefill chunk %d (alone %d), max queue %d)",
         settings.model_id,
         seconds,
         loaded.context_length or "unbounded",
         decoding.max_batch,
         decoding.prefill_chunk,
+        decoding.prefill_chunk_alone,
         settings.serving.max_queue,
     )
 

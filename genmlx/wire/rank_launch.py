@@ -111,7 +111,9 @@ class RankCommand(WireType):
         help="prompt tokens read per step while others decode; a long prompt delays them one chunk (512)",
     )
     prefill_chunk_alone: int | None = arg(
-        None, minimum=1, help="prompt tokens read per step while no other sequence decodes (2048)"
+        None,
+        minimum=1,
+        help="prompt tokens read per step while nothing else decodes (2048 on a GPU, else --prefill-chunk)",
     )
     prefix_cache_entries: int | None = arg(
         None, minimum=0, help="finished sequences whose KV state later prompts may reuse; 0 turns it off (16)"

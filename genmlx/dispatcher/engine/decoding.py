@@ -51,7 +51,7 @@ class DecoderSettings:
 
     max_batch: int = 8
     prefill_chunk: int = 512
-    prefill_chunk_alone: int = 2048  # mlx-lm's prefill_step_size: fewer, fuller steps on a GPU
+    prefill_chunk_alone: int = 2048  # the dispatcher picks it for the device (``settings``)
     cache_entries: int = 16
     cache_bytes: int = 4 << 30
     leads: bool = True
