@@ -20,8 +20,11 @@ the whole batch in one call, above it each request has a sampler of its own, on 
 Timed: from just before the first request is sent to the end of the last stream, prefill included
 (each thread builds its ``openai`` client before the clock starts: building one takes ~30 ms of CPU).
 Tokens: the sum of ``usage.completion_tokens`` the servers report. Both servers run throughout (an
-idle one blocks on its request queue, costing no CPU) and each gets a warm-up request; then, level by
-level, runs alternate between the two, ``--rounds`` times each, so a change in the machine's
+idle one blocks on its request queue, costing no CPU) and each first runs every level once, untimed,
+with 8-token requests (on a GPU, MLX compiles kernels for each batch shape it first meets: in one
+unwarmed run on an H100 ours, first to reach 8 streams, made 0.03 of the rate mlx_lm.server made
+right after it);
+then, level by level, runs alternate between the two, ``--rounds`` times each, so a change in the machine's
 background load reaches both alike. Printed per level: each server's median aggregate rate, and
 the ratio as the median of the rounds' own ratios (ours over the baseline run right after it), with
 their range.
@@ -81,13 +84,14 @@ class LevelRun:
 
 
 @contextmanager
-def mlx_lm_server(model_dir: Path, work: Path, batch: int) -> Iterator[Server]:
-    """``mlx_lm.server`` on ``model_dir`` reading and decoding up to ``batch`` requests together; it
-    answers to ``default_model``."""
+def mlx_lm_server(model_dir: Path, work: Path, batch: int | None) -> Iterator[Server]:
+    """``mlx_lm.server`` on ``model_dir`` reading and decoding up to ``batch`` requests together
+    (None: its defaults); it answers to ``default_model``."""
     port = free_port()
     args = [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir)]
     args += ["--host", "127.0.0.1", "--port", str(port)]
-    args += ["--decode-concurrency", str(batch), "--prompt-concurrency", str(batch)]
+    if batch is not None:
+        args += ["--decode-concurrency", str(batch), "--prompt-concurrency", str(batch)]
     base_url = f"http://127.0.0.1:{port}"
     with running_process(args, base_url + "/health", work / "mlx_lm_server.log") as process:
         yield Server(base_url, "default_model", "unused", process.pid)
@@ -143,26 +147,57 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent streams")
     parser.add_argument("--rounds", type=int, default=3, help="runs per level and server")
     parser.add_argument("--batch", type=int, default=32, help="requests each server batches together")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="instead of --batch: each server's defaults (ours as a one-node cluster on this machine "
+        "places it, mlx_lm.server's own)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="temperature of every request")
     options = parser.parse_args()
     workload = Workload(options.tokens, options.temperature)
     with (
         model_directory(options.model, options.shape) as model_dir,
         tempfile.TemporaryDirectory() as work,
-        our_dispatcher(model_dir, Path(work), ["--max-batch", str(options.batch)]) as ours,
-        mlx_lm_server(model_dir, Path(work), options.batch) as baseline,
     ):
-        servers = {"ours": ours, "mlx_lm.server": baseline}
-        results = run_alternating(servers, options.levels, options.rounds, workload)
-    report(model_dir, workload, options.batch, results)
+        if options.defaults:
+            batching = cluster_batching(model_dir)
+            ours_flags = ["--max-batch", str(batching.max_batch), "--max-queue", str(batching.max_queue)]
+            limits = f"each server's defaults: ours {batching.reason}; mlx_lm.server its own"
+        else:
+            ours_flags, limits = ["--max-batch", str(options.batch)], f"batch {options.batch} on both servers"
+        with (
+            our_dispatcher(model_dir, Path(work), ours_flags) as ours,
+            mlx_lm_server(model_dir, Path(work), None if options.defaults else options.batch) as baseline,
+        ):
+            servers = {"ours": ours, "mlx_lm.server": baseline}
+            results = run_alternating(servers, options.levels, options.rounds, workload)
+    report(model_dir, workload, limits, results)
+
+
+def cluster_batching(model_dir: Path):
+    """The batch and queue a one-node cluster on this machine gives the model where its manifest
+    sets none: placement's own choice, from this node's facts and the model's shape."""
+    from genmlx.agent.facts.collect import collect_node_facts
+    from genmlx.agent.store.model_shape import read_model_shape
+    from genmlx.manifest.types import ModelSpec, Source
+    from genmlx.master.planning.batching import batching_for
+    from genmlx.master.planning.placement import place
+    from genmlx.master.planning.plan import node_capacity
+
+    spec = ModelSpec("bench", Source("file", str(model_dir)), ("here",))
+    nodes, shape = [node_capacity("here", collect_node_facts())], read_model_shape(model_dir)
+    return batching_for(spec, place(spec, nodes, shape, None), nodes, shape, None)
 
 
 def run_alternating(
     servers: dict[str, Server], levels: list[int], rounds: int, workload: Workload
 ) -> dict[str, dict[int, list[LevelRun]]]:
-    """Every level ``rounds`` times on each server, alternating, after one warm-up request each."""
+    """Every level ``rounds`` times on each server, alternating, after an untimed run of every level
+    on each."""
     for server in servers.values():
-        stream_tokens(server.client(), server.model, PROMPTS[0], Workload(8, workload.temperature))
+        for level in levels:
+            run_level(server, level, Workload(8, workload.temperature))
     results: dict[str, dict[int, list[LevelRun]]] = {name: {} for name in servers}
     for level in levels:
         for _ in range(rounds):
@@ -172,10 +207,10 @@ def run_alternating(
 
 
 def report(
-    model_dir: Path, workload: Workload, batch: int, results: dict[str, dict[int, list[LevelRun]]]
+    model_dir: Path, workload: Workload, limits: str, results: dict[str, dict[int, list[LevelRun]]]
 ) -> None:
     print(f"model: {model_dir}; max_tokens {workload.max_tokens}; temperature {workload.temperature}")
-    print(f"batch {batch} on both servers")
+    print(limits)
     print("aggregate generated tokens/s (median)")
     print(f"{'streams':>7} {'tokens':>13} {'ours':>10} {'mlx_lm.server':>14}  ratio (paired rounds)")
     for level, ours in results["ours"].items():

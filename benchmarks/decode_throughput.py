@@ -48,7 +48,13 @@ from typing import Any
 import openai
 import psutil
 
-from genmlx.demo.random_model import BENCHMARK_SHAPE, DEMO_SHAPE, write_demo_model
+from genmlx.demo.random_model import (
+    BENCHMARK_SHAPE,
+    DEMO_SHAPE,
+    LLAMA_1B_SHAPE,
+    LLAMA_8B_SHAPE,
+    write_demo_model,
+)
 from genmlx.dispatcher.api.prompts import completion_prompt_tokens
 
 SERVED_NAME = "bench-model"
@@ -88,7 +94,12 @@ class Server:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key, max_retries=0, timeout=600)
 
 
-SHAPES = {"demo": DEMO_SHAPE, "benchmark": BENCHMARK_SHAPE}
+SHAPES = {
+    "demo": DEMO_SHAPE,
+    "benchmark": BENCHMARK_SHAPE,
+    "llama-1b": LLAMA_1B_SHAPE,
+    "llama-8b": LLAMA_8B_SHAPE,
+}
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +109,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=SHAPES,
         default="demo",
         help=f"without --model: the demo model ({DEMO_SHAPE.describe()}: serving costs more than "
-        f"computing a token) or a larger random-weight one ({BENCHMARK_SHAPE.describe()})",
+        f"computing a token), a larger random-weight one ({BENCHMARK_SHAPE.describe()}), or Llama 3.2 "
+        "1B's or Llama 3.1 8B's layers (for a GPU)",
     )
 
 

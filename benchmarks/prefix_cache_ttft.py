@@ -123,9 +123,17 @@ def build_prompts(model_dir: Path, prefix_tokens: int, prefixes: int) -> Prompts
 
 
 def time_to_first_token(
-    clock: SendClock, client: openai.OpenAI, model: str, prompt: list[int], max_tokens: int
+    clock: SendClock,
+    client: openai.OpenAI,
+    model: str,
+    prompt: list[int] | str,
+    max_tokens: int,
+    prompt_tokens: int | None = None,
 ) -> Timed:
-    """Stream one completion of ``prompt`` to its end; when its first text arrived, what was cached."""
+    """Stream one completion of ``prompt`` to its end; when its first text arrived, what was cached.
+    Stops the benchmark unless the server counts ``prompt_tokens`` prompt tokens (a token-id
+    prompt's length where not given)."""
+    expected = len(prompt) if prompt_tokens is None else prompt_tokens
     called = time.perf_counter()
     stream = client.completions.create(
         model=model,
@@ -144,10 +152,8 @@ def time_to_first_token(
             usage = chunk.usage
     if first is None or usage is None:
         raise SystemExit(f"{client.base_url}: a reply without text or without usage; nothing to time")
-    if usage.prompt_tokens != len(prompt):
-        raise SystemExit(
-            f"{client.base_url}: {usage.prompt_tokens} prompt tokens reported, {len(prompt)} sent"
-        )
+    if usage.prompt_tokens != expected:
+        raise SystemExit(f"{client.base_url}: {usage.prompt_tokens} prompt tokens reported, {expected} sent")
     details = usage.prompt_tokens_details
     return Timed(first - clock.sent, first - called, details.cached_tokens if details else 0)
 

@@ -118,15 +118,37 @@ class ModelShape:
     attention_heads: int
     kv_heads: int
     intermediate_size: int
+    context: int = 2048  # max_position_embeddings
+    dtype: str = "float32"  # of the weights: an MLX dtype's name
 
     def describe(self) -> str:
-        return f"{self.layers} layers, hidden size {self.hidden_size}"
+        described = f"{self.layers} layers, hidden size {self.hidden_size}"
+        return described if self.dtype == "float32" else f"{described}, {self.dtype}"
 
 
 DEMO_SHAPE = ModelShape(hidden_size=64, layers=2, attention_heads=4, kv_heads=2, intermediate_size=128)
 # About 40 M parameters: large enough that computing a token, not serving it, is most of its cost.
 BENCHMARK_SHAPE = ModelShape(
     hidden_size=512, layers=12, attention_heads=8, kv_heads=4, intermediate_size=1536
+)
+# Llama 3.2 1B's and Llama 3.1 8B's layers (with this tokenizer's small vocabulary), for GPUs.
+LLAMA_1B_SHAPE = ModelShape(
+    hidden_size=2048,
+    layers=16,
+    attention_heads=32,
+    kv_heads=8,
+    intermediate_size=8192,
+    context=131_072,
+    dtype="bfloat16",
+)
+LLAMA_8B_SHAPE = ModelShape(
+    hidden_size=4096,
+    layers=32,
+    attention_heads=32,
+    kv_heads=8,
+    intermediate_size=14336,
+    context=131_072,
+    dtype="bfloat16",
 )
 
 
@@ -261,14 +283,14 @@ def model_config(vocab_size: int, special_ids: dict[str, int], shape: ModelShape
         "intermediate_size": shape.intermediate_size,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": shape.context,
         "vocab_size": vocab_size,
         # Untied: with tied random embeddings the residual stream makes every token predict itself,
         # and greedy output would be one token repeated.
         "tie_word_embeddings": False,
         "bos_token_id": special_ids[BEGIN_OF_TEXT],
         "eos_token_id": [special_ids[END_OF_TEXT], special_ids[END_OF_TURN]],
-        "torch_dtype": "float32",
+        "torch_dtype": shape.dtype,
         "genmlx_demo": True,
     }
 
@@ -285,6 +307,8 @@ def _write_weights(path: Path, config: dict, seed: int, quiet_ids: list[int]) ->
     # neither end every answer after a few tokens nor write control characters.
     head[mx.array(quiet_ids)] = 0.0
     model.lm_head.weight = head
+    if config["torch_dtype"] != "float32":
+        model.set_dtype(getattr(mx, config["torch_dtype"]))
     weights = dict(sorted(tree_flatten(model.parameters())))
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 

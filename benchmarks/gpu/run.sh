@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU benchmarks and the one-node GPU cluster check, on a Linux machine with an NVIDIA GPU,
+# from this repository's root, with the wheels wheels.sh downloaded (no network needed here):
+#     benchmarks/gpu/run.sh WHEELS_DIR [WORK_DIR] [--with-8b]
+# Installs the wheels into WORK_DIR/site (the machine's own packages stay as they are), writes
+# the models (prepare_models.py), checks a one-node cluster on the GPU (cluster_check.py), then
+# runs each benchmark under gpu_load.py, which prints the GPU's load beside its figures:
+#   1. time to first token at 4,000 tokens, cold and warm, over mlx_lm.server (prefill_ttft.py);
+#   2. aggregate tokens/s at 1, 8, 32 and 64 streams over mlx_lm.server with each server's
+#      defaults (concurrent_streams.py --defaults);
+#   3. single stream: ours over mlx-lm in process (decode_throughput.py), with --with-8b on
+#      Llama 3.1 8B's shape in bfloat16 too;
+#   4. 2 again with both servers batching 64.
+set -euo pipefail
+wheels=${1:?usage: run.sh WHEELS_DIR [WORK_DIR] [--with-8b]}
+work=${2:-/tmp/genmlx-gpu}
+with_8b=${3:-}
+python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/site" "$wheels"/*.whl
+export PYTHONPATH="$PWD:$work/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -c 'import mlx.core as mx; assert mx.cuda.is_available(), "MLX sees no CUDA GPU"; print("MLX", mx.__version__, "on", mx.default_device())'
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+python3 benchmarks/gpu/prepare_models.py --out "$work/models" ${with_8b:+--with-8b}
+small="$work/models/llama-1b-4bit"
+echo "== one-node cluster on the GPU"
+python3 benchmarks/gpu/cluster_check.py --model "$small" --work "$work/cluster"
+
+load() { python3 "$OLDPWD/benchmarks/gpu/gpu_load.py" -- python3 "$@"; }
+cd benchmarks
+echo "== time to first token at 4,000 tokens"
+load prefill_ttft.py --model "$small" --prompt-tokens 4000 --rounds 5
+echo "== aggregate tokens/s, each server's defaults"
+load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --defaults
+for model in "$small" ${with_8b:+"$work/models/llama-8b-bf16"}; do
+	echo "== single stream, $(basename "$model")"
+	load decode_throughput.py --model "$model" --tokens 256 --rounds 3
+done
+echo "== aggregate tokens/s, both servers batching 64"
+load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --batch 64
