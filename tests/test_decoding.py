@@ -122,7 +122,7 @@ class _Recording:
 LONG_TEXT = "The river ran past the old mill and into the valley where the farmers kept their sheep"
 
 
-def test_a_prompt_is_read_in_long_chunks_while_nothing_decodes_and_in_short_ones_while_something_does(
+def test_a_prompt_is_read_in_long_chunks_alone_and_in_short_ones_beside_others(
     demo_model,
 ) -> None:
     model, tokenizer = demo_model
@@ -143,10 +143,17 @@ def test_a_prompt_is_read_in_long_chunks_while_nothing_decodes_and_in_short_ones
     assert max(n for _, n in beside.fed[3:]) == 4, "a long chunk would hold the decoding sequence back"
     assert together[0] == tokens_alone[0], "the chunking never changes the tokens"
 
-    # Two prompts read together with nothing decoding yet: long chunks again.
+    # Left alone in the batch (the other came and went): long chunks again.
+    brief = GenerationRequest("brief", tuple(tokenizer.encode("Lakes")), 1, greedy)
+    left = _Recording(model)
+    decoder = new_decoder(left, tokenizer, prefill_chunk=4, prefill_chunk_alone=16)
+    assert run(decoder, {0: (1, brief), 1: (0, long)})[0] == tokens_alone[0]
+    assert (1, 16) in left.fed[2:], "the batch reads a lone prompt in long chunks"
+
+    # Two prompts read together: short chunks, so that a batch of prompts stays a short step.
     both = _Recording(model)
     run(new_decoder(both, tokenizer, prefill_chunk=4, prefill_chunk_alone=16), {0: (0, long), 1: (1, long)})
-    assert (2, 16) in both.fed
+    assert both.fed[0] == (1, 16) and (2, 4) in both.fed and (2, 16) not in both.fed
 
 
 class _ChunkedCaches:
@@ -239,3 +246,5 @@ def test_the_dispatcher_reads_long_chunks_alone_on_a_gpu_and_short_ones_on_the_c
     assert alone("--prefill-chunk-alone", "1000") == 1000
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     assert (alone(), alone("--prefill-chunk", "64")) == (2048, 2048), "on a GPU: mlx_lm.server's 2,048"
+    assert alone("--prefill-chunk", "4096") == 4096, "never shorter than the short one"
+    assert alone("--world-size", "2", "--hostfile", "/h.json") == 512, "a group's ranks read in step"

@@ -278,21 +278,26 @@ def batching_of(spec_: ModelSpec, nodes_: list[NodeCapacity]) -> Batching:
 
 
 def test_an_unset_max_batch_is_as_many_full_contexts_as_the_memory_left_after_the_weights_holds():
-    # 48.0 GB usable, 17.2 GB of weights: 30.8 GB for 3.2 GB a sequence of 32768 tokens.
+    # 48.0 GB usable, 17.2 GB of weights, 4.3 GB of prefix cache: 26.5 GB for 3.2 GB a sequence.
     batching = batching_of(unset(), nodes(64 * GB))
-    assert (batching.max_batch, batching.max_queue) == (9, 72)
+    assert (batching.max_batch, batching.max_queue) == (8, 64)
     assert batching.reason == (
-        "maxBatch 9: the 30.8 GB left after the weights holds 9 sequences of 32768 tokens; "
-        "maxQueue 72: 8 per batch slot, at least 64"
+        "maxBatch 8: the 26.5 GB left after the weights and the prefix cache (4.3 GB) holds 8 sequences "
+        "of 32768 tokens; maxQueue 64: 8 per batch slot, at least 64"
     )
+    larger = batching_of(unset(), nodes(96 * GB))  # 72.0 GB usable: 50.5 GB left
+    assert (larger.max_batch, larger.max_queue) == (15, 120)
 
 
 def test_a_derived_batch_is_capped_its_queue_is_at_least_64_and_one_sequence_must_fit():
     roomy = batching_of(unset(context_length=4096), nodes(BIG))
     assert (roomy.max_batch, roomy.max_queue) == (64, 512)
-    assert "holds 910 sequences of 4096 tokens, capped at 64" in roomy.reason
-    tight = batching_of(unset(), nodes(29 * GB))  # 4.6 GB left: one sequence
+    assert "holds 900 sequences of 4096 tokens, capped at 64" in roomy.reason
+    tight = batching_of(unset(), nodes(29 * GB))  # 4.6 GB left: one sequence, and no prefix cache beside it
     assert (tight.max_batch, tight.max_queue) == (1, 64)
+    assert (
+        "holds 0 sequences of 32768 tokens, so one (the prefix cache cannot fill beside it)" in tight.reason
+    )
     error = refusal(unset(), nodes(26 * GB), QWEN, None)  # 2.3 GB left
     assert error.reason == "DoesNotFit" and "for 32768 tokens × 1 sequences" in error.message
 
@@ -300,8 +305,9 @@ def test_a_derived_batch_is_capped_its_queue_is_at_least_64_and_one_sequence_mus
 def test_the_tightest_node_of_a_group_sets_the_batch_and_is_named():
     # Tensor parallel on 64 and 70 GB: each holds half the weights and half of each sequence.
     batching = batching_of(unset(), nodes(64 * GB, 70 * GB))
-    assert batching.max_batch == 24  # (48.0 - 8.6) GB / 1.6 GB
-    assert batching.reason.startswith("maxBatch 24: the 39.4 GB left after the weights on studio-a holds")
+    assert batching.max_batch == 21  # (48.0 - 8.6 - 4.3) GB / 1.6 GB
+    assert batching.reason.startswith("maxBatch 21: the 35.1 GB left after the weights and the prefix cache")
+    assert "(4.3 GB) on studio-a holds 21 sequences" in batching.reason
 
 
 def test_a_set_batch_or_queue_is_kept_and_said_to_be_set():
@@ -312,6 +318,10 @@ def test_a_set_batch_or_queue_is_kept_and_said_to_be_set():
     assert queued.max_queue == 5 and queued.reason.endswith("; maxQueue 5: serving.maxQueue")
     quantized = batching_of(unset(kv_bits=8), nodes(BIG, BIG))
     assert quantized.max_batch == 1 and "one sequence at a time with serving.kvBits" in quantized.reason
+    overridden = batching_of(
+        replace(spec(max_batch=4), serving=replace(spec().serving, kv_bits=8)), nodes(BIG)
+    )
+    assert overridden.max_batch == 1 and "(serving.maxBatch 4 does not apply)" in overridden.reason
 
 
 # ----- one line for diff and describe -----

@@ -201,7 +201,7 @@ def test_ranks_are_launched_with_the_batch_and_queue_placement_derived_and_statu
         (launch.serving.max_batch, launch.serving.max_queue) for _, launch in assessment.desired.launches
     } == {(64, 512)}
     assert assessment.batching.reason.startswith(
-        "maxBatch 64: the 47.2 GB left after the weights on a holds "
+        "maxBatch 64: the 42.9 GB left after the weights and the prefix cache (4.3 GB) on a holds "
     )
     assert "capped at 64" in assessment.batching.reason
     smaller = replace(QWEN, serving=replace(QWEN.serving, max_batch=3))
@@ -229,7 +229,20 @@ def test_a_cuda_node_is_placed_by_its_gpus_memory_not_its_own():
     assert (refused.phase, refused.reason) == ("Blocked", "DoesNotFit")
     assert "(75% of memory)" in refused.message
 
-    (placed,) = assess_models(desk(spec), seen(on_gpu(box, 80)))  # 72 GiB of the GPU: 12 left
-    assert placed.desired is not None and placed.batching.max_batch == 24  # 12 GiB / 512 MiB a sequence
+    (placed,) = assess_models(desk(spec), seen(on_gpu(box, 80)))  # 72 GiB of the GPU: 8 beside the cache
+    assert placed.desired is not None and placed.batching.max_batch == 16  # 8 GiB / 512 MiB a sequence
     (short,) = assess_models(desk(spec), seen(on_gpu(box, 64)))  # 57.6 GiB of the GPU
     assert short.reason == "DoesNotFit" and "(90% of its GPU)" in short.message
+
+
+def test_a_loaded_group_whose_rank_0_stops_answering_a_while_is_not_restarted_for_the_load_deadline():
+    ranks, nodes = running_group()
+    loaded = replace(ranks["a"], phase="ready")  # its agent saw it answer /health
+    nodes = (node("a", stored=[QWEN_COPY], ranks=(loaded,)), nodes[1])
+    silent = EndpointHealth(
+        "http://10.0.0.1:8100/v1", "down", "rank 0 did not answer /health within 3 s: Timeout during request"
+    )
+    later = replace(seen(*nodes, health=silent), now=NOW - 60 + LOAD_DEADLINE_S + 1)
+    (assessment,) = assess_models(desk(QWEN), later)
+    assert (assessment.phase, assessment.reason, assessment.actions) == ("Progressing", "NotAnswering", ())
+    assert "did not answer /health" in assessment.message

@@ -12,9 +12,13 @@
 #      Llama 3.1 8B's shape in bfloat16 too;
 #   4. 2 again with both servers batching 64.
 set -euo pipefail
-wheels=${1:?usage: run.sh WHEELS_DIR [WORK_DIR] [--with-8b]}
-work=${2:-/tmp/genmlx-gpu}
-with_8b=${3:-}
+with_8b=
+positional=()
+for arg in "$@"; do
+	if [ "$arg" = --with-8b ]; then with_8b=1; else positional+=("$arg"); fi
+done
+wheels=${positional[0]:?usage: run.sh WHEELS_DIR [WORK_DIR] [--with-8b]}
+work=${positional[1]:-/tmp/genmlx-gpu}
 python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/site" "$wheels"/*.whl
 export PYTHONPATH="$PWD:$work/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c 'import mlx.core as mx; assert mx.cuda.is_available(), "MLX sees no CUDA GPU"; print("MLX", mx.__version__, "on", mx.default_device())'

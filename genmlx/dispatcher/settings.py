@@ -14,14 +14,11 @@ from genmlx.dispatcher.engine.disk_tier import DiskTier, DiskTierSettings, names
 from genmlx.wire.agent_state import MODEL_RECORD_NAME
 from genmlx.wire.argv import from_argv
 from genmlx.wire.rank_launch import RankCommand
+from genmlx.wire.serving import UNPLACED_MAX_BATCH, queue_for_batch
 
 log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 256  # tokens per block of the disk tier: mlx-lm's KV cache grows by as many
-# A rank started without --max-batch or --max-queue: by hand, or by a master that could not read
-# the model's shape. Ranks the master places get both, from their nodes' memory.
-UNPLACED_MAX_BATCH = 8
-UNPLACED_MAX_QUEUE = 64
 GPU_PREFILL_CHUNK_ALONE = 2048  # mlx_lm.server's prefill_step_size
 
 
@@ -35,16 +32,11 @@ def parse_settings(argv: list[str]) -> RankCommand:
 
 
 def with_batch_limits(settings: RankCommand) -> RankCommand:
-    """``settings`` with the batch and queue bounds of an unplaced rank where none were given."""
-    serving = settings.serving
-    return replace(
-        settings,
-        serving=replace(
-            serving,
-            max_batch=serving.max_batch or UNPLACED_MAX_BATCH,
-            max_queue=serving.max_queue or UNPLACED_MAX_QUEUE,
-        ),
-    )
+    """``settings`` with the batch and queue bounds of a rank started by hand where none were
+    given (the master launches its ranks with both)."""
+    max_batch = settings.serving.max_batch or UNPLACED_MAX_BATCH
+    max_queue = settings.serving.max_queue or queue_for_batch(max_batch)
+    return replace(settings, serving=replace(settings.serving, max_batch=max_batch, max_queue=max_queue))
 
 
 def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -> DecoderSettings:
@@ -63,15 +55,17 @@ def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -
 
 
 def prefill_chunk_alone_here(settings: RankCommand) -> int:
-    """The prompt tokens a step reads while nothing else decodes, for the device MLX runs on:
+    """The prompt tokens a step reads of a prompt read alone, for the device MLX runs on:
     ``GPU_PREFILL_CHUNK_ALONE`` on a GPU, where a long step fills the device (a 4,000-token prompt
     is read 1.2x faster in 2,048-token steps than in 512-token ones on an H100), the short chunk on
-    MLX's CPU backend, where longer steps are slower (1.5x for 2,048 over 512 here)."""
+    MLX's CPU backend, where longer steps are slower (1.5x for 2,048 over 512 here). The short
+    chunk in a group: its ranks must read the same steps, and may run on different devices."""
     import mlx.core as mx
 
-    if mx.default_device().type == mx.gpu:
-        return GPU_PREFILL_CHUNK_ALONE
-    return settings.prefill_chunk or DecoderSettings.prefill_chunk
+    short = settings.prefill_chunk or DecoderSettings.prefill_chunk
+    if settings.world_size == 1 and mx.default_device().type == mx.gpu:
+        return max(GPU_PREFILL_CHUNK_ALONE, short)
+    return short
 
 
 def disk_tier_settings(settings: RankCommand) -> DiskTierSettings | None:

@@ -13,18 +13,25 @@ from dataclasses import dataclass
 from genmlx.wire.argv import arg
 from genmlx.wire.codec import WireType
 
+UNPLACED_MAX_BATCH = 8
+QUEUE_PER_BATCH_SLOT = 8
+MIN_QUEUE = 64
+
+
+def queue_for_batch(max_batch: int) -> int:
+    """The requests that may wait where ``maxQueue`` is not set: ``QUEUE_PER_BATCH_SLOT`` per batch
+    slot, at least ``MIN_QUEUE``."""
+    return max(MIN_QUEUE, QUEUE_PER_BATCH_SLOT * max_batch)
+
 
 @dataclass(frozen=True)
 class ServingSettings(WireType):
-    # None: the master derives them from the nodes' memory (``master.planning.placement``); a
-    # dispatcher started without them by hand from its own (``dispatcher.settings``).
-    max_batch: int | None = arg(
-        None,
-        minimum=1,
-        help="most requests generated together (default: as many as the memory holds, up to 64)",
-    )
+    # None in a manifest: the master derives them from the nodes' memory (``master.planning.batching``)
+    # and launches every rank with numbers; a dispatcher started by hand without them takes
+    # ``UNPLACED_MAX_BATCH`` and the queue ``queue_for_batch`` gives.
+    max_batch: int | None = arg(None, minimum=1, help="most requests generated together (8)")
     max_queue: int | None = arg(
-        None, minimum=1, help="most requests waiting; more get 429 (default: 8 per batch slot, at least 64)"
+        None, minimum=1, help="most requests waiting; more get 429 (8 per batch slot, at least 64)"
     )
     context_length: int | None = arg(None, minimum=1, help="prompt + completion token limit")
     kv_bits: int | None = arg(

@@ -2,11 +2,12 @@
 
 ``BatchDecoder`` is continuous batching on mlx-lm's ``BatchGenerator``: sequences join and leave
 between steps, and each step decodes one token for every sequence already past its prompt and then
-processes one chunk of the prompts still being read: ``prefill_chunk`` tokens while any sequence
-decodes, so a long prompt holds the others back by at most one short chunk per token, and
-``prefill_chunk_alone`` when none does, so a prompt with nothing to wait for is read in as few
-steps as mlx-lm's own servers take. A sequence that ends leaves its KV state in
-the ``PrefixCache`` for later prompts that start the same way. A sequence that joins an empty
+processes one chunk of the prompts still being read: ``prefill_chunk_alone`` tokens when one
+prompt is read and nothing else is under way, so that a prompt with nothing to wait for is read in
+as few steps as mlx-lm's own servers take, and ``prefill_chunk`` otherwise, so a long prompt holds
+the others back by at most one short chunk per token (and prompts read together stay short). A
+sequence that ends leaves its KV state in the ``PrefixCache`` for later prompts that start the same
+way. A sequence that joins an empty
 decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
 is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
 
@@ -226,7 +227,7 @@ class BatchDecoder:
         if self._solo is not None:
             return sampled + self._step_solo()
         ours = {inner: uid for uid, inner in self._uids.items()}
-        alone = not decodes_next_step(self._generator)
+        alone = reads_alone(self._generator)
         self._generator.prefill_step_size = self._prefill_chunk_alone if alone else self._prefill_chunk
         read, responses = self._generator.next()
         if self._prefixes.boundaries_kept:
@@ -295,15 +296,16 @@ class BatchDecoder:
         return self._prefixes.memory_tokens(prompt)
 
 
-def decodes_next_step(generator: Any) -> bool:
-    """Whether ``generator``'s next step decodes a token for any sequence: one generating already,
-    or one whose prompt has only its last token left (it starts generating in that step). Reads
-    mlx-lm's private queues (pinned to 0.32); where they are not there, says yes (short chunks)."""
+def reads_alone(generator: Any) -> bool:
+    """Whether ``generator``'s next step reads one prompt and nothing else: no sequence generating,
+    and one sequence still reading, with more than its last token left (with only that, it starts
+    generating in that step). Reads mlx-lm's private queues (pinned to 0.32); where they are not
+    there, says no (short chunks). The same on every rank of a group: their generators are in step."""
     try:
         if len(generator._generation_batch):
-            return True
-        waiting = [segments for segments, *_ in generator._currently_processing]
-        waiting += [sequence[1] for sequence in generator._unprocessed_sequences]
+            return False
+        reading = [segments for segments, *_ in generator._currently_processing]
+        reading += [sequence[1] for sequence in generator._unprocessed_sequences]
     except (AttributeError, TypeError, ValueError, IndexError):
-        return True
-    return any(len(segments) == 1 and len(segments[0]) <= 1 for segments in waiting)
+        return False
+    return len(reading) == 1 and not (len(reading[0]) == 1 and len(reading[0][0]) <= 1)

@@ -2,11 +2,13 @@
 (``maxQueue``): as the manifest sets them, else from its nodes' memory.
 
 Pure, like placement, whose capacity figures it reads. A model whose ``serving.maxBatch`` is not
-set gets as many full-context sequences as the memory left after the weights holds on its tightest
-node (the context as placement budgets it), at most ``DERIVED_BATCH_CAP`` (64), so that a GPU with
+set gets as many full-context sequences as the memory left after the weights and a full prefix
+cache (``PREFIX_CACHE_BYTES``, a rank's default bound) holds on its tightest node (the context as
+placement budgets it), at least one and at most ``DERIVED_BATCH_CAP`` (64), so that a GPU with
 room for hundreds decodes a batch that still streams each request at a useful speed; an unset
-``serving.maxQueue`` is ``QUEUE_PER_BATCH_SLOT`` (8) waiting requests per batch slot, at least
-``MIN_DERIVED_QUEUE`` (64). A quantized KV cache serves one sequence at a time.
+``serving.maxQueue`` is 8 waiting requests per batch slot, at least 64 (``queue_for_batch``, as a
+hand-started rank has it). A quantized KV cache serves one sequence at a time. Each model is
+placed by itself: two models on one node each count its whole memory.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from genmlx.master.planning.placement import (
     tokens_phrase,
 )
 from genmlx.wire.agent_state import ModelShape
+from genmlx.wire.serving import MIN_QUEUE, QUEUE_PER_BATCH_SLOT, queue_for_batch
 
 DERIVED_BATCH_CAP = 64
-QUEUE_PER_BATCH_SLOT = 8
-MIN_DERIVED_QUEUE = 64
+PREFIX_CACHE_BYTES = 4 << 30  # what a rank's prefix cache may hold (the dispatcher's --prefix-cache-gb)
 
 
 @dataclass(frozen=True)
@@ -58,36 +60,41 @@ def batching_for(
 
 
 def derived_batching(spec: ModelSpec, loads: tuple[NodeLoad, ...], one: KvBudget) -> Batching:
-    """The batch the tightest node's memory left after the weights holds, capped; the queue by it."""
-    room = {
-        each.node.name: (each.node.usable_bytes - each.weight_bytes) // max(each.kv_bytes, 1)
-        for each in loads
-    }
+    """The batch the tightest node's memory left after the weights and the prefix cache holds,
+    capped; the queue by it."""
+    left = {each.node.name: each.node.usable_bytes - each.weight_bytes - PREFIX_CACHE_BYTES for each in loads}
+    room = {each.node.name: max(left[each.node.name], 0) // max(each.kv_bytes, 1) for each in loads}
     tightest = min(room, key=lambda name: (room[name], name))
     fits = room[tightest]
-    max_batch = min(fits, DERIVED_BATCH_CAP)
-    left = next(each.node.usable_bytes - each.weight_bytes for each in loads if each.node.name == tightest)
+    max_batch = max(1, min(fits, DERIVED_BATCH_CAP))
     where = f" on {tightest}" if len(loads) > 1 else ""
     reason = (
-        f"maxBatch {max_batch}: the {gb(left)} GB left after the weights{where} holds {fits} sequences "
-        f"of {tokens_phrase(one)}" + (f", capped at {DERIVED_BATCH_CAP}" if fits > DERIVED_BATCH_CAP else "")
+        f"maxBatch {max_batch}: the {gb(max(left[tightest], 0))} GB left after the weights and the prefix "
+        f"cache ({gb(PREFIX_CACHE_BYTES)} GB){where} holds {fits} sequences of {tokens_phrase(one)}"
     )
+    if fits > DERIVED_BATCH_CAP:
+        reason += f", capped at {DERIVED_BATCH_CAP}"
+    elif fits < 1:
+        reason += ", so one (the prefix cache cannot fill beside it)"
     return Batching(max_batch, *queue_for(spec, max_batch, reason))
 
 
 def set_batching(spec: ModelSpec) -> Batching:
     """``serving.maxBatch``; one with a quantized KV cache, whatever is set."""
     if spec.serving.kv_bits is not None:
-        return Batching(1, *queue_for(spec, 1, "maxBatch 1: one sequence at a time with serving.kvBits"))
+        ignored = (
+            f" (serving.maxBatch {spec.serving.max_batch} does not apply)" if spec.serving.max_batch else ""
+        )
+        reason = f"maxBatch 1: one sequence at a time with serving.kvBits{ignored}"
+        return Batching(1, *queue_for(spec, 1, reason))
     max_batch = spec.serving.max_batch or 1
     return Batching(max_batch, *queue_for(spec, max_batch, f"maxBatch {max_batch}: serving.maxBatch"))
 
 
 def queue_for(spec: ModelSpec, max_batch: int, reason: str) -> tuple[int, str]:
-    """``serving.maxQueue``, else ``QUEUE_PER_BATCH_SLOT`` per batch slot (at least
-    ``MIN_DERIVED_QUEUE``); ``reason`` with the queue's own."""
+    """``serving.maxQueue``, else ``queue_for_batch``'s; ``reason`` with the queue's own."""
     if spec.serving.max_queue is not None:
         return spec.serving.max_queue, f"{reason}; maxQueue {spec.serving.max_queue}: serving.maxQueue"
-    max_queue = max(MIN_DERIVED_QUEUE, QUEUE_PER_BATCH_SLOT * max_batch)
-    rule = f"{QUEUE_PER_BATCH_SLOT} per batch slot, at least {MIN_DERIVED_QUEUE}"
+    max_queue = queue_for_batch(max_batch)
+    rule = f"{QUEUE_PER_BATCH_SLOT} per batch slot, at least {MIN_QUEUE}"
     return max_queue, f"{reason}; maxQueue {max_queue}: {rule}"

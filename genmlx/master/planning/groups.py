@@ -100,9 +100,8 @@ def desired_group(
 
 
 def with_batching(serving: ServingSettings, batching: Batching | None) -> ServingSettings:
-    """``serving`` with the batch and queue placement chose where the manifest left them unset
-    (as they were where placement could not read the model's shape: the dispatcher then derives
-    them from its own memory)."""
+    """``serving`` with the batch and queue ``batching`` chose; as it is where there is none (no
+    node could read the model's shape): its ranks then take a hand-started rank's 8 and 64."""
     if batching is None:
         return serving
     return dataclasses.replace(serving, max_batch=batching.max_batch, max_queue=batching.max_queue)

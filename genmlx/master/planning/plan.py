@@ -172,6 +172,9 @@ def assess_rollout(spec, desired: StartRankGroup, ranks, observed: Observed, ver
     if health is not None and health.state == "ready":
         return verdict("Ready", "Serving", f"serving at {health.url}", desired=desired)
     detail = health.detail if health else "rank 0 not checked yet"
+    if any(info.launch.rank == 0 and info.phase == "ready" for _, info in ranks):
+        # It loaded (its agent saw it answer): whether it still serves is the canary's to judge.
+        return verdict("Progressing", "NotAnswering", f"{spec.name} loaded; {detail}", desired=desired)
     started = max(info.started_at for _, info in ranks)  # the agents' record: survives a master restart
     if observed.now - started > LOAD_DEADLINE_S:
         what = f"not serving {LOAD_DEADLINE_S / 60:.0f} minutes after its start ({detail})"

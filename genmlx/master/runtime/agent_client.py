@@ -233,10 +233,11 @@ async def check_endpoint(http: AsyncHTTPClient, host: str, port: int) -> Endpoin
         )
     except OSError as e:
         return EndpointHealth(url, "down", f"rank 0 does not answer: {e}")
-    except HTTPClientError:  # tornado raises its timeouts (599) even with raise_error=False
+    except HTTPClientError as e:  # tornado raises its timeouts (599) even with raise_error=False
         # A rank's API goes deaf while MLX joins its group (the join holds the interpreter).
-        detail = f"rank 0 accepted but did not answer /health in {HEALTH_TIMEOUT_S:.0f} s"
-        return EndpointHealth(url, "down", detail)
+        return EndpointHealth(
+            url, "down", f"rank 0 did not answer /health within {HEALTH_TIMEOUT_S:g} s: {e}"
+        )
     if response.code == 200:
         return EndpointHealth(url, "ready")
     if response.code == 503:
