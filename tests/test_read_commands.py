@@ -101,3 +101,22 @@ def test_status_text_lists_impostors_and_a_token_rotation() -> None:
     assert "(copy the token file to them)" in text
     assert "impostors (announce a node's name, cannot prove they hold the token; never used):" in text
     assert "b     10.0.0.9:6790  the reply is not signed" in text
+
+
+def test_describe_model_says_how_its_batch_was_chosen_in_one_line():
+    from genmlx.wire.status import ConditionReport, ModelBatching, ModelStatus
+
+    reason = "maxBatch 12: serving.maxBatch; maxQueue 96: 8 per batch slot, at least 64"
+    model = ModelStatus(
+        "demo",
+        "file:///models/demo",
+        "main",
+        ("a",),
+        "auto",
+        "Ready",
+        (ConditionReport("Ready", "True", "Serving", "serving at http://127.0.0.1:8100/v1"),),
+        batching=ModelBatching(12, 96, reason),
+    )
+    lines = master_client.format_described(model, ()).splitlines()
+    assert f"Batching: {reason}" in lines
+    assert not any(line.strip().startswith("batching:") for line in lines), "not the raw object as well"

@@ -148,7 +148,9 @@ def test_the_page_shows_the_cluster_and_follows_it_live(browser, cluster, tmp_pa
     assert "Ready" in demo.locator("th").inner_text()
     badges = page.locator("#badges").text_content() or ""
     assert "Cluster: Ready" in badges and "Sync: Synced" in badges and "Health: Healthy" in badges
-    assert "http://127.0.0.1:" in page.locator("#model-cards article[data-model='demo']").inner_text()
+    card = page.locator("#model-cards article[data-model='demo']").inner_text()
+    assert "http://127.0.0.1:" in card
+    assert "Batching" in card and "maxBatch " in card and "per batch slot" in card, "how its batch was chosen"
 
     # A model added while the page is open goes from loading to Ready, without a reload: the page
     # records every state its row shows, and the same document (marker) stays loaded throughout.
