@@ -14,7 +14,6 @@ Exits 1 at the first check that fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -43,13 +41,12 @@ def fail(what: str) -> None:
 
 
 def status(port: int, token: str) -> dict | None:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/api/v1/status", headers={"Authorization": f"Bearer {token}"}
-    )
+    """The master's status document, as `genmlx status` asks for it (signed); None until it answers."""
+    from genmlx.cli.master_client import MasterUnreachable, call_master
+
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
-    except OSError:
+        return call_master(f"http://127.0.0.1:{port}", token, "GET", "/api/v1/status", timeout=5)
+    except MasterUnreachable:
         return None
 
 
