@@ -12,6 +12,7 @@ over the rows' keys, which is what makes that hold).
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -130,13 +131,45 @@ def _sample(logprobs: mx.array, parameters: _RowParameters, keys: mx.array) -> t
     """One token per row of ``logprobs`` (rows, vocabulary) and the rows' next keys."""
     if parameters.all_greedy:
         return mx.argmax(logprobs, axis=-1), keys
-    split = mx.vmap(mx.random.split)(keys)
-    next_keys, step_keys = split[:, 0], split[:, 1]
-    scaled = _truncated(logprobs, parameters) * parameters.inverse_temperature
-    tokens = mx.vmap(_categorical)(scaled, step_keys)
-    if parameters.greedy is not None:
-        tokens = mx.where(parameters.greedy, mx.argmax(logprobs, axis=-1), tokens)
-    return tokens, next_keys
+    present = tuple(
+        value is not None
+        for value in (parameters.greedy, parameters.top_k, parameters.top_p, parameters.log_min_p)
+    )
+    given = [
+        v
+        for v in (parameters.greedy, parameters.top_k, parameters.top_p, parameters.log_min_p)
+        if v is not None
+    ]
+    return _fused_sampler(*present)(logprobs, keys, parameters.inverse_temperature, *given)
+
+
+@functools.cache
+def _fused_sampler(
+    greedy: bool, top_k: bool, top_p: bool, min_p: bool
+) -> Callable[..., tuple[mx.array, mx.array]]:
+    """The sampling graph for rows with these truncations, compiled (``mx.compile``): its
+    element-wise steps run as a few fused kernels instead of one launch each. One per combination
+    of the columns present; MLX keeps one compiled graph per shape of its inputs."""
+
+    def sample(logprobs: mx.array, keys: mx.array, inverse_temperature: mx.array, *given: mx.array):
+        columns = iter(given)
+        parameters = _RowParameters(
+            all_greedy=False,
+            greedy=next(columns) if greedy else None,
+            inverse_temperature=inverse_temperature,
+            top_k=next(columns) if top_k else None,
+            top_p=next(columns) if top_p else None,
+            log_min_p=next(columns) if min_p else None,
+        )
+        split = mx.vmap(mx.random.split)(keys)
+        next_keys, step_keys = split[:, 0], split[:, 1]
+        scaled = _truncated(logprobs, parameters) * parameters.inverse_temperature
+        tokens = mx.vmap(_categorical)(scaled, step_keys)
+        if parameters.greedy is not None:
+            tokens = mx.where(parameters.greedy, mx.argmax(logprobs, axis=-1), tokens)
+        return tokens, next_keys
+
+    return mx.compile(sample)
 
 
 def _categorical(logits: mx.array, key: mx.array) -> mx.array:
