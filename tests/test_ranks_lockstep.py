@@ -4,7 +4,6 @@ parallel, checked against one rank on the same model through the real ``openai``
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from conftest import Proc, free_port, http_status, wait_until
 
 from genmlx.agent.ranks.launch_request import InvalidLaunch, parse_rank_launch
 from genmlx.agent.ranks.supervisor import dispatcher_command
+from genmlx.demo.pipeline_model import write_demo_pipeline_model
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
 from genmlx.dispatcher.engine.lockstep import Join, Probe, Shutdown, Step, decode_message, encode_message
 from genmlx.wire.rank_launch import RankLaunch
@@ -41,26 +41,8 @@ class Rank:
 
 @pytest.fixture(scope="module")
 def qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo llama rewritten as a qwen2 (llama plus zero q/k/v biases), which mlx-lm can
-    pipeline (its llama has tensor parallel support only), with a third layer (a copy of the
-    second) so that an uneven layer split differs from the even one."""
-    import mlx.core as mx
-
-    from genmlx.demo.random_model import write_demo_model
-
-    llama = write_demo_model(tmp_path_factory.mktemp("models") / "demo-llama")
-    qwen2 = tmp_path_factory.mktemp("models") / "demo-qwen2"
-    shutil.copytree(llama, qwen2, dirs_exist_ok=True)
-    config = json.loads((qwen2 / "config.json").read_text())
-    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=3)
-    (qwen2 / "config.json").write_text(json.dumps(config))
-    weights = mx.load(str(qwen2 / "model.safetensors"))
-    weights |= {k.replace("layers.1.", "layers.2."): v for k, v in weights.items() if "layers.1." in k}
-    for name, weight in list(weights.items()):
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            weights[name.replace(".weight", ".bias")] = mx.zeros((weight.shape[0],), dtype=weight.dtype)
-    mx.save_safetensors(str(qwen2 / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return qwen2
+    """The demo model as a three-layer qwen2, which mlx-lm can pipeline (``pipeline_model``)."""
+    return write_demo_pipeline_model(tmp_path_factory.mktemp("models") / "demo-qwen2")
 
 
 @pytest.fixture
