@@ -172,3 +172,28 @@ def test_nccl_ranks_get_what_mlx_launch_gives_them(count: int, monkeypatch) -> N
     assert len(ours) == len(theirs) == count
     for rank, (mine, mlx) in enumerate(zip(ours, theirs, strict=True)):
         assert mine == mlx, f"rank {rank} of {count} (nccl)"
+
+
+def test_a_linux_gpu_node_and_a_mac_share_a_model_over_the_ring() -> None:
+    """MLX's CUDA build and Apple's share one backend, the ring (benchmarks/gpu/mixed_group.py
+    served a group of a CUDA rank and a rank of another build over it): a model across a Linux GPU
+    node and a Mac starts there under ``auto``; asked for nccl, it starts nowhere."""
+    (linux,), (gpu_node,) = cuda_desk(1)
+    copy = stored("qwen", size=SHAPE.weight_bytes, shape=SHAPE, published_at=NOW - 3600)
+    mac = node("m", stored=[copy])
+    names = (linux, "m")
+
+    def starts(backend: str) -> list[StartRankGroup]:
+        desk = manifest(
+            model("qwen", names, source="file"), nodes=names, mesh=Mesh(backend=backend, port=MESH_PORT)
+        )
+        return [
+            action for action in plan(desk, observed(gpu_node, mac)) if isinstance(action, StartRankGroup)
+        ]
+
+    (start,) = starts("auto")
+    assert [(node_name, launch.backend, launch.world_size) for node_name, launch in start.launches] == [
+        (linux, "ring", 2),
+        ("m", "ring", 2),
+    ]
+    assert starts("nccl") == []
