@@ -10,7 +10,12 @@
 #      defaults (concurrent_streams.py --defaults);
 #   3. single stream: ours over mlx-lm in process (decode_throughput.py), with --with-8b on
 #      Llama 3.1 8B's shape in bfloat16 too;
-#   4. 2 again with both servers batching 64.
+#   4. 2 again with both servers batching 64;
+#   5. where a decode step's time goes: the engine's step against the bare forward pass at 1 to 64
+#      sequences (decode_step_profile.py), with quantized layers dequantizing from 8 rows too;
+#      MLX's quantized kernel against a dequantized weight by row count (quantized_matmul.py); the
+#      serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
+#   6. a two-rank group of a CUDA rank and a rank of MLX's CPU build (gpu/mixed_group.py).
 set -euo pipefail
 with_8b=
 positional=()
@@ -19,8 +24,11 @@ for arg in "$@"; do
 done
 wheels=${positional[0]:?usage: run.sh WHEELS_DIR [WORK_DIR] [--with-8b]}
 work=${positional[1]:-/tmp/genmlx-gpu}
-python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/site" "$wheels"/*.whl
-export PYTHONPATH="$PWD:$work/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/site" \
+	$(ls "$wheels"/*.whl | grep -v /mlx_cpu-)
+python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/cpu" \
+	"$wheels"/mlx-[0-9]*.whl "$wheels"/mlx_cpu-*.whl
+export PYTHONPATH="$PWD:$work/site" PATH="$work/site/bin:$PATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c 'import mlx.core as mx; assert mx.cuda.is_available(), "MLX sees no CUDA GPU"; print("MLX", mx.__version__, "on", mx.default_device())'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
@@ -41,3 +49,11 @@ for model in "$small" ${with_8b:+"$work/models/llama-8b-bf16"}; do
 done
 echo "== aggregate tokens/s, both servers batching 64"
 load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --batch 64
+echo "== where a decode step's time goes"
+python3 decode_step_profile.py --model "$small"
+python3 decode_step_profile.py --model "$small" --dequantize-rows 8
+python3 quantized_matmul.py
+python3 serving_profile.py --model "$small" --streams 64
+cd ..
+echo "== a CUDA rank and a CPU rank in one group"
+python3 benchmarks/gpu/mixed_group.py --cuda-path "$work/site" --cpu-path "$work/cpu:$work/site" --work "$work/mixed"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Downloads, on a machine with network access, the wheels run.sh installs on a Linux GPU machine
-# that has none: MLX's CUDA 13 build and what GenMLX and the benchmarks need beyond the CUDA
+# that has none: MLX's CUDA 13 build (and its CPU build, for the mixed group check) and what GenMLX
+# and the benchmarks need beyond the CUDA
 # libraries, NumPy, transformers, tokenizers and the like that such a machine's image carries.
 #     benchmarks/gpu/wheels.sh DIR [PYTHON_VERSION]      (default 3.12: the GPU machine's Python)
 set -euo pipefail
@@ -13,5 +14,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "
 	mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 tornado zeroconf ifaddr jsonschema \
 	jsonschema-specifications referencing rpds-py watchfiles tenacity llguidance cryptography cffi \
 	pycparser hatchling trove-classifiers openai pydantic pydantic-core annotated-types \
-	typing-inspection jiter distro sniffio
+	typing-inspection jiter distro sniffio httpx2 httpcore2 truststore py-spy mlx-cpu==0.32.4
 ls "$dir"

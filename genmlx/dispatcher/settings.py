@@ -45,6 +45,7 @@ def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -
         "max_batch": settings.serving.max_batch,
         "prefill_chunk": settings.prefill_chunk,
         "prefill_chunk_alone": settings.prefill_chunk_alone or prefill_chunk_alone_here(settings),
+        "dequantize_rows": settings.dequantize_rows,
         "cache_entries": settings.prefix_cache_entries,
         "cache_bytes": None if settings.prefix_cache_gb is None else int(settings.prefix_cache_gb * 2**30),
         "disk_tier": disk_tier,

@@ -115,6 +115,12 @@ class RankCommand(WireType):
         minimum=1,
         help="prompt tokens read per step while nothing else decodes (2048 on a GPU, else --prefill-chunk)",
     )
+    dequantize_rows: int | None = arg(
+        None,
+        minimum=0,
+        help="rows from which a quantized layer multiplies through its weight dequantized for the call, "
+        "for MLX's CUDA backend, whose quantized kernel slows with every row (0, the default: never)",
+    )
     prefix_cache_entries: int | None = arg(
         None, minimum=0, help="finished sequences whose KV state later prompts may reuse; 0 turns it off (16)"
     )

@@ -1,0 +1,120 @@
+"""Quantized layers that multiply many rows through their dequantized weight (the dispatcher's
+``--dequantize-rows``): on the demo model quantized to 4 bits, the
+same outputs and the same greedy tokens as MLX's quantized kernel, alone and in a batch, in one
+rank and in a pipeline of two; MLX's quantized kernel below the bound; parameters untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import openai
+import pytest
+from mlx.utils import tree_flatten
+from test_ranks_lockstep import client_of
+from test_ranks_lockstep import start_ranks as start_ranks  # a fixture, used by name
+
+from genmlx.demo.pipeline_model import write_demo_pipeline_model
+from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
+from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
+from genmlx.dispatcher.engine.quantized_batches import dequantize_for_batches
+
+TEXTS = ("Rivers start in the hills", "The sea is salty because", "Deltas form", "Copper is", "At night")
+
+
+def quantized(source: Path, target: Path) -> Path:
+    from mlx_lm import convert
+
+    convert(hf_path=str(source), mlx_path=str(target), quantize=True, q_bits=4, q_group_size=32)
+    return target
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantized(demo_model_dir, tmp_path_factory.mktemp("models") / "demo-q4")
+
+
+def load(path: Path):
+    from mlx_lm import load as mlx_lm_load
+
+    return mlx_lm_load(str(path))
+
+
+def greedy(model, tokenizer, texts: tuple[str, ...]) -> dict[int, list[int]]:
+    """Each text's 24 greedy tokens, all decoded in one batch."""
+    decoder = BatchDecoder(model, set(tokenizer.eos_token_ids), DecoderSettings(cache_entries=0))
+    for uid, text in enumerate(texts):
+        decoder.join(
+            uid, GenerationRequest(f"r{uid}", tuple(tokenizer.encode(text)), 24, Sampling(temperature=0))
+        )
+    tokens: dict[int, list[int]] = {uid: [] for uid in range(len(texts))}
+    while decoder.active:
+        for sampled in decoder.step():
+            tokens[sampled.uid].append(sampled.token)
+    return tokens
+
+
+def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
+    quantized_dir: Path, monkeypatch
+) -> None:
+    model, tokenizer = load(quantized_dir)
+    parameters = dict(tree_flatten(model.parameters()))
+    rows = mx.array([tokenizer.encode("The river ran past the old mill")[:6]] * 3)  # 18 rows
+    expected = model(rows)
+    assert dequantize_for_batches(model, 4) == 16  # the embedding, 7 per layer of 2, the output layer
+    assert {k: id(v) for k, v in tree_flatten(model.parameters())} == {
+        k: id(v) for k, v in parameters.items()
+    }
+    dequantized = []
+    real_dequantize = mx.dequantize
+
+    def dequantize(*args, **kwargs):  # the embedding's lookup dequantizes its rows too, not in float32
+        dequantized.extend([1] if kwargs.get("dtype") is mx.float32 else [])
+        return real_dequantize(*args, **kwargs)
+
+    monkeypatch.setattr(mx, "dequantize", dequantize)
+    assert mx.allclose(model(rows), expected, atol=1e-4).item()
+    assert len(dequantized) == 15  # the embedding looks rows up: it multiplies nothing
+    dequantized.clear()
+    model(rows[:1, :3])  # 3 rows: MLX's quantized kernel
+    assert dequantized == []
+
+
+def test_greedy_tokens_are_the_same_alone_in_a_batch_dequantized_and_not(quantized_dir: Path) -> None:
+    model, tokenizer = load(quantized_dir)
+    by_the_kernel = greedy(model, tokenizer, TEXTS)
+    dequantize_for_batches(model, 2)  # a lone sequence decodes one row: the kernel; the batch: not
+    batched = greedy(model, tokenizer, TEXTS)
+    alone = {uid: greedy(model, tokenizer, (text,))[0] for uid, text in enumerate(TEXTS)}
+    assert batched == by_the_kernel == alone
+
+
+def test_the_dispatcher_dequantizes_only_when_told() -> None:
+    from genmlx.dispatcher.settings import decoder_settings, parse_settings
+
+    def rows(*flags: str) -> int:
+        argv = ["--model", "/models/m", "--name", "m", "--port", "8100", *flags]
+        return decoder_settings(parse_settings(argv)).dequantize_rows
+
+    assert (rows(), rows("--dequantize-rows", "16"), rows("--dequantize-rows", "0")) == (0, 16, 0)
+
+
+@pytest.mark.e2e
+def test_a_pipeline_dequantizing_writes_what_one_rank_with_the_kernel_writes(
+    start_ranks, tmp_path_factory: pytest.TempPathFactory, token: str
+) -> None:
+    models = tmp_path_factory.mktemp("models")
+    model_dir = quantized(write_demo_pipeline_model(models / "demo-qwen2"), models / "demo-qwen2-q4")
+    (one,) = start_ranks(model_dir, 1, "--dequantize-rows", "0")
+    expected = answers(client_of(one, token))
+    one.proc.stop()
+    group = start_ranks(model_dir, 2, "--parallelism", "pipeline", "--dequantize-rows", "1")
+    assert answers(client_of(group[0], token)) == expected
+    assert "multiply 1 rows or more dequantized" in group[1].proc.output()
+
+
+def answers(client: openai.OpenAI) -> list[str]:
+    return [
+        client.completions.create(model="demo", prompt=text, temperature=0, max_tokens=16).choices[0].text
+        for text in TEXTS
+    ]
