@@ -46,7 +46,9 @@ from pathlib import Path
 import openai
 from decode_throughput import (
     Server,
+    add_dequantize_option,
     add_model_options,
+    dequantize_flags,
     free_port,
     model_directory,
     our_dispatcher,
@@ -154,6 +156,7 @@ def main() -> None:
         "places it, mlx_lm.server's own)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="temperature of every request")
+    add_dequantize_option(parser)
     options = parser.parse_args()
     workload = Workload(options.tokens, options.temperature)
     with (
@@ -167,7 +170,7 @@ def main() -> None:
         else:
             ours_flags, limits = ["--max-batch", str(options.batch)], f"batch {options.batch} on both servers"
         with (
-            our_dispatcher(model_dir, Path(work), ours_flags) as ours,
+            our_dispatcher(model_dir, Path(work), [*ours_flags, *dequantize_flags(options)]) as ours,
             mlx_lm_server(model_dir, Path(work), None if options.defaults else options.batch) as baseline,
         ):
             servers = {"ours": ours, "mlx_lm.server": baseline}

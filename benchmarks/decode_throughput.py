@@ -114,6 +114,22 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dequantize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dequantize-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="ours: quantized layers multiply N rows or more through their dequantized weight "
+        "(the dispatcher's --dequantize-rows; 0, the default: never)",
+    )
+
+
+def dequantize_flags(options: argparse.Namespace) -> list[str]:
+    """Our dispatcher's flags for ``--dequantize-rows``."""
+    return ["--dequantize-rows", str(options.dequantize_rows)] if options.dequantize_rows else []
+
+
 @contextmanager
 def model_directory(requested: str | None, shape: str = "demo") -> Iterator[Path]:
     """``--model`` as given, or a random-weight model of ``shape`` written to a temporary directory."""
@@ -279,6 +295,7 @@ def paired_ratios(ours: list[float], baseline: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_options(parser)
+    add_dequantize_option(parser)
     parser.add_argument("--tokens", type=int, default=256, help="tokens per generation")
     parser.add_argument("--rounds", type=int, default=5, help="timed generations per side")
     options = parser.parse_args()
@@ -286,7 +303,7 @@ def main() -> None:
 
     with model_directory(options.model, options.shape) as model_dir, tempfile.TemporaryDirectory() as work:
         model, tokenizer = load(str(model_dir))
-        with our_dispatcher(model_dir, Path(work)) as server:
+        with our_dispatcher(model_dir, Path(work), dequantize_flags(options)) as server:
             sides = {
                 "ours, lean client": lambda n: time_ours(server, n),
                 "ours, openai client": lambda n: time_ours_openai(server, n),

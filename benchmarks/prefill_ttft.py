@@ -63,7 +63,9 @@ import openai
 from concurrent_streams import mlx_lm_server
 from decode_throughput import (
     Server,
+    add_dequantize_option,
     add_model_options,
+    dequantize_flags,
     model_directory,
     our_dispatcher,
     paired_ratios,
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed cold-and-warm pairs per server")
     parser.add_argument("--max-tokens", type=int, default=2, help="max_tokens of every request")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here as JSON")
+    add_dequantize_option(parser)
     options = parser.parse_args()
     with (
         model_directory(options.model, options.shape) as model_dir,
@@ -176,9 +179,11 @@ def main() -> None:
         prompts = build_prompts(model_dir, options.prompt_tokens, options.rounds + 1)
         check_fits(max(prompts.tokens) + options.max_tokens, context_length(model_dir))
         servers = {
-            OURS: running.enter_context(our_dispatcher(model_dir, Path(work))),
+            OURS: running.enter_context(our_dispatcher(model_dir, Path(work), dequantize_flags(options))),
             OURS_512: running.enter_context(
-                our_dispatcher(model_dir, Path(work), ["--prefill-chunk-alone", "512"])
+                our_dispatcher(
+                    model_dir, Path(work), ["--prefill-chunk-alone", "512", *dequantize_flags(options)]
+                )
             ),
             MLX_LM: running.enter_context(mlx_lm_server(model_dir, Path(work), None)),
         }

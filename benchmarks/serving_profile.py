@@ -26,7 +26,13 @@ import time
 from pathlib import Path
 
 from concurrent_streams import LevelRun, Workload, run_level
-from decode_throughput import add_model_options, model_directory, our_dispatcher
+from decode_throughput import (
+    add_dequantize_option,
+    add_model_options,
+    dequantize_flags,
+    model_directory,
+    our_dispatcher,
+)
 
 SAMPLES_PER_SECOND = 200
 
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="the dispatcher's --max-batch")
     parser.add_argument("--seconds", type=float, default=10, help="how long py-spy samples")
     parser.add_argument("--top", type=int, default=25, help="functions shown per thread")
+    add_dequantize_option(parser)
     options = parser.parse_args()
     workload = Workload(max_tokens=options.tokens, temperature=0.0)
     with (
@@ -79,7 +86,7 @@ def main() -> None:
         model_directory(options.model, options.shape) as model_dir,
     ):
         work = Path(scratch)
-        flags = ["--max-batch", str(options.max_batch)]
+        flags = ["--max-batch", str(options.max_batch), *dequantize_flags(options)]
         with our_dispatcher(model_dir, work, flags) as server:
             run_level(server, options.streams, Workload(max_tokens=8, temperature=0.0))  # warm-up
             runs: list[LevelRun] = []
