@@ -2,7 +2,8 @@
 CUDA GPU, rank 1 on MLX's CPU build, as a Linux GPU node and a node without CUDA (a Mac's ranks
 meet a Linux node's the same way: over the ring, the only backend both have). Checks that the
 group loads, serves greedy completions through the real ``openai`` client, and stays in step, in
-a pipeline and in a tensor split, and prints its answers beside one rank's on each build alone.
+a pipeline and in a tensor split, greedy and sampled (where every rank samples each token and the
+group compares them), and prints its answers beside one rank's on each build alone.
 
     python benchmarks/gpu/mixed_group.py --cuda-path SITE --cpu-path SITE [--work DIR]
 
@@ -85,10 +86,14 @@ def wait_ready(port: int, process: subprocess.Popen, log: Path) -> None:
 
 
 def answers(port: int) -> list[str]:
+    """Each prompt's greedy completion, then a seeded sampled one (every rank samples each step and
+    the group compares their tokens: a rank whose sampling rounded differently would break it)."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    greedy = {"temperature": 0, "max_tokens": 24}
     return [
-        client.completions.create(model="demo", prompt=p, temperature=0, max_tokens=24).choices[0].text
-        for p in PROMPTS
+        client.completions.create(model="demo", prompt=prompt, **settings).choices[0].text
+        for settings in (greedy, {"temperature": 1, "top_p": 0.9, "seed": 7, "max_tokens": 48})
+        for prompt in PROMPTS
     ]
 
 
@@ -141,9 +146,10 @@ def main() -> None:
         together = group(model, paths, work, ["--parallelism", parallelism])
         took = time.monotonic() - started
         print(f"== {parallelism}: the group served {len(together)} completions in {took:.0f} s")
-        for prompt, mixed, gpu, cpu in zip(PROMPTS, together, on_gpu, on_cpu, strict=True):
+        labels = [f"{p!r}, {how}" for how in ("greedy", "sampled") for p in PROMPTS]
+        for label, mixed, gpu, cpu in zip(labels, together, on_gpu, on_cpu, strict=True):
             same = {"GPU": mixed == gpu, "CPU": mixed == cpu}
-            print(f"{prompt!r}: " + ", ".join(f"{'=' if s else '≠'} {d} alone" for d, s in same.items()))
+            print(f"{label}: " + ", ".join(f"{'=' if s else '≠'} {d} alone" for d, s in same.items()))
         failed |= not all(t.strip() for t in together)
     sys.exit(1 if failed else 0)
 

@@ -10,7 +10,8 @@ launches or Python, bounds a batch there). A batch of decoding sequences is exac
 ``dequantize_for_batches`` makes a model's quantized linear layers (and a quantized embedding used
 as the output layer) dequantize their weight when a call has at least ``min_rows`` rows and
 multiply it on the device's matrix kernel; below that they call MLX's quantized kernel as before,
-so a sequence decoding alone runs exactly as it did.
+so a sequence decoding alone (a row a step) runs exactly as it did. A prompt read in chunks of
+``min_rows`` tokens or more goes through the dequantized weight too.
 
 The weight is dequantized in float32 and multiplied in float32, close to what the quantized kernel
 computes (each weight ``scale * q + bias``, products summed in float32), so that a sequence decoded
@@ -47,7 +48,7 @@ def dequantize_for_batches(model: nn.Module, min_rows: int) -> int:
 def _product(layer: nn.Module, x: mx.array) -> mx.array:
     """``x`` times ``layer``'s quantized weight (transposed), by MLX's quantized kernel for few rows
     and through the dequantized weight for many."""
-    rows = x.size // x.shape[-1] if x.ndim else 0
+    rows = x.size // x.shape[-1]
     if rows < layer.min_rows:
         return mx.quantized_matmul(
             x,

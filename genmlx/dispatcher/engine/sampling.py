@@ -131,15 +131,9 @@ def _sample(logprobs: mx.array, parameters: _RowParameters, keys: mx.array) -> t
     """One token per row of ``logprobs`` (rows, vocabulary) and the rows' next keys."""
     if parameters.all_greedy:
         return mx.argmax(logprobs, axis=-1), keys
-    present = tuple(
-        value is not None
-        for value in (parameters.greedy, parameters.top_k, parameters.top_p, parameters.log_min_p)
-    )
-    given = [
-        v
-        for v in (parameters.greedy, parameters.top_k, parameters.top_p, parameters.log_min_p)
-        if v is not None
-    ]
+    columns = (parameters.greedy, parameters.top_k, parameters.top_p, parameters.log_min_p)
+    present = tuple(column is not None for column in columns)
+    given = [column for column in columns if column is not None]
     return _fused_sampler(*present)(logprobs, keys, parameters.inverse_temperature, *given)
 
 
