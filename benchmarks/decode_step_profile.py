@@ -18,7 +18,9 @@ these is timed over ``--steps`` decode steps once all B sequences generate (mill
 
 With ``--dequantize-rows N`` the model's quantized layers multiply N rows or more through their
 dequantized weight, as the dispatcher's ``--dequantize-rows`` makes them
-(``genmlx.dispatcher.engine.quantized_batches``); then 16 different prompts are also decoded
+(``genmlx.dispatcher.engine.quantized_batches``); with ``--dequantize-rows measure``, at the row
+counts where this device was measured faster so, as the dispatcher does by default on a CUDA GPU
+(the measurement is printed); then 16 different prompts are also decoded
 greedily for ``--steps`` tokens, each alone and all in one batch, and the sequences that came out
 the same both ways are counted.
 
@@ -30,6 +32,7 @@ the tokens/s a batch of B can reach before any serving cost.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import statistics
 import sys
@@ -43,7 +46,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
-from genmlx.dispatcher.engine.quantized_batches import dequantize_for_batches
+from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
 PROMPT_TOKENS = 32
 WARM_UP_STEPS = 8
@@ -148,16 +151,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per figure")
     parser.add_argument(
         "--dequantize-rows",
-        type=int,
-        default=0,
-        help="quantized layers dequantize from this many rows (0: never)",
+        default="0",
+        help="quantized layers dequantize from this many rows (0: never), or where measured faster (measure)",
     )
     options = parser.parse_args()
     with model_directory(options.model, options.shape) as model_dir:
         model, tokenizer = load(str(model_dir))
-        if options.dequantize_rows:
-            changed = dequantize_for_batches(model, options.dequantize_rows)
-            print(f"{changed} quantized layers dequantize from {options.dequantize_rows} rows")
+        # As the dispatcher does it, saying what it measured and chose.
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        given = options.dequantize_rows
+        span = dequantize_where_it_pays(model, None if given == "measure" else int(given))
         prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:PROMPT_TOKENS]
         print(f"model: {model_dir}; device {mx.default_device()}; {options.steps} steps per figure")
         columns = ("batch", "engine", "floor", "build", "device", "ops")
@@ -171,7 +174,7 @@ def main() -> None:
                 f"  {floor / engine:>12.2f}  {batch * 1000 / engine:>5.0f}",
                 flush=True,
             )
-        if options.dequantize_rows:
+        if span is not None:
             same, of = same_alone_and_together(model, tokenizer, options.steps)
             print(f"greedy tokens the same alone and in a batch of {of}: {same} of {of} sequences")
 

@@ -118,16 +118,16 @@ def add_dequantize_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dequantize-rows",
         type=int,
-        default=0,
         metavar="N",
-        help="ours: quantized layers multiply N rows or more through their dequantized weight "
-        "(the dispatcher's --dequantize-rows; 0, the default: never)",
+        help="ours: quantized layers multiply N rows or more through their dequantized weight, 0: never "
+        "(the dispatcher's --dequantize-rows; default: its own, measured at load on a CUDA GPU)",
     )
 
 
 def dequantize_flags(options: argparse.Namespace) -> list[str]:
     """Our dispatcher's flags for ``--dequantize-rows``."""
-    return ["--dequantize-rows", str(options.dequantize_rows)] if options.dequantize_rows else []
+    rows = options.dequantize_rows
+    return [] if rows is None else ["--dequantize-rows", str(rows)]
 
 
 @contextmanager

@@ -1,13 +1,15 @@
 """Quantized layers that multiply many rows through their dequantized weight (the dispatcher's
-``--dequantize-rows``): on the demo model quantized to 4 bits, the
+``--dequantize-rows``; measured at load on a CUDA GPU): on the demo model quantized to 4 bits, the
 same outputs and the same greedy tokens as MLX's quantized kernel, alone and in a batch, in one
-rank and in a pipeline of two; MLX's quantized kernel below the bound; parameters untouched."""
+rank and in a pipeline of two; MLX's quantized kernel outside the span; parameters untouched; the
+span measured where the dequantized product was faster, and only there."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import openai
 import pytest
 from mlx.utils import tree_flatten
@@ -17,7 +19,13 @@ from test_ranks_lockstep import start_ranks as start_ranks  # a fixture, used by
 from genmlx.demo.pipeline_model import write_demo_pipeline_model
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
-from genmlx.dispatcher.engine.quantized_batches import dequantize_for_batches
+from genmlx.dispatcher.engine.quantized_batches import (
+    RowSpan,
+    Timing,
+    dequantize_for_batches,
+    faster_span,
+    measure_span,
+)
 
 TEXTS = ("Rivers start in the hills", "The sea is salty because", "Deltas form", "Copper is", "At night")
 
@@ -61,7 +69,9 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
     parameters = dict(tree_flatten(model.parameters()))
     rows = mx.array([tokenizer.encode("The river ran past the old mill")[:6]] * 3)  # 18 rows
     expected = model(rows)
-    assert dequantize_for_batches(model, 4) == 16  # the embedding, 7 per layer of 2, the output layer
+    assert (
+        dequantize_for_batches(model, RowSpan(4, 64)) == 16
+    )  # the embedding, 7 per layer of 2, the output layer
     assert {k: id(v) for k, v in tree_flatten(model.parameters())} == {
         k: id(v) for k, v in parameters.items()
     }
@@ -75,28 +85,74 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
     monkeypatch.setattr(mx, "dequantize", dequantize)
     assert mx.allclose(model(rows), expected, atol=1e-4).item()
     assert len(dequantized) == 15  # the embedding looks rows up: it multiplies nothing
-    dequantized.clear()
-    model(rows[:1, :3])  # 3 rows: MLX's quantized kernel
-    assert dequantized == []
+    for outside in (rows[:1, :3], mx.concatenate([rows] * 4)):  # 3 rows, 72 rows: MLX's kernel
+        dequantized.clear()
+        model(outside)
+        assert dequantized == []
 
 
 def test_greedy_tokens_are_the_same_alone_in_a_batch_dequantized_and_not(quantized_dir: Path) -> None:
     model, tokenizer = load(quantized_dir)
     by_the_kernel = greedy(model, tokenizer, TEXTS)
-    dequantize_for_batches(model, 2)  # a lone sequence decodes one row: the kernel; the batch: not
+    dequantize_for_batches(model, RowSpan(2))  # a lone sequence decodes one row: the kernel; the batch: not
     batched = greedy(model, tokenizer, TEXTS)
     alone = {uid: greedy(model, tokenizer, (text,))[0] for uid, text in enumerate(TEXTS)}
     assert batched == by_the_kernel == alone
 
 
-def test_the_dispatcher_dequantizes_only_when_told() -> None:
+def test_the_dispatcher_measures_where_it_pays_on_cuda_and_dequantizes_nowhere_else(monkeypatch) -> None:
     from genmlx.dispatcher.settings import decoder_settings, parse_settings
 
-    def rows(*flags: str) -> int:
+    def rows(*flags: str) -> int | None:
         argv = ["--model", "/models/m", "--name", "m", "--port", "8100", *flags]
         return decoder_settings(parse_settings(argv)).dequantize_rows
 
-    assert (rows(), rows("--dequantize-rows", "16"), rows("--dequantize-rows", "0")) == (0, 16, 0)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert (rows(), rows("--dequantize-rows", "16")) == (0, 16)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert rows() == 0, "Apple silicon's quantized kernels batch well"
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert (rows(), rows("--dequantize-rows", "0")) == (None, 0), "None: measured when the model loads"
+
+
+def timings(*rows_kernel_dequantized: tuple[int, float, float]) -> list[Timing]:
+    return [Timing(*row) for row in rows_kernel_dequantized]
+
+
+def test_the_span_is_the_first_run_of_row_counts_where_the_dequantized_weight_was_clearly_faster() -> None:
+    decode_only = timings((1, 1, 3), (8, 6, 3), (64, 28, 5), (512, 40, 45), (2048, 90, 150))
+    assert faster_span(decode_only) == RowSpan(8, 512)
+    assert faster_span(timings((1, 1, 3), (8, 6, 3), (64, 28, 5))) == RowSpan(8)
+    assert faster_span(timings((1, 1, 0.95), (8, 6, 5.9))) is None, "within 10%: not clearly faster"
+    assert faster_span(timings((64, 28, 5), (1, 1, 3))) == RowSpan(64), "in order of rows"
+    assert faster_span([]) is None
+    assert (
+        8 in RowSpan(8, 512) and 511 in RowSpan(8, 512) and 512 not in RowSpan(8, 512) and 7 not in RowSpan(8)
+    )
+
+
+def test_measuring_times_both_products_on_the_largest_layer_the_blocks_repeat(quantized_dir: Path) -> None:
+    model, _ = load(quantized_dir)
+    seen = []
+
+    def timed(path: str, rows: int, product) -> float:
+        out = product()
+        seen.append((path, rows, out.shape))
+        return {"quantized": 1.0, "dequantized": 0.5 if rows >= 4 else 2.0}[path]
+
+    span, measured = measure_span(model, rows=(1, 4, 16), timed=timed)
+    assert span == RowSpan(4)
+    assert [t.rows for t in measured] == [1, 4, 16]
+    largest = 128  # the blocks' MLP projections up (64 to 128), not the output layer (64 to 768)
+    assert seen == [(path, n, (n, largest)) for n in (1, 4, 16) for path in ("quantized", "dequantized")]
+
+
+def test_measured_on_this_machine_the_span_holds_where_the_timings_say(quantized_dir: Path) -> None:
+    model, _ = load(quantized_dir)
+    span, measured = measure_span(model, rows=(1, 8, 64))
+    assert span == faster_span(measured)
+    assert all(t.quantized > 0 and t.dequantized > 0 for t in measured)
 
 
 @pytest.mark.e2e
@@ -110,7 +166,7 @@ def test_a_pipeline_dequantizing_writes_what_one_rank_with_the_kernel_writes(
     one.proc.stop()
     group = start_ranks(model_dir, 2, "--parallelism", "pipeline", "--dequantize-rows", "1")
     assert answers(client_of(group[0], token)) == expected
-    assert "multiply 1 rows or more dequantized" in group[1].proc.output()
+    assert "multiply 1 rows or more through their dequantized weight" in group[1].proc.output()
 
 
 def answers(client: openai.OpenAI) -> list[str]:
@@ -118,3 +174,19 @@ def answers(client: openai.OpenAI) -> list[str]:
         client.completions.create(model="demo", prompt=text, temperature=0, max_tokens=16).choices[0].text
         for text in TEXTS
     ]
+
+
+def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path, monkeypatch, caplog) -> None:
+    from genmlx.dispatcher.engine import quantized_batches
+
+    model, _ = load(quantized_dir)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(quantized_batches, "measure_span", broken)
+    assert quantized_batches.dequantize_where_it_pays(model, None) is None
+    assert "measuring the quantized layers failed" in caplog.text
+    assert type(model.lm_head) is nn.QuantizedLinear
+    assert quantized_batches.dequantize_where_it_pays(model, 8) == RowSpan(8)
+    assert type(model.lm_head) is not nn.QuantizedLinear

@@ -12,10 +12,11 @@
 #      Llama 3.1 8B's shape in bfloat16 too;
 #   4. 2 again with both servers batching 64;
 #   5. where a decode step's time goes: the engine's step against the bare forward pass at 1 to 64
-#      sequences (decode_step_profile.py), with quantized layers dequantizing from 8 rows too;
+#      sequences (decode_step_profile.py), with quantized layers dequantizing where measured
+#      faster too (the dispatcher's default on CUDA);
 #      MLX's quantized kernel against a dequantized weight by row count (quantized_matmul.py); the
 #      serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
-#   6. 1 and 2 again with ours dequantizing quantized weights from 8 rows (--dequantize-rows 8);
+#   6. 1 and 2 again with ours on MLX's quantized kernel only (--dequantize-rows 0), the "before";
 #   7. a two-rank group of a CUDA rank and a rank of MLX's CPU build (gpu/mixed_group.py).
 set -euo pipefail
 with_8b=
@@ -52,12 +53,12 @@ echo "== aggregate tokens/s, both servers batching 64"
 load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --batch 64
 echo "== where a decode step's time goes"
 python3 decode_step_profile.py --model "$small"
-python3 decode_step_profile.py --model "$small" --dequantize-rows 8
+python3 decode_step_profile.py --model "$small" --dequantize-rows measure
 python3 quantized_matmul.py
 python3 serving_profile.py --model "$small" --streams 64
-echo "== ours dequantizing from 8 rows: time to first token, then each server's defaults"
-load prefill_ttft.py --model "$small" --prompt-tokens 4000 --rounds 5 --dequantize-rows 8
-load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --defaults --dequantize-rows 8
+echo "== ours on MLX's quantized kernel only: time to first token, then each server's defaults"
+load prefill_ttft.py --model "$small" --prompt-tokens 4000 --rounds 5 --dequantize-rows 0
+load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --defaults --dequantize-rows 0
 cd ..
 echo "== a CUDA rank and a CPU rank in one group"
 python3 benchmarks/gpu/mixed_group.py --cuda-path "$work/site" --cpu-path "$work/cpu:$work/site" --work "$work/mixed"

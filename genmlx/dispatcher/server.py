@@ -202,8 +202,7 @@ def _log_listening(settings: RankCommand, *, auth: bool) -> None:
 def _log_ready(settings: RankCommand, loaded: LoadedModel, seconds: float) -> None:
     decoding = decoder_settings(settings)
     log.info(
-        "%s ready after %.1fs (context length %s, max batch %d, prefill chunk %d (alone %d), max queue %d, "
-        "dequantized from %s rows)",
+        "%s ready after %.1fs (context length %s, max batch %d, prefill chunk %d (alone %d), max queue %d)",
         settings.model_id,
         seconds,
         loaded.context_length or "unbounded",
@@ -211,7 +210,6 @@ def _log_ready(settings: RankCommand, loaded: LoadedModel, seconds: float) -> No
         decoding.prefill_chunk,
         decoding.prefill_chunk_alone,
         settings.serving.max_queue,
-        decoding.dequantize_rows or "no",
     )
 
 

@@ -45,14 +45,28 @@ def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -
         "max_batch": settings.serving.max_batch,
         "prefill_chunk": settings.prefill_chunk,
         "prefill_chunk_alone": settings.prefill_chunk_alone or prefill_chunk_alone_here(settings),
-        "dequantize_rows": settings.dequantize_rows,
         "cache_entries": settings.prefix_cache_entries,
         "cache_bytes": None if settings.prefix_cache_gb is None else int(settings.prefix_cache_gb * 2**30),
         "disk_tier": disk_tier,
         "kv_bits": settings.serving.kv_bits,
         "kv_group_size": settings.serving.kv_group_size,
     }
-    return DecoderSettings(**{name: value for name, value in given.items() if value is not None})
+    chosen = {name: value for name, value in given.items() if value is not None}
+    return DecoderSettings(**chosen, dequantize_rows=dequantize_rows_here(settings))
+
+
+def dequantize_rows_here(settings: RankCommand) -> int | None:
+    """From how many rows the model's quantized layers multiply through their dequantized weight
+    (``engine.quantized_batches``): ``--dequantize-rows`` where given; on a CUDA GPU, whose
+    quantized kernel slows with every row, None: the engine measures where it pays when it loads
+    the model; elsewhere 0, never (Apple silicon's quantized kernels batch well)."""
+    if settings.dequantize_rows is not None:
+        return settings.dequantize_rows
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    on_cuda = cuda is not None and cuda.is_available() and mx.default_device().type == mx.gpu
+    return None if on_cuda else 0
 
 
 def prefill_chunk_alone_here(settings: RankCommand) -> int:

@@ -118,8 +118,8 @@ class RankCommand(WireType):
     dequantize_rows: int | None = arg(
         None,
         minimum=0,
-        help="rows from which a quantized layer multiplies through its weight dequantized for the call, "
-        "for MLX's CUDA backend, whose quantized kernel slows with every row (0, the default: never)",
+        help="rows from which a quantized layer multiplies through its weight dequantized for the call; "
+        "0 never (default: where measured faster at load on a CUDA GPU, never elsewhere)",
     )
     prefix_cache_entries: int | None = arg(
         None, minimum=0, help="finished sequences whose KV state later prompts may reuse; 0 turns it off (16)"

@@ -59,9 +59,9 @@ class DecoderSettings:
     disk_tier: DiskTier | None = None
     kv_bits: int | None = None  # a quantized KV cache: one sequence at a time (``decoders``)
     kv_group_size: int = 64
-    # Quantized layers multiply this many rows or more through their dequantized weight (0: never);
-    # the engine applies it to the model it loads (``quantized_batches``).
-    dequantize_rows: int = 0
+    # Quantized layers multiply this many rows or more through their dequantized weight (0: never;
+    # None: where the engine measures that it pays, when it loads the model: ``quantized_batches``).
+    dequantize_rows: int | None = 0
     stats: PromptCacheStats = field(default_factory=PromptCacheStats)  # the process's one
 
     @property

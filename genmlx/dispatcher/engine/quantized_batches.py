@@ -17,49 +17,186 @@ The weight is dequantized in float32 and multiplied in float32, close to what th
 computes (each weight ``scale * q + bias``, products summed in float32), so that a sequence decoded
 in a batch gives the tokens it gives alone; a weight rounded to bfloat16 would move the logits by
 more. The dequantized weight lives for the one call: it costs, transiently, four bytes per weight
-of the largest layer. The dispatcher does this when told (``--dequantize-rows``);
-``benchmarks/quantized_matmul.py`` measures, row count by row count, where it pays on a device.
+of the largest layer.
+
+Where it pays depends on the device, MLX's version and the layer's shape, so on a CUDA GPU the
+dispatcher measures it when it loads the model (``measure_span``): the largest of the quantized
+layers its blocks repeat multiplies random rows both ways at row counts from 1 to 2,048, and the
+row counts where the dequantized weight was clearly faster (``faster_span``) become the layers'
+span; nowhere faster, nothing changes. ``--dequantize-rows N`` sets the span to N rows and up
+instead (0: never). ``benchmarks/quantized_matmul.py`` prints the same comparison on a
+transformer block.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["dequantize_for_batches"]
+__all__ = ["RowSpan", "dequantize_for_batches", "dequantize_where_it_pays", "faster_span", "measure_span"]
+
+log = logging.getLogger(__name__)
+
+MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+FASTER = 0.9  # the dequantized product must take at most this share of the kernel's time
+TIMED_RUNS = 3  # per path and row count; the fastest counts
 
 
-def dequantize_for_batches(model: nn.Module, min_rows: int) -> int:
+@dataclass(frozen=True)
+class RowSpan:
+    """Calls of ``low`` rows or more, and fewer than ``high`` (None: no upper end), multiply
+    through the dequantized weight."""
+
+    low: int
+    high: int | None = None
+
+    def __contains__(self, rows: int) -> bool:
+        return rows >= self.low and (self.high is None or rows < self.high)
+
+    def __str__(self) -> str:
+        return f"{self.low} rows or more" if self.high is None else f"{self.low} to {self.high - 1} rows"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One row count's product on one layer, in seconds: MLX's quantized kernel, and through the
+    dequantized weight."""
+
+    rows: int
+    quantized: float
+    dequantized: float
+
+
+def dequantize_for_batches(model: nn.Module, span: RowSpan) -> int:
     """Make ``model``'s quantized linear layers and quantized embeddings (their ``as_linear``)
-    multiply calls of ``min_rows`` rows or more through a dequantized weight; how many layers
-    changed. Their parameters stay as they are (same names, same arrays)."""
+    multiply calls with rows in ``span`` through a dequantized weight; how many layers changed.
+    Their parameters stay as they are (same names, same arrays)."""
     changed = 0
     for _, module in model.named_modules():
         batched = _BATCHED.get(type(module))
         if batched is not None:
             module.__class__ = batched  # the same module, with the call below; nothing is copied
-            module.min_rows = min_rows
+            module.span = span
             changed += 1
     return changed
 
 
-def _product(layer: nn.Module, x: mx.array) -> mx.array:
-    """``x`` times ``layer``'s quantized weight (transposed), by MLX's quantized kernel for few rows
-    and through the dequantized weight for many."""
-    rows = x.size // x.shape[-1]
-    if rows < layer.min_rows:
-        return mx.quantized_matmul(
-            x,
-            layer["weight"],
-            scales=layer["scales"],
-            biases=layer.get("biases"),
-            transpose=True,
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
+def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | None:
+    """Make the model's quantized layers multiply ``rows`` rows or more through their dequantized
+    weight (0: never; None: at the row counts where this device was measured faster so, with the
+    timings logged); the span they got."""
+    if rows == 0:
+        return None
+    if rows is not None:
+        span: RowSpan | None = RowSpan(rows)
+    else:
+        started = time.monotonic()
+        try:
+            span, timings = measure_span(model)
+        except Exception:  # an optimization's measurement must not keep the model from serving
+            log.exception("measuring the quantized layers failed; they keep MLX's quantized kernel")
+            return None
+        log.info("measured the quantized layers' products in %.2f s", time.monotonic() - started)
+        for t in timings:
+            log.info(
+                "a quantized layer, %d rows: %.3f ms; dequantized: %.3f ms",
+                t.rows,
+                t.quantized * 1e3,
+                t.dequantized * 1e3,
+            )
+    if span is None:
+        log.info("quantized layers multiply through MLX's quantized kernel at every row count")
+        return None
+    layers = dequantize_for_batches(model, span)
+    log.info("%d quantized layers multiply %s through their dequantized weight", layers, span)
+    return span
+
+
+def measure_span(
+    model: nn.Module,
+    rows: Sequence[int] = MEASURED_ROWS,
+    timed: Callable[[str, int, Callable[[], mx.array]], float] | None = None,
+) -> tuple[RowSpan | None, list[Timing]]:
+    """Where the dequantized weight beats MLX's quantized kernel on this device, measured on the
+    largest of the model's repeated quantized linear layers with random rows of its input: the span
+    (``faster_span``) and the timings. ``timed(path, rows, product)`` times one product
+    (default: the fastest of ``TIMED_RUNS`` evaluations, after one untimed)."""
+    layers = [m for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
+    if not layers:
+        return None, []
+    # The largest of the shapes every block repeats (not the output layer, whose float32 copy
+    # would be the largest of all, and is one of its kind).
+    shapes = Counter(tuple(m["weight"].shape) for m in layers)
+    repeated = [m for m in layers if shapes[tuple(m["weight"].shape)] > 1] or layers
+    layer = max(repeated, key=lambda m: m["weight"].size)
+    inputs = layer["weight"].shape[-1] * 32 // layer.bits
+    timed = timed or _fastest
+    timings = []
+    for count in rows:
+        x = mx.random.normal((count, inputs), key=mx.random.key(count)).astype(layer["scales"].dtype)
+        mx.eval(x)
+        timings.append(
+            Timing(
+                count,
+                timed("quantized", count, lambda x=x: _quantized(layer, x)),
+                timed("dequantized", count, lambda x=x: _dequantized(layer, x)),
+            )
         )
+    return faster_span(timings), timings
+
+
+def faster_span(timings: Sequence[Timing]) -> RowSpan | None:
+    """The first run of consecutive row counts at which the dequantized product took at most
+    ``FASTER`` of the kernel's time, as a span: from its first row count up to the next row count
+    measured after it (none if the run reaches the last); None if there is no such row count."""
+    ordered = sorted(timings, key=lambda t: t.rows)
+    faster = [t.dequantized <= FASTER * t.quantized for t in ordered]
+    if True not in faster:
+        return None
+    start = faster.index(True)
+    end = faster.index(False, start) if False in faster[start:] else None
+    return RowSpan(ordered[start].rows, None if end is None else ordered[end].rows)
+
+
+def _fastest(path: str, rows: int, product: Callable[[], mx.array]) -> float:
+    mx.eval(product())
+    times = []
+    for _ in range(TIMED_RUNS):
+        started = time.perf_counter()
+        mx.eval(product())
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def _product(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x`` times ``layer``'s quantized weight (transposed): through the dequantized weight where
+    its rows are in the layer's span, else by MLX's quantized kernel."""
+    if x.size // x.shape[-1] in layer.span:
+        return _dequantized(layer, x)
+    return _quantized(layer, x)
+
+
+def _quantized(layer: nn.Module, x: mx.array) -> mx.array:
+    return mx.quantized_matmul(
+        x,
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+def _dequantized(layer: nn.Module, x: mx.array) -> mx.array:
     weight = mx.dequantize(
         layer["weight"],
         layer["scales"],
@@ -73,7 +210,7 @@ def _product(layer: nn.Module, x: mx.array) -> mx.array:
 
 
 class _BatchedQuantizedLinear(nn.QuantizedLinear):
-    min_rows: int
+    span: RowSpan
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _product(self, x)
@@ -81,7 +218,7 @@ class _BatchedQuantizedLinear(nn.QuantizedLinear):
 
 
 class _BatchedQuantizedEmbedding(nn.QuantizedEmbedding):
-    min_rows: int
+    span: RowSpan
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _product(self, x)

@@ -216,15 +216,10 @@ class Engine:
             mlx_group = join_group(group)
             self._channel = RankChannel(mlx_group)
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
-        if self._decoding.dequantize_rows:
-            from genmlx.dispatcher.engine.quantized_batches import dequantize_for_batches
+        if self._decoding.dequantize_rows != 0:
+            from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
-            layers = dequantize_for_batches(model, self._decoding.dequantize_rows)
-            log.info(
-                "%d quantized layers multiply %d rows or more dequantized",
-                layers,
-                self._decoding.dequantize_rows,
-            )
+            dequantize_where_it_pays(model, self._decoding.dequantize_rows)
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
         given = self._serving.context_length
