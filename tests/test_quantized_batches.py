@@ -190,3 +190,12 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
     assert type(model.lm_head) is nn.QuantizedLinear
     assert quantized_batches.dequantize_where_it_pays(model, 8) == RowSpan(8)
     assert type(model.lm_head) is not nn.QuantizedLinear
+
+
+def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:
+    from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
+
+    model, _ = load(demo_model_dir)
+    assert dequantize_where_it_pays(model, None) is None
+    assert dequantize_where_it_pays(model, 8) is None
+    assert "quantized" not in caplog.text, "nothing measured, nothing said"

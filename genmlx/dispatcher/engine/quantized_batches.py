@@ -91,9 +91,9 @@ def dequantize_for_batches(model: nn.Module, span: RowSpan) -> int:
 def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | None:
     """Make the model's quantized layers multiply ``rows`` rows or more through their dequantized
     weight (0: never; None: at the row counts where this device was measured faster so, with the
-    timings logged); the span they got."""
-    if rows == 0:
-        return None
+    timings logged); the span they got (None where they have none, or the model no quantized layer)."""
+    if rows == 0 or not any(type(m) in _BATCHED for _, m in model.named_modules()):
+        return None  # told not to, or nothing quantized
     if rows is not None:
         span: RowSpan | None = RowSpan(rows)
     else:
