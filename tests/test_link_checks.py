@@ -183,3 +183,43 @@ def test_the_master_checks_each_end_when_due_and_plans_around_a_cable_found_down
         assert checks.down() == {}, "an end without its address proves nothing broken"
 
     asyncio.run(scenario())
+
+
+def test_checks_fall_due_and_start_between_passes_until_the_master_stops():
+    """A pass can take seconds (ranks starting, an agent slow to answer); the checks of the links
+    the last pass planned start when due all the same."""
+
+    async def scenario():
+        checks = LinkChecks(interval_s=0.2, probe_bytes=1 << 20, probe_seconds=0.5)
+        agents = {"a": RecordingAgent(check()), "b": RecordingAgent(check())}
+        checks.follow(manifest(), PAIR, observed(node("a"), node("b")), agents)  # one pass, then none
+        await asyncio.sleep(1.5)
+        assert len(agents["a"].asked) >= 3 and len(agents["b"].asked) >= 3, "due every 0.2 s, started"
+        checks.stop()
+        await checks.settled(5)
+        asked = len(agents["a"].asked)
+        await asyncio.sleep(0.6)
+        assert len(agents["a"].asked) == asked, "none once the master stops"
+
+    asyncio.run(scenario())
+
+
+def test_the_links_reported_are_the_latest_checks_not_the_last_passs():
+    """Status reads each link as its ends' latest checks have it, while a pass may still be under
+    way (one waiting on an agent behind the very cable that was cut)."""
+
+    async def scenario():
+        checks = LinkChecks(interval_s=0.2, probe_bytes=1 << 20, probe_seconds=0.5)
+        assert checks.reports() is None, "before a pass"
+        agents = {"a": RecordingAgent(check()), "b": RecordingAgent(check())}
+        checks.follow(manifest(), PAIR, observed(node("a"), node("b")), agents)
+        await checks.settled(5)
+        (report,) = checks.reports()
+        assert report.state == "up"
+        agents["b"].answer = check(False, None, "en2 is down")  # the cable is cut; no pass comes
+        await asyncio.sleep(1)
+        (report,) = checks.reports()
+        assert report.state == "down"
+        checks.stop()
+
+    asyncio.run(scenario())

@@ -197,17 +197,23 @@ def test_links_are_verified_from_both_ends_and_a_cut_shows_within_one_check_inte
     assert "192.168.200.0/30  up" in shown.stdout and "n1 en2 <-> n2 en2" in shown.stdout, shown.stdout
 
     bench.set_link(1, "en2", up=False)  # n2's end of the cable pulled
+
+    def pulled_end_down() -> dict | None:
+        found = link_state(url, token)
+        ends = {end["node"]: end["lastCheck"] for end in found["ends"]} if found else {}
+        return found if found and found["state"] == "down" and not ends["n2"]["up"] else None
+
     cut = wait_until(
-        lambda: (found := link_state(url, token)) and found["state"] == "down" and found,
-        CHECK_INTERVAL_S + CHECK_MARGIN_S,
-        what="the cut to show within one check interval",
+        pulled_end_down, CHECK_INTERVAL_S + CHECK_MARGIN_S, what="the cut to show within one check interval"
     )
     details = {end["node"]: end["lastCheck"]["detail"] for end in cut["ends"] if not end["lastCheck"]["up"]}
     page.wait_for_selector("#links caption >> text=down", timeout=WAIT_MS)  # followed live, no reload
     assert "down: en2 is down or has no carrier" in page.locator("#links table").inner_text()
     keep_screenshot(page, tmp_path, "thunderbolt-link-down.png")
     assert details, cut
-    assert "en2 is down or has no carrier" in details["n2"], details
+    # n2 says its port lost its carrier; or, where the master found n2's agent at its address on
+    # this cable (mDNS announces both), the master cannot reach n2 to ask, and says that.
+    assert any(why in details["n2"] for why in ("en2 is down or has no carrier", "does not answer")), details
     bench.set_link(1, "en2", up=True)
     wait_until(
         lambda: (found := link_state(url, token)) and found["state"] == "up",

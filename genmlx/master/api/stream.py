@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 from tornado.iostream import StreamClosedError
@@ -18,8 +19,10 @@ HEARTBEAT_S = 15.0  # a comment line now and then keeps proxies from closing an 
 
 
 def current_status(reconciler: Reconciler) -> dict[str, Any]:
-    """The status document as JSON."""
-    return status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected).to_json()
+    """The status document as JSON, with each link as its latest checks have it."""
+    document = status_document(reconciler.applied, reconciler.snapshot, reconciler.rejected)
+    links = reconciler.link_checks.reports() if reconciler.snapshot is not None else None
+    return (replace(document, links=links) if links is not None else document).to_json()
 
 
 class ReadEndpoint(ApiHandler):

@@ -2,7 +2,9 @@
 both ends (each end's agent reaches the other's planned address, times the round trip and a bounded
 probe) every ``interval_s``, and at once when a user asks (``POST /api/v1/links/verify``, ``genmlx
 mesh plan --verify``). Checks run in the background; a pass reads the latest verdicts, and each
-new verdict wakes the loop so that status shows it without waiting for the next resync.
+new verdict wakes the loop so that status shows it without waiting for the next resync. Each pass
+hands over the links it plans; between passes a timer of its own starts the checks that fall due
+on those, so a long pass (ranks starting, an agent slow to answer) does not delay them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from genmlx.wire.status import LinkStatus
 log = logging.getLogger("genmlx.master")
 
 DEFAULT_INTERVAL_S = 300.0
+TICK_S = 1.0  # how often, between passes, the checks that are due are started
 EndKey = tuple[str, str]  # (subnet, node)
 
 
@@ -40,6 +43,10 @@ class LinkChecks:
         self._planned: tuple[MeshPlan, Mapping[str, MeshNode]] | None = None  # the last pass's links
         self._running: dict[EndKey, asyncio.Task] = {}
         self._asked_at = 0.0  # checks older than a user's request are due at once
+        self._following: (
+            tuple[MeshPlan, Mapping[str, MeshNode], Observed, Mapping[str, AgentClient]] | None
+        ) = None
+        self._ticking: asyncio.Task | None = None
 
     @classmethod
     def from_environment(cls) -> LinkChecks:
@@ -63,9 +70,39 @@ class LinkChecks:
             declared = [nodes.get(n.name, MeshNode(n.name, "")) for n in manifest.nodes]
             plan = plan_links(declared, manifest.mesh.topology)
         except MeshPlanError:
+            self._planned = self._following = None
             return ()  # status says why elsewhere (mesh plan); nothing to check
-        now = time.time()
         self._planned = (plan, nodes)
+        self._following = (plan, nodes, observed, clients)
+        self._start_due()
+        if self._ticking is None or self._ticking.done():
+            self._ticking = asyncio.ensure_future(self._tick())
+        return link_reports(plan, self._results, nodes)
+
+    def reports(self) -> tuple[LinkStatus, ...] | None:
+        """Each cabled link of the last pass's plan as its ends' latest checks have it now (a pass
+        may be under way for seconds, its snapshot older than a check); None before a pass."""
+        if self._planned is None:
+            return None
+        plan, nodes = self._planned
+        return link_reports(plan, self._results, nodes)
+
+    def stop(self) -> None:
+        """Stop starting checks between passes (the master is stopping)."""
+        if self._ticking is not None:
+            self._ticking.cancel()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(TICK_S, self._interval_s))
+            self._start_due()
+
+    def _start_due(self) -> None:
+        """Start the checks that are due on the links the last pass planned."""
+        if self._following is None:
+            return
+        plan, nodes, observed, clients = self._following
+        now = time.time()
         for link in checked_links(plan):
             for end, peer in zip(link.ends, reversed(link.ends), strict=True):
                 key = (link.subnet, end.node)
@@ -75,7 +112,6 @@ class LinkChecks:
                 port = int(peer_node.address.rsplit(":", 1)[1])
                 request = LinkCheckRequest(end.address, peer.address, port, end.interface, *self._probe)
                 self._running[key] = asyncio.ensure_future(self._check(key, client, request))
-        return link_reports(plan, self._results, nodes)
 
     def any_planned(self) -> bool:
         """Whether the last pass planned any link to check."""

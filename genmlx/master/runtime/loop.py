@@ -118,8 +118,8 @@ class Reconciler:
         self._push_warnings: set[tuple[str, str]] = set()  # (node, key id) pushes already warned of
         self._canaries = Canaries.from_environment(http, self.keys_for_host)
         self._canaries.on_result = self.wake
-        self._link_checks = LinkChecks.from_environment()
-        self._link_checks.on_result = self.wake
+        self.link_checks = LinkChecks.from_environment()
+        self.link_checks.on_result = self.wake
         self._stopping = False
         self._passes_started = 0
         self._plan_waiters: list[tuple[int, asyncio.Future[Snapshot]]] = []
@@ -165,6 +165,7 @@ class Reconciler:
 
     def stop(self) -> None:
         self._stopping = True
+        self.link_checks.stop()
         self.wake()
 
     async def run(self) -> None:
@@ -279,7 +280,7 @@ class Reconciler:
         now = time.time()
         observed = await observe(manifest, candidates, self._http, self._rollouts, now, self._canaries)
         observed = self._backend_failures.note_ranks(manifest, observed)
-        return replace(observed, links_down=self._link_checks.down())
+        return replace(observed, links_down=self.link_checks.down())
 
     def _conclude(
         self,
@@ -323,7 +324,7 @@ class Reconciler:
     def _follow_links(self, manifest: Manifest, observed: Observed) -> tuple[LinkStatus, ...]:
         names = [n.name for n in manifest.nodes if n.name in observed.nodes]
         nodes = {node.name: node for node in observed_mesh_nodes(names, observed.nodes)}
-        return self._link_checks.follow(manifest, nodes, observed, self._proven_clients(observed))
+        return self.link_checks.follow(manifest, nodes, observed, self._proven_clients(observed))
 
     def proven_clients(self) -> dict[str, AgentClient]:
         """The clients of the agents the last pass found proven, by node (none before a pass)."""
@@ -331,13 +332,13 @@ class Reconciler:
 
     async def verify_links(self) -> tuple[LinkStatus, ...]:
         """Check every cabled link now, from both ends; the links as the pass after shows them."""
-        self._link_checks.ask()
+        self.link_checks.ask()
         first = self._passes_started
         self.wake()
         snapshot = await self.planned(first)  # that pass starts the checks
-        if not self._link_checks.any_planned():
+        if not self.link_checks.any_planned():
             return snapshot.links  # no cable to check: no second pass to wait for
-        await self._link_checks.settled(self._link_checks.longest_check_s)
+        await self.link_checks.settled(self.link_checks.longest_check_s)
         snapshot = await self.planned(self._passes_started)
         return snapshot.links
 
