@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -31,14 +29,11 @@ from genmlx.demo.pipeline_model import write_demo_pipeline_model
 from genmlx.demo.random_model import write_demo_model
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPOSITORY / "benchmarks"))  # the benchmarks' shared helpers
+from decode_throughput import free_port, wait_healthy  # noqa: E402
+
 TOKEN = "mixed-group-check"
 PROMPTS = ("Rivers", "The sea at night", "Copper is", "Once upon a time")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment(path: str) -> dict[str, str]:
@@ -70,21 +65,6 @@ def rank(model: Path, path: str, log: Path, flags: list[str]):
             process.kill()
 
 
-def wait_ready(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"a rank exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"rank on port {port} not ready in 180 s:\n{log.read_text()[-3000:]}")
-
-
 def answers(port: int) -> list[str]:
     """Each prompt's greedy completion, then a seeded sampled one (every rank samples each step and
     the group compares their tokens: a rank whose sampling rounded differently would break it)."""
@@ -99,7 +79,7 @@ def answers(port: int) -> list[str]:
 
 def alone(model: Path, path: str, work: Path) -> list[str]:
     with rank(model, path, work / "alone.log", []) as (port, process):
-        wait_ready(port, process, work / "alone.log")
+        wait_healthy(f"http://127.0.0.1:{port}/health", process, work / "alone.log")
         return answers(port)
 
 
@@ -113,7 +93,7 @@ def group(model: Path, paths: list[str], work: Path, flags: list[str]) -> list[s
             group_flags = ["--rank", str(r), "--world-size", str(len(paths)), "--hostfile", str(hostfile)]
             ranks.append((*stack.enter_context(rank(model, path, log, [*group_flags, *flags])), log))
         for port, process, log in ranks:
-            wait_ready(port, process, log)
+            wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
         replies = answers(ranks[0][0])
         for r, (_, process, log) in enumerate(ranks):
             if process.poll() is not None:

@@ -40,9 +40,9 @@ class LinkChecks:
         self._interval_s = interval_s
         self._probe = (probe_bytes, probe_seconds)
         self._results: dict[EndKey, LinkCheck] = {}
-        self._planned: tuple[MeshPlan, Mapping[str, MeshNode]] | None = None  # the last pass's links
         self._running: dict[EndKey, asyncio.Task] = {}
         self._asked_at = 0.0  # checks older than a user's request are due at once
+        # The last pass's links, the nodes they join, what it observed and its agents' clients.
         self._following: (
             tuple[MeshPlan, Mapping[str, MeshNode], Observed, Mapping[str, AgentClient]] | None
         ) = None
@@ -70,21 +70,20 @@ class LinkChecks:
             declared = [nodes.get(n.name, MeshNode(n.name, "")) for n in manifest.nodes]
             plan = plan_links(declared, manifest.mesh.topology)
         except MeshPlanError:
-            self._planned = self._following = None
+            self._following = None
             return ()  # status says why elsewhere (mesh plan); nothing to check
-        self._planned = (plan, nodes)
         self._following = (plan, nodes, observed, clients)
         self._start_due()
         if self._ticking is None or self._ticking.done():
             self._ticking = asyncio.ensure_future(self._tick())
-        return link_reports(plan, self._results, nodes)
+        return self.reports() or ()
 
     def reports(self) -> tuple[LinkStatus, ...] | None:
         """Each cabled link of the last pass's plan as its ends' latest checks have it now (a pass
         may be under way for seconds, its snapshot older than a check); None before a pass."""
-        if self._planned is None:
+        if self._following is None:
             return None
-        plan, nodes = self._planned
+        plan, nodes, *_ = self._following
         return link_reports(plan, self._results, nodes)
 
     def stop(self) -> None:
@@ -115,14 +114,12 @@ class LinkChecks:
 
     def any_planned(self) -> bool:
         """Whether the last pass planned any link to check."""
-        return self._planned is not None and bool(checked_links(self._planned[0]))
+        return self._following is not None and bool(checked_links(self._following[0]))
 
     def down(self) -> LinksDown:
         """The cables of the last pass's plan whose latest checks found them down, and why."""
-        if self._planned is None:
-            return {}
-        plan, nodes = self._planned
-        return links_down(link_reports(plan, self._results, nodes))
+        reports = self.reports()
+        return links_down(reports) if reports is not None else {}
 
     def ask(self) -> None:
         """Make every link due now (the next pass starts their checks)."""
