@@ -14,15 +14,17 @@ these is timed over ``--steps`` decode steps once all B sequences generate (mill
 - ``build``: the Python time of one ``model`` call alone (the graph is built, not computed);
 - ``device``: one step's forward pass computed with nothing overlapping it (``mx.eval`` after the
   ``model`` call, minus ``build``): the device's time for the step, launches included;
-- ``ops``: how many operations one step's graph holds (each is at least one kernel launch).
+- ``ops``: how many operations one step's graph holds (each is at least one kernel launch); the
+  kinds of operation at the first batch size are printed after the table.
 
-With ``--dequantize-rows N`` the model's quantized layers multiply N rows or more through their
-dequantized weight, as the dispatcher's ``--dequantize-rows`` makes them
-(``genmlx.dispatcher.engine.quantized_batches``); with ``--dequantize-rows measure``, at the row
-counts where this device was measured faster so, as the dispatcher does by default on a CUDA GPU
-(the measurement is printed); then 16 different prompts are also decoded
-greedily for ``--steps`` tokens, each alone and all in one batch, and the sequences that came out
-the same both ways are counted.
+The model's quantized layers multiply a batch's rows as one matrix, as the dispatcher makes them
+(``genmlx.dispatcher.engine.quantized_batches``); with ``--rows-apart`` they stay as mlx-lm loads
+them, one product per sequence. With ``--dequantize-rows N`` they also multiply N rows or more
+through their dequantized weight, as the dispatcher's ``--dequantize-rows`` makes them; with
+``--dequantize-rows measure``, at the row counts where this device was measured faster so, as the
+dispatcher does by default on a CUDA GPU (the measurement is printed). Then 16 different prompts
+are decoded greedily for ``--steps`` tokens, each alone and all in one batch, and the sequences
+that came out the same both ways are counted.
 
 If ``engine`` is near ``device``, the device is the limit; near ``build`` plus the bookkeeping, the
 host is. ``floor / engine`` is how much of the step's time the engine adds. B x 1000 / ``engine`` is
@@ -32,6 +34,7 @@ the tokens/s a batch of B can reach before any serving cost.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import re
 import statistics
@@ -98,7 +101,9 @@ def floor_ms(model, batch: int, prompt: list[int], steps: int) -> float:
     return elapsed * 1000 / steps
 
 
-def build_and_device_ms(model, batch: int, prompt: list[int], steps: int) -> tuple[float, float, int]:
+def build_and_device_ms(
+    model, batch: int, prompt: list[int], steps: int
+) -> tuple[float, float, collections.Counter[str]]:
     cache, tokens = prefilled(model, batch, prompt)
     builds, totals = [], []
     for step in range(WARM_UP_STEPS + steps):
@@ -114,13 +119,14 @@ def build_and_device_ms(model, batch: int, prompt: list[int], steps: int) -> tup
     return build, total - build, graph_ops(model, cache, tokens)
 
 
-def graph_ops(model, cache, tokens: mx.array) -> int:
-    """The operations in one decode step's graph, counted in MLX's own DOT rendering of it."""
+def graph_ops(model, cache, tokens: mx.array) -> collections.Counter[str]:
+    """The operations in one decode step's graph by kind, counted in MLX's own DOT rendering of it."""
     with tempfile.NamedTemporaryFile("w+", suffix=".dot") as dot:
         mx.export_to_dot(dot, mx.argmax(model(tokens[:, None], cache=cache)[:, -1, :], axis=-1))
         dot.seek(0)
-        # Operation nodes are drawn as rectangles, arrays as ovals.
-        return len(re.findall(r"shape\s*=\s*rectangle", dot.read()))
+        # Operation nodes are drawn as rectangles labelled with the primitive, arrays as ovals.
+        labels = re.findall(r'label\s*=\s*"([^"]*)"[^\]]*shape\s*=\s*rectangle', dot.read())
+        return collections.Counter(label.split()[0] if label.split() else "?" for label in labels)
 
 
 def same_alone_and_together(model, tokenizer, steps: int) -> tuple[int, int]:
@@ -154,29 +160,41 @@ def main() -> None:
         default="0",
         help="quantized layers dequantize from this many rows (0: never), or where measured faster (measure)",
     )
+    parser.add_argument(
+        "--rows-apart",
+        action="store_true",
+        help="leave the quantized layers as mlx-lm loads them: a batch's rows multiplied one by one",
+    )
     options = parser.parse_args()
     with model_directory(options.model, options.shape) as model_dir:
         model, tokenizer = load(str(model_dir))
         # As the dispatcher does it, saying what it measured and chose.
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
         given = options.dequantize_rows
-        span = dequantize_where_it_pays(model, None if given == "measure" else int(given))
+        rows = None if given == "measure" else int(given)
+        if not options.rows_apart:
+            dequantize_where_it_pays(model, rows)
         prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:PROMPT_TOKENS]
         print(f"model: {model_dir}; device {mx.default_device()}; {options.steps} steps per figure")
         columns = ("batch", "engine", "floor", "build", "device", "ops")
         print(" ".join(f"{c:>8}" for c in columns), " floor/engine  tok/s")
+        kinds = None
         for batch in options.batches:
             engine = engine_ms(model, batch, prompt, options.steps)
             floor = floor_ms(model, batch, prompt, options.steps)
             build, device, ops = build_and_device_ms(model, batch, prompt, options.steps)
+            kinds = kinds or (batch, ops)
             print(
-                f"{batch:>8} {engine:>8.2f} {floor:>8.2f} {build:>8.2f} {device:>8.2f} {ops:>8}"
+                f"{batch:>8} {engine:>8.2f} {floor:>8.2f} {build:>8.2f} {device:>8.2f} {ops.total():>8}"
                 f"  {floor / engine:>12.2f}  {batch * 1000 / engine:>5.0f}",
                 flush=True,
             )
-        if span is not None:
-            same, of = same_alone_and_together(model, tokenizer, options.steps)
-            print(f"greedy tokens the same alone and in a batch of {of}: {same} of {of} sequences")
+        if kinds:
+            batch, ops = kinds
+            listed = ", ".join(f"{kind} {count}" for kind, count in ops.most_common())
+            print(f"operations in one step at batch {batch}: {listed}")
+        same, of = same_alone_and_together(model, tokenizer, options.steps)
+        print(f"greedy tokens the same alone and in a batch of {of}: {same} of {of} sequences")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ of a model's shape.
 
 The block's seven projections (q, k, v, o; gate, up, down) are random weights quantized by
 ``mx.quantize``, the activations random bfloat16 rows. Timed per M, median of 20 runs of the block
-repeated 8 times in one evaluation (microseconds per block): ``quantized`` (``mx.quantized_matmul``),
-``deq f32`` (dequantized and multiplied in float32, what the dispatcher does), ``deq bf16``
-(dequantized to bfloat16 and multiplied in it); ``ratio`` is quantized over ``deq f32``: above 1
-the dequantized weight is faster. ``same`` is the share of the block's outputs (in bfloat16) the
-float32 path gives exactly as the quantized kernel does, ``bf16 same`` the bfloat16 path's.
+repeated 8 times in one evaluation (microseconds per block): ``quantized``
+(``mx.quantized_matmul`` on the (M, D) matrix, as the dispatcher multiplies a batch), ``apart``
+(the same on the M rows as an (M, 1, D) array, as a batch of M sequences reaches a layer of mlx-
+lm's models: M products of one row), ``deq f32`` (dequantized and multiplied in float32, what the
+dispatcher does), ``deq bf16`` (dequantized to bfloat16 and multiplied in it); ``ratio`` is
+quantized over ``deq f32``: above 1 the dequantized weight is faster; ``apart/q`` is ``apart``
+over ``quantized``. ``same`` is the share of the block's outputs (in bfloat16) the float32 path
+gives exactly as the quantized kernel does, ``bf16 same`` the bfloat16 path's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def run(block: list[tuple], x: dict[int, mx.array], path: str, bits: int, group_
         rows = x[w.shape[1] * 32 // bits]
         if path == "quantized":
             outs.append(mx.quantized_matmul(rows, w, scales, biases, True, group_size, bits))
+            continue
+        if path == "apart":
+            apart = mx.quantized_matmul(rows[:, None, :], w, scales, biases, True, group_size, bits)
+            outs.append(apart.squeeze(1))
             continue
         dtype = mx.float32 if path == "deq f32" else mx.bfloat16
         weight = mx.dequantize(w, scales, biases, group_size, bits, dtype=dtype)
@@ -80,7 +87,7 @@ def main() -> None:
         f"device {mx.default_device()}; block {options.hidden}/{options.intermediate}/{options.kv}, "
         f"{options.bits} bits, groups of {options.group_size}"
     )
-    columns = ("quantized", "deq f32", "deq bf16", "ratio", "same", "bf16 same")
+    columns = ("quantized", "apart", "deq f32", "deq bf16", "ratio", "apart/q", "same", "bf16 same")
     print(f"{'M':>6} " + " ".join(f"{c:>10}" for c in columns))
     for m in options.rows:
         x = {
@@ -90,14 +97,15 @@ def main() -> None:
         mx.eval(x)
         times = {
             p: timed_us(block, x, p, options.bits, options.group_size)
-            for p in ("quantized", "deq f32", "deq bf16")
+            for p in ("quantized", "apart", "deq f32", "deq bf16")
         }
         reference = run(block, x, "quantized", options.bits, options.group_size)
         f32 = same_share(reference, run(block, x, "deq f32", options.bits, options.group_size))
         bf16 = same_share(reference, run(block, x, "deq bf16", options.bits, options.group_size))
         print(
-            f"{m:>6} {times['quantized']:>10.0f} {times['deq f32']:>10.0f} {times['deq bf16']:>10.0f}"
-            f" {times['quantized'] / times['deq f32']:>10.2f} {f32:>10.1%} {bf16:>10.1%}",
+            f"{m:>6} {times['quantized']:>10.0f} {times['apart']:>10.0f} {times['deq f32']:>10.0f}"
+            f" {times['deq bf16']:>10.0f} {times['quantized'] / times['deq f32']:>10.2f}"
+            f" {times['apart'] / times['quantized']:>10.2f} {f32:>10.1%} {bf16:>10.1%}",
             flush=True,
         )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import openai
 import pytest
 from mlx.utils import tree_flatten
@@ -22,7 +21,7 @@ from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
 from genmlx.dispatcher.engine.quantized_batches import (
     RowSpan,
     Timing,
-    dequantize_for_batches,
+    batch_quantized_layers,
     faster_span,
     measure_span,
 )
@@ -70,7 +69,7 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
     rows = mx.array([tokenizer.encode("The river ran past the old mill")[:6]] * 3)  # 18 rows
     expected = model(rows)
     assert (
-        dequantize_for_batches(model, RowSpan(4, 64)) == 16
+        batch_quantized_layers(model, RowSpan(4, 64)) == 16
     )  # the embedding, 7 per layer of 2, the output layer
     assert {k: id(v) for k, v in tree_flatten(model.parameters())} == {
         k: id(v) for k, v in parameters.items()
@@ -91,10 +90,29 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
         assert dequantized == []
 
 
+def test_a_batchs_rows_reach_the_kernel_as_one_matrix_with_the_same_outputs(
+    quantized_dir: Path, monkeypatch
+) -> None:
+    model, tokenizer = load(quantized_dir)
+    tokens = mx.array([[t] for t in tokenizer.encode("Rows of one token each, as a batch decodes")[:5]])
+    expected = model(tokens)  # (5, 1): five sequences' next token
+    assert batch_quantized_layers(model) == 16
+    shapes = []
+    real_product = mx.quantized_matmul
+
+    def quantized_matmul(x, *args, **kwargs):
+        shapes.append(x.shape)
+        return real_product(x, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", quantized_matmul)
+    assert mx.array_equal(model(tokens), expected).item()
+    assert shapes and all(len(shape) == 2 and shape[0] == 5 for shape in shapes), shapes
+
+
 def test_greedy_tokens_are_the_same_alone_in_a_batch_dequantized_and_not(quantized_dir: Path) -> None:
     model, tokenizer = load(quantized_dir)
     by_the_kernel = greedy(model, tokenizer, TEXTS)
-    dequantize_for_batches(model, RowSpan(2))  # a lone sequence decodes one row: the kernel; the batch: not
+    batch_quantized_layers(model, RowSpan(2))  # a lone sequence decodes one row: the kernel; the batch: not
     batched = greedy(model, tokenizer, TEXTS)
     alone = {uid: greedy(model, tokenizer, (text,))[0] for uid, text in enumerate(TEXTS)}
     assert batched == by_the_kernel == alone
@@ -187,9 +205,9 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
     monkeypatch.setattr(quantized_batches, "measure_span", broken)
     assert quantized_batches.dequantize_where_it_pays(model, None) is None
     assert "measuring the quantized layers failed" in caplog.text
-    assert type(model.lm_head) is nn.QuantizedLinear
+    assert model.lm_head.span is None, "rows as one matrix, through the kernel"
     assert quantized_batches.dequantize_where_it_pays(model, 8) == RowSpan(8)
-    assert type(model.lm_head) is not nn.QuantizedLinear
+    assert model.lm_head.span == RowSpan(8)
 
 
 def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:

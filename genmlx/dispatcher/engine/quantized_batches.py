@@ -1,31 +1,28 @@
-"""Quantized layers that multiply many rows at once through a dequantized weight.
+"""Quantized layers that multiply a batch's rows as one matrix, and many rows at once through a
+dequantized weight.
 
-MLX's CUDA backend (0.32) multiplies a quantized weight by a few rows of activations with a kernel
-whose time grows with every row: on an H100 a decode step of Llama 3.2 1B's shape in 4 bits takes
-1.7 ms of device time for one sequence, 6.1 for 8, 15.5 for 32 and 28 for 64, while the same step
-in bfloat16, on cuBLAS, takes 1.9 ms for one and 4.5 for 64 (``benchmarks/decode_step_profile.py``;
-the host built each step's graph in 0.7 to 1.5 ms and held the interpreter lock 9% of the time
-while serving 64 streams, ``benchmarks/serving_profile.py``: the device's matrix kernel, not
-launches or Python, bounds a batch there). A batch of decoding sequences is exactly such a product.
-``dequantize_for_batches`` makes a model's quantized linear layers (and a quantized embedding used
-as the output layer) dequantize their weight when a call has at least ``min_rows`` rows and
-multiply it on the device's matrix kernel; below that they call MLX's quantized kernel as before,
-so a sequence decoding alone (a row a step) runs exactly as it did. A prompt read in chunks of
-``min_rows`` tokens or more goes through the dequantized weight too.
+A batch of decoding sequences reaches each linear layer as B rows of one token each, an array of
+shape (B, 1, D). MLX's CUDA backend (0.32) multiplies such an array by a quantized weight as B
+separate one-row products, each reading the whole weight: on an H100 a decode step of Llama 3.2
+1B's shape in 4 bits took 1.6 ms of device time for one sequence, 6.2 for 8, 15.3 for 32 and 28
+for 64, while one (64, D) product on the same layer takes about as long as one row
+(``benchmarks/decode_step_profile.py``, ``benchmarks/quantized_matmul.py``; the host built each
+step in 0.7 to 1.5 ms and held the interpreter lock 9% of the time serving 64 streams,
+``benchmarks/serving_profile.py``: neither launches nor Python bound the batch there).
+``batch_quantized_layers`` makes a model's quantized linear layers (and a quantized embedding used
+as the output layer) multiply every call's rows as one (rows, D) matrix, which on the CPU gives the
+very same numbers, and on a GPU reads the weight once for the whole batch.
 
-The weight is dequantized in float32 and multiplied in float32, close to what the quantized kernel
-computes (each weight ``scale * q + bias``, products summed in float32), so that a sequence decoded
-in a batch gives the tokens it gives alone; a weight rounded to bfloat16 would move the logits by
-more. The dequantized weight lives for the one call: it costs, transiently, four bytes per weight
-of the largest layer.
-
-Where it pays depends on the device, MLX's version and the layer's shape, so on a CUDA GPU the
-dispatcher measures it when it loads the model (``measure_span``): the largest of the quantized
-layers its blocks repeat multiplies random rows both ways at row counts from 1 to 2,048, and the
-row counts where the dequantized weight was clearly faster (``faster_span``) become the layers'
-span; nowhere faster, nothing changes. ``--dequantize-rows N`` sets the span to N rows and up
-instead (0: never). ``benchmarks/quantized_matmul.py`` prints the same comparison on a
-transformer block.
+They can also dequantize their weight when a call has rows in a ``RowSpan`` and multiply it on the
+device's matrix kernel, in float32, close to what the quantized kernel computes (each weight
+``scale * q + bias``, products summed in float32); a weight rounded to bfloat16 would move the
+logits by more. The dequantized weight lives for the one call: it costs, transiently, four bytes
+per weight of the largest layer. Where that pays depends on the device, MLX's version and the
+layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the model
+(``measure_span``): the largest of the quantized layers its blocks repeat multiplies random rows
+both ways at row counts from 1 to 2,048, and the row counts where the dequantized weight was
+clearly faster (``faster_span``) become the layers' span; nowhere faster, they keep the kernel.
+``--dequantize-rows N`` sets the span to N rows and up instead (0: never).
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["RowSpan", "dequantize_for_batches", "dequantize_where_it_pays", "faster_span", "measure_span"]
+__all__ = ["RowSpan", "batch_quantized_layers", "dequantize_where_it_pays", "faster_span", "measure_span"]
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +71,14 @@ class Timing:
     dequantized: float
 
 
-def dequantize_for_batches(model: nn.Module, span: RowSpan) -> int:
+def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int:
     """Make ``model``'s quantized linear layers and quantized embeddings (their ``as_linear``)
-    multiply calls with rows in ``span`` through a dequantized weight; how many layers changed.
-    Their parameters stay as they are (same names, same arrays)."""
+    multiply each call's rows as one matrix, and calls with rows in ``span`` through a dequantized
+    weight (None: none); how many layers changed. Their parameters stay as they are (same names,
+    same arrays)."""
     changed = 0
     for _, module in model.named_modules():
-        batched = _BATCHED.get(type(module))
+        batched = next((b for kind, b in _BATCHED.items() if isinstance(module, kind)), None)
         if batched is not None:
             module.__class__ = batched  # the same module, with the call below; nothing is copied
             module.span = span
@@ -89,11 +87,15 @@ def dequantize_for_batches(model: nn.Module, span: RowSpan) -> int:
 
 
 def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | None:
-    """Make the model's quantized layers multiply ``rows`` rows or more through their dequantized
-    weight (0: never; None: at the row counts where this device was measured faster so, with the
-    timings logged); the span they got (None where they have none, or the model no quantized layer)."""
-    if rows == 0 or not any(type(m) in _BATCHED for _, m in model.named_modules()):
-        return None  # told not to, or nothing quantized
+    """Make the model's quantized layers multiply each call's rows as one matrix, and ``rows`` rows
+    or more through their dequantized weight (0: never; None: at the row counts where this device
+    was measured faster so, with the timings logged); the span they got (None where they have none,
+    or the model no quantized layer)."""
+    if not any(isinstance(m, tuple(_BATCHED)) for _, m in model.named_modules()):
+        return None  # nothing quantized
+    if rows == 0:
+        batch_quantized_layers(model)
+        return None
     if rows is not None:
         span: RowSpan | None = RowSpan(rows)
     else:
@@ -102,7 +104,7 @@ def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | No
             span, timings = measure_span(model)
         except Exception:  # an optimization's measurement must not keep the model from serving
             log.exception("measuring the quantized layers failed; they keep MLX's quantized kernel")
-            return None
+            span, timings = None, []
         log.info("measured the quantized layers' products in %.2f s", time.monotonic() - started)
         for t in timings:
             log.info(
@@ -111,10 +113,10 @@ def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | No
                 t.quantized * 1e3,
                 t.dequantized * 1e3,
             )
+    layers = batch_quantized_layers(model, span)
     if span is None:
-        log.info("quantized layers multiply through MLX's quantized kernel at every row count")
+        log.info("%d quantized layers multiply through MLX's quantized kernel at every row count", layers)
         return None
-    layers = dequantize_for_batches(model, span)
     log.info("%d quantized layers multiply %s through their dequantized weight", layers, span)
     return span
 
@@ -128,7 +130,7 @@ def measure_span(
     largest of the model's repeated quantized linear layers with random rows of its input: the span
     (``faster_span``) and the timings. ``timed(path, rows, product)`` times one product
     (default: the fastest of ``TIMED_RUNS`` evaluations, after one untimed)."""
-    layers = [m for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
+    layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     if not layers:
         return None, []
     # The largest of the shapes every block repeats (not the output layer, whose float32 copy
@@ -176,11 +178,14 @@ def _fastest(path: str, rows: int, product: Callable[[], mx.array]) -> float:
 
 
 def _product(layer: nn.Module, x: mx.array) -> mx.array:
-    """``x`` times ``layer``'s quantized weight (transposed): through the dequantized weight where
-    its rows are in the layer's span, else by MLX's quantized kernel."""
-    if x.size // x.shape[-1] in layer.span:
-        return _dequantized(layer, x)
-    return _quantized(layer, x)
+    """``x`` times ``layer``'s quantized weight (transposed), its rows as one matrix: through the
+    dequantized weight where their count is in the layer's span, else by MLX's quantized kernel."""
+    *leading, width = x.shape
+    rows = x.size // width
+    matrix = x.reshape(rows, width)
+    span = layer.span
+    y = _dequantized(layer, matrix) if span is not None and rows in span else _quantized(layer, matrix)
+    return y.reshape(*leading, y.shape[-1])
 
 
 def _quantized(layer: nn.Module, x: mx.array) -> mx.array:
@@ -210,7 +215,7 @@ def _dequantized(layer: nn.Module, x: mx.array) -> mx.array:
 
 
 class _BatchedQuantizedLinear(nn.QuantizedLinear):
-    span: RowSpan
+    span: RowSpan | None
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _product(self, x)
@@ -218,7 +223,7 @@ class _BatchedQuantizedLinear(nn.QuantizedLinear):
 
 
 class _BatchedQuantizedEmbedding(nn.QuantizedEmbedding):
-    span: RowSpan
+    span: RowSpan | None
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _product(self, x)

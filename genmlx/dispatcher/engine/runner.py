@@ -49,6 +49,7 @@ from genmlx.dispatcher.engine.lockstep import (
     with_seed,
 )
 from genmlx.dispatcher.engine.model_loading import load_shard, load_whole
+from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 from genmlx.wire.rank_launch import BACKEND_JOIN_FAILED_EXIT
 from genmlx.wire.serving import ServingSettings
 
@@ -216,10 +217,7 @@ class Engine:
             mlx_group = join_group(group)
             self._channel = RankChannel(mlx_group)
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
-        if self._decoding.dequantize_rows != 0:
-            from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
-
-            dequantize_where_it_pays(model, self._decoding.dequantize_rows)
+        dequantize_where_it_pays(model, self._decoding.dequantize_rows)  # and rows as one matrix
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
         given = self._serving.context_length
