@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import openai
 import pytest
 from mlx.utils import tree_flatten
@@ -90,14 +91,10 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
         assert dequantized == []
 
 
-def test_a_batchs_rows_reach_the_kernel_as_one_matrix_with_the_same_outputs(
-    quantized_dir: Path, monkeypatch
-) -> None:
-    model, tokenizer = load(quantized_dir)
-    tokens = mx.array([[t] for t in tokenizer.encode("Rows of one token each, as a batch decodes")[:5]])
-    expected = model(tokens)  # (5, 1): five sequences' next token
-    assert batch_quantized_layers(model) == 16
-    shapes = []
+@pytest.fixture
+def kernel_inputs(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the activations MLX's quantized kernel is called with, as they come."""
+    shapes: list[tuple[int, ...]] = []
     real_product = mx.quantized_matmul
 
     def quantized_matmul(x, *args, **kwargs):
@@ -105,8 +102,39 @@ def test_a_batchs_rows_reach_the_kernel_as_one_matrix_with_the_same_outputs(
         return real_product(x, *args, **kwargs)
 
     monkeypatch.setattr(mx, "quantized_matmul", quantized_matmul)
+    return shapes
+
+
+def test_a_batchs_rows_reach_the_kernel_as_one_matrix_with_the_same_outputs(
+    quantized_dir: Path, kernel_inputs: list
+) -> None:
+    model, tokenizer = load(quantized_dir)
+    tokens = mx.array([[t] for t in tokenizer.encode("Rows of one token each, as a batch decodes")[:5]])
+    expected = model(tokens)  # (5, 1): five sequences' next token
+    assert batch_quantized_layers(model) == 16
+    kernel_inputs.clear()
     assert mx.array_equal(model(tokens), expected).item()
-    assert shapes and all(len(shape) == 2 and shape[0] == 5 for shape in shapes), shapes
+    assert kernel_inputs and all(len(shape) == 2 and shape[0] == 5 for shape in kernel_inputs), kernel_inputs
+
+
+def test_a_tensor_groups_quantized_shards_join_their_rows_too(kernel_inputs: list) -> None:
+    from mlx.nn.layers.distributed import shard_linear
+
+    group = mx.distributed.init()  # one process: a group of one, shards the whole layer
+    layer = nn.QuantizedLinear(128, 256, bias=False, group_size=64, bits=4)
+    shards = nn.Sequential(
+        shard_linear(layer, "all-to-sharded", group=group),
+        shard_linear(
+            nn.QuantizedLinear(256, 128, bias=False, group_size=64, bits=4), "sharded-to-all", group=group
+        ),
+    )
+    rows = mx.random.normal((6, 1, 128), key=mx.random.key(3)).astype(mx.bfloat16)
+    expected = shards(rows)
+    assert batch_quantized_layers(shards) == 2
+    kernel_inputs.clear()
+    joined = shards(rows)
+    assert joined.shape == (6, 1, 128) and mx.array_equal(joined, expected).item()
+    assert kernel_inputs == [(6, 128), (6, 256)]
 
 
 def test_greedy_tokens_are_the_same_alone_in_a_batch_dequantized_and_not(quantized_dir: Path) -> None:

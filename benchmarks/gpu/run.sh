@@ -12,8 +12,9 @@
 #      Llama 3.1 8B's shape in bfloat16 too;
 #   4. 2 again with both servers batching 64;
 #   5. where a decode step's time goes: the engine's step against the bare forward pass at 1 to 64
-#      sequences (decode_step_profile.py), with quantized layers dequantizing where measured
-#      faster too (the dispatcher's default on CUDA);
+#      sequences (decode_step_profile.py), with the quantized layers as mlx-lm loads them (each
+#      sequence's row multiplied apart: the "before"), as the dispatcher makes them (a batch's
+#      rows as one matrix), and dequantizing where measured faster too (its default on CUDA);
 #      MLX's quantized kernel against a dequantized weight by row count (quantized_matmul.py); the
 #      serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
 #   6. 1 and 2 again with ours on MLX's quantized kernel only (--dequantize-rows 0), the "before";
@@ -52,6 +53,7 @@ done
 echo "== aggregate tokens/s, both servers batching 64"
 load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --batch 64
 echo "== where a decode step's time goes"
+python3 decode_step_profile.py --model "$small" --rows-apart
 python3 decode_step_profile.py --model "$small"
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure
 python3 quantized_matmul.py

@@ -2,16 +2,18 @@
 dequantized weight.
 
 A batch of decoding sequences reaches each linear layer as B rows of one token each, an array of
-shape (B, 1, D). MLX's CUDA backend (0.32) multiplies such an array by a quantized weight as B
-separate one-row products, each reading the whole weight: on an H100 a decode step of Llama 3.2
-1B's shape in 4 bits took 1.6 ms of device time for one sequence, 6.2 for 8, 15.3 for 32 and 28
-for 64, while one (64, D) product on the same layer takes about as long as one row
-(``benchmarks/decode_step_profile.py``, ``benchmarks/quantized_matmul.py``; the host built each
-step in 0.7 to 1.5 ms and held the interpreter lock 9% of the time serving 64 streams,
+shape (B, 1, D). MLX's Metal backend multiplies that by a quantized weight as one (B, D) matrix;
+its CUDA backend (0.32) as B problems of one row each (its tiled kernel runs a tile of rows per
+problem, and each reads the whole weight). On an H100 a decode step of Llama 3.2 1B's shape in 4
+bits took 1.6 ms of device time for one sequence, 6.2 for 8, 15.3 for 32 and 28 for 64, growing by
+a weight read per sequence, while a (64, D) matrix on the block's layers took about as long as an
+(8, D) one (``benchmarks/decode_step_profile.py``, ``benchmarks/quantized_matmul.py``; the host
+built each step in 0.7 to 1.5 ms and held the interpreter lock 9% of the time serving 64 streams,
 ``benchmarks/serving_profile.py``: neither launches nor Python bound the batch there).
 ``batch_quantized_layers`` makes a model's quantized linear layers (and a quantized embedding used
-as the output layer) multiply every call's rows as one (rows, D) matrix, which on the CPU gives the
-very same numbers, and on a GPU reads the weight once for the whole batch.
+as the output layer, and a tensor-parallel group's quantized shards) multiply every call's rows as
+one (rows, D) matrix: the same numbers on the CPU, the same kernel as before on Metal, one weight
+read for the whole batch on CUDA.
 
 They can also dequantize their weight when a call has rows in a ``RowSpan`` and multiply it on the
 device's matrix kernel, in float32, close to what the quantized kernel computes (each weight
@@ -36,6 +38,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
 __all__ = ["RowSpan", "batch_quantized_layers", "dequantize_where_it_pays", "faster_span", "measure_span"]
 
@@ -229,7 +232,29 @@ class _BatchedQuantizedEmbedding(nn.QuantizedEmbedding):
         return _product(self, x)
 
 
+class _RowsJoined:
+    """A tensor-parallel group's quantized shard (mlx's distributed layers): its call, on the rows
+    as one matrix. Its product stays MLX's kernel at every row count."""
+
+    span: RowSpan | None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        *leading, width = x.shape
+        y = super().__call__(x.reshape(x.size // width, width))
+        return y.reshape(*leading, y.shape[-1])
+
+
+class _JoinedAllToSharded(_RowsJoined, QuantizedAllToShardedLinear):
+    pass
+
+
+class _JoinedShardedToAll(_RowsJoined, QuantizedShardedToAllLinear):
+    pass
+
+
 _BATCHED: dict[type, Any] = {
     nn.QuantizedLinear: _BatchedQuantizedLinear,
     nn.QuantizedEmbedding: _BatchedQuantizedEmbedding,
+    QuantizedAllToShardedLinear: _JoinedAllToSharded,
+    QuantizedShardedToAllLinear: _JoinedShardedToAll,
 }
