@@ -137,6 +137,17 @@ def test_a_tensor_groups_quantized_shards_join_their_rows_too(kernel_inputs: lis
     assert kernel_inputs == [(6, 128), (6, 256)]
 
 
+def test_a_models_own_kind_of_quantized_layer_is_left_to_call_itself() -> None:
+    class Split(nn.QuantizedLinear):  # as mlx-lm's fused projections: its call splits the product
+        def __call__(self, x):
+            return super().__call__(x).split([64], axis=-1)
+
+    model = nn.Sequential(Split(64, 128, bias=False), nn.QuantizedLinear(64, 64, bias=False))
+    assert batch_quantized_layers(model) == 1
+    assert type(model.layers[0]) is Split and model.layers[1].span is None
+    assert batch_quantized_layers(model) == 1, "a second time: the same layer, as it is"
+
+
 def test_greedy_tokens_are_the_same_alone_in_a_batch_dequantized_and_not(quantized_dir: Path) -> None:
     model, tokenizer = load(quantized_dir)
     by_the_kernel = greedy(model, tokenizer, TEXTS)

@@ -81,7 +81,7 @@ def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int
     same arrays)."""
     changed = 0
     for _, module in model.named_modules():
-        batched = next((b for kind, b in _BATCHED.items() if isinstance(module, kind)), None)
+        batched = _batched_class(module)
         if batched is not None:
             module.__class__ = batched  # the same module, with the call below; nothing is copied
             module.span = span
@@ -94,7 +94,7 @@ def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | No
     or more through their dequantized weight (0: never; None: at the row counts where this device
     was measured faster so, with the timings logged); the span they got (None where they have none,
     or the model no quantized layer)."""
-    if not any(isinstance(m, tuple(_BATCHED)) for _, m in model.named_modules()):
+    if not any(_batched_class(m) for _, m in model.named_modules()):
         return None  # nothing quantized
     if rows == 0:
         batch_quantized_layers(model)
@@ -124,6 +124,14 @@ def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | No
     return span
 
 
+def _batched_class(module: nn.Module) -> type | None:
+    """The class ``module`` takes to join its rows: for one of the quantized layers in ``_BATCHED``
+    exactly (a model's own subclass of one calls it its own way, and is left alone), or one that
+    already did."""
+    kind = type(module)
+    return _BATCHED.get(kind) or (kind if kind in _BATCHED.values() else None)
+
+
 def measure_span(
     model: nn.Module,
     rows: Sequence[int] = MEASURED_ROWS,
@@ -133,7 +141,7 @@ def measure_span(
     largest of the model's repeated quantized linear layers with random rows of its input: the span
     (``faster_span``) and the timings. ``timed(path, rows, product)`` times one product
     (default: the fastest of ``TIMED_RUNS`` evaluations, after one untimed)."""
-    layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
     if not layers:
         return None, []
     # The largest of the shapes every block repeats (not the output layer, whose float32 copy
