@@ -33,6 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` different loopback ports that nothing listens on right now (``free_port`` called
+    twice may give the same one back, as the first is closed before the second is asked for)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_ports(count: int) -> int:
     """The first of ``count`` consecutive loopback ports that nothing listens on right now: where
     a test puts the ports a master counts up from (``serving.port``, ``mesh.port``)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import Proc, free_port, http_status, wait_until
+from conftest import Proc, distinct_free_ports, http_status, wait_until
 
 from genmlx.agent.ranks.launch_request import InvalidLaunch, parse_rank_launch
 from genmlx.agent.ranks.supervisor import dispatcher_command
@@ -50,10 +50,14 @@ def start_ranks(spawn, token: str, tmp_path: Path):
     """``start_ranks(model_dir, world_size, *extra)``: every rank of a group, ready to serve."""
 
     def start(model_dir: Path, world_size: int, *extra: str) -> list[Rank]:
-        hostfile = tmp_path / f"hostfile-{free_port()}.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(world_size)]))
+        # The group's ports and the ranks' HTTP ports, all different.
+        ports = distinct_free_ports(2 * world_size)
+        group_ports, http_ports = ports[:world_size], ports[world_size:]
+        hostfile = tmp_path / f"hostfile-{group_ports[0]}.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in group_ports]))
         ranks = [
-            _start_rank(spawn, token, model_dir, r, world_size, hostfile, extra) for r in range(world_size)
+            _start_rank(spawn, token, model_dir, r, world_size, hostfile, extra, http_ports[r])
+            for r in range(world_size)
         ]
         for rank in ranks:
             wait_until(lambda rank=rank: http_status(rank.health_url) == 200, timeout=90, what="ranks ready")
@@ -63,9 +67,8 @@ def start_ranks(spawn, token: str, tmp_path: Path):
 
 
 def _start_rank(
-    spawn, token: str, model_dir: Path, rank: int, world_size: int, hostfile: Path, extra
+    spawn, token: str, model_dir: Path, rank: int, world_size: int, hostfile: Path, extra, port: int
 ) -> Rank:
-    port = free_port()
     args = ["-m", "genmlx.dispatcher", "--model", str(model_dir), "--name", MODEL, "--port", str(port)]
     if world_size > 1:
         args += ["--rank", str(rank), "--world-size", str(world_size), "--hostfile", str(hostfile), *extra]
