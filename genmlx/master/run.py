@@ -102,7 +102,7 @@ async def start_master(config: MasterConfig) -> RunningMaster:
     port = config.port or (applied.manifest.master.port if applied else DEFAULT_MASTER_PORT)
     responses = ResponseStore(config.state_dir / "responses.sqlite")
     tls = applied.manifest.master.tls if applied else None
-    serving = ServingMetrics(lambda: serving_ranks(reconciler), reconciler.keys_for_host, http)
+    serving = ServingMetrics(lambda: serving_ranks(reconciler), reconciler.clients.keys_for_host, http)
     poll_s = float(os.environ.get(TELEMETRY_POLL_ENV) or 2.0)
     telemetry = NodeTelemetry(reconciler.proven_clients, poll_s, serving)
     server = serve(

@@ -56,8 +56,12 @@ class LinkVerifier:
         started = time.time()
         try:
             await asyncio.to_thread(check_local_end, request)
-            rtt_ms = await measure_rtt(request)
-            probe = await probe_bandwidth(request, self._keys())
+            try:
+                rtt_ms = await measure_rtt(request)
+                probe = await probe_bandwidth(request, self._keys())
+            except LinkDown:  # a cable pulled during the check: this end says so, if it can
+                await asyncio.to_thread(check_local_end, request)
+                raise
         except LinkDown as e:
             ends = (request.local_address, request.peer_address)
             addressed = not isinstance(e, LinkUnaddressed)

@@ -108,7 +108,7 @@ class ProxyHandler(ApiHandler):
 
     async def forward(self, url: str, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
         # Signed with the token rank 0's node holds (it may still hold the old one in a rotation).
-        self.upstream_keys = self.reconciler.keys_for_host(urlsplit(url).hostname or "")
+        self.upstream_keys = self.reconciler.clients.keys_for_host(urlsplit(url).hostname or "")
         signed, self.nonce = signed_headers(self.upstream_keys, "POST", url, body)
         headers = {"Content-Type": "application/json", **signed, **(extra_headers or {})}
         try:

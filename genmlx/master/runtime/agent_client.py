@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
 import json
 import time
 from typing import Any
@@ -47,6 +48,9 @@ from genmlx.wire.telemetry import TelemetryReport
 STATE_TIMEOUT_S = 5.0
 LINK_CHECK_MARGIN_S = 10.0  # beyond its probe: three connects that may time out, the reply
 HEALTH_TIMEOUT_S = 3.0
+# A connect that was refused or found no route: nothing was sent (a reset may come mid-request).
+NOT_CONNECTED = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
+CONNECT_TIMEOUT = "Timeout while connecting"  # how tornado's message starts when a connect timed out
 # The error each 4xx an agent answers with becomes here; any other is an ``AgentRequestError``.
 REJECTIONS: dict[int, type[AgentRequestError]] = {404: AgentNotFound, 409: AgentConflict}
 
@@ -54,12 +58,23 @@ REJECTIONS: dict[int, type[AgentRequestError]] = {404: AgentNotFound, 409: Agent
 class AgentClient:
     """Talks to one agent at ``address`` ("host:port"), signing with the cluster's token. During a
     rotation's grace it signs with whichever of the two tokens the agent took last (``key_id``),
-    and tries the other when the agent does not hold that one."""
+    and tries the other when the agent does not hold that one.
+
+    An agent announces every address it has (Ethernet, Wi-Fi, a Thunderbolt cable): where one
+    cannot be connected to (a cable pulled, an interface down), a request goes to the next of
+    ``alternates`` instead, and ``address`` becomes the one that answered. Only a failed connect
+    moves on: nothing reached the agent, so nothing is done twice."""
 
     def __init__(
-        self, address: str, tokens: TokenSource, http: AsyncHTTPClient, stop_timeout_s: float = 30.0
+        self,
+        address: str,
+        tokens: TokenSource,
+        http: AsyncHTTPClient,
+        stop_timeout_s: float = 30.0,
+        alternates: tuple[str, ...] = (),
     ):
         self.address = address
+        self.alternates = alternates
         self._tokens = tokens
         self.key_id = ""  # the id of the key the agent took last
         self._http = http
@@ -136,7 +151,22 @@ class AgentClient:
     async def _call_signed(
         self, keys: Keys, method: str, path: str, payload: bytes | None, timeout: float
     ) -> Any:
-        url = f"http://{self.address}{path}"
+        """The call at ``address``, else at the first of the other addresses that connects."""
+        failures = []
+        for address in [self.address, *(a for a in self.alternates if a != self.address)]:
+            try:
+                reply = await self._call_at(address, keys, method, path, payload, timeout)
+            except NotConnected as e:
+                failures.append(str(e))
+                continue
+            self.address = address
+            return reply
+        raise AgentUnreachable("; ".join(failures))
+
+    async def _call_at(
+        self, address: str, keys: Keys, method: str, path: str, payload: bytes | None, timeout: float
+    ) -> Any:
+        url = f"http://{address}{path}"
         signed, nonce = signed_headers(keys, method, url, payload)
         request = HTTPRequest(
             url,
@@ -151,22 +181,21 @@ class AgentClient:
             response = await self._http.fetch(request)
         except HTTPClientError as e:
             if e.response is not None and e.code not in (401, 403):
-                self._check_signed(keys, nonce, e.response)
-            raise agent_error(self.address, method, path, e) from None
+                check_signed(address, keys, nonce, e.response)
+            if e.code == 599 and (e.message or "").startswith(CONNECT_TIMEOUT):
+                raise NotConnected(f"agent at {address} does not answer: {e.message}") from None
+            raise agent_error(address, method, path, e) from None
         except OSError as e:
-            raise AgentUnreachable(f"agent at {self.address} does not answer: {e}") from None
-        self._check_signed(keys, nonce, response)
+            unreachable = NotConnected if e.errno in NOT_CONNECTED else AgentUnreachable
+            raise unreachable(f"agent at {address} does not answer: {e}") from None
+        check_signed(address, keys, nonce, response)
         if response.headers.get("Content-Type", "").startswith("application/json"):
             return json.loads(response.body)
         return response.body.decode(errors="replace")
 
-    def _check_signed(self, keys: Keys, nonce: str, response: HTTPResponse) -> None:
-        try:
-            check_reply(keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
-        except SignatureError as e:
-            raise ImpostorError(
-                f"whatever answers at {self.address} is not a GenMLX agent of this cluster: {e}"
-            ) from None
+
+class NotConnected(AgentUnreachable):
+    """A connection to one of the agent's addresses could not be made: the request never left."""
 
 
 class ClockSkew(AuthError):
@@ -177,6 +206,16 @@ class ClockSkew(AuthError):
 class KeyNotHeld(AuthError):
     """The agent does not hold the token this request was signed with (a rotation under way, or
     another cluster's agent)."""
+
+
+def check_signed(address: str, keys: Keys, nonce: str, response: HTTPResponse) -> None:
+    """Raise ``ImpostorError`` unless ``response`` carries the agent's signature over ``nonce``."""
+    try:
+        check_reply(keys, nonce, response.code, response.headers.get(REPLY_HEADER), response.body)
+    except SignatureError as e:
+        raise ImpostorError(
+            f"whatever answers at {address} is not a GenMLX agent of this cluster: {e}"
+        ) from None
 
 
 def agent_error(address: str, method: str, path: str, e: HTTPClientError) -> Exception:

@@ -12,7 +12,6 @@ master uses is the manifest's business: agents it does not declare are reported 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
@@ -39,11 +38,12 @@ class DiscoveredAgent:
     """An agent as its announcement describes it."""
 
     name: str  # the node name it announces
-    address: str  # "ip:port" of its API
+    address: str  # "ip:port" of its API, the announced address the master prefers
     node_id: str
     version: str
     last_seen: float = field(compare=False)  # unix time of its latest announcement
     storage: tuple[str, ...] = field(default=(), compare=False)  # where known (a node that joined)
+    alternates: tuple[str, ...] = ()  # its other announced "ip:port", tried where address fails
 
     def report(self) -> AnnouncedAgent:
         return AnnouncedAgent(self.name, self.address, self.node_id, self.version, self.storage)
@@ -173,15 +173,16 @@ def agent_from_service(info: AsyncServiceInfo, service: str) -> DiscoveredAgent 
         log.warning("ignoring %s: its announcement carries no IPv4 address and port", service)
         return None
     name = txt.get("name") or service.removesuffix(f".{SERVICE_TYPE}")
-    address = f"{preferred_address(addresses)}:{info.port}"
-    return DiscoveredAgent(name, address, txt.get("id") or "", txt.get("version") or "", time.time())
+    preferred, *others = (f"{address}:{info.port}" for address in by_preference(addresses))
+    return DiscoveredAgent(
+        name, preferred, txt.get("id") or "", txt.get("version") or "", time.time(), alternates=tuple(others)
+    )
 
 
-def preferred_address(addresses: list[str]) -> str:
-    """Of the addresses an agent announces, one on a network this machine is on, else the first."""
-    with contextlib.suppress(ValueError):
+def by_preference(addresses: list[str]) -> list[str]:
+    """The addresses an agent announces, those on a network this machine is on first."""
+    try:
         networks = local_networks()
-        for address in addresses:
-            if any(ipaddress.IPv4Address(address) in network for network in networks):
-                return address
-    return addresses[0]
+        return sorted(addresses, key=lambda a: not any(ipaddress.IPv4Address(a) in n for n in networks))
+    except ValueError:
+        return addresses

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from tornado.httpclient import AsyncHTTPClient
 
 from genmlx.core.errors import ManifestError
-from genmlx.core.signing import Keys
 from genmlx.core.tokens import TokenSource
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
@@ -37,6 +36,7 @@ from genmlx.master.planning.status import (
     node_phase_conditions,
 )
 from genmlx.master.runtime.agent_client import AgentClient
+from genmlx.master.runtime.agent_clients import AgentClients
 from genmlx.master.runtime.applied import AppliedManifest, AppliedStore
 from genmlx.master.runtime.canary import Canaries
 from genmlx.master.runtime.discovery import AgentDiscovery, DiscoveredAgent, with_known
@@ -44,7 +44,7 @@ from genmlx.master.runtime.events import EventLog
 from genmlx.master.runtime.execute import ActionResult, execute
 from genmlx.master.runtime.fallbacks import BackendFailureMemory
 from genmlx.master.runtime.link_checks import LinkChecks
-from genmlx.master.runtime.observe import agent_addresses, observe
+from genmlx.master.runtime.observe import observe
 from genmlx.master.runtime.rotation import Rotation, push_rotated_token, rotation_under_way
 from genmlx.wire.status import LinkStatus, Revision
 
@@ -112,11 +112,11 @@ class Reconciler:
         self.events = events
         self._pass_listeners: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
-        self._clients: dict[str, AgentClient] = {}
+        self.clients = AgentClients(self.tokens, http)
         self._rollouts: dict[str, RolloutRecord] = {}
         self._backend_failures = BackendFailureMemory(events)
         self._push_warnings: set[tuple[str, str]] = set()  # (node, key id) pushes already warned of
-        self._canaries = Canaries.from_environment(http, self.keys_for_host)
+        self._canaries = Canaries.from_environment(http, self.clients.keys_for_host)
         self._canaries.on_result = self.wake
         self.link_checks = LinkChecks.from_environment()
         self.link_checks.on_result = self.wake
@@ -189,7 +189,7 @@ class Reconciler:
         self._passes_started += 1
         number = self._passes_started
         observed = await self._observe(applied.manifest)
-        proven = self._proven_clients(observed)
+        proven = self.clients.proven(observed)
         await push_rotated_token(self.tokens, observed, proven, self.events, self._push_warnings)
         assessments = assess_models(applied.manifest, observed)
         actions = actions_for(applied.manifest, observed, assessments)
@@ -198,7 +198,7 @@ class Reconciler:
         self.snapshot = snapshot
         self._tell_planned(number, snapshot)
         self._record_transitions(previous, snapshot, applied.manifest.name)
-        results = await execute(actions, self._proven_clients(observed)) if actions else []
+        results = await execute(actions, self.clients.proven(observed)) if actions else []
         self._remember_rollouts(snapshot, results, observed.now)
         self._backend_failures.note_refused_starts(results, observed)
         self._record_results(results)
@@ -276,7 +276,7 @@ class Reconciler:
                 )
 
     async def _observe(self, manifest: Manifest) -> Observed:
-        candidates = self._candidates_for(manifest)
+        candidates = self.clients.candidates(manifest, self.announced())
         now = time.time()
         observed = await observe(manifest, candidates, self._http, self._rollouts, now, self._canaries)
         observed = self._backend_failures.note_ranks(manifest, observed)
@@ -324,11 +324,11 @@ class Reconciler:
     def _follow_links(self, manifest: Manifest, observed: Observed) -> tuple[LinkStatus, ...]:
         names = [n.name for n in manifest.nodes if n.name in observed.nodes]
         nodes = {node.name: node for node in observed_mesh_nodes(names, observed.nodes)}
-        return self.link_checks.follow(manifest, nodes, observed, self._proven_clients(observed))
+        return self.link_checks.follow(manifest, nodes, observed, self.clients.proven(observed))
 
     def proven_clients(self) -> dict[str, AgentClient]:
         """The clients of the agents the last pass found proven, by node (none before a pass)."""
-        return self._proven_clients(self.snapshot.observed) if self.snapshot else {}
+        return self.clients.proven(self.snapshot.observed) if self.snapshot else {}
 
     async def verify_links(self) -> tuple[LinkStatus, ...]:
         """Check every cabled link now, from both ends; the links as the pass after shows them."""
@@ -366,34 +366,3 @@ class Reconciler:
         declared = {node.name for node in manifest.nodes}
         announced = sorted(self.announced().items())
         return tuple(agent for name, agents in announced if name not in declared for agent in agents)
-
-    def _candidates_for(self, manifest: Manifest) -> dict[str, list[AgentClient]]:
-        """For each node, a client for every place its agent may be (declared address, else
-        whatever announces its name): the pass finds out which of them proves itself."""
-        announced = self.announced()
-        return {
-            node.name: [self._client(address) for address in agent_addresses(node, announced)]
-            for node in manifest.nodes
-        }
-
-    def _client(self, address: str) -> AgentClient:
-        if address not in self._clients:
-            self._clients[address] = AgentClient(address, self.tokens, self._http)
-        return self._clients[address]
-
-    def keys_for_host(self, host: str) -> Keys:
-        """The keys to sign a request to a rank on ``host`` with: the token its node's agent took
-        last first (a rank follows its agent's token file)."""
-        for client in self._clients.values():
-            if client.address.rsplit(":", 1)[0] == host:
-                return client.keys()
-        return self.tokens.keys()
-
-    def _proven_clients(self, observed: Observed) -> dict[str, AgentClient]:
-        """The client of each node whose agent answered this pass with the cluster's signature:
-        the only ones actions go to."""
-        return {
-            name: self._client(node.address)
-            for name, node in observed.nodes.items()
-            if node.reachability == "ready"
-        }

@@ -21,12 +21,15 @@ from genmlx.master.runtime.canary import Canaries
 from genmlx.master.runtime.discovery import DiscoveredAgent
 
 
-def agent_addresses(node: Node, announced: Mapping[str, tuple[DiscoveredAgent, ...]]) -> list[str]:
+def agent_addresses(
+    node: Node, announced: Mapping[str, tuple[DiscoveredAgent, ...]]
+) -> list[tuple[str, ...]]:
     """Where the node's agent may listen: its declared address, else wherever something of that
-    name announced itself (perhaps more than one place: all are asked)."""
+    name announced itself (perhaps more than one thing: all are asked), each announcement's
+    addresses with the preferred one first."""
     if node.address:
-        return [node.address]
-    return sorted({agent.address for agent in announced.get(node.name, ())})
+        return [(node.address,)]
+    return sorted({(agent.address, *agent.alternates) for agent in announced.get(node.name, ())})
 
 
 def not_announced(name: str) -> str:

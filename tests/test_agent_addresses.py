@@ -1,0 +1,72 @@
+"""An agent announces every address it has (Ethernet, Wi-Fi, a Thunderbolt cable); the master
+keeps them all, prefers one on a network it is on, and where the one it uses cannot be connected
+to, goes on at the next: a real agent on loopback, real HTTP, signed both ways. A request that
+reached an agent and got no answer is not sent again elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from agent_harness import start_agent
+from conftest import free_port
+from tornado.httpclient import AsyncHTTPClient
+from zeroconf.asyncio import AsyncServiceInfo
+
+from genmlx.core.errors import AgentUnreachable
+from genmlx.core.mdns import API_VERSION, SERVICE_TYPE
+from genmlx.core.tokens import TokenSource
+from genmlx.master.runtime.agent_client import AgentClient
+from genmlx.master.runtime.discovery import agent_from_service
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def client(token: str, address: str, *alternates: str) -> AgentClient:
+    return AgentClient(
+        address, TokenSource.fixed(token), AsyncHTTPClient(force_instance=True), alternates=alternates
+    )
+
+
+def test_where_the_address_in_use_refuses_the_next_announced_one_answers_and_is_kept(spawn, tmp_path, token):
+    agent = start_agent(spawn, token, "n2", (tmp_path / "models",))
+    gone = f"127.0.0.1:{free_port()}"  # an interface that went down: nothing listens there
+    at = client(token, gone, agent.address)
+
+    async def twice():
+        return await at.state(), at.address, await at.state(), at.address
+
+    first, after_first, second, after_second = asyncio.run(twice())
+    assert first.name == second.name == "n2"
+    assert after_first == after_second == agent.address  # the next call starts where one answered
+
+    nowhere = client(token, gone, f"127.0.0.1:{free_port()}")
+    with pytest.raises(AgentUnreachable) as refused:
+        asyncio.run(nowhere.state())
+    assert str(refused.value).count("does not answer") == 2, refused.value  # every address, said
+    assert nowhere.address == gone
+
+
+def test_a_request_that_got_through_and_no_answer_is_not_sent_again_elsewhere(token):
+    with socket.create_server(("127.0.0.1", 0)) as silent, socket.create_server(("127.0.0.1", 0)) as other:
+        other.setblocking(False)
+        at = client(token, *(f"127.0.0.1:{server.getsockname()[1]}" for server in (silent, other)))
+        with pytest.raises(AgentUnreachable, match="does not answer: Timeout during request"):
+            asyncio.run(at.state())  # connected (the kernel accepts), then nothing came back
+        with pytest.raises(BlockingIOError):
+            other.accept()  # nothing ever connected to the other address
+
+
+def test_discovery_prefers_an_address_on_a_network_this_machine_is_on_and_keeps_the_rest():
+    info = AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"n2.{SERVICE_TYPE}",
+        port=6790,
+        properties={"api": API_VERSION, "name": "n2", "id": "node-id", "version": "0"},
+        parsed_addresses=["203.0.113.7", "127.0.0.1", "198.51.100.2"],  # only loopback is ours
+    )
+    agent = agent_from_service(info, f"n2.{SERVICE_TYPE}")
+    assert agent is not None and agent.name == "n2"
+    assert agent.address == "127.0.0.1:6790"
+    assert agent.alternates == ("203.0.113.7:6790", "198.51.100.2:6790")  # in announced order
