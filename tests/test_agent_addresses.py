@@ -1,6 +1,6 @@
 """An agent announces every address it has (Ethernet, Wi-Fi, a Thunderbolt cable); the master
-keeps them all, prefers one on a network it is on, and where the one it uses cannot be connected
-to, goes on at the next: a real agent on loopback, real HTTP, signed both ways. A request that
+keeps those on its own networks, and where the one it uses cannot be connected to, goes on at the
+next: a real agent on loopback, real HTTP, signed both ways. A request that
 reached an agent and got no answer is not sent again elsewhere."""
 
 from __future__ import annotations
@@ -58,15 +58,22 @@ def test_a_request_that_got_through_and_no_answer_is_not_sent_again_elsewhere(to
             other.accept()  # nothing ever connected to the other address
 
 
-def test_discovery_prefers_an_address_on_a_network_this_machine_is_on_and_keeps_the_rest():
-    info = AsyncServiceInfo(
+def announcement(*addresses: str) -> AsyncServiceInfo:
+    return AsyncServiceInfo(
         SERVICE_TYPE,
         f"n2.{SERVICE_TYPE}",
         port=6790,
         properties={"api": API_VERSION, "name": "n2", "id": "node-id", "version": "0"},
-        parsed_addresses=["203.0.113.7", "127.0.0.1", "198.51.100.2"],  # only loopback is ours
+        parsed_addresses=list(addresses),
     )
-    agent = agent_from_service(info, f"n2.{SERVICE_TYPE}")
+
+
+def test_discovery_keeps_the_addresses_on_this_machines_networks_and_no_other():
+    # Loopback is the one network of these that this machine is on.
+    agent = agent_from_service(announcement("203.0.113.7", "127.0.0.1", "198.51.100.2", "127.0.0.2"), "n2")
     assert agent is not None and agent.name == "n2"
-    assert agent.address == "127.0.0.1:6790"
-    assert agent.alternates == ("203.0.113.7:6790", "198.51.100.2:6790")  # in announced order
+    assert (agent.address, agent.alternates) == ("127.0.0.1:6790", ("127.0.0.2:6790",))
+    # None on its networks: the first announced, as before (a master reached through a router).
+    elsewhere = agent_from_service(announcement("203.0.113.7", "198.51.100.2"), "n2")
+    assert elsewhere is not None
+    assert (elsewhere.address, elsewhere.alternates) == ("203.0.113.7:6790", ())

@@ -173,16 +173,19 @@ def agent_from_service(info: AsyncServiceInfo, service: str) -> DiscoveredAgent 
         log.warning("ignoring %s: its announcement carries no IPv4 address and port", service)
         return None
     name = txt.get("name") or service.removesuffix(f".{SERVICE_TYPE}")
-    preferred, *others = (f"{address}:{info.port}" for address in by_preference(addresses))
+    preferred, *others = (f"{address}:{info.port}" for address in usable(addresses))
     return DiscoveredAgent(
         name, preferred, txt.get("id") or "", txt.get("version") or "", time.time(), alternates=tuple(others)
     )
 
 
-def by_preference(addresses: list[str]) -> list[str]:
-    """The addresses an agent announces, those on a network this machine is on first."""
+def usable(addresses: list[str]) -> list[str]:
+    """The addresses of an agent's announcement the master may talk to it at: those on a network
+    this machine is on, else the first (whatever announces may name any address: the master does
+    not go looking for it beyond its own networks)."""
     try:
         networks = local_networks()
-        return sorted(addresses, key=lambda a: not any(ipaddress.IPv4Address(a) in n for n in networks))
+        local = [a for a in addresses if any(ipaddress.IPv4Address(a) in n for n in networks)]
     except ValueError:
-        return addresses
+        local = []
+    return local or addresses[:1]
