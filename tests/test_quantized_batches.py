@@ -111,10 +111,15 @@ def test_a_batchs_rows_reach_the_kernel_as_one_matrix_with_the_same_outputs(
     model, tokenizer = load(quantized_dir)
     tokens = mx.array([[t] for t in tokenizer.encode("Rows of one token each, as a batch decodes")[:5]])
     expected = model(tokens)  # (5, 1): five sequences' next token
+    run = model(tokens.T)  # (1, 5): one sequence of five tokens
     assert batch_quantized_layers(model) == 16
     kernel_inputs.clear()
     assert mx.array_equal(model(tokens), expected).item()
     assert kernel_inputs and all(len(shape) == 2 and shape[0] == 5 for shape in kernel_inputs), kernel_inputs
+    # One sequence's tokens are one run of rows already: they reach the kernel as they are.
+    kernel_inputs.clear()
+    assert mx.array_equal(model(tokens.T), run).item()
+    assert kernel_inputs and all(shape[:2] == (1, 5) for shape in kernel_inputs), kernel_inputs
 
 
 def test_a_tensor_groups_quantized_shards_join_their_rows_too(kernel_inputs: list) -> None:

@@ -191,11 +191,19 @@ def _fastest(path: str, rows: int, product: Callable[[], mx.array]) -> float:
 def _product(layer: nn.Module, x: mx.array) -> mx.array:
     """``x`` times ``layer``'s quantized weight (transposed), its rows as one matrix: through the
     dequantized weight where their count is in the layer's span, else by MLX's quantized kernel."""
-    *leading, width = x.shape
-    rows = x.size // width
-    matrix = x.reshape(rows, width)
+    rows = x.size // x.shape[-1]
     span = layer.span
-    y = _dequantized(layer, matrix) if span is not None and rows in span else _quantized(layer, matrix)
+    product = _dequantized if span is not None and rows in span else _quantized
+    return _on_rows(lambda matrix: product(layer, matrix), x)
+
+
+def _on_rows(product: Callable[[mx.array], mx.array], x: mx.array) -> mx.array:
+    """``product`` of ``x``'s rows as one matrix, shaped back as ``x`` came. Rows that are one run
+    already (one sequence's tokens, (1, L, D)) go as they are: no reshape to build each step."""
+    *leading, width = x.shape
+    if x.ndim <= 2 or x.size // width == leading[-1]:
+        return product(x)
+    y = product(x.reshape(-1, width))
     return y.reshape(*leading, y.shape[-1])
 
 
@@ -247,9 +255,7 @@ class _RowsJoined:
     span: RowSpan | None
 
     def __call__(self, x: mx.array) -> mx.array:
-        *leading, width = x.shape
-        y = super().__call__(x.reshape(x.size // width, width))
-        return y.reshape(*leading, y.shape[-1])
+        return _on_rows(super().__call__, x)
 
 
 class _JoinedAllToSharded(_RowsJoined, QuantizedAllToShardedLinear):
