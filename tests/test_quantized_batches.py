@@ -84,7 +84,10 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
 
     monkeypatch.setattr(mx, "dequantize", dequantize)
     assert mx.allclose(model(rows), expected, atol=1e-4).item()
-    assert len(dequantized) == 15  # the embedding looks rows up: it multiplies nothing
+    # 7 per layer of 2: the embedding looks rows up, and the output layer, one of its kind and as
+    # wide as the vocabulary, keeps the kernel.
+    assert len(dequantized) == 14
+    assert (model.lm_head.span, model.model.layers[0].mlp.down_proj.span) == (None, RowSpan(4, 64))
     for outside in (rows[:1, :3], mx.concatenate([rows] * 4)):  # 3 rows, 72 rows: MLX's kernel
         dequantized.clear()
         model(outside)
@@ -249,9 +252,10 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
     monkeypatch.setattr(quantized_batches, "measure_span", broken)
     assert quantized_batches.dequantize_where_it_pays(model, None) is None
     assert "measuring the quantized layers failed" in caplog.text
-    assert model.lm_head.span is None, "rows as one matrix, through the kernel"
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.span is None, "rows as one matrix, through the kernel"
     assert quantized_batches.dequantize_where_it_pays(model, 8) == RowSpan(8)
-    assert model.lm_head.span == RowSpan(8)
+    assert layer.span == RowSpan(8)
 
 
 def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:

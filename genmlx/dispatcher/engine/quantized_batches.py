@@ -23,7 +23,9 @@ per weight of the largest layer. Where that pays depends on the device, MLX's ve
 layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the model
 (``measure_span``): the largest of the quantized layers its blocks repeat multiplies random rows
 both ways at row counts from 1 to 2,048, and the row counts where the dequantized weight was
-clearly faster (``faster_span``) become the layers' span; nowhere faster, they keep the kernel.
+clearly faster (``faster_span``) become the span of the layers whose shape the blocks repeat (not
+the output layer's, one of its kind and as wide as the vocabulary); nowhere faster, they keep the
+kernel.
 ``--dequantize-rows N`` sets the span to N rows and up instead (0: never).
 """
 
@@ -76,17 +78,17 @@ class Timing:
 
 def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int:
     """Make ``model``'s quantized linear layers and quantized embeddings (their ``as_linear``)
-    multiply each call's rows as one matrix, and calls with rows in ``span`` through a dequantized
-    weight (None: none); how many layers changed. Their parameters stay as they are (same names,
-    same arrays)."""
-    changed = 0
-    for _, module in model.named_modules():
-        batched = _batched_class(module)
-        if batched is not None:
-            module.__class__ = batched  # the same module, with the call below; nothing is copied
-            module.span = span
-            changed += 1
-    return changed
+    multiply each call's rows as one matrix, and those of a shape the model repeats calls with rows
+    in ``span`` through a dequantized weight (None: none); how many layers changed. Their
+    parameters stay as they are (same names, same arrays)."""
+    found = [(module, kind) for _, module in model.named_modules() if (kind := _batched_class(module))]
+    shapes = Counter((kind, module["weight"].shape) for module, kind in found)
+    for module, kind in found:
+        module.__class__ = kind  # the same module, with the call below; nothing is copied
+        # Only the layers the blocks repeat, as measured: the output layer, as wide as the
+        # vocabulary, would need gigabytes of float32 for its one product per step.
+        module.span = span if shapes[kind, module["weight"].shape] > 1 else None
+    return len(found)
 
 
 def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | None:
