@@ -169,6 +169,43 @@ def test_agents_become_ready_through_discovery_alone_and_a_killed_one_is_noticed
     assert node_id_of(cluster, "n2") == node_id
 
 
+def test_a_node_on_two_networks_stays_ready_when_the_one_the_master_reaches_it_on_goes_down(
+    netns_hosts, tmp_path
+):
+    bench: NetBench = netns_hosts(2)
+    cluster = BenchCluster(bench, tmp_path)
+    cluster.start_master(0, {"n2": None})
+    agent = cluster.start_agent(1, "n2")
+    wait_until(lambda: cluster.ready("n2"), timeout=30, what="n2 to be Ready")
+    # A second network to n2, cabled once its agent runs: the agent announces its address too.
+    bench.cable(0, 1, "en2", ("192.168.200.1/30", "192.168.200.2/30"))
+    wait_until(
+        lambda: re.search(r"announced n2\S* on .*192\.168\.200\.2 now", agent.output()),
+        timeout=20,
+        what="n2's agent to announce its address on the new network",
+    )
+    interfaces = {f"{bench.hosts[1].address}:{AGENT_PORT}": "eth0", f"192.168.200.2:{AGENT_PORT}": "en2"}
+
+    def n2_seen() -> tuple[bool, str]:
+        """Whether n2 is Ready and where the master reaches it, from one status document."""
+        document = wait_until(cluster.status, timeout=10, what="the master's status")
+        (node,) = document["nodes"]
+        return node["conditions"][0]["status"] == "True", node["address"]
+
+    for _ in range(2):  # the network in use goes down, then, with it back, the other one
+        used = n2_seen()[1]
+        other = next(address for address in interfaces if address != used)
+        bench.set_link(1, interfaces[used], up=False)
+        seen = [n2_seen()]  # as the master's status said it, every 0.2 s
+        deadline = time.monotonic() + 20
+        while seen[-1] != (True, other) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen.append(n2_seen())
+        assert seen[-1] == (True, other), seen
+        assert all(ready for ready, _ in seen), seen  # Ready throughout: no pass lost it
+        bench.set_link(1, interfaces[used], up=True)
+
+
 def test_undeclared_agents_are_unmanaged_and_a_foreign_token_is_unauthorized(netns_hosts, tmp_path):
     bench: NetBench = netns_hosts(3)
     cluster = BenchCluster(bench, tmp_path)

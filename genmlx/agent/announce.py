@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NODE_ID_FILE = "node-id"
 NAME_CHECK_MS = 1000  # mDNS responders answer within about 120 ms; Wi-Fi may take longer
+ADDRESS_CHECK_S = 5.0  # how often the agent looks for addresses come or gone
 
 
 def load_node_id(home: Path | None = None) -> str:
@@ -58,17 +59,42 @@ def write_node_id(path: Path) -> str:
 
 
 class Announcement:
-    """The agent's registered service; ``withdraw()`` says goodbye and closes the sockets."""
+    """The agent's registered service, kept to the addresses the machine has (a cable plugged in,
+    a new lease on Wi-Fi: each is announced within ``ADDRESS_CHECK_S``, so the master has every
+    address to reach the agent at); ``withdraw()`` says goodbye and closes the sockets."""
 
-    def __init__(self, zeroconf: AsyncZeroconf, info: AsyncServiceInfo, broadcast: asyncio.Future):
+    def __init__(self, zeroconf: AsyncZeroconf, info: AsyncServiceInfo, broadcast: asyncio.Future, host: str):
         self._zeroconf = zeroconf
         self.info = info
         self._broadcast = broadcast  # the repeated announcements, kept referenced until they finish
+        self._host = host
+        self._following = asyncio.ensure_future(self._follow_addresses())
 
     async def withdraw(self) -> None:
         """Send the goodbye packets (the master forgets us at once) and close zeroconf."""
+        self._following.cancel()
         await self._zeroconf.async_close()  # unregisters everything first: the goodbye packets
         log.info("withdrew the announcement of %s", self.info.name)
+
+    async def _follow_addresses(self) -> None:
+        while True:
+            await asyncio.sleep(ADDRESS_CHECK_S)
+            addresses = zeroconf_addresses(self._host)
+            if set(addresses) == set(self.info.parsed_addresses(IPVersion.V4Only)):
+                continue
+            properties = self.info.decoded_properties
+            info = agent_service_info(
+                properties["name"] or "", self.info.port or 0, addresses, properties["id"] or ""
+            )
+            try:
+                await self._zeroconf.async_update_service(info)
+            except Exception as e:  # the old announcement stands; the next look tries again
+                log.warning(
+                    "could not announce %s on its new addresses %s: %s", info.name, ", ".join(addresses), e
+                )
+                continue
+            self.info = info
+            log.info("announced %s on %s now (its addresses changed)", info.name, ", ".join(addresses))
 
 
 async def announce_agent(name: str, host: str, port: int, node_id: str) -> Announcement:
@@ -88,7 +114,7 @@ async def announce_agent(name: str, host: str, port: int, node_id: str) -> Annou
         await zeroconf.async_close()
         raise
     log.info("announced %s on %s port %d (node id %s)", info.name, ", ".join(addresses), port, node_id)
-    return Announcement(zeroconf, info, broadcast)
+    return Announcement(zeroconf, info, broadcast, host)
 
 
 async def refuse_a_taken_name(zeroconf: AsyncZeroconf, name: str) -> None:

@@ -210,17 +210,19 @@ class ClusterAuth:
         """The tokens that count now: the current one, and an older one during a rotation's grace."""
         return self.tokens.current().tokens(time.time())
 
-    def own_addresses(self) -> set[str]:
-        """This machine's IP addresses, looked up again at most every few seconds."""
+    def own_addresses(self, fresh: bool = False) -> set[str]:
+        """This machine's IP addresses, looked up again at most every few seconds (``fresh``:
+        every second, for a request to an address not among them: a cable just plugged in)."""
         looked_up, addresses = self._addresses
         now = time.monotonic()
-        if now - looked_up >= ADDRESS_REFRESH_S:
+        if now - looked_up >= (ADDRESS_RECHECK_S if fresh else ADDRESS_REFRESH_S):
             addresses = interface_addresses()
             self._addresses = (now, addresses)
         return addresses
 
 
 ADDRESS_REFRESH_S = 10.0
+ADDRESS_RECHECK_S = 1.0
 
 
 class SessionVerifier(Protocol):
@@ -274,7 +276,8 @@ class ApiHandler(RequestHandler):
             signature = parse_signature(request.headers.get("Authorization"))
             if signature is None:
                 return False
-            if not host_is_ours(request.host, auth.own_addresses()):
+            ours = host_is_ours(request.host, auth.own_addresses())
+            if not ours and not host_is_ours(request.host, auth.own_addresses(fresh=True)):
                 raise SignatureError(f"it is addressed to {request.host}, which is not this machine")
             keys = auth.keys
             if keys.find(signature.key_id) is None:  # a token just rotated here: look at the file now

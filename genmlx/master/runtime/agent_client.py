@@ -60,10 +60,10 @@ class AgentClient:
     rotation's grace it signs with whichever of the two tokens the agent took last (``key_id``),
     and tries the other when the agent does not hold that one.
 
-    An agent announces every address it has (Ethernet, Wi-Fi, a Thunderbolt cable): where one
-    cannot be connected to (a cable pulled, an interface down), a request goes to the next of
-    ``alternates`` instead, and ``address`` becomes the one that answered. Only a failed connect
-    moves on: nothing reached the agent, so nothing is done twice."""
+    An agent announces every address it has (Ethernet, Wi-Fi, a Thunderbolt cable): where the one
+    in use cannot be connected to (a cable pulled, an interface down), a request goes to the next
+    of ``alternates`` (all of them) instead, and ``address`` becomes the one that answered. Only
+    a failed connect moves on: nothing reached the agent, so nothing is done twice."""
 
     def __init__(
         self,

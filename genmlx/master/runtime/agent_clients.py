@@ -50,10 +50,15 @@ class AgentClients:
                 return client.keys()
         return self._tokens.keys()
 
-    def _client(self, preferred: str, *alternates: str) -> AgentClient:
-        """The client of the agent at ``preferred``, or at one of ``alternates`` where that fails."""
-        client = self._by_address.get(preferred)
+    def _client(self, *addresses: str) -> AgentClient:
+        """The client of the agent announced at ``addresses``, the preferred first: one that talks
+        to it at one of them already keeps that address (an announcement that gained or lost an
+        address does not move the master off one that works)."""
+        client = next((c for c in self._by_address.values() if c.address in addresses), None)
         if client is None:
-            client = self._by_address[preferred] = AgentClient(preferred, self._tokens, self._http)
-        client.alternates = alternates
+            client = self._by_address.get(addresses[0])
+            if client is None:
+                client = self._by_address[addresses[0]] = AgentClient(addresses[0], self._tokens, self._http)
+            client.address = addresses[0]
+        client.alternates = addresses
         return client
