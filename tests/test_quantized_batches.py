@@ -6,6 +6,7 @@ span measured where the dequantized product was faster, and only there."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -256,6 +257,35 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
     assert layer.span is None, "rows as one matrix, through the kernel"
     assert quantized_batches.dequantize_where_it_pays(model, 8) == RowSpan(8)
     assert layer.span == RowSpan(8)
+
+
+def test_a_measurement_is_kept_for_the_next_load_on_this_device(
+    quantized_dir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    from genmlx.dispatcher.engine import quantized_batches
+
+    measured = []
+    real_measure = quantized_batches.measure_span
+    monkeypatch.setattr(
+        quantized_batches, "measure_span", lambda model: measured.append(1) or real_measure(model)
+    )
+    kept = tmp_path / "home" / quantized_batches.MEASUREMENTS_FILE
+    caplog.set_level("INFO")
+
+    first = quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
+    assert measured == [1] and "measured in" in caplog.text
+    ((key, timings),) = json.loads(kept.read_text()).items()
+    assert mx.device_info()["device_name"] in key and f"MLX {mx.__version__}" in key, key
+    assert [rows for rows, _, _ in timings] == list(quantized_batches.MEASURED_ROWS)
+
+    caplog.clear()
+    again = quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
+    assert measured == [1], "the next load takes what the first measured"
+    assert again == first and "as an earlier load measured them" in caplog.text
+
+    kept.write_text("{half a file")  # a damaged file is measured over and written whole
+    quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
+    assert measured == [1, 1] and list(json.loads(kept.read_text())) == [key]
 
 
 def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:

@@ -25,30 +25,43 @@ layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the mod
 both ways at row counts from 1 to 2,048, and the row counts where the dequantized weight was
 clearly faster (``faster_span``) become the span of the layers whose shape the blocks repeat (not
 the output layer's, one of its kind and as wide as the vocabulary); nowhere faster, they keep the
-kernel.
+kernel. The timings are kept in ``GENMLX_HOME/quantized-products.json`` by device, MLX version
+and layer, so the next load of such a model there takes them instead of measuring again.
 ``--dequantize-rows N`` sets the span to N rows and up instead (0: never).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
-__all__ = ["RowSpan", "batch_quantized_layers", "dequantize_where_it_pays", "faster_span", "measure_span"]
+__all__ = [
+    "MEASUREMENTS_FILE",
+    "RowSpan",
+    "batch_quantized_layers",
+    "dequantize_where_it_pays",
+    "faster_span",
+    "measure_span",
+    "measured_span",
+]
 
 log = logging.getLogger(__name__)
 
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 FASTER = 0.9  # the dequantized product must take at most this share of the kernel's time
 TIMED_RUNS = 3  # per path and row count; the fastest counts
+MEASUREMENTS_FILE = "quantized-products.json"  # under GENMLX_HOME: what loads there measured
 
 
 @dataclass(frozen=True)
@@ -91,11 +104,12 @@ def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int
     return len(found)
 
 
-def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | None:
+def dequantize_where_it_pays(model: nn.Module, rows: int | None, kept: Path | None = None) -> RowSpan | None:
     """Make the model's quantized layers multiply each call's rows as one matrix, and ``rows`` rows
     or more through their dequantized weight (0: never; None: at the row counts where this device
-    was measured faster so, with the timings logged); the span they got (None where they have none,
-    or the model no quantized layer)."""
+    was measured faster so, with the timings logged and kept in ``kept`` for the next load, see
+    ``measured_span``); the span they got (None where they have none, or the model no quantized
+    layer)."""
     if not any(_batched_class(m) for _, m in model.named_modules()):
         return None  # nothing quantized
     if rows == 0:
@@ -104,13 +118,12 @@ def dequantize_where_it_pays(model: nn.Module, rows: int | None) -> RowSpan | No
     if rows is not None:
         span: RowSpan | None = RowSpan(rows)
     else:
-        started = time.monotonic()
         try:
-            span, timings = measure_span(model)
+            span, timings, source = measured_span(model, kept)
         except Exception:  # an optimization's measurement must not keep the model from serving
             log.exception("measuring the quantized layers failed; they keep MLX's quantized kernel")
-            span, timings = None, []
-        log.info("measured the quantized layers' products in %.2f s", time.monotonic() - started)
+            span, timings, source = None, [], "not measured"
+        log.info("the quantized layers' products, %s", source)
         for t in timings:
             log.info(
                 "a quantized layer, %d rows: %.3f ms; dequantized: %.3f ms",
@@ -134,23 +147,81 @@ def _batched_class(module: nn.Module) -> type | None:
     return _BATCHED.get(kind) or (kind if kind in _BATCHED.values() else None)
 
 
+def measured_span(model: nn.Module, kept: Path | None) -> tuple[RowSpan | None, list[Timing], str]:
+    """``measure_span``'s span and timings, and where they came from: from the file ``kept`` where
+    a load on this device, with this MLX, measured a layer of this kind before (measuring can take
+    tens of seconds on a GPU, most of it setting kernels up), else measured now and kept there."""
+    layer = measured_layer(model)
+    if layer is None:
+        return None, [], "none to measure"
+    key = measurement_key(layer)
+    found = kept_timings(kept).get(key) if kept else None
+    if found:
+        timings = [Timing(*entry) for entry in found]
+        return faster_span(timings), timings, f"as an earlier load measured them (kept in {kept})"
+    started = time.monotonic()
+    span, timings = measure_span(model)
+    if kept:
+        keep_timings(kept, key, timings)
+    return span, timings, f"measured in {time.monotonic() - started:.2f} s"
+
+
+def measured_layer(model: nn.Module) -> nn.Module | None:
+    """The layer ``measure_span`` measures: the largest of the shapes every block repeats (not the
+    output layer, whose float32 copy would be the largest of all, and is one of its kind)."""
+    layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
+    if not layers:
+        return None
+    shapes = Counter(tuple(m["weight"].shape) for m in layers)
+    repeated = [m for m in layers if shapes[tuple(m["weight"].shape)] > 1] or layers
+    return max(repeated, key=lambda m: m["weight"].size)
+
+
+def measurement_key(layer: nn.Module, rows: Sequence[int] = MEASURED_ROWS) -> str:
+    """What a measurement depends on: the device, MLX's version, the layer's kind, the rows."""
+    outputs, packed = layer["weight"].shape
+    device = mx.device_info().get("device_name", "?")
+    return (
+        f"{device} ({mx.default_device()}), MLX {mx.__version__}: {outputs} x {packed * 32 // layer.bits}, "
+        f"{layer.bits} bits in groups of {layer.group_size} ({layer.mode}), {layer['scales'].dtype}; "
+        f"rows {', '.join(map(str, rows))}"
+    )
+
+
+def kept_timings(path: Path) -> dict[str, list]:
+    """The timings kept in ``path`` by measurement key; none where it is missing or unreadable."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def keep_timings(path: Path, key: str, timings: Sequence[Timing]) -> None:
+    """Add ``timings`` to ``path`` under ``key``, the file replaced whole (or left as it was)."""
+    kept = {**kept_timings(path), key: [[t.rows, t.quantized, t.dequantized] for t in timings]}
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft.write_text(json.dumps(kept, indent=1) + "\n")
+        os.replace(draft, path)
+    except OSError as e:
+        log.warning("could not keep the measurement in %s: %s", path, e)
+        draft.unlink(missing_ok=True)
+
+
 def measure_span(
     model: nn.Module,
     rows: Sequence[int] = MEASURED_ROWS,
     timed: Callable[[str, int, Callable[[], mx.array]], float] | None = None,
 ) -> tuple[RowSpan | None, list[Timing]]:
     """Where the dequantized weight beats MLX's quantized kernel on this device, measured on the
-    largest of the model's repeated quantized linear layers with random rows of its input: the span
-    (``faster_span``) and the timings. ``timed(path, rows, product)`` times one product
-    (default: the fastest of ``TIMED_RUNS`` evaluations, after one untimed)."""
-    layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
-    if not layers:
+    largest of the model's repeated quantized linear layers (``measured_layer``) with random rows of
+    its input: the span (``faster_span``) and the timings. ``timed(path, rows, product)`` times one
+    product (default: the fastest of ``TIMED_RUNS`` evaluations, after one untimed)."""
+    layer = measured_layer(model)
+    if layer is None:
         return None, []
-    # The largest of the shapes every block repeats (not the output layer, whose float32 copy
-    # would be the largest of all, and is one of its kind).
-    shapes = Counter(tuple(m["weight"].shape) for m in layers)
-    repeated = [m for m in layers if shapes[tuple(m["weight"].shape)] > 1] or layers
-    layer = max(repeated, key=lambda m: m["weight"].size)
     inputs = layer["weight"].shape[-1] * 32 // layer.bits
     timed = timed or _fastest
     timings = []

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from tornado.ioloop import IOLoop
 
 from genmlx.core.errors import NotReady, QueueFull
+from genmlx.core.home import genmlx_home
 from genmlx.dispatcher.engine.decoding import DecoderSettings
 from genmlx.dispatcher.engine.disk_agreement import agree_on_disk
 from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Job, Usage
@@ -49,7 +50,7 @@ from genmlx.dispatcher.engine.lockstep import (
     with_seed,
 )
 from genmlx.dispatcher.engine.model_loading import load_shard, load_whole
-from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
+from genmlx.dispatcher.engine.quantized_batches import MEASUREMENTS_FILE, dequantize_where_it_pays
 from genmlx.wire.rank_launch import BACKEND_JOIN_FAILED_EXIT
 from genmlx.wire.serving import ServingSettings
 
@@ -217,7 +218,8 @@ class Engine:
             mlx_group = join_group(group)
             self._channel = RankChannel(mlx_group)
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
-        dequantize_where_it_pays(model, self._decoding.dequantize_rows)  # and rows as one matrix
+        # Rows as one matrix; a measurement on a GPU is kept for the next load on this machine.
+        dequantize_where_it_pays(model, self._decoding.dequantize_rows, genmlx_home() / MEASUREMENTS_FILE)
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
         given = self._serving.context_length
