@@ -14,7 +14,9 @@ lm's models: M products of one row), ``deq f32`` (dequantized and multiplied in 
 dispatcher does), ``deq bf16`` (dequantized to bfloat16 and multiplied in it); ``ratio`` is
 quantized over ``deq f32``: above 1 the dequantized weight is faster; ``apart/q`` is ``apart``
 over ``quantized``. ``same`` is the share of the block's outputs (in bfloat16) the float32 path
-gives exactly as the quantized kernel does, ``bf16 same`` the bfloat16 path's.
+gives exactly as the quantized kernel does, ``bf16 same`` the bfloat16 path's. ``1st q`` and ``1st
+f32`` are the first run's microseconds per block on those two paths, any set-up of a kernel new
+at that shape included: where the dispatcher's measurement at load spends its time.
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def run(block: list[tuple], x: dict[int, mx.array], path: str, bits: int, group_
     return outs
 
 
-def timed_us(block, x, path: str, bits: int, group_size: int) -> float:
+def timed_us(block, x, path: str, bits: int, group_size: int) -> tuple[float, float]:
+    """Microseconds per block: the median of the runs after two untimed, and the first run's (in
+    which MLX sets up any kernel it has not used at this shape yet)."""
     times = []
     for _ in range(RUNS + 2):
         started = time.perf_counter()
         mx.eval([run(block, x, path, bits, group_size) for _ in range(REPEATS)])
         times.append(time.perf_counter() - started)
-    return statistics.median(times[2:]) * 1e6 / REPEATS
+    return statistics.median(times[2:]) * 1e6 / REPEATS, times[0] * 1e6 / REPEATS
 
 
 def same_share(a: list[mx.array], b: list[mx.array]) -> float:
@@ -87,7 +91,18 @@ def main() -> None:
         f"device {mx.default_device()}; block {options.hidden}/{options.intermediate}/{options.kv}, "
         f"{options.bits} bits, groups of {options.group_size}"
     )
-    columns = ("quantized", "apart", "deq f32", "deq bf16", "ratio", "apart/q", "same", "bf16 same")
+    columns = (
+        "quantized",
+        "apart",
+        "deq f32",
+        "deq bf16",
+        "ratio",
+        "apart/q",
+        "same",
+        "bf16 same",
+        "1st q",
+        "1st f32",
+    )
     print(f"{'M':>6} " + " ".join(f"{c:>10}" for c in columns))
     for m in options.rows:
         x = {
@@ -95,17 +110,19 @@ def main() -> None:
             for size in (options.hidden, options.intermediate)
         }
         mx.eval(x)
-        times = {
+        timed = {
             p: timed_us(block, x, p, options.bits, options.group_size)
             for p in ("quantized", "apart", "deq f32", "deq bf16")
         }
+        times = {p: median for p, (median, _) in timed.items()}
         reference = run(block, x, "quantized", options.bits, options.group_size)
         f32 = same_share(reference, run(block, x, "deq f32", options.bits, options.group_size))
         bf16 = same_share(reference, run(block, x, "deq bf16", options.bits, options.group_size))
         print(
             f"{m:>6} {times['quantized']:>10.0f} {times['apart']:>10.0f} {times['deq f32']:>10.0f}"
             f" {times['deq bf16']:>10.0f} {times['quantized'] / times['deq f32']:>10.2f}"
-            f" {times['apart'] / times['quantized']:>10.2f} {f32:>10.1%} {bf16:>10.1%}",
+            f" {times['apart'] / times['quantized']:>10.2f} {f32:>10.1%} {bf16:>10.1%}"
+            f" {timed['quantized'][1]:>10.0f} {timed['deq f32'][1]:>10.0f}",
             flush=True,
         )
 
