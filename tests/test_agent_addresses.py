@@ -10,6 +10,7 @@ import socket
 
 import pytest
 from agent_harness import start_agent
+from builders import declared_node, manifest
 from conftest import free_port
 from tornado.httpclient import AsyncHTTPClient
 from zeroconf.asyncio import AsyncServiceInfo
@@ -18,7 +19,8 @@ from genmlx.core.errors import AgentUnreachable
 from genmlx.core.mdns import API_VERSION, SERVICE_TYPE
 from genmlx.core.tokens import TokenSource
 from genmlx.master.runtime.agent_client import AgentClient
-from genmlx.master.runtime.discovery import agent_from_service
+from genmlx.master.runtime.agent_clients import AgentClients
+from genmlx.master.runtime.discovery import DiscoveredAgent, agent_from_service
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +79,24 @@ def test_discovery_keeps_the_addresses_on_this_machines_networks_and_no_other():
     elsewhere = agent_from_service(announcement("203.0.113.7", "198.51.100.2"), "n2")
     assert elsewhere is not None
     assert (elsewhere.address, elsewhere.alternates) == ("203.0.113.7:6790", ())
+
+
+def test_each_announcement_has_a_client_of_its_own_that_follows_its_agent_across_changes(token):
+    clients = AgentClients(TokenSource.fixed(token), AsyncHTTPClient(force_instance=True))
+    declared = manifest(nodes=(declared_node("n2"),))  # no address: whatever announces the name
+
+    def agent(*addresses: str) -> DiscoveredAgent:
+        return DiscoveredAgent("n2", addresses[0], "node-id", "0", 0.0, alternates=addresses[1:])
+
+    real, rogue = agent("10.0.0.2:6790", "192.168.200.2:6790"), agent("10.0.0.2:6790", "10.0.0.66:6790")
+    found = {
+        client.alternates: client for client in clients.candidates(declared, {"n2": (real, rogue)})["n2"]
+    }
+    assert set(found) == {real.addresses, rogue.addresses}
+    at_real = found[real.addresses]  # what else announces the name has a client of its own
+    at_real.address = "192.168.200.2:6790"  # as after a failed connect to 10.0.0.2
+    (again,) = clients.candidates(declared, {"n2": (real,)})["n2"]
+    assert again is at_real
+    # The announcement gains an address: a new client, still at the address that answered.
+    (grown,) = clients.candidates(declared, {"n2": (agent(*real.addresses, "10.1.0.2:6790"),)})["n2"]
+    assert grown is not at_real and grown.address == "192.168.200.2:6790"

@@ -45,6 +45,11 @@ class DiscoveredAgent:
     storage: tuple[str, ...] = field(default=(), compare=False)  # where known (a node that joined)
     alternates: tuple[str, ...] = ()  # its other announced "ip:port", tried where address fails
 
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every "ip:port" of its announcement the master may use, the preferred first."""
+        return (self.address, *self.alternates)
+
     def report(self) -> AnnouncedAgent:
         return AnnouncedAgent(self.name, self.address, self.node_id, self.version, self.storage)
 

@@ -29,7 +29,7 @@ def agent_addresses(
     addresses with the preferred one first."""
     if node.address:
         return [(node.address,)]
-    return sorted({(agent.address, *agent.alternates) for agent in announced.get(node.name, ())})
+    return sorted({agent.addresses for agent in announced.get(node.name, ())})
 
 
 def not_announced(name: str) -> str:
