@@ -286,6 +286,9 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     kept.write_text("{half a file")  # a damaged file is measured over and written whole
     quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
     assert measured == [1, 1] and list(json.loads(kept.read_text())) == [key]
+    kept.write_text(json.dumps({key: [[1, 0.5]]}))  # and so is a damaged entry
+    quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
+    assert measured == [1, 1, 1] and len(json.loads(kept.read_text())[key]) == len(timings)
 
 
 def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:

@@ -156,8 +156,11 @@ def measured_span(model: nn.Module, kept: Path | None) -> tuple[RowSpan | None, 
         return None, [], "none to measure"
     key = measurement_key(layer)
     found = kept_timings(kept).get(key) if kept else None
-    if found:
-        timings = [Timing(*entry) for entry in found]
+    try:
+        timings = [Timing(*entry) for entry in found or ()]
+    except TypeError:  # an entry not of three numbers: measured over
+        timings = []
+    if timings:
         return faster_span(timings), timings, f"as an earlier load measured them (kept in {kept})"
     started = time.monotonic()
     span, timings = measure_span(model)
