@@ -7,6 +7,7 @@ span measured where the dequantized product was faster, and only there."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -298,3 +299,29 @@ def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path,
     assert dequantize_where_it_pays(model, None) is None
     assert dequantize_where_it_pays(model, 8) is None
     assert "quantized" not in caplog.text, "nothing measured, nothing said"
+
+
+def test_compiled_kernels_are_kept_under_genmlx_home_unless_placed(tmp_path: Path, monkeypatch) -> None:
+    from genmlx.dispatcher.engine.model_loading import keep_compiled_kernels
+
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    kept = keep_compiled_kernels(tmp_path / "home")
+    assert kept == tmp_path / "home" / "mlx-kernels" / mx.__version__
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(kept), "MLX reads where to keep them from the environment"
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "theirs"))
+    assert keep_compiled_kernels(tmp_path / "home") == tmp_path / "theirs"
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "theirs")
+
+
+def test_a_measurement_that_cannot_be_written_is_logged_and_leaves_no_partial(tmp_path: Path, caplog) -> None:
+    from genmlx.dispatcher.engine.measurements import keep_timings
+
+    kept = tmp_path / "kept.json"
+    kept.mkdir()  # not a file to replace: the rename fails, whoever runs this
+    (kept / "theirs").write_text("stays")
+    keep_timings(kept, "a", [Timing(1, 0.5, 0.25)])
+    assert "could not keep the measurement" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"], "no partial left behind"
+    assert (kept / "theirs").read_text() == "stays"
+    keep_timings(tmp_path / "other.json", "a", [Timing(1, 0.5, 0.25)])
+    assert json.loads((tmp_path / "other.json").read_text()) == {"a": [[1, 0.5, 0.25]]}

@@ -13,6 +13,7 @@ rank runs the final norm and head. ``lockstep`` checks the outcome after each re
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,19 @@ class Sharding:
 
     parallelism: Parallelism = "tensor"
     layer_split: tuple[int, ...] | None = None
+
+
+def keep_compiled_kernels(home: Path) -> Path:
+    """Where MLX keeps the kernels it compiles while it runs: ``home``/mlx-kernels/<MLX version>,
+    unless ``MLX_PTX_CACHE_DIR`` names a place already. On CUDA, MLX compiles some kernels the
+    first time a process needs them (its tiled quantized product: 24 to 27 s for each tile height
+    on an H100) and by default keeps them under the system's temporary directory, which a restart
+    may empty; a dispatcher's next start would compile them again while it loads or, worse, while
+    it serves. Set before the first compile (MLX reads it once)."""
+    import mlx.core as mx
+
+    default = home / "mlx-kernels" / mx.__version__
+    return Path(os.environ.setdefault("MLX_PTX_CACHE_DIR", str(default)))
 
 
 def load_whole(model_dir: Path) -> tuple[Any, Any, dict[str, Any]]:

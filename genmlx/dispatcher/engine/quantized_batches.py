@@ -32,9 +32,7 @@ and layer, so the next load of such a model there takes them instead of measurin
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,11 +44,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShardedToAllLinear
 
+from genmlx.dispatcher.engine.measurements import (
+    MEASUREMENTS_FILE,
+    Timing,
+    keep_timings,
+    kept_timings,
+    measurement_key,
+)
+
 __all__ = [
     "MEASUREMENTS_FILE",
     "RowSpan",
     "batch_quantized_layers",
     "dequantize_where_it_pays",
+    "dequantized_weight",
     "faster_span",
     "measure_span",
     "measured_span",
@@ -61,7 +68,6 @@ log = logging.getLogger(__name__)
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 FASTER = 0.9  # the dequantized product must take at most this share of the kernel's time
 TIMED_RUNS = 3  # per path and row count; the fastest counts
-MEASUREMENTS_FILE = "quantized-products.json"  # under GENMLX_HOME: what loads there measured
 
 
 @dataclass(frozen=True)
@@ -77,16 +83,6 @@ class RowSpan:
 
     def __str__(self) -> str:
         return f"{self.low} rows or more" if self.high is None else f"{self.low} to {self.high - 1} rows"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One row count's product on one layer, in seconds: MLX's quantized kernel, and through the
-    dequantized weight."""
-
-    rows: int
-    quantized: float
-    dequantized: float
 
 
 def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int:
@@ -150,11 +146,12 @@ def _batched_class(module: nn.Module) -> type | None:
 def measured_span(model: nn.Module, kept: Path | None) -> tuple[RowSpan | None, list[Timing], str]:
     """``measure_span``'s span and timings, and where they came from: from the file ``kept`` where
     a load on this device, with this MLX, measured a layer of this kind before (measuring can take
-    tens of seconds on a GPU, most of it setting kernels up), else measured now and kept there."""
+    a minute or more on a GPU, nearly all of it MLX compiling its kernel for each tile height, see
+    ``model_loading.keep_compiled_kernels``), else measured now and kept there."""
     layer = measured_layer(model)
     if layer is None:
         return None, [], "none to measure"
-    key = measurement_key(layer)
+    key = measurement_key(layer, MEASURED_ROWS)
     found = kept_timings(kept).get(key) if kept else None
     try:
         timings = [Timing(*entry) for entry in found or ()]
@@ -178,39 +175,6 @@ def measured_layer(model: nn.Module) -> nn.Module | None:
     shapes = Counter(tuple(m["weight"].shape) for m in layers)
     repeated = [m for m in layers if shapes[tuple(m["weight"].shape)] > 1] or layers
     return max(repeated, key=lambda m: m["weight"].size)
-
-
-def measurement_key(layer: nn.Module, rows: Sequence[int] = MEASURED_ROWS) -> str:
-    """What a measurement depends on: the device, MLX's version, the layer's kind, the rows."""
-    outputs, packed = layer["weight"].shape
-    device = mx.device_info().get("device_name", "?")
-    return (
-        f"{device} ({mx.default_device()}), MLX {mx.__version__}: {outputs} x {packed * 32 // layer.bits}, "
-        f"{layer.bits} bits in groups of {layer.group_size} ({layer.mode}), {layer['scales'].dtype}; "
-        f"rows {', '.join(map(str, rows))}"
-    )
-
-
-def kept_timings(path: Path) -> dict[str, list]:
-    """The timings kept in ``path`` by measurement key; none where it is missing or unreadable."""
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return kept if isinstance(kept, dict) else {}
-
-
-def keep_timings(path: Path, key: str, timings: Sequence[Timing]) -> None:
-    """Add ``timings`` to ``path`` under ``key``, the file replaced whole (or left as it was)."""
-    kept = {**kept_timings(path), key: [[t.rows, t.quantized, t.dequantized] for t in timings]}
-    draft = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draft.write_text(json.dumps(kept, indent=1) + "\n")
-        os.replace(draft, path)
-    except OSError as e:
-        log.warning("could not keep the measurement in %s: %s", path, e)
-        draft.unlink(missing_ok=True)
 
 
 def measure_span(
@@ -296,17 +260,21 @@ def _quantized(layer: nn.Module, x: mx.array) -> mx.array:
     )
 
 
-def _dequantized(layer: nn.Module, x: mx.array) -> mx.array:
-    weight = mx.dequantize(
+def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """``layer``'s quantized weight dequantized to ``dtype`` (each weight ``scale * q + bias``)."""
+    return mx.dequantize(
         layer["weight"],
         layer["scales"],
         layer.get("biases"),
         group_size=layer.group_size,
         bits=layer.bits,
         mode=layer.mode,
-        dtype=mx.float32,
+        dtype=dtype,
     )
-    return (x.astype(mx.float32) @ weight.T).astype(x.dtype)
+
+
+def _dequantized(layer: nn.Module, x: mx.array) -> mx.array:
+    return (x.astype(mx.float32) @ dequantized_weight(layer, mx.float32).T).astype(x.dtype)
 
 
 class _BatchedQuantizedLinear(nn.QuantizedLinear):

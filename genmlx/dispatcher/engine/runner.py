@@ -49,7 +49,7 @@ from genmlx.dispatcher.engine.lockstep import (
     step_checksum,
     with_seed,
 )
-from genmlx.dispatcher.engine.model_loading import load_shard, load_whole
+from genmlx.dispatcher.engine.model_loading import keep_compiled_kernels, load_shard, load_whole
 from genmlx.dispatcher.engine.quantized_batches import MEASUREMENTS_FILE, dequantize_where_it_pays
 from genmlx.wire.rank_launch import BACKEND_JOIN_FAILED_EXIT
 from genmlx.wire.serving import ServingSettings
@@ -211,6 +211,7 @@ class Engine:
     def _load(self) -> LoadedModel:
         from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+        keep_compiled_kernels(genmlx_home())
         group = self._source.group
         if group is None:
             model, tokenizer, config = load_whole(self._source.model_dir)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from genmlx.core.errors import ManifestError
+from genmlx.core.files import write_whole
 from genmlx.manifest import load_manifest_text
 from genmlx.manifest.types import Manifest
 from genmlx.wire.status import Revision
@@ -57,11 +57,5 @@ class AppliedStore:
             "generation": applied.generation,
             "appliedAt": applied.applied_at,
         }
-        write_atomically(self.folder / "applied.yaml", applied.text)
-        write_atomically(self.folder / "applied.json", json.dumps(meta, indent=2))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+        write_whole(self.folder / "applied.yaml", applied.text)
+        write_whole(self.folder / "applied.json", json.dumps(meta, indent=2))
