@@ -79,6 +79,7 @@ class LevelRun:
     streams: int
     tokens: int
     seconds: float
+    errors: tuple[str, ...] = ()  # one per stream that failed
 
     @property
     def tokens_per_second(self) -> float:
@@ -121,12 +122,16 @@ def stream_tokens(client: openai.OpenAI, model: str, prompt: str, workload: Work
 def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
     """``streams`` concurrent streams, started together; aggregate tokens over wall time."""
     counts = [0] * streams
+    errors: list[str] = []
     start = threading.Barrier(streams + 1)
 
     def one_stream(index: int) -> None:
         client = server.client()  # built before the clock starts: an openai.OpenAI() costs ~30 ms of CPU
         start.wait()
-        counts[index] = stream_tokens(client, server.model, PROMPTS[index % len(PROMPTS)], workload)
+        try:
+            counts[index] = stream_tokens(client, server.model, PROMPTS[index % len(PROMPTS)], workload)
+        except (openai.OpenAIError, RuntimeError) as e:  # counted and named in the report
+            errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(streams)]
     for thread in threads:
@@ -135,7 +140,7 @@ def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
     began = time.perf_counter()
     for thread in threads:
         thread.join()
-    return LevelRun(streams, sum(counts), time.perf_counter() - began)
+    return LevelRun(streams, sum(counts), time.perf_counter() - began, tuple(errors))
 
 
 def median_rate(runs: list[LevelRun]) -> float:
@@ -220,6 +225,13 @@ def report(
         baseline = results["mlx_lm.server"][level]
         tokens = f"{ours[0].tokens}/{baseline[0].tokens}"
         ratio = paired_ratios([r.tokens_per_second for r in ours], [r.tokens_per_second for r in baseline])
+        failed = {name: [e for r in runs[level] for e in r.errors] for name, runs in results.items()}
+        if any(failed.values()):  # a server that dropped streams made fewer tokens: no ratio
+            ratio = "not compared: " + "; ".join(
+                f"{name} failed {len(errors)} of {level * len(results[name][level])} streams ({errors[0]})"
+                for name, errors in failed.items()
+                if errors
+            )
         print(f"{level:>7} {tokens:>13} {median_rate(ours):>10.1f} {median_rate(baseline):>14.1f}  {ratio}")
 
 

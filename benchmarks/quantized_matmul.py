@@ -16,7 +16,11 @@ quantized over ``deq f32``: above 1 the dequantized weight is faster; ``apart/q`
 over ``quantized``. ``same`` is the share of the block's outputs (in bfloat16) the float32 path
 gives exactly as the quantized kernel does, ``bf16 same`` the bfloat16 path's. ``1st q`` and ``1st
 f32`` are the first run's microseconds per block on those two paths, any set-up of a kernel new
-at that shape included: where the dispatcher's measurement at load spends its time.
+at that shape included: where the dispatcher's measurement at load spends its time. ``copy``
+(an experiment: the dispatcher does not keep such copies) multiplies by the weight dequantized to
+bfloat16 once, beforehand, on the dense matrix kernel; ``q/copy`` is ``quantized`` over it, ``copy
+same`` the share of its outputs the same as the quantized kernel's. The block's weights are read
+again each repeat, from the GPU's cache where they fit there (a model's many blocks do not).
 """
 
 from __future__ import annotations
@@ -37,15 +41,20 @@ def quantized_block(hidden: int, intermediate: int, kv: int, bits: int, group_si
     block = []
     for i, shape in enumerate(shapes):
         weight = (mx.random.normal(shape, key=mx.random.key(i)) * 0.02).astype(mx.bfloat16)
-        block.append(mx.quantize(weight, group_size=group_size, bits=bits))
+        w, scales, biases = mx.quantize(weight, group_size=group_size, bits=bits)
+        dense = mx.dequantize(w, scales, biases, group_size, bits, dtype=mx.bfloat16)
+        block.append((w, scales, biases, dense))
     mx.eval(block)
     return block
 
 
 def run(block: list[tuple], x: dict[int, mx.array], path: str, bits: int, group_size: int) -> list[mx.array]:
     outs = []
-    for w, scales, biases in block:
+    for w, scales, biases, dense in block:
         rows = x[w.shape[1] * 32 // bits]
+        if path == "copy":
+            outs.append(rows @ dense.T)
+            continue
         if path == "quantized":
             outs.append(mx.quantized_matmul(rows, w, scales, biases, True, group_size, bits))
             continue
@@ -102,6 +111,9 @@ def main() -> None:
         "bf16 same",
         "1st q",
         "1st f32",
+        "copy",
+        "q/copy",
+        "copy same",
     )
     print(f"{'M':>6} " + " ".join(f"{c:>10}" for c in columns))
     for m in options.rows:
@@ -112,17 +124,19 @@ def main() -> None:
         mx.eval(x)
         timed = {
             p: timed_us(block, x, p, options.bits, options.group_size)
-            for p in ("quantized", "apart", "deq f32", "deq bf16")
+            for p in ("quantized", "apart", "deq f32", "deq bf16", "copy")
         }
         times = {p: median for p, (median, _) in timed.items()}
         reference = run(block, x, "quantized", options.bits, options.group_size)
         f32 = same_share(reference, run(block, x, "deq f32", options.bits, options.group_size))
         bf16 = same_share(reference, run(block, x, "deq bf16", options.bits, options.group_size))
+        copy = same_share(reference, run(block, x, "copy", options.bits, options.group_size))
         print(
             f"{m:>6} {times['quantized']:>10.0f} {times['apart']:>10.0f} {times['deq f32']:>10.0f}"
             f" {times['deq bf16']:>10.0f} {times['quantized'] / times['deq f32']:>10.2f}"
             f" {times['apart'] / times['quantized']:>10.2f} {f32:>10.1%} {bf16:>10.1%}"
-            f" {timed['quantized'][1]:>10.0f} {timed['deq f32'][1]:>10.0f}",
+            f" {timed['quantized'][1]:>10.0f} {timed['deq f32'][1]:>10.0f}"
+            f" {times['copy']:>10.0f} {times['quantized'] / times['copy']:>10.2f} {copy:>10.1%}",
             flush=True,
         )
 

@@ -105,6 +105,8 @@ def main() -> None:
             streaming.join()
         if spy.returncode != 0:
             sys.exit(f"py-spy failed: {problem.strip()}")
+        if errors := [e for r in runs for e in r.errors]:
+            sys.exit(f"{len(errors)} streams failed, the first: {errors[0]}")
         rate = sum(r.tokens for r in runs) / sum(r.seconds for r in runs)
         print(f"model: {model_dir}; {options.streams} streams of {options.tokens} tokens: {rate:.0f} tok/s")
         summarize(work / "raw.txt", options.seconds, options.top)
