@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import shlex
 import socket
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +27,7 @@ from genmlx.cli.read_commands import reading_master
 from genmlx.cli.service.commands import cmd_service_install, host_node_name
 from genmlx.cli.service.managers import ServiceError
 from genmlx.core.errors import GenMLXError
+from genmlx.core.files import write_whole
 from genmlx.core.home import default_token_path, genmlx_home
 from genmlx.core.signing import Keys
 from genmlx.core.tokens import JOIN_CODE_LABEL, unseal_token
@@ -206,8 +205,4 @@ def put_token(token: str) -> None:
     """The cluster token in this machine's token file, readable by its user only."""
     path = default_token_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".token.{os.getpid()}.{time.monotonic_ns()}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(partial, path)
+    write_whole(path, token + "\n", mode=0o600)

@@ -21,13 +21,13 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from genmlx.core.files import write_whole
 from genmlx.core.home import TOKEN_BYTES
 from genmlx.core.signing import Keys
 
@@ -90,11 +90,7 @@ def read_token_file(path: Path) -> TokenFile:
 def write_token_file(path: Path, tokens: TokenFile) -> None:
     """Replace the token file at once (readable by its owner alone): a reader never sees half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(tokens.text())
-    os.replace(partial, path)
+    write_whole(path, tokens.text(), mode=0o600)
 
 
 class TokenSource:

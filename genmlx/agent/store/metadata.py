@@ -5,14 +5,13 @@ rules for names and relative paths inside the store."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from genmlx.core.errors import AgentRequestError, PermanentError
+from genmlx.core.files import write_whole
 from genmlx.wire.agent_state import MODEL_RECORD_NAME
 from genmlx.wire.codec import WireError, WireType, bounded, decode
 from genmlx.wire.rank_launch import MODEL_NAME
@@ -115,12 +114,4 @@ def read_metadata(model_dir: Path) -> ModelMetadata | None:
 
 def write_metadata(model_dir: Path, metadata: ModelMetadata) -> None:
     """Write the metadata file atomically (a temporary file renamed over it)."""
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=METADATA_NAME + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(metadata.to_json(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, model_dir / METADATA_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_whole(model_dir / METADATA_NAME, json.dumps(metadata.to_json(), indent=1) + "\n")

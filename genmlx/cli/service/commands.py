@@ -24,6 +24,7 @@ from pathlib import Path
 from genmlx.cli.service.managers import Manager, ServiceError, manager_for_this_machine
 from genmlx.cli.service.units import Role, ServiceSpec, is_ours, log_file
 from genmlx.core.errors import GenMLXError
+from genmlx.core.files import write_whole
 from genmlx.core.home import default_token_path, genmlx_home
 from genmlx.manifest.types import NAME
 
@@ -136,10 +137,7 @@ def put_back(manager: Manager, role: Role, path: Path, existing: str | None) -> 
 
 def write_file(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.chmod(0o644)
-    os.replace(partial, path)
+    write_whole(path, text, mode=0o644)
 
 
 def service_spec(args: argparse.Namespace) -> ServiceSpec:
