@@ -6,8 +6,9 @@ Runs itself under ``ncu`` (Nsight Compute, found on the PATH or under /opt/nvidi
 every kernel of one greedy decode step of ``--batch`` sequences (a 32-token prompt each, a plain
 KV cache, as ``decode_step_profile.py``'s ``floor``), started and stopped around that step with
 CUDA's profiler calls, at the GPU's own clocks (``--clock-control none``). Each kernel runs by
-itself under the profiler, so the sum is the device's busy time without the gaps between
-launches. Printed: the kernels by name (template arguments dropped), how many ran, their time and
+itself under the profiler, with the GPU's caches emptied before it (ncu's default), so the sum is
+the device's busy time without the gaps between launches, every kernel reading its weights from
+memory. Printed: the kernels by name (template arguments dropped), how many ran, their time and
 share, and the sum. The model's quantized layers multiply a batch's rows as one matrix, as the
 dispatcher makes them; ``--dequantize-rows measure`` measures first, as the dispatcher does by
 default on a CUDA GPU; ``--copies`` as ``decode_step_profile.py``'s experiment.
