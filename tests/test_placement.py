@@ -302,6 +302,23 @@ def test_a_derived_batch_is_capped_its_queue_is_at_least_64_and_one_sequence_mus
     assert error.reason == "DoesNotFit" and "for 32768 tokens × 1 sequences" in error.message
 
 
+def test_what_the_batch_leaves_is_each_nodes_spare_memory_and_a_gpus_reason_says_so():
+    # 64 GB of RAM: 48.0 GB usable, 17.2 of weights, 4.3 of prefix cache, 8 sequences of 3.2 GB.
+    ram = batching_of(unset(), nodes(64 * GB))
+    sequence = 32768 * 48 * KV_PER_TOKEN_AND_LAYER
+    assert ram.spare_bytes == (48 * GB - 17_200_000_000 - (4 << 30) - 8 * sequence,)
+    assert "spare" not in ram.reason, "a Mac's ranks keep no dequantized copies"
+    gpu = [NodeCapacity("studio-a", 80 * GB, gpu=True)]  # 90% usable: 72.0 GB
+    capped = batching_of(unset(context_length=4096), gpu)
+    assert capped.max_batch == 64
+    (spare,) = capped.spare_bytes
+    assert spare == 72 * GB - 17_200_000_000 - (4 << 30) - 64 * 4096 * 48 * KV_PER_TOKEN_AND_LAYER
+    assert capped.reason.endswith(f"; {spare / GB:.1f} GB spare beside the batch")
+    set_ = batching_of(spec(max_batch=4), [*gpu, NodeCapacity("mini-b", 40 * GB, gpu=True)])
+    assert len(set_.spare_bytes) == 2 and set_.spare_bytes[0] > set_.spare_bytes[1]
+    assert set_.reason.endswith("GB spare beside the batch on mini-b") and "serving.maxBatch" in set_.reason
+
+
 def test_the_tightest_node_of_a_group_sets_the_batch_and_is_named():
     # Tensor parallel on 64 and 70 GB: each holds half the weights and half of each sequence.
     batching = batching_of(unset(), nodes(64 * GB, 70 * GB))

@@ -199,3 +199,19 @@ def test_each_model_gets_reconciling_stalled_and_degraded_beside_ready(seen, exp
     assert {c.type: c.status for c in conditions} == expected
     for condition in conditions:
         assert (condition.reason == assessment.reason) == (condition.status == "True")
+
+
+def test_each_rank_is_launched_with_its_nodes_spare_memory_which_alone_restarts_nothing() -> None:
+    from genmlx.master.planning.batching import Batching
+
+    batching = Batching(8, 64, "maxBatch 8: why", spare_bytes=(5 << 30,))
+    one_node = GroupPlan(
+        (f"{STORE}/m",), (8100,), Placement("single", None, "one node"), (None,), batching=batching
+    )
+    started = desired_group(M, observed(), one_node)
+    assert started.launches[0][1].spare_bytes == 5 << 30
+    assert started.launches[0][1].serving.max_batch == 8
+    less = replace(one_node, batching=replace(batching, spare_bytes=(1 << 30,)))
+    assert desired_group(M, observed(), less).spec_hash == started.spec_hash
+    unknown = desired_group(M, observed(), replace(one_node, batching=None))
+    assert unknown.launches[0][1].spare_bytes is None

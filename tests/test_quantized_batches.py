@@ -2,7 +2,8 @@
 ``--dequantize-rows``; measured at load on a CUDA GPU): on the demo model quantized to 4 bits, the
 same outputs and the same greedy tokens as MLX's quantized kernel, alone and in a batch, in one
 rank and in a pipeline of two; MLX's quantized kernel outside the span; parameters untouched; the
-span measured where the dequantized product was faster, and only there."""
+span measured where the dequantized product was faster, and only there; copies of the weights
+dequantized once kept only within the spare memory given, and only where they were faster."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from genmlx.dispatcher.engine.quantized_batches import (
     RowSpan,
     Timing,
     batch_quantized_layers,
+    copied_bytes,
+    dequantize_where_it_pays,
     faster_span,
-    measure_span,
+    measure_products,
 )
 
 TEXTS = ("Rivers start in the hills", "The sea is salty because", "Deltas form", "Copper is", "At night")
@@ -181,18 +184,25 @@ def test_the_dispatcher_measures_where_it_pays_on_cuda_and_dequantizes_nowhere_e
     assert rows() == 0, "Apple silicon's quantized kernels batch well"
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     assert (rows(), rows("--dequantize-rows", "0")) == (None, 0), "None: measured when the model loads"
+    argv = ["--model", "/models/m", "--name", "m", "--port", "8100"]
+    assert decoder_settings(parse_settings(argv)).spare_bytes is None, "no copies without spare memory"
+    assert decoder_settings(parse_settings([*argv, "--spare-gb", "1.5"])).spare_bytes == 3 << 29
 
 
-def timings(*rows_kernel_dequantized: tuple[int, float, float]) -> list[Timing]:
-    return [Timing(*row) for row in rows_kernel_dequantized]
+def timings(*rows_kernel_dequantized: tuple[float, ...]) -> list[Timing]:
+    """Timings of rows, kernel, dequantized and, where given, copied (else as slow as the kernel)."""
+    return [Timing(*row) if len(row) == 4 else Timing(*row, row[1]) for row in rows_kernel_dequantized]
 
 
-def test_the_span_is_the_first_run_of_row_counts_where_the_dequantized_weight_was_clearly_faster() -> None:
+def test_the_span_is_the_longest_run_of_row_counts_where_the_dequantized_weight_was_clearly_faster() -> None:
     decode_only = timings((1, 1, 3), (8, 6, 3), (64, 28, 5), (512, 40, 45), (2048, 90, 150))
     assert faster_span(decode_only) == RowSpan(8, 512)
     assert faster_span(timings((1, 1, 3), (8, 6, 3), (64, 28, 5))) == RowSpan(8)
     assert faster_span(timings((1, 1, 0.95), (8, 6, 5.9))) is None, "within 10%: not clearly faster"
     assert faster_span(timings((64, 28, 5), (1, 1, 3))) == RowSpan(64), "in order of rows"
+    blip = timings((1, 1, 0.5), (2, 1, 2), (8, 6, 3), (64, 28, 5), (512, 40, 45))
+    assert faster_span(blip) == RowSpan(8, 512), "a lone faster row count does not outweigh a run"
+    assert faster_span(timings((1, 1, 0.5), (2, 1, 2), (8, 6, 3))) == RowSpan(1, 2), "equal runs: the first"
     assert faster_span([]) is None
     assert (
         8 in RowSpan(8, 512) and 511 in RowSpan(8, 512) and 512 not in RowSpan(8, 512) and 7 not in RowSpan(8)
@@ -206,20 +216,25 @@ def test_measuring_times_both_products_on_the_largest_layer_the_blocks_repeat(qu
     def timed(path: str, rows: int, product) -> float:
         out = product()
         seen.append((path, rows, out.shape))
-        return {"quantized": 1.0, "dequantized": 0.5 if rows >= 4 else 2.0}[path]
+        return {
+            "quantized": 1.0,
+            "dequantized": 0.5 if rows >= 4 else 2.0,
+            "copied": 0.2 if rows >= 16 else 1,
+        }[path]
 
-    span, measured = measure_span(model, rows=(1, 4, 16), timed=timed)
-    assert span == RowSpan(4)
+    measured = measure_products(model, rows=(1, 4, 16), timed=timed)
+    assert (faster_span(measured), faster_span(measured, "copied")) == (RowSpan(4), RowSpan(16))
     assert [t.rows for t in measured] == [1, 4, 16]
     largest = 128  # the blocks' MLP projections up (64 to 128), not the output layer (64 to 768)
-    assert seen == [(path, n, (n, largest)) for n in (1, 4, 16) for path in ("quantized", "dequantized")]
+    paths = ("quantized", "dequantized", "copied")
+    assert seen == [(path, n, (n, largest)) for n in (1, 4, 16) for path in paths]
 
 
 def test_measured_on_this_machine_the_span_holds_where_the_timings_say(quantized_dir: Path) -> None:
     model, _ = load(quantized_dir)
-    span, measured = measure_span(model, rows=(1, 8, 64))
-    assert span == faster_span(measured)
-    assert all(t.quantized > 0 and t.dequantized > 0 for t in measured)
+    measured = measure_products(model, rows=(1, 8, 64))
+    assert [t.rows for t in measured] == [1, 8, 64]
+    assert all(t.quantized > 0 and t.dequantized > 0 and t.copied > 0 for t in measured)
 
 
 @pytest.mark.e2e
@@ -233,7 +248,7 @@ def test_a_pipeline_dequantizing_writes_what_one_rank_with_the_kernel_writes(
     one.proc.stop()
     group = start_ranks(model_dir, 2, "--parallelism", "pipeline", "--dequantize-rows", "1")
     assert answers(client_of(group[0], token)) == expected
-    assert "multiply 1 rows or more through their dequantized weight" in group[1].proc.output()
+    assert "multiply 1 rows or more through their weights dequantized per call" in group[1].proc.output()
 
 
 def answers(client: openai.OpenAI) -> list[str]:
@@ -251,7 +266,7 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
     def broken(*args, **kwargs):
         raise RuntimeError("no such kernel")
 
-    monkeypatch.setattr(quantized_batches, "measure_span", broken)
+    monkeypatch.setattr(quantized_batches, "measure_products", broken)
     assert quantized_batches.dequantize_where_it_pays(model, None) is None
     assert "measuring the quantized layers failed" in caplog.text
     layer = model.model.layers[0].mlp.down_proj
@@ -266,9 +281,9 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     from genmlx.dispatcher.engine import quantized_batches
 
     measured = []
-    real_measure = quantized_batches.measure_span
+    real_measure = quantized_batches.measure_products
     monkeypatch.setattr(
-        quantized_batches, "measure_span", lambda model: measured.append(1) or real_measure(model)
+        quantized_batches, "measure_products", lambda model: measured.append(1) or real_measure(model)
     )
     kept = tmp_path / "home" / quantized_batches.MEASUREMENTS_FILE
     caplog.set_level("INFO")
@@ -277,7 +292,8 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     assert measured == [1] and "measured in" in caplog.text
     ((key, timings),) = json.loads(kept.read_text()).items()
     assert mx.device_info()["device_name"] in key and f"MLX {mx.__version__}" in key, key
-    assert [rows for rows, _, _ in timings] == list(quantized_batches.MEASURED_ROWS)
+    assert [rows for rows, *_ in timings] == list(quantized_batches.MEASURED_ROWS)
+    assert all(len(entry) == 4 for entry in timings), "rows, the kernel, per call, through a copy"
 
     caplog.clear()
     again = quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
@@ -290,6 +306,9 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     kept.write_text(json.dumps({key: [[1, 0.5]]}))  # and so is a damaged entry
     quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
     assert measured == [1, 1, 1] and len(json.loads(kept.read_text())[key]) == len(timings)
+    kept.write_text(json.dumps({key: [[1, 0.5, 0.25]]}))  # and one kept before copies were timed
+    quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
+    assert measured == [1, 1, 1, 1]
 
 
 def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:
@@ -319,9 +338,83 @@ def test_a_measurement_that_cannot_be_written_is_logged_and_leaves_no_partial(tm
     kept = tmp_path / "kept.json"
     kept.mkdir()  # not a file to replace: the rename fails, whoever runs this
     (kept / "theirs").write_text("stays")
-    keep_timings(kept, "a", [Timing(1, 0.5, 0.25)])
+    keep_timings(kept, "a", [Timing(1, 0.5, 0.25, 0.125)])
     assert "could not keep the measurement" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"], "no partial left behind"
     assert (kept / "theirs").read_text() == "stays"
-    keep_timings(tmp_path / "other.json", "a", [Timing(1, 0.5, 0.25)])
-    assert json.loads((tmp_path / "other.json").read_text()) == {"a": [[1, 0.5, 0.25]]}
+    keep_timings(tmp_path / "other.json", "a", [Timing(1, 0.5, 0.25, 0.125)])
+    assert json.loads((tmp_path / "other.json").read_text()) == {"a": [[1, 0.5, 0.25, 0.125]]}
+
+
+# ----- copies of the weights dequantized once -----
+
+
+def repeated_layers(model) -> list:
+    return [layer for block in model.model.layers for layer in block.mlp.children().values()]
+
+
+def test_copies_are_kept_where_the_spare_memory_holds_them_beside_the_parameters(
+    quantized_dir: Path, monkeypatch, caplog
+) -> None:
+    model, tokenizer = load(quantized_dir)
+    parameters = {k: id(v) for k, v in tree_flatten(model.parameters())}
+    rows = mx.array([tokenizer.encode("The river ran past the old mill")[:6]] * 3)  # 18 rows
+    expected = model(rows)
+    needed = copied_bytes(model)
+    # Two blocks of three MLP projections and four attention ones; the demo model is in float32.
+    assert needed == 2 * (3 * 128 * 64 + 2 * 64 * 64 + 2 * 32 * 64) * 4
+    caplog.set_level("INFO")
+
+    assert dequantize_where_it_pays(model, 4, spare=needed - 1) == RowSpan(4)
+    assert all(layer.dense is None for layer in repeated_layers(model))
+    assert "would take" in caplog.text and "none kept" in caplog.text
+
+    assert dequantize_where_it_pays(model, 4, spare=needed) == RowSpan(4)
+    copies = [m.dense for _, m in model.named_modules() if getattr(m, "dense", None) is not None]
+    assert len(copies) == 14 and sum(c.nbytes for c in copies) == needed
+    assert {c.dtype for c in copies} == {model.lm_head["scales"].dtype}
+    assert model.lm_head.dense is None, "the output layer keeps the kernel"
+    assert {k: id(v) for k, v in tree_flatten(model.parameters())} == parameters, "copies are not parameters"
+    real_dequantize, calls = mx.dequantize, []
+
+    def dequantize(*args, **kwargs):  # the embedding's lookup dequantizes its rows
+        calls.append(args[0].shape)
+        return real_dequantize(*args, **kwargs)
+
+    monkeypatch.setattr(mx, "dequantize", dequantize)
+    assert mx.allclose(model(rows), expected, atol=1e-4).item()
+    assert calls == [(3, 6, 8)], "the embedding's rows alone: the layers multiply through their copies"
+    monkeypatch.undo()
+
+    assert dequantize_where_it_pays(model, 4) == RowSpan(4), "no spare memory given: no copies"
+    assert all(layer.dense is None for layer in repeated_layers(model))
+    assert "no spare memory given" in caplog.text
+
+
+def test_greedy_tokens_are_the_same_through_copies_alone_and_in_a_batch(quantized_dir: Path) -> None:
+    model, tokenizer = load(quantized_dir)
+    by_the_kernel = greedy(model, tokenizer, TEXTS)
+    dequantize_where_it_pays(model, 2, spare=copied_bytes(model))  # a batch's rows through the copies
+    assert model.model.layers[0].mlp.down_proj.dense is not None
+    batched = greedy(model, tokenizer, TEXTS)
+    alone = {uid: greedy(model, tokenizer, (text,))[0] for uid, text in enumerate(TEXTS)}
+    assert batched == by_the_kernel == alone
+
+
+def test_measured_copies_are_kept_where_faster_and_held_else_per_call_where_that_pays(
+    quantized_dir: Path, monkeypatch
+) -> None:
+    from genmlx.dispatcher.engine import quantized_batches
+
+    measured = timings((1, 1, 3, 1.05), (8, 6, 3, 2), (64, 28, 5, 2), (512, 40, 45, 20))
+    monkeypatch.setattr(quantized_batches, "measure_products", lambda model: measured)
+    model, _ = load(quantized_dir)
+    layer = model.model.layers[0].mlp.down_proj
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) == RowSpan(1)
+    assert layer.dense is not None, "copies faster from 8 rows on, no slower at 1, and held: every row"
+    assert dequantize_where_it_pays(model, None, spare=0) == RowSpan(8, 512)
+    assert layer.dense is None, "not held: per call, where that was faster"
+    measured[0] = Timing(1, 1, 3, 1.2)  # one stream would pay for the batch's copies
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) == RowSpan(8, 512) and layer.dense is None
+    measured[:] = timings((1, 1, 3, 3), (8, 6, 7, 6))
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) is None and layer.dense is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -110,6 +111,18 @@ def test_a_rank_command_survives_its_command_line() -> None:
     assert "--context-length" in argv and "--prefill-chunk" not in argv, "None leaves the default"
     assert from_argv(RankCommand, argv, argparse.ArgumentParser()) == command
     assert encode(command.serving) == LAUNCH.serving.to_json()
+
+
+def test_a_launchs_spare_memory_reaches_the_rank_in_gib() -> None:
+    from genmlx.wire.rank_launch import rank_command
+
+    spared = replace(LAUNCH, spare_bytes=3 << 29)
+    assert rank_command(spared, "/m", "127.0.0.1", 1, None).spare_gb == 1.5
+    assert rank_command(LAUNCH, "/m", "127.0.0.1", 1, None).spare_gb is None
+    argv = to_argv(rank_command(spared, "/m", "127.0.0.1", 1, None))
+    assert argv[argv.index("--spare-gb") + 1] == "1.5"
+    with pytest.raises(WireError, match="spareBytes"):
+        decode_json(RankLaunch, json.dumps({**LAUNCH.to_json(), "spareBytes": -1}).encode())
 
 
 def test_a_bad_command_line_exits_with_usage_naming_the_flag(capsys: pytest.CaptureFixture) -> None:

@@ -50,6 +50,7 @@ def decoder_settings(settings: RankCommand, disk_tier: DiskTier | None = None) -
         "disk_tier": disk_tier,
         "kv_bits": settings.serving.kv_bits,
         "kv_group_size": settings.serving.kv_group_size,
+        "spare_bytes": None if settings.spare_gb is None else int(settings.spare_gb * 2**30),
     }
     chosen = {name: value for name, value in given.items() if value is not None}
     return DecoderSettings(**chosen, dequantize_rows=dequantize_rows_here(settings))

@@ -57,6 +57,9 @@ class RankLaunch(WireType):
     rdma_devices: str | None = None  # jaccl: the device matrix (JSON) the file MLX_IBV_DEVICES names holds
     # jaccl and nccl: rank 0's "host:port" (MLX_JACCL_COORDINATOR, or NCCL_HOST_IP and NCCL_PORT)
     coordinator: str | None = bounded(None, pattern=HOST_PORT, rule='must be "host:port"')
+    # The memory the rank's node has left beside its weights, the prefix cache and the batch's full
+    # contexts (``master.planning.batching``); None where placement could not tell.
+    spare_bytes: int | None = bounded(None, minimum=0)
 
     @property
     def key(self) -> str:
@@ -125,6 +128,12 @@ class RankCommand(WireType):
         None, minimum=0, help="finished sequences whose KV state later prompts may reuse; 0 turns it off (16)"
     )
     prefix_cache_gb: float | None = arg(None, minimum=0, help="memory the prefix cache may hold (4)")
+    spare_gb: float | None = arg(
+        None,
+        minimum=0,
+        help="memory left beside the weights, the prefix cache and the batch's KV cache, which copies "
+        "of quantized weights dequantized once may fill where they were measured faster (none)",
+    )
     disk_cache_dir: str | None = arg(
         None, help="directory of the prompt cache's disk tier (its size: serving's --disk-cache-gb)"
     )
@@ -179,6 +188,7 @@ def rank_command(
         layer_split=launch.layer_split,
         backend=launch.backend,
         disk_cache_dir=disk_cache_dir if launch.serving.disk_cache_gb else None,
+        spare_gb=None if launch.spare_bytes is None else launch.spare_bytes / 2**30,
     )
 
 

@@ -62,6 +62,8 @@ class DecoderSettings:
     # Quantized layers multiply this many rows or more through their dequantized weight (0: never;
     # None: where the engine measures that it pays, when it loads the model: ``quantized_batches``).
     dequantize_rows: int | None = 0
+    # Memory their weights dequantized once may take, kept beside them (None: none; ``--spare-gb``).
+    spare_bytes: int | None = None
     stats: PromptCacheStats = field(default_factory=PromptCacheStats)  # the process's one
 
     @property

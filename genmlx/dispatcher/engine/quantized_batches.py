@@ -21,13 +21,26 @@ device's matrix kernel, in float32, close to what the quantized kernel computes 
 logits by more. The dequantized weight lives for the one call: it costs, transiently, four bytes
 per weight of the largest layer. Where that pays depends on the device, MLX's version and the
 layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the model
-(``measure_span``): the largest of the quantized layers its blocks repeat multiplies random rows
-both ways at row counts from 1 to 2,048, and the row counts where the dequantized weight was
-clearly faster (``faster_span``) become the span of the layers whose shape the blocks repeat (not
-the output layer's, one of its kind and as wide as the vocabulary); nowhere faster, they keep the
-kernel. The timings are kept in ``GENMLX_HOME/quantized-products.json`` by device, MLX version
-and layer, so the next load of such a model there takes them instead of measuring again.
+(``measure_products``): the largest of the quantized layers its blocks repeat multiplies random
+rows both ways at row counts from 1 to 2,048, and the row counts where the dequantized weight was
+clearly faster (``faster_span``: the longest run) become the span of the layers whose shape the
+blocks repeat (not the output layer's, one of its kind and as wide as the vocabulary); nowhere
+faster, they keep the kernel. The timings are kept in ``GENMLX_HOME/quantized-products.json`` by
+device, MLX version and layer, so the next load of such a model there takes them instead of
+measuring again.
 ``--dequantize-rows N`` sets the span to N rows and up instead (0: never).
+
+Dequantizing for each call costs the dequantization each time. A layer can instead keep a copy of
+its weight dequantized once, in the type of its scales (the activations'), beside its quantized
+weight: two bytes a weight more for as long as the model is loaded, which is why it is done only
+within the memory the master found spare beside the weights, the prefix cache and the batch's full
+contexts (``--spare-gb``; ``master.planning.batching``). The measurement times that path too, and
+where it was clearly faster at some row counts, clearly slower at none, and the copies of every
+repeated layer fit in the spare memory, those layers keep copies and multiply every row count
+through them (``copies_span``: a sequence alone and in a batch go the same way; on an H100, Llama
+3.2 1B's shape in 4 bits: a decode step's kernels at 64 sequences from 8.7 to 2.6 ms, for 1.95 GB);
+else they dequantize per call where that pays, and the log says why. With ``--dequantize-rows N``
+they keep copies where the spare memory holds them, and multiply N rows and more through them.
 """
 
 from __future__ import annotations
@@ -36,7 +49,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +58,10 @@ from mlx.nn.layers.distributed import QuantizedAllToShardedLinear, QuantizedShar
 
 from genmlx.dispatcher.engine.measurements import (
     MEASUREMENTS_FILE,
+    RowSpan,
     Timing,
+    copies_span,
+    faster_span,
     keep_timings,
     kept_timings,
     measurement_key,
@@ -58,38 +73,25 @@ __all__ = [
     "batch_quantized_layers",
     "dequantize_where_it_pays",
     "dequantized_weight",
+    "copied_bytes",
+    "copies_span",
     "faster_span",
-    "measure_span",
-    "measured_span",
+    "measure_products",
+    "measured_timings",
 ]
 
 log = logging.getLogger(__name__)
 
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-FASTER = 0.9  # the dequantized product must take at most this share of the kernel's time
 TIMED_RUNS = 3  # per path and row count; the fastest counts
 
 
-@dataclass(frozen=True)
-class RowSpan:
-    """Calls of ``low`` rows or more, and fewer than ``high`` (None: no upper end), multiply
-    through the dequantized weight."""
-
-    low: int
-    high: int | None = None
-
-    def __contains__(self, rows: int) -> bool:
-        return rows >= self.low and (self.high is None or rows < self.high)
-
-    def __str__(self) -> str:
-        return f"{self.low} rows or more" if self.high is None else f"{self.low} to {self.high - 1} rows"
-
-
-def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int:
+def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None, copies: bool = False) -> int:
     """Make ``model``'s quantized linear layers and quantized embeddings (their ``as_linear``)
     multiply each call's rows as one matrix, and those of a shape the model repeats calls with rows
-    in ``span`` through a dequantized weight (None: none); how many layers changed. Their
-    parameters stay as they are (same names, same arrays)."""
+    in ``span`` through a dequantized weight (None: none): a copy each keeps where ``copies``, else
+    one made for the call; how many layers changed. Their parameters stay as they are (same names,
+    same arrays); a copy is beside them, not one of them."""
     found = [(module, kind) for _, module in model.named_modules() if (kind := _batched_class(module))]
     shapes = Counter((kind, module["weight"].shape) for module, kind in found)
     for module, kind in found:
@@ -97,14 +99,34 @@ def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None) -> int
         # Only the layers the blocks repeat, as measured: the output layer, as wide as the
         # vocabulary, would need gigabytes of float32 for its one product per step.
         module.span = span if shapes[kind, module["weight"].shape] > 1 else None
+        module.__dict__.pop("dense", None)
+        if copies and module.span is not None and kind is _BatchedQuantizedLinear:
+            dense = dequantized_weight(module, module["scales"].dtype)
+            mx.eval(dense)
+            object.__setattr__(module, "dense", dense)
     return len(found)
 
 
-def dequantize_where_it_pays(model: nn.Module, rows: int | None, kept: Path | None = None) -> RowSpan | None:
+def copied_bytes(model: nn.Module) -> int:
+    """The memory copies of the weights of the quantized linear layers of a shape the model repeats,
+    dequantized to the type of their scales, would take."""
+    layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
+    shapes = Counter(tuple(m["weight"].shape) for m in layers)
+    return sum(
+        m["weight"].shape[0] * _inputs(m) * m["scales"].dtype.size
+        for m in layers
+        if shapes[tuple(m["weight"].shape)] > 1
+    )
+
+
+def dequantize_where_it_pays(
+    model: nn.Module, rows: int | None, kept: Path | None = None, spare: int | None = None
+) -> RowSpan | None:
     """Make the model's quantized layers multiply each call's rows as one matrix, and ``rows`` rows
     or more through their dequantized weight (0: never; None: at the row counts where this device
     was measured faster so, with the timings logged and kept in ``kept`` for the next load, see
-    ``measured_span``); the span they got (None where they have none, or the model no quantized
+    ``measured_timings``), through copies they keep where those fit in ``spare`` bytes (and, when
+    measured, were faster); the span they got (None where they have none, or the model no quantized
     layer)."""
     if not any(_batched_class(m) for _, m in model.named_modules()):
         return None  # nothing quantized
@@ -112,27 +134,54 @@ def dequantize_where_it_pays(model: nn.Module, rows: int | None, kept: Path | No
         batch_quantized_layers(model)
         return None
     if rows is not None:
-        span: RowSpan | None = RowSpan(rows)
+        span = copy_span = RowSpan(rows)
     else:
         try:
-            span, timings, source = measured_span(model, kept)
+            timings, source = measured_timings(model, kept)
         except Exception:  # an optimization's measurement must not keep the model from serving
             log.exception("measuring the quantized layers failed; they keep MLX's quantized kernel")
-            span, timings, source = None, [], "not measured"
+            timings, source = [], "not measured"
         log.info("the quantized layers' products, %s", source)
         for t in timings:
             log.info(
-                "a quantized layer, %d rows: %.3f ms; dequantized: %.3f ms",
+                "a quantized layer, %d rows: %.3f ms; dequantized: %.3f ms; through a copy: %.3f ms",
                 t.rows,
                 t.quantized * 1e3,
                 t.dequantized * 1e3,
+                t.copied * 1e3,
             )
-    layers = batch_quantized_layers(model, span)
+        span, copy_span = faster_span(timings), copies_span(timings)
+    copies = copy_span is not None and _copies_fit(copied_bytes(model), spare)
+    if copies:
+        span = copy_span
+    layers = batch_quantized_layers(model, span, copies)
     if span is None:
         log.info("%d quantized layers multiply through MLX's quantized kernel at every row count", layers)
         return None
-    log.info("%d quantized layers multiply %s through their dequantized weight", layers, span)
+    kept_as = "copies of their weights dequantized once" if copies else "their weights dequantized per call"
+    log.info("%d quantized layers multiply %s through %s", layers, span, kept_as)
     return span
+
+
+def _copies_fit(needed: int, spare: int | None) -> bool:
+    """Whether copies of ``needed`` bytes fit in ``spare``; logs why not."""
+    if spare is None:
+        log.info("no spare memory given (--spare-gb): the quantized layers keep no dequantized copies")
+        return False
+    if needed > spare:
+        log.info(
+            "dequantized copies of the repeated quantized layers would take %.2f GB, more than the "
+            "%.2f GB spare beside the batch: none kept",
+            needed / 2**30,
+            spare / 2**30,
+        )
+        return False
+    log.info(
+        "dequantized copies of the repeated quantized layers take %.2f GB of the %.2f GB spare",
+        needed / 2**30,
+        spare / 2**30,
+    )
+    return True
 
 
 def _batched_class(module: nn.Module) -> type | None:
@@ -143,31 +192,31 @@ def _batched_class(module: nn.Module) -> type | None:
     return _BATCHED.get(kind) or (kind if kind in _BATCHED.values() else None)
 
 
-def measured_span(model: nn.Module, kept: Path | None) -> tuple[RowSpan | None, list[Timing], str]:
-    """``measure_span``'s span and timings, and where they came from: from the file ``kept`` where
-    a load on this device, with this MLX, measured a layer of this kind before (measuring can take
-    a minute or more on a GPU, nearly all of it MLX compiling its kernel for each tile height, see
+def measured_timings(model: nn.Module, kept: Path | None) -> tuple[list[Timing], str]:
+    """``measure_products``'s timings, and where they came from: from the file ``kept`` where a load on
+    this device, with this MLX, measured a layer of this kind before (measuring can take a minute or
+    more on a GPU, nearly all of it MLX compiling its kernel for each tile height, see
     ``model_loading.keep_compiled_kernels``), else measured now and kept there."""
     layer = measured_layer(model)
     if layer is None:
-        return None, [], "none to measure"
+        return [], "none to measure"
     key = measurement_key(layer, MEASURED_ROWS)
     found = kept_timings(kept).get(key) if kept else None
     try:
         timings = [Timing(*entry) for entry in found or ()]
-    except TypeError:  # an entry not of three numbers: measured over
+    except TypeError:  # an entry not of four numbers (one an earlier version kept): measured over
         timings = []
     if timings:
-        return faster_span(timings), timings, f"as an earlier load measured them (kept in {kept})"
+        return timings, f"as an earlier load measured them (kept in {kept})"
     started = time.monotonic()
-    span, timings = measure_span(model)
+    timings = measure_products(model)
     if kept:
         keep_timings(kept, key, timings)
-    return span, timings, f"measured in {time.monotonic() - started:.2f} s"
+    return timings, f"measured in {time.monotonic() - started:.2f} s"
 
 
 def measured_layer(model: nn.Module) -> nn.Module | None:
-    """The layer ``measure_span`` measures: the largest of the shapes every block repeats (not the
+    """The layer ``measure_products`` measures: the largest of the shapes every block repeats (not the
     output layer, whose float32 copy would be the largest of all, and is one of its kind)."""
     layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
     if not layers:
@@ -177,45 +226,39 @@ def measured_layer(model: nn.Module) -> nn.Module | None:
     return max(repeated, key=lambda m: m["weight"].size)
 
 
-def measure_span(
+def measure_products(
     model: nn.Module,
     rows: Sequence[int] = MEASURED_ROWS,
     timed: Callable[[str, int, Callable[[], mx.array]], float] | None = None,
-) -> tuple[RowSpan | None, list[Timing]]:
-    """Where the dequantized weight beats MLX's quantized kernel on this device, measured on the
-    largest of the model's repeated quantized linear layers (``measured_layer``) with random rows of
-    its input: the span (``faster_span``) and the timings. ``timed(path, rows, product)`` times one
-    product (default: the fastest of ``TIMED_RUNS`` evaluations, after one untimed)."""
+) -> list[Timing]:
+    """How long each path takes on this device, measured on the largest of the model's repeated
+    quantized linear layers (``measured_layer``) with random rows of its input: MLX's kernel, the
+    weight dequantized for the call, and a copy of it dequantized once (``faster_span`` reads
+    them). ``timed(path, rows, product)`` times one product (default: the fastest of
+    ``TIMED_RUNS`` evaluations, after one untimed)."""
     layer = measured_layer(model)
     if layer is None:
-        return None, []
-    inputs = layer["weight"].shape[-1] * 32 // layer.bits
+        return []
     timed = timed or _fastest
+    dense = dequantized_weight(layer, layer["scales"].dtype)
+    mx.eval(dense)
     timings = []
     for count in rows:
-        x = mx.random.normal((count, inputs), key=mx.random.key(count)).astype(layer["scales"].dtype)
+        x = mx.random.normal((count, _inputs(layer)), key=mx.random.key(count)).astype(layer["scales"].dtype)
         mx.eval(x)
         timings.append(
             Timing(
                 count,
                 timed("quantized", count, lambda x=x: _quantized(layer, x)),
                 timed("dequantized", count, lambda x=x: _dequantized(layer, x)),
+                timed("copied", count, lambda x=x: x @ dense.T),
             )
         )
-    return faster_span(timings), timings
+    return timings
 
 
-def faster_span(timings: Sequence[Timing]) -> RowSpan | None:
-    """The first run of consecutive row counts at which the dequantized product took at most
-    ``FASTER`` of the kernel's time, as a span: from its first row count up to the next row count
-    measured after it (none if the run reaches the last); None if there is no such row count."""
-    ordered = sorted(timings, key=lambda t: t.rows)
-    faster = [t.dequantized <= FASTER * t.quantized for t in ordered]
-    if True not in faster:
-        return None
-    start = faster.index(True)
-    end = faster.index(False, start) if False in faster[start:] else None
-    return RowSpan(ordered[start].rows, None if end is None else ordered[end].rows)
+def _inputs(layer: nn.Module) -> int:
+    return layer["weight"].shape[-1] * 32 // layer.bits
 
 
 def _fastest(path: str, rows: int, product: Callable[[], mx.array]) -> float:
@@ -233,7 +276,10 @@ def _product(layer: nn.Module, x: mx.array) -> mx.array:
     dequantized weight where their count is in the layer's span, else by MLX's quantized kernel."""
     rows = x.size // x.shape[-1]
     span = layer.span
-    product = _dequantized if span is not None and rows in span else _quantized
+    if span is None or rows not in span:
+        product = _quantized
+    else:
+        product = _dequantized if layer.dense is None else _copied
     return _on_rows(lambda matrix: product(layer, matrix), x)
 
 
@@ -277,8 +323,13 @@ def _dequantized(layer: nn.Module, x: mx.array) -> mx.array:
     return (x.astype(mx.float32) @ dequantized_weight(layer, mx.float32).T).astype(x.dtype)
 
 
+def _copied(layer: nn.Module, x: mx.array) -> mx.array:
+    return x @ layer.dense.T
+
+
 class _BatchedQuantizedLinear(nn.QuantizedLinear):
     span: RowSpan | None
+    dense: mx.array | None = None  # its weight dequantized once, where it keeps a copy
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _product(self, x)
@@ -287,6 +338,7 @@ class _BatchedQuantizedLinear(nn.QuantizedLinear):
 
 class _BatchedQuantizedEmbedding(nn.QuantizedEmbedding):
     span: RowSpan | None
+    dense: mx.array | None = None  # never a copy: one of its kind
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _product(self, x)
@@ -297,6 +349,7 @@ class _RowsJoined:
     as one matrix. Its product stays MLX's kernel at every row count."""
 
     span: RowSpan | None
+    dense: mx.array | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         return _on_rows(super().__call__, x)

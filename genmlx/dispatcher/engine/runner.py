@@ -220,7 +220,10 @@ class Engine:
             self._channel = RankChannel(mlx_group)
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
         # Rows as one matrix; a measurement on a GPU is kept for the next load on this machine.
-        dequantize_where_it_pays(model, self._decoding.dequantize_rows, genmlx_home() / MEASUREMENTS_FILE)
+        decoding = self._decoding
+        dequantize_where_it_pays(
+            model, decoding.dequantize_rows, genmlx_home() / MEASUREMENTS_FILE, decoding.spare_bytes
+        )
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
         given = self._serving.context_length

@@ -9,6 +9,12 @@ room for hundreds decodes a batch that still streams each request at a useful sp
 ``serving.maxQueue`` is 8 waiting requests per batch slot, at least 64 (``queue_for_batch``, as a
 hand-started rank has it). A quantized KV cache serves one sequence at a time. Each model is
 placed by itself: two models on one node each count its whole memory.
+
+What the batch leaves on each node, beside the weights, the prefix cache and a full context in
+every batch slot, is its ``spare`` memory; the master passes each rank its node's, and a rank on a
+CUDA GPU may fill it with copies of its quantized weights dequantized once, where those multiply a
+batch faster than MLX's quantized kernel (``dispatcher.engine.quantized_batches``). The batch comes
+first: the copies only take what it does not need.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Batching:
     max_batch: int
     max_queue: int
     reason: str
+    spare_bytes: tuple[int, ...] = ()  # each node's memory left beside the batch, in node order
 
 
 def batching_for(
@@ -54,15 +61,36 @@ def batching_for(
     checked hold at least one sequence)."""
     budget = kv_budget(spec, shape, context_length)
     if budget.sequences:
-        return set_batching(spec)
-    one = replace(budget, sequences=1)
-    return derived_batching(spec, node_loads(placement, nodes, shape, one), one)
+        batching = set_batching(spec)
+    else:
+        one = replace(budget, sequences=1)
+        batching = derived_batching(spec, node_loads(placement, nodes, shape, one), one)
+    full = node_loads(placement, nodes, shape, replace(budget, sequences=batching.max_batch))
+    return with_spare(batching, full)
+
+
+def with_spare(batching: Batching, loads: tuple[NodeLoad, ...]) -> Batching:
+    """``batching`` with each node's memory left beside its weights, the prefix cache and the batch's
+    full contexts; its reason says so where the nodes are GPUs, whose ranks may use it."""
+    spare = tuple(max(spare_bytes(each, each.kv_bytes), 0) for each in loads)
+    reason = batching.reason
+    if any(each.node.gpu for each in loads):
+        least = min(range(len(loads)), key=lambda i: spare[i])
+        where = f" on {loads[least].node.name}" if len(loads) > 1 else ""
+        reason += f"; {gb(spare[least])} GB spare beside the batch{where}"
+    return replace(batching, reason=reason, spare_bytes=spare)
+
+
+def spare_bytes(load: NodeLoad, kv_bytes: int) -> int:
+    """What ``load``'s node has left of its usable memory after the weights, the prefix cache and
+    ``kv_bytes`` of KV cache (negative where they do not fit)."""
+    return load.node.usable_bytes - load.weight_bytes - PREFIX_CACHE_BYTES - kv_bytes
 
 
 def derived_batching(spec: ModelSpec, loads: tuple[NodeLoad, ...], one: KvBudget) -> Batching:
     """The batch the tightest node's memory left after the weights and the prefix cache holds,
     capped; the queue by it."""
-    left = {each.node.name: each.node.usable_bytes - each.weight_bytes - PREFIX_CACHE_BYTES for each in loads}
+    left = {each.node.name: spare_bytes(each, 0) for each in loads}
     room = {each.node.name: max(left[each.node.name], 0) // max(each.kv_bytes, 1) for each in loads}
     tightest = min(room, key=lambda name: (room[name], name))
     fits = room[tightest]

@@ -91,6 +91,7 @@ def desired_group(
                 serving=serving,
                 parallelism=parallelism,
                 layer_split=plan.placement.layer_split if parallelism == "pipeline" else None,
+                spare_bytes=spare_of(plan.batching, rank),
                 **wiring,
             ),
         )
@@ -105,6 +106,15 @@ def with_batching(serving: ServingSettings, batching: Batching | None) -> Servin
     if batching is None:
         return serving
     return dataclasses.replace(serving, max_batch=batching.max_batch, max_queue=batching.max_queue)
+
+
+def spare_of(batching: Batching | None, rank: int) -> int | None:
+    """The spare memory ``batching`` found on the node of ``rank`` (None where it found none). Not
+    part of a group's fingerprint: a rank uses it only when it loads, and it follows the nodes'
+    facts, so a changed figure waits for the next restart rather than forcing one."""
+    if batching is None or rank >= len(batching.spare_bytes):
+        return None
+    return batching.spare_bytes[rank]
 
 
 def group_backend(spec: ModelSpec, observed: Observed, plan: GroupPlan) -> BackendChoice:
