@@ -12,7 +12,9 @@ stream of any level here: ours gets ``--max-batch N`` (its decode and prefill ba
 ``--decode-concurrency N --prompt-concurrency N`` (its prompt default, 8, would read 16 prompts in
 two rounds). Everything else is each server's default; the prompts are far shorter than
 either's prefill chunk, and both keep a prompt cache (ours 16 entries, mlx_lm.server 10), which the
-repeated prompts hit alike. The same client code drives both: at each level, that many threads each
+repeated prompts hit alike. The same client code drives both: at each level, that many threads,
+spread over several client processes (``stream_clients.py``: one per 8 streams, at most one per
+two cores, so that the client's own parsing of every chunk does not cap a fast server), each
 send one streaming chat completion through the ``openai`` client, all with the same prompts,
 ``max_tokens`` and temperature (0 unless ``--temperature`` says otherwise: at 0 both servers sample
 the whole batch in one call, above it each request has a sampler of its own, on both).
@@ -36,18 +38,16 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import openai
 from decode_throughput import (
     Server,
     add_dequantize_option,
     add_model_options,
+    cluster_batching,
     dequantize_flags,
     free_port,
     model_directory,
@@ -55,6 +55,7 @@ from decode_throughput import (
     paired_ratios,
     running_process,
 )
+from stream_clients import run_streams
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper.",
@@ -100,47 +101,19 @@ def mlx_lm_server(model_dir: Path, work: Path, batch: int | None) -> Iterator[Se
         yield Server(base_url, "default_model", "unused", process.pid)
 
 
-def stream_tokens(client: openai.OpenAI, model: str, prompt: str, workload: Workload) -> int:
-    """Stream one chat completion to its end; the completion tokens the server reports."""
-    stream = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=workload.max_tokens,
-        temperature=workload.temperature,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    tokens = 0
-    for chunk in stream:
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    if tokens == 0:
-        raise RuntimeError(f"{client.base_url} reported no usage")
-    return tokens
-
-
 def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
-    """``streams`` concurrent streams, started together; aggregate tokens over wall time."""
-    counts = [0] * streams
-    errors: list[str] = []
-    start = threading.Barrier(streams + 1)
-
-    def one_stream(index: int) -> None:
-        client = server.client()  # built before the clock starts: an openai.OpenAI() costs ~30 ms of CPU
-        start.wait()
-        try:
-            counts[index] = stream_tokens(client, server.model, PROMPTS[index % len(PROMPTS)], workload)
-        except (openai.OpenAIError, RuntimeError) as e:  # counted and named in the report
-            errors.append(f"{type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    start.wait()  # every client is built: the barrier lets the threads and this clock go together
-    began = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return LevelRun(streams, sum(counts), time.perf_counter() - began, tuple(errors))
+    """``streams`` concurrent streams, started together from several client processes
+    (``stream_clients``); aggregate tokens over wall time."""
+    counts, errors, seconds = run_streams(
+        server.base_url,
+        server.api_key,
+        server.model,
+        PROMPTS,
+        workload.max_tokens,
+        workload.temperature,
+        streams,
+    )
+    return LevelRun(streams, sum(counts), seconds, tuple(errors))
 
 
 def median_rate(runs: list[LevelRun]) -> float:
@@ -172,30 +145,19 @@ def main() -> None:
             batching = cluster_batching(model_dir)
             ours_flags = ["--max-batch", str(batching.max_batch), "--max-queue", str(batching.max_queue)]
             limits = f"each server's defaults: ours {batching.reason}; mlx_lm.server its own"
+            batch = None
         else:
             ours_flags, limits = ["--max-batch", str(options.batch)], f"batch {options.batch} on both servers"
+            batch = options.batch
         with (
-            our_dispatcher(model_dir, Path(work), [*ours_flags, *dequantize_flags(options)]) as ours,
+            our_dispatcher(
+                model_dir, Path(work), [*ours_flags, *dequantize_flags(options, model_dir, batch)]
+            ) as ours,
             mlx_lm_server(model_dir, Path(work), None if options.defaults else options.batch) as baseline,
         ):
             servers = {"ours": ours, "mlx_lm.server": baseline}
             results = run_alternating(servers, options.levels, options.rounds, workload)
     report(model_dir, workload, limits, results)
-
-
-def cluster_batching(model_dir: Path):
-    """The batch and queue a one-node cluster on this machine gives the model where its manifest
-    sets none: placement's own choice, from this node's facts and the model's shape."""
-    from genmlx.agent.facts.collect import collect_node_facts
-    from genmlx.agent.store.model_shape import read_model_shape
-    from genmlx.manifest.types import ModelSpec, Source
-    from genmlx.master.planning.batching import batching_for
-    from genmlx.master.planning.placement import place
-    from genmlx.master.planning.plan import node_capacity
-
-    spec = ModelSpec("bench", Source("file", str(model_dir)), ("here",))
-    nodes, shape = [node_capacity("here", collect_node_facts())], read_model_shape(model_dir)
-    return batching_for(spec, place(spec, nodes, shape, None), nodes, shape, None)
 
 
 def run_alternating(

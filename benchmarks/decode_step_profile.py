@@ -26,10 +26,10 @@ dispatcher does by default on a CUDA GPU (the measurement is printed). Then 16 d
 are decoded greedily for ``--steps`` tokens, each alone and all in one batch, and the sequences
 that came out the same both ways are counted.
 
-With ``--copies`` (an experiment: the dispatcher does not do this) the quantized layers of a shape
-the blocks repeat also keep a copy of their weight dequantized once to the activations' type, and
-multiply calls of two rows or more through it on the device's dense matrix kernel: what a batch
-would gain by spending that memory (two bytes a weight; the figure is printed).
+With ``--spare-gb G`` they may keep copies of their weights dequantized once, within G GB, as the
+dispatcher's ``--spare-gb`` lets them (a cluster gives a rank what its batch leaves of the node's
+memory): with ``--dequantize-rows N`` they then multiply N rows or more through the copies, with
+``measure`` where the copies were measured faster (the figure they take is printed).
 
 If ``engine`` is near ``device``, the device is the limit; near ``build`` plus the bookkeeping, the
 host is. ``floor / engine`` is how much of the step's time the engine adds. B x 1000 / ``engine`` is
@@ -54,42 +54,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
-from genmlx.dispatcher.engine.quantized_batches import (
-    _BatchedQuantizedLinear,
-    dequantize_where_it_pays,
-    dequantized_weight,
-)
+from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
 PROMPT_TOKENS = 32
-
-
-class _CopiedLinear(_BatchedQuantizedLinear):
-    """A quantized layer that multiplies calls of two rows or more through ``dense``, its weight
-    dequantized once (``keep_dequantized_copies``)."""
-
-    dense: mx.array
-
-    def __call__(self, x: mx.array) -> mx.array:
-        *leading, width = x.shape
-        if x.size // width < 2:
-            return super().__call__(x)
-        y = (x.reshape(-1, width) @ self.dense.T).reshape(*leading, -1)
-        return y + self["bias"] if "bias" in self else y
-
-
-def keep_dequantized_copies(model) -> int:
-    """Give the quantized linear layers of a shape the model repeats a dequantized copy of their
-    weight (in the scales' type, which is the activations'); the bytes the copies take."""
-    layers = [m for _, m in model.named_modules() if isinstance(m, _BatchedQuantizedLinear)]
-    shapes = collections.Counter(m["weight"].shape for m in layers)
-    spent = 0
-    for layer in (m for m in layers if shapes[m["weight"].shape] > 1):
-        dense = dequantized_weight(layer, layer["scales"].dtype)
-        mx.eval(dense)
-        layer.__class__ = _CopiedLinear
-        object.__setattr__(layer, "dense", dense)  # beside the parameters, not one of them
-        spent += dense.nbytes
-    return spent
 
 
 WARM_UP_STEPS = 8
@@ -206,9 +173,9 @@ def main() -> None:
         help="leave the quantized layers as mlx-lm loads them: a batch's rows multiplied one by one",
     )
     parser.add_argument(
-        "--copies",
-        action="store_true",
-        help="an experiment: repeated quantized layers multiply 2 rows or more through a dequantized copy",
+        "--spare-gb",
+        type=float,
+        help="memory the quantized layers may fill with copies of their weights dequantized once (none)",
     )
     options = parser.parse_args()
     with model_directory(options.model, options.shape) as model_dir:
@@ -217,11 +184,9 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
         given = options.dequantize_rows
         rows = None if given == "measure" else int(given)
+        spare = None if options.spare_gb is None else int(options.spare_gb * 2**30)
         if not options.rows_apart:
-            dequantize_where_it_pays(model, rows)
-        if options.copies and not options.rows_apart:
-            spent = keep_dequantized_copies(model)
-            print(f"dequantized copies of the repeated quantized layers: {spent / 1e9:.3f} GB")
+            dequantize_where_it_pays(model, rows, spare=spare)
         prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:PROMPT_TOKENS]
         print(f"model: {model_dir}; device {mx.default_device()}; {options.steps} steps per figure")
         columns = ("batch", "engine", "floor", "build", "device", "ops")

@@ -122,12 +122,41 @@ def add_dequantize_option(parser: argparse.ArgumentParser) -> None:
         help="ours: quantized layers multiply N rows or more through their dequantized weight, 0: never "
         "(the dispatcher's --dequantize-rows; default: its own, measured at load on a CUDA GPU)",
     )
+    parser.add_argument(
+        "--spare-gb",
+        type=float,
+        metavar="G",
+        help="ours: the memory its quantized layers may fill with dequantized copies (the dispatcher's "
+        "--spare-gb; default: what a one-node cluster on this machine would give it)",
+    )
 
 
-def dequantize_flags(options: argparse.Namespace) -> list[str]:
-    """Our dispatcher's flags for ``--dequantize-rows``."""
+def dequantize_flags(options: argparse.Namespace, model_dir: Path, max_batch: int | None = None) -> list[str]:
+    """Our dispatcher's flags for ``--dequantize-rows`` and ``--spare-gb``: the spare memory a
+    one-node cluster here gives a rank serving the model with ``max_batch`` (unset: derived), unless
+    given."""
     rows = options.dequantize_rows
-    return [] if rows is None else ["--dequantize-rows", str(rows)]
+    spare = options.spare_gb
+    if spare is None:
+        spare_bytes = cluster_batching(model_dir, max_batch).spare_bytes
+        spare = spare_bytes[0] / 2**30 if spare_bytes else 0.0
+    return ([] if rows is None else ["--dequantize-rows", str(rows)]) + ["--spare-gb", f"{spare:.3f}"]
+
+
+def cluster_batching(model_dir: Path, max_batch: int | None = None):
+    """The batch, queue and spare memory a one-node cluster on this machine gives the model with
+    ``serving.maxBatch`` ``max_batch`` (unset: placement's own choice, from this node's facts and
+    the model's shape)."""
+    from genmlx.agent.facts.collect import collect_node_facts
+    from genmlx.agent.store.model_shape import read_model_shape
+    from genmlx.manifest.types import ModelSpec, Serving, Source
+    from genmlx.master.planning.batching import batching_for
+    from genmlx.master.planning.placement import place
+    from genmlx.master.planning.plan import node_capacity
+
+    spec = ModelSpec("bench", Source("file", str(model_dir)), ("here",), serving=Serving(max_batch=max_batch))
+    nodes, shape = [node_capacity("here", collect_node_facts())], read_model_shape(model_dir)
+    return batching_for(spec, place(spec, nodes, shape, None), nodes, shape, None)
 
 
 @contextmanager
@@ -303,7 +332,7 @@ def main() -> None:
 
     with model_directory(options.model, options.shape) as model_dir, tempfile.TemporaryDirectory() as work:
         model, tokenizer = load(str(model_dir))
-        with our_dispatcher(model_dir, Path(work), dequantize_flags(options)) as server:
+        with our_dispatcher(model_dir, Path(work), dequantize_flags(options, model_dir)) as server:
             sides = {
                 "ours, lean client": lambda n: time_ours(server, n),
                 "ours, openai client": lambda n: time_ours_openai(server, n),

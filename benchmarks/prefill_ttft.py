@@ -179,10 +179,14 @@ def main() -> None:
         prompts = build_prompts(model_dir, options.prompt_tokens, options.rounds + 1)
         check_fits(max(prompts.tokens) + options.max_tokens, context_length(model_dir))
         servers = {
-            OURS: running.enter_context(our_dispatcher(model_dir, Path(work), dequantize_flags(options))),
+            OURS: running.enter_context(
+                our_dispatcher(model_dir, Path(work), dequantize_flags(options, model_dir))
+            ),
             OURS_512: running.enter_context(
                 our_dispatcher(
-                    model_dir, Path(work), ["--prefill-chunk-alone", "512", *dequantize_flags(options)]
+                    model_dir,
+                    Path(work),
+                    ["--prefill-chunk-alone", "512", *dequantize_flags(options, model_dir)],
                 )
             ),
             MLX_LM: running.enter_context(mlx_lm_server(model_dir, Path(work), None)),

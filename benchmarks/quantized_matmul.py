@@ -17,10 +17,11 @@ over ``quantized``. ``same`` is the share of the block's outputs (in bfloat16) t
 gives exactly as the quantized kernel does, ``bf16 same`` the bfloat16 path's. ``1st q`` and ``1st
 f32`` are the first run's microseconds per block on those two paths, any set-up of a kernel new
 at that shape included: where the dispatcher's measurement at load spends its time. ``copy``
-(an experiment: the dispatcher does not keep such copies) multiplies by the weight dequantized to
-bfloat16 once, beforehand, on the dense matrix kernel; ``q/copy`` is ``quantized`` over it, ``copy
-same`` the share of its outputs the same as the quantized kernel's. The block's weights are read
-again each repeat, from the GPU's cache where they fit there (a model's many blocks do not).
+multiplies by the weight dequantized to bfloat16 once, beforehand, on the dense matrix kernel (as
+the dispatcher's layers do where memory is spare and that was measured faster); ``q/copy`` is
+``quantized`` over it, ``copy same`` the share of its outputs the same as the quantized kernel's.
+The block's weights are read again each repeat, from the GPU's cache where they fit there (a
+model's many blocks do not).
 """
 
 from __future__ import annotations

@@ -86,7 +86,11 @@ def main() -> None:
         model_directory(options.model, options.shape) as model_dir,
     ):
         work = Path(scratch)
-        flags = ["--max-batch", str(options.max_batch), *dequantize_flags(options)]
+        flags = [
+            "--max-batch",
+            str(options.max_batch),
+            *dequantize_flags(options, model_dir, options.max_batch),
+        ]
         with our_dispatcher(model_dir, work, flags) as server:
             run_level(server, options.streams, Workload(max_tokens=8, temperature=0.0))  # warm-up
             runs: list[LevelRun] = []

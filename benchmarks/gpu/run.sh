@@ -14,10 +14,10 @@
 #   5. where a decode step's time goes: the engine's step against the bare forward pass at 1 to 64
 #      sequences (decode_step_profile.py), with the quantized layers as mlx-lm loads them (each
 #      sequence's row multiplied apart: the "before"), as the dispatcher makes them (a batch's
-#      rows as one matrix), and dequantizing where measured faster too (its default on CUDA),
-#      and with dequantized copies of the weights (--copies, an experiment); MLX's quantized
-#      kernel against a dequantized weight by row count (quantized_matmul.py); the step at 64
-#      sequences kernel by kernel, without and with the copies (gpu/step_kernels.py, Nsight
+#      rows as one matrix), and dequantizing where measured faster, keeping copies dequantized
+#      once where memory is spare (its default on CUDA in a cluster); MLX's quantized kernel
+#      against a dequantized weight by row count (quantized_matmul.py); the step at 64 sequences
+#      kernel by kernel, on the kernel and through the copies (gpu/step_kernels.py, Nsight
 #      Compute); the serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
 #   6. 1 and 2 again with ours on MLX's quantized kernel only (--dequantize-rows 0), the "before";
 #   7. a two-rank group of a CUDA rank and a rank of MLX's CPU build (gpu/mixed_group.py).
@@ -58,10 +58,10 @@ echo "== where a decode step's time goes"
 python3 decode_step_profile.py --model "$small" --rows-apart
 python3 decode_step_profile.py --model "$small"
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure
-python3 decode_step_profile.py --model "$small" --copies
+python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8
 python3 quantized_matmul.py
 python3 gpu/step_kernels.py --model "$small" --batch 64
-python3 gpu/step_kernels.py --model "$small" --batch 64 --copies
+python3 gpu/step_kernels.py --model "$small" --batch 64 --dequantize-rows measure --spare-gb 8
 python3 serving_profile.py --model "$small" --streams 64
 echo "== ours on MLX's quantized kernel only: time to first token, then each server's defaults"
 load prefill_ttft.py --model "$small" --prompt-tokens 4000 --rounds 5 --dequantize-rows 0

@@ -11,7 +11,8 @@ the device's busy time without the gaps between launches, every kernel reading i
 memory. Printed: the kernels by name (template arguments dropped), how many ran, their time and
 share, and the sum. The model's quantized layers multiply a batch's rows as one matrix, as the
 dispatcher makes them; ``--dequantize-rows measure`` measures first, as the dispatcher does by
-default on a CUDA GPU; ``--copies`` as ``decode_step_profile.py``'s experiment.
+default on a CUDA GPU; ``--spare-gb G`` lets them keep dequantized copies within G GB, as the
+dispatcher's option does.
 """
 
 from __future__ import annotations
@@ -55,19 +56,18 @@ def cuda_runtime() -> ctypes.CDLL:
     sys.exit("CUDA's runtime library (libcudart) was not found")
 
 
-def profiled_step(model_dir: str, batch: int, dequantize: str, copies: bool) -> None:
+def profiled_step(model_dir: str, batch: int, dequantize: str, spare_gb: float | None) -> None:
     import mlx.core as mx
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
-    from decode_step_profile import keep_dequantized_copies, prefilled
+    from decode_step_profile import prefilled
     from mlx_lm import load
 
     from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
     model, tokenizer = load(model_dir)
-    dequantize_where_it_pays(model, None if dequantize == "measure" else int(dequantize))
-    if copies:
-        keep_dequantized_copies(model)
+    spare = None if spare_gb is None else int(spare_gb * 2**30)
+    dequantize_where_it_pays(model, None if dequantize == "measure" else int(dequantize), spare=spare)
     prompt = tokenizer.encode("A prompt of a few words, read by every sequence of the batch alike.")[:32]
     cache, tokens = prefilled(model, batch, prompt)
 
@@ -114,10 +114,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the model directory")
     parser.add_argument("--batch", type=int, default=64, help="sequences decoding together")
     parser.add_argument("--dequantize-rows", default="0", help="as the dispatcher's option, or 'measure'")
-    parser.add_argument("--copies", action="store_true", help="as decode_step_profile.py's --copies")
+    parser.add_argument("--spare-gb", type=float, help="as the dispatcher's option (none)")
     options = parser.parse_args()
     if os.environ.get(PROFILED):
-        return profiled_step(options.model, options.batch, options.dequantize_rows, options.copies)
+        return profiled_step(options.model, options.batch, options.dequantize_rows, options.spare_gb)
     with tempfile.TemporaryDirectory() as work:
         report = Path(work) / "kernels.csv"
         command = [ncu(), "--profile-from-start", "off", "--clock-control", "none", "--metrics"]
