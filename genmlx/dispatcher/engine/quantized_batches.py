@@ -37,7 +37,7 @@ within the memory the master found spare beside the weights, the prefix cache an
 contexts (``--spare-gb``; ``master.planning.batching``). The measurement times that path too, and
 where it was clearly faster at some row counts, clearly slower at none, and the copies of every
 repeated layer fit in the spare memory, those layers keep copies and multiply every row count
-through them (``copies_span``: a sequence alone and in a batch go the same way; on an H100, Llama
+through them (``copies_span``: one path whatever the batch; on an H100, Llama
 3.2 1B's shape in 4 bits: a decode step's kernels at 64 sequences from 8.7 to 2.6 ms, for 1.95 GB);
 else they dequantize per call where that pays, and the log says why. With ``--dequantize-rows N``
 they keep copies where the spare memory holds them, and multiply N rows and more through them.
@@ -83,7 +83,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-TIMED_RUNS = 3  # per path and row count; the fastest counts
+TIMED_RUNS = 5  # per path and row count; the fastest counts
+RUN_PRODUCTS = 10  # products evaluated together in a timed run, as a step runs them back to back
 
 
 def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None, copies: bool = False) -> int:
@@ -200,7 +201,7 @@ def measured_timings(model: nn.Module, kept: Path | None) -> tuple[list[Timing],
     layer = measured_layer(model)
     if layer is None:
         return [], "none to measure"
-    key = measurement_key(layer, MEASURED_ROWS)
+    key = f"{measurement_key(layer, MEASURED_ROWS)}; in runs of {RUN_PRODUCTS}"
     found = kept_timings(kept).get(key) if kept else None
     try:
         timings = [Timing(*entry) for entry in found or ()]
@@ -235,7 +236,7 @@ def measure_products(
     quantized linear layers (``measured_layer``) with random rows of its input: MLX's kernel, the
     weight dequantized for the call, and a copy of it dequantized once (``faster_span`` reads
     them). ``timed(path, rows, product)`` times one product (default: the fastest of
-    ``TIMED_RUNS`` evaluations, after one untimed)."""
+    ``TIMED_RUNS`` runs of ``RUN_PRODUCTS``, after one untimed, see ``_fastest``)."""
     layer = measured_layer(model)
     if layer is None:
         return []
@@ -262,12 +263,16 @@ def _inputs(layer: nn.Module) -> int:
 
 
 def _fastest(path: str, rows: int, product: Callable[[], mx.array]) -> float:
-    mx.eval(product())
+    """Seconds per product: the fastest of ``TIMED_RUNS`` runs of ``RUN_PRODUCTS`` products
+    evaluated together, after one untimed run. One product timed alone is mostly the wait for the
+    device, and varied 3x between neighbouring row counts on an H200."""
+    mx.eval([product() for _ in range(RUN_PRODUCTS)])
     times = []
     for _ in range(TIMED_RUNS):
+        products = [product() for _ in range(RUN_PRODUCTS)]
         started = time.perf_counter()
-        mx.eval(product())
-        times.append(time.perf_counter() - started)
+        mx.eval(products)
+        times.append((time.perf_counter() - started) / RUN_PRODUCTS)
     return min(times)
 
 
