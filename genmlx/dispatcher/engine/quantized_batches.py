@@ -93,13 +93,12 @@ def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None, copies
     in ``span`` through a dequantized weight (None: none): a copy each keeps where ``copies``, else
     one made for the call; how many layers changed. Their parameters stay as they are (same names,
     same arrays); a copy is beside them, not one of them."""
-    found = [(module, kind) for _, module in model.named_modules() if (kind := _batched_class(module))]
-    shapes = Counter((kind, module["weight"].shape) for module, kind in found)
-    for module, kind in found:
+    found = _quantized_layers(model)
+    for module, kind, repeated in found:
         module.__class__ = kind  # the same module, with the call below; nothing is copied
         # Only the layers the blocks repeat, as measured: the output layer, as wide as the
         # vocabulary, would need gigabytes of float32 for its one product per step.
-        module.span = span if shapes[kind, module["weight"].shape] > 1 else None
+        module.span = span if repeated else None
         module.__dict__.pop("dense", None)
         if copies and module.span is not None and kind is _BatchedQuantizedLinear:
             dense = dequantized_weight(module, module["scales"].dtype)
@@ -111,13 +110,26 @@ def batch_quantized_layers(model: nn.Module, span: RowSpan | None = None, copies
 def copied_bytes(model: nn.Module) -> int:
     """The memory copies of the weights of the quantized linear layers of a shape the model repeats,
     dequantized to the type of their scales, would take."""
-    layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
-    shapes = Counter(tuple(m["weight"].shape) for m in layers)
     return sum(
-        m["weight"].shape[0] * _inputs(m) * m["scales"].dtype.size
-        for m in layers
-        if shapes[tuple(m["weight"].shape)] > 1
+        m["weight"].shape[0] * _inputs(m) * m["scales"].dtype.size for m in _linears(model, repeated=True)
     )
+
+
+def _quantized_layers(model: nn.Module) -> list[tuple[nn.Module, type, bool]]:
+    """The model's quantized layers this module batches, each with the class it takes and whether
+    the model repeats it (has another of its kind and shape, as the blocks' layers are)."""
+    found = [(module, kind) for _, module in model.named_modules() if (kind := _batched_class(module))]
+    shapes = Counter((kind, tuple(module["weight"].shape)) for module, kind in found)
+    return [(module, kind, shapes[kind, tuple(module["weight"].shape)] > 1) for module, kind in found]
+
+
+def _linears(model: nn.Module, repeated: bool) -> list[nn.Module]:
+    """The model's quantized linear layers; only those it repeats where ``repeated``."""
+    return [
+        module
+        for module, kind, is_repeated in _quantized_layers(model)
+        if kind is _BatchedQuantizedLinear and (is_repeated or not repeated)
+    ]
 
 
 def dequantize_where_it_pays(
@@ -129,7 +141,7 @@ def dequantize_where_it_pays(
     ``measured_timings``), through copies they keep where those fit in ``spare`` bytes (and, when
     measured, were faster); the span they got (None where they have none, or the model no quantized
     layer)."""
-    if not any(_batched_class(m) for _, m in model.named_modules()):
+    if not _quantized_layers(model):
         return None  # nothing quantized
     if rows == 0:
         batch_quantized_layers(model)
@@ -219,12 +231,8 @@ def measured_timings(model: nn.Module, kept: Path | None) -> tuple[list[Timing],
 def measured_layer(model: nn.Module) -> nn.Module | None:
     """The layer ``measure_products`` measures: the largest of the shapes every block repeats (not the
     output layer, whose float32 copy would be the largest of all, and is one of its kind)."""
-    layers = [m for _, m in model.named_modules() if _batched_class(m) is _BatchedQuantizedLinear]
-    if not layers:
-        return None
-    shapes = Counter(tuple(m["weight"].shape) for m in layers)
-    repeated = [m for m in layers if shapes[tuple(m["weight"].shape)] > 1] or layers
-    return max(repeated, key=lambda m: m["weight"].size)
+    layers = _linears(model, repeated=True) or _linears(model, repeated=False)
+    return max(layers, key=lambda m: m["weight"].size, default=None)
 
 
 def measure_products(
@@ -236,7 +244,9 @@ def measure_products(
     quantized linear layers (``measured_layer``) with random rows of its input: MLX's kernel, the
     weight dequantized for the call, and a copy of it dequantized once (``faster_span`` reads
     them). ``timed(path, rows, product)`` times one product (default: the fastest of
-    ``TIMED_RUNS`` runs of ``RUN_PRODUCTS``, after one untimed, see ``_fastest``)."""
+    ``TIMED_RUNS`` runs of ``RUN_PRODUCTS``, after one untimed, see ``_fastest``). The copy is timed
+    whether or not memory is spare now (it costs the one layer's copy while measuring): the timings
+    are kept for this device and layer, and a later load with memory to spare reads them."""
     layer = measured_layer(model)
     if layer is None:
         return []
