@@ -319,6 +319,18 @@ def test_what_the_batch_leaves_is_each_nodes_spare_memory_and_a_gpus_reason_says
     assert set_.reason.endswith("GB spare beside the batch on mini-b") and "serving.maxBatch" in set_.reason
 
 
+def test_a_node_that_serves_other_models_too_has_no_memory_spare_for_copies():
+    gpus = [NodeCapacity("studio-a", 80 * GB, gpu=True), NodeCapacity("mini-b", 80 * GB, gpu=True)]
+    placed = spec(max_batch=4)
+    alone = batching_of(placed, gpus)
+    shared = batching_for(placed, place(placed, gpus, QWEN, None), gpus, QWEN, None, frozenset({"mini-b"}))
+    assert shared.spare_bytes == (alone.spare_bytes[0], 0) and alone.spare_bytes[1] > 0
+    assert shared.reason.endswith(
+        "; 0.0 GB spare beside the batch on mini-b (mini-b serves other models too)"
+    )
+    assert (shared.max_batch, shared.max_queue) == (alone.max_batch, alone.max_queue)
+
+
 def test_the_tightest_node_of_a_group_sets_the_batch_and_is_named():
     # Tensor parallel on 64 and 70 GB: each holds half the weights and half of each sequence.
     batching = batching_of(unset(), nodes(64 * GB, 70 * GB))

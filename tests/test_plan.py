@@ -12,7 +12,7 @@ from genmlx.master.planning.actions import StartRankGroup, StopRankGroup
 from genmlx.master.planning.groups import GroupPlan, desired_group
 from genmlx.master.planning.observed import RolloutRecord
 from genmlx.master.planning.placement import Placement
-from genmlx.master.planning.plan import assess_models, plan
+from genmlx.master.planning.plan import assess_models, plan, shared_nodes
 from genmlx.wire.agent_state import RankInfo
 
 
@@ -215,3 +215,11 @@ def test_each_rank_is_launched_with_its_nodes_spare_memory_which_alone_restarts_
     assert desired_group(M, observed(), less).spec_hash == started.spec_hash
     unknown = desired_group(M, observed(), replace(one_node, batching=None))
     assert unknown.launches[0][1].spare_bytes is None
+
+
+def test_the_nodes_a_model_shares_with_others_are_those_another_model_names() -> None:
+    alone, pair, other = model("m", nodes=("a", "b")), model("n", nodes=("b", "c")), model("o", nodes=("d",))
+    assert shared_nodes(alone, manifest(alone, pair, other)) == {"b"}
+    assert shared_nodes(pair, manifest(alone, pair, other)) == {"b"}
+    assert shared_nodes(other, manifest(alone, pair, other)) == frozenset()
+    assert shared_nodes(alone, manifest(alone)) == frozenset()

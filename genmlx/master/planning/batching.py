@@ -14,7 +14,8 @@ What the batch leaves on each node, beside the weights, the prefix cache and a f
 every batch slot, is its ``spare`` memory; the master passes each rank its node's, and a rank on a
 CUDA GPU may fill it with copies of its quantized weights dequantized once, where those multiply a
 batch faster than MLX's quantized kernel (``dispatcher.engine.quantized_batches``). The batch comes
-first: the copies only take what it does not need.
+first: the copies only take what it does not need. A node that serves other models too has none
+spare: each model counts the node's whole memory, and copies that each took it all would not fit.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def batching_for(
     nodes: list[NodeCapacity],
     shape: ModelShape,
     context_length: int | None,
+    shared: frozenset[str] = frozenset(),
 ) -> Batching:
     """The batch and queue of ``spec`` placed as ``placement`` on ``nodes`` (which ``place`` has
-    checked hold at least one sequence)."""
+    checked hold at least one sequence); the nodes named in ``shared`` serve other models too."""
     budget = kv_budget(spec, shape, context_length)
     if budget.sequences:
         batching = set_batching(spec)
@@ -66,18 +68,25 @@ def batching_for(
         one = replace(budget, sequences=1)
         batching = derived_batching(spec, node_loads(placement, nodes, shape, one), one)
     full = node_loads(placement, nodes, shape, replace(budget, sequences=batching.max_batch))
-    return with_spare(batching, full)
+    return with_spare(batching, full, shared)
 
 
-def with_spare(batching: Batching, loads: tuple[NodeLoad, ...]) -> Batching:
+def with_spare(
+    batching: Batching, loads: tuple[NodeLoad, ...], shared: frozenset[str] = frozenset()
+) -> Batching:
     """``batching`` with each node's memory left beside its weights, the prefix cache and the batch's
-    full contexts; its reason says so where the nodes are GPUs, whose ranks may use it."""
-    spare = tuple(max(spare_bytes(each, each.kv_bytes), 0) for each in loads)
+    full contexts, none on a node in ``shared``; its reason says so where the nodes are GPUs, whose
+    ranks may use it."""
+    spare = tuple(
+        0 if each.node.name in shared else max(spare_bytes(each, each.kv_bytes), 0) for each in loads
+    )
     reason = batching.reason
     if any(each.node.gpu for each in loads):
         least = min(range(len(loads)), key=lambda i: spare[i])
-        where = f" on {loads[least].node.name}" if len(loads) > 1 else ""
-        reason += f"; {gb(spare[least])} GB spare beside the batch{where}"
+        name = loads[least].node.name
+        where = f" on {name}" if len(loads) > 1 else ""
+        why = f" ({name} serves other models too)" if name in shared else ""
+        reason += f"; {gb(spare[least])} GB spare beside the batch{where}{why}"
     return replace(batching, reason=reason, spare_bytes=spare)
 
 

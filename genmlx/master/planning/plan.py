@@ -92,7 +92,7 @@ def assess_model(
         phase: Phase = "Blocked" if presence.blocked else "Progressing"
         return verdict(phase, presence.reason, presence.message, actions=presence.fetches)
     try:
-        placement, batching = placement_of(spec, observed, presence)
+        placement, batching = placement_of(spec, observed, presence, shared_nodes(spec, manifest))
     except PlacementRefused as e:
         return verdict("Blocked", e.reason, e.message)
     copies = [presence.copies[name] for name in spec.nodes]
@@ -120,11 +120,12 @@ def stop_broken_group(spec: ModelSpec, ranks, reason: str) -> tuple[Action, ...]
 
 
 def placement_of(
-    spec: ModelSpec, observed: Observed, presence: Presence
+    spec: ModelSpec, observed: Observed, presence: Presence, shared: frozenset[str] = frozenset()
 ) -> tuple[Placement, Batching | None]:
     """How the model's nodes split it, checked against their memory, and the batch they hold
-    (None where no node could read the model's shape); ``PlacementRefused`` when it cannot be
-    placed as asked (a permanent problem until the manifest or the nodes change)."""
+    (None where no node could read the model's shape), ``shared`` naming its nodes that serve other
+    models too; ``PlacementRefused`` when it cannot be placed as asked (a permanent problem until
+    the manifest or the nodes change)."""
     shapes = [copy.shape for name in spec.nodes if (copy := presence.copies[name]).shape is not None]
     if not shapes:
         if len(spec.nodes) == 1:
@@ -137,7 +138,13 @@ def placement_of(
         )
     nodes = [node_capacity(name, observed.nodes[name].state.facts) for name in spec.nodes]
     placement = place(spec, nodes, shapes[0], spec.serving.context_length)
-    return placement, batching_for(spec, placement, nodes, shapes[0], spec.serving.context_length)
+    return placement, batching_for(spec, placement, nodes, shapes[0], spec.serving.context_length, shared)
+
+
+def shared_nodes(spec: ModelSpec, manifest: Manifest) -> frozenset[str]:
+    """The nodes of ``spec`` that the manifest has serve other models too."""
+    others = {node for model in manifest.models if model.name != spec.name for node in model.nodes}
+    return frozenset(others.intersection(spec.nodes))
 
 
 def node_capacity(name: str, facts: NodeFacts) -> NodeCapacity:
