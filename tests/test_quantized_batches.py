@@ -30,6 +30,7 @@ from genmlx.dispatcher.engine.quantized_batches import (
     dequantize_where_it_pays,
     faster_span,
     measure_products,
+    repeated_shapes,
 )
 
 TEXTS = ("Rivers start in the hills", "The sea is salty because", "Deltas form", "Copper is", "At night")
@@ -51,6 +52,11 @@ def load(path: Path):
     from mlx_lm import load as mlx_lm_load
 
     return mlx_lm_load(str(path))
+
+
+def every(model, span: RowSpan | None) -> dict:
+    """``span`` for every shape of quantized layer the model repeats."""
+    return dict.fromkeys(repeated_shapes(model), span)
 
 
 def greedy(model, tokenizer, texts: tuple[str, ...]) -> dict[int, list[int]]:
@@ -75,7 +81,7 @@ def test_many_rows_go_through_the_dequantized_weight_with_the_kernels_outputs(
     rows = mx.array([tokenizer.encode("The river ran past the old mill")[:6]] * 3)  # 18 rows
     expected = model(rows)
     assert (
-        batch_quantized_layers(model, RowSpan(4, 64)) == 16
+        batch_quantized_layers(model, every(model, RowSpan(4, 64))) == 16
     )  # the embedding, 7 per layer of 2, the output layer
     assert {k: id(v) for k, v in tree_flatten(model.parameters())} == {
         k: id(v) for k, v in parameters.items()
@@ -164,7 +170,9 @@ def test_a_models_own_kind_of_quantized_layer_is_left_to_call_itself() -> None:
 def test_greedy_tokens_are_the_same_alone_in_a_batch_dequantized_and_not(quantized_dir: Path) -> None:
     model, tokenizer = load(quantized_dir)
     by_the_kernel = greedy(model, tokenizer, TEXTS)
-    batch_quantized_layers(model, RowSpan(2))  # a lone sequence decodes one row: the kernel; the batch: not
+    batch_quantized_layers(
+        model, every(model, RowSpan(2))
+    )  # a lone sequence decodes one row: the kernel; the batch: not
     batched = greedy(model, tokenizer, TEXTS)
     alone = {uid: greedy(model, tokenizer, (text,))[0] for uid, text in enumerate(TEXTS)}
     assert batched == by_the_kernel == alone
@@ -209,7 +217,7 @@ def test_the_span_is_the_longest_run_of_row_counts_where_the_dequantized_weight_
     )
 
 
-def test_measuring_times_both_products_on_the_largest_layer_the_blocks_repeat(quantized_dir: Path) -> None:
+def test_measuring_times_each_path_on_the_layer_given(quantized_dir: Path) -> None:
     model, _ = load(quantized_dir)
     seen = []
 
@@ -222,17 +230,44 @@ def test_measuring_times_both_products_on_the_largest_layer_the_blocks_repeat(qu
             "copied": 0.2 if rows >= 16 else 1,
         }[path]
 
-    measured = measure_products(model, rows=(1, 4, 16), timed=timed)
+    measured = measure_products(model.model.layers[0].mlp.down_proj, rows=(1, 4, 16), timed=timed)
     assert (faster_span(measured), faster_span(measured, "copied")) == (RowSpan(4), RowSpan(16))
     assert [t.rows for t in measured] == [1, 4, 16]
-    largest = 128  # the blocks' MLP projections up (64 to 128), not the output layer (64 to 768)
     paths = ("quantized", "dequantized", "copied")
-    assert seen == [(path, n, (n, largest)) for n in (1, 4, 16) for path in paths]
+    assert seen == [(path, n, (n, 64)) for n in (1, 4, 16) for path in paths], "128 inputs to 64 outputs"
+
+
+def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
+    quantized_dir: Path, monkeypatch
+) -> None:
+    from genmlx.dispatcher.engine import quantized_batches
+
+    model, _ = load(quantized_dir)
+    down = (64, 128)  # the MLP's down projection, the only shape of its kind here
+    measured = []
+
+    def measure(layer) -> list[Timing]:
+        shape = (layer["weight"].shape[0], layer["weight"].shape[1] * 32 // layer.bits)
+        measured.append(shape)
+        if shape == down:  # copies faster everywhere
+            return timings((1, 1, 3, 0.5), (8, 6, 7, 2), (64, 28, 30, 5))
+        return timings((1, 1, 3, 1.5), (8, 6, 3, 2), (64, 28, 5, 5))  # copies slower alone
+
+    monkeypatch.setattr(quantized_batches, "measure_products", measure)
+    spans = dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down]))
+    # The attention's q and o (64 x 64), k and v (32 x 64), the MLP's gate and up (128 x 64).
+    assert sorted(measured) == sorted(repeated_shapes(model)) == [(32, 64), (64, 64), (64, 128), (128, 64)]
+    assert spans == {(32, 64): RowSpan(8), (64, 64): RowSpan(8), (64, 128): RowSpan(1), (128, 64): RowSpan(8)}
+    mlp = model.model.layers[1].mlp
+    assert mlp.down_proj.dense is not None and mlp.up_proj.dense is None, "copies only where faster"
+    assert mlp.up_proj.span == RowSpan(8), "per call where that was faster"
+    dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down]) - 1)
+    assert mlp.down_proj.dense is None and mlp.down_proj.span is None, "not held: the kernel, never slower"
 
 
 def test_measured_on_this_machine_the_span_holds_where_the_timings_say(quantized_dir: Path) -> None:
     model, _ = load(quantized_dir)
-    measured = measure_products(model, rows=(1, 8, 64))
+    measured = measure_products(model.model.layers[0].mlp.up_proj, rows=(1, 8, 64))
     assert [t.rows for t in measured] == [1, 8, 64]
     assert all(t.quantized > 0 and t.dequantized > 0 and t.copied > 0 for t in measured)
 
@@ -267,11 +302,11 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
         raise RuntimeError("no such kernel")
 
     monkeypatch.setattr(quantized_batches, "measure_products", broken)
-    assert quantized_batches.dequantize_where_it_pays(model, None) is None
-    assert "measuring the quantized layers failed" in caplog.text
+    assert set(quantized_batches.dequantize_where_it_pays(model, None).values()) == {None}
+    assert "measuring a quantized layer of 64 x 128 failed" in caplog.text
     layer = model.model.layers[0].mlp.down_proj
     assert layer.span is None, "rows as one matrix, through the kernel"
-    assert quantized_batches.dequantize_where_it_pays(model, 8) == RowSpan(8)
+    assert set(quantized_batches.dequantize_where_it_pays(model, 8).values()) == {RowSpan(8)}
     assert layer.span == RowSpan(8)
 
 
@@ -283,7 +318,7 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     measured = []
     real_measure = quantized_batches.measure_products
     monkeypatch.setattr(
-        quantized_batches, "measure_products", lambda model: measured.append(1) or real_measure(model)
+        quantized_batches, "measure_products", lambda layer: measured.append(1) or real_measure(layer)
     )
     kept = tmp_path / "home" / quantized_batches.MEASUREMENTS_FILE
     caplog.set_level("INFO")
@@ -291,8 +326,10 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     monkeypatch.setattr(quantized_batches, "TIMED_RUNS", 1)
 
     first = quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
-    assert measured == [1] and "measured in" in caplog.text
-    ((key, timings),) = json.loads(kept.read_text()).items()
+    assert measured == [1] * 4 and "measured in" in caplog.text, "four shapes repeated: four layers"
+    keys = json.loads(kept.read_text())
+    assert len(keys) == 4
+    key, timings = next((k, v) for k, v in keys.items() if ": 64 x 128," in k)
     assert mx.device_info()["device_name"] in key and f"MLX {mx.__version__}" in key, key
     assert key.endswith("; in runs of 1"), "how it was timed: timings taken another way are measured again"
     assert [rows for rows, *_ in timings] == list(quantized_batches.MEASURED_ROWS)
@@ -300,26 +337,26 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
 
     caplog.clear()
     again = quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
-    assert measured == [1], "the next load takes what the first measured"
+    assert measured == [1] * 4, "the next load takes what the first measured"
     assert again == first and "as an earlier load measured them" in caplog.text
 
     kept.write_text("{half a file")  # a damaged file is measured over and written whole
     quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
-    assert measured == [1, 1] and list(json.loads(kept.read_text())) == [key]
-    kept.write_text(json.dumps({key: [[1, 0.5]]}))  # and so is a damaged entry
+    assert len(measured) == 8 and sorted(json.loads(kept.read_text())) == sorted(keys)
+    kept.write_text(json.dumps({**keys, key: [[1, 0.5]]}))  # and so is a damaged entry, alone
     quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
-    assert measured == [1, 1, 1] and len(json.loads(kept.read_text())[key]) == len(timings)
-    kept.write_text(json.dumps({key: [[1, 0.5, 0.25]]}))  # and one kept before copies were timed
+    assert len(measured) == 9 and len(json.loads(kept.read_text())[key]) == len(timings)
+    kept.write_text(json.dumps({**keys, key: [[1, 0.5, 0.25]]}))  # and one kept before copies were timed
     quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
-    assert measured == [1, 1, 1, 1]
+    assert len(measured) == 10
 
 
 def test_a_model_without_quantized_layers_is_left_as_it_is(demo_model_dir: Path, caplog) -> None:
     from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
     model, _ = load(demo_model_dir)
-    assert dequantize_where_it_pays(model, None) is None
-    assert dequantize_where_it_pays(model, 8) is None
+    assert dequantize_where_it_pays(model, None) == {}
+    assert dequantize_where_it_pays(model, 8) == {}
     assert "quantized" not in caplog.text, "nothing measured, nothing said"
 
 
@@ -368,11 +405,11 @@ def test_copies_are_kept_where_the_spare_memory_holds_them_beside_the_parameters
     assert needed == 2 * (3 * 128 * 64 + 2 * 64 * 64 + 2 * 32 * 64) * 4
     caplog.set_level("INFO")
 
-    assert dequantize_where_it_pays(model, 4, spare=needed - 1) == RowSpan(4)
+    assert dequantize_where_it_pays(model, 4, spare=needed - 1) == every(model, RowSpan(4))
     assert all(layer.dense is None for layer in repeated_layers(model))
     assert "would take" in caplog.text and "none kept" in caplog.text
 
-    assert dequantize_where_it_pays(model, 4, spare=needed) == RowSpan(4)
+    assert dequantize_where_it_pays(model, 4, spare=needed) == every(model, RowSpan(4))
     copies = [m.dense for _, m in model.named_modules() if getattr(m, "dense", None) is not None]
     assert len(copies) == 14 and sum(c.nbytes for c in copies) == needed
     assert {c.dtype for c in copies} == {model.lm_head["scales"].dtype}
@@ -389,7 +426,7 @@ def test_copies_are_kept_where_the_spare_memory_holds_them_beside_the_parameters
     assert calls == [(3, 6, 8)], "the embedding's rows alone: the layers multiply through their copies"
     monkeypatch.undo()
 
-    assert dequantize_where_it_pays(model, 4) == RowSpan(4), "no spare memory given: no copies"
+    assert dequantize_where_it_pays(model, 4) == every(model, RowSpan(4)), "no spare memory given: no copies"
     assert all(layer.dense is None for layer in repeated_layers(model))
     assert "no spare memory given" in caplog.text
 
@@ -410,14 +447,15 @@ def test_measured_copies_are_kept_where_faster_and_held_else_per_call_where_that
     from genmlx.dispatcher.engine import quantized_batches
 
     measured = timings((1, 1, 3, 1.05), (8, 6, 3, 2), (64, 28, 5, 2), (512, 40, 45, 20))
-    monkeypatch.setattr(quantized_batches, "measure_products", lambda model: measured)
+    monkeypatch.setattr(quantized_batches, "measure_products", lambda layer: measured)
     model, _ = load(quantized_dir)
     layer = model.model.layers[0].mlp.down_proj
-    assert dequantize_where_it_pays(model, None, spare=1 << 40) == RowSpan(1)
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, RowSpan(1))
     assert layer.dense is not None, "copies faster from 8 rows on, no slower at 1, and held: every row"
-    assert dequantize_where_it_pays(model, None, spare=0) == RowSpan(8, 512)
+    assert dequantize_where_it_pays(model, None, spare=0) == every(model, RowSpan(8, 512))
     assert layer.dense is None, "not held: per call, where that was faster"
     measured[0] = Timing(1, 1, 3, 1.2)  # one stream would pay for the batch's copies
-    assert dequantize_where_it_pays(model, None, spare=1 << 40) == RowSpan(8, 512) and layer.dense is None
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, RowSpan(8, 512))
+    assert layer.dense is None
     measured[:] = timings((1, 1, 3, 3), (8, 6, 7, 6))
-    assert dequantize_where_it_pays(model, None, spare=1 << 40) is None and layer.dense is None
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, None) and layer.dense is None
