@@ -207,7 +207,8 @@ async def soak(cluster: Cluster, options: argparse.Namespace) -> Tally:
     tally = Tally()
     rng = random.Random(options.seed)
     deadline = time.monotonic() + options.seconds
-    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
+    # A stream that stops sending for a minute is a failure to count, not one to wait out.
+    client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
     loops = [
         client_loop(client, tally, random.Random(rng.random()), deadline, options.disconnect)
         for _ in range(options.streams)

@@ -7,6 +7,7 @@ afterwards (the same answer at temperature 0). ``benchmarks/soak.py`` runs the l
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,22 @@ def test_a_short_soak_loses_nothing_and_leaves_the_group_in_step(tmp_path):
     figures_file = tmp_path / "soak.json"
     command = [sys.executable, str(BENCHMARKS / "soak.py"), "--streams", "6", "--seconds", "30"]
     command += ["--max-batch", "2", "--max-queue", "2", "--seed", "1", "--json", str(figures_file)]
-    done = subprocess.run(command, cwd=BENCHMARKS, capture_output=True, text=True, timeout=280)
-    print(done.stdout, done.stderr[-3000:])
-    assert done.returncode == 0
+    logs = tmp_path / "logs"
+    soak = subprocess.Popen(
+        [*command, "--logs", str(logs)],
+        cwd=BENCHMARKS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = soak.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        soak.send_signal(signal.SIGINT)  # its cluster is stopped on the way out, not left running
+        stdout, stderr = soak.communicate(timeout=60)
+        pytest.fail(f"the soak did not finish:\n{stdout}\n{stderr[-3000:]}\n{log_tails(logs)}")
+    print(stdout, stderr[-3000:])
+    assert soak.returncode == 0
     figures = json.loads(figures_file.read_text())
     assert figures["errors"] == {}, figures["errors"]
     assert figures["in_step"], "the ranks gave another answer after the soak"
@@ -38,3 +52,11 @@ def test_a_short_soak_loses_nothing_and_leaves_the_group_in_step(tmp_path):
         if row["files_after"] > row["files_before"] + 8  # a few pooled connections may stay open
     }
     assert not leaks, f"processes hold more files open once every client has gone: {leaks}"
+
+
+def log_tails(logs: Path, lines: int = 30) -> str:
+    """The last lines of every process's log the soak kept: what a soak that never ended was doing."""
+    return "\n".join(
+        f"--- {path.relative_to(logs)}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        for path in sorted(logs.rglob("*.log"))
+    )
