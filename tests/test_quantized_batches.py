@@ -20,8 +20,10 @@ from test_ranks_lockstep import client_of
 from test_ranks_lockstep import start_ranks as start_ranks  # a fixture, used by name
 
 from genmlx.demo.pipeline_model import write_demo_pipeline_model
+from genmlx.dispatcher.engine import measurements
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
+from genmlx.dispatcher.engine.measurements import measure_products
 from genmlx.dispatcher.engine.quantized_batches import (
     RowSpan,
     Timing,
@@ -29,7 +31,6 @@ from genmlx.dispatcher.engine.quantized_batches import (
     copied_bytes,
     dequantize_where_it_pays,
     faster_span,
-    measure_products,
     repeated_shapes,
 )
 
@@ -217,57 +218,72 @@ def test_the_span_is_the_longest_run_of_row_counts_where_the_dequantized_weight_
     )
 
 
-def test_measuring_times_each_path_on_the_layer_given(quantized_dir: Path) -> None:
+def test_measuring_times_each_path_over_the_layers_given_one_after_another(quantized_dir: Path) -> None:
     model, _ = load(quantized_dir)
+    downs = [block.mlp.down_proj for block in model.model.layers]
     seen = []
 
-    def timed(path: str, rows: int, product) -> float:
-        out = product()
-        seen.append((path, rows, out.shape))
+    def timed(path: str, rows: int, run) -> float:
+        seen.append((path, rows, [out.shape for out in run()]))
         return {
             "quantized": 1.0,
             "dequantized": 0.5 if rows >= 4 else 2.0,
             "copied": 0.2 if rows >= 16 else 1,
         }[path]
 
-    measured = measure_products(model.model.layers[0].mlp.down_proj, rows=(1, 4, 16), timed=timed)
+    measured = measure_products(downs, rows=(1, 4, 16), timed=timed)
     assert (faster_span(measured), faster_span(measured, "copied")) == (RowSpan(4), RowSpan(16))
     assert [t.rows for t in measured] == [1, 4, 16]
     paths = ("quantized", "dequantized", "copied")
-    assert seen == [(path, n, (n, 64)) for n in (1, 4, 16) for path in paths], "128 inputs to 64 outputs"
+    # 128 inputs to 64 outputs, through each of the two blocks' layers: together far below
+    # COLD_BYTES, so every one of them is read in each run.
+    assert seen == [(path, n, [(n, 64)] * 2) for n in (1, 4, 16) for path in paths]
+
+
+def test_a_run_reads_as_many_layers_as_pass_the_cache_and_no_more(quantized_dir: Path, monkeypatch) -> None:
+    model, _ = load(quantized_dir)
+    ups = [block.mlp.up_proj for block in model.model.layers] * 3  # six of 64 x 128, 4 bits
+    one = sum(ups[0][name].nbytes for name in ("weight", "scales", "biases"))
+    monkeypatch.setattr(measurements, "COLD_BYTES", 2 * one + 1)  # passed by the third layer
+    runs = []
+    measure_products(ups, rows=(2,), timed=lambda path, rows, run: runs.append((path, len(run()))) or 1.0)
+    copies = -(-(2 * one + 1) // (128 * 64 * 4))  # float32 copies, four bytes a weight
+    assert runs == [("quantized", 3), ("dequantized", 3), ("copied", copies)]
 
 
 def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
     quantized_dir: Path, monkeypatch
 ) -> None:
-    from genmlx.dispatcher.engine import quantized_batches
-
     model, _ = load(quantized_dir)
-    down = (64, 128)  # the MLP's down projection, the only shape of its kind here
+    down, up = (64, 128), (128, 64)  # the MLP's down projection; its gate and up projections
     measured = []
 
-    def measure(layer) -> list[Timing]:
-        shape = (layer["weight"].shape[0], layer["weight"].shape[1] * 32 // layer.bits)
-        measured.append(shape)
-        if shape == down:  # copies faster everywhere
+    def measure(layers) -> list[Timing]:
+        shape = (layers[0]["weight"].shape[0], layers[0]["weight"].shape[1] * 32 // layers[0].bits)
+        measured.append((shape, len(layers)))
+        if shape == down:  # copies faster at every row count, per call never
             return timings((1, 1, 3, 0.5), (8, 6, 7, 2), (64, 28, 30, 5))
-        return timings((1, 1, 3, 1.5), (8, 6, 3, 2), (64, 28, 5, 5))  # copies slower alone
+        if shape == up:  # copies faster from 8 rows
+            return timings((1, 1, 3, 1.5), (8, 6, 7, 2), (64, 28, 30, 5))
+        return timings((1, 1, 3, 1.5), (8, 6, 3, 7), (64, 28, 5, 29))  # per call from 8 rows, copies never
 
-    monkeypatch.setattr(quantized_batches, "measure_products", measure)
-    spans = dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down]))
-    # The attention's q and o (64 x 64), k and v (32 x 64), the MLP's gate and up (128 x 64).
-    assert sorted(measured) == sorted(repeated_shapes(model)) == [(32, 64), (64, 64), (64, 128), (128, 64)]
-    assert spans == {(32, 64): RowSpan(8), (64, 64): RowSpan(8), (64, 128): RowSpan(1), (128, 64): RowSpan(8)}
-    mlp = model.model.layers[1].mlp
-    assert mlp.down_proj.dense is not None and mlp.up_proj.dense is None, "copies only where faster"
-    assert mlp.up_proj.span == RowSpan(8), "per call where that was faster"
-    dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down]) - 1)
-    assert mlp.down_proj.dense is None and mlp.down_proj.span is None, "not held: the kernel, never slower"
+    monkeypatch.setattr(measurements, "measure_products", measure)
+    spans = dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down, up]))
+    # The attention's q and o (64 x 64), k and v (32 x 64), the MLP's gate and up, its down.
+    assert sorted(measured) == [((32, 64), 4), ((64, 64), 4), ((64, 128), 2), ((128, 64), 4)]
+    assert sorted(repeated_shapes(model)) == [shape for shape, _ in sorted(measured)]
+    assert spans == {(32, 64): RowSpan(8), (64, 64): RowSpan(8), down: RowSpan(1), up: RowSpan(8)}
+    block = model.model.layers[1]
+    assert block.mlp.down_proj.dense is not None and block.mlp.up_proj.dense is not None
+    assert block.self_attn.q_proj.dense is None, "copies only where faster: per call here"
+    dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down, up]) - 1)
+    assert block.mlp.down_proj.dense is None and block.mlp.down_proj.span is None, "not held: the kernel"
+    assert block.self_attn.q_proj.span == RowSpan(8)
 
 
 def test_measured_on_this_machine_the_span_holds_where_the_timings_say(quantized_dir: Path) -> None:
     model, _ = load(quantized_dir)
-    measured = measure_products(model.model.layers[0].mlp.up_proj, rows=(1, 8, 64))
+    measured = measure_products([block.mlp.up_proj for block in model.model.layers], rows=(1, 8, 64))
     assert [t.rows for t in measured] == [1, 8, 64]
     assert all(t.quantized > 0 and t.dequantized > 0 and t.copied > 0 for t in measured)
 
@@ -301,7 +317,7 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
     def broken(*args, **kwargs):
         raise RuntimeError("no such kernel")
 
-    monkeypatch.setattr(quantized_batches, "measure_products", broken)
+    monkeypatch.setattr(measurements, "measure_products", broken)
     assert set(quantized_batches.dequantize_where_it_pays(model, None).values()) == {None}
     assert "measuring a quantized layer of 64 x 128 failed" in caplog.text
     layer = model.model.layers[0].mlp.down_proj
@@ -316,14 +332,13 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     from genmlx.dispatcher.engine import quantized_batches
 
     measured = []
-    real_measure = quantized_batches.measure_products
+    real_measure = measurements.measure_products
     monkeypatch.setattr(
-        quantized_batches, "measure_products", lambda layer: measured.append(1) or real_measure(layer)
+        measurements, "measure_products", lambda layers: measured.append(1) or real_measure(layers)
     )
     kept = tmp_path / "home" / quantized_batches.MEASUREMENTS_FILE
     caplog.set_level("INFO")
-    monkeypatch.setattr(quantized_batches, "RUN_PRODUCTS", 1)  # what is kept matters here, not the times
-    monkeypatch.setattr(quantized_batches, "TIMED_RUNS", 1)
+    monkeypatch.setattr(measurements, "TIMED_RUNS", 1)  # what is kept matters here, not the times
 
     first = quantized_batches.dequantize_where_it_pays(load(quantized_dir)[0], None, kept)
     assert measured == [1] * 4 and "measured in" in caplog.text, "four shapes repeated: four layers"
@@ -331,8 +346,8 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     assert len(keys) == 4
     key, timings = next((k, v) for k, v in keys.items() if ": 64 x 128," in k)
     assert mx.device_info()["device_name"] in key and f"MLX {mx.__version__}" in key, key
-    assert key.endswith("; in runs of 1"), "how it was timed: timings taken another way are measured again"
-    assert [rows for rows, *_ in timings] == list(quantized_batches.MEASURED_ROWS)
+    assert key.endswith("; each run over 2 layers"), "timings taken another way are measured again"
+    assert [rows for rows, *_ in timings] == list(measurements.MEASURED_ROWS)
     assert all(len(entry) == 4 for entry in timings), "rows, the kernel, per call, through a copy"
 
     caplog.clear()
@@ -444,18 +459,14 @@ def test_greedy_tokens_are_the_same_through_copies_alone_and_in_a_batch(quantize
 def test_measured_copies_are_kept_where_faster_and_held_else_per_call_where_that_pays(
     quantized_dir: Path, monkeypatch
 ) -> None:
-    from genmlx.dispatcher.engine import quantized_batches
 
     measured = timings((1, 1, 3, 1.05), (8, 6, 3, 2), (64, 28, 5, 2), (512, 40, 45, 20))
-    monkeypatch.setattr(quantized_batches, "measure_products", lambda layer: measured)
+    monkeypatch.setattr(measurements, "measure_products", lambda layers: measured)
     model, _ = load(quantized_dir)
     layer = model.model.layers[0].mlp.down_proj
-    assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, RowSpan(1))
-    assert layer.dense is not None, "copies faster from 8 rows on, no slower at 1, and held: every row"
+    assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, RowSpan(8))
+    assert layer.dense is not None, "copies faster from 8 rows on, and held: 8 rows and more through them"
     assert dequantize_where_it_pays(model, None, spare=0) == every(model, RowSpan(8, 512))
     assert layer.dense is None, "not held: per call, where that was faster"
-    measured[0] = Timing(1, 1, 3, 1.2)  # one stream would pay for the batch's copies
-    assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, RowSpan(8, 512))
-    assert layer.dense is None
     measured[:] = timings((1, 1, 3, 3), (8, 6, 7, 6))
     assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, None) and layer.dense is None

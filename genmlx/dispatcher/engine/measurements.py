@@ -1,12 +1,13 @@
-"""Timings of a quantized layer's products (``quantized_batches``), the row counts where a path
-beat MLX's kernel, and the timings kept on disk by what they depend on, so the next load on the
-same machine takes them instead of measuring again."""
+"""Timings of a quantized layer's products (``quantized_products``) on this device, the row counts
+where a path beat MLX's kernel, and the timings kept on disk by what they depend on, so the next
+load on the same machine takes them instead of measuring again."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from genmlx.core.files import write_whole
+from genmlx.dispatcher.engine.quantized_products import (
+    copy_bytes,
+    dequantized_product,
+    dequantized_weight,
+    layer_shape,
+    quantized_bytes,
+    quantized_product,
+)
 
 log = logging.getLogger(__name__)
 
 MEASUREMENTS_FILE = "quantized-products.json"  # under GENMLX_HOME: what loads there measured
 FASTER = 0.9  # a path must take at most this share of the kernel's time to be clearly faster
+MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+TIMED_RUNS = 5  # per path and row count; the fastest counts
+# Weights a timed run reads, at least: several times a GPU's last-level cache (50 MB on an H100).
+COLD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -68,18 +81,6 @@ def faster_span(timings: Sequence[Timing], path: str = "dequantized") -> RowSpan
     return RowSpan(ordered[run[0]].rows, ordered[end].rows if end < len(ordered) else None)
 
 
-def copies_span(timings: Sequence[Timing]) -> RowSpan | None:
-    """Every row count (``RowSpan(1)``) where copies were clearly faster than the kernel at some run
-    of row counts (``faster_span``) and clearly slower at none, else None. Every row count, so
-    that a layer's product takes one path however many sequences share the step (a copy rounds
-    the weight to the activations' type, the kernel does not), and only where no row count is
-    slower, so that one stream does not pay for the batch. MLX's CUDA kernels are not the same
-    alone and in a batch either: on an H100 and an H200, 13 of 16 random-weight sequences kept
-    their greedy tokens alone and in a batch of 16 through the kernel, as through copies."""
-    slower = any(t.copied * FASTER > t.quantized for t in timings)
-    return RowSpan(1) if faster_span(timings, "copied") is not None and not slower else None
-
-
 def measurement_key(layer: nn.Module, rows: Sequence[int]) -> str:
     """What a measurement depends on: the device, MLX's version, the layer's kind, the rows."""
     outputs, packed = layer["weight"].shape
@@ -108,3 +109,87 @@ def keep_timings(path: Path, key: str, timings: Sequence[Timing]) -> None:
         write_whole(path, json.dumps(kept, indent=1) + "\n")
     except OSError as e:
         log.warning("could not keep the measurement in %s: %s", path, e)
+
+
+def measured_timings(layers: Sequence[nn.Module], kept: Path | None) -> tuple[list[Timing], str]:
+    """``measure_products``'s timings of ``layers`` (of one shape), and where they came from: from
+    the file ``kept`` where a load on this device, with this MLX, measured layers of this kind and
+    shape before (measuring can take a minute or more on a GPU, nearly all of it MLX compiling its
+    kernel for each tile height, see ``model_loading.keep_compiled_kernels``), else measured now and
+    kept there."""
+    cold = len(_reading(layers, quantized_bytes))
+    key = f"{measurement_key(layers[0], MEASURED_ROWS)}; each run over {cold} layers"
+    found = kept_timings(kept).get(key) if kept else None
+    try:
+        timings = [Timing(*entry) for entry in found or ()]
+    except TypeError:  # an entry not of four numbers (one an earlier version kept): measured over
+        timings = []
+    if timings:
+        return timings, f"as an earlier load measured them (kept in {kept})"
+    started = time.monotonic()
+    timings = measure_products(layers)
+    if kept:
+        keep_timings(kept, key, timings)
+    return timings, f"measured in {time.monotonic() - started:.2f} s"
+
+
+def measure_products(
+    layers: Sequence[nn.Module],
+    rows: Sequence[int] = MEASURED_ROWS,
+    timed: Callable[[str, int, Callable[[], list[mx.array]]], float] | None = None,
+) -> list[Timing]:
+    """How long each path takes on this device for quantized linear layers of one shape, with
+    random rows of their input: MLX's kernel, the weight dequantized for the call, and a copy of it
+    dequantized once (``faster_span`` reads them). A timed run multiplies the rows by one layer
+    after another, as many as it takes for the weights it reads to pass ``COLD_BYTES`` (all there
+    are, if fewer), so that each product reads its weight from the device's memory, as a decode
+    step does, not from its cache: on an H100 one layer multiplied ten times over took 0.027 ms at
+    64 rows through the kernel, which averaged 0.066 ms a product in a step, and a copy looked no
+    faster. ``timed(path, rows, run)`` times a run's products, per product (default: the fastest
+    of ``TIMED_RUNS``, after one untimed, see ``_fastest``). The copies are timed whether or not
+    memory is spare now (they cost ``COLD_BYTES`` or one layer's copy while measuring): the timings
+    are kept for this device and shape, and a later load with memory to spare reads them."""
+    timed = timed or _fastest
+    quantized = _reading(layers, quantized_bytes)
+    dtype = layers[0]["scales"].dtype
+    dense = [dequantized_weight(layer, dtype) for layer in _reading(layers, copy_bytes)]
+    mx.eval(dense)
+    timings = []
+    for count in rows:
+        x = mx.random.normal((count, layer_shape(layers[0])[1]), key=mx.random.key(count)).astype(dtype)
+        mx.eval(x)
+        timings.append(
+            Timing(
+                count,
+                timed("quantized", count, lambda x=x: [quantized_product(layer, x) for layer in quantized]),
+                timed(
+                    "dequantized", count, lambda x=x: [dequantized_product(layer, x) for layer in quantized]
+                ),
+                timed("copied", count, lambda x=x: [x @ weight.T for weight in dense]),
+            )
+        )
+    return timings
+
+
+def _reading(layers: Sequence[nn.Module], size: Callable[[nn.Module], int]) -> list[nn.Module]:
+    """The first of ``layers`` whose ``size`` adds up to ``COLD_BYTES``, or all of them."""
+    total = 0
+    for count, layer in enumerate(layers, 1):
+        total += size(layer)
+        if total >= COLD_BYTES:
+            return list(layers[:count])
+    return list(layers)
+
+
+def _fastest(path: str, rows: int, run: Callable[[], list[mx.array]]) -> float:
+    """Seconds per product: the fastest of ``TIMED_RUNS`` runs of ``run``'s products evaluated
+    together, after one untimed run. One product timed alone is mostly the wait for the device,
+    and varied 3x between neighbouring row counts on an H200."""
+    mx.eval(run())
+    times = []
+    for _ in range(TIMED_RUNS):
+        products = run()
+        started = time.perf_counter()
+        mx.eval(products)
+        times.append((time.perf_counter() - started) / len(products))
+    return min(times)

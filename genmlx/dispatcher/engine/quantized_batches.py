@@ -18,11 +18,12 @@ device's matrix kernel, in float32, close to what the quantized kernel computes 
 logits by more. The dequantized weight lives for the one call: it costs, transiently, four bytes
 per weight of the largest layer. Where that pays depends on the device, MLX's version and the
 layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the model
-(``measure_products``): one layer of each shape its blocks repeat multiplies random rows both ways
-at row counts from 1 to 2,048, and the row counts where the dequantized weight was clearly faster
-(``faster_span``: the longest run) become the span of the layers of that shape (never the output
-layer's, one of its kind and as wide as the vocabulary); nowhere faster, they keep the kernel. The
-timings are kept in ``GENMLX_HOME/quantized-products.json`` by device, MLX version and layer, so
+(``measurements.measure_products``): the layers of each shape its blocks repeat multiply random
+rows both ways at row counts from 1 to 2,048, one layer after another so that each reads its
+weight from the device's memory as a step does, and the row counts where the dequantized weight
+was clearly faster (``faster_span``: the longest run) become that shape's span (never the output
+layer's, one of its kind and as wide as the vocabulary); nowhere faster, it keeps the kernel. The
+timings are kept in ``GENMLX_HOME/quantized-products.json`` by device, MLX version and shape, so
 the next load of such a model there takes them instead of measuring again.
 ``--dequantize-rows N`` sets every repeated shape's span to N rows and up instead (0: never).
 
@@ -31,18 +32,20 @@ its weight dequantized once, in the type of its scales (the activations'), besid
 weight: two bytes a weight more for as long as the model is loaded, which is why it is done only
 within the memory the master found spare beside the weights, the prefix cache and the batch's full
 contexts (``--spare-gb``; ``master.planning.batching``). The measurement times that path too; the
-shapes where it was clearly faster at some row counts and clearly slower at none keep copies, if
-all of theirs fit in the spare memory, and multiply every row count through them (``copies_span``:
-one path whatever the batch; on an H100, Llama 3.2 1B's shape in 4 bits: a decode step's kernels
-at 64 sequences from 8.7 to 2.6 ms, for 1.95 GB); the others dequantize per call where that pays,
-and the log says why. With ``--dequantize-rows N`` every repeated shape keeps copies where the
-spare memory holds them all, and multiplies N rows and more through them.
+shapes where it was clearly faster over a run of row counts keep copies, if all of theirs fit in
+the spare memory, and multiply those row counts through them and the others through the kernel
+(on an H100, Llama 3.2 1B's shape in 4 bits: a decode step's kernels at 64 sequences from 8.7 to
+2.6 ms, for 1.95 GB); without room for them, they dequantize per call where that pays, and the log
+says why. Which path a row count takes can differ between a sequence decoded alone and in a batch;
+MLX's CUDA kernels do not give the same greedy tokens alone and in a batch either (13 of 16
+random-weight sequences on an H100 and an H200, through the kernel alone). With
+``--dequantize-rows N`` every repeated shape keeps copies where the spare memory holds them all,
+and multiplies N rows and more through them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -56,11 +59,16 @@ from genmlx.dispatcher.engine.measurements import (
     MEASUREMENTS_FILE,
     RowSpan,
     Timing,
-    copies_span,
     faster_span,
-    keep_timings,
-    kept_timings,
-    measurement_key,
+    measured_timings,
+)
+from genmlx.dispatcher.engine.quantized_products import (
+    Shape,
+    copy_bytes,
+    dequantized_product,
+    dequantized_weight,
+    layer_shape,
+    quantized_product,
 )
 
 __all__ = [
@@ -70,20 +78,11 @@ __all__ = [
     "dequantize_where_it_pays",
     "dequantized_weight",
     "copied_bytes",
-    "copies_span",
     "faster_span",
-    "measure_products",
-    "measured_timings",
     "repeated_shapes",
 ]
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int, int]  # a quantized layer's (outputs, inputs)
-
-MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-TIMED_RUNS = 5  # per path and row count; the fastest counts
-RUN_PRODUCTS = 10  # products evaluated together in a timed run, as a step runs them back to back
 
 
 def batch_quantized_layers(
@@ -101,9 +100,9 @@ def batch_quantized_layers(
         # Only the layers the blocks repeat, as measured: the output layer, as wide as the
         # vocabulary, would need gigabytes of float32 for its one product per step.
         linear = repeated and kind is _BatchedQuantizedLinear
-        module.span = (spans or {}).get(_shape(module)) if linear else None
+        module.span = (spans or {}).get(layer_shape(module)) if linear else None
         module.__dict__.pop("dense", None)
-        if module.span is not None and _shape(module) in copies:
+        if module.span is not None and layer_shape(module) in copies:
             dense = dequantized_weight(module, module["scales"].dtype)
             mx.eval(dense)
             object.__setattr__(module, "dense", dense)
@@ -114,9 +113,10 @@ def copied_bytes(model: nn.Module, shapes: Collection[Shape] | None = None) -> i
     """The memory copies of the weights of the quantized linear layers the model repeats (those of
     ``shapes``; None: all), dequantized to the type of their scales, would take."""
     return sum(
-        outputs * inputs * layers[0]["scales"].dtype.size * len(layers)
-        for (outputs, inputs), layers in repeated_shapes(model).items()
-        if shapes is None or (outputs, inputs) in shapes
+        copy_bytes(layer)
+        for shape, layers in repeated_shapes(model).items()
+        if shapes is None or shape in shapes
+        for layer in layers
     )
 
 
@@ -125,7 +125,7 @@ def repeated_shapes(model: nn.Module) -> dict[Shape, list[nn.Module]]:
     by_shape: dict[Shape, list[nn.Module]] = {}
     for module, kind, repeated in _quantized_layers(model):
         if repeated and kind is _BatchedQuantizedLinear:
-            by_shape.setdefault(_shape(module), []).append(module)
+            by_shape.setdefault(layer_shape(module), []).append(module)
     return by_shape
 
 
@@ -133,13 +133,8 @@ def _quantized_layers(model: nn.Module) -> list[tuple[nn.Module, type, bool]]:
     """The model's quantized layers this module batches, each with the class it takes and whether
     the model repeats it (has another of its kind and shape, as the blocks' layers are)."""
     found = [(module, kind) for _, module in model.named_modules() if (kind := _batched_class(module))]
-    shapes = Counter((kind, _shape(module)) for module, kind in found)
-    return [(module, kind, shapes[kind, _shape(module)] > 1) for module, kind in found]
-
-
-def _shape(layer: nn.Module) -> Shape:
-    """A quantized layer's (outputs, inputs)."""
-    return layer["weight"].shape[0], _inputs(layer)
+    shapes = Counter((kind, layer_shape(module)) for module, kind in found)
+    return [(module, kind, shapes[kind, layer_shape(module)] > 1) for module, kind in found]
 
 
 def dequantize_where_it_pays(
@@ -158,9 +153,9 @@ def dequantize_where_it_pays(
     if rows is not None:
         spans = copy_spans = dict.fromkeys(shapes, RowSpan(rows))
     else:
-        timings = {shape: _logged_timings(layers[0], kept) for shape, layers in shapes.items()}
+        timings = {shape: _logged_timings(layers, kept) for shape, layers in shapes.items()}
         spans = {shape: faster_span(each) for shape, each in timings.items()}
-        copy_spans = {shape: copies_span(each) for shape, each in timings.items()}
+        copy_spans = {shape: faster_span(each, "copied") for shape, each in timings.items()}
     faster = [shape for shape, span in copy_spans.items() if span is not None]
     copies = faster if faster and _copies_fit(copied_bytes(model, faster), spare) else []
     spans = {shape: copy_spans[shape] if shape in copies else span for shape, span in spans.items()}
@@ -179,11 +174,11 @@ def dequantize_where_it_pays(
     return spans
 
 
-def _logged_timings(layer: nn.Module, kept: Path | None) -> list[Timing]:
-    """``measured_timings`` of ``layer``, logged; none where measuring failed."""
-    outputs, inputs = _shape(layer)
+def _logged_timings(layers: Sequence[nn.Module], kept: Path | None) -> list[Timing]:
+    """``measured_timings`` of ``layers``, logged; none where measuring failed."""
+    outputs, inputs = layer_shape(layers[0])
     try:
-        timings, source = measured_timings(layer, kept)
+        timings, source = measured_timings(layers, kept)
     except Exception:  # an optimization's measurement must not keep the model from serving
         log.exception(
             "measuring a quantized layer of %d x %d failed; its shape keeps MLX's kernel", outputs, inputs
@@ -230,85 +225,15 @@ def _batched_class(module: nn.Module) -> type | None:
     return _BATCHED.get(kind) or (kind if kind in _BATCHED.values() else None)
 
 
-def measured_timings(layer: nn.Module, kept: Path | None) -> tuple[list[Timing], str]:
-    """``measure_products``'s timings of ``layer``, and where they came from: from the file ``kept``
-    where a load on this device, with this MLX, measured a layer of this kind and shape before
-    (measuring can take a minute or more on a GPU, nearly all of it MLX compiling its kernel for
-    each tile height, see ``model_loading.keep_compiled_kernels``), else measured now and kept there."""
-    key = f"{measurement_key(layer, MEASURED_ROWS)}; in runs of {RUN_PRODUCTS}"
-    found = kept_timings(kept).get(key) if kept else None
-    try:
-        timings = [Timing(*entry) for entry in found or ()]
-    except TypeError:  # an entry not of four numbers (one an earlier version kept): measured over
-        timings = []
-    if timings:
-        return timings, f"as an earlier load measured them (kept in {kept})"
-    started = time.monotonic()
-    timings = measure_products(layer)
-    if kept:
-        keep_timings(kept, key, timings)
-    return timings, f"measured in {time.monotonic() - started:.2f} s"
-
-
-def measure_products(
-    layer: nn.Module,
-    rows: Sequence[int] = MEASURED_ROWS,
-    timed: Callable[[str, int, Callable[[], mx.array]], float] | None = None,
-) -> list[Timing]:
-    """How long each path takes on this device for a quantized linear layer, with random rows of
-    its input: MLX's kernel, the weight dequantized for the call, and a copy of it dequantized once
-    (``faster_span`` and ``copies_span`` read them). Each shape the model repeats is measured on
-    its own: on an H100 a copy multiplied 64 rows slower than the kernel on an 8192 x 2048 layer,
-    whose 8,192 outputs keep the GPU busy, while the step, whose 2,048-output layers do not, ran
-    faster through copies. ``timed(path, rows, product)`` times one product (default: the fastest
-    of ``TIMED_RUNS`` runs of ``RUN_PRODUCTS``, after one untimed, see ``_fastest``). The copy is
-    timed whether or not memory is spare now (it costs the one layer's copy while measuring): the
-    timings are kept for this device and layer, and a later load with memory to spare reads them."""
-    timed = timed or _fastest
-    dense = dequantized_weight(layer, layer["scales"].dtype)
-    mx.eval(dense)
-    timings = []
-    for count in rows:
-        x = mx.random.normal((count, _inputs(layer)), key=mx.random.key(count)).astype(layer["scales"].dtype)
-        mx.eval(x)
-        timings.append(
-            Timing(
-                count,
-                timed("quantized", count, lambda x=x: _quantized(layer, x)),
-                timed("dequantized", count, lambda x=x: _dequantized(layer, x)),
-                timed("copied", count, lambda x=x: x @ dense.T),
-            )
-        )
-    return timings
-
-
-def _inputs(layer: nn.Module) -> int:
-    return layer["weight"].shape[-1] * 32 // layer.bits
-
-
-def _fastest(path: str, rows: int, product: Callable[[], mx.array]) -> float:
-    """Seconds per product: the fastest of ``TIMED_RUNS`` runs of ``RUN_PRODUCTS`` products
-    evaluated together, after one untimed run. One product timed alone is mostly the wait for the
-    device, and varied 3x between neighbouring row counts on an H200."""
-    mx.eval([product() for _ in range(RUN_PRODUCTS)])
-    times = []
-    for _ in range(TIMED_RUNS):
-        products = [product() for _ in range(RUN_PRODUCTS)]
-        started = time.perf_counter()
-        mx.eval(products)
-        times.append((time.perf_counter() - started) / RUN_PRODUCTS)
-    return min(times)
-
-
 def _product(layer: nn.Module, x: mx.array) -> mx.array:
     """``x`` times ``layer``'s quantized weight (transposed), its rows as one matrix: through the
     dequantized weight where their count is in the layer's span, else by MLX's quantized kernel."""
     rows = x.size // x.shape[-1]
     span = layer.span
     if span is None or rows not in span:
-        product = _quantized
+        product = quantized_product
     else:
-        product = _dequantized if layer.dense is None else _copied
+        product = dequantized_product if layer.dense is None else _copied
     return _on_rows(lambda matrix: product(layer, matrix), x)
 
 
@@ -320,36 +245,6 @@ def _on_rows(product: Callable[[mx.array], mx.array], x: mx.array) -> mx.array:
         return product(x)
     y = product(x.reshape(-1, width))
     return y.reshape(*leading, y.shape[-1])
-
-
-def _quantized(layer: nn.Module, x: mx.array) -> mx.array:
-    return mx.quantized_matmul(
-        x,
-        layer["weight"],
-        scales=layer["scales"],
-        biases=layer.get("biases"),
-        transpose=True,
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-    )
-
-
-def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
-    """``layer``'s quantized weight dequantized to ``dtype`` (each weight ``scale * q + bias``)."""
-    return mx.dequantize(
-        layer["weight"],
-        layer["scales"],
-        layer.get("biases"),
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-        dtype=dtype,
-    )
-
-
-def _dequantized(layer: nn.Module, x: mx.array) -> mx.array:
-    return (x.astype(mx.float32) @ dequantized_weight(layer, mx.float32).T).astype(x.dtype)
 
 
 def _copied(layer: nn.Module, x: mx.array) -> mx.array:

@@ -1,0 +1,59 @@
+"""The ways a quantized linear layer's weight can multiply rows: MLX's quantized kernel, the weight
+dequantized for the call (in float32), and a copy dequantized once; and the sizes they read.
+``quantized_batches`` chooses among them, ``measurements`` times them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+Shape = tuple[int, int]  # a quantized layer's (outputs, inputs)
+
+
+def quantized_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x`` times ``layer``'s weight (transposed) by MLX's quantized kernel."""
+    return mx.quantized_matmul(
+        x,
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+def dequantized_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x`` times ``layer``'s weight dequantized for the call, products summed in float32."""
+    return (x.astype(mx.float32) @ dequantized_weight(layer, mx.float32).T).astype(x.dtype)
+
+
+def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """``layer``'s quantized weight dequantized to ``dtype`` (each weight ``scale * q + bias``)."""
+    return mx.dequantize(
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+        dtype=dtype,
+    )
+
+
+def layer_shape(layer: nn.Module) -> Shape:
+    """A quantized layer's (outputs, inputs)."""
+    outputs, packed = layer["weight"].shape[-2:]
+    return outputs, packed * 32 // layer.bits
+
+
+def quantized_bytes(layer: nn.Module) -> int:
+    """What a product through the kernel reads of ``layer``: its packed weight, scales and biases."""
+    return sum(layer[name].nbytes for name in ("weight", "scales", "biases") if name in layer)
+
+
+def copy_bytes(layer: nn.Module) -> int:
+    """The memory a copy of ``layer``'s weight dequantized to the type of its scales takes."""
+    outputs, inputs = layer_shape(layer)
+    return outputs * inputs * layer["scales"].dtype.size
