@@ -7,6 +7,9 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test processes side by side (pytest-xdist), each taking whole test files (a file's shared
+# dispatcher or cluster then starts once); 0 runs the tests in pytest's own process.
+TEST_PROCESSES ?= 2
 
 .PHONY: setup setup-cuda demo test test-deps lint
 
@@ -33,7 +36,7 @@ demo: setup
 	$(BIN)/genmlx demo
 
 test: setup test-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # The multi-host tests run nodes in network namespaces, with iproute2's `ip`: install it as root
 # where it is missing. The status page tests drive Debian's chromium: installed the same way.

@@ -4,6 +4,7 @@ subprocesses that are always stopped (and their output shown) when a test ends."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -24,6 +25,18 @@ from genmlx.core.signing import Keys, signed_headers
 # No test may multicast onto the machine's real network: zeroconf stays off unless a test turns
 # it back on (the network-namespace bench does, for the processes it starts in its hosts).
 os.environ.setdefault("GENMLX_DISCOVERY", "off")
+
+
+@pytest.fixture(autouse=True)
+def _machine_shared_or_alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Tests share the machine with those other test processes run (``pytest -n``), except one
+    marked ``alone``, which waits for the others' tests to end and holds theirs back while it runs:
+    a lock every test takes, shared, or for an ``alone`` one exclusive, in the directory all the
+    processes' temporary directories are in."""
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(tmp_path_factory.getbasetemp().parent / "genmlx-tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
 
 
 def free_port() -> int:

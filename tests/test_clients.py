@@ -14,6 +14,8 @@ tests (and fails them where ``CI`` is set).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -21,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,11 +92,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield cluster
 
 
+@contextlib.contextmanager
+def installing() -> Iterator[None]:
+    """One test process at a time installs into the cache (``pytest -n`` runs several)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".installing.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def installed(command: list[str], what: str, binaries: list[Path]) -> None:
     """Install with ``command`` unless every one of ``binaries`` is there already."""
     if all(binary.exists() for binary in binaries):
         return
-    CACHE.mkdir(parents=True, exist_ok=True)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -107,17 +118,19 @@ def npm_bin() -> Path:
     prefix = CACHE / "npm"
     command = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix), *NPM_PACKAGES]
     bin_dir = prefix / "node_modules" / ".bin"
-    installed(command, "npm clients", [bin_dir / name for name in ("claude", "codex", "opencode")])
+    with installing():
+        installed(command, "npm clients", [bin_dir / name for name in ("claude", "codex", "opencode")])
     return bin_dir
 
 
 @pytest.fixture(scope="module")
 def llm_bin() -> Path:
     venv = CACHE / "llm-venv"
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LLM_PACKAGE]
-    installed(pip, "llm", [venv / "bin" / "llm"])
+    with installing():
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LLM_PACKAGE]
+        installed(pip, "llm", [venv / "bin" / "llm"])
     return venv / "bin" / "llm"
 
 

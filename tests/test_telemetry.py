@@ -148,6 +148,7 @@ def test_nvml_averages_load_and_sums_power_and_memory_over_the_gpus():
     assert reader.read() == (None, None)
 
 
+@pytest.mark.alone  # the machine's CPU load: another test's would be counted
 def test_cpu_rises_under_load_and_falls_back(tmp_path):
     sampler = TelemetrySampler((tmp_path,), interval_s=0.25)
     sampler.start()
