@@ -263,8 +263,8 @@ def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
         measured.append((shape, len(layers)))
         if shape == down:  # copies faster at every row count, per call never
             return timings((1, 1, 3, 0.5), (8, 6, 7, 2), (64, 28, 30, 5))
-        if shape == up:  # copies faster from 8 rows
-            return timings((1, 1, 3, 1.5), (8, 6, 7, 2), (64, 28, 30, 5))
+        if shape == up:  # copies faster from 8 rows, by less
+            return timings((1, 1, 3, 1.5), (8, 6, 7, 4), (64, 28, 30, 20))
         return timings((1, 1, 3, 1.5), (8, 6, 3, 7), (64, 28, 5, 29))  # per call from 8 rows, copies never
 
     monkeypatch.setattr(measurements, "measure_products", measure)
@@ -277,6 +277,11 @@ def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
     assert block.mlp.down_proj.dense is not None and block.mlp.up_proj.dense is not None
     assert block.self_attn.q_proj.dense is None, "copies only where faster: per call here"
     dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down, up]) - 1)
+    # Copies of the down projections saved more per byte (9.2 units a product on average, against
+    # 5 for as many weights): they are kept first, and the gate and up ones find no room.
+    assert block.mlp.down_proj.dense is not None and block.mlp.up_proj.dense is None
+    assert block.mlp.up_proj.span is None, "not held, and per call never faster: the kernel"
+    dequantize_where_it_pays(model, None, spare=0)
     assert block.mlp.down_proj.dense is None and block.mlp.down_proj.span is None, "not held: the kernel"
     assert block.self_attn.q_proj.span == RowSpan(8)
 
@@ -420,9 +425,17 @@ def test_copies_are_kept_where_the_spare_memory_holds_them_beside_the_parameters
     assert needed == 2 * (3 * 128 * 64 + 2 * 64 * 64 + 2 * 32 * 64) * 4
     caplog.set_level("INFO")
 
+    # A byte short: the shapes in the model's order while they fit, so the last keeps none.
     assert dequantize_where_it_pays(model, 4, spare=needed - 1) == every(model, RowSpan(4))
+    shapes = repeated_shapes(model)
+    (left_out,) = [shape for shape, layers in shapes.items() if layers[0].dense is None]
+    assert left_out == list(shapes)[-1] and all(layer.dense is None for layer in shapes[left_out])
+    assert (
+        f"no room for copies of the {len(shapes[left_out])} quantized layers of {left_out[0]} x "
+        in caplog.text
+    )
+    assert dequantize_where_it_pays(model, 4, spare=0) == every(model, RowSpan(4))
     assert all(layer.dense is None for layer in repeated_layers(model))
-    assert "would take" in caplog.text and "none kept" in caplog.text
 
     assert dequantize_where_it_pays(model, 4, spare=needed) == every(model, RowSpan(4))
     copies = [m.dense for _, m in model.named_modules() if getattr(m, "dense", None) is not None]

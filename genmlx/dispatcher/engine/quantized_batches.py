@@ -32,15 +32,15 @@ its weight dequantized once, in the type of its scales (the activations'), besid
 weight: two bytes a weight more for as long as the model is loaded, which is why it is done only
 within the memory the master found spare beside the weights, the prefix cache and the batch's full
 contexts (``--spare-gb``; ``master.planning.batching``). The measurement times that path too; the
-shapes where it was clearly faster over a run of row counts keep copies, if all of theirs fit in
-the spare memory, and multiply those row counts through them and the others through the kernel
-(on an H100, Llama 3.2 1B's shape in 4 bits: a decode step's kernels at 64 sequences from 8.7 to
-2.6 ms, for 1.95 GB); without room for them, they dequantize per call where that pays, and the log
-says why. Which path a row count takes can differ between a sequence decoded alone and in a batch;
+shapes where it was clearly faster over a run of row counts keep copies as far as the spare
+memory holds them (those that saved the most time per byte first), and multiply those row counts
+through them and the others through the kernel (on an H100, Llama 3.2 1B's shape in 4 bits: a
+decode step's kernels at 64 sequences from 8.7 to 2.6 ms, for 1.95 GB); the shapes without room
+dequantize per call where that pays, and the log says why. Which path a row count takes can differ between a sequence decoded alone and in a batch;
 MLX's CUDA kernels do not give the same greedy tokens alone and in a batch either (13 of 16
 random-weight sequences on an H100 and an H200, through the kernel alone). With
-``--dequantize-rows N`` every repeated shape keeps copies where the spare memory holds them all,
-and multiplies N rows and more through them.
+``--dequantize-rows N`` the repeated shapes keep copies as far as the spare memory holds them, in
+the model's order, and multiply N rows and more through them.
 """
 
 from __future__ import annotations
@@ -152,12 +152,17 @@ def dequantize_where_it_pays(
         return dict.fromkeys(shapes)
     if rows is not None:
         spans = copy_spans = dict.fromkeys(shapes, RowSpan(rows))
+        gains: dict[Shape, float] = {}
     else:
         timings = {shape: _logged_timings(layers, kept) for shape, layers in shapes.items()}
         spans = {shape: faster_span(each) for shape, each in timings.items()}
         copy_spans = {shape: faster_span(each, "copied") for shape, each in timings.items()}
-    faster = [shape for shape, span in copy_spans.items() if span is not None]
-    copies = faster if faster and _copies_fit(copied_bytes(model, faster), spare) else []
+        gains = {
+            shape: _gain_per_byte(each, copy_spans[shape], shapes[shape][0])
+            for shape, each in timings.items()
+        }
+    faster = sorted((shape for shape, span in copy_spans.items() if span), key=lambda s: -gains.get(s, 0.0))
+    copies = _copies_that_fit({shape: shapes[shape] for shape in faster}, spare)
     spans = {shape: copy_spans[shape] if shape in copies else span for shape, span in spans.items()}
     batch_quantized_layers(model, spans, copies)
     for (outputs, inputs), span in spans.items():
@@ -196,25 +201,43 @@ def _logged_timings(layers: Sequence[nn.Module], kept: Path | None) -> list[Timi
     return timings
 
 
-def _copies_fit(needed: int, spare: int | None) -> bool:
-    """Whether copies of ``needed`` bytes fit in ``spare``; logs why not."""
+def _gain_per_byte(timings: Sequence[Timing], span: RowSpan | None, layer: nn.Module) -> float:
+    """Seconds a copy of ``layer`` saved per product, per byte it takes: the mean over the row
+    counts in ``span`` measured."""
+    saved = [t.quantized - t.copied for t in timings if span is not None and t.rows in span]
+    return sum(saved) / len(saved) / copy_bytes(layer) if saved else 0.0
+
+
+def _copies_that_fit(candidates: Mapping[Shape, list[nn.Module]], spare: int | None) -> list[Shape]:
+    """The shapes of ``candidates`` (in the order given: the most time saved per byte first) whose
+    layers' copies fit together in ``spare`` bytes, each taken while it fits; logs what did not."""
+    if not candidates:
+        return []
     if spare is None:
         log.info("no spare memory given (--spare-gb): the quantized layers keep no dequantized copies")
-        return False
-    if needed > spare:
+        return []
+    chosen, left = [], spare
+    for (outputs, inputs), layers in candidates.items():
+        needed = sum(copy_bytes(layer) for layer in layers)
+        if needed <= left:
+            chosen.append((outputs, inputs))
+            left -= needed
+        else:
+            log.info(
+                "no room for copies of the %d quantized layers of %d x %d (%.2f GB) in the %.2f GB left "
+                "of the %.2f GB spare beside the batch",
+                len(layers),
+                outputs,
+                inputs,
+                needed / 2**30,
+                left / 2**30,
+                spare / 2**30,
+            )
+    if chosen:
         log.info(
-            "dequantized copies of the repeated quantized layers where faster would take %.2f GB, "
-            "more than the %.2f GB spare beside the batch: none kept",
-            needed / 2**30,
-            spare / 2**30,
+            "dequantized copies take %.2f GB of the %.2f GB spare", (spare - left) / 2**30, spare / 2**30
         )
-        return False
-    log.info(
-        "dequantized copies of the repeated quantized layers where faster take %.2f GB of the %.2f GB spare",
-        needed / 2**30,
-        spare / 2**30,
-    )
-    return True
+    return chosen
 
 
 def _batched_class(module: nn.Module) -> type | None:
