@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,15 +28,23 @@ from genmlx.core.signing import Keys, signed_headers
 os.environ.setdefault("GENMLX_DISCOVERY", "off")
 
 
-@pytest.fixture(autouse=True)
-def _machine_shared_or_alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """Tests share the machine with those other test processes run (``pytest -n``), except one
-    marked ``alone``, which waits for the others' tests to end and holds theirs back while it runs:
-    a lock every test takes, shared, or for an ``alone`` one exclusive, in the directory all the
-    processes' temporary directories are in."""
-    alone = request.node.get_closest_marker("alone") is not None
-    with open(tmp_path_factory.getbasetemp().parent / "genmlx-tests.lock", "a") as lock:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Under ``pytest -n`` (pytest-xdist) tests share the machine with those other test processes
+    run, except one marked ``alone``, which waits for the others' tests to end and holds theirs back
+    while it runs, fixtures set up and torn down included: a lock each test takes, shared, or for
+    an ``alone`` one exclusive, entered through a turnstile so that a waiting ``alone`` test is not
+    overtaken by tests that start after it asked."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every process of one run
+    if run is None:  # one process: nothing runs beside a test
+        yield
+        return
+    alone = item.get_closest_marker("alone") is not None
+    locks = Path(tempfile.gettempdir()) / f"genmlx-tests-{run}"
+    with open(f"{locks}.turnstile", "a") as turnstile, open(f"{locks}.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
         yield
 
 

@@ -32,11 +32,15 @@ def test_a_short_soak_loses_nothing_and_leaves_the_group_in_step(tmp_path):
         text=True,
     )
     try:
-        stdout, stderr = soak.communicate(timeout=240)
+        stdout, stderr = soak.communicate(timeout=200)
     except subprocess.TimeoutExpired:
         soak.send_signal(signal.SIGINT)  # its cluster is stopped on the way out, not left running
         stdout, stderr = soak.communicate(timeout=60)
         pytest.fail(f"the soak did not finish:\n{stdout}\n{stderr[-3000:]}\n{log_tails(logs)}")
+    finally:
+        if soak.poll() is None:  # it did not stop when asked: what it started may be left
+            soak.kill()
+            soak.wait()
     print(stdout, stderr[-3000:])
     assert soak.returncode == 0
     figures = json.loads(figures_file.read_text())
