@@ -36,16 +36,18 @@ shapes where it was clearly faster over a run of row counts keep copies as far a
 memory holds them (those that saved the most time per byte first), and multiply those row counts
 through them and the others through the kernel (on an H100, Llama 3.2 1B's shape in 4 bits: a
 decode step's kernels at 64 sequences from 8.7 to 2.6 ms, for 1.95 GB); the shapes without room
-dequantize per call where that pays, and the log says why. Which path a row count takes can differ between a sequence decoded alone and in a batch;
-MLX's CUDA kernels do not give the same greedy tokens alone and in a batch either (13 of 16
-random-weight sequences on an H100 and an H200, through the kernel alone). With
-``--dequantize-rows N`` the repeated shapes keep copies as far as the spare memory holds them, in
-the model's order, and multiply N rows and more through them.
+dequantize per call where that pays, and the log says why. Which path a row count takes can
+differ between a sequence decoded alone and in a batch; MLX's CUDA kernels do not give the same
+greedy tokens alone and in a batch either (13 of 16 random-weight sequences on an H100 and an
+H200, through the kernel alone). With ``--dequantize-rows N`` the repeated shapes keep copies as
+far as the spare memory holds them, in the model's order, and multiply N rows and more through
+them.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -202,10 +204,10 @@ def _logged_timings(layers: Sequence[nn.Module], kept: Path | None) -> list[Timi
 
 
 def _gain_per_byte(timings: Sequence[Timing], span: RowSpan | None, layer: nn.Module) -> float:
-    """Seconds a copy of ``layer`` saved per product, per byte it takes: the mean over the row
-    counts in ``span`` measured."""
+    """Seconds a copy of ``layer`` saved per product, per byte it takes: the median over the row
+    counts in ``span`` measured (a mean would be the prompt chunks' thousands of rows)."""
     saved = [t.quantized - t.copied for t in timings if span is not None and t.rows in span]
-    return sum(saved) / len(saved) / copy_bytes(layer) if saved else 0.0
+    return statistics.median(saved) / copy_bytes(layer) if saved else 0.0
 
 
 def _copies_that_fit(candidates: Mapping[Shape, list[nn.Module]], spare: int | None) -> list[Shape]:
