@@ -329,6 +329,10 @@ def test_a_node_that_serves_other_models_too_has_no_memory_spare_for_copies():
         "; 0.0 GB spare beside the batch on mini-b (mini-b serves other models too)"
     )
     assert (shared.max_batch, shared.max_queue) == (alone.max_batch, alone.max_queue)
+    assert (shared.shared_gpu_nodes, alone.shared_gpu_nodes) == (("mini-b",), ())
+    macs = nodes(64 * GB, 64 * GB)
+    on_macs = batching_for(placed, place(placed, macs, QWEN, None), macs, QWEN, None, frozenset({"mini-b"}))
+    assert on_macs.shared_gpu_nodes == (), "a Mac keeps no copies: sharing it changes nothing for them"
 
 
 def test_the_tightest_node_of_a_group_sets_the_batch_and_is_named():

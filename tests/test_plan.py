@@ -215,6 +215,9 @@ def test_each_rank_is_launched_with_its_nodes_spare_memory_which_alone_restarts_
     assert desired_group(M, observed(), less).spec_hash == started.spec_hash
     unknown = desired_group(M, observed(), replace(one_node, batching=None))
     assert unknown.launches[0][1].spare_bytes is None
+    # A GPU node that comes to serve another model too leaves none spare: the group restarts.
+    shared = replace(one_node, batching=replace(batching, spare_bytes=(0,), shared_gpu_nodes=("a",)))
+    assert desired_group(M, observed(), shared).spec_hash != started.spec_hash
 
 
 def test_the_nodes_a_model_shares_with_others_are_those_another_model_names() -> None:

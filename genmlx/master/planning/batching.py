@@ -16,6 +16,8 @@ CUDA GPU may fill it with copies of its quantized weights dequantized once, wher
 batch faster than MLX's quantized kernel (``dispatcher.engine.quantized_batches``). The batch comes
 first: the copies only take what it does not need. A node that serves other models too has none
 spare: each model counts the node's whole memory, and copies that each took it all would not fit.
+Where that is a GPU node, the group's fingerprint names it, so a model coming or going restarts
+the groups there with their spare memory as it now is.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Batching:
     max_queue: int
     reason: str
     spare_bytes: tuple[int, ...] = ()  # each node's memory left beside the batch, in node order
+    shared_gpu_nodes: tuple[str, ...] = ()  # GPU nodes that serve other models too: none spare there
 
 
 def batching_for(
@@ -87,7 +90,10 @@ def with_spare(
         where = f" on {name}" if len(loads) > 1 else ""
         why = f" ({name} serves other models too)" if name in shared else ""
         reason += f"; {gb(spare[least])} GB spare beside the batch{where}{why}"
-    return replace(batching, reason=reason, spare_bytes=spare)
+    shared_gpus = tuple(
+        sorted(each.node.name for each in loads if each.node.gpu and each.node.name in shared)
+    )
+    return replace(batching, reason=reason, spare_bytes=spare, shared_gpu_nodes=shared_gpus)
 
 
 def spare_bytes(load: NodeLoad, kv_bytes: int) -> int:

@@ -75,6 +75,9 @@ def desired_group(
         "placement": [parallelism, plan.placement.layer_split],
         "serving": serving.to_json(),
         **({"backend": wiring} if wiring else {}),  # a ring group's fingerprint stays as it was
+        # A GPU node that comes to serve another model too takes back the memory this group's
+        # ranks may hold in copies (and gives it back when it no longer does): they restart.
+        **({"sharedGpuNodes": list(shared)} if (shared := shared_gpu_nodes(plan.batching)) else {}),
     }
     spec_hash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     launches = tuple(
@@ -106,6 +109,10 @@ def with_batching(serving: ServingSettings, batching: Batching | None) -> Servin
     if batching is None:
         return serving
     return dataclasses.replace(serving, max_batch=batching.max_batch, max_queue=batching.max_queue)
+
+
+def shared_gpu_nodes(batching: Batching | None) -> tuple[str, ...]:
+    return batching.shared_gpu_nodes if batching is not None else ()
 
 
 def spare_of(batching: Batching | None, rank: int) -> int | None:
