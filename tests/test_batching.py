@@ -80,7 +80,15 @@ def test_a_long_prompt_is_read_a_chunk_per_step_while_the_batch_decodes(
     assert prompt_tokens > 1_200
     running = endless(client)
     arrivals: list[float] = []
-    reader = threading.Thread(target=lambda: arrivals.extend(time.monotonic() for _ in running))
+    done = threading.Event()
+
+    def read() -> None:  # until told, at its next token: the stream is closed once it has stopped
+        for _ in running:
+            arrivals.append(time.monotonic())
+            if done.is_set():
+                return
+
+    reader = threading.Thread(target=read)
     reader.start()
     wait_until(lambda: len(arrivals) >= 3, timeout=30, what="the running stream")
 
@@ -90,8 +98,9 @@ def test_a_long_prompt_is_read_a_chunk_per_step_while_the_batch_decodes(
     )
     first_token = next(c for c in long_request if c.choices and c.choices[0].text) and time.monotonic()
     long_request.close()
-    running.close()
+    done.set()
     reader.join(30)
+    running.close()
 
     during_prefill = sum(1 for t in arrivals if sent <= t <= first_token)
     if stepping:  # about one token of the running stream per 16-token chunk of the long prompt
