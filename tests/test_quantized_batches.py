@@ -33,6 +33,7 @@ from genmlx.dispatcher.engine.quantized_batches import (
     faster_span,
     repeated_shapes,
 )
+from genmlx.dispatcher.engine.quantized_products import Shape, layer_shape
 
 TEXTS = ("Rivers start in the hills", "The sea is salty because", "Deltas form", "Copper is", "At night")
 
@@ -53,6 +54,11 @@ def load(path: Path):
     from mlx_lm import load as mlx_lm_load
 
     return mlx_lm_load(str(path))
+
+
+def q4(outputs: int, inputs: int) -> Shape:
+    """The shape of one of the demo model's layers as ``quantized`` writes them."""
+    return Shape(outputs, inputs, 4, 32, "affine")
 
 
 def every(model, span: RowSpan | None) -> dict:
@@ -255,11 +261,11 @@ def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
     quantized_dir: Path, monkeypatch
 ) -> None:
     model, _ = load(quantized_dir)
-    down, up = (64, 128), (128, 64)  # the MLP's down projection; its gate and up projections
+    down, up = q4(64, 128), q4(128, 64)  # the MLP's down projection; its gate and up projections
     measured = []
 
     def measure(layers) -> list[Timing]:
-        shape = (layers[0]["weight"].shape[0], layers[0]["weight"].shape[1] * 32 // layers[0].bits)
+        shape = layer_shape(layers[0])
         measured.append((shape, len(layers)))
         if shape == down:  # copies faster at every row count, per call never
             return timings((1, 1, 3, 0.5), (8, 6, 7, 2), (64, 28, 30, 5))
@@ -270,9 +276,9 @@ def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
     monkeypatch.setattr(measurements, "measure_products", measure)
     spans = dequantize_where_it_pays(model, None, spare=copied_bytes(model, [down, up]))
     # The attention's q and o (64 x 64), k and v (32 x 64), the MLP's gate and up, its down.
-    assert sorted(measured) == [((32, 64), 4), ((64, 64), 4), ((64, 128), 2), ((128, 64), 4)]
+    assert sorted(measured) == [(q4(32, 64), 4), (q4(64, 64), 4), (down, 2), (up, 4)]
     assert sorted(repeated_shapes(model)) == [shape for shape, _ in sorted(measured)]
-    assert spans == {(32, 64): RowSpan(8), (64, 64): RowSpan(8), down: RowSpan(1), up: RowSpan(8)}
+    assert spans == {q4(32, 64): RowSpan(8), q4(64, 64): RowSpan(8), down: RowSpan(1), up: RowSpan(8)}
     block = model.model.layers[1]
     assert block.mlp.down_proj.dense is not None and block.mlp.up_proj.dense is not None
     assert block.self_attn.q_proj.dense is None, "copies only where faster: per call here"
@@ -331,7 +337,7 @@ def test_a_failed_measurement_leaves_the_kernel_and_says_so(quantized_dir: Path,
 
     monkeypatch.setattr(measurements, "measure_products", broken)
     assert set(quantized_batches.dequantize_where_it_pays(model, None).values()) == {None}
-    assert "measuring a quantized layer of 64 x 128 failed" in caplog.text
+    assert "measuring a quantized layer of 64 x 128 in 4 bits failed" in caplog.text
     layer = model.model.layers[0].mlp.down_proj
     assert layer.span is None, "rows as one matrix, through the kernel"
     assert set(quantized_batches.dequantize_where_it_pays(model, 8).values()) == {RowSpan(8)}
@@ -439,8 +445,7 @@ def test_copies_are_kept_where_the_spare_memory_holds_them_beside_the_parameters
     (left_out,) = [shape for shape, layers in shapes.items() if layers[0].dense is None]
     assert left_out == list(shapes)[-1] and all(layer.dense is None for layer in shapes[left_out])
     assert (
-        f"no room for copies of the {len(shapes[left_out])} quantized layers of {left_out[0]} x "
-        in caplog.text
+        f"no room for copies of the {len(shapes[left_out])} quantized layers of {left_out} (" in caplog.text
     )
     assert dequantize_where_it_pays(model, 4, spare=0) == every(model, RowSpan(4))
     assert all(layer.dense is None for layer in repeated_layers(model))
@@ -491,3 +496,15 @@ def test_measured_copies_are_kept_where_faster_and_held_else_per_call_where_that
     assert layer.dense is None, "not held: per call, where that was faster"
     measured[:] = timings((1, 1, 3, 3), (8, 6, 7, 6))
     assert dequantize_where_it_pays(model, None, spare=1 << 40) == every(model, None) and layer.dense is None
+
+
+def test_layers_of_one_size_in_two_bit_widths_are_two_shapes(quantized_dir: Path) -> None:
+    model, _ = load(quantized_dir)
+    wider = model.model.layers[1].mlp  # its three projections in 8 bits, the first block's in 4
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        dense = nn.Linear(*reversed(layer_shape(getattr(wider, name))[:2]), bias=False)
+        setattr(wider, name, nn.QuantizedLinear.from_linear(dense, group_size=32, bits=8))
+    shapes = repeated_shapes(model)
+    assert q4(128, 64) in shapes and Shape(128, 64, 8, 32, "affine") in shapes
+    assert q4(64, 128) not in shapes, "one down projection in each width: neither repeats"
+    assert copied_bytes(model) == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 2 * 128 * 64) * 4

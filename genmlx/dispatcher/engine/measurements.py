@@ -156,7 +156,7 @@ def measure_products(
     mx.eval(dense)
     timings = []
     for count in rows:
-        x = mx.random.normal((count, layer_shape(layers[0])[1]), key=mx.random.key(count)).astype(dtype)
+        x = mx.random.normal((count, layer_shape(layers[0]).inputs), key=mx.random.key(count)).astype(dtype)
         mx.eval(x)
         timings.append(
             Timing(

@@ -18,7 +18,8 @@ device's matrix kernel, in float32, close to what the quantized kernel computes 
 logits by more. The dequantized weight lives for the one call: it costs, transiently, four bytes
 per weight of the largest layer. Where that pays depends on the device, MLX's version and the
 layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the model
-(``measurements.measure_products``): the layers of each shape its blocks repeat multiply random
+(``measurements.measure_products``): the layers of each shape its blocks repeat (their size and
+quantization: a mixed-precision model has several bit widths at one size) multiply random
 rows both ways at row counts from 1 to 2,048, one layer after another so that each reads its
 weight from the device's memory as a step does, and the row counts where the dequantized weight
 was clearly faster (``faster_span``: the longest run) become that shape's span (never the output
@@ -92,7 +93,7 @@ def batch_quantized_layers(
 ) -> int:
     """Make ``model``'s quantized linear layers and quantized embeddings (their ``as_linear``)
     multiply each call's rows as one matrix, and the linear layers of a shape the model repeats
-    call with rows in that shape's span (``spans``, by (outputs, inputs); none: none) through a
+    call with rows in that shape's span (``spans``, by ``Shape``; none: none) through a
     dequantized weight: a copy each keeps where its shape is in ``copies``, else one made for the
     call; how many layers changed. Their parameters stay as they are (same names, same arrays); a
     copy is beside them, not one of them."""
@@ -167,14 +168,14 @@ def dequantize_where_it_pays(
     copies = _copies_that_fit({shape: shapes[shape] for shape in faster}, spare)
     spans = {shape: copy_spans[shape] if shape in copies else span for shape, span in spans.items()}
     batch_quantized_layers(model, spans, copies)
-    for (outputs, inputs), span in spans.items():
-        layers = f"{len(shapes[outputs, inputs])} quantized layers of {outputs} x {inputs}"
+    for shape, span in spans.items():
+        layers = f"{len(shapes[shape])} quantized layers of {shape}"
         if span is None:
             log.info("%s multiply through MLX's quantized kernel at every row count", layers)
         else:
             kept_as = (
                 "copies of their weights dequantized once"
-                if (outputs, inputs) in copies
+                if shape in copies
                 else "their weights dequantized per call"
             )
             log.info("%s multiply %s through %s", layers, span, kept_as)
@@ -183,15 +184,13 @@ def dequantize_where_it_pays(
 
 def _logged_timings(layers: Sequence[nn.Module], kept: Path | None) -> list[Timing]:
     """``measured_timings`` of ``layers``, logged; none where measuring failed."""
-    outputs, inputs = layer_shape(layers[0])
+    shape = layer_shape(layers[0])
     try:
         timings, source = measured_timings(layers, kept)
     except Exception:  # an optimization's measurement must not keep the model from serving
-        log.exception(
-            "measuring a quantized layer of %d x %d failed; its shape keeps MLX's kernel", outputs, inputs
-        )
+        log.exception("measuring a quantized layer of %s failed; its shape keeps MLX's kernel", shape)
         return []
-    log.info("a quantized layer of %d x %d, its products %s", outputs, inputs, source)
+    log.info("a quantized layer of %s, its products %s", shape, source)
     for t in timings:
         log.info(
             "  %d rows: %.3f ms; dequantized: %.3f ms; through a copy: %.3f ms",
@@ -219,18 +218,17 @@ def _copies_that_fit(candidates: Mapping[Shape, list[nn.Module]], spare: int | N
         log.info("no spare memory given (--spare-gb): the quantized layers keep no dequantized copies")
         return []
     chosen, left = [], spare
-    for (outputs, inputs), layers in candidates.items():
+    for shape, layers in candidates.items():
         needed = sum(copy_bytes(layer) for layer in layers)
         if needed <= left:
-            chosen.append((outputs, inputs))
+            chosen.append(shape)
             left -= needed
         else:
             log.info(
-                "no room for copies of the %d quantized layers of %d x %d (%.2f GB) in the %.2f GB left "
+                "no room for copies of the %d quantized layers of %s (%.2f GB) in the %.2f GB left "
                 "of the %.2f GB spare beside the batch",
                 len(layers),
-                outputs,
-                inputs,
+                shape,
                 needed / 2**30,
                 left / 2**30,
                 spare / 2**30,

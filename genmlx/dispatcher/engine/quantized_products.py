@@ -4,10 +4,24 @@ dequantized for the call (in float32), and a copy dequantized once; and the size
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 
-Shape = tuple[int, int]  # a quantized layer's (outputs, inputs)
+
+class Shape(NamedTuple):
+    """What a quantized layer's products depend on: its outputs and inputs, and how it is
+    quantized (a mixed-precision model has layers of one size in several bit widths)."""
+
+    outputs: int
+    inputs: int
+    bits: int
+    group_size: int
+    mode: str
+
+    def __str__(self) -> str:
+        return f"{self.outputs} x {self.inputs} in {self.bits} bits"
 
 
 def quantized_product(layer: nn.Module, x: mx.array) -> mx.array:
@@ -43,9 +57,8 @@ def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
 
 
 def layer_shape(layer: nn.Module) -> Shape:
-    """A quantized layer's (outputs, inputs)."""
     outputs, packed = layer["weight"].shape[-2:]
-    return outputs, packed * 32 // layer.bits
+    return Shape(outputs, packed * 32 // layer.bits, layer.bits, layer.group_size, layer.mode)
 
 
 def quantized_bytes(layer: nn.Module) -> int:
@@ -55,5 +68,5 @@ def quantized_bytes(layer: nn.Module) -> int:
 
 def copy_bytes(layer: nn.Module) -> int:
     """The memory a copy of ``layer``'s weight dequantized to the type of its scales takes."""
-    outputs, inputs = layer_shape(layer)
-    return outputs * inputs * layer["scales"].dtype.size
+    shape = layer_shape(layer)
+    return shape.outputs * shape.inputs * layer["scales"].dtype.size
