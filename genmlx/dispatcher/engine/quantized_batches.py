@@ -79,7 +79,6 @@ __all__ = [
     "RowSpan",
     "batch_quantized_layers",
     "dequantize_where_it_pays",
-    "dequantized_weight",
     "copied_bytes",
     "faster_span",
     "repeated_shapes",
@@ -116,11 +115,14 @@ def copied_bytes(model: nn.Module, shapes: Collection[Shape] | None = None) -> i
     """The memory copies of the weights of the quantized linear layers the model repeats (those of
     ``shapes``; None: all), dequantized to the type of their scales, would take."""
     return sum(
-        copy_bytes(layer)
+        _copies_bytes(layers)
         for shape, layers in repeated_shapes(model).items()
         if shapes is None or shape in shapes
-        for layer in layers
     )
+
+
+def _copies_bytes(layers: Sequence[nn.Module]) -> int:
+    return sum(copy_bytes(layer) for layer in layers)
 
 
 def repeated_shapes(model: nn.Module) -> dict[Shape, list[nn.Module]]:
@@ -219,7 +221,7 @@ def _copies_that_fit(candidates: Mapping[Shape, list[nn.Module]], spare: int | N
         return []
     chosen, left = [], spare
     for shape, layers in candidates.items():
-        needed = sum(copy_bytes(layer) for layer in layers)
+        needed = _copies_bytes(layers)
         if needed <= left:
             chosen.append(shape)
             left -= needed
