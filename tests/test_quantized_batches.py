@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -232,18 +233,48 @@ def test_measuring_times_each_path_over_the_layers_given_one_after_another(quant
     def timed(path: str, rows: int, run) -> float:
         seen.append((path, rows, [out.shape for out in run()]))
         return {
-            "quantized": 1.0,
-            "dequantized": 0.5 if rows >= 4 else 2.0,
-            "copied": 0.2 if rows >= 16 else 1,
+            "link": 0.25,
+            "quantized": 1.25,
+            "dequantized": 0.75 if rows >= 4 else 2.25,
+            "copied": 0.45 if rows >= 16 else 1.25,
         }[path]
 
     measured = measure_products(downs, rows=(1, 4, 16), timed=timed)
+    assert [(t.quantized, t.dequantized, t.copied) for t in measured] == [
+        (1.0, 2.0, 1.0),
+        (1.0, 0.5, 1.0),
+        (1.0, 0.5, pytest.approx(0.2)),
+    ], "what a chain's link takes is taken off each product"
     assert (faster_span(measured), faster_span(measured, "copied")) == (RowSpan(4), RowSpan(16))
     assert [t.rows for t in measured] == [1, 4, 16]
-    paths = ("quantized", "dequantized", "copied")
     # 128 inputs to 64 outputs, through each of the two blocks' layers: together far below
-    # COLD_BYTES, so every one of them is read in each run.
-    assert seen == [(path, n, [(n, 64)] * 2) for n in (1, 4, 16) for path in paths]
+    # COLD_BYTES, so every one of them is read in each run; the links alone pass the rows on.
+    assert seen == [
+        (path, n, [(n, 128 if path == "link" else 64)] * 2)
+        for n in (1, 4, 16)
+        for path in ("link", "quantized", "dequantized", "copied")
+    ]
+
+
+def test_each_product_of_a_timed_run_waits_for_the_one_before_it(quantized_dir: Path) -> None:
+    """MLX's CUDA backend runs kernels that share no array side by side: a run of independent
+    products would time the GPU filled by several at once, not a step's products one by one."""
+    model, _ = load(quantized_dir)
+    ups = [block.mlp.up_proj for block in model.model.layers]  # 128 x 64
+    given = []
+
+    def product(layer, x):
+        given.append(x)
+        y = layer(x)
+        return y * float("nan") if len(given) == 1 else y  # the first product's output poisoned
+
+    x = mx.ones((4, 64))
+    out = measurements._chained(x, [partial(product, layer) for layer in ups])
+    assert len(out) == 2 and [g.shape for g in given] == [(4, 64), (4, 64)]
+    assert given[1] is not x and mx.all(mx.isnan(given[1])).item(), "the second read the first's output"
+    assert not mx.any(mx.isnan(given[0])).item()
+    clean = measurements._chained(x, [ups[0], ups[1]])
+    assert mx.array_equal(clean[1], ups[1](x)).item(), "the rows themselves pass on as they are"
 
 
 def test_a_run_reads_as_many_layers_as_pass_the_cache_and_no_more(quantized_dir: Path, monkeypatch) -> None:
@@ -254,7 +285,7 @@ def test_a_run_reads_as_many_layers_as_pass_the_cache_and_no_more(quantized_dir:
     runs = []
     measure_products(ups, rows=(2,), timed=lambda path, rows, run: runs.append((path, len(run()))) or 1.0)
     copies = -(-(2 * one + 1) // (128 * 64 * 4))  # float32 copies, four bytes a weight
-    assert runs == [("quantized", 3), ("dequantized", 3), ("copied", copies)]
+    assert runs == [("link", 3), ("quantized", 3), ("dequantized", 3), ("copied", copies)]
 
 
 def test_each_shape_the_blocks_repeat_is_measured_once_and_gets_its_own_path(
@@ -364,7 +395,7 @@ def test_a_measurement_is_kept_for_the_next_load_on_this_device(
     assert len(keys) == 4
     key, timings = next((k, v) for k, v in keys.items() if ": 64 x 128," in k)
     assert mx.device_info()["device_name"] in key and f"MLX {mx.__version__}" in key, key
-    assert key.endswith("; each run over 2 layers"), "timings taken another way are measured again"
+    assert key.endswith("; each run a chain over 2 layers"), "timings taken another way are measured again"
     assert [rows for rows, *_ in timings] == list(measurements.MEASURED_ROWS)
     assert all(len(entry) == 4 for entry in timings), "rows, the kernel, per call, through a copy"
 

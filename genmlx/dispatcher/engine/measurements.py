@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,6 +33,7 @@ MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 TIMED_RUNS = 5  # per path and row count; the fastest counts
 # Weights a timed run reads, at least: several times a GPU's last-level cache (50 MB on an H100).
 COLD_BYTES = 256 << 20
+LEAST_PRODUCT = 1e-9  # seconds: a product left at or below its link's time by the clock's noise
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def measured_timings(layers: Sequence[nn.Module], kept: Path | None) -> tuple[li
     kernel for each tile height, see ``model_loading.keep_compiled_kernels``), else measured now and
     kept there."""
     cold = len(_reading(layers, quantized_bytes))
-    key = f"{measurement_key(layers[0], MEASURED_ROWS)}; each run over {cold} layers"
+    key = f"{measurement_key(layers[0], MEASURED_ROWS)}; each run a chain over {cold} layers"
     found = kept_timings(kept).get(key) if kept else None
     try:
         timings = [Timing(*entry) for entry in found or ()]
@@ -140,13 +142,18 @@ def measure_products(
 ) -> list[Timing]:
     """How long each path takes on this device for quantized linear layers of one shape, with
     random rows of their input: MLX's kernel, the weight dequantized for the call, and a copy of it
-    dequantized once (``faster_span`` reads them). A timed run multiplies the rows by one layer
-    after another, as many as it takes for the weights it reads to pass ``COLD_BYTES`` (all there
-    are, if fewer), so that each product reads its weight from the device's memory, as a decode
-    step does, not from its cache: on an H100 one layer multiplied ten times over took 0.027 ms at
-    64 rows through the kernel, which averaged 0.066 ms a product in a step, and a copy looked no
-    faster. ``timed(path, rows, run)`` times a run's products, per product (default: the fastest
-    of ``TIMED_RUNS``, after one untimed, see ``_fastest``). The copies are timed whether or not
+    dequantized once (``faster_span`` reads them). A timed run is a chain, as a decode step is: the
+    rows multiply one layer after another, each product waiting for the one before it (``_chained``),
+    until the weights read pass ``COLD_BYTES`` (all the layers, if fewer), so that each reads its
+    weight from the device's memory, not from its cache. Products that wait for nothing do not
+    measure a step: MLX's CUDA backend runs them side by side (its graphs order kernels only by the
+    arrays they share), which fills the GPU for a kernel that keeps few multiprocessors busy. On an
+    H100, 8192 x 2048 in 4 bits at 64 rows, the kernel took 0.022 ms a product so, against 0.066 ms
+    in a step; copies looked slower than the kernel up to 64 rows, though they made a step of 64
+    sequences 30% faster. What a chain's link itself takes (a one-element product and a sum of
+    the rows, ``_after``) is timed alone and taken off. ``timed(path, rows, run)`` times a run's
+    products, per product (default: the fastest of ``TIMED_RUNS``, after one untimed, see
+    ``_fastest``); ``path`` is ``link`` for the link alone. The copies are timed whether or not
     memory is spare now (they cost ``COLD_BYTES`` or one layer's copy while measuring): the timings
     are kept for this device and shape, and a later load with memory to spare reads them."""
     timed = timed or _fastest
@@ -154,21 +161,39 @@ def measure_products(
     dtype = layers[0]["scales"].dtype
     dense = [dequantized_weight(layer, dtype) for layer in _reading(layers, copy_bytes)]
     mx.eval(dense)
+    paths = {
+        "link": [lambda x: x] * len(quantized),
+        "quantized": [partial(quantized_product, layer) for layer in quantized],
+        "dequantized": [partial(dequantized_product, layer) for layer in quantized],
+        "copied": [partial(_times, weight) for weight in dense],
+    }
     timings = []
     for count in rows:
         x = mx.random.normal((count, layer_shape(layers[0]).inputs), key=mx.random.key(count)).astype(dtype)
         mx.eval(x)
-        timings.append(
-            Timing(
-                count,
-                timed("quantized", count, lambda x=x: [quantized_product(layer, x) for layer in quantized]),
-                timed(
-                    "dequantized", count, lambda x=x: [dequantized_product(layer, x) for layer in quantized]
-                ),
-                timed("copied", count, lambda x=x: [x @ weight.T for weight in dense]),
-            )
-        )
+        took = {path: timed(path, count, partial(_chained, x, products)) for path, products in paths.items()}
+        link = took.pop("link")
+        timings.append(Timing(count, **{path: max(t - link, LEAST_PRODUCT) for path, t in took.items()}))
     return timings
+
+
+def _chained(x: mx.array, products: Sequence[Callable[[mx.array], mx.array]]) -> list[mx.array]:
+    """Each of ``products`` of ``x``, one after another: each starts once the one before it has
+    ended, its rows made from that one's output (``_after``)."""
+    out: list[mx.array] = []
+    for product in products:
+        out.append(product(x))
+        x = _after(x, out[-1])
+    return out
+
+
+def _after(x: mx.array, before: mx.array) -> mx.array:
+    """``x`` as it is, as a new array computed from ``before`` too (a product that reads it waits)."""
+    return x + before[:1, :1] * 0
+
+
+def _times(weight: mx.array, x: mx.array) -> mx.array:
+    return x @ weight.T
 
 
 def _reading(layers: Sequence[nn.Module], size: Callable[[nn.Module], int]) -> list[nn.Module]:

@@ -20,8 +20,9 @@ per weight of the largest layer. Where that pays depends on the device, MLX's ve
 layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the model
 (``measurements.measure_products``): the layers of each shape its blocks repeat (their size and
 quantization: a mixed-precision model has several bit widths at one size) multiply random
-rows both ways at row counts from 1 to 2,048, one layer after another so that each reads its
-weight from the device's memory as a step does, and the row counts where the dequantized weight
+rows both ways at row counts from 1 to 2,048, one layer after another, each product waiting for
+the one before it and reading its weight from the device's memory as a step's do, and the row
+counts where the dequantized weight
 was clearly faster (``faster_span``: the longest run) become that shape's span (never the output
 layer's, one of its kind and as wide as the vocabulary); nowhere faster, it keeps the kernel. The
 timings are kept in ``GENMLX_HOME/quantized-products.json`` by device, MLX version and shape, so
