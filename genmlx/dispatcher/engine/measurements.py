@@ -140,22 +140,23 @@ def measure_products(
     rows: Sequence[int] = MEASURED_ROWS,
     timed: Callable[[str, int, Callable[[], list[mx.array]]], float] | None = None,
 ) -> list[Timing]:
-    """How long each path takes on this device for quantized linear layers of one shape, with
-    random rows of their input: MLX's kernel, the weight dequantized for the call, and a copy of it
+    """How long each path takes on this device for quantized linear layers of one shape, with random
+    rows of their input: MLX's kernel, the weight dequantized for the call, and a copy of it
     dequantized once (``faster_span`` reads them). A timed run is a chain, as a decode step is: the
-    rows multiply one layer after another, each product waiting for the one before it (``_chained``),
-    until the weights read pass ``COLD_BYTES`` (all the layers, if fewer), so that each reads its
-    weight from the device's memory, not from its cache. Products that wait for nothing do not
-    measure a step: MLX's CUDA backend runs them side by side (its graphs order kernels only by the
-    arrays they share), which fills the GPU for a kernel that keeps few multiprocessors busy. On an
-    H100, 8192 x 2048 in 4 bits at 64 rows, the kernel took 0.022 ms a product so, against 0.066 ms
-    in a step; copies looked slower than the kernel up to 64 rows, though they made a step of 64
-    sequences 30% faster (chained, on an H200: 0.055 ms, a copy 0.039). What a chain's link itself takes (a one-element product and a sum of
-    the rows, ``_after``) is timed alone and taken off. ``timed(path, rows, run)`` times a run's
-    products, per product (default: the fastest of ``TIMED_RUNS``, after one untimed, see
-    ``_fastest``); ``path`` is ``link`` for the link alone. The copies are timed whether or not
-    memory is spare now (they cost ``COLD_BYTES`` or one layer's copy while measuring): the timings
-    are kept for this device and shape, and a later load with memory to spare reads them."""
+    rows multiply one layer after another, each product waiting for the one before it
+    (``_chained``), until the weights read pass ``COLD_BYTES`` (all the layers, if fewer), so that
+    each reads its weight from the device's memory, not from its cache. Products that wait for
+    nothing do not measure a step: MLX's CUDA backend runs them side by side (its graphs order
+    kernels only by the arrays they share), which fills the GPU for a kernel that keeps few
+    multiprocessors busy. On an H100, 8192 x 2048 in 4 bits at 64 rows, the kernel took 0.022 ms a
+    product so, against 0.066 ms in a step; copies looked slower than the kernel up to 64 rows,
+    though they made a step of 64 sequences 30% faster (chained, on an H200: 0.055 ms, a copy
+    0.039). What a chain's link itself takes (a one-element product and a sum of the rows,
+    ``_after``) is timed alone and taken off. ``timed(path, rows, run)`` times a run's products, per
+    product (default: the fastest of ``TIMED_RUNS``, after one untimed, see ``_fastest``); ``path``
+    is ``link`` for the link alone. The copies are timed whether or not memory is spare now (they
+    cost ``COLD_BYTES`` or one layer's copy while measuring): the timings are kept for this device
+    and shape, and a later load with memory to spare reads them."""
     timed = timed or _fastest
     quantized = _reading(layers, quantized_bytes)
     dtype = layers[0]["scales"].dtype

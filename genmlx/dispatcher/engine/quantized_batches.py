@@ -22,11 +22,11 @@ layer's shape, so on a CUDA GPU the dispatcher measures it when it loads the mod
 quantization: a mixed-precision model has several bit widths at one size) multiply random
 rows both ways at row counts from 1 to 2,048, one layer after another, each product waiting for
 the one before it and reading its weight from the device's memory as a step's do, and the row
-counts where the dequantized weight
-was clearly faster (``faster_span``: the longest run) become that shape's span (never the output
-layer's, one of its kind and as wide as the vocabulary); nowhere faster, it keeps the kernel. The
-timings are kept in ``GENMLX_HOME/quantized-products.json`` by device, MLX version and shape, so
-the next load of such a model there takes them instead of measuring again.
+counts where the dequantized weight was clearly faster (``faster_span``: the longest run) become
+that shape's span (never the output layer's, one of its kind and as wide as the vocabulary);
+nowhere faster, it keeps the kernel. The timings are kept in
+``GENMLX_HOME/quantized-products.json`` by device, MLX version and shape, so the next load of such
+a model there takes them instead of measuring again.
 ``--dequantize-rows N`` sets every repeated shape's span to N rows and up instead (0: never).
 
 Dequantizing for each call costs the dequantization each time. A layer can instead keep a copy of
