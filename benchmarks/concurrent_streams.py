@@ -20,16 +20,18 @@ send one streaming chat completion through the ``openai`` client, all with the s
 the whole batch in one call, above it each request has a sampler of its own, on both).
 
 Timed: from just before the first request is sent to the end of the last stream, prefill included
-(each thread builds its ``openai`` client before the clock starts: building one takes ~30 ms of CPU).
-Tokens: the sum of ``usage.completion_tokens`` the servers report. Both servers run throughout (an
-idle one blocks on its request queue, costing no CPU) and each first runs every level once, untimed,
-with 8-token requests (on a GPU, MLX compiles kernels for each batch shape it first meets: in one
-unwarmed run on an H100 ours, first to reach 8 streams, made 0.03 of the rate mlx_lm.server made
-right after it);
-then, level by level, runs alternate between the two, ``--rounds`` times each, so a change in the machine's
-background load reaches both alike. Printed per level: each server's median aggregate rate, and
-the ratio as the median of the rounds' own ratios (ours over the baseline run right after it), with
-their range.
+(each thread builds its ``openai`` client before the clock starts: building one takes ~30 ms of
+CPU). Tokens: the sum of ``usage.completion_tokens`` the servers report. A second table splits that
+time: the seconds until the slowest stream's first chunk with content (prefill and admission), and
+the chunks with content a second that all streams received while every one of them was generating
+(from that first chunk to the first stream's end: a full batch's serving rate, without its ramps).
+Both servers run throughout (an idle one blocks on its request queue, costing no CPU) and each first
+runs every level once, untimed, with 8-token requests (on a GPU, MLX compiles kernels for each batch
+shape it first meets: in one unwarmed run on an H100 ours, first to reach 8 streams, made 0.03 of
+the rate mlx_lm.server made right after it); then, level by level, runs alternate between the two,
+``--rounds`` times each, so a change in the machine's background load reaches both alike. Printed
+per level: each server's median aggregate rate, and the ratio as the median of the rounds' own
+ratios (ours over the baseline run right after it), with their range.
 """
 
 from __future__ import annotations
@@ -81,10 +83,26 @@ class LevelRun:
     tokens: int
     seconds: float
     errors: tuple[str, ...] = ()  # one per stream that failed
+    last_first: float | None = None  # seconds until the slowest stream's first content
+    together: float | None = None  # chunks with content a second while every stream was generating
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds
+
+
+def while_all_generate(arrivals: list[list[float]]) -> tuple[float | None, float | None]:
+    """From each stream's chunk arrivals (seconds from start): when the slowest stream's first
+    chunk came, and the chunks a second that all streams got between then and the first stream's
+    end, when every stream was generating (None where no such stretch was)."""
+    streamed = [times for times in arrivals if times]
+    if not streamed:
+        return None, None
+    start, end = max(times[0] for times in streamed), min(times[-1] for times in streamed)
+    if end <= start:
+        return start, None
+    chunks = sum(start <= t <= end for times in streamed for t in times)
+    return start, chunks / (end - start)
 
 
 @contextmanager
@@ -104,7 +122,7 @@ def mlx_lm_server(model_dir: Path, work: Path, batch: int | None) -> Iterator[Se
 def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
     """``streams`` concurrent streams, started together from several client processes
     (``stream_clients``); aggregate tokens over wall time."""
-    counts, errors, seconds = run_streams(
+    run = run_streams(
         server.base_url,
         server.api_key,
         server.model,
@@ -113,7 +131,9 @@ def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
         workload.temperature,
         streams,
     )
-    return LevelRun(streams, sum(counts), seconds, tuple(errors))
+    return LevelRun(
+        streams, sum(run.counts), run.seconds, tuple(run.errors), *while_all_generate(run.arrivals)
+    )
 
 
 def median_rate(runs: list[LevelRun]) -> float:
@@ -195,6 +215,23 @@ def report(
                 if errors
             )
         print(f"{level:>7} {tokens:>13} {median_rate(ours):>10.1f} {median_rate(baseline):>14.1f}  {ratio}")
+    print("while every stream was generating, chunks with content a second; seconds until the slowest")
+    print("stream's first chunk (medians; prefill and admission take that part of the time above)")
+    print(f"{'streams':>7} {'ours':>10} {'mlx_lm.server':>14} {'ours first':>11} {'theirs first':>13}")
+    for level, ours in results["ours"].items():
+        baseline = results["mlx_lm.server"][level]
+        rates = [shown(median_of(runs, "together"), 1) for runs in (ours, baseline)]
+        firsts = [shown(median_of(runs, "last_first"), 3) for runs in (ours, baseline)]
+        print(f"{level:>7} {rates[0]:>10} {rates[1]:>14} {firsts[0]:>11} {firsts[1]:>13}")
+
+
+def shown(figure: float | None, places: int) -> str:
+    return "-" if figure is None else f"{figure:.{places}f}"
+
+
+def median_of(runs: list[LevelRun], field: str) -> float | None:
+    values = [value for run in runs if (value := getattr(run, field)) is not None]
+    return statistics.median(values) if values else None
 
 
 if __name__ == "__main__":

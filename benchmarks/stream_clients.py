@@ -4,13 +4,14 @@ some 0.1 ms each) does not cap what a fast server is measured at: 64 streams of 
 7,000 tokens/s are more than one interpreter can read.
 
     from stream_clients import run_streams
-    counts, errors, seconds = run_streams(base_url, api_key, model, prompts, max_tokens, temperature,
-                                          streams=64)
+    run = run_streams(base_url, api_key, model, prompts, max_tokens, temperature, streams=64)
+    run.counts, run.errors, run.seconds, run.arrivals
 
 Each client process (``python stream_clients.py``, which imports the ``openai`` client and
 nothing of GenMLX or MLX) reads its job as one JSON line on stdin, builds one client per stream,
 says ``ready``, waits for ``go``, streams its share in threads, and writes the completion tokens
-each stream's server reported and the failures (after the client's own two retries of a refused
+each stream's server reported, when each of its chunks with content arrived (the system's clock,
+which the processes share) and the failures (after the client's own two retries of a refused
 connection or an error status) as one JSON line. The clock runs from the moment
 every process has been told to go until the last one has answered; building the clients (some
 30 ms of CPU each) happens before it.
@@ -25,12 +26,24 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 
 READY, GO = "ready", "go"
 EXITED = '{"counts": [], "errors": ["a client process exited before it answered"]}'
+
+
+@dataclass(frozen=True)
+class StreamsRun:
+    """Concurrent streams' outcome: each stream's completion tokens, the failures, the seconds from
+    start to the last stream's end, and each stream's chunks with content, as seconds from start."""
+
+    counts: list[int]
+    errors: list[str]
+    seconds: float
+    arrivals: list[list[float]]
 
 
 def client_processes(streams: int) -> int:
@@ -48,10 +61,9 @@ def run_streams(
     temperature: float,
     streams: int,
     processes: int | None = None,
-) -> tuple[list[int], list[str], float]:
+) -> StreamsRun:
     """``streams`` concurrent streams (stream i sends ``prompts[i % len(prompts)]``), started
-    together from ``processes`` client processes (default ``client_processes``): the completion
-    tokens of each, the failures, and the seconds from start to the last stream's end."""
+    together from ``processes`` client processes (default ``client_processes``)."""
     count = processes or client_processes(streams)
     shares = [streams // count + (i < streams % count) for i in range(count)]
     firsts = [sum(shares[:i]) for i in range(count)]
@@ -80,7 +92,7 @@ def run_streams(
                 raise RuntimeError(f"a client process did not start: {said or 'it exited'}")
         for worker in workers:
             worker.stdin.write(GO + "\n")
-        began = time.perf_counter()
+        began, began_at = time.perf_counter(), time.time()
         outcomes = [json.loads(worker.stdout.readline() or EXITED) for worker in workers]
         seconds = time.perf_counter() - began
         finished = True
@@ -90,13 +102,19 @@ def run_streams(
                 worker.kill()
             worker.stdin.close()
             worker.wait()
-    counts = [n for outcome in outcomes for n in outcome["counts"]]
-    errors = [e for outcome in outcomes for e in outcome["errors"]]
-    return counts, errors, seconds
+    return StreamsRun(
+        counts=[n for outcome in outcomes for n in outcome["counts"]],
+        errors=[e for outcome in outcomes for e in outcome["errors"]],
+        seconds=seconds,
+        arrivals=[[t - began_at for t in times] for o in outcomes for times in o.get("arrivals", ())],
+    )
 
 
-def stream_tokens(client: openai.OpenAI, model: str, prompt: str, max_tokens: int, temperature: float) -> int:
-    """Stream one chat completion to its end; the completion tokens the server reports."""
+def stream_tokens(
+    client: openai.OpenAI, model: str, prompt: str, max_tokens: int, temperature: float
+) -> tuple[int, list[float]]:
+    """Stream one chat completion to its end: the completion tokens the server reports, and when
+    each chunk with content arrived (``time.time()``)."""
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
@@ -105,13 +123,15 @@ def stream_tokens(client: openai.OpenAI, model: str, prompt: str, max_tokens: in
         stream=True,
         stream_options={"include_usage": True},
     )
-    tokens = 0
+    tokens, arrivals = 0, []
     for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.time())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     if tokens == 0:
         raise RuntimeError(f"{client.base_url} reported no usage")
-    return tokens
+    return tokens, arrivals
 
 
 def serve_job() -> None:
@@ -119,6 +139,7 @@ def serve_job() -> None:
     job = json.loads(sys.stdin.readline())
     prompts = job["prompts"]
     counts = [0] * len(prompts)
+    arrivals: list[list[float] | None] = [None] * len(prompts)
     errors: list[str] = []
     built = threading.Barrier(len(prompts) + 1)
     go = threading.Event()
@@ -131,7 +152,9 @@ def serve_job() -> None:
         go.wait()
         try:
             prompt = prompts[index]
-            counts[index] = stream_tokens(client, job["model"], prompt, job["max_tokens"], job["temperature"])
+            counts[index], arrivals[index] = stream_tokens(
+                client, job["model"], prompt, job["max_tokens"], job["temperature"]
+            )
         except (openai.OpenAIError, RuntimeError) as e:  # counted and named in the report
             errors.append(f"{type(e).__name__}: {e}")
 
@@ -145,7 +168,8 @@ def serve_job() -> None:
     go.set()
     for thread in threads:
         thread.join()
-    print(json.dumps({"counts": counts, "errors": errors}), flush=True)
+    streamed = [times for times in arrivals if times is not None]
+    print(json.dumps({"counts": counts, "errors": errors, "arrivals": streamed}), flush=True)
 
 
 if __name__ == "__main__":
