@@ -18,6 +18,7 @@ import mlx.nn as nn
 from genmlx.core.files import write_whole
 from genmlx.dispatcher.engine.quantized_products import (
     copy_bytes,
+    copy_product,
     dequantized_product,
     dequantized_weight,
     layer_shape,
@@ -85,10 +86,10 @@ def faster_span(timings: Sequence[Timing], path: str = "dequantized") -> RowSpan
 
 def measurement_key(layer: nn.Module, rows: Sequence[int]) -> str:
     """What a measurement depends on: the device, MLX's version, the layer's kind, the rows."""
-    outputs, packed = layer["weight"].shape
+    shape = layer_shape(layer)
     device = mx.device_info().get("device_name", "?")
     return (
-        f"{device} ({mx.default_device()}), MLX {mx.__version__}: {outputs} x {packed * 32 // layer.bits}, "
+        f"{device} ({mx.default_device()}), MLX {mx.__version__}: {shape.outputs} x {shape.inputs}, "
         f"{layer.bits} bits in groups of {layer.group_size} ({layer.mode}), {layer['scales'].dtype}; "
         f"rows {', '.join(map(str, rows))}"
     )
@@ -166,7 +167,7 @@ def measure_products(
         "link": [lambda x: x] * len(quantized),
         "quantized": [partial(quantized_product, layer) for layer in quantized],
         "dequantized": [partial(dequantized_product, layer) for layer in quantized],
-        "copied": [partial(_times, weight) for weight in dense],
+        "copied": [partial(copy_product, weight) for weight in dense],
     }
     timings = []
     for count in rows:
@@ -191,10 +192,6 @@ def _chained(x: mx.array, products: Sequence[Callable[[mx.array], mx.array]]) ->
 def _after(x: mx.array, before: mx.array) -> mx.array:
     """``x`` as it is, as a new array computed from ``before`` too (a product that reads it waits)."""
     return x + before[:1, :1] * 0
-
-
-def _times(weight: mx.array, x: mx.array) -> mx.array:
-    return x @ weight.T
 
 
 def _reading(layers: Sequence[nn.Module], size: Callable[[nn.Module], int]) -> list[nn.Module]:

@@ -69,6 +69,7 @@ from genmlx.dispatcher.engine.measurements import (
 from genmlx.dispatcher.engine.quantized_products import (
     Shape,
     copy_bytes,
+    copy_product,
     dequantized_product,
     dequantized_weight,
     layer_shape,
@@ -274,7 +275,7 @@ def _on_rows(product: Callable[[mx.array], mx.array], x: mx.array) -> mx.array:
 
 
 def _copied(layer: nn.Module, x: mx.array) -> mx.array:
-    return x @ layer.dense.T
+    return copy_product(layer.dense, x)
 
 
 class _BatchedQuantizedLinear(nn.QuantizedLinear):

@@ -43,6 +43,12 @@ def dequantized_product(layer: nn.Module, x: mx.array) -> mx.array:
     return (x.astype(mx.float32) @ dequantized_weight(layer, mx.float32).T).astype(x.dtype)
 
 
+def copy_product(copy: mx.array, x: mx.array) -> mx.array:
+    """``x`` times a weight dequantized once (``dequantized_weight``, transposed), by the device's
+    matrix kernel."""
+    return x @ copy.T
+
+
 def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
     """``layer``'s quantized weight dequantized to ``dtype`` (each weight ``scale * q + bias``)."""
     return mx.dequantize(
