@@ -5,19 +5,30 @@ connection: an OpenAI or Anthropic client then shows a status and nothing else. 
 ``BodyLimit`` in front of an application instead: a request whose declared ``Content-Length``
 is over the limit gets a 413 at once, before any of its body is read, as JSON in the shape of the
 API its path belongs to; a chunked body gets the same 413 as soon as it grows past the limit.
-Either way the connection closes after the reply, so the rest of the body is never read. Headers
-over ``MAX_HEADER_BYTES`` are still refused by tornado itself (a bare 400: no path to go by yet).
+Either way the connection closes after the reply, and the rest of the body is never parsed or kept.
+It is still taken in, though: closing a socket with unread data makes the kernel answer with a
+reset, which can reach the client before the 413 does and throw it away, so the client would see
+"connection reset" instead of the reason. A refused connection closes in stages (RFC 9112, 9.6):
+the reply, then the end of our side of the stream, then whatever the client is still sending is
+read and dropped until it closes or ``LINGER_S`` pass. Headers over ``MAX_HEADER_BYTES`` are still
+refused by tornado itself (a bare 400: no path to go by yet).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+from asyncio import Future
 from collections.abc import Awaitable
 from typing import Any
 
-from tornado import httputil
+from tornado import gen, httputil
+from tornado.http1connection import HTTP1Connection
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import Application
 
 from genmlx.core.errors import BodyTooLarge
@@ -34,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Tornado's own body limit, set out of reach so that ``BodyLimit`` always answers first.
 UNREACHABLE_BYTES = 1 << 62
+# How long a refused connection goes on taking in and dropping what its client still sends.
+LINGER_S = 10.0
 
 
 def serve(
@@ -70,6 +83,7 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
+        assert isinstance(request_conn, HTTP1Connection)  # what tornado's HTTPServer hands over
         return LimitedRequest(self.app.start_request(server_conn, request_conn), request_conn, self.max_bytes)
 
     def on_close(self, server_conn: object) -> None:
@@ -79,9 +93,7 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
 class LimitedRequest(httputil.HTTPMessageDelegate):
     """One request: passed on to the application until its body proves too large."""
 
-    def __init__(
-        self, inner: httputil.HTTPMessageDelegate, connection: httputil.HTTPConnection, max_bytes: int
-    ):
+    def __init__(self, inner: httputil.HTTPMessageDelegate, connection: HTTP1Connection, max_bytes: int):
         self.inner = inner
         self.connection = connection
         self.max_bytes = max_bytes
@@ -89,6 +101,7 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         self.received = 0
         self.refused = False
         self.passed_on = False  # the application has seen this request's headers
+        self.lingering: object | None = None  # the timeout that ends a refused connection
 
     def headers_received(
         self,
@@ -99,30 +112,41 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
             self.path = start_line.path.split("?", 1)[0]
         declared = headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            self.refuse(f"{int(declared)} bytes")
-            return None
+            written = self.refuse(f"{int(declared)} bytes")
+            # No body has been read yet: the stream is ours to drain, and tornado stops here (it
+            # neither reads the body nor sends "100 Continue" to a client that asked for one).
+            return drain(self.connection.detach(), written)
         self.passed_on = True
         return self.inner.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self.refused:
-            return None
+            return None  # the rest of a refused chunked body: dropped
         self.received += len(chunk)
         if self.received > self.max_bytes:
-            self.refuse(f"over {self.max_bytes} bytes")
+            # Tornado is mid-read, so it goes on parsing the chunks (dropped above) until the body
+            # ends, the client closes or the time is up.
+            stream = self.connection.stream
+            self.refuse(f"over {self.max_bytes} bytes").add_done_callback(lambda _: end_writing(stream))
+            self.lingering = IOLoop.current().call_later(LINGER_S, self.connection.close)
             return None
         return self.inner.data_received(chunk)
 
     def finish(self) -> None:
         if not self.refused:
             self.inner.finish()
+            return
+        self.connection.close()  # the refused body is over; the connection goes with it
+        self.on_connection_close()
 
     def on_connection_close(self) -> None:
+        if self.lingering is not None:
+            IOLoop.current().remove_timeout(self.lingering)
         if self.passed_on:
             self.inner.on_connection_close()
 
-    def refuse(self, size: str) -> None:
-        """Answer 413 in the API's shape; the connection closes once it is sent."""
+    def refuse(self, size: str) -> Future[None]:
+        """Answer 413 in the API's shape; the write, done once the reply is with the kernel."""
         self.refused = True
         limit = f"{self.max_bytes / (1 << 20):g} MiB"
         error = BodyTooLarge(f"The request body ({size}) is over this server's limit of {limit}.")
@@ -134,5 +158,26 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         headers.update(reply.headers)
         log.warning("refused a request to %s: body of %s over %s", self.path, size, limit)
         start = httputil.ResponseStartLine("HTTP/1.1", reply.status, "Request Entity Too Large")
-        self.connection.write_headers(start, headers, body)
-        self.connection.finish()
+        return self.connection.write_headers(start, headers, body)
+
+
+def end_writing(stream: IOStream) -> None:
+    """Send the end of our side of ``stream`` after what was written: the client reads the whole
+    reply and closes, while what it still sends is taken in."""
+    with contextlib.suppress(OSError):  # the client is already gone
+        if stream.socket is not None:
+            stream.socket.shutdown(socket.SHUT_WR)
+
+
+async def drain(stream: IOStream, written: Future[None]) -> None:
+    """Once ``written`` is sent, end our side of ``stream`` and drop what the client still sends
+    until it closes or ``LINGER_S`` pass; then close."""
+    deadline = IOLoop.current().time() + LINGER_S
+    # The client closed (StreamClosedError) or did not within the time (TimeoutError).
+    with contextlib.suppress(StreamClosedError, TimeoutError):
+        await written
+        end_writing(stream)
+        while True:
+            more = stream.read_bytes(1 << 16, partial=True)
+            await gen.with_timeout(deadline, more, quiet_exceptions=StreamClosedError)
+    stream.close()

@@ -1,0 +1,118 @@
+"""How a refused body's connection ends: the 413 always reaches the client, and a client that goes
+on sending is cut off once ``LINGER_S`` pass.
+
+A server behind ``serve`` runs in this process on a thread of its own (so ``LINGER_S`` can be made
+short), and the client is a bare socket: what these tests look at is the bytes and the resets on
+the wire, which an HTTP client library hides. The 413's shape in each API is checked against the
+real processes in ``test_fuzz_http``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+from conftest import free_port
+from tornado.web import Application, RequestHandler
+
+from genmlx.core import body_limit
+
+LIMIT = 64 << 10
+LINGER_S = 1.0
+
+
+class Echo(RequestHandler):
+    def post(self) -> None:
+        self.write({"received": len(self.request.body)})
+
+
+@pytest.fixture
+def port(monkeypatch):
+    """A server that takes bodies of ``LIMIT`` bytes at most and lingers ``LINGER_S``."""
+    monkeypatch.setattr(body_limit, "LINGER_S", LINGER_S)
+    port, loop, ready = free_port(), asyncio.new_event_loop(), threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def listen() -> None:
+            body_limit.serve(Application([("/echo", Echo)]), port, "127.0.0.1", LIMIT)
+
+        loop.run_until_complete(listen())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="body-limit-server", daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield port
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def connect(port: int, head: str) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection.sendall(f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
+    return connection
+
+
+def read_to_end(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_a_body_within_the_limit_is_passed_on(port):
+    with connect(port, f"Content-Length: {LIMIT}\r\nConnection: close\r\n") as connection:
+        connection.sendall(b"x" * LIMIT)
+        reply = read_to_end(connection)
+    assert status_of(reply) == 200 and json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"received": LIMIT}
+
+
+def test_a_refused_chunked_body_that_ends_gets_the_reply_and_the_end_of_the_connection(port):
+    with connect(port, "Transfer-Encoding: chunked\r\n") as connection:
+        connection.sendall(chunk(b"x" * LIMIT) * 8 + b"0\r\n\r\n")
+        reply = read_to_end(connection)  # no reset, and no wait for the linger to run out
+    assert status_of(reply) == 413 and reply.count(b"HTTP/1.1") == 1, reply
+
+
+def test_a_client_waiting_for_100_continue_gets_the_413_instead(port):
+    with connect(port, f"Content-Length: {LIMIT + 1}\r\nExpect: 100-continue\r\n") as connection:
+        reply = read_to_end(connection)
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"100" not in reply.split(b"\r\n", 1)[0], reply
+    assert reply.count(b"HTTP/1.1") == 1, reply
+
+
+@pytest.mark.parametrize(
+    ("head", "piece"),
+    [
+        (f"Content-Length: {100 * LIMIT}\r\n", b"x" * 1024),
+        ("Transfer-Encoding: chunked\r\n", chunk(b"x" * 1024)),
+    ],
+    ids=["declared", "chunked"],
+)
+def test_a_client_that_goes_on_sending_after_the_413_is_cut_off_when_the_linger_ends(port, head, piece):
+    with connect(port, head) as connection:
+        connection.sendall(piece * (2 * LIMIT // 1024))  # past the limit: refused
+        reply = connection.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413 "), reply
+        assert connection.recv(65536) == b"", "the server's side ends after the reply"
+        start = time.monotonic()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while time.monotonic() - start < 10 * LINGER_S:  # taken in and dropped, until the linger ends
+                connection.sendall(piece)
+                time.sleep(0.02)
+    assert time.monotonic() - start >= LINGER_S / 2, "dropped, not cut off at once"
