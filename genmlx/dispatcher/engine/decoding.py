@@ -36,6 +36,7 @@ from genmlx.dispatcher.engine.cache_layout import cache_layout
 from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, sample_held
 from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.events import GenerationRequest
+from genmlx.dispatcher.engine.lazy_logprobs import use_lazy_logprobs
 from genmlx.dispatcher.engine.prefix_cache import PrefixCache, PromptCacheStats
 from genmlx.dispatcher.engine.sampling import BatchSampler, make_logits_processors
 from genmlx.dispatcher.engine.solo import End, KvQuantization, Sampled, Solo
@@ -134,6 +135,7 @@ class BatchDecoder:
             # then read in one call.
             prefill_step_size=max(settings.prefill_chunk, settings.prefill_chunk_alone),
         )
+        use_lazy_logprobs(self._generator)  # rows of log-probabilities computed only where read
         self._prefixes = prefix_cache_for(model, settings)
         self._uids: dict[int, int] = {}  # ours -> the generator's
         self._boundaries: dict[int, tuple[int, ...]] = {}  # ours -> its snapshot points, until it ends
