@@ -83,14 +83,26 @@ def client_of(rank: Rank, token: str) -> openai.OpenAI:
 
 def answers(client: openai.OpenAI) -> list[tuple[str, int, int, int]]:
     """Text and usage of a greedy chat, a seeded sampled chat (its prompt from the prefix cache) and
-    a greedy completion, then of three greedy completions sent at once (decoded as one batch)."""
+    a greedy completion, then of three greedy completions sent at once (decoded as one batch, the
+    second asking for log-probabilities, which rank 0 alone reads: the tokens they were given for
+    are the text's)."""
     greedy = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=24)
     seeded = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=1, seed=7, max_tokens=24)
     completion = client.completions.create(
         model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=16
     )
     with ThreadPoolExecutor(3) as pool:
-        batch = list(pool.map(lambda p: client.completions.create(model=MODEL, prompt=p, **GREEDY), PROMPTS))
+        asked = [{}, {"logprobs": 2}, {}]
+        batch = list(
+            pool.map(
+                lambda p, extra: client.completions.create(model=MODEL, prompt=p, **GREEDY, **extra),
+                PROMPTS,
+                asked,
+            )
+        )
+    logprobs = batch[1].choices[0].logprobs
+    assert "".join(logprobs.tokens) == batch[1].choices[0].text, logprobs
+    assert all(len(top) == 2 for top in logprobs.top_logprobs), logprobs
     assert seeded.usage.prompt_tokens_details.cached_tokens == seeded.usage.prompt_tokens - 1
     # Structured output: every rank masks with the same grammar, so the group samples alike.
     shaped = client.chat.completions.create(
