@@ -24,7 +24,10 @@ Timed: from just before the first request is sent to the end of the last stream,
 CPU). Tokens: the sum of ``usage.completion_tokens`` the servers report. A second table splits that
 time: the seconds until the slowest stream's first chunk with content (prefill and admission), and
 the chunks with content a second that all streams received while every one of them was generating
-(from that first chunk to the first stream's end: a full batch's serving rate, without its ramps).
+(from that first chunk to the first stream's end: a full batch's serving rate, without its ramps),
+and for ours the model thread's mean step and mean batch over the run, from its step counters in
+``/metrics`` (a served step much longer than ``decode_step_profile.py``'s engine step at that
+batch is time the thread lost to the process around it).
 Both servers run throughout (an idle one blocks on its request queue, costing no CPU) and each first
 runs every level once, untimed, with 8-token requests (on a GPU, MLX compiles kernels for each batch
 shape it first meets: in one unwarmed run on an H100 ours, first to reach 8 streams, made 0.03 of
@@ -40,6 +43,8 @@ import argparse
 import statistics
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +62,7 @@ from decode_throughput import (
     paired_ratios,
     running_process,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from stream_clients import run_streams
 
 PROMPTS = (
@@ -85,6 +91,8 @@ class LevelRun:
     errors: tuple[str, ...] = ()  # one per stream that failed
     last_first: float | None = None  # seconds until the slowest stream's first content
     together: float | None = None  # chunks with content a second while every stream was generating
+    step_ms: float | None = None  # ours: the model thread's mean step meanwhile
+    batch: float | None = None  # ours: tokens its steps decoded, a step on average
 
     @property
     def tokens_per_second(self) -> float:
@@ -119,9 +127,31 @@ def mlx_lm_server(model_dir: Path, work: Path, batch: int | None) -> Iterator[Se
         yield Server(base_url, "default_model", "unused", process.pid)
 
 
+def engine_counts(server: Server) -> tuple[float, float, float] | None:
+    """Our dispatcher's step counters (steps, seconds, tokens) from its ``/metrics``; None for a
+    server without them."""
+    request = urllib.request.Request(
+        server.base_url + "/metrics", headers={"Authorization": f"Bearer {server.api_key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError:
+        return None
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("genmlx:engine_")
+    }
+    names = [f"genmlx:engine_{name}_total" for name in ("steps", "step_seconds", "step_tokens")]
+    return tuple(values[name] for name in names) if all(name in values for name in names) else None
+
+
 def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
     """``streams`` concurrent streams, started together from several client processes
-    (``stream_clients``); aggregate tokens over wall time."""
+    (``stream_clients``); aggregate tokens over wall time, and for ours its steps meanwhile."""
+    before = engine_counts(server)
     run = run_streams(
         server.base_url,
         server.api_key,
@@ -131,8 +161,14 @@ def run_level(server: Server, streams: int, workload: Workload) -> LevelRun:
         workload.temperature,
         streams,
     )
+    after = engine_counts(server)
+    step_ms = batch = None
+    if before is not None and after is not None and after[0] > before[0]:
+        steps, seconds, tokens = (a - b for a, b in zip(after, before, strict=True))
+        step_ms, batch = seconds * 1000 / steps, tokens / steps
+    started_all, rate_all = while_all_generate(run.arrivals)
     return LevelRun(
-        streams, sum(run.counts), run.seconds, tuple(run.errors), *while_all_generate(run.arrivals)
+        streams, sum(run.counts), run.seconds, tuple(run.errors), started_all, rate_all, step_ms, batch
     )
 
 
@@ -216,13 +252,18 @@ def report(
             )
         print(f"{level:>7} {tokens:>13} {median_rate(ours):>10.1f} {median_rate(baseline):>14.1f}  {ratio}")
     print("while every stream was generating, chunks with content a second; seconds until the slowest")
-    print("stream's first chunk (medians; prefill and admission take that part of the time above)")
-    print(f"{'streams':>7} {'ours':>10} {'mlx_lm.server':>14} {'ours first':>11} {'theirs first':>13}")
+    print("stream's first chunk (medians; prefill and admission take that part of the time above);")
+    print("our model thread's mean step over the whole run (a prompt chunk, a token for each")
+    print("generating sequence, or both) and the tokens a step decoded on average")
+    header = f"{'streams':>7} {'ours':>10} {'mlx_lm.server':>14} {'ours first':>11} {'theirs first':>13}"
+    print(f"{header} {'ours step ms':>13} {'ours batch':>11}")
     for level, ours in results["ours"].items():
         baseline = results["mlx_lm.server"][level]
         rates = [shown(median_of(runs, "together"), 1) for runs in (ours, baseline)]
         firsts = [shown(median_of(runs, "last_first"), 3) for runs in (ours, baseline)]
-        print(f"{level:>7} {rates[0]:>10} {rates[1]:>14} {firsts[0]:>11} {firsts[1]:>13}")
+        step, batch = shown(median_of(ours, "step_ms"), 2), shown(median_of(ours, "batch"), 1)
+        row = f"{level:>7} {rates[0]:>10} {rates[1]:>14} {firsts[0]:>11} {firsts[1]:>13}"
+        print(f"{row} {step:>13} {batch:>11}")
 
 
 def shown(figure: float | None, places: int) -> str:

@@ -20,6 +20,7 @@ HUGE = 900_000  # minutes of tokens: only cancellation ends it (temperature 0 ne
 CHAT = [{"role": "user", "content": "Tell me about rivers."}]
 HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds")
 COUNTERS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits")
+STEP_COUNTERS = ("engine_steps", "engine_step_seconds", "engine_step_tokens")
 
 
 class Scrape:
@@ -37,6 +38,9 @@ class Scrape:
 
     def value(self, name: str) -> float:
         return self.samples[f"vllm:{name}"].value
+
+    def ours(self, name: str) -> float:
+        return self.samples[f"genmlx:{name}"].value
 
     def buckets(self, histogram: str) -> list[tuple[str, float]]:
         family = self.families[f"vllm:{histogram}"]
@@ -81,6 +85,9 @@ def test_metrics_need_the_token_and_start_at_zero(served: str, token: str):
         assert first.families[f"vllm:{name}"].type == "histogram"
         assert first.value(f"{name}_count") == 0
     assert first.families["vllm:e2e_request_latency_seconds"].documentation
+    for name in STEP_COUNTERS:
+        assert first.families[f"genmlx:{name}"].type == "counter"
+        assert first.ours(f"{name}_total") == 0
     # vLLM's boundaries, so dashboards' quantiles mean the same.
     assert [le for le, _ in first.buckets("inter_token_latency_seconds")][:3] == ["0.01", "0.025", "0.05"]
 
@@ -122,6 +129,11 @@ def test_counters_and_histograms_match_what_clients_saw(served: str, token: str)
     assert after.value("inter_token_latency_seconds_sum") < e2e
     assert after.buckets("e2e_request_latency_seconds")[-1] == ("+Inf", 4)
     assert after.value("num_requests_running") == after.value("num_requests_waiting") == 0
+    # The model thread's steps: every generated token was decoded in one, a step at a time.
+    assert after.ours("engine_step_tokens_total") == after.value("generation_tokens_total")
+    assert max(u.completion_tokens for u in seen) <= after.ours("engine_steps_total")
+    assert after.ours("engine_steps_total") <= sum(u.completion_tokens + u.prompt_tokens for u in seen)
+    assert 0 < after.ours("engine_step_seconds_total") < e2e
 
 
 def test_gauges_follow_a_running_and_a_waiting_request_and_count_a_cancelled_one(served: str, token: str):

@@ -79,6 +79,7 @@ async def _serve(settings: RankCommand, token: str | TokenSource | None) -> tupl
     prompt_cache = PromptCacheView(decoding.stats, disk_tier.stats if disk_tier else None)
     metrics = DispatcherMetrics(settings.model_id)
     metrics.watch_prompt_cache(prompt_cache)
+    metrics.watch_steps(engine.step_stats)
     try:
         app = _make_rank_app(settings, engine, metrics, prompt_cache, token)
         server = serve(app, settings.port, settings.host)

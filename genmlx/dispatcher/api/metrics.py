@@ -14,7 +14,7 @@ looked up and reused, from each request's final ``Usage`` (``cached_tokens``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from prometheus_client import (
@@ -28,7 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from genmlx.dispatcher.api.prompt_cache import PromptCacheView
-from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, TextDelta
+from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, StepStats, TextDelta
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so its dashboards' quantiles mean the same.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -81,6 +81,11 @@ class DispatcherMetrics:
         """Expose the prompt cache's tiers: what each holds and supplied, and what the disk tier
         read, wrote and found damaged since the process started."""
         self.registry.register(PromptCacheCollector(self.model_name, view))
+
+    def watch_steps(self, stats: StepStats) -> None:
+        """Expose the model thread's steps: how many, the seconds they took and the tokens they
+        decoded, from which a dashboard reads the mean step and the mean batch."""
+        self.registry.register(StepCollector(self.model_name, stats))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric and its content type."""
@@ -176,6 +181,26 @@ class RequestMetrics:
         self._phase = phase
 
 
+class StepCollector:
+    """``genmlx:engine_step*``, read when scraped. Over an interval, seconds over steps is the mean
+    step (a prompt chunk, a token for each generating sequence, or both), tokens over steps the
+    mean batch, and seconds over the interval how busy the model thread was."""
+
+    def __init__(self, model_name: str, stats: StepStats):
+        self.model_name = model_name
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats
+        yield from counters(
+            "genmlx:engine_",
+            self.model_name,
+            ("steps", "Steps the model thread took.", stats.steps),
+            ("step_seconds", "Seconds the model thread spent in steps.", stats.seconds),
+            ("step_tokens", "Tokens the steps decoded, one per generating sequence a step.", stats.tokens),
+        )
+
+
 class PromptCacheCollector:
     """``genmlx:prompt_cache_*``, read when scraped: each tier's entries, bytes, hits and hit
     tokens (label ``tier``), the lookups, and the disk tier's reads, writes and damaged blocks."""
@@ -209,11 +234,18 @@ class PromptCacheCollector:
         if self.view.disk is None:
             return
         disk = self.view.disk
-        for name, help_text, value in (
+        yield from counters(
+            "genmlx:prompt_cache_disk_",
+            self.model_name,
             ("read_bytes", "Bytes of KV state read from disk.", disk.read_bytes),
             ("written_bytes", "Bytes of KV state written to disk.", disk.written_bytes),
             ("damaged_blocks", "Blocks found not to match their checksum (each a miss).", disk.damaged),
-        ):
-            family = CounterMetricFamily(f"genmlx:prompt_cache_disk_{name}", help_text, labels=LABELS)
-            family.add_metric([self.model_name], value)
-            yield family
+        )
+
+
+def counters(prefix: str, model_name: str, *rows: tuple[str, str, float]) -> Iterator[CounterMetricFamily]:
+    """A counter family labelled ``model_name`` for each (name after ``prefix``, help, value)."""
+    for name, help_text, value in rows:
+        family = CounterMetricFamily(prefix + name, help_text, labels=LABELS)
+        family.add_metric([model_name], value)
+        yield family

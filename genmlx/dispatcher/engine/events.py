@@ -98,6 +98,21 @@ class Failed:
 EngineEvent = TextDelta | Finished | Failed
 
 
+@dataclass
+class StepStats:
+    """The model thread's steps since the process started: counted by that thread, read when the
+    metrics are scraped (a scrape may catch a step half counted; every count only grows)."""
+
+    steps: int = 0
+    seconds: float = 0.0  # spent in steps: admitting, decoding, handing the tokens out
+    tokens: int = 0  # decoded: one per sequence generating in a step
+
+    def record(self, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+
+
 class Job:
     """A submitted request: the handler may cancel it; the engine delivers its events."""
 

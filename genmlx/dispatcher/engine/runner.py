@@ -8,7 +8,7 @@ event it produced to the loop in one ``IOLoop.add_callback``, so the handlers th
 never share state with this thread beyond each job's cancel flag.
 
 In a multi-rank group (``ModelSource.group``) this thread first joins MLX's ring and loads its shard.
-Rank 0 then serves as above and, before each step, tells the other ranks which requests join and
+Rank 0 then serves as above (``leader``) and, before each step, tells the other ranks which requests join and
 leave (``lockstep``); the other ranks apply the same changes, decode the same step and discard what
 they sample; a request whose prompt the disk tier may supply waits until every rank has said what
 its disk holds (``disk_agreement``). A broken group (a peer gone, a failed step) ends the thread
@@ -18,7 +18,6 @@ and the process with status 1.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import queue
 import threading
@@ -32,22 +31,25 @@ from tornado.ioloop import IOLoop
 from genmlx.core.errors import NotReady, QueueFull
 from genmlx.core.home import genmlx_home
 from genmlx.dispatcher.engine.decoding import DecoderSettings
-from genmlx.dispatcher.engine.disk_agreement import agree_on_disk
-from genmlx.dispatcher.engine.events import EngineEvent, Failed, Finished, GenerationRequest, Job, Usage
+from genmlx.dispatcher.engine.events import (
+    EngineEvent,
+    Finished,
+    GenerationRequest,
+    Job,
+    StepStats,
+    Usage,
+)
+from genmlx.dispatcher.engine.leader import Leader
 from genmlx.dispatcher.engine.lockstep import (
-    HEARTBEAT_SECONDS,
     BackendJoinFailed,
     Heartbeat,
-    Join,
     LockstepBroken,
     Probe,
     RankChannel,
     RankGroup,
     Shutdown,
-    Step,
     join_group,
     step_checksum,
-    with_seed,
 )
 from genmlx.dispatcher.engine.model_loading import keep_compiled_kernels, load_shard, load_whole
 from genmlx.dispatcher.engine.quantized_batches import MEASUREMENTS_FILE, dequantize_where_it_pays
@@ -58,7 +60,6 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     from genmlx.dispatcher.engine.decoding import Decoder
-    from genmlx.dispatcher.engine.generation import Reply
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._stopping = threading.Event()  # set on the event loop, read by the model thread
         self.loaded: LoadedModel | None = None
+        self.step_stats = StepStats()  # rank 0's steps, for the metrics
         self._thread = threading.Thread(target=self._run, name="genmlx-model", daemon=True)
 
     def start(self) -> None:
@@ -153,13 +155,14 @@ class Engine:
         self._io_loop.add_callback(self._publish_loaded, loaded)
         try:
             if self._channel is None or self._channel.is_leader:
-                _Leader(
-                    loaded,
+                Leader(
+                    loaded.tokenizer,
                     lambda: self._make_decoder(loaded),
                     self._queue,
                     self._stopping,
                     self._io_loop,
                     self._channel,
+                    self.step_stats,
                 ).run()
             else:
                 self._follow(loaded)
@@ -247,148 +250,3 @@ class Engine:
     def _skip(self, job: Job) -> None:
         usage = Usage(prompt_tokens=len(job.request.prompt_tokens), completion_tokens=0)
         self._io_loop.add_callback(job.deliver, Finished("cancelled", usage))
-
-
-@dataclass
-class _Running:
-    job: Job
-    reply: Reply
-
-
-class _Leader:
-    """Rank 0's (or the only rank's) scheduling loop: admit, step, deliver, until ``stopping``.
-
-    It takes jobs from ``jobs`` (None: wake up and look at ``stopping``), decodes with what
-    ``make_decoder`` makes (a fresh one after a failed step), posts events through ``io_loop`` and,
-    in a group, tells the other ranks each step through ``channel``."""
-
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        make_decoder: Callable[[], Decoder],
-        jobs: queue.Queue[Job | None],
-        stopping: threading.Event,
-        io_loop: IOLoop,
-        channel: RankChannel | None,
-    ):
-        self._loaded = loaded
-        self._make_decoder = make_decoder
-        self._jobs = jobs
-        self._stopping = stopping
-        self._io_loop = io_loop
-        self._channel = channel
-        self._decoder = make_decoder()
-        self._running: dict[int, _Running] = {}
-        self._leaving: list[int] = []  # sequences that ended here but not in the decoder
-        self._uids = itertools.count()
-        self._outbox: list[tuple[Job, list[EngineEvent]]] = []
-
-    def run(self) -> None:
-        while True:
-            first = None
-            if not self._running and not self._leaving:
-                first = self._wait_for_job()
-            if self._stopping.is_set():
-                break
-            self._step(first)
-        for run in self._running.values():
-            self._outbox.append((run.job, run.reply.cancel()))
-        self._running.clear()
-        self._flush()
-        if self._channel is not None:
-            self._channel.send(Shutdown())
-
-    def _step(self, first: Job | None) -> None:
-        """Apply this step's leaves and joins, tell the other ranks, decode one step, deliver."""
-        decoder = self._decoder
-        for uid, run in list(self._running.items()):
-            if run.job.cancelled:
-                self._outbox.append((run.job, run.reply.cancel()))
-                del self._running[uid]
-                self._leaving.append(uid)
-        leaves, self._leaving = tuple(self._leaving), []
-        try:
-            for uid in leaves:
-                decoder.leave(uid)
-            cache_entries = decoder.cache_entries
-            joins = self._admit(first)
-            if self._channel is not None:
-                self._channel.send(Step(joins, leaves), cache_entries)
-            sampled = decoder.step()
-        except LockstepBroken:
-            raise
-        except Exception as e:  # a failed step must not take the model thread down with it
-            self._fail_batch(e)
-            return
-        if self._channel is not None:
-            self._channel.stepped(step_checksum((s.uid, s.token) for s in sampled))
-        for s in sampled:
-            run = self._running[s.uid]
-            self._outbox.append((run.job, run.reply.add(s.token, s.logprobs, s.end)))
-            if run.reply.finished:
-                del self._running[s.uid]
-                if s.end is None:  # a stop string or an end of turn the decoder did not see
-                    self._leaving.append(s.uid)
-        self._flush()
-
-    def _admit(self, first: Job | None) -> tuple[Join, ...]:
-        from genmlx.dispatcher.engine.generation import Reply
-
-        joins = []
-        tokenizer = self._loaded.tokenizer
-        while self._decoder.active < self._decoder.capacity:
-            job, first = (first, None) if first is not None else (self._next_job(), None)
-            if job is None:
-                break
-            if job.cancelled:  # its client left while it waited: skip the prefill
-                self._outbox.append((job, [Finished("cancelled", Usage(len(job.request.prompt_tokens), 0))]))
-                continue
-            request = with_seed(job.request) if self._channel is not None else job.request
-            uid = next(self._uids)
-            agreed = (
-                agree_on_disk(self._channel, self._decoder, request.prompt_tokens) if self._channel else None
-            )
-            cached = self._decoder.join(uid, request, agreed)
-            self._running[uid] = _Running(job, Reply(tokenizer, request, cached))
-            joins.append(Join(uid, request, cached))
-        return tuple(joins)
-
-    def _wait_for_job(self) -> Job | None:
-        """Block until a job comes (None: ``stop``); in a group, send a heartbeat every second."""
-        channel, jobs = self._channel, self._jobs
-        while True:
-            try:
-                return jobs.get(timeout=HEARTBEAT_SECONDS if channel else None)
-            except queue.Empty:
-                channel.send(Heartbeat(), self._decoder.cache_entries)
-
-    def _next_job(self) -> Job | None:
-        try:
-            return self._jobs.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _fail_batch(self, error: Exception) -> None:
-        """Every running request fails with ``error``; the decoder starts afresh (its state after a
-        failed step is unknown). In a group the other ranks may be anywhere: the group ends."""
-        log.exception("decoding failed; failing the %d requests in the batch", len(self._running))
-        failed = Failed(f"generation failed: {type(error).__name__}")
-        for run in self._running.values():
-            self._outbox.append((run.job, [failed]))
-        self._running.clear()
-        self._leaving.clear()
-        self._flush()
-        if self._channel is not None:
-            raise LockstepBroken(f"decoding failed on rank 0 ({type(error).__name__})") from error
-        self._decoder = self._make_decoder()
-
-    def _flush(self) -> None:
-        if self._outbox:
-            self._io_loop.add_callback(_deliver_all, self._outbox)
-            self._outbox = []
-
-
-def _deliver_all(outbox: list[tuple[Job, list[EngineEvent]]]) -> None:
-    for job, events in outbox:
-        for event in events:
-            job.deliver(event)
