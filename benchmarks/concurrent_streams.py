@@ -43,7 +43,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,7 +135,7 @@ def engine_counts(server: Server) -> tuple[float, float, float] | None:
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             text = response.read().decode()
-    except urllib.error.HTTPError:
+    except OSError:  # no such page (mlx_lm.server), or no answer
         return None
     values = {
         sample.name: sample.value

@@ -1,5 +1,6 @@
 """How a refused body's connection ends: the 413 always reaches the client, and a client that goes
-on sending is cut off once ``LINGER_S`` pass.
+on sending is cut off once ``LINGER_S`` pass, over plain HTTP and over TLS (as the master serves
+with ``master.tls``).
 
 A server behind ``serve`` runs in this process on a thread of its own (so ``LINGER_S`` can be made
 short), and the client is a bare socket: what these tests look at is the bytes and the resets on
@@ -12,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 from conftest import free_port
 from tornado.web import Application, RequestHandler
 
+from genmlx.cli.tls import write_self_signed
 from genmlx.core import body_limit
 
 LIMIT = 64 << 10
@@ -30,17 +34,31 @@ class Echo(RequestHandler):
         self.write({"received": len(self.request.body)})
 
 
-@pytest.fixture
-def port(monkeypatch):
+@dataclass(frozen=True)
+class Served:
+    port: int
+    tls: ssl.SSLContext | None  # the client's, where the server speaks TLS
+
+
+@pytest.fixture(params=["plain", "tls"])
+def served(request, monkeypatch, tmp_path):
     """A server that takes bodies of ``LIMIT`` bytes at most and lingers ``LINGER_S``."""
     monkeypatch.setattr(body_limit, "LINGER_S", LINGER_S)
     port, loop, ready = free_port(), asyncio.new_event_loop(), threading.Event()
+    server_tls = client_tls = None
+    if request.param == "tls":
+        cert, key = write_self_signed(tmp_path, ["localhost"])
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, key)
+        client_tls = ssl.create_default_context(cafile=str(cert))
+    servers = []
 
     def run() -> None:
         asyncio.set_event_loop(loop)
 
         async def listen() -> None:
-            body_limit.serve(Application([("/echo", Echo)]), port, "127.0.0.1", LIMIT)
+            app = Application([("/echo", Echo)])
+            servers.append(body_limit.serve(app, port, "127.0.0.1", LIMIT, ssl_options=server_tls))
 
         loop.run_until_complete(listen())
         ready.set()
@@ -49,13 +67,21 @@ def port(monkeypatch):
     thread = threading.Thread(target=run, name="body-limit-server", daemon=True)
     thread.start()
     assert ready.wait(10)
-    yield port
+    yield Served(port, client_tls)
+
+    async def stop() -> None:
+        servers[0].stop()
+        await servers[0].close_all_connections()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
 
-def connect(port: int, head: str) -> socket.socket:
-    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+def connect(served: Served, head: str) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    if served.tls is not None:
+        connection = served.tls.wrap_socket(connection, server_hostname="localhost")
     connection.sendall(f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
     return connection
 
@@ -75,22 +101,22 @@ def status_of(reply: bytes) -> int:
     return int(reply.split(b" ", 2)[1])
 
 
-def test_a_body_within_the_limit_is_passed_on(port):
-    with connect(port, f"Content-Length: {LIMIT}\r\nConnection: close\r\n") as connection:
+def test_a_body_within_the_limit_is_passed_on(served):
+    with connect(served, f"Content-Length: {LIMIT}\r\nConnection: close\r\n") as connection:
         connection.sendall(b"x" * LIMIT)
         reply = read_to_end(connection)
     assert status_of(reply) == 200 and json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"received": LIMIT}
 
 
-def test_a_refused_chunked_body_that_ends_gets_the_reply_and_the_end_of_the_connection(port):
-    with connect(port, "Transfer-Encoding: chunked\r\n") as connection:
+def test_a_refused_chunked_body_that_ends_gets_the_reply_and_the_end_of_the_connection(served):
+    with connect(served, "Transfer-Encoding: chunked\r\n") as connection:
         connection.sendall(chunk(b"x" * LIMIT) * 8 + b"0\r\n\r\n")
         reply = read_to_end(connection)  # no reset, and no wait for the linger to run out
     assert status_of(reply) == 413 and reply.count(b"HTTP/1.1") == 1, reply
 
 
-def test_a_client_waiting_for_100_continue_gets_the_413_instead(port):
-    with connect(port, f"Content-Length: {LIMIT + 1}\r\nExpect: 100-continue\r\n") as connection:
+def test_a_client_waiting_for_100_continue_gets_the_413_instead(served):
+    with connect(served, f"Content-Length: {LIMIT + 1}\r\nExpect: 100-continue\r\n") as connection:
         reply = read_to_end(connection)
     assert reply.startswith(b"HTTP/1.1 413 ") and b"100" not in reply.split(b"\r\n", 1)[0], reply
     assert reply.count(b"HTTP/1.1") == 1, reply
@@ -104,14 +130,15 @@ def test_a_client_waiting_for_100_continue_gets_the_413_instead(port):
     ],
     ids=["declared", "chunked"],
 )
-def test_a_client_that_goes_on_sending_after_the_413_is_cut_off_when_the_linger_ends(port, head, piece):
-    with connect(port, head) as connection:
+def test_a_client_that_goes_on_sending_after_the_413_is_cut_off_when_the_linger_ends(served, head, piece):
+    with connect(served, head) as connection:
         connection.sendall(piece * (2 * LIMIT // 1024))  # past the limit: refused
         reply = connection.recv(65536)
         assert reply.startswith(b"HTTP/1.1 413 "), reply
-        assert connection.recv(65536) == b"", "the server's side ends after the reply"
+        if served.tls is None:  # over TLS the client reads the reply's length instead
+            assert connection.recv(65536) == b"", "the server's side ends after the reply"
         start = time.monotonic()
-        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        with pytest.raises((BrokenPipeError, ConnectionResetError, ssl.SSLError)):
             while time.monotonic() - start < 10 * LINGER_S:  # taken in and dropped, until the linger ends
                 connection.sendall(piece)
                 time.sleep(0.02)

@@ -1,8 +1,9 @@
 """The batch's decode step with lazy log-probability rows (``engine.lazy_logprobs``) gives what
 mlx-lm's own ``GenerationBatch`` gives: the same tokens and the same log-probabilities for every
 sequence, with greedy, sampled and penalized requests joining a running batch and leaving it at
-different steps, on the demo model through the real ``BatchDecoder``; and a step hands the device
-its tokens, not a row per sequence."""
+different steps, on the demo model through the real ``BatchDecoder``, sampled in one call for the
+batch and one call per row; and a step hands the device its tokens and one array, not a row per
+sequence."""
 
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ def decode(model, tokenizer) -> dict[int, list[tuple[int, list[float]]]]:
     return got
 
 
-def test_the_lazy_step_gives_mlx_lms_tokens_and_log_probabilities(demo_model, monkeypatch) -> None:
+@pytest.mark.parametrize("sampled", ["as one batch", "row by row"])
+def test_the_lazy_step_gives_mlx_lms_tokens_and_log_probabilities(demo_model, monkeypatch, sampled) -> None:
     model, tokenizer = demo_model
+    if sampled == "row by row":  # each row keeps its own sampler: one call per row, in both classes
+        monkeypatch.setattr(BatchDecoder, "_sample_batches_together", lambda self: None)
     lazy = decode(model, tokenizer)
     monkeypatch.setattr(decoding, "use_lazy_logprobs", lambda generator: False)
     mlx_lms = decode(model, tokenizer)
@@ -65,7 +69,7 @@ def test_the_lazy_step_gives_mlx_lms_tokens_and_log_probabilities(demo_model, mo
     assert lazy == mlx_lms
 
 
-def test_a_step_hands_the_device_the_tokens_and_no_row_per_sequence(demo_model, monkeypatch) -> None:
+def test_a_step_hands_the_device_its_tokens_and_one_array_not_a_row_each(demo_model, monkeypatch) -> None:
     model, tokenizer = demo_model
     decoder = BatchDecoder(model, set(), DecoderSettings(max_batch=16, cache_entries=0))
     generator = decoder._generator
@@ -84,7 +88,7 @@ def test_a_step_hands_the_device_the_tokens_and_no_row_per_sequence(demo_model, 
 
     monkeypatch.setattr(lazy_logprobs.mx, "async_eval", counted)
     sampled = decoder.step()
-    assert len(sampled) == 16 and handed == [1], handed  # mlx-lm's class: 17
+    assert len(sampled) == 16 and handed == [2], handed  # tokens and the whole array; mlx-lm's: 17
 
 
 def test_a_generator_unlike_mlx_lms_keeps_its_own_batch(caplog) -> None:

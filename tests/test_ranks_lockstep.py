@@ -102,7 +102,9 @@ def answers(client: openai.OpenAI) -> list[tuple[str, int, int, int]]:
         )
     logprobs = batch[1].choices[0].logprobs
     assert "".join(logprobs.tokens) == batch[1].choices[0].text, logprobs
-    assert all(len(top) == 2 for top in logprobs.top_logprobs), logprobs
+    # Greedy: each chosen token is the likeliest of its own step's row.
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(chosen, abs=1e-5), logprobs
     assert seeded.usage.prompt_tokens_details.cached_tokens == seeded.usage.prompt_tokens - 1
     # Structured output: every rank masks with the same grammar, so the group samples alike.
     shaped = client.chat.completions.create(

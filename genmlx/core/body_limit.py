@@ -5,13 +5,15 @@ connection: an OpenAI or Anthropic client then shows a status and nothing else. 
 ``BodyLimit`` in front of an application instead: a request whose declared ``Content-Length``
 is over the limit gets a 413 at once, before any of its body is read, as JSON in the shape of the
 API its path belongs to; a chunked body gets the same 413 as soon as it grows past the limit.
-Either way the connection closes after the reply, and the rest of the body is never parsed or kept.
-It is still taken in, though: closing a socket with unread data makes the kernel answer with a
-reset, which can reach the client before the 413 does and throw it away, so the client would see
-"connection reset" instead of the reason. A refused connection closes in stages (RFC 9112, 9.6):
-the reply, then the end of our side of the stream, then whatever the client is still sending is
-read and dropped until it closes or ``LINGER_S`` pass. Headers over ``MAX_HEADER_BYTES`` are still
-refused by tornado itself (a bare 400: no path to go by yet).
+Either way the connection closes after the reply, and the rest of the body is never kept (the
+application lets go of what it had of a chunked one). It is still taken in, though: closing a
+socket with unread data makes the kernel answer with a reset, which can reach the client before the
+413 does and throw it away, so the client would see "connection reset" instead of the reason. A
+refused connection closes in stages (RFC 9112, 9.6): the reply is sent, our side of the stream
+ends (over TLS it does not: a TLS socket cannot end its writing and go on reading), and what the
+client still sends is read and dropped (a chunked body's framing still parsed) until it closes,
+the body ends, or ``LINGER_S`` pass. Headers over ``MAX_HEADER_BYTES`` are still refused by
+tornado itself (a bare 400: no path to go by yet).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tornado import gen, httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import Application
 
 from genmlx.core.errors import BodyTooLarge
@@ -102,6 +104,7 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         self.refused = False
         self.passed_on = False  # the application has seen this request's headers
         self.lingering: object | None = None  # the timeout that ends a refused connection
+        self.sent: Future[None] | None = None  # a refused chunked body's reply, once sent
 
     def headers_received(
         self,
@@ -112,10 +115,10 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
             self.path = start_line.path.split("?", 1)[0]
         declared = headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            written = self.refuse(f"{int(declared)} bytes")
+            self.refuse(f"{int(declared)} bytes")
             # No body has been read yet: the stream is ours to drain, and tornado stops here (it
             # neither reads the body nor sends "100 Continue" to a client that asked for one).
-            return drain(self.connection.detach(), written)
+            return drain(self.connection.detach())
         self.passed_on = True
         return self.inner.headers_received(start_line, headers)
 
@@ -126,9 +129,13 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         if self.received > self.max_bytes:
             # Tornado is mid-read, so it goes on parsing the chunks (dropped above) until the body
             # ends, the client closes or the time is up.
+            self.refuse(f"over {self.max_bytes} bytes")
+            self.passed_on = False
+            self.inner.on_connection_close()  # the application lets go of the body it holds
             stream = self.connection.stream
-            self.refuse(f"over {self.max_bytes} bytes").add_done_callback(lambda _: end_writing(stream))
-            self.lingering = IOLoop.current().call_later(LINGER_S, self.connection.close)
+            self.sent = stream.write(b"")  # done once everything written before it is sent
+            self.sent.add_done_callback(lambda _: end_writing(stream))
+            self.lingering = IOLoop.current().call_later(LINGER_S, self.close)
             return None
         return self.inner.data_received(chunk)
 
@@ -136,7 +143,11 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         if not self.refused:
             self.inner.finish()
             return
-        self.connection.close()  # the refused body is over; the connection goes with it
+        # The refused body is over: the connection goes once the reply is sent.
+        self.sent.add_done_callback(lambda _: self.close())
+
+    def close(self) -> None:
+        self.connection.close()
         self.on_connection_close()
 
     def on_connection_close(self) -> None:
@@ -145,8 +156,8 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         if self.passed_on:
             self.inner.on_connection_close()
 
-    def refuse(self, size: str) -> Future[None]:
-        """Answer 413 in the API's shape; the write, done once the reply is with the kernel."""
+    def refuse(self, size: str) -> None:
+        """Answer 413 in the API's shape (written to the stream, not yet sent)."""
         self.refused = True
         limit = f"{self.max_bytes / (1 << 20):g} MiB"
         error = BodyTooLarge(f"The request body ({size}) is over this server's limit of {limit}.")
@@ -158,24 +169,28 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         headers.update(reply.headers)
         log.warning("refused a request to %s: body of %s over %s", self.path, size, limit)
         start = httputil.ResponseStartLine("HTTP/1.1", reply.status, "Request Entity Too Large")
-        return self.connection.write_headers(start, headers, body)
+        self.connection.write_headers(start, headers, body)
 
 
 def end_writing(stream: IOStream) -> None:
-    """Send the end of our side of ``stream`` after what was written: the client reads the whole
-    reply and closes, while what it still sends is taken in."""
+    """Send the end of our side of ``stream`` after what was sent: the client reads the whole
+    reply and closes, while what it still sends is taken in. Not over TLS, whose socket, once its
+    writing ends, reads nothing more in TLS (the client reads the reply's length instead)."""
+    if isinstance(stream, SSLIOStream):
+        return
     with contextlib.suppress(OSError):  # the client is already gone
         if stream.socket is not None:
             stream.socket.shutdown(socket.SHUT_WR)
 
 
-async def drain(stream: IOStream, written: Future[None]) -> None:
-    """Once ``written`` is sent, end our side of ``stream`` and drop what the client still sends
-    until it closes or ``LINGER_S`` pass; then close."""
+async def drain(stream: IOStream) -> None:
+    """Once what was written to ``stream`` is sent, end our side of it and drop what the client
+    still sends until it closes or ``LINGER_S`` pass; then close."""
     deadline = IOLoop.current().time() + LINGER_S
     # The client closed (StreamClosedError) or did not within the time (TimeoutError).
     with contextlib.suppress(StreamClosedError, TimeoutError):
-        await written
+        sent = stream.write(b"")  # done once everything written before it is sent
+        await gen.with_timeout(deadline, sent, quiet_exceptions=StreamClosedError)
         end_writing(stream)
         while True:
             more = stream.read_bytes(1 << 16, partial=True)

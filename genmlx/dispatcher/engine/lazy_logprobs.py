@@ -2,12 +2,15 @@
 
 mlx-lm's ``GenerationBatch`` (0.32) splits each step's log-probabilities into one array per
 sequence and computes all of them with the step's tokens, though few requests ask for them: at a
-batch of 64 that is 64 more outputs in every step's graph, which took 2.5 of 11 ms a step on this
-project's CPU benchmark (``benchmarks/decode_step_profile.py``, the ``engine`` column). The
-``LazyLogprobsBatch`` here takes the same step with each row left lazy: the sampler reads the
-whole array, so it is computed anyway, and a row is a view of it that a request asking for
-log-probabilities evaluates when it reads it; the others never touch theirs. The tokens come from
-the same operations on the same inputs, so they are the same (tested against mlx-lm's class).
+batch of 64 that is 64 more outputs in every step's graph (on this project's 2-core CPU, a step of
+64 on the demo model took 9.7 ms that way and 8.3 without, ``decode_step_profile.py``'s ``engine``).
+The ``LazyLogprobsBatch`` here computes the step's whole array of log-probabilities with its
+tokens, as one output, and leaves each row a lazy view of it, which a request asking for
+log-probabilities evaluates when it reads it; the others never touch theirs. The whole array is
+an output even though the samplers read it, so that the step's forward pass (and, in a group of
+ranks, its collectives) runs on every rank whatever a sampler reads, and a row read later on rank
+0 alone is a view, never a computation. The tokens come from the same operations on the same
+inputs, so they are the same (tested against mlx-lm's class).
 
 Only the steps of the batch that sequences generate in go through here; the first token of each
 joining sequence is still sampled by mlx-lm's own class, which then merges into this one.
@@ -38,7 +41,7 @@ class LazyLogprobsBatch(GenerationBatch):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         self._next_tokens = self._sampled(logprobs)
         self._next_logprobs = list(logprobs)  # views, computed only where read
-        mx.async_eval(self._next_tokens, contexts)
+        mx.async_eval(self._next_tokens, logprobs, contexts)
         tokens = fed.tolist()
         for written, token in zip(self.tokens, tokens, strict=False):
             written.append(token)  # ``tokens`` is what each sequence's cache holds
