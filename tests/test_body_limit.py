@@ -1,11 +1,12 @@
-"""How a refused body's connection ends: the 413 always reaches the client, and a client that goes
-on sending is cut off once ``LINGER_S`` pass, over plain HTTP and over TLS (as the master serves
-with ``master.tls``).
+"""The request limits of every server (``genmlx.core.body_limit``), over plain HTTP and over TLS (as
+the master serves with ``master.tls``): headers over 64 KiB get a 431 that says so and headers past
+the cut-off no answer; a refused body's 413 always reaches the client, and a client that goes on
+sending is cut off once ``LINGER_S`` pass.
 
 A server behind ``serve`` runs in this process on a thread of its own (so ``LINGER_S`` can be made
 short), and the client is a bare socket: what these tests look at is the bytes and the resets on
-the wire, which an HTTP client library hides. The 413's shape in each API is checked against the
-real processes in ``test_fuzz_http``.
+the wire, which an HTTP client library hides. The 413's and the 431's shapes in each API are
+checked against the real processes in ``test_fuzz_http``.
 """
 
 from __future__ import annotations
@@ -143,3 +144,33 @@ def test_a_client_that_goes_on_sending_after_the_413_is_cut_off_when_the_linger_
                 connection.sendall(piece)
                 time.sleep(0.02)
     assert time.monotonic() - start >= LINGER_S / 2, "dropped, not cut off at once"
+
+
+def test_headers_within_the_limit_are_passed_on(served):
+    head = f"X-Pad: {'x' * 60_000}\r\nContent-Length: 2\r\nConnection: close\r\n"
+    with connect(served, head) as connection:
+        connection.sendall(b"{}")
+        reply = read_to_end(connection)
+    assert status_of(reply) == 200, reply[:200]
+
+
+def test_headers_over_the_limit_get_a_431_that_says_so(served):
+    with connect(served, f"X-Pad: {'x' * 70_000}\r\nContent-Length: 2\r\n") as connection:
+        connection.sendall(b"{}")
+        reply = read_to_end(connection)  # the reply, then the end of the connection
+    assert status_of(reply) == 431, reply[:200]
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["type"] == "HeadersTooLarge" and "limit of 64 KiB" in error["message"], error
+
+
+def test_headers_past_the_cut_off_are_not_read_and_get_no_answer(served):
+    connection = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    if served.tls is not None:
+        connection = served.tls.wrap_socket(connection, server_hostname="localhost")
+    with connection:
+        try:
+            connection.sendall(b"POST /echo HTTP/1.1\r\nX-Pad: " + b"x" * (2 << 20))
+            reply = read_to_end(connection)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            reply = b""  # cut off mid-headers: the connection ends without a reply
+    assert reply == b"", reply[:200]

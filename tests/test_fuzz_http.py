@@ -37,7 +37,7 @@ from test_ranks_lockstep import qwen2_model_dir as qwen2_model_dir  # fixtures, 
 from test_ranks_lockstep import start_ranks as start_ranks
 from tornado.web import RequestHandler
 
-from genmlx.core.http import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
+from genmlx.core.http import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES, MAX_HEADER_BYTES
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = int(os.environ.get("GENMLX_FUZZ_EXAMPLES", "100"))
@@ -138,9 +138,13 @@ def raw_exchange(port: int, head: str, body: bytes) -> tuple[int, dict]:
     return int(status_line.split()[1]), json.loads(payload)
 
 
+def anthropic_error(kind: str):
+    return lambda error: error["type"] == "error" and error["error"]["type"] == kind
+
+
 REFUSALS = [  # where a request is sent, and how that API says "too large"
     ("master", "/v1/completions", lambda e: e["error"]["code"] == "request_too_large"),
-    ("master", "/v1/messages", lambda e: e["type"] == "error" and e["error"]["type"] == "request_too_large"),
+    ("master", "/v1/messages", anthropic_error("request_too_large")),
     ("master", "/api/v1/manifest", lambda e: e["error"]["type"] == "BodyTooLarge"),
     ("agent", "/api/v1/models", lambda e: e["error"]["type"] == "BodyTooLarge"),
     ("dispatcher", "/v1/chat/completions", lambda e: e["error"]["type"] == "invalid_request_error"),
@@ -166,6 +170,24 @@ def test_a_body_beyond_the_limit_is_refused_in_the_apis_shape_before_it_is_read(
     )
     assert 400 <= within.status < 500 or within.status == 200, within.status
     assert within.status != 413, "a body at the limit is read"
+    assert_still_serves(running)
+
+
+HEADER_REFUSALS = [  # where a request is sent, and how that API says "headers too large"
+    ("master", "/v1/completions", lambda e: e["error"]["code"] == "request_headers_too_large"),
+    ("master", "/v1/messages", anthropic_error("invalid_request_error")),
+    ("agent", "/api/v1/models", lambda e: e["error"]["type"] == "HeadersTooLarge"),
+    ("dispatcher", "/v1/chat/completions", lambda e: e["error"]["type"] == "invalid_request_error"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("process", "path", "shaped"), HEADER_REFUSALS)
+def test_headers_beyond_the_limit_are_refused_in_the_apis_shape(running, process, path, shaped):
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {'x' * (MAX_HEADER_BYTES + 1)}\r\n"
+    status, error = raw_exchange(running[process], head + "Content-Length: 2\r\n", b"{}")
+    assert status == 431 and shaped(error), error
+    assert f"limit of {MAX_HEADER_BYTES >> 10} KiB" in json.dumps(error), error
     assert_still_serves(running)
 
 

@@ -1,19 +1,23 @@
 """Request size limits, answered in the API's own shape.
 
 Tornado's own ``max_body_size`` answers a bare ``400 Bad Request`` with no body and closes the
-connection: an OpenAI or Anthropic client then shows a status and nothing else. ``serve`` puts
-``BodyLimit`` in front of an application instead: a request whose declared ``Content-Length``
-is over the limit gets a 413 at once, before any of its body is read, as JSON in the shape of the
-API its path belongs to; a chunked body gets the same 413 as soon as it grows past the limit.
+connection, and headers over its ``max_header_size`` get no answer at all: an OpenAI or Anthropic
+client then shows a status or a closed connection and nothing else. ``serve`` puts
+``RequestLimits`` in front of an application instead: a request whose headers are over
+``MAX_HEADER_BYTES`` gets a 431, and one whose declared ``Content-Length`` is over the limit a
+413, at once, before any of its body is read, as JSON in the shape of the API its path belongs
+to; a chunked body gets the same 413 as soon as it grows past the limit. Tornado itself still
+cuts off headers past ``HEADER_CUTOFF_BYTES`` (the connection closed unanswered: they are not
+read whole).
+
 Either way the connection closes after the reply, and the rest of the body is never kept (the
 application lets go of what it had of a chunked one). It is still taken in, though: closing a
 socket with unread data makes the kernel answer with a reset, which can reach the client before the
-413 does and throw it away, so the client would see "connection reset" instead of the reason. A
+reply does and throw it away, so the client would see "connection reset" instead of the reason. A
 refused connection closes in stages (RFC 9112, 9.6): the reply is sent, our side of the stream
 ends (over TLS it does not: a TLS socket cannot end its writing and go on reading), and what the
 client still sends is read and dropped (a chunked body's framing still parsed) until it closes,
-the body ends, or ``LINGER_S`` pass. Headers over ``MAX_HEADER_BYTES`` are still refused by
-tornado itself (a bare 400: no path to go by yet).
+the body ends, or ``LINGER_S`` pass.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import Application
 
-from genmlx.core.errors import BodyTooLarge
+from genmlx.core.errors import ApiError, BodyTooLarge, HeadersTooLarge
 from genmlx.core.http import (
     ANTHROPIC_ERRORS,
     GENMLX_ERRORS,
@@ -45,7 +49,9 @@ from genmlx.core.http import (
 
 log = logging.getLogger(__name__)
 
-# Tornado's own body limit, set out of reach so that ``BodyLimit`` always answers first.
+# Tornado's own header limit: headers past it are not read whole, and the connection is closed.
+HEADER_CUTOFF_BYTES = 1 << 20
+# Tornado's own body limit, set out of reach so that ``RequestLimits`` always answers first.
 UNREACHABLE_BYTES = 1 << 62
 # How long a refused connection goes on taking in and dropping what its client still sends.
 LINGER_S = 10.0
@@ -54,10 +60,10 @@ LINGER_S = 10.0
 def serve(
     app: Application, port: int, address: str, max_body_bytes: int = MAX_BODY_BYTES, **options: Any
 ) -> HTTPServer:
-    """Listen on ``address:port`` with ``app`` behind ``BodyLimit`` and the header limit."""
+    """Listen on ``address:port`` with ``app`` behind ``RequestLimits``."""
     server = HTTPServer(
-        BodyLimit(app, max_body_bytes),
-        max_header_size=MAX_HEADER_BYTES,
+        RequestLimits(app, max_body_bytes),
+        max_header_size=HEADER_CUTOFF_BYTES,
         max_body_size=UNREACHABLE_BYTES,
         **options,
     )
@@ -75,8 +81,9 @@ def error_format_of(path: str) -> ErrorFormat:
     return GENMLX_ERRORS
 
 
-class BodyLimit(httputil.HTTPServerConnectionDelegate):
-    """``app``, refusing request bodies over ``max_bytes`` (see the module's docstring)."""
+class RequestLimits(httputil.HTTPServerConnectionDelegate):
+    """``app``, refusing headers over ``MAX_HEADER_BYTES`` and bodies over ``max_bytes`` (see the
+    module's docstring)."""
 
     def __init__(self, app: Application, max_bytes: int):
         self.app = app
@@ -93,7 +100,7 @@ class BodyLimit(httputil.HTTPServerConnectionDelegate):
 
 
 class LimitedRequest(httputil.HTTPMessageDelegate):
-    """One request: passed on to the application until its body proves too large."""
+    """One request: passed on to the application unless its headers or body prove too large."""
 
     def __init__(self, inner: httputil.HTTPMessageDelegate, connection: HTTP1Connection, max_bytes: int):
         self.inner = inner
@@ -114,8 +121,12 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         if isinstance(start_line, httputil.RequestStartLine):
             self.path = start_line.path.split("?", 1)[0]
         declared = headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            self.refuse(f"{int(declared)} bytes")
+        if (size := header_bytes(start_line, headers)) > MAX_HEADER_BYTES:
+            limit = f"this server's limit of {MAX_HEADER_BYTES >> 10} KiB"
+            self.refuse(HeadersTooLarge(f"The request's headers ({size} bytes) are over {limit}."))
+        elif declared.isdigit() and int(declared) > self.max_bytes:
+            self.refuse(BodyTooLarge(f"The request body ({int(declared)} bytes) is over {self.limit}."))
+        if self.refused:
             # No body has been read yet: the stream is ours to drain, and tornado stops here (it
             # neither reads the body nor sends "100 Continue" to a client that asked for one).
             return drain(self.connection.detach())
@@ -129,7 +140,7 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         if self.received > self.max_bytes:
             # Tornado is mid-read, so it goes on parsing the chunks (dropped above) until the body
             # ends, the client closes or the time is up.
-            self.refuse(f"over {self.max_bytes} bytes")
+            self.refuse(BodyTooLarge(f"The request body (over {self.max_bytes} bytes) is over {self.limit}."))
             self.passed_on = False
             self.inner.on_connection_close()  # the application lets go of the body it holds
             stream = self.connection.stream
@@ -156,20 +167,31 @@ class LimitedRequest(httputil.HTTPMessageDelegate):
         if self.passed_on:
             self.inner.on_connection_close()
 
-    def refuse(self, size: str) -> None:
-        """Answer 413 in the API's shape (written to the stream, not yet sent)."""
+    @property
+    def limit(self) -> str:
+        return f"this server's limit of {self.max_bytes / (1 << 20):g} MiB"
+
+    def refuse(self, error: ApiError) -> None:
+        """Answer ``error`` in the API's shape (written to the stream, not yet sent)."""
         self.refused = True
-        limit = f"{self.max_bytes / (1 << 20):g} MiB"
-        error = BodyTooLarge(f"The request body ({size}) is over this server's limit of {limit}.")
         reply = error_format_of(self.path).reply(error, error.status)
         body = json.dumps(reply.body).encode()
         headers = httputil.HTTPHeaders(
             {"Content-Type": "application/json", "Content-Length": str(len(body)), "Connection": "close"}
         )
         headers.update(reply.headers)
-        log.warning("refused a request to %s: body of %s over %s", self.path, size, limit)
-        start = httputil.ResponseStartLine("HTTP/1.1", reply.status, "Request Entity Too Large")
+        log.warning("refused a request to %s: %s", self.path, error.message)
+        reason = httputil.responses.get(reply.status, "Refused")
+        start = httputil.ResponseStartLine("HTTP/1.1", reply.status, reason)
         self.connection.write_headers(start, headers, body)
+
+
+def header_bytes(
+    start_line: httputil.RequestStartLine | httputil.ResponseStartLine, headers: httputil.HTTPHeaders
+) -> int:
+    """About how many bytes the request line and headers took on the wire."""
+    line = sum(len(str(part)) + 1 for part in start_line) + 1
+    return line + sum(len(name) + len(value) + 4 for name, value in headers.get_all())
 
 
 def end_writing(stream: IOStream) -> None:

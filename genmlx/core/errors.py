@@ -21,6 +21,8 @@
         │   ├── AgentNotFound   404  what it names is not there
         │   └── AgentConflict   409  it clashes with what the agent is doing or holds
         ├── InvalidRequest      400  (API) a malformed body or a field out of range
+        │   ├── BodyTooLarge    413  (API) a body over the server's limit, refused unread
+        │   ├── HeadersTooLarge 431  (API) headers over the server's limit
         │   ├── ContextLengthExceeded
         │   ├── ModelNotNamed        (API) a completion request that names no model
         │   └── InvalidManifest 422
@@ -159,6 +161,13 @@ class BodyTooLarge(InvalidRequest):
 
     status = 413
     default_code = "request_too_large"
+
+
+class HeadersTooLarge(InvalidRequest):
+    """The request's headers are over the server's limit (RFC 6585's 431)."""
+
+    status = 431
+    default_code = "request_headers_too_large"
 
 
 class ContextLengthExceeded(InvalidRequest):

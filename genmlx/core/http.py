@@ -51,8 +51,8 @@ from genmlx.core.tokens import TokenSource
 log = logging.getLogger(__name__)
 
 ANTHROPIC_OVERLOADED = 529  # Anthropic's own status for "overloaded, retry later"
-# What a server reads of a request at most (``genmlx.core.body_limit``): a larger body is answered
-# 413 before it is read, larger headers 400. Explicit, and documented in the README.
+# What a server reads of a request at most (``genmlx.core.body_limit``; in the README): a larger
+# body is answered 413 unread, larger headers 431.
 MAX_HEADER_BYTES = 64 << 10
 MAX_BODY_BYTES = 16 << 20  # the master's and the dispatchers' APIs: conversations, manifests
 MAX_AGENT_BODY_BYTES = 1 << 20  # an agent's API: small JSON requests only
