@@ -12,15 +12,18 @@ checked against the real processes in ``test_fuzz_http``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 from conftest import free_port
+from tornado.iostream import IOStream
 from tornado.web import Application, RequestHandler
 
 from genmlx.cli.tls import write_self_signed
@@ -39,6 +42,7 @@ class Echo(RequestHandler):
 class Served:
     port: int
     tls: ssl.SSLContext | None  # the client's, where the server speaks TLS
+    hand_over: Callable[[socket.socket], None]  # serves a connected socket of our own
 
 
 @pytest.fixture(params=["plain", "tls"])
@@ -68,7 +72,12 @@ def served(request, monkeypatch, tmp_path):
     thread = threading.Thread(target=run, name="body-limit-server", daemon=True)
     thread.start()
     assert ready.wait(10)
-    yield Served(port, client_tls)
+
+    def hand_over(connection: socket.socket) -> None:
+        address = ("127.0.0.1", 0)
+        loop.call_soon_threadsafe(lambda: servers[0].handle_stream(IOStream(connection), address))
+
+    yield Served(port, client_tls, hand_over)
 
     async def stop() -> None:
         servers[0].stop()
@@ -121,6 +130,27 @@ def test_a_client_waiting_for_100_continue_gets_the_413_instead(served):
         reply = read_to_end(connection)
     assert reply.startswith(b"HTTP/1.1 413 ") and b"100" not in reply.split(b"\r\n", 1)[0], reply
     assert reply.count(b"HTTP/1.1") == 1, reply
+
+
+def test_a_refused_upload_whose_reply_waits_for_the_client_still_ends(served):
+    """The 413 cannot go out at once (the client has not read what the connection sent before it):
+    once the client reads, it gets the reply and then the end of the connection."""
+    if served.tls is not None:
+        pytest.skip("the buffer is filled under the connection, where TLS would not expect bytes")
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):  # the kernel holds no more for the client
+        while True:
+            filler += ours.send(b"-" * 65536)
+    served.hand_over(ours)
+    with theirs:
+        theirs.settimeout(10)
+        theirs.sendall(f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {100 * LIMIT}\r\n\r\n".encode())
+        time.sleep(0.2)  # refused: the 413 waits behind the filler
+        received = read_to_end(theirs)  # the filler, the reply, the end; not a wait for more
+    assert received[:filler] == b"-" * filler
+    assert received[filler:].startswith(b"HTTP/1.1 413 "), received[filler : filler + 200]
 
 
 @pytest.mark.parametrize(
