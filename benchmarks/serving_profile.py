@@ -7,10 +7,12 @@ thread holds the interpreter lock, and in which functions, over one run of N str
 A real dispatcher process serves the model (``--max-batch`` sequences in its batch); this process
 sends ``--streams`` streaming chat completions at a time through the ``openai`` client, again and
 again, while ``py-spy record --gil`` samples the dispatcher for ``--seconds`` (needs py-spy, and
-the right to trace another process). Printed: the aggregate tokens/s meanwhile; for each thread,
-the share of the samples in which it held the lock (the lock is one: the shares of all threads
-add up to at most 100%, and near 100% the host's Python is the limit); then, for each thread, the
-functions it spent that time in, inclusive (a function's callees count toward it).
+the right to trace another process). Printed: the aggregate tokens/s meanwhile; the model
+thread's mean step, tokens a step and share of the time in steps while sampled (from its counters
+in ``/metrics``); for each thread, the share of the samples in which it held the lock (the lock is
+one: the shares of all threads add up to at most 100%, and near 100% the host's Python is the
+limit); then, for each thread, the functions it spent that time in, inclusive (a function's
+callees count toward it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from concurrent_streams import LevelRun, Workload, run_level
+from concurrent_streams import LevelRun, Workload, engine_counts, run_level
 from decode_throughput import (
     add_dequantize_option,
     add_model_options,
@@ -70,6 +72,17 @@ def summarize(raw: Path, seconds: float, top: int) -> None:
             print(f"{count / possible:6.1%}  {name}")
 
 
+def step_summary(before: tuple | None, after: tuple | None, seconds: float) -> str:
+    """The model thread's steps while sampled, from its counters in ``/metrics``."""
+    if before is None or after is None or after[0] <= before[0]:
+        return "model thread: no steps counted"
+    steps, spent, tokens = (a - b for a, b in zip(after, before, strict=True))
+    return (
+        f"model thread: {steps:.0f} steps, {spent * 1000 / steps:.2f} ms a step, {tokens / steps:.1f} "
+        f"tokens a step, in steps {spent / seconds:.0%} of the time"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(parser)
@@ -103,8 +116,10 @@ def main() -> None:
             streaming = threading.Thread(target=keep_streaming)
             streaming.start()
             time.sleep(1)  # the first requests' prompts are read
+            before, started = engine_counts(server), time.monotonic()
             spy = sample(server.pid, options.seconds, work / "raw.txt")
             _, problem = spy.communicate()
+            steps = step_summary(before, engine_counts(server), time.monotonic() - started)
             done.set()
             streaming.join()
         if spy.returncode != 0:
@@ -113,6 +128,7 @@ def main() -> None:
             sys.exit(f"{len(errors)} streams failed, the first: {errors[0]}")
         rate = sum(r.tokens for r in runs) / sum(r.seconds for r in runs)
         print(f"model: {model_dir}; {options.streams} streams of {options.tokens} tokens: {rate:.0f} tok/s")
+        print(steps)
         summarize(work / "raw.txt", options.seconds, options.top)
 
 
