@@ -88,10 +88,15 @@ def served(request, monkeypatch, tmp_path):
     thread.join(10)
 
 
-def connect(served: Served, head: str) -> socket.socket:
+def opened(served: Served) -> socket.socket:
     connection = socket.create_connection(("127.0.0.1", served.port), timeout=10)
     if served.tls is not None:
         connection = served.tls.wrap_socket(connection, server_hostname="localhost")
+    return connection
+
+
+def connect(served: Served, head: str) -> socket.socket:
+    connection = opened(served)
     connection.sendall(f"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
     return connection
 
@@ -194,10 +199,7 @@ def test_headers_over_the_limit_get_a_431_that_says_so(served):
 
 
 def test_headers_past_the_cut_off_are_not_read_and_get_no_answer(served):
-    connection = socket.create_connection(("127.0.0.1", served.port), timeout=10)
-    if served.tls is not None:
-        connection = served.tls.wrap_socket(connection, server_hostname="localhost")
-    with connection:
+    with opened(served) as connection:
         try:
             connection.sendall(b"POST /echo HTTP/1.1\r\nX-Pad: " + b"x" * (2 << 20))
             reply = read_to_end(connection)
