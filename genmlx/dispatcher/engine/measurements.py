@@ -20,10 +20,10 @@ from genmlx.dispatcher.engine.quantized_products import (
     copy_bytes,
     copy_product,
     dequantized_product,
-    dequantized_weight,
     layer_shape,
     quantized_bytes,
     quantized_product,
+    weight_copy,
 )
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def measure_products(
     timed = timed or _fastest
     quantized = _reading(layers, quantized_bytes)
     dtype = layers[0]["scales"].dtype
-    dense = [dequantized_weight(layer, dtype) for layer in _reading(layers, copy_bytes)]
+    dense = [weight_copy(layer, dtype) for layer in _reading(layers, copy_bytes)]
     mx.eval(dense)
     paths = {
         "link": [lambda x: x] * len(quantized),

@@ -71,9 +71,9 @@ from genmlx.dispatcher.engine.quantized_products import (
     copy_bytes,
     copy_product,
     dequantized_product,
-    dequantized_weight,
     layer_shape,
     quantized_product,
+    weight_copy,
 )
 
 __all__ = [
@@ -107,7 +107,7 @@ def batch_quantized_layers(
         module.span = (spans or {}).get(layer_shape(module)) if linear else None
         module.__dict__.pop("dense", None)
         if module.span is not None and layer_shape(module) in copies:
-            dense = dequantized_weight(module, module["scales"].dtype)
+            dense = weight_copy(module, module["scales"].dtype)
             mx.eval(dense)
             object.__setattr__(module, "dense", dense)
     return len(found)
@@ -259,8 +259,10 @@ def _product(layer: nn.Module, x: mx.array) -> mx.array:
     span = layer.span
     if span is None or rows not in span:
         product = quantized_product
+    elif layer.dense is None:
+        product = dequantized_product
     else:
-        product = dequantized_product if layer.dense is None else _copied
+        return copy_product(layer.dense, x)  # the matrix kernel joins the rows itself
     return _on_rows(lambda matrix: product(layer, matrix), x)
 
 
@@ -272,10 +274,6 @@ def _on_rows(product: Callable[[mx.array], mx.array], x: mx.array) -> mx.array:
         return product(x)
     y = product(x.reshape(-1, width))
     return y.reshape(*leading, y.shape[-1])
-
-
-def _copied(layer: nn.Module, x: mx.array) -> mx.array:
-    return copy_product(layer.dense, x)
 
 
 class _BatchedQuantizedLinear(nn.QuantizedLinear):

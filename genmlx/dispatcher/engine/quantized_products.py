@@ -44,9 +44,16 @@ def dequantized_product(layer: nn.Module, x: mx.array) -> mx.array:
 
 
 def copy_product(copy: mx.array, x: mx.array) -> mx.array:
-    """``x`` times a weight dequantized once (``dequantized_weight``, transposed), by the device's
-    matrix kernel."""
-    return x @ copy.T
+    """``x`` times a weight dequantized once (``weight_copy``), by the device's matrix kernel. Rows
+    in any leading shape: MLX's matmul takes a batch's (B, 1, D) against a 2-D weight as one
+    (B, D) matrix itself."""
+    return x @ copy
+
+
+def weight_copy(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """``layer``'s weight dequantized to ``dtype`` once and stored transposed, (inputs, outputs) in
+    memory order: each product then reads it as it is, with no transpose in the step's graph."""
+    return mx.contiguous(dequantized_weight(layer, dtype).T)
 
 
 def dequantized_weight(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
