@@ -2,7 +2,7 @@
 forward pass it is built around.
 
     python benchmarks/decode_step_profile.py [--model DIR | --shape demo|benchmark] [--batches 1 8 32 64]
-        [--steps 64]
+        [--steps 64] [--plain-mlps]
 
 For each batch size B, B sequences with the same 32-token prompt are decoded greedily, and each of
 these is timed over ``--steps`` decode steps once all B sequences generate (milliseconds per step):
@@ -31,6 +31,10 @@ dispatcher's ``--spare-gb`` lets them (a cluster gives a rank what its batch lea
 memory): with ``--dequantize-rows N`` they then multiply N rows or more through the copies, with
 ``measure`` where the copies were measured faster (the figure they take is printed).
 
+Each block's MLP runs its decode steps as a compiled graph, as the dispatcher makes it
+(``genmlx.dispatcher.engine.compiled_decode``); with ``--plain-mlps`` it builds its graph in Python
+every step, as before. The ``build`` column then shows the difference.
+
 If ``engine`` is near ``device``, the device is the limit; near ``build`` plus the bookkeeping, the
 host is. ``floor / engine`` is how much of the step's time the engine adds. B x 1000 / ``engine`` is
 the tokens/s a batch of B can reach before any serving cost.
@@ -52,6 +56,7 @@ from decode_throughput import add_model_options, model_directory
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
+from genmlx.dispatcher.engine.compiled_decode import compile_decode_mlps
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
 from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
@@ -173,6 +178,11 @@ def main() -> None:
         help="leave the quantized layers as mlx-lm loads them: a batch's rows multiplied one by one",
     )
     parser.add_argument(
+        "--plain-mlps",
+        action="store_true",
+        help="leave each block's MLP to build its graph in Python every step, as before it was compiled",
+    )
+    parser.add_argument(
         "--spare-gb",
         type=float,
         help="memory the quantized layers may fill with copies of their weights dequantized once (none)",
@@ -187,6 +197,8 @@ def main() -> None:
         spare = None if options.spare_gb is None else int(options.spare_gb * 2**30)
         if not options.rows_apart:
             dequantize_where_it_pays(model, rows, spare=spare)
+        if not options.plain_mlps:
+            compile_decode_mlps(model)  # as the dispatcher does, after the quantized layers
         prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:PROMPT_TOKENS]
         print(f"model: {model_dir}; device {mx.default_device()}; {options.steps} steps per figure")
         columns = ("batch", "engine", "floor", "build", "device", "ops")

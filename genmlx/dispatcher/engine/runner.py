@@ -30,6 +30,7 @@ from tornado.ioloop import IOLoop
 
 from genmlx.core.errors import NotReady, QueueFull
 from genmlx.core.home import genmlx_home
+from genmlx.dispatcher.engine.compiled_decode import compile_decode_mlps
 from genmlx.dispatcher.engine.decoding import DecoderSettings
 from genmlx.dispatcher.engine.events import (
     EngineEvent,
@@ -227,6 +228,7 @@ class Engine:
         dequantize_where_it_pays(
             model, decoding.dequantize_rows, genmlx_home() / MEASUREMENTS_FILE, decoding.spare_bytes
         )
+        compile_decode_mlps(model)  # after the layers above: a trace keeps what it read
         # On Apple silicon keep the weights wired for the life of the server (a no-op elsewhere).
         maybe_set_recommended_wired_limit()
         given = self._serving.context_length
