@@ -25,13 +25,14 @@ def quantized_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def traces_of(mlp: nn.Module, monkeypatch) -> list[tuple[int, ...]]:
-    """The input shapes ``mlp``'s compiled graph is traced for, as they come."""
+    """The input shapes of ``mlp``'s plain calls and of its traces, as they come (a compiled call
+    replayed adds none)."""
     traced: list[tuple[int, ...]] = []
     plain = mlp._plain
 
-    def tracing(x: mx.array) -> mx.array:
+    def tracing(x: mx.array, *args, **kwargs) -> mx.array:
         traced.append(tuple(x.shape))
-        return plain(x)
+        return plain(x, *args, **kwargs)
 
     monkeypatch.setattr(mlp, "_plain", tracing)
     monkeypatch.setattr(mlp, "_compiled", mx.compile(tracing))
@@ -88,6 +89,17 @@ class _Block(nn.Module):
         self.mlp = mlp
 
 
+class _Scaled(nn.Module):
+    """An MLP whose call takes more than its rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def __call__(self, x: mx.array, scale: float = 1.0) -> mx.array:
+        return self.proj(x) * scale
+
+
 class _Reads(nn.Module):
     """An MLP whose call reads a value on the host: it cannot be traced."""
 
@@ -107,6 +119,17 @@ def test_a_tensor_groups_mlp_and_models_without_blocks_are_left_alone() -> None:
     assert type(model.layers[0].mlp) is nn.Sequential and type(model.layers[1].mlp) is not nn.Linear
     assert compile_decode_mlps(nn.Linear(8, 8)) == 0
     assert compile_decode_mlps(model) == 0, "compiled once"
+
+
+def test_a_call_with_more_than_rows_keeps_the_plain_call(monkeypatch) -> None:
+    model = _Blocks([_Scaled()])
+    x = mx.ones((4, 1, 8))
+    expected = model.layers[0].mlp(x, 2.0), model.layers[0].mlp(x, scale=3.0)
+    compile_decode_mlps(model)
+    traced = traces_of(model.layers[0].mlp, monkeypatch)
+    assert mx.array_equal(model.layers[0].mlp(x, 2.0), expected[0]).item()
+    assert mx.array_equal(model.layers[0].mlp(x, scale=3.0), expected[1]).item()
+    assert traced == [(4, 1, 8)] * 2, "each the plain call"
 
 
 def test_an_mlp_that_cannot_be_traced_keeps_its_plain_call_and_says_so(caplog) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,13 +65,13 @@ def _sharded(module: nn.Module) -> bool:
 class _DecodeCompiled:
     """Mixed in before an MLP's own class: the call below, its own for anything else."""
 
-    _plain: Callable[[mx.array], mx.array]
+    _plain: Callable[..., mx.array]
     _compiled: Callable[[mx.array], mx.array] | None
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         compiled = self._compiled
-        if compiled is None or x.ndim != 3 or x.shape[1] != 1:
-            return self._plain(x)
+        if compiled is None or args or kwargs or x.ndim != 3 or x.shape[1] != 1:
+            return self._plain(x, *args, **kwargs)
         try:
             return compiled(x)
         except Exception:  # an MLP compile cannot trace keeps its plain call
