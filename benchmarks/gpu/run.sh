@@ -15,7 +15,8 @@
 #      sequences (decode_step_profile.py), with the quantized layers as mlx-lm loads them (each
 #      sequence's row multiplied apart: the "before"), as the dispatcher makes them (a batch's
 #      rows as one matrix), and dequantizing where measured faster, keeping copies dequantized
-#      once where memory is spare (its default on CUDA in a cluster); MLX's quantized kernel
+#      once where memory is spare (its default on CUDA in a cluster), and that again with each
+#      block's MLP building its graph in Python every step (--plain-mlps); MLX's quantized kernel
 #      against a dequantized weight by row count (quantized_matmul.py); the step at 64 sequences
 #      kernel by kernel, on the kernel and through the copies (gpu/step_kernels.py, Nsight
 #      Compute); the serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
@@ -59,6 +60,7 @@ python3 decode_step_profile.py --model "$small" --rows-apart
 python3 decode_step_profile.py --model "$small"
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8
+python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8 --plain-mlps
 python3 quantized_matmul.py
 python3 gpu/step_kernels.py --model "$small" --batch 64
 python3 gpu/step_kernels.py --model "$small" --batch 64 --dequantize-rows measure --spare-gb 8
