@@ -13,15 +13,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.nn.layers.distributed import ShardedToAllLinear
-from test_quantized_batches import TEXTS, greedy, load, quantized
+from test_quantized_batches import TEXTS, greedy, load
+from test_quantized_batches import quantized_dir as quantized_dir  # a fixture, used by name
 
 from genmlx.dispatcher.engine.compiled_decode import compile_decode_mlps
 from genmlx.dispatcher.engine.quantized_batches import copied_bytes, dequantize_where_it_pays
-
-
-@pytest.fixture(scope="module")
-def quantized_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return quantized(demo_model_dir, tmp_path_factory.mktemp("models") / "demo-q4")
 
 
 def traces_of(mlp: nn.Module, monkeypatch) -> list[tuple[int, ...]]:
