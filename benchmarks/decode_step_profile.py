@@ -2,7 +2,7 @@
 forward pass it is built around.
 
     python benchmarks/decode_step_profile.py [--model DIR | --shape demo|benchmark] [--batches 1 8 32 64]
-        [--steps 64] [--plain-mlps]
+        [--steps 64] [--plain-mlps] [--separate-projections]
 
 For each batch size B, B sequences with the same 32-token prompt are decoded greedily, and each of
 these is timed over ``--steps`` decode steps once all B sequences generate (milliseconds per step):
@@ -33,7 +33,10 @@ memory): with ``--dequantize-rows N`` they then multiply N rows or more through 
 
 Each block's MLP runs its decode steps as a compiled graph, as the dispatcher makes it
 (``genmlx.dispatcher.engine.compiled_decode``); with ``--plain-mlps`` it builds its graph in Python
-every step, as before. The ``build`` column then shows the difference.
+every step, as before. The ``build`` column then shows the difference. Each block's query, key
+and value projections multiply as one layer, and its gate and up projections as another, as the
+dispatcher stacks them (``genmlx.dispatcher.engine.fused_projections``); with
+``--separate-projections`` each stays a product of its own, as before.
 
 If ``engine`` is near ``device``, the device is the limit; near ``build`` plus the bookkeeping, the
 host is. ``floor / engine`` is how much of the step's time the engine adds. B x 1000 / ``engine`` is
@@ -59,6 +62,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from genmlx.dispatcher.engine.compiled_decode import compile_decode_mlps
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
+from genmlx.dispatcher.engine.fused_projections import fuse_projections
 from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
 PROMPT_TOKENS = 32
@@ -183,6 +187,11 @@ def main() -> None:
         help="leave each block's MLP to build its graph in Python every step, as before it was compiled",
     )
     parser.add_argument(
+        "--separate-projections",
+        action="store_true",
+        help="leave a block's query, key and value (and gate and up) projections a product each, as before",
+    )
+    parser.add_argument(
         "--spare-gb",
         type=float,
         help="memory the quantized layers may fill with copies of their weights dequantized once (none)",
@@ -195,6 +204,8 @@ def main() -> None:
         given = options.dequantize_rows
         rows = None if given == "measure" else int(given)
         spare = None if options.spare_gb is None else int(options.spare_gb * 2**30)
+        if not options.separate_projections:
+            fuse_projections(model)  # as the dispatcher does, before the quantized layers
         if not options.rows_apart:
             dequantize_where_it_pays(model, rows, spare=spare)
         if not options.plain_mlps:

@@ -348,7 +348,9 @@ def test_a_pipeline_dequantizing_writes_what_one_rank_with_the_kernel_writes(
     one.proc.stop()
     group = start_ranks(model_dir, 2, "--parallelism", "pipeline", "--dequantize-rows", "1")
     assert answers(client_of(group[0], token)) == expected
-    assert "multiply 1 rows or more through their weights dequantized per call" in group[1].proc.output()
+    # Rank 0 runs two of the three blocks: the layers it repeats dequantize (rank 1's one block
+    # repeats none once its projections are stacked, so it keeps the kernel).
+    assert "multiply 1 rows or more through their weights dequantized per call" in group[0].proc.output()
 
 
 def answers(client: openai.OpenAI) -> list[str]:

@@ -40,6 +40,7 @@ from genmlx.dispatcher.engine.events import (
     StepStats,
     Usage,
 )
+from genmlx.dispatcher.engine.fused_projections import fuse_projections
 from genmlx.dispatcher.engine.leader import Leader
 from genmlx.dispatcher.engine.lockstep import (
     BackendJoinFailed,
@@ -223,6 +224,7 @@ class Engine:
             mlx_group = join_group(group)
             self._channel = RankChannel(mlx_group)
             model, tokenizer, config = load_shard(self._source.model_dir, mlx_group, group.sharding)
+        fuse_projections(model)  # first: the layers below batch and measure the stacked layers
         # Rows as one matrix; a measurement on a GPU is kept for the next load on this machine.
         decoding = self._decoding
         dequantize_where_it_pays(
