@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear, shard_linear
 from mlx.utils import tree_flatten
 from test_quantized_batches import TEXTS, greedy, load
 from test_quantized_batches import quantized_dir as quantized_dir  # a fixture, used by name
@@ -96,6 +97,22 @@ def test_a_quantized_models_tokens_are_the_same_stacked(quantized_dir: Path, cop
     assert (model.model.layers[0].mlp.fused_gate_up_proj.dense is not None) is copies
     compile_decode_mlps(model)
     assert greedy(model, tokenizer, TEXTS) == plain
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "quantized"])
+def test_a_tensor_groups_shards_stack_as_shards(quantized: bool) -> None:
+    group = mx.distributed.init()  # a group of one: the shards as a tensor group's ranks hold them
+    members = [nn.Linear(64, n, bias=False) for n in (64, 16, 16)]
+    if quantized:
+        members = [nn.QuantizedLinear.from_linear(m, group_size=32, bits=4) for m in members]
+    attention = _Attention(*(shard_linear(m, "all-to-sharded", group=group) for m in members))
+    kind = QuantizedAllToShardedLinear if quantized else AllToShardedLinear
+    x = mx.random.normal((4, 1, 64), key=mx.random.key(3))
+    expected = [attention[name](x) for name in ("q_proj", "k_proj", "v_proj")]
+    assert fuse_projections(attention) == 1
+    assert type(attention.fused_q_k_v_proj) is kind and attention.fused_q_k_v_proj.group is group
+    for name, want in zip(("q_proj", "k_proj", "v_proj"), expected, strict=True):
+        assert mx.array_equal(attention[name](x), want).item()
 
 
 class _Attention(nn.Module):

@@ -170,6 +170,10 @@ def test_two_ranks_write_what_one_rank_writes_and_stay_in_step(
     single.proc.stop()
     group = start_ranks(model_dir, 2, "--parallelism", parallelism)
     assert answers(client_of(group[0], token)) == expected
+    # Each rank stacked its blocks' projections (in a tensor group, its own shards of them).
+    assert all(
+        "groups of projections of the same rows multiply as one layer" in r.proc.output() for r in group
+    )
     assert http_status(f"http://127.0.0.1:{group[1].port}/v1/models", token) == 404  # rank 1: /health only
     check_group_survives_disconnect_and_bad_request(group, token)
     check_sigterm_to_rank0_stops_the_group(group)

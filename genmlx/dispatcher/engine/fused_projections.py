@@ -10,12 +10,14 @@ columns of it. A decode step of Llama 3.2 1B's shape then makes 65 quantized pro
 113. Each output column is still the dot product of the same rows with the same weights, now
 computed by a wider call of the same kernel (the greedy tokens are the same, tested).
 
-The stacked layer takes the group's place in the module tree (``fused_q_k_v_proj``,
+A tensor group's members are shards of their outputs (mlx's all-to-sharded layers), each rank
+holding its own heads' rows: a rank stacks its own shards, which gives the same columns of the
+same heads. The stacked layer takes the group's place in the module tree (``fused_q_k_v_proj``,
 ``fused_gate_up_proj``), so the quantized layers' batching and measured copies
 (``quantized_batches``) see it as any layer; apply this first. Left as they are: groups whose
-members differ in kind or quantization or in having a bias, layers of other classes (a tensor
-group's shards, LoRA), and models without such groups. Each group's stacked weights are computed
-before its members' are let go, so loading peaks at one group's weights above the model's.
+members differ in kind, quantization, inputs or in having a bias, layers of other classes (LoRA,
+a model's own), and models without such groups. Each group's stacked weights are computed before
+its members' are let go, so loading peaks at one group's weights above the model's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 __all__ = ["GROUPS", "Part", "fuse_projections"]
 
@@ -100,26 +103,32 @@ class Part(nn.Module):
         return f"columns {self._span[0]} to {self._span[1]} of {type(self.stacked).__name__}"
 
 
+_QUANTIZED = (nn.QuantizedLinear, QuantizedAllToShardedLinear)
+_STACKABLE = (nn.Linear, *_QUANTIZED, AllToShardedLinear)
+# What a layer of these kinds keeps beside its parameters, and a stacked one takes from its members.
+_SETTINGS = ("group_size", "bits", "mode", "group")
+
+
 def _stacked(members: Sequence[object]) -> nn.Module | None:
     """One layer whose weight is the ``members``' stacked (their outputs one after another), or None
     where they cannot be stacked."""
     first = members[0]
     kind = type(first)
-    if kind not in (nn.Linear, nn.QuantizedLinear) or any(type(m) is not kind for m in members):
+    if kind not in _STACKABLE or any(type(m) is not kind for m in members):
         return None
-    if kind is nn.QuantizedLinear and len({(m.bits, m.group_size, m.mode) for m in members}) > 1:
-        return None
-    names = [name for name in ("weight", "scales", "biases", "bias") if name in first]
-    if any(sorted(m.keys()) != sorted(first.keys()) for m in members):
+    settings = [name for name in _SETTINGS if hasattr(first, name)]
+    if any(getattr(m, name) != getattr(first, name) for m in members for name in settings):
+        return None  # quantized otherwise, or a shard of another group
+    if any(m.keys() != first.keys() for m in members):
         return None  # a bias on some only
     if len({m["weight"].shape[1:] for m in members}) > 1:
         return None
     stacked = kind.__new__(kind)
     nn.Module.__init__(stacked)
-    if kind is nn.QuantizedLinear:
-        stacked.group_size, stacked.bits, stacked.mode = first.group_size, first.bits, first.mode
-    for name in names:
+    for name in settings:
+        setattr(stacked, name, getattr(first, name))
+    for name in first:
         stacked[name] = mx.concatenate([m[name] for m in members], axis=0)
-    if kind is nn.QuantizedLinear:
+    if kind in _QUANTIZED:
         stacked.freeze()  # as mlx's own quantized layers: the packed weights are not trained
     return stacked
