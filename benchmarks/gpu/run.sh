@@ -8,15 +8,17 @@
 #   1. time to first token at 4,000 tokens, cold and warm, over mlx_lm.server (prefill_ttft.py);
 #   2. aggregate tokens/s at 1, 8, 32 and 64 streams over mlx_lm.server with each server's
 #      defaults (concurrent_streams.py --defaults);
-#   3. single stream: ours over mlx-lm in process (decode_throughput.py), with --with-8b on
-#      Llama 3.1 8B's shape in bfloat16 too;
+#   3. single stream: ours over mlx-lm in process (decode_throughput.py), 1,024 tokens a run
+#      (runs of 256 tokens took under a second on an H100, and their rounds' ratios scattered
+#      from 0.52 to 1.22), with --with-8b on Llama 3.1 8B's shape in bfloat16 too;
 #   4. 2 again with both servers batching 64;
 #   5. where a decode step's time goes: the engine's step against the bare forward pass at 1 to 64
 #      sequences (decode_step_profile.py), with the quantized layers as mlx-lm loads them (each
 #      sequence's row multiplied apart: the "before"), as the dispatcher makes them (a batch's
 #      rows as one matrix), and dequantizing where measured faster, keeping copies dequantized
 #      once where memory is spare (its default on CUDA in a cluster), and that again with each
-#      block's MLP building its graph in Python every step (--plain-mlps); MLX's quantized kernel
+#      block's MLP building its graph in Python every step (--plain-mlps), and with each of a
+#      block's projections a product of its own (--separate-projections); MLX's quantized kernel
 #      against a dequantized weight by row count (quantized_matmul.py); the step at 64 sequences
 #      kernel by kernel, on the kernel and through the copies (gpu/step_kernels.py, Nsight
 #      Compute); the serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
@@ -51,7 +53,7 @@ echo "== aggregate tokens/s, each server's defaults"
 load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --defaults
 for model in "$small" ${with_8b:+"$work/models/llama-8b-bf16"}; do
 	echo "== single stream, $(basename "$model")"
-	load decode_throughput.py --model "$model" --tokens 256 --rounds 3
+	load decode_throughput.py --model "$model" --tokens 1024 --rounds 5
 done
 echo "== aggregate tokens/s, both servers batching 64"
 load concurrent_streams.py --model "$small" --levels 1 8 32 64 --tokens 128 --rounds 2 --batch 64
@@ -61,6 +63,7 @@ python3 decode_step_profile.py --model "$small"
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8 --plain-mlps
+python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8 --separate-projections
 python3 quantized_matmul.py
 python3 gpu/step_kernels.py --model "$small" --batch 64
 python3 gpu/step_kernels.py --model "$small" --batch 64 --dequantize-rows measure --spare-gb 8

@@ -9,10 +9,10 @@ CUDA's profiler calls, at the GPU's own clocks (``--clock-control none``). Each 
 itself under the profiler, with the GPU's caches emptied before it (ncu's default), so the sum is
 the device's busy time without the gaps between launches, every kernel reading its weights from
 memory. Printed: the kernels by name (template arguments dropped), how many ran, their time and
-share, and the sum. The model's quantized layers multiply a batch's rows as one matrix, as the
-dispatcher makes them; ``--dequantize-rows measure`` measures first, as the dispatcher does by
-default on a CUDA GPU; ``--spare-gb G`` lets them keep dequantized copies within G GB, as the
-dispatcher's option does.
+share, and the sum. A block's projections of the same rows are stacked, and the model's quantized
+layers multiply a batch's rows as one matrix, as the dispatcher makes them;
+``--dequantize-rows measure`` measures first, as the dispatcher does by default on a CUDA GPU;
+``--spare-gb G`` lets them keep dequantized copies within G GB, as the dispatcher's option does.
 """
 
 from __future__ import annotations
@@ -63,10 +63,12 @@ def profiled_step(model_dir: str, batch: int, dequantize: str, spare_gb: float |
     from decode_step_profile import prefilled
     from mlx_lm import load
 
+    from genmlx.dispatcher.engine.fused_projections import fuse_projections
     from genmlx.dispatcher.engine.quantized_batches import dequantize_where_it_pays
 
     model, tokenizer = load(model_dir)
     spare = None if spare_gb is None else int(spare_gb * 2**30)
+    fuse_projections(model)  # as the dispatcher does, before the quantized layers
     dequantize_where_it_pays(model, None if dequantize == "measure" else int(dequantize), spare=spare)
     prompt = tokenizer.encode("A prompt of a few words, read by every sequence of the batch alike.")[:32]
     cache, tokens = prefilled(model, batch, prompt)
