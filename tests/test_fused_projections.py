@@ -1,11 +1,12 @@
 """Sibling projections multiplied as one layer (``engine.fused_projections``): the same outputs and
 the same greedy tokens alone and in a batch (plain weights, MLX's quantized kernel, copies of
-dequantized weights, compiled MLPs), one product per group where there were two or three, the
-parameters counted once, nothing kept after a block, and groups that cannot be stacked left as
-they are."""
+dequantized weights, compiled MLPs) and in several of mlx-lm's model families, a tensor group's
+shards stacked as shards, one product per group where there were two or three, the parameters
+counted once, nothing kept after a block, and groups that cannot be stacked left as they are."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,6 +14,7 @@ import mlx.nn as nn
 import pytest
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear, shard_linear
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 from test_quantized_batches import TEXTS, greedy, load
 from test_quantized_batches import quantized_dir as quantized_dir  # a fixture, used by name
 
@@ -113,6 +115,57 @@ def test_a_tensor_groups_shards_stack_as_shards(quantized: bool) -> None:
     assert type(attention.fused_q_k_v_proj) is kind and attention.fused_q_k_v_proj.group is group
     for name, want in zip(("q_proj", "k_proj", "v_proj"), expected, strict=True):
         assert mx.array_equal(attention[name](x), want).item()
+
+
+# Tiny random models of mlx-lm's families whose blocks name their projections as stacked here
+# (and phi3, whose checkpoints stack them already), with the groups each block stacks.
+FAMILIES = {
+    "llama": ({}, 2),
+    "qwen2": ({}, 2),
+    "qwen3": ({"max_position_embeddings": 512, "tie_word_embeddings": True}, 2),
+    "gemma2": ({"query_pre_attn_scalar": 16, "sliding_window": 64, "cache_implementation": "hybrid"}, 2),
+    "olmo2": ({}, 2),
+    "starcoder2": ({"norm_epsilon": 1e-5}, 1),  # a plain MLP: only the attention's three
+    "phi3": ({}, 0),
+}
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+
+
+def greedy_logits(model: nn.Module, steps: int = 12) -> tuple[list[int], mx.array]:
+    """``steps`` greedy tokens after a short prompt, one at a time on a KV cache; the last logits."""
+    cache, x, tokens = make_prompt_cache(model), mx.array([[1, 2, 3, 4, 5, 6, 7]]), []
+    for _ in range(steps):
+        logits = model(x, cache=cache)[:, -1, :]
+        x = mx.argmax(logits, axis=-1)[None]
+        tokens.append(x.item())
+    return tokens, logits
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "4-bit"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlx_lm_families_decode_the_same_stacked(family: str, quantized: bool) -> None:
+    extra, groups = FAMILIES[family]
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict({**SMALL, "model_type": family, **extra}))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+    mx.eval(model.parameters())
+    tokens, logits = greedy_logits(model)
+    assert fuse_projections(model) == groups * SMALL["num_hidden_layers"]
+    stacked_tokens, stacked_logits = greedy_logits(model)
+    assert stacked_tokens == tokens
+    assert mx.array_equal(stacked_logits, logits).item()
 
 
 class _Attention(nn.Module):
