@@ -7,8 +7,10 @@ of the same kind (outputs one group member after another, inputs shared), and pu
 member's place a ``Part`` that returns its own columns of that layer's product: the first member
 called with some rows computes the whole product, the others called with the same rows take their
 columns of it. A decode step of Llama 3.2 1B's shape then makes 65 quantized products instead of
-113. Each output column is still the dot product of the same rows with the same weights, now
-computed by a wider call of the same kernel (the greedy tokens are the same, tested).
+113. Each output column is still the dot product of the same rows with the same weights, by a
+wider call of the same operation: on the CPU the same numbers (tested, logits and greedy tokens,
+in several of mlx-lm's model families, plain and quantized); a GPU's matrix kernels may sum a
+wider product in another order, as they may a batch's rows against one sequence's.
 
 A tensor group's members are shards of their outputs (mlx's all-to-sharded layers), each rank
 holding its own heads' rows: a rank stacks its own shards, which gives the same columns of the
