@@ -2,13 +2,16 @@
 forward pass it is built around.
 
     python benchmarks/decode_step_profile.py [--model DIR | --shape demo|benchmark] [--batches 1 8 32 64]
-        [--steps 64] [--plain-mlps] [--separate-projections]
+        [--steps 64] [--plain-mlps] [--separate-projections] [--plain-step]
 
 For each batch size B, B sequences with the same 32-token prompt are decoded greedily, and each of
 these is timed over ``--steps`` decode steps once all B sequences generate (milliseconds per step):
 
 - ``engine``: our ``BatchDecoder.step`` (mlx-lm's ``BatchGenerator`` with our batch sampler), which
-  builds step n+1's graph and hands it to the device before it waits for step n's tokens;
+  builds step n+1's graph and hands it to the device before it waits for step n's tokens; a batch
+  of one is a sequence decoded alone, through one compiled step over fixed KV buffers as the
+  dispatcher decodes it (``genmlx.dispatcher.engine.fixed_decode``; ``--plain-step``: the model's
+  call, built in Python every step, as before);
 - ``floor``: the same pipelining around the bare model on a plain KV cache (one ``model`` call and
   an argmax per step, nothing else): what a step costs with no bookkeeping at all;
 - ``build``: the Python time of one ``model`` call alone (the graph is built, not computed);
@@ -59,6 +62,7 @@ from decode_throughput import add_model_options, model_directory
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
+from genmlx.dispatcher.engine import decoding
 from genmlx.dispatcher.engine.compiled_decode import compile_decode_mlps
 from genmlx.dispatcher.engine.decoding import BatchDecoder, DecoderSettings
 from genmlx.dispatcher.engine.events import GenerationRequest, Sampling
@@ -187,6 +191,11 @@ def main() -> None:
         help="leave each block's MLP to build its graph in Python every step, as before it was compiled",
     )
     parser.add_argument(
+        "--plain-step",
+        action="store_true",
+        help="decode a lone sequence through the model's call built every step, not the compiled step",
+    )
+    parser.add_argument(
         "--separate-projections",
         action="store_true",
         help="leave a block's query, key and value (and gate and up) projections a product each, as before",
@@ -204,6 +213,8 @@ def main() -> None:
         given = options.dequantize_rows
         rows = None if given == "measure" else int(given)
         spare = None if options.spare_gb is None else int(options.spare_gb * 2**30)
+        if options.plain_step:
+            decoding.fixed_decode_for = lambda model: None  # decoders made from here on
         if not options.separate_projections:
             fuse_projections(model)  # as the dispatcher does, before the quantized layers
         if not options.rows_apart:

@@ -18,7 +18,8 @@
 #      rows as one matrix), and dequantizing where measured faster, keeping copies dequantized
 #      once where memory is spare (its default on CUDA in a cluster), and that again with each
 #      block's MLP building its graph in Python every step (--plain-mlps), and with each of a
-#      block's projections a product of its own (--separate-projections); MLX's quantized kernel
+#      block's projections a product of its own (--separate-projections), and with a lone
+#      sequence's step built by the model's call rather than compiled (--plain-step); MLX's quantized kernel
 #      against a dequantized weight by row count (quantized_matmul.py); the step at 64 sequences
 #      kernel by kernel, on the kernel and through the copies (gpu/step_kernels.py, Nsight
 #      Compute); the serving process's interpreter lock at 64 streams (serving_profile.py, py-spy);
@@ -64,6 +65,7 @@ python3 decode_step_profile.py --model "$small" --dequantize-rows measure
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8 --plain-mlps
 python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8 --separate-projections
+python3 decode_step_profile.py --model "$small" --dequantize-rows measure --spare-gb 8 --plain-step --batches 1
 python3 quantized_matmul.py
 python3 gpu/step_kernels.py --model "$small" --batch 64
 python3 gpu/step_kernels.py --model "$small" --batch 64 --dequantize-rows measure --spare-gb 8

@@ -19,6 +19,7 @@ from genmlx.dispatcher.engine.decoding import (
     prefix_cache_for,
 )
 from genmlx.dispatcher.engine.events import GenerationRequest
+from genmlx.dispatcher.engine.fixed_decode import fixed_decode_for
 from genmlx.dispatcher.engine.sampling import make_logits_processors
 from genmlx.dispatcher.engine.solo import Solo
 
@@ -57,6 +58,7 @@ class SequentialDecoder:
         self._eos_ids = eos_ids
         self._constraints = constraints
         self._quantize = settings.quantization
+        self._fixed = None if self._quantize else fixed_decode_for(model)
         self._prefill_chunk = settings.prefill_chunk_alone  # one sequence at a time: always alone
         self._prefixes = prefix_cache_for(model, settings)
         self._solo: Solo | None = None
@@ -89,6 +91,7 @@ class SequentialDecoder:
             request.max_tokens,
             processors=make_logits_processors(request.sampling),
             quantize=self._quantize,
+            fixed=self._fixed,
             stops=self._boundaries if self._prefixes.boundaries_kept else (),
             on_stop=self._prefixes.put_boundary,
         )

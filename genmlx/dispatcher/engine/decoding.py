@@ -36,6 +36,7 @@ from genmlx.dispatcher.engine.cache_layout import cache_layout
 from genmlx.dispatcher.engine.constraints import GrammarConstraints, RequestRow, sample_held
 from genmlx.dispatcher.engine.disk_tier import DiskTier
 from genmlx.dispatcher.engine.events import GenerationRequest
+from genmlx.dispatcher.engine.fixed_decode import fixed_decode_for
 from genmlx.dispatcher.engine.lazy_logprobs import use_lazy_logprobs
 from genmlx.dispatcher.engine.prefix_cache import PrefixCache, PromptCacheStats
 from genmlx.dispatcher.engine.sampling import BatchSampler, make_logits_processors
@@ -125,6 +126,7 @@ class BatchDecoder:
         self._prefill_chunk = settings.prefill_chunk
         self._prefill_chunk_alone = settings.prefill_chunk_alone
         self._solo: Solo | None = None
+        self._fixed = fixed_decode_for(model)  # the compiled step a sequence decoded alone takes
         self._carried: list[Sampled] = []  # the token a sequence sampled alone before it moved
         self._generator = BatchGenerator(
             model,
@@ -169,7 +171,9 @@ class BatchDecoder:
             if cache is None:
                 cache = make_prompt_cache(self._model)
             read, unread = prompt[:cached], prompt[cached:]
-            self._solo = Solo(uid, self._model, cache, read, unread, row, request.max_tokens)
+            self._solo = Solo(
+                uid, self._model, cache, read, unread, row, request.max_tokens, fixed=self._fixed
+            )
             self._solo.stops, self._solo.on_stop = self._stops(uid), self._prefixes.put_boundary
             return cached
         if self._solo is not None:

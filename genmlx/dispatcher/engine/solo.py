@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from genmlx.dispatcher.engine.constraints import RequestRow
+from genmlx.dispatcher.engine.fixed_decode import FixedDecode
 
 End = Literal["stop", "length"]
 CLEAR_CACHE_EVERY = 256  # tokens a sequence alone decodes between releases of MLX's buffer cache
@@ -74,6 +75,7 @@ class Solo:
     max_tokens: int
     processors: list = field(default_factory=list)
     quantize: KvQuantization | None = None
+    fixed: FixedDecode | None = None  # the decoder's compiled step, for decoding (not with ``quantize``)
     stops: Sequence[int] = ()  # prompt positions to stop reading at, for ``on_stop``
     on_stop: Callable[[list[int], list[Any]], None] | None = None
     generated: int = 0
@@ -93,12 +95,15 @@ class Solo:
         return self._sampled(current, eos_ids)
 
     def settle(self, eos_ids: set[int]) -> Sampled | None:
-        """Finish the step under way, if one is; the token it sampled (now in ``unread``)."""
-        if self.ahead is None:
-            return None
-        current, self.ahead = self.ahead, None
-        sampled = self._sampled(current, eos_ids)
-        self.unread = [sampled.token]
+        """Finish the step under way, if one is; the token it sampled (now in ``unread``). The
+        cache is plain ``KVCache`` layers again afterwards (out of ``fixed``'s buffers)."""
+        sampled = None
+        if self.ahead is not None:
+            current, self.ahead = self.ahead, None
+            sampled = self._sampled(current, eos_ids)
+            self.unread = [sampled.token]
+        if self.fixed is not None and self.fixed.holder is self:
+            self.cache = self.fixed.release()
         return sampled
 
     def _read_chunk(self, prefill_chunk: int) -> None:
@@ -118,7 +123,7 @@ class Solo:
             self.on_stop(list(self.read), self.cache)
 
     def _launch(self, fed: mx.array) -> _Ahead:
-        logits = self.model(fed[None], cache=self.cache)[:, -1, :]
+        logits = self._forward(fed)
         if self.processors:
             self.history = self._fed(fed)
             for processor in self.processors:
@@ -129,6 +134,19 @@ class Solo:
         token = self.row(logprobs)
         mx.async_eval(token, logprobs)
         return _Ahead(fed, token, logprobs)
+
+    def _forward(self, fed: mx.array) -> mx.array:
+        """The logits of the step that feeds ``fed``: through ``fixed``'s compiled step where it
+        serves (the cache moves into its buffers at the first decode step), else the model's call."""
+        fixed = self.fixed
+        if fixed is None or fixed.usable is False or self.quantize is not None:
+            return self.model(fed[None], cache=self.cache)[:, -1, :]
+        if fixed.holder is not self and not fixed.hold(self, self.cache):
+            return self.model(fed[None], cache=self.cache)[:, -1, :]  # nothing read yet to size them
+        logits = fixed.logits(fed, self.cache)
+        if fixed.holder is self:  # the buffers hold the sequence until ``settle``
+            self.cache = []  # the plain layers would only keep their memory meanwhile
+        return logits
 
     def _fed(self, tokens: mx.array) -> mx.array:
         """Every token fed so far, ``tokens`` last (the prompt's reused start included): called
