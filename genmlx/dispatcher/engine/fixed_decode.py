@@ -121,9 +121,8 @@ class FixedDecode:
             return False
         self._capacity = (length // STEP + 1) * STEP  # room for the next token at least
         for layer, plain in zip(self._layers, cache, strict=True):
-            keys, values, _ = plain.state
-            layer.state["keys"] = _placed(keys[..., :length, :], self._capacity)
-            layer.state["values"] = _placed(values[..., :length, :], self._capacity)
+            layer.state["keys"] = _placed(plain.keys[..., :length, :], self._capacity)
+            layer.state["values"] = _placed(plain.values[..., :length, :], self._capacity)
             layer.state["offset"] = mx.array(length, dtype=mx.int32)
         self._length, self.holder = length, holder
         return True
@@ -144,8 +143,8 @@ class FixedDecode:
         """The held sequence's cache as plain ``KVCache`` layers; the buffers are let go."""
         caches = []
         for layer in self._layers:
-            cache = KVCache()
-            cache.state = (layer.state["keys"], layer.state["values"], self._length)
+            cache = KVCache()  # as its own writes leave it: buffers that may run past the offset
+            cache.keys, cache.values, cache.offset = layer.state["keys"], layer.state["values"], self._length
             caches.append(cache)
             layer.state.clear()
         self.holder, self._length, self._capacity = None, 0, 0
