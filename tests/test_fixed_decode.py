@@ -12,7 +12,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import pytest
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.cache import KVCache
 from test_quantized_batches import load
@@ -40,10 +39,11 @@ def decode_alone(model, tokenizer, text: str = PROMPT, tokens: int = LONG) -> li
     return out
 
 
-@pytest.fixture
-def plain_only(monkeypatch):
-    """Decoders made meanwhile keep the plain call."""
-    monkeypatch.setattr(decoding, "fixed_decode_for", lambda model: None)
+def decode_plain(model, tokenizer, monkeypatch, **given) -> list[int]:
+    """What ``decode_alone`` gives through the model's plain call."""
+    with monkeypatch.context() as patched:
+        patched.setattr(decoding, "fixed_decode_for", lambda model: None)
+        return decode_alone(model, tokenizer, **given)
 
 
 def traces_of(monkeypatch) -> list[int]:
@@ -63,9 +63,7 @@ def test_greedy_tokens_are_the_same_as_the_plain_calls_across_the_buffers_growth
     demo_model_dir: Path, monkeypatch, caplog
 ) -> None:
     model, tokenizer = load(demo_model_dir)
-    with monkeypatch.context() as patched:
-        patched.setattr(decoding, "fixed_decode_for", lambda model: None)
-        plain = decode_alone(model, tokenizer)
+    plain = decode_plain(model, tokenizer, monkeypatch)
     traced = traces_of(monkeypatch)
     with caplog.at_level(logging.INFO, logger="genmlx.dispatcher.engine.fixed_decode"):
         assert decode_alone(model, tokenizer) == plain
@@ -84,8 +82,7 @@ def test_a_quantized_models_tokens_are_the_same_through_the_compiled_step(
     with caplog.at_level(logging.INFO, logger="genmlx.dispatcher.engine.fixed_decode"):
         fixed = decode_alone(model, tokenizer, tokens=40)
     assert "runs one compiled step per token over fixed buffers" in caplog.text
-    monkeypatch.setattr(decoding, "fixed_decode_for", lambda model: None)
-    assert decode_alone(model, tokenizer, tokens=40) == fixed
+    assert decode_plain(model, tokenizer, monkeypatch, tokens=40) == fixed
 
 
 def test_the_trace_serves_the_next_sequence_and_the_cache_goes_back_plain(
@@ -109,7 +106,7 @@ def test_the_trace_serves_the_next_sequence_and_the_cache_goes_back_plain(
     assert entry is not None and all(type(c) is KVCache for c in entry.cache)
 
 
-def test_a_sequence_that_moves_into_the_batch_keeps_its_tokens(demo_model_dir: Path, plain_only) -> None:
+def test_a_sequence_that_moves_into_the_batch_keeps_its_tokens(demo_model_dir: Path, monkeypatch) -> None:
     """Joined by a second sequence while decoding alone: its cache leaves the buffers for the batch."""
     model, tokenizer = load(demo_model_dir)
 
@@ -129,9 +126,10 @@ def test_a_sequence_that_moves_into_the_batch_keeps_its_tokens(demo_model_dir: P
                 break
         return tokens
 
-    plain = run(BatchDecoder(model, set(), DecoderSettings()))
     fixed_decoder = BatchDecoder(model, set(), DecoderSettings())
-    fixed_decoder._fixed = FixedDecode(model)
+    assert fixed_decoder._fixed is not None
+    monkeypatch.setattr(decoding, "fixed_decode_for", lambda model: None)
+    plain = run(BatchDecoder(model, set(), DecoderSettings()))
     assert run(fixed_decoder) == plain
     assert fixed_decoder._fixed.usable is True and fixed_decoder._fixed.holder is None
 
@@ -141,9 +139,7 @@ def test_a_failed_first_step_check_keeps_the_plain_call_and_says_why(
 ) -> None:
     """An attention that ignored the cache's mask would read the buffers' empty rest."""
     model, tokenizer = load(demo_model_dir)
-    with monkeypatch.context() as patched:
-        patched.setattr(decoding, "fixed_decode_for", lambda model: None)
-        plain = decode_alone(model, tokenizer, tokens=20)
+    plain = decode_plain(model, tokenizer, monkeypatch, tokens=20)
     monkeypatch.setattr(fixed_decode._Buffers, "make_mask", lambda self, n, **kwargs: None)
     with caplog.at_level(logging.WARNING, logger="genmlx.dispatcher.engine.fixed_decode"):
         assert decode_alone(model, tokenizer, tokens=20) == plain
@@ -152,9 +148,7 @@ def test_a_failed_first_step_check_keeps_the_plain_call_and_says_why(
 
 def test_a_call_that_cannot_be_traced_keeps_the_plain_call(demo_model_dir: Path, monkeypatch, caplog) -> None:
     model, tokenizer = load(demo_model_dir)
-    with monkeypatch.context() as patched:
-        patched.setattr(decoding, "fixed_decode_for", lambda model: None)
-        plain = decode_alone(model, tokenizer, tokens=20)
+    plain = decode_plain(model, tokenizer, monkeypatch, tokens=20)
     logits = FixedDecode._logits
 
     def reads_the_host(self, token):
@@ -190,9 +184,7 @@ def test_a_one_token_prompt_starts_on_the_plain_call_and_then_takes_the_compiled
 ) -> None:
     """Nothing is read before the first step: there is nothing to size the buffers by yet."""
     model, tokenizer = load(demo_model_dir)
-    with monkeypatch.context() as patched:
-        patched.setattr(decoding, "fixed_decode_for", lambda model: None)
-        plain = decode_alone(model, tokenizer, text="", tokens=20)
+    plain = decode_plain(model, tokenizer, monkeypatch, text="", tokens=20)
     traced = traces_of(monkeypatch)
     assert decode_alone(model, tokenizer, text="", tokens=20) == plain
     assert traced == [STEP]
