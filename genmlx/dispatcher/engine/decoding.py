@@ -9,7 +9,8 @@ the others back by at most one short chunk per token (and prompts read together 
 sequence that ends leaves its KV state in the ``PrefixCache`` for later prompts that start the same
 way. A sequence that joins an empty
 decoder runs by itself (``_Solo``) on plain caches, as mlx-lm's ``generate_step`` decodes, which
-is faster than a batch of one; when a second one joins, it moves into the batch with its cache.
+is faster than a batch of one (and, where the model allows, through one compiled step per token,
+``fixed_decode``); when a second one joins, it moves into the batch with its cache.
 
 ``decoders.SequentialDecoder`` serves models whose caches cannot be batched (mlx-lm's ``merge``),
 and quantized KV caches, one sequence at a time (``solo``); ``decoders.make_decoder`` picks

@@ -5,8 +5,10 @@ a sequence this way while nothing else decodes; ``SequentialDecoder`` runs every
 Beyond ``generate_step``, a ``Solo`` knows exactly which tokens its cache holds (``read``), so the
 cache can go to the prefix cache where it stands; it stops reading the prompt at ``stops`` (the
 boundaries whose state the prefix cache keeps whole, for caches that cannot be cut back to them
-later) and hands that state to ``on_stop``; and it quantizes the KV cache after every forward pass
-where asked (``KvQuantization``), as ``generate_step`` does with ``kv_bits``.
+later) and hands that state to ``on_stop``; it quantizes the KV cache after every forward pass
+where asked (``KvQuantization``), as ``generate_step`` does with ``kv_bits``; and, given its
+decoder's ``fixed_decode.FixedDecode``, it decodes through one compiled step per token over fixed
+KV buffers, its cache back in plain layers when it settles.
 """
 
 from __future__ import annotations
