@@ -29,10 +29,14 @@ PROMPT = "The river ran past the old mill and into the valley, where"
 LONG = STEP + 40  # tokens to decode: past the first capacity
 
 
-def decode_alone(model, tokenizer, text: str = PROMPT, tokens: int = LONG) -> list[int]:
-    """``tokens`` greedy tokens of ``text``, the decoder's only sequence (so decoded alone)."""
+def decode_alone(
+    model, tokenizer, text: str = PROMPT, tokens: int = LONG, prompt: list[int] | None = None
+) -> list[int]:
+    """``tokens`` greedy tokens of ``text`` (or of ``prompt``'s tokens), the decoder's only
+    sequence (so decoded alone)."""
     decoder = BatchDecoder(model, set(), DecoderSettings(cache_entries=2))
-    decoder.join(0, GenerationRequest("r", tuple(tokenizer.encode(text)), tokens, Sampling(temperature=0)))
+    prompt = prompt if prompt is not None else tokenizer.encode(text)
+    decoder.join(0, GenerationRequest("r", tuple(prompt), tokens, Sampling(temperature=0)))
     out = []
     while decoder.active:
         out += [s.token for s in decoder.step()]
@@ -89,21 +93,31 @@ def test_the_trace_serves_the_next_sequence_and_the_cache_goes_back_plain(
     demo_model_dir: Path, monkeypatch
 ) -> None:
     model, tokenizer = load(demo_model_dir)
+    texts = ("Rivers start in the hills", "Deltas form where")
+    plain = [decode_plain(model, tokenizer, monkeypatch, text=text, tokens=12) for text in texts]
     traced = traces_of(monkeypatch)
     decoder = BatchDecoder(model, set(), DecoderSettings(cache_entries=4))
-    prompts = [tokenizer.encode(text) for text in ("Rivers start in the hills", "Deltas form where")]
+    prompts = [tokenizer.encode(text) for text in texts]
     for uid, prompt in enumerate(prompts):
         decoder.join(uid, GenerationRequest(f"r{uid}", tuple(prompt), 12, Sampling(temperature=0)))
         tokens = []
         while decoder.active:
             tokens += [s.token for s in decoder.step()]
-        assert len(tokens) == 12
+        assert tokens == plain[uid], "each sequence its own tokens, through the one trace"
         assert decoder._fixed.holder is None, "released when the sequence ended"
     assert traced == [STEP], "the second sequence replays the first one's trace"
-    # Each sequence's cache went to the prefix cache as plain KVCache layers holding what it read.
-    assert decoder.memory_tokens(prompts[1] + [0] * 20) >= len(prompts[1])
+    # Each sequence's cache went to the prefix cache as plain KVCache layers holding what it read,
+    # and a prompt that goes on from the first sequence's answer decodes from it as from scratch.
     entry = decoder._prefixes.take(prompts[1] + [0] * 20)
-    assert entry is not None and all(type(c) is KVCache for c in entry.cache)
+    assert entry is not None and entry.tokens >= len(prompts[1])
+    assert all(type(c) is KVCache for c in entry.cache)
+    follow_up = prompts[0] + plain[0] + tokenizer.encode(" and then")
+    reused = decoder.join(2, GenerationRequest("r2", tuple(follow_up), 12, Sampling(temperature=0)))
+    assert reused > len(prompts[0]), "the first sequence's prompt and answer, from its released cache"
+    tokens = []
+    while decoder.active:
+        tokens += [s.token for s in decoder.step()]
+    assert tokens == decode_plain(model, tokenizer, monkeypatch, prompt=follow_up, tokens=12)
 
 
 def test_a_sequence_that_moves_into_the_batch_keeps_its_tokens(demo_model_dir: Path, monkeypatch) -> None:
