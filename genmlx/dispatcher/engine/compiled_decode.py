@@ -33,7 +33,7 @@ from mlx.nn.layers.distributed import (
     ShardedToAllLinear,
 )
 
-__all__ = ["compile_decode_mlps"]
+__all__ = ["compile_decode_mlps", "holds_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def compile_decode_mlps(model: nn.Module) -> int:
     changed = 0
     for block in getattr(model, "layers", None) or ():
         mlp = getattr(block, "mlp", None) if isinstance(block, nn.Module) else None
-        if not isinstance(mlp, nn.Module) or _sharded(mlp) or isinstance(mlp, _DecodeCompiled):
+        if not isinstance(mlp, nn.Module) or holds_shards(mlp) or isinstance(mlp, _DecodeCompiled):
             continue
         plain = type(mlp).__call__
         mlp.__class__ = _compiled_class(type(mlp))
@@ -58,7 +58,8 @@ def compile_decode_mlps(model: nn.Module) -> int:
     return changed
 
 
-def _sharded(module: nn.Module) -> bool:
+def holds_shards(module: nn.Module) -> bool:
+    """Whether ``module`` holds a tensor group's sharded layers (whose products sum across ranks)."""
     return any(isinstance(m, _SHARDED) for _, m in module.named_modules())
 
 

@@ -29,13 +29,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import (
-    AllToShardedLinear,
-    QuantizedAllToShardedLinear,
-    QuantizedShardedToAllLinear,
-    ShardedToAllLinear,
-)
 from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from genmlx.dispatcher.engine.compiled_decode import holds_shards
 
 __all__ = ["STEP", "FixedDecode", "fixed_decode_for"]
 
@@ -43,23 +39,21 @@ log = logging.getLogger(__name__)
 
 STEP = 256  # positions the buffers grow by, as KVCache's
 # How far the compiled step's logits may be from the plain call's on the first step, as a share of
-# the largest: the two sum the attention in another order (over the whole buffer, masked, against
-# the offset's keys), which in bfloat16 moves logits by a fraction of a percent; attending to the
-# buffer's empty rest moves them by much more.
+# the largest. The two sum the attention over different lengths (the whole buffer, masked, against
+# the offset's keys), which a GPU's kernels may round differently (on this project's CPU they came
+# out identical, in float32 and bfloat16); attending to the buffer's empty rest moves them by far
+# more.
 TOLERANCE = 0.05
-
-_SHARDED = (AllToShardedLinear, ShardedToAllLinear, QuantizedAllToShardedLinear, QuantizedShardedToAllLinear)
 
 
 def fixed_decode_for(model: nn.Module) -> FixedDecode | None:
     """A ``FixedDecode`` for ``model``, or None where it does not apply (see the module)."""
     if any(type(cache) is not KVCache for cache in make_prompt_cache(model)):
         return None
-    inner = getattr(model, "model", model)
-    if getattr(inner, "pipeline_size", 1) > 1 or any(
-        isinstance(m, _SHARDED) for _, m in model.named_modules()
-    ):
-        return None
+    if getattr(getattr(model, "model", model), "pipeline_size", 1) > 1:
+        return None  # a pipeline's ranks pass activations to each other within the call
+    if holds_shards(model):
+        return None  # a tensor group's products sum across the ranks within the call
     return FixedDecode(model)
 
 
