@@ -140,8 +140,7 @@ class FixedDecode:
             cache = KVCache()  # as its own writes leave it: buffers that may run past the offset
             cache.keys, cache.values, cache.offset = layer.state["keys"], layer.state["values"], self._length
             caches.append(cache)
-            layer.state.clear()
-        self.holder, self._length, self._capacity = None, 0, 0
+        self._let_go()
         return caches
 
     def _checked(self, token: mx.array, cache: list[Any]) -> mx.array:
@@ -163,6 +162,9 @@ class FixedDecode:
     def _give_up(self, reason: str) -> None:
         log.warning("a sequence decoded alone keeps the plain step: %s", reason)
         self.usable = False
+        self._let_go()
+
+    def _let_go(self) -> None:
         for layer in self._layers:
             layer.state.clear()
         self.holder, self._length, self._capacity = None, 0, 0

@@ -141,10 +141,13 @@ class Solo:
         """The logits of the step that feeds ``fed``: through ``fixed``'s compiled step where it
         serves (the cache moves into its buffers at the first decode step), else the model's call."""
         fixed = self.fixed
-        if fixed is None or fixed.usable is False or self.quantize is not None:
+        # A cache still empty (a one-token prompt's first step) has nothing to size the buffers by.
+        if (
+            fixed is None
+            or fixed.usable is False
+            or not (fixed.holder is self or fixed.hold(self, self.cache))
+        ):
             return self.model(fed[None], cache=self.cache)[:, -1, :]
-        if fixed.holder is not self and not fixed.hold(self, self.cache):
-            return self.model(fed[None], cache=self.cache)[:, -1, :]  # nothing read yet to size them
         logits = fixed.logits(fed, self.cache)
         if fixed.holder is self:  # the buffers hold the sequence until ``settle``
             self.cache = []  # the plain layers would only keep their memory meanwhile
